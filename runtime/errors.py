@@ -1,0 +1,46 @@
+"""The one family of exceptions diptych raises for bad input.
+
+Every error a user can cause (a missing or corrupt file, an unsupported model, a bad
+sampling parameter, a prompt that does not fit) is a `DiptychError`, so callers and the CLI
+catch one type and show its message instead of a numpy or torch traceback.
+"""
+
+
+class DiptychError(Exception):
+    """Base class of every error diptych raises on purpose."""
+
+
+class ModelFileError(DiptychError):
+    """A model file is missing, unreadable, truncated or corrupt."""
+
+
+class UnsupportedModelError(DiptychError):
+    """The file is valid but describes an architecture or tensor type diptych cannot run."""
+
+
+class InvalidArgumentError(DiptychError, ValueError):
+    """An argument (context size, backend name, message list, ...) is invalid."""
+
+
+class SamplingError(InvalidArgumentError):
+    """A sampling or generation parameter is out of range."""
+
+
+class ContextOverflowError(DiptychError):
+    """A prompt (plus the tokens asked for) does not fit in the context window."""
+
+
+class OutOfMemoryError(DiptychError):
+    """Loading the model or allocating its cache would not fit in memory."""
+
+
+class BackendUnavailableError(DiptychError):
+    """The requested backend is not installed or cannot run on this machine."""
+
+
+class DefaultModelError(DiptychError):
+    """The embedded default model could not be found, downloaded or verified."""
+
+
+class GenerationInterrupted(DiptychError):
+    """Generation was stopped (Ctrl+C); the model stays usable."""
