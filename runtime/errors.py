@@ -22,6 +22,10 @@ class InvalidArgumentError(DiptychError, ValueError):
     """An argument (context size, backend name, message list, ...) is invalid."""
 
 
+class TokenizerError(InvalidArgumentError):
+    """A token id out of range, or a request the vocabulary cannot satisfy (no BOS token)."""
+
+
 class SamplingError(InvalidArgumentError):
     """A sampling or generation parameter is out of range."""
 
@@ -44,3 +48,7 @@ class DefaultModelError(DiptychError):
 
 class GenerationInterrupted(DiptychError):
     """Generation was stopped (Ctrl+C); the model stays usable."""
+
+
+class ChatTemplateError(DiptychError):
+    """A chat template is malformed, raised an error, or tried to leave its sandbox."""

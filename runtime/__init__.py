@@ -1,0 +1,12 @@
+"""diptych: a local LLM runtime. `diptych.load(path)` returns a Model."""
+
+from .api import Model, load
+from .errors import (ContextOverflowError, DiptychError, InvalidArgumentError, ModelFileError,
+                     OutOfMemoryError, SamplingError, UnsupportedModelError)
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "Model", "SamplingParams", "DiptychError", "ModelFileError",
+           "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
+           "ContextOverflowError", "OutOfMemoryError"]

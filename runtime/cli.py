@@ -1,0 +1,247 @@
+"""The `diptych` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter, defaultdict
+
+from .errors import DiptychError
+
+
+def _load(args):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .api import load
+
+    with Progress(TextColumn("loading"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("load", total=None)
+
+        def progress(done, total):
+            bar.update(task, completed=done, total=total)
+
+        return load(args.model, backend=args.backend, n_ctx=args.n_ctx, progress=progress)
+
+
+def _sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repetition_penalty": args.repeat_penalty, "seed": args.seed}
+
+
+def _print_stream(pieces) -> object:
+    """Write pieces to stdout as they come; returns the last piece's timings."""
+    last = None
+    for piece in pieces:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        last = piece
+    sys.stdout.write("\n")
+    return last.timings if last else None
+
+
+def _report(timings) -> None:
+    if timings:
+        print(f"[{timings.prompt_tokens} prompt tokens, {timings.prefill_tps:.1f} tok/s; "
+              f"{timings.generated_tokens} generated, {timings.decode_tps:.1f} tok/s]",
+              file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    if args.prompt is None:
+        args.model, args.prompt = None, args.model
+    model = _load(args)
+    kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+    if args.raw or not model.tokenizer.chat_template:
+        pieces = model.stream(args.prompt, **kw)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        pieces = model.chat_stream(messages + [{"role": "user", "content": args.prompt}], **kw)
+    try:
+        _report(_print_stream(pieces))
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A line-based chat: the reply streams; Ctrl+C stops a reply, Ctrl+D or /exit quits."""
+    model = _load(args)
+    print(f"{model.config.name} on {model.backend.describe()}, context {model.n_ctx} tokens. "
+          "Ctrl+C stops a reply; /reset clears the chat; Ctrl+D or /exit quits.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.chat_stream(messages, max_tokens=args.max_tokens, **_sampling(args)):
+                reply.append(piece.text)
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        except DiptychError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def tensor_kind(name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'attn_q.weight'."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blk" else name
+
+
+def cmd_info(args) -> int:
+    from .families import config_from_gguf
+    from .memory import activation_bytes, choose_n_ctx
+    from .cache import KVCache
+    from diptych.quant.gguf_file import GGUFFile
+
+    from .default_model import default_model_path
+
+    path = args.model or default_model_path()
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    n_params = sum(t.n_elements for t in f.tensors.values())
+    weight_bytes = sum(t.nbytes for t in f.tensors.values())
+    kinds: dict[str, Counter] = defaultdict(Counter)
+    for name, t in f.tensors.items():
+        kinds[tensor_kind(name)][t.type_name] += 1
+    n_ctx = choose_n_ctx(cfg, args.n_ctx, 4)
+    kv = KVCache.bytes_needed(cfg, n_ctx, 4)
+    mib = 1 << 20
+    print(f"file            {path}")
+    print(f"name            {cfg.name}")
+    print(f"architecture    {cfg.arch}")
+    print(f"parameters      {n_params / 1e6:.1f} M")
+    print(f"layers          {cfg.n_layers} (d_model {cfg.d_model}, ffn {cfg.d_ff}, heads "
+          f"{cfg.n_heads}/{cfg.n_kv_heads} kv, head_dim {cfg.head_dim})")
+    print(f"vocabulary      {cfg.vocab_size}")
+    print(f"context length  {cfg.context_length} (trained)")
+    print("tensor types:")
+    for kind, counts in sorted(kinds.items()):
+        print(f"  {kind:24s} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
+    print(f"memory estimate (torch, CPU, fp32 cache, n_ctx {n_ctx}):")
+    print(f"  weights       {weight_bytes / mib:9.1f} MiB (kept quantized)")
+    print(f"  KV cache      {kv / mib:9.1f} MiB ({cfg.kv_elements_per_token() * 4} bytes/token)")
+    print(f"  working       {activation_bytes(cfg, 256) / mib:9.1f} MiB")
+    print(f"  total         {(weight_bytes + kv + activation_bytes(cfg, 256)) / mib:9.1f} MiB")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+    import psutil
+
+    model = _load(args)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    prompt = [int(i) for i in rng.integers(100, min(vocab, 30000), args.prompt_tokens)]
+    model.logits(prompt[:8])  # warm-up: kernels compiled, buffers touched
+    model.engine.cache.rewind(0)
+    t0 = time.perf_counter()
+    model.engine.prefill(prompt)
+    prefill = time.perf_counter() - t0
+    decode_times, token = [], prompt[-1]
+    for _ in range(args.gen_tokens):
+        t0 = time.perf_counter()
+        logits = model.engine.eval([token])
+        token = int(np.argmax(model.backend.to_numpy(logits)))
+        decode_times.append(time.perf_counter() - t0)
+    rss = psutil.Process().memory_info()
+    peak = getattr(rss, "peak_wset", None) or _peak_rss()
+    print(f"model    {model.config.name} ({model.path.name}) on {model.backend.describe()}")
+    print(f"prefill  {args.prompt_tokens / prefill:8.1f} tok/s ({args.prompt_tokens} tokens)")
+    print(f"decode   {len(decode_times) / sum(decode_times):8.1f} tok/s ({args.gen_tokens} tokens "
+          f"after the prompt)")
+    print(f"peak RSS {peak / (1 << 20):8.1f} MiB")
+    return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_opts(sp, model_help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)"):
+        sp.add_argument("model", nargs="?", help=model_help)
+        sp.add_argument("--backend", default="auto", help="auto | torch (default: auto)")
+        sp.add_argument("--n-ctx", type=int, default=None,
+                        help="context size in tokens (default: the model's, capped at 8192)")
+
+    def sampling_opts(sp):
+        sp.add_argument("--max-tokens", type=int, default=512)
+        sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        sp.add_argument("--top-k", type=int, default=40)
+        sp.add_argument("--top-p", type=float, default=0.95)
+        sp.add_argument("--min-p", type=float, default=0.05)
+        sp.add_argument("--repeat-penalty", type=float, default=1.0)
+        sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--system", default=None, help="a system prompt")
+
+    sp = sub.add_parser("chat", help="chat in the terminal")
+    model_opts(sp)
+    sampling_opts(sp)
+    sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("run", help="answer one prompt, streamed to stdout",
+                        usage="diptych run [MODEL] PROMPT [options]")
+    model_opts(sp)
+    sp.add_argument("prompt", nargs="?", help="the prompt")
+    sampling_opts(sp)
+    sp.add_argument("--raw", action="store_true",
+                    help="plain completion of the prompt, without the chat template")
+    sp.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("info", help="describe a model file and its memory needs")
+    sp.add_argument("model", nargs="?", help="a .gguf file (default: the embedded model)")
+    sp.add_argument("--n-ctx", type=int, default=None)
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
+    model_opts(sp)
+    sp.add_argument("--prompt-tokens", type=int, default=256)
+    sp.add_argument("--gen-tokens", type=int, default=128)
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DiptychError as exc:
+        print(f"diptych: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndiptych: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

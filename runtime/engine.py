@@ -1,0 +1,55 @@
+"""Engine: the model's weights and cache on a backend, and the chunked forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diptych.backends.base import Step
+
+from .cache import KVCache
+from .graph import forward
+
+
+class Engine:
+    """Runs token ids through the graph, keeping the cache's record of ids consistent.
+
+    The cache only records a chunk after its forward pass completes, so an interrupt
+    (Ctrl+C) mid-pass leaves the cache exactly as it was before that chunk.
+    """
+
+    def __init__(self, backend, cfg, weights, n_ctx: int, n_batch: int = 256):
+        self.backend = backend
+        self.cfg = cfg
+        self.weights = weights
+        self.n_batch = n_batch
+        self.cache = KVCache(backend, cfg, n_ctx)
+
+    def eval(self, ids: list[int], all_logits: bool = False):
+        """Append `ids` after what the cache holds.
+
+        Returns the last position's logits as a backend (1, vocab) array, or with
+        `all_logits` a numpy float32 (len(ids), vocab) array.
+        """
+        be = self.backend
+        self.cache.check_fits(len(ids))
+        rows, logits = [], None
+        for lo in range(0, len(ids), self.n_batch):
+            chunk = ids[lo:lo + self.n_batch]
+            start, n = self.cache.length, len(chunk)
+            step = Step(be.ids(np.arange(start, start + n)[None, :]), start, n)
+            at = np.arange(n) if all_logits else None
+            logits = forward(be, self.cfg, self.weights, be.ids(np.array([chunk])),
+                             self.cache.storage, step, at)
+            self.cache.commit(chunk)
+            if all_logits:
+                rows.append(be.to_numpy(logits[0]))
+        if all_logits:
+            return np.concatenate(rows) if rows else np.zeros((0, self.cfg.vocab_size), np.float32)
+        return logits[0]
+
+    def prefill(self, ids: list[int]):
+        """Make the cache hold exactly `ids`, reusing the longest common prefix of token ids;
+        returns the last position's logits."""
+        keep = min(self.cache.common_prefix(ids), len(ids) - 1)
+        self.cache.rewind(keep)
+        return self.eval(ids[keep:])

@@ -1,0 +1,20 @@
+"""Where diptych keeps downloaded models and other cached files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache folder: $DIPTYCH_CACHE, else $XDG_CACHE_HOME/diptych, else ~/.cache/diptych."""
+    if env := os.environ.get("DIPTYCH_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "diptych"
+
+
+def models_dir() -> Path:
+    path = cache_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

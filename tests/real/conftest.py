@@ -1,0 +1,13 @@
+import pytest
+
+import diptych
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    return diptych.load(smollm2_path, n_ctx=2048)
+
+
+@pytest.fixture(scope="session")
+def qwen2(qwen_path):
+    return diptych.load(qwen_path, n_ctx=2048)
