@@ -108,3 +108,21 @@ def test_interrupt_mid_generation_keeps_text_so_far(smollm2):
             break
     assert len(got) == 6
     assert smollm2.generate("2 + 2 =", max_tokens=3, temperature=0)
+
+
+def test_context_that_does_not_fit_in_memory_is_refused_before_allocating(smollm2_path):
+    with pytest.raises(diptych.OutOfMemoryError, match="n_ctx"):
+        diptych.load(smollm2_path, n_ctx=100_000_000)  # ~4.6 TB of KV cache
+
+
+def test_cache_memory_is_what_the_storage_holds(smollm2):
+    cfg = smollm2.config
+    expected = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * smollm2.n_ctx * 4
+    assert smollm2.engine.cache.nbytes == expected
+
+
+def test_weights_stay_quantized(smollm2):
+    be, weights = smollm2.backend, smollm2.engine.weights
+    held = sum(be.weight_bytes(w) for _, w in weights.linears())
+    file_bytes = sum(t.nbytes for n, t in smollm2.gguf.tensors.items() if t.shape[0] > 1 and len(t.shape) == 2)
+    assert held <= 1.2 * file_bytes

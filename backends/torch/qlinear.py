@@ -1,0 +1,241 @@
+"""QuantLinear: a GGUF weight kept quantized in memory, y = x @ W.T on the CPU.
+
+MEASUREMENTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+from diptych.quant import QuantTensor
+
+from . import cpu_kernels as ck
+
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+QUANT_TYPES = tuple(QT(t) for t in ck.TYPE_INFO)
+
+# Rows of x from which the quantized path switches from the numba kernels (each weight byte
+# read once for all rows) to "dequantize a tile of weight rows into a reused fp32 buffer, then
+# torch.mm" (MKL). Chosen from the measurements above.
+GEMM_MIN_M = 128
+# fp32 bytes of one dequantized tile on the torch.mm path
+TILE_BYTES = 2 << 20
+# numba threads dequantizing tiles for torch.mm (0: torch's thread count)
+TILE_DEQ_THREADS = 1
+
+
+def _sync_threads() -> int:
+    """numba's thread count is per calling thread: follow torch's intra-op count."""
+    n = torch.get_num_threads()
+    if ck.get_num_threads() != n:
+        ck.set_num_threads(n)
+    return n
+
+
+class QuantLinear:
+    """A linear weight W (out_features N, in_features K) in a GGML type, ready for the CPU.
+
+    Build with `QuantLinear.from_quant_tensor(qt)`. Quantized types are repacked once into
+    row-interleaved blocks (the GGUF bytes, transposed so that 64 rows' copies of each block
+    byte are adjacent; see cpu_kernels) and never expanded to float as a whole. F32 is held as
+    a float32 tensor, F16/BF16 in their own dtype.
+
+    forward(x): (M, K) float32 -> (M, N) float32 with fp32 accumulation; activations are never
+    quantized. Differentiable in x (grad_x = grad_y @ W); the weight is frozen.
+    """
+
+    def __init__(self, name: str, ggml_type: QT, shape: tuple[int, int], *,
+                 packed: tuple[np.ndarray, np.ndarray] | None = None,
+                 weight: torch.Tensor | None = None):
+        self.name = name
+        self.ggml_type = QT(ggml_type)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._P, self._Pt = packed if packed is not None else (None, None)
+        self._w = weight
+        self._gidx = (np.arange(ck._groups(self._P, self._Pt), dtype=np.int64)
+                      if packed is not None else None)
+        n, k = self.shape
+        rows = max(ck.R, (TILE_BYTES // (4 * max(k, 1))) // ck.R * ck.R)
+        self._rows_per_tile = min(rows, -(-n // ck.R) * ck.R)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_quant_tensor(cls, qt: QuantTensor) -> "QuantLinear":
+        if len(qt.shape) != 2:
+            raise ValueError(f"{qt.name}: a linear weight must be 2-D, got shape {qt.shape}")
+        t = QT(qt.ggml_type)
+        n, k = (int(s) for s in qt.shape)
+        if t in FLOAT_TYPES:
+            raw = np.asarray(qt.data).reshape(n, -1)
+            if t == QT.F32:
+                w = torch.from_numpy(raw.view(np.float32).reshape(n, k).copy())
+            elif t == QT.F16:
+                w = torch.from_numpy(raw.view(np.float16).reshape(n, k).copy())
+            else:
+                w = torch.from_numpy(raw.view(np.int16).reshape(n, k).copy()).view(torch.bfloat16)
+            return cls(qt.name, t, (n, k), weight=w)
+        if int(t) not in ck.TYPE_INFO:
+            raise NotImplementedError(
+                f"{qt.name}: no CPU kernel for {t.name}; supported: "
+                + ", ".join(x.name for x in FLOAT_TYPES + QUANT_TYPES))
+        bs, ts = GGML_QUANT_SIZES[t]
+        if k % bs:
+            raise ValueError(f"{qt.name}: {t.name} rows need a multiple of {bs} columns, got {k}")
+        row_bytes = k // bs * ts
+        data = qt.data
+        if data.shape != (n, row_bytes):
+            data = np.asarray(data).reshape(n, row_bytes)
+        return cls(qt.name, t, (n, k), packed=ck.repack(data, n, row_bytes, ts))
+
+    # -- description ----------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self._P is not None
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight memory held (for quantized types: exactly the GGUF data size)."""
+        if self.quantized:
+            return int(self._P.nbytes + self._Pt.nbytes)
+        return self._w.numel() * self._w.element_size()
+
+    @property
+    def layout(self) -> str:
+        t = self.ggml_type.name
+        if self.ggml_type == QT.F32:
+            return "F32 -> fp32 tensor, torch.mm"
+        if not self.quantized:
+            return f"{t} -> {t.lower()} tensor, fp32 tiles + torch.mm"
+        return (f"{t} -> GGML blocks interleaved by {ck.R} rows (fp16 scales kept), numba fused "
+                f"GEMV (M=1) / L1 dequant-GEMM (M<{GEMM_MIN_M}), "
+                f"fp32 tiles + torch.mm (M>={GEMM_MIN_M})")
+
+    def __repr__(self) -> str:
+        return (f"QuantLinear({self.name!r}, {self.ggml_type.name}, shape={self.shape}, "
+                f"{self.nbytes / 2**20:.2f} MiB)")
+
+    # -- compute --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W.T for x (M, K) -> (M, N) float32, with fp32 accumulation."""
+        if x.dim() != 2 or x.shape[1] != self.shape[1]:
+            raise ValueError(f"{self.name}: expected x of shape (M, {self.shape[1]}), "
+                             f"got {tuple(x.shape)}")
+        if x.requires_grad and torch.is_grad_enabled():
+            return _QuantLinearFn.apply(x, self)
+        return self._forward(x)
+
+    __call__ = forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        x = x.contiguous()
+        m = x.shape[0]
+        if self.ggml_type == QT.F32:
+            return x @ self._w.T
+        if m == 0:
+            return x.new_empty((0, self.shape[0]))
+        if not self.quantized or m >= GEMM_MIN_M:
+            return self._tiled(x)
+        _sync_threads()
+        y = torch.empty((m, self.shape[0]), dtype=torch.float32)
+        if m == 1:
+            ck.gemv1(self.ggml_type, self._P, self._Pt, x.numpy()[0], y.numpy()[0], self._gidx)
+        else:
+            ck.gemm_s(self.ggml_type, self._P, self._Pt, x.numpy(), y.numpy(), self._gidx)
+        return y
+
+    def _tiles(self):
+        """Yield (row0, row1, fp32 tensor (K, row1-row0) = W[row0:row1].T), one reused buffer.
+
+        numba dequantizes on the calling thread only (TILE_DEQ_THREADS): the consumer of the
+        tiles is torch's BLAS on torch's OpenMP pool, and handing the cores back and forth
+        between torch's and numba's pools costs about a millisecond per switch on 2 cores
+        (their idle workers spin), more than the dequantization itself."""
+        n, k = self.shape
+        step = self._rows_per_tile
+        buf = np.empty((k, step), np.float32)
+        tbuf = torch.from_numpy(buf)
+        prev = ck.get_num_threads()
+        if self.quantized:
+            ck.set_num_threads(TILE_DEQ_THREADS or torch.get_num_threads())
+        try:
+            for row0 in range(0, n, step):
+                row1 = min(n, row0 + step)
+                if self.quantized:
+                    ck.deq_t(self.ggml_type, self._P, self._Pt, row0 // ck.R, -(-row1 // ck.R),
+                             buf)
+                else:
+                    tbuf[:, :row1 - row0].copy_(self._w[row0:row1].T)
+                yield row0, row1, tbuf[:, :row1 - row0]
+        finally:
+            ck.set_num_threads(prev)
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        y = torch.empty((m, self.shape[0]), dtype=torch.float32)
+        tmp = torch.empty((m, self._rows_per_tile), dtype=torch.float32)
+        for row0, row1, wt in self._tiles():
+            out = tmp[:, :row1 - row0]
+            torch.mm(x, wt, out=out)
+            y[:, row0:row1] = out
+        return y
+
+    def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y (M, N) @ W (N, K) -> (M, K), tile by tile (never the whole W in fp32)."""
+        grad_y = grad_y.detach().to(torch.float32).contiguous()
+        if self.ggml_type == QT.F32:
+            return grad_y @ self._w
+        gx = torch.zeros((grad_y.shape[0], self.shape[1]), dtype=torch.float32)
+        for row0, row1, wt in self._tiles():
+            gx.addmm_(grad_y[:, row0:row1], wt.T)
+        return gx
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 (N, K), bit-exact with gguf.quants.dequantize."""
+        if not self.quantized:
+            return self._w.to(torch.float32)
+        out = torch.empty(self.shape, dtype=torch.float32)
+        for row0, row1, wt in self._tiles():
+            out[row0:row1] = wt.T
+        return out
+
+    def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows W[ids] as float32 (len(ids), K); only those rows are dequantized."""
+        ids_np = np.ascontiguousarray(torch.as_tensor(ids).reshape(-1).cpu().numpy(),
+                                      dtype=np.int64)
+        n, k = self.shape
+        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= n):
+            bad = ids_np[(ids_np < 0) | (ids_np >= n)][0]
+            raise IndexError(f"{self.name}: row {int(bad)} out of range for {n} rows")
+        if not self.quantized:
+            return self._w[torch.from_numpy(ids_np)].to(torch.float32)
+        out = np.empty((ids_np.size, k), np.float32)
+        if ids_np.size:
+            _sync_threads()
+            ck.deq_rows(self.ggml_type, self._P, self._Pt, ids_np, out)
+        return torch.from_numpy(out)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """Differentiable in x only (the base weight is frozen): grad_x = grad_y @ W."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return ctx.layer.grad_input(grad_y), None

