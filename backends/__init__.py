@@ -1,13 +1,16 @@
 """Backends: where the model graph's operations run.
 
-Today there is one: torch on the CPU. The design's rule for `select("auto")` — MLX on Apple
-silicon, torch (CUDA) where CUDA is present, torch on the CPU otherwise — applies as those
-backends land.
+`select("auto")` picks MLX on Apple silicon (arm64 macOS) when MLX is installed, and torch
+everywhere else. On Linux MLX's CPU wheel uses a reference BLAS (about 10x slower than
+torch on the CPU), so it is chosen there only when asked for. torch runs on the CPU until
+the CUDA/Triton kernels land.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import platform
+import sys
 
 from diptych.errors import BackendUnavailableError
 
@@ -17,20 +20,17 @@ NAMES = ("auto", "torch", "mlx")
 
 
 def available() -> list[str]:
-    """Backends whose libraries are installed and implemented here."""
-    return [name for name, mod in (("torch", "torch"),) if importlib.util.find_spec(mod)]
+    """Backends whose libraries are installed."""
+    return [name for name in ("torch", "mlx") if importlib.util.find_spec(name)]
 
 
 def resolve(name: str = "auto") -> str:
     """The concrete backend name `select(name)` would build."""
     if name not in NAMES:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    if name == "mlx":
-        raise BackendUnavailableError(
-            "the MLX backend is not available in this version of diptych; use backend='torch'")
     if name == "auto":
-        # Until the MLX and CUDA backends land, every machine runs torch on the CPU.
-        name = "torch"
+        apple = sys.platform == "darwin" and platform.machine() == "arm64"
+        name = "mlx" if apple and importlib.util.find_spec("mlx") else "torch"
     if importlib.util.find_spec(name) is None:
         raise BackendUnavailableError(
             f"backend {name!r} needs its library: pip install 'diptych[{name}]'")
@@ -39,6 +39,10 @@ def resolve(name: str = "auto") -> str:
 
 def select(name: str = "auto") -> Backend:
     name = resolve(name)
+    if name == "mlx":
+        from .mlx import MLXBackend
+
+        return MLXBackend()
     from .torch import TorchBackend
 
     return TorchBackend("cpu")

@@ -1,35 +1,33 @@
-"""numba kernels for GGML block-quantized weights on the CPU.
+"""numba kernels for GGML block-quantized weights on the CPU (the PyTorch backend's CPU path).
 
 Layout ("row-interleaved blocks"): a weight (N rows, K columns) in a GGML block type with
 BS elements and TS bytes per block is stored as
 
     P  uint8 (G, nb, TS, R)    rows g*R .. g*R+R-1, R = 64 rows per group, G = N // R
-    Pt uint8 (1, nb, TS, Rt)   the last N % R rows (Rt may be 0)
+    Pt uint8 (1, nb, TS, Rt)   the last N % R rows (Rt = 0 when N is a multiple of 64)
 
-i.e. byte `t` of block `b` of row `g*R + r` is P[g, b, t, r]: the GGML block bytes are kept
-as they are (same total size as the GGUF data, nothing expanded, fp16 scales stay fp16),
-only transposed so that the same byte of 64 consecutive rows is contiguous. Every kernel
-then vectorizes across rows (16 rows per AVX-512 register): the nibbles/bits of one byte
-plane are unpacked for 16 rows at once and multiplied by a broadcast activation, so there
-are no horizontal reductions and no per-block shuffles.
+i.e. byte t of block b of row g*R + r is P[g, b, t, r]: the GGML block bytes are kept as
+they are (exactly the GGUF data size, nothing expanded, fp16 scales stay fp16), transposed
+so that the same byte of 64 consecutive rows is contiguous. The kernels vectorize across
+rows (16 rows per AVX-512 register): a byte plane is unpacked for 16 rows at once and
+multiplied by a broadcast activation, with no horizontal reductions or shuffles.
 
-Each GGML type is described by an integer-valued code q (0..15, 0..31, int8, ...), a
-"unit" of U elements (16 or 32) sharing one affine map, and per-unit scale `a` and bias
-`c` such that the reference value is exactly
+Each GGML type is described by an integer code q per element (0..15, 0..31, int8, a
+codebook value...), a "unit" of U = 16 or 32 elements sharing one affine map, and per-unit
+scale a and bias c such that the reference value is exactly
 
-    w = a * (q + QOFF) + c        (evaluated in float32 in this order; bit-exact with
-                                   gguf.quants.dequantize, see _scale/_q below)
+    w = a * (q + QOFF) + c        (float32, in this order: bit-exact with
+                                   gguf.quants.dequantize; see _Q_CODE and _SCALE_CODE)
 
-The GEMV kernels use the same decomposition with fp32 accumulation:
-    y[m, n] += a * sum_j q_j x[m, j]  +  (a*QOFF + c) * sum_j x[m, j]
-(the per-unit activation sums are computed once per call and shared by all rows).
-
-Kernels are specialised per type by a factory whose closure holds the type code as a
-compile-time constant (numba prunes the other types' branches before typing, and closures
-over plain ints are cacheable with cache=True). Per type there are three kernels:
-gemv (any M; tokens are processed 4 at a time so each unpacked weight feeds 4 FMAs),
-deq_t (a group range into a transposed fp32 tile, for the BLAS path and dequantize()),
-deq_rows (selected rows, for embedding lookup).
+Kernels (one set per type, generated as Python source, see kernel_source):
+    gemv1     M = 1: y[n] = sum_units a*(sum_j q_j x_j) + (a*QOFF + c)*(sum_j x_j), fp32
+    gemm_s    small M: each unit of 64 rows is dequantized into an L1-resident fp32 tile
+              that every row of x reads (the weight bytes are read once for all M rows)
+    deq_t     a range of row groups into a transposed fp32 tile (W[rows].T) for torch.mm,
+              dequantize() and the input gradient
+    deq_rows  selected rows (embedding lookup)
+All four are numba parallel gufuncs over the row groups; they use numba's thread pool
+(set_num_threads) and keep their compiled code in numba's on-disk cache.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ MEASUREMENTS_PLACEHOLDER
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
@@ -18,20 +20,24 @@ QUANT_TYPES = tuple(QT(t) for t in ck.TYPE_INFO)
 
 # Rows of x from which the quantized path switches from the numba kernels (each weight byte
 # read once for all rows) to "dequantize a tile of weight rows into a reused fp32 buffer, then
-# torch.mm" (MKL). Chosen from the measurements above.
-GEMM_MIN_M = 128
-# fp32 bytes of one dequantized tile on the torch.mm path
-TILE_BYTES = 2 << 20
+# torch.mm" (MKL), per type. Chosen from the measurements above.
+GEMM_MIN_M = {t: (32 if ck.TYPE_INFO[int(t)][0] == 256 else 64) for t in QUANT_TYPES}
+# fp32 bytes of one dequantized tile on the torch.mm path (stays in the 32 MB L3)
+TILE_BYTES = 4 << 20
 # numba threads dequantizing tiles for torch.mm (0: torch's thread count)
 TILE_DEQ_THREADS = 1
 
 
-def _sync_threads() -> int:
-    """numba's thread count is per calling thread: follow torch's intra-op count."""
+_tls = threading.local()
+
+
+def _sync_threads() -> None:
+    """numba's thread count is per calling thread (a generation worker thread starts at
+    numba's default): follow torch's intra-op count, checked cheaply on every call."""
     n = torch.get_num_threads()
-    if ck.get_num_threads() != n:
+    if getattr(_tls, "n", 0) != n:
         ck.set_num_threads(n)
-    return n
+        _tls.n = n
 
 
 class QuantLinear:
@@ -56,6 +62,7 @@ class QuantLinear:
         self._w = weight
         self._gidx = (np.arange(ck._groups(self._P, self._Pt), dtype=np.int64)
                       if packed is not None else None)
+        self._gemv1 = None  # the decode kernel, looked up once
         n, k = self.shape
         rows = max(ck.R, (TILE_BYTES // (4 * max(k, 1))) // ck.R * ck.R)
         self._rows_per_tile = min(rows, -(-n // ck.R) * ck.R)
@@ -116,9 +123,9 @@ class QuantLinear:
             return "F32 -> fp32 tensor, torch.mm"
         if not self.quantized:
             return f"{t} -> {t.lower()} tensor, fp32 tiles + torch.mm"
+        gm = GEMM_MIN_M[self.ggml_type]
         return (f"{t} -> GGML blocks interleaved by {ck.R} rows (fp16 scales kept), numba fused "
-                f"GEMV (M=1) / L1 dequant-GEMM (M<{GEMM_MIN_M}), "
-                f"fp32 tiles + torch.mm (M>={GEMM_MIN_M})")
+                f"GEMV (M=1) / L1 dequant-GEMM (M<{gm}), fp32 tiles + torch.mm (M>={gm})")
 
     def __repr__(self) -> str:
         return (f"QuantLinear({self.name!r}, {self.ggml_type.name}, shape={self.shape}, "
@@ -137,24 +144,27 @@ class QuantLinear:
     __call__ = forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach()
         if x.dtype != torch.float32:
             x = x.to(torch.float32)
-        x = x.contiguous()
-        m = x.shape[0]
+        xn = x.detach().numpy() if x.requires_grad else x.numpy()
+        if not xn.flags.c_contiguous:
+            xn = np.ascontiguousarray(xn)
+        m = xn.shape[0]
         if self.ggml_type == QT.F32:
-            return x @ self._w.T
+            return torch.from_numpy(xn) @ self._w.T
         if m == 0:
-            return x.new_empty((0, self.shape[0]))
-        if not self.quantized or m >= GEMM_MIN_M:
-            return self._tiled(x)
+            return torch.empty((0, self.shape[0]), dtype=torch.float32)
+        if not self.quantized or m >= GEMM_MIN_M[self.ggml_type]:
+            return self._tiled(torch.from_numpy(xn))
         _sync_threads()
-        y = torch.empty((m, self.shape[0]), dtype=torch.float32)
+        y = np.empty((m, self.shape[0]), np.float32)
         if m == 1:
-            ck.gemv1(self.ggml_type, self._P, self._Pt, x.numpy()[0], y.numpy()[0], self._gidx)
+            if self._gemv1 is None:
+                self._gemv1 = ck.kernel("gemv1", self.ggml_type)
+            self._gemv1(self._gidx, self._P, self._Pt, xn[0], y[0])
         else:
-            ck.gemm_s(self.ggml_type, self._P, self._Pt, x.numpy(), y.numpy(), self._gidx)
-        return y
+            ck.kernel("gemm_s", self.ggml_type)(self._gidx, self._P, self._Pt, xn, y)
+        return torch.from_numpy(y)
 
     def _tiles(self):
         """Yield (row0, row1, fp32 tensor (K, row1-row0) = W[row0:row1].T), one reused buffer.
@@ -205,7 +215,7 @@ class QuantLinear:
     def dequantize(self) -> torch.Tensor:
         """The whole weight as float32 (N, K), bit-exact with gguf.quants.dequantize."""
         if not self.quantized:
-            return self._w.to(torch.float32)
+            return self._w.to(torch.float32, copy=True)
         out = torch.empty(self.shape, dtype=torch.float32)
         for row0, row1, wt in self._tiles():
             out[row0:row1] = wt.T

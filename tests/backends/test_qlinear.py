@@ -130,7 +130,7 @@ def test_every_path_and_thread_count(t, monkeypatch):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for gemm_min in (10**9, 2):  # numba kernels only / tiles + torch.mm for M >= 2
-                monkeypatch.setattr(qlm, "GEMM_MIN_M", gemm_min)
+                monkeypatch.setitem(qlm.GEMM_MIN_M, t, gemm_min)
                 assert_close(ql.forward(torch.from_numpy(x[:1])), x[:1], w)
                 assert_close(ql.forward(torch.from_numpy(x)), x, w)
     finally:
@@ -142,7 +142,7 @@ def test_small_tiles(monkeypatch):
     monkeypatch.setattr(qlm, "TILE_BYTES", 4 * 160 * 64)  # 64 rows per tile at K=160
     ql, w = make(T.Q5_1, 300, 160, seed=5)
     assert ql._rows_per_tile == 64
-    x = np.random.default_rng(6).standard_normal((qlm.GEMM_MIN_M, 160), dtype=np.float32)
+    x = np.random.default_rng(6).standard_normal((qlm.GEMM_MIN_M[T.Q5_1], 160), dtype=np.float32)
     assert_close(ql.forward(torch.from_numpy(x)), x, w)
     assert torch.equal(ql.dequantize(), torch.from_numpy(w))
 
