@@ -109,11 +109,22 @@ def tensor_kind(name: str) -> str:
     return ".".join(parts[2:]) if parts[0] == "blk" else name
 
 
+def smallest_matrix_per_type(tensors) -> dict:
+    """One 2-D tensor of each GGML type (the smallest), to show how a backend stores it."""
+    out = {}
+    for t in tensors.values():
+        if len(t.shape) == 2 and (t.type_name not in out or t.nbytes < out[t.type_name].nbytes):
+            out[t.type_name] = t
+    return out
+
+
 def cmd_info(args) -> int:
     from .families import config_from_gguf
     from .memory import activation_bytes, choose_n_ctx
     from .cache import KVCache
     from diptych.quant.gguf_file import GGUFFile
+
+    from diptych.backends import select
 
     from .default_model import default_model_path
 
@@ -125,8 +136,10 @@ def cmd_info(args) -> int:
     kinds: dict[str, Counter] = defaultdict(Counter)
     for name, t in f.tensors.items():
         kinds[tensor_kind(name)][t.type_name] += 1
-    n_ctx = choose_n_ctx(cfg, args.n_ctx, 4)
-    kv = KVCache.bytes_needed(cfg, n_ctx, 4)
+    be = select(args.backend)
+    kv_el = be.kv_bytes_per_element()
+    n_ctx = choose_n_ctx(cfg, args.n_ctx, kv_el)
+    kv = KVCache.bytes_needed(cfg, n_ctx, kv_el)
     mib = 1 << 20
     print(f"file            {path}")
     print(f"name            {cfg.name}")
@@ -139,9 +152,12 @@ def cmd_info(args) -> int:
     print("tensor types:")
     for kind, counts in sorted(kinds.items()):
         print(f"  {kind:24s} " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items())))
-    print(f"memory estimate (torch, CPU, fp32 cache, n_ctx {n_ctx}):")
+    print(f"layouts on the {be.describe()} backend:")
+    for type_name, qt in sorted(smallest_matrix_per_type(f.tensors).items()):
+        print(f"  {type_name:8s} {be.weight_layout(be.prepare(qt))}")
+    print(f"memory estimate ({be.describe()}, n_ctx {n_ctx}):")
     print(f"  weights       {weight_bytes / mib:9.1f} MiB (kept quantized)")
-    print(f"  KV cache      {kv / mib:9.1f} MiB ({cfg.kv_elements_per_token() * 4} bytes/token)")
+    print(f"  KV cache      {kv / mib:9.1f} MiB ({cfg.kv_elements_per_token() * kv_el} bytes/token)")
     print(f"  working       {activation_bytes(cfg, 256) / mib:9.1f} MiB")
     print(f"  total         {(weight_bytes + kv + activation_bytes(cfg, 256)) / mib:9.1f} MiB")
     return 0
@@ -221,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="describe a model file and its memory needs")
     sp.add_argument("model", nargs="?", help="a .gguf file (default: the embedded model)")
     sp.add_argument("--n-ctx", type=int, default=None)
+    sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
     sp.set_defaults(func=cmd_info)
 
     sp = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")

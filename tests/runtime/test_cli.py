@@ -19,8 +19,12 @@ def default_model(smollm2_path):
 def test_info_describes_the_model():
     out = diptych("info")
     assert out.returncode == 0, out.stderr
-    for text in ("llama", "134.5 M", "8192", "Q4_1", "Q8_0", "KV cache", "attn_q.weight"):
+    for text in ("llama", "134.5 M", "8192", "Q4_1", "Q8_0", "KV cache", "attn_q.weight",
+                 "layouts on the torch"):
         assert text in out.stdout
+    out = diptych("info", "--backend", "mlx")
+    assert out.returncode == 0, out.stderr
+    assert "Q4_1 -> affine 4-bit g32" in out.stdout
 
 
 def test_run_streams_an_answer():
