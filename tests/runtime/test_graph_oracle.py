@@ -1,4 +1,7 @@
-"""The graph against Hugging Face transformers on tiny random llama and qwen2 models."""
+"""The graph against Hugging Face transformers on tiny random llama and qwen2 models.
+
+Each test runs once per backend: torch, and mlx where it is installed.
+"""
 
 import numpy as np
 import pytest
@@ -13,15 +16,26 @@ from diptych.weights import load_weights
 from ..tiny_models import tiny_hf_model, write_gguf
 
 
-def engine_for(path, n_ctx=64, n_batch=256):
-    f = GGUFFile(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
-    be = select("torch")
-    return Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch)
+@pytest.fixture(params=["torch", "mlx"])
+def backend_name(request):
+    if request.param == "mlx":
+        pytest.importorskip("mlx.core")
+    return request.param
+
+
+@pytest.fixture
+def engine_for(backend_name):
+    def make(path, n_ctx=64, n_batch=256):
+        f = GGUFFile(path)
+        cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+        be = select(backend_name)
+        return Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch)
+
+    return make
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False)])
-def test_full_sequence_logits_match_transformers(tmp_path, arch, tied):
+def test_full_sequence_logits_match_transformers(tmp_path, engine_for, arch, tied):
     hf = tiny_hf_model(arch, tied=tied)
     ids = list(np.random.default_rng(1).integers(0, 128, 40))
     with torch.no_grad():
@@ -33,7 +47,7 @@ def test_full_sequence_logits_match_transformers(tmp_path, arch, tied):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_chunked_prefill_and_decode_match_full_forward(tmp_path, arch):
+def test_chunked_prefill_and_decode_match_full_forward(tmp_path, engine_for, arch):
     hf = tiny_hf_model(arch, seed=3)
     ids = list(np.random.default_rng(2).integers(0, 128, 30))
     path = write_gguf(hf, arch, tmp_path / "m.gguf")
@@ -46,7 +60,7 @@ def test_chunked_prefill_and_decode_match_full_forward(tmp_path, arch):
     assert np.abs(ours - full).max() <= 1e-4 * np.abs(full).max()
 
 
-def test_prefill_reuses_common_prefix_and_rewinds(tmp_path):
+def test_prefill_reuses_common_prefix_and_rewinds(tmp_path, engine_for):
     hf = tiny_hf_model("llama", seed=5)
     path = write_gguf(hf, "llama", tmp_path / "m.gguf")
     eng = engine_for(path)

@@ -1,10 +1,9 @@
-"""Sampling settings and the torch sampler's filters."""
+"""Sampling settings, and each backend's sampler filters (torch, and mlx where installed)."""
 
 import numpy as np
 import pytest
-import torch
 
-from diptych.backends.torch.sampler import sample
+from diptych.backends import select
 from diptych.errors import DiptychError, SamplingError
 from diptych.sampling import SamplingParams
 
@@ -22,24 +21,35 @@ def test_invalid_parameters_raise_one_clear_error(kwargs):
     assert next(iter(kwargs)) in str(exc.value)
 
 
-def draw(logits, n=2000, history=(), **kw):
-    params = SamplingParams(**kw)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.tensor([logits], dtype=torch.float32)
-    hist = torch.tensor(history, dtype=torch.int64)
-    return np.bincount([sample(x, params, hist, gen) for _ in range(n)], minlength=len(logits))
+@pytest.fixture(params=["torch", "mlx"])
+def draw(request):
+    """draw(logits, n, history, seed, **params) -> counts per token on one backend."""
+    if request.param == "mlx":
+        pytest.importorskip("mlx.core")
+    be = select(request.param)
+
+    def run(logits, n=2000, history=(), seed=0, **kw):
+        params = SamplingParams(**kw)
+        rng = be.new_rng(seed)
+        x = be.prepare_vector(np.asarray(logits, np.float32)).reshape(1, -1)
+        hist = be.ids(np.asarray(history, np.int64))
+        return np.bincount([be.sample(x, params, hist, rng) for _ in range(n)],
+                           minlength=len(logits))
+
+    run.backend = be
+    return run
 
 
-def test_greedy_is_argmax():
+def test_greedy_is_argmax(draw):
     assert draw([0.1, 3.0, 2.9, -1.0], n=5, temperature=0)[1] == 5
 
 
-def test_top_k_keeps_only_k_tokens():
+def test_top_k_keeps_only_k_tokens(draw):
     counts = draw([1.0, 0.9, 0.8, 0.7, 0.6], temperature=1.0, top_k=2, top_p=1.0, min_p=0.0)
     assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
 
 
-def test_top_p_cuts_the_tail():
+def test_top_p_cuts_the_tail(draw):
     # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two
     logits = np.log([0.5, 0.3, 0.15, 0.05])
     counts = draw(list(logits), temperature=1.0, top_k=0, top_p=0.7, min_p=0.0)
@@ -47,31 +57,55 @@ def test_top_p_cuts_the_tail():
     assert abs(counts[0] / counts.sum() - 0.5 / 0.8) < 0.05
 
 
-def test_min_p_drops_tokens_below_fraction_of_the_best():
+def test_top_k_then_top_p_sees_the_renormalised_top_k(draw):
+    # top-k=2 leaves (0.4, 0.35) -> renormalised 0.533, 0.467: top_p=0.5 keeps only the first
+    logits = np.log([0.4, 0.35, 0.25])
+    counts = draw(list(logits), n=300, temperature=1.0, top_k=2, top_p=0.5, min_p=0.0)
+    assert counts[0] == 300
+
+
+def test_min_p_drops_tokens_below_fraction_of_the_best(draw):
     logits = np.log([0.6, 0.3, 0.05, 0.05])
     counts = draw(list(logits), temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)
     assert counts[2:].sum() == 0
 
 
-def test_temperature_sharpens_and_flattens():
+def test_temperature_sharpens_and_flattens(draw):
     logits = [1.0, 0.0]
     cold = draw(logits, temperature=0.25, top_k=0, top_p=1.0, min_p=0.0)
     hot = draw(logits, temperature=4.0, top_k=0, top_p=1.0, min_p=0.0)
     assert cold[0] / cold.sum() > 0.95 and 0.5 < hot[0] / hot.sum() < 0.65
 
 
-def test_repetition_penalty_demotes_seen_tokens():
+def test_sampled_frequencies_follow_the_distribution(draw):
+    p = np.array([0.5, 0.25, 0.125, 0.125])
+    counts = draw(list(np.log(p)), n=4000, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    assert np.abs(counts / counts.sum() - p).max() < 0.03
+
+
+def test_repetition_penalty_demotes_seen_tokens(draw):
     logits = [2.0, 1.9, -1.0]
     assert draw(logits, n=1, history=[0], temperature=0, repetition_penalty=1.5)[1] == 1
     # negative logits are multiplied, so they move further down
     assert draw([-1.0, -1.2], n=1, history=[0], temperature=0, repetition_penalty=1.5)[1] == 1
+    # a repeated id is penalised once, and only the last penalty_last_n ids count
+    assert draw([2.0, 1.5], n=1, history=[0, 0, 0], temperature=0,
+                repetition_penalty=1.2)[0] == 1
+    assert draw(logits, n=1, history=[0, 2, 2], temperature=0, repetition_penalty=1.5,
+                penalty_last_n=2)[0] == 1
 
 
-def test_seed_reproduces():
+def test_presence_penalty_subtracts(draw):
+    assert draw([2.0, 1.5], n=1, history=[0], temperature=0, presence_penalty=1.0)[1] == 1
+
+
+def test_seed_reproduces_and_differs(draw):
+    be = draw.backend
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
-    x = torch.randn(1, 1000)
+    x = be.prepare_vector(np.random.default_rng(1).standard_normal(1000)).reshape(1, -1)
+    hist = be.ids(np.empty(0, np.int64))
     runs = []
-    for _ in range(2):
-        gen = torch.Generator().manual_seed(params.seed)
-        runs.append([sample(x, params, torch.empty(0, dtype=torch.int64), gen) for _ in range(20)])
-    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+    for seed in (7, 7, 8):
+        rng = be.new_rng(seed)
+        runs.append([be.sample(x, params, hist, rng) for _ in range(20)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1 and runs[0] != runs[2]
