@@ -82,7 +82,7 @@ def timeit(fn, budget: float, max_reps: int = 1000) -> tuple[float, float]:
 def path_name(ql: QuantLinear, m: int) -> str:
     if not ql.quantized:
         return "torch"
-    if m >= qlm.GEMM_MIN_M:
+    if m >= qlm.GEMM_MIN_M[ql.ggml_type]:
         return "tiles+mm"
     return "gemv1" if m == 1 else "gemm_s"
 
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
     ck.set_num_threads(torch.get_num_threads())
     print(f"# diptych bench_qlinear  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}"
           f"  cpus={os.cpu_count()}  torch threads={torch.get_num_threads()}  torch {torch.__version__}"
-          f"  GEMM_MIN_M={qlm.GEMM_MIN_M}  TILE_BYTES={qlm.TILE_BYTES}")
+          f"  TILE_BYTES={qlm.TILE_BYTES}")
     quant = [QT[t] for t in args.types if QT[t] not in (QT.F32, QT.F16, QT.BF16)]
     t0 = time.perf_counter()
     n = ck.precompile(quant if not args.smollm2 else [QT.Q4_1, QT.Q8_0])
