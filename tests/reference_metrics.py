@@ -186,3 +186,18 @@ def greedy_check(ours: Sequence[int], fx: Mapping[str, Any], i: int,
     if len(ours) < n_valid:
         out["status"] = "short"
     return out
+
+
+def greedy_failures(model, fx: Mapping[str, Any], n_prompts: int | None = None) -> list:
+    """Run ``model`` greedily on the fixture's prompts; the (prompt, status, step) of every
+    prompt whose tokens part from llama.cpp's other than at a near-tie."""
+    n = len(fx["prompt_offsets"]) - 1 if n_prompts is None else n_prompts
+    failures = []
+    for i in range(n):
+        ids = prompt_tokens(fx, i).tolist()
+        ours = [t for p in model.stream(ids, max_tokens=int(fx["n_greedy"]), temperature=0)
+                for t in p.token_ids]
+        result = greedy_check(ours, fx, i)
+        if result["status"] not in ("match", "tie"):
+            failures.append((i, result["status"], result["step"]))
+    return failures
