@@ -61,9 +61,10 @@ GB/s = GGUF weight bytes / time (the effective bandwidth at M = 1), GF = GFLOP/s
   the tile dequantization itself is 3-10% of the time, the rest is MKL on 4 MB tiles.)
 
   SmolLM2-135M decode step, the 211 linears (30 layers x q,k,v,o,gate,up,down in Q4_1 + the
-  Q8_0 tied head, 92 MiB), 2 threads: 8.6-9.9 ms = 100-117 tok/s upper bound, 10-11 GB/s
-  effective (llama.cpp decodes the whole model at ~100 tok/s here); the 28.7 MiB head alone:
-  1.6-1.8 ms (16-19 GB/s). Prefill of 256 tokens, layer linears: 410-510 ms (500-620 tok/s).
+  Q8_0 tied head, 92 MiB; bench_qlinear.py --smollm2): 2 threads 8.2-9.9 ms = 100-122 tok/s
+  upper bound, 10-12 GB/s effective; 1 thread 10.6 ms (94 tok/s, 9 GB/s). llama.cpp decodes
+  the whole model at ~100 tok/s here. The 28.7 MiB head alone: 1.1-1.8 ms (16-27 GB/s).
+  Prefill of 256 tokens, layer linears: 410-630 ms (400-620 tok/s) on 2 threads.
 
 What limits M = 1: instruction throughput of the unpacking, not DRAM. One core runs ~4-5
 weights/cycle (Q4_1: zero-extend, and/shift, int->float, FMA per weight; 512-bit ops are

@@ -105,7 +105,7 @@ def assert_close(y: torch.Tensor, x: np.ndarray, w: np.ndarray) -> None:
 # -- forward --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
-@pytest.mark.parametrize("n", [165, 37])  # 2 full 64-row groups + a tail of 37; a tail only
+@pytest.mark.parametrize("n", [165, 37, 128])  # 2 groups of 64 + a tail; a tail only; no tail
 def test_forward_matches_float64_reference(t, n):
     k = k_for(t)
     ql, w = make(t, n, k, seed=n)
@@ -135,6 +135,25 @@ def test_every_path_and_thread_count(t, monkeypatch):
                 assert_close(ql.forward(torch.from_numpy(x)), x, w)
     finally:
         torch.set_num_threads(old)
+
+
+def test_forward_from_another_thread():
+    """numba's thread count is per thread: a generation worker thread must work too."""
+    import threading
+
+    ql, w = make(T.Q4_K, 300, 256, seed=9)
+    x = np.random.default_rng(10).standard_normal((2, 256), dtype=np.float32)
+    out = {}
+
+    def work():
+        out["y1"] = ql.forward(torch.from_numpy(x[:1]))
+        out["y2"] = ql.forward(torch.from_numpy(x))
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    assert_close(out["y1"], x[:1], w)
+    assert_close(out["y2"], x, w)
 
 
 def test_small_tiles(monkeypatch):
