@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from diptych.bench import measure_speed, peak_rss_bytes, random_prompt
 
 PROMPT_TOKENS, GEN_TOKENS = 256, 128
 
@@ -33,33 +34,16 @@ def model_path(name: str) -> str:
     return str(fetch(REGISTRY_NAMES[name]))
 
 
-def prompt_ids(vocab: int) -> list[int]:
-    import numpy as np
-
-    return [int(i) for i in np.random.default_rng(0).integers(100, min(vocab, 30000), PROMPT_TOKENS)]
-
-
 def run_diptych(path: str, threads: int) -> dict:
     os.environ["DIPTYCH_THREADS"] = str(threads)
-    import numpy as np
-
     import diptych
 
     t0 = time.perf_counter()
     model = diptych.load(path, n_ctx=1024)
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(model.config.vocab_size)
-    model.logits(ids[:8])  # warm-up (numba kernels load from cache)
-    model.engine.cache.rewind(0)
-    t0 = time.perf_counter()
-    logits = model.engine.prefill(ids)
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(GEN_TOKENS):
-        token = int(np.argmax(model.backend.to_numpy(logits)))
-        logits = model.engine.eval([token])
-    decode_s = time.perf_counter() - t0
-    return dict(load_s=load_s, prefill_tps=PROMPT_TOKENS / prefill_s, decode_tps=GEN_TOKENS / decode_s)
+    prefill_tps, decode_tps = measure_speed(model, random_prompt(model.config.vocab_size,
+                                                                 PROMPT_TOKENS), GEN_TOKENS)
+    return dict(load_s=load_s, prefill_tps=prefill_tps, decode_tps=decode_tps)
 
 
 def run_llama_cpp(path: str, threads: int) -> dict:
@@ -70,7 +54,7 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     llm = Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(llm.n_vocab())
+    ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
     llm.reset()
     t0 = time.perf_counter()
@@ -87,7 +71,7 @@ def run_llama_cpp(path: str, threads: int) -> dict:
 def child(runtime: str, model: str, threads: int) -> None:
     fn = run_diptych if runtime == "diptych" else run_llama_cpp
     out = fn(model_path(model), threads)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_bytes() / (1 << 20)
     print(json.dumps(out))
 
 

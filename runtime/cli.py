@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter, defaultdict
 
 from .errors import DiptychError
@@ -164,39 +163,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import numpy as np
-    import psutil
+    from .bench import measure_speed, peak_rss_bytes, random_prompt
 
     model = _load(args)
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    prompt = [int(i) for i in rng.integers(100, min(vocab, 30000), args.prompt_tokens)]
-    model.logits(prompt[:8])  # warm-up: kernels compiled, buffers touched
-    model.engine.cache.rewind(0)
-    t0 = time.perf_counter()
-    model.engine.prefill(prompt)
-    prefill = time.perf_counter() - t0
-    decode_times, token = [], prompt[-1]
-    for _ in range(args.gen_tokens):
-        t0 = time.perf_counter()
-        logits = model.engine.eval([token])
-        token = int(np.argmax(model.backend.to_numpy(logits)))
-        decode_times.append(time.perf_counter() - t0)
-    rss = psutil.Process().memory_info()
-    peak = getattr(rss, "peak_wset", None) or _peak_rss()
+    prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
+    prefill_tps, decode_tps = measure_speed(model, prompt, args.gen_tokens)
     print(f"model    {model.config.name} ({model.path.name}) on {model.backend.describe()}")
-    print(f"prefill  {args.prompt_tokens / prefill:8.1f} tok/s ({args.prompt_tokens} tokens)")
-    print(f"decode   {len(decode_times) / sum(decode_times):8.1f} tok/s ({args.gen_tokens} tokens "
-          f"after the prompt)")
-    print(f"peak RSS {peak / (1 << 20):8.1f} MiB")
+    print(f"prefill  {prefill_tps:8.1f} tok/s ({args.prompt_tokens} tokens)")
+    print(f"decode   {decode_tps:8.1f} tok/s ({args.gen_tokens} tokens after the prompt)")
+    print(f"peak RSS {peak_rss_bytes() / (1 << 20):8.1f} MiB")
     return 0
-
-
-def _peak_rss() -> int:
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def build_parser() -> argparse.ArgumentParser:

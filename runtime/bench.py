@@ -1,0 +1,37 @@
+"""Speed and memory measurement of a loaded model, shared by `diptych bench` and
+benchmarks/bench_cpu.py so that both report the same thing."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def random_prompt(vocab_size: int, n_tokens: int) -> list[int]:
+    """A fixed (seed 0) prompt of ordinary token ids, the same for every runtime compared."""
+    rng = np.random.default_rng(0)
+    return [int(i) for i in rng.integers(100, min(vocab_size, 30000), n_tokens)]
+
+
+def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s of `prompt`, decode tok/s of `gen_tokens` greedy tokens after it),
+    after a short warm-up so kernel loading is not timed."""
+    model.logits(prompt[:8])
+    model.engine.cache.rewind(0)
+    t0 = time.perf_counter()
+    logits = model.engine.prefill(prompt)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        token = int(np.argmax(model.backend.to_numpy(logits)))
+        logits = model.engine.eval([token])
+    decode_s = time.perf_counter() - t0
+    return len(prompt) / prefill_s, gen_tokens / decode_s
+
+
+def peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
