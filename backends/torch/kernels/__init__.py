@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA backend; all of them also run under TRITON_INTERPRET=1."""

@@ -1,0 +1,49 @@
+"""QuantWeight: a GGUF weight on the device as the planes of layout.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from diptych.quant import QuantTensor
+from diptych.quant.dequant import IQ4_NL_VALUES
+
+from .layout import KERNEL_TYPES, PLANE_ORDER, split_planes
+
+
+class QuantWeight:
+    """A (out, in) weight kept quantized: exactly the GGUF bytes, split into planes."""
+
+    def __init__(self, name: str, ggml_type: QT, shape: tuple[int, int],
+                 planes: dict[str, torch.Tensor], lut: torch.Tensor):
+        self.name = name
+        self.ggml_type = QT(ggml_type)
+        self.shape = shape
+        self.planes = planes
+        self.lut = lut  # IQ4_NL codebook (fp32, 16 values); passed to every kernel, read by one
+
+    @classmethod
+    def from_quant_tensor(cls, qt: QuantTensor, device) -> "QuantWeight":
+        if qt.ggml_type not in KERNEL_TYPES or len(qt.shape) != 2:
+            raise ValueError(f"{qt.name}: no kernel for {qt.type_name} {qt.shape}")
+        planes = split_planes(qt.data, qt.ggml_type, qt.shape[1])
+        planes = {k: torch.from_numpy(planes[k]).to(device) for k in PLANE_ORDER if k in planes}
+        lut = torch.from_numpy(IQ4_NL_VALUES.astype(np.float32)).to(device)
+        return cls(qt.name, qt.ggml_type, tuple(qt.shape), planes, lut)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.planes.values())
+
+    @property
+    def layout(self) -> str:
+        return f"{self.ggml_type.name} planes ({'+'.join(self.planes)}), Triton dequant in registers"
