@@ -39,9 +39,50 @@ class Step:
     n_tokens: int
 
 
+@dataclass(frozen=True)
+class LayerCacheSpec:
+    """The cache storage of one layer: `slots` token slots, each holding `k_dim` key values
+    per KV head and as many value values.
+
+    window > 0: sliding-window attention over a ring buffer; token p lives in slot
+        p % slots and a query at t sees keys at t - window < p <= t. With
+        slots >= window - 1 + n, a chunk of n tokens always sees whole windows.
+    v_from_k > 0: MLA; no V storage: values are the first v_from_k channels of the keys
+        (the latent), so one KV head of k_dim = kv_lora + rope values is all a token costs.
+    """
+
+    slots: int
+    n_kv_heads: int
+    k_dim: int
+    window: int = 0
+    v_from_k: int = 0
+
+    @property
+    def values_per_slot(self) -> int:
+        v = 0 if self.v_from_k else self.k_dim
+        return self.n_kv_heads * (self.k_dim + v)
+
+
+def slot_positions(spec: LayerCacheSpec, end: int) -> np.ndarray:
+    """The token position each slot holds once positions 0..end-1 are written (-1: empty):
+    slot s holds the latest p < end with p % slots == s."""
+    s = np.arange(spec.slots)
+    pos = end - 1 - ((end - 1 - s) % spec.slots)
+    return np.where(pos >= 0, pos, -1)
+
+
+def window_mask(spec: LayerCacheSpec, start: int, end: int, n_keys: int) -> np.ndarray:
+    """(T, n_keys) bool: which of the first n_keys slots queries start..end-1 may see."""
+    pos = slot_positions(spec, end)[:n_keys]
+    t = np.arange(start, end)[:, None]
+    return (pos >= 0) & (pos <= t) & (t - pos < spec.window)
+
+
 class KVStorage(ABC):
-    """A backend's storage for a full K/V cache: one K and one V buffer per layer,
-    allocated once at a fixed capacity."""
+    """A backend's storage for a KV cache: per layer the buffers its LayerCacheSpec asks
+    for, allocated once."""
+
+    specs: list[LayerCacheSpec]
 
     @property
     @abstractmethod
@@ -61,6 +102,10 @@ class Backend(ABC):
     @abstractmethod
     def prepare_vector(self, values: np.ndarray) -> Array:
         """A small float32 1-D tensor (norm weight, bias) on the device."""
+
+    @abstractmethod
+    def prepare_dense(self, values: np.ndarray) -> Array:
+        """A float array (any rank) in the activation dtype, e.g. MLA's per-head matrices."""
 
     @abstractmethod
     def weight_bytes(self, w: Any) -> int:
@@ -87,13 +132,33 @@ class Backend(ABC):
         """x (B, T, H, Dh), positions (B, T)."""
 
     @abstractmethod
-    def attention(self, q: Array, k: Array, v: Array, kv: KVStorage, layer: int,
+    def attention(self, q: Array, k: Array, v: Array | None, kv: KVStorage, layer: int,
                   step: Step, scale: float) -> Array:
-        """Write k, v (B, T, Hkv, Dh) into the cache at the step's positions, then attend
-        causally from q (B, T, H, Dh) over everything cached up to them. -> (B, T, H*Dh)."""
+        """Write k, v (B, T, Hkv, Dh) into layer `layer` of the cache at the step's
+        positions, then attend causally from q (B, T, H, Dh) over what the cache holds up to
+        them (within the layer's window, if it has one). For an MLA layer v is None and the
+        values are the first `v_from_k` key channels. -> (B, T, H * value dim)."""
 
     @abstractmethod
-    def swiglu(self, gate: Array, up: Array) -> Array: ...
+    def glu(self, gate: Array, up: Array, act: str) -> Array:
+        """act(gate) * up; act is "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+
+    @abstractmethod
+    def moe(self, x: Array, experts: Any, spec: Any, act: str) -> Array:
+        """Routed experts (runtime.weights.Experts, runtime.config.MoESpec) on x (B, T, D):
+        route each token in fp32, then run each expert on only the tokens routed to it."""
+
+    @abstractmethod
+    def head_linear(self, x: Array, w: Array) -> Array:
+        """Per-head matmul: x (B, T, H, K), w (H, N, K) from prepare_dense -> (B, T, H, N)."""
+
+    @abstractmethod
+    def concat(self, parts: list[Array]) -> Array:
+        """Concatenate along the last axis."""
+
+    @abstractmethod
+    def softcap(self, x: Array, cap: float) -> Array:
+        """cap * tanh(x / cap)."""
 
     @abstractmethod
     def take_positions(self, x: Array, index: np.ndarray) -> Array:
@@ -101,8 +166,7 @@ class Backend(ABC):
 
     # -- cache, sampling, transfers ------------------------------------------------------
     @abstractmethod
-    def alloc_kv(self, n_layers: int, batch: int, capacity: int, n_kv_heads: int,
-                 head_dim: int) -> KVStorage: ...
+    def alloc_kv(self, specs: list[LayerCacheSpec], batch: int) -> KVStorage: ...
 
     @abstractmethod
     def kv_bytes_per_element(self) -> int: ...

@@ -55,6 +55,14 @@ class QuantTensor:
         return QuantTensor(self.name, self.ggml_type, (len(index), self.shape[1]),
                            np.ascontiguousarray(self.data[index]))
 
+    def matrix(self, i: int) -> "QuantTensor":
+        """The i-th matrix of a 3-D tensor (an expert of a stacked MoE weight): a view."""
+        if len(self.shape) != 3:
+            raise ValueError(f"matrix() needs a 3-D tensor, {self.name} is {self.shape}")
+        rows = self.shape[1]
+        return QuantTensor(f"{self.name}[{i}]", self.ggml_type, self.shape[1:],
+                           self.data[i * rows:(i + 1) * rows])
+
     def dequantize(self) -> np.ndarray:
         """The values as float32, in `shape` (numpy reference, bit-exact with gguf-py)."""
         from .dequant import dequantize_rows

@@ -127,7 +127,7 @@ def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int 
     be = select(backend)
     ctx = choose_n_ctx(cfg, n_ctx, be.kv_bytes_per_element())
     weight_bytes = sum(t.nbytes for t in gguf.tensors.values())
-    check_fits(weight_bytes, KVCache.bytes_needed(cfg, ctx, be.kv_bytes_per_element()),
+    check_fits(weight_bytes, KVCache.bytes_needed(cfg, ctx, be.kv_bytes_per_element(), n_batch),
                activation_bytes(cfg, n_batch), f"{path.name} with n_ctx={ctx}")
     done = 0
 

@@ -1,26 +1,61 @@
-"""The runtime side of the KV cache: which token ids it holds, and how much it costs.
+"""The runtime side of the KV cache: its layout, which token ids it holds, what it costs.
 
-Storage is the backend's (allocated once at `capacity`, the context length); this object
-knows the ids whose K/V are stored, so a new prompt reuses the longest common prefix of
-token ids (never re-tokenized text) and rewinds the rest in place.
+Storage is the backend's, allocated once: per layer a full buffer of `capacity` slots, a
+ring buffer for sliding-window layers, or MLA's latent buffer (cache kinds: LayerCacheSpec).
+This object knows the ids whose K/V are stored, so a new prompt reuses the longest common
+prefix of token ids (never re-tokenized text) and rewinds the rest in place.
 """
 
 from __future__ import annotations
+
+from diptych.backends.base import LayerCacheSpec
 
 from .config import ModelConfig
 from .errors import ContextOverflowError
 
 
+def layer_specs(cfg: ModelConfig, capacity: int, n_batch: int) -> list[LayerCacheSpec]:
+    """Each layer's cache kind and size for a context of `capacity` tokens fed in chunks of
+    at most `n_batch` (a ring holds window - 1 + n_batch slots: whole windows per chunk)."""
+    specs = []
+    for i in range(cfg.n_layers):
+        if cfg.mla:
+            m = cfg.mla
+            specs.append(LayerCacheSpec(capacity, 1, m.kv_lora_rank + m.qk_rope,
+                                        v_from_k=m.kv_lora_rank))
+        elif cfg.is_window_layer(i):
+            w = cfg.sliding_window
+            specs.append(LayerCacheSpec(min(capacity, w - 1 + n_batch), cfg.n_kv_heads,
+                                        cfg.head_dim, window=w))
+        else:
+            specs.append(LayerCacheSpec(capacity, cfg.n_kv_heads, cfg.head_dim))
+    return specs
+
+
+def cache_bytes(specs: list[LayerCacheSpec], bytes_per_element: int, batch: int = 1) -> int:
+    return sum(s.slots * s.values_per_slot for s in specs) * bytes_per_element * batch
+
+
+def bytes_per_token(cfg: ModelConfig, bytes_per_element: int) -> tuple[int, int]:
+    """(bytes each token adds, fixed bytes of the sliding-window rings at n_batch=1):
+    full and MLA layers grow with the context, ring buffers do not."""
+    specs = layer_specs(cfg, 1 << 30, 1)
+    grow = sum(s.values_per_slot for s in specs if not s.window) * bytes_per_element
+    fixed = sum(s.slots * s.values_per_slot for s in specs if s.window) * bytes_per_element
+    return grow, fixed
+
+
 class KVCache:
-    def __init__(self, backend, cfg: ModelConfig, capacity: int, batch: int = 1):
+    def __init__(self, backend, cfg: ModelConfig, capacity: int, n_batch: int, batch: int = 1):
         self.capacity = capacity
-        self.storage = backend.alloc_kv(cfg.n_layers, batch, capacity, cfg.n_kv_heads,
-                                        cfg.head_dim)
+        self.specs = layer_specs(cfg, capacity, n_batch)
+        self.storage = backend.alloc_kv(self.specs, batch)
         self.tokens: list[int] = []
 
     @staticmethod
-    def bytes_needed(cfg: ModelConfig, capacity: int, bytes_per_element: int, batch: int = 1) -> int:
-        return cfg.kv_elements_per_token() * bytes_per_element * capacity * batch
+    def bytes_needed(cfg: ModelConfig, capacity: int, bytes_per_element: int, n_batch: int,
+                     batch: int = 1) -> int:
+        return cache_bytes(layer_specs(cfg, capacity, n_batch), bytes_per_element, batch)
 
     @property
     def length(self) -> int:
@@ -44,9 +79,20 @@ class KVCache:
             n += 1
         return n
 
-    def rewind(self, length: int) -> None:
-        """Forget everything after the first `length` tokens (their slots are overwritten)."""
+    def rewind(self, length: int) -> int:
+        """Forget everything after the first `length` tokens (their slots are overwritten
+        later); returns the length actually kept.
+
+        A ring buffer that has wrapped has overwritten old keys that a shorter sequence
+        would need again once the rewind goes back further than its spare slots
+        (slots - window + 1); the cache then restarts empty, and the caller re-feeds the
+        ids, rather than attend over wrong keys."""
+        length = min(length, self.length)
+        for s in self.specs:
+            if s.window and self.length > s.slots and self.length - length > s.slots - s.window + 1:
+                length = 0
         del self.tokens[length:]
+        return length
 
     def commit(self, ids: list[int]) -> None:
         """Record ids whose K/V a completed forward pass has written."""

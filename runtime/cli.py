@@ -117,10 +117,21 @@ def smallest_matrix_per_type(tensors) -> dict:
     return out
 
 
+def cache_kind(cfg) -> str:
+    if cfg.mla:
+        return (f"MLA latent cache, {cfg.mla.kv_lora_rank} + {cfg.mla.qk_rope} values per "
+                "token and layer")
+    n_window = sum(cfg.is_window_layer(i) for i in range(cfg.n_layers))
+    if n_window:
+        return (f"{cfg.n_layers - n_window} full layers + {n_window} sliding-window layers "
+                f"of {cfg.sliding_window} tokens")
+    return "full K/V cache"
+
+
 def cmd_info(args) -> int:
     from .families import config_from_gguf
     from .memory import activation_bytes, choose_n_ctx
-    from .cache import KVCache
+    from .cache import KVCache, bytes_per_token
     from diptych.quant.gguf_file import GGUFFile
 
     from diptych.backends import select
@@ -138,7 +149,8 @@ def cmd_info(args) -> int:
     be = select(args.backend)
     kv_el = be.kv_bytes_per_element()
     n_ctx = choose_n_ctx(cfg, args.n_ctx, kv_el)
-    kv = KVCache.bytes_needed(cfg, n_ctx, kv_el)
+    kv = KVCache.bytes_needed(cfg, n_ctx, kv_el, 256)
+    per_token, ring = bytes_per_token(cfg, kv_el)
     mib = 1 << 20
     print(f"file            {path}")
     print(f"name            {cfg.name}")
@@ -156,7 +168,8 @@ def cmd_info(args) -> int:
         print(f"  {type_name:8s} {be.weight_layout(be.prepare(qt))}")
     print(f"memory estimate ({be.describe()}, n_ctx {n_ctx}):")
     print(f"  weights       {weight_bytes / mib:9.1f} MiB (kept quantized)")
-    print(f"  KV cache      {kv / mib:9.1f} MiB ({cfg.kv_elements_per_token() * kv_el} bytes/token)")
+    print(f"  KV cache      {kv / mib:9.1f} MiB ({cache_kind(cfg)}: {per_token} bytes/token"
+          + (f", plus {ring / mib:.1f} MiB of sliding-window rings" if ring else "") + ")")
     print(f"  working       {activation_bytes(cfg, 256) / mib:9.1f} MiB")
     print(f"  total         {(weight_bytes + kv + activation_bytes(cfg, 256)) / mib:9.1f} MiB")
     return 0

@@ -22,7 +22,7 @@ class Engine:
         self.cfg = cfg
         self.weights = weights
         self.n_batch = n_batch
-        self.cache = KVCache(backend, cfg, n_ctx)
+        self.cache = KVCache(backend, cfg, n_ctx, n_batch)
 
     def eval(self, ids: list[int], all_logits: bool = False):
         """Append `ids` after what the cache holds.
@@ -50,6 +50,5 @@ class Engine:
     def prefill(self, ids: list[int]):
         """Make the cache hold exactly `ids`, reusing the longest common prefix of token ids;
         returns the last position's logits."""
-        keep = min(self.cache.common_prefix(ids), len(ids) - 1)
-        self.cache.rewind(keep)
+        keep = self.cache.rewind(min(self.cache.common_prefix(ids), len(ids) - 1))
         return self.eval(ids[keep:])

@@ -1,7 +1,8 @@
 """The one model graph: a decoder-only transformer written against the backend contract.
 
 It imports no torch, mlx or triton; every array operation goes through `backend` (plus `+`,
-`*` and `.reshape`, which all backend array types share).
+`*`, slicing and `.reshape`, which all backend array types share). Family differences are
+the ModelConfig switches read here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
 
 from .config import ModelConfig
-from .weights import ModelWeights
+from .weights import LayerWeights, ModelWeights
 
 
 def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVStorage,
@@ -22,25 +23,77 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
     """
     be = backend
-    batch, n_tok = step.positions.shape
-    rope = RopeSpec(cfg.rope_dim, cfg.rope_theta)
-    scale = cfg.head_dim ** -0.5
-
     x = be.embed(w.tok_embd, tokens)
+    if cfg.embed_scale != 1.0:
+        x = x * cfg.embed_scale
     for i, layer in enumerate(w.layers):
         h = be.rms_norm(x, layer.attn_norm, cfg.rms_eps)
-        q = be.linear(h, layer.wq, layer.bq).reshape(batch, n_tok, cfg.n_heads, cfg.head_dim)
-        k = be.linear(h, layer.wk, layer.bk).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
-        v = be.linear(h, layer.wv, layer.bv).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
-        q = be.rope(q, step.positions, rope)
-        k = be.rope(k, step.positions, rope)
-        x = x + be.linear(be.attention(q, k, v, kv, i, step, scale), layer.wo)
+        a = _mla(be, cfg, layer, h, kv, i, step) if cfg.mla else \
+            _attention(be, cfg, layer, h, kv, i, step)
+        if layer.post_attn_norm is not None:
+            a = be.rms_norm(a, layer.post_attn_norm, cfg.rms_eps)
+        x = x + a
 
         h = be.rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-        x = x + be.linear(be.swiglu(be.linear(h, layer.w_gate), be.linear(h, layer.w_up)),
-                          layer.w_down)
+        f = _ffn(be, cfg, layer, h)
+        if layer.post_ffn_norm is not None:
+            f = be.rms_norm(f, layer.post_ffn_norm, cfg.rms_eps)
+        x = x + f
 
     if logits_at is None:
-        logits_at = np.array([n_tok - 1])
+        logits_at = np.array([step.n_tokens - 1])
     x = be.take_positions(x, logits_at)
-    return be.linear(be.rms_norm(x, w.output_norm, cfg.rms_eps), w.output)
+    logits = be.linear(be.rms_norm(x, w.output_norm, cfg.rms_eps), w.output)
+    if cfg.final_softcap:
+        logits = be.softcap(logits, cfg.final_softcap)
+    return logits
+
+
+def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
+    batch, n_tok = step.positions.shape
+    q = be.linear(h, layer.wq, layer.bq).reshape(batch, n_tok, cfg.n_heads, cfg.head_dim)
+    k = be.linear(h, layer.wk, layer.bk).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
+    v = be.linear(h, layer.wv, layer.bv).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = be.rms_norm(q, layer.q_norm, cfg.rms_eps)
+        k = be.rms_norm(k, layer.k_norm, cfg.rms_eps)
+    rope = RopeSpec(cfg.rope_dim, cfg.layer_rope_theta(i))
+    q = be.rope(q, step.positions, rope)
+    k = be.rope(k, step.positions, rope)
+    return be.linear(be.attention(q, k, v, kv, i, step, cfg.softmax_scale()), layer.wo)
+
+
+def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
+    """Multi-head latent attention with weight absorption: the cache holds one latent
+    (normalised c_kv) and one RoPE'd key part per token; queries are mapped into the latent
+    space by W_UK, attention runs there, and W_UV maps its output to values."""
+    m = cfg.mla
+    batch, n_tok = step.positions.shape
+    if layer.wq_a is not None:
+        q = be.linear(be.rms_norm(be.linear(h, layer.wq_a), layer.q_a_norm, cfg.rms_eps),
+                      layer.wq_b)
+    else:
+        q = be.linear(h, layer.wq)
+    q = q.reshape(batch, n_tok, cfg.n_heads, m.qk_nope + m.qk_rope)
+    rope = RopeSpec(m.qk_rope, cfg.rope_theta)
+    q_lat = be.head_linear(q[..., :m.qk_nope], layer.k_b)           # (B, T, H, kv_lora)
+    q_pe = be.rope(q[..., m.qk_nope:], step.positions, rope)
+    kv_a = be.linear(h, layer.wkv_a).reshape(batch, n_tok, 1, m.kv_lora_rank + m.qk_rope)
+    c_kv = be.rms_norm(kv_a[..., :m.kv_lora_rank], layer.kv_a_norm, cfg.rms_eps)
+    k_pe = be.rope(kv_a[..., m.kv_lora_rank:], step.positions, rope)
+    out = be.attention(be.concat([q_lat, q_pe]), be.concat([c_kv, k_pe]), None, kv, i, step,
+                       cfg.softmax_scale())                              # (B, T, H*kv_lora)
+    out = be.head_linear(out.reshape(batch, n_tok, cfg.n_heads, m.kv_lora_rank), layer.v_b)
+    return be.linear(out.reshape(batch, n_tok, cfg.n_heads * m.v_head_dim), layer.wo)
+
+
+def _ffn(be, cfg: ModelConfig, layer: LayerWeights, h):
+    """The dense FFN (in MoE layers: the shared experts, if any) plus the routed experts."""
+    out = None
+    if layer.w_gate is not None:
+        out = be.linear(be.glu(be.linear(h, layer.w_gate), be.linear(h, layer.w_up), cfg.act),
+                        layer.w_down)
+    if layer.experts is not None:
+        routed = be.moe(h, layer.experts, cfg.moe, cfg.act)
+        out = routed if out is None else out + routed
+    return out

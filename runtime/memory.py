@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psutil
 
-from .cache import KVCache
+from .cache import bytes_per_token
 from .config import ModelConfig
 from .errors import InvalidArgumentError, OutOfMemoryError
 
@@ -18,18 +18,19 @@ def available_bytes() -> int:
 
 def activation_bytes(cfg: ModelConfig, n_batch: int, bytes_per_element: int = 4) -> int:
     """Working memory of one prefill chunk: the widest activations plus logits."""
-    widest = max(cfg.d_ff * 2, cfg.q_dim + 2 * cfg.kv_dim, cfg.d_model * 4)
+    widest = max(cfg.d_ff * 2, cfg.q_dim + 2 * cfg.kv_dim, cfg.d_model * 4,
+                 cfg.moe.d_ff * 2 * cfg.moe.n_used if cfg.moe else 0)
     return n_batch * (widest + cfg.vocab_size) * bytes_per_element
 
 
 def choose_n_ctx(cfg: ModelConfig, requested: int | None, kv_bytes_per_element: int) -> int:
-    per_token = KVCache.bytes_needed(cfg, 1, kv_bytes_per_element)
+    per_token, fixed = bytes_per_token(cfg, kv_bytes_per_element)
     if requested is not None:
         if not isinstance(requested, int) or isinstance(requested, bool) or requested < 2:
             raise InvalidArgumentError(f"n_ctx must be an integer >= 2, got {requested!r}")
         return requested
     n = min(cfg.context_length, DEFAULT_MAX_CTX)
-    fit = int(available_bytes() * CACHE_SHARE // per_token)
+    fit = int((available_bytes() * CACHE_SHARE - fixed) // max(per_token, 1))
     return max(256, min(n, fit))
 
 

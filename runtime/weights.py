@@ -1,9 +1,13 @@
-"""The weight tree: GGUF tensors mapped onto the graph's names and prepared by a backend."""
+"""The weight tree: GGUF tensors mapped onto the graph's names and prepared by a backend.
+
+Which tensors a layer has follows from the config (MLA, MoE, QK-norm, post-norms); a
+tensor the config needs but the file lacks is a ModelFileError naming it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,19 +18,49 @@ from .families import family_for
 
 
 @dataclass
+class Experts:
+    """Routed experts of one MoE layer: a router and one (gate, up, down) per expert."""
+
+    router: Any
+    gate: list = field(default_factory=list)
+    up: list = field(default_factory=list)
+    down: list = field(default_factory=list)
+    score_bias: Any = None  # DeepSeek-V3: added to the scores for expert selection only
+
+
+@dataclass
 class LayerWeights:
     attn_norm: Any
-    wq: Any
-    wk: Any
-    wv: Any
     wo: Any
     ffn_norm: Any
-    w_gate: Any
-    w_up: Any
-    w_down: Any
+    # attention projections (standard)
+    wq: Any = None
+    wk: Any = None
+    wv: Any = None
     bq: Any = None
     bk: Any = None
     bv: Any = None
+    q_norm: Any = None
+    k_norm: Any = None
+    # MLA: queries through a low-rank bottleneck (wq_a, q_a_norm, wq_b) or one wq; keys and
+    # values through the latent (wkv_a -> kv_a_norm), absorbed per head by k_b and v_b
+    wq_a: Any = None
+    q_a_norm: Any = None
+    wq_b: Any = None
+    wkv_a: Any = None
+    kv_a_norm: Any = None
+    k_b: Any = None
+    v_b: Any = None
+    post_attn_norm: Any = None
+    post_ffn_norm: Any = None
+    # FFN: a dense SwiGLU/GeGLU (in MoE layers: the shared experts), and routed experts
+    w_gate: Any = None
+    w_up: Any = None
+    w_down: Any = None
+    experts: Experts | None = None
+
+
+_MATRICES = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "w_gate", "w_up", "w_down")
 
 
 @dataclass
@@ -37,13 +71,21 @@ class ModelWeights:
     output: Any  # the same object as tok_embd when the output is tied
 
     def linears(self):
-        """(name, prepared weight) for every matrix, each once."""
+        """(name, prepared weight) for every quantizable matrix, each once."""
         yield "token_embd", self.tok_embd
         if self.output is not self.tok_embd:
             yield "output", self.output
         for i, layer in enumerate(self.layers):
-            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
-                yield f"blk.{i}.{name}", getattr(layer, name)
+            for name in _MATRICES:
+                w = getattr(layer, name)
+                if w is not None:
+                    yield f"blk.{i}.{name}", w
+            if layer.experts is not None:
+                ex = layer.experts
+                yield f"blk.{i}.router", ex.router
+                for kind in ("gate", "up", "down"):
+                    for e, w in enumerate(getattr(ex, kind)):
+                        yield f"blk.{i}.expert{e}.{kind}", w
 
 
 def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
@@ -56,55 +98,139 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def load_weights(tensors: dict, cfg: ModelConfig, backend,
-                 progress: Callable[[int], None] | None = None) -> ModelWeights:
-    """Prepare every tensor the graph needs, in file order of layers; `progress(n)` is
-    called with the number of bytes just handled."""
-    fam = family_for(cfg.arch)
+def deinterleave_rope_rows(n_heads: int, head_rows: int, rope_dim: int) -> np.ndarray:
+    """Row order putting the last `rope_dim` rows of each head from interleaved pairs
+    (x0, y0, x1, y1, ...) into NeoX halves (x0, x1, ..., y0, y1, ...); other rows stay."""
+    order = np.arange(n_heads * head_rows).reshape(n_heads, head_rows)
+    rope = order[:, head_rows - rope_dim:].reshape(n_heads, rope_dim // 2, 2)
+    order[:, head_rows - rope_dim:] = rope.swapaxes(1, 2).reshape(n_heads, rope_dim)
+    return order.reshape(-1)
 
-    def get(name: str, shape: tuple[int, ...] | None = None):
-        qt = tensors.get(name)
+
+class _Source:
+    """Reads tensors by name for one load: checks shapes, reports progress, prepares."""
+
+    def __init__(self, tensors: dict, backend, progress):
+        self.tensors, self.backend, self.progress = tensors, backend, progress
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None):
+        qt = self.tensors.get(name)
         if qt is None:
             raise ModelFileError(f"missing tensor {name}")
         if shape is not None and tuple(qt.shape) != shape:
             raise ModelFileError(f"tensor {name} has shape {qt.shape}, expected {shape}")
-        if progress:
-            progress(qt.nbytes)
+        if self.progress:
+            self.progress(qt.nbytes)
         return qt
 
-    def matrix(name, shape, permute_heads=0):
-        qt = get(name, shape)
-        if permute_heads and fam.permuted_qk:
-            qt = qt.take_rows(unpermute_rows(qt.shape[0], permute_heads))
-        return backend.prepare(qt)
+    def matrix(self, name, shape, order=None):
+        qt = self.get(name, shape)
+        return self.backend.prepare(qt if order is None else qt.take_rows(order))
 
-    def vector(name, n, permute_heads=0):
-        values = get(name, (n,)).dequantize()
-        if permute_heads and fam.permuted_qk:
-            values = values[unpermute_rows(n, permute_heads)]
-        return backend.prepare_vector(values)
+    def vector(self, name, n, order=None):
+        values = self.get(name, (n,)).dequantize()
+        return self.backend.prepare_vector(values if order is None else values[order])
 
-    d, q, kv, ff = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.d_ff
-    tok = backend.prepare(get("token_embd.weight", (cfg.vocab_size, d)))
+
+def load_weights(tensors: dict, cfg: ModelConfig, backend,
+                 progress: Callable[[int], None] | None = None) -> ModelWeights:
+    """Prepare every tensor the graph needs, layer by layer; `progress(n)` is called with
+    the number of bytes just handled."""
+    fam = family_for(cfg.arch)
+    src = _Source(tensors, backend, progress)
+    matrix, vector = src.matrix, src.vector
+
+    def qk_order(rows, heads):
+        return unpermute_rows(rows, heads) if fam.permuted_qk else None
+
+    d, ff = cfg.d_model, cfg.d_ff
+    tok = backend.prepare(src.get("token_embd.weight", (cfg.vocab_size, d)))
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        layer = LayerWeights(
-            attn_norm=vector(p + "attn_norm.weight", d),
-            wq=matrix(p + "attn_q.weight", (q, d), cfg.n_heads),
-            wk=matrix(p + "attn_k.weight", (kv, d), cfg.n_kv_heads),
-            wv=matrix(p + "attn_v.weight", (kv, d)),
-            wo=matrix(p + "attn_output.weight", (d, q)),
-            ffn_norm=vector(p + "ffn_norm.weight", d),
-            w_gate=matrix(p + "ffn_gate.weight", (ff, d)),
-            w_up=matrix(p + "ffn_up.weight", (ff, d)),
-            w_down=matrix(p + "ffn_down.weight", (d, ff)),
-        )
-        if cfg.qkv_bias:
-            layer.bq = vector(p + "attn_q.bias", q, cfg.n_heads)
-            layer.bk = vector(p + "attn_k.bias", kv, cfg.n_kv_heads)
-            layer.bv = vector(p + "attn_v.bias", kv)
+        if cfg.mla:
+            attn = _mla_weights(cfg, p, src)
+        else:
+            q, kv, hd = cfg.q_dim, cfg.kv_dim, cfg.head_dim
+            attn = dict(
+                wq=matrix(p + "attn_q.weight", (q, d), qk_order(q, cfg.n_heads)),
+                wk=matrix(p + "attn_k.weight", (kv, d), qk_order(kv, cfg.n_kv_heads)),
+                wv=matrix(p + "attn_v.weight", (kv, d)),
+                wo=matrix(p + "attn_output.weight", (d, q)),
+            )
+            if cfg.qkv_bias:
+                attn.update(bq=vector(p + "attn_q.bias", q, qk_order(q, cfg.n_heads)),
+                            bk=vector(p + "attn_k.bias", kv, qk_order(kv, cfg.n_kv_heads)),
+                            bv=vector(p + "attn_v.bias", kv))
+            if cfg.qk_norm:
+                attn.update(q_norm=vector(p + "attn_q_norm.weight", hd),
+                            k_norm=vector(p + "attn_k_norm.weight", hd))
+        layer = LayerWeights(attn_norm=vector(p + "attn_norm.weight", d),
+                             ffn_norm=vector(p + "ffn_norm.weight", d), **attn)
+        if cfg.post_norms:
+            layer.post_attn_norm = vector(p + "post_attention_norm.weight", d)
+            layer.post_ffn_norm = vector(p + "post_ffw_norm.weight", d)
+        moe = cfg.moe
+        if moe and moe.is_moe_layer(i):
+            layer.experts = _experts(cfg, p, src)
+            if moe.n_shared:
+                sh = moe.n_shared * moe.d_ff
+                layer.w_gate = matrix(p + "ffn_gate_shexp.weight", (sh, d))
+                layer.w_up = matrix(p + "ffn_up_shexp.weight", (sh, d))
+                layer.w_down = matrix(p + "ffn_down_shexp.weight", (d, sh))
+        else:
+            layer.w_gate = matrix(p + "ffn_gate.weight", (ff, d))
+            layer.w_up = matrix(p + "ffn_up.weight", (ff, d))
+            layer.w_down = matrix(p + "ffn_down.weight", (d, ff))
         layers.append(layer)
     norm = vector("output_norm.weight", d)
-    out = tok if cfg.tied_output else backend.prepare(get("output.weight", (cfg.vocab_size, d)))
+    out = tok if cfg.tied_output else matrix("output.weight", (cfg.vocab_size, d))
     return ModelWeights(tok, layers, norm, out)
+
+
+def _experts(cfg, p, src: _Source) -> Experts:
+    moe, d = cfg.moe, cfg.d_model
+    n, ff = moe.n_experts, moe.d_ff
+    ex = Experts(router=src.matrix(p + "ffn_gate_inp.weight", (n, d)))
+    for kind, shape in (("gate", (n, ff, d)), ("up", (n, ff, d)), ("down", (n, d, ff))):
+        stacked = src.get(p + f"ffn_{kind}_exps.weight", shape)
+        getattr(ex, kind).extend(src.backend.prepare(stacked.matrix(e)) for e in range(n))
+    if moe.score_bias:
+        ex.score_bias = src.vector(p + "exp_probs_b.bias", n)
+    return ex
+
+
+def _mla_weights(cfg, p, src: _Source) -> dict:
+    """MLA projections. RoPE channels are stored in interleaved pairs (as DeepSeek trains
+    them); their rows are put into NeoX order so that every family uses one RoPE."""
+    m, d, h = cfg.mla, cfg.d_model, cfg.n_heads
+    qk = m.qk_nope + m.qk_rope
+    q_order = deinterleave_rope_rows(h, qk, m.qk_rope)
+    w = {}
+    if m.q_lora_rank:
+        w["wq_a"] = src.matrix(p + "attn_q_a.weight", (m.q_lora_rank, d))
+        w["q_a_norm"] = src.vector(p + "attn_q_a_norm.weight", m.q_lora_rank)
+        w["wq_b"] = src.matrix(p + "attn_q_b.weight", (h * qk, m.q_lora_rank), q_order)
+    else:
+        w["wq"] = src.matrix(p + "attn_q.weight", (h * qk, d), q_order)
+    kv_rows = m.kv_lora_rank + m.qk_rope
+    w["wkv_a"] = src.matrix(p + "attn_kv_a_mqa.weight", (kv_rows, d),
+                            deinterleave_rope_rows(1, kv_rows, m.qk_rope))
+    w["kv_a_norm"] = src.vector(p + "attn_kv_a_norm.weight", m.kv_lora_rank)
+    # The per-head absorption matrices are batched matmuls over heads, held in the
+    # activation dtype: W_UK (H, kv_lora, nope) folds into the query, W_UV (H, v, kv_lora)
+    # maps the attention output from the latent space to values.
+    if src.has(p + "attn_k_b.weight"):
+        k_b = src.get(p + "attn_k_b.weight", (h, m.kv_lora_rank, m.qk_nope)).dequantize()
+        v_b = src.get(p + "attn_v_b.weight", (h, m.v_head_dim, m.kv_lora_rank)).dequantize()
+    else:  # older files: one kv_b (H * (nope + v), kv_lora)
+        kv_b = src.get(p + "attn_kv_b.weight", (h * (m.qk_nope + m.v_head_dim), m.kv_lora_rank))
+        kv_b = kv_b.dequantize().reshape(h, m.qk_nope + m.v_head_dim, m.kv_lora_rank)
+        k_b, v_b = kv_b[:, :m.qk_nope].transpose(0, 2, 1), kv_b[:, m.qk_nope:]
+    w["k_b"] = src.backend.prepare_dense(np.ascontiguousarray(k_b, dtype=np.float32))
+    w["v_b"] = src.backend.prepare_dense(np.ascontiguousarray(v_b, dtype=np.float32))
+    w["wo"] = src.matrix(p + "attn_output.weight", (d, h * m.v_head_dim))
+    return w

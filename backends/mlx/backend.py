@@ -37,7 +37,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
+from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step, window_mask
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
@@ -45,21 +45,24 @@ from .repack import MLXWeight, dtype_name, mx_dtype, repack_tensor
 
 
 class MLXKV(KVStorage):
-    """Full K/V cache: per layer (B, Hkv, capacity, Dh) arrays, allocated (evaluated) once.
+    """Per layer a (B, Hkv, slots, k_dim) key array and a value array like it (none for
+    MLA, whose values are a view of the keys), allocated (evaluated) once.
 
     Writes are slice assignments; MLX updates the buffer in place when nothing else holds
     it, which is the case between steps."""
 
-    def __init__(self, n_layers, batch, capacity, n_kv_heads, head_dim, dtype):
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.capacity = capacity
-        mx.eval(self.k, self.v)
+    def __init__(self, specs: list[LayerCacheSpec], batch, dtype):
+        self.specs = specs
+        self.k, self.v = [], []
+        for s in specs:
+            shape = (batch, s.n_kv_heads, s.slots, s.k_dim)
+            self.k.append(mx.zeros(shape, dtype=dtype))
+            self.v.append(None if s.v_from_k else mx.zeros(shape, dtype=dtype))
+        mx.eval(self.k, [v for v in self.v if v is not None])
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.k + self.v)
+        return sum(int(a.nbytes) for a in self.k + self.v if a is not None)
 
 
 class MLXRng:
@@ -77,6 +80,11 @@ class MLXRng:
 
 def _silu_mul(gate, up):
     return gate * mx.sigmoid(gate) * up
+
+
+def _gelu_tanh_mul(gate, up):
+    inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2/pi)
+    return 0.5 * gate * (1.0 + mx.tanh(inner)) * up
 
 
 def _rope(x, offset, periods, *, dims):
@@ -112,7 +120,8 @@ class MLXBackend(Backend):
         self._ropes: dict[int, object] = {}
         self._offset: tuple = (None, None)
         self._compile = compile
-        self._swiglu = mx.compile(_silu_mul, shapeless=True) if compile else _silu_mul
+        self._glu = {name: mx.compile(fn, shapeless=True) if compile else fn
+                     for name, fn in (("silu", _silu_mul), ("gelu_tanh", _gelu_tanh_mul))}
         self._samplers: dict = {}
 
     def describe(self) -> str:
@@ -127,6 +136,9 @@ class MLXBackend(Backend):
         return repack_tensor(qt, scale_dtype=self.scale_dtype, dense_dtype=dense)
 
     def prepare_vector(self, values: np.ndarray) -> mx.array:
+        return mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(self.dtype)
+
+    def prepare_dense(self, values: np.ndarray) -> mx.array:
         return mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(self.dtype)
 
     def weight_bytes(self, w: MLXWeight) -> int:
@@ -184,20 +196,58 @@ class MLXBackend(Backend):
         return fn(x, offset, self._periods(spec))
 
     def attention(self, q, k, v, kv: MLXKV, layer, step: Step, scale):
+        spec = kv.specs[layer]
         start, n = step.start, step.n_tokens
         end = start + n
         kc, vc = kv.k[layer], kv.v[layer]
-        kc[:, :, start:end, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
-        vc[:, :, start:end, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
+        wraps = end > spec.slots  # only a sliding-window ring wraps
+        if wraps:
+            where = mx.array(np.arange(start, end) % spec.slots)
+            kc[:, :, where, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
+            if vc is not None:
+                vc[:, :, where, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
+        else:
+            kc[:, :, start:end, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
+            if vc is not None:
+                vc[:, :, start:end, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
+        n_keys = spec.slots if wraps else end
+        keys = kc[:, :, :n_keys, :]
+        values = vc[:, :, :n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
         qh = q.transpose(0, 2, 1, 3)
-        # MLX's "causal" mask is aligned to the last key: query i sees keys 0..start+i
-        mask = None if n == 1 else "causal"
-        out = mx.fast.scaled_dot_product_attention(qh, kc[:, :, :end, :], vc[:, :, :end, :],
-                                                   scale=scale, mask=mask)
+        if spec.window and end > spec.window:
+            mask = mx.array(window_mask(spec, start, end, n_keys))
+        else:  # MLX's "causal" mask is aligned to the last key: query i sees keys 0..start+i
+            mask = None if n == 1 else "causal"
+        out = mx.fast.scaled_dot_product_attention(qh, keys, values, scale=scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(q.shape[0], n, -1)
 
-    def swiglu(self, gate, up):
-        return self._swiglu(gate, up)
+    def glu(self, gate, up, act):
+        return self._glu[act](gate, up)
+
+    def moe(self, x, experts, spec, act):
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.linear(flat, experts.router).astype(mx.float32)
+        weights, chosen = route(logits, spec, experts.score_bias)
+        chosen_np = np.array(chosen)  # which experts run is decided on the host
+        out = mx.zeros(flat.shape, dtype=flat.dtype)
+        for e in np.unique(chosen_np).tolist():  # each expert on its own tokens only
+            tok, slot = np.nonzero(chosen_np == e)
+            xe = flat[mx.array(tok)]
+            y = self.linear(self.glu(self.linear(xe, experts.gate[e]),
+                                     self.linear(xe, experts.up[e]), act), experts.down[e])
+            w = weights[mx.array(tok), mx.array(slot)][:, None].astype(y.dtype)
+            out = out.at[mx.array(tok)].add(y * w)
+        return out.reshape(x.shape)
+
+    def head_linear(self, x, w):
+        # (B, T, H, K) -> (B, H, T, K) @ (H, K, N) -> (B, H, T, N) -> (B, T, H, N)
+        return (x.transpose(0, 2, 1, 3) @ w.transpose(0, 2, 1)).transpose(0, 2, 1, 3)
+
+    def concat(self, parts):
+        return mx.concatenate(parts, axis=-1)
+
+    def softcap(self, x, cap):
+        return mx.tanh(x / cap) * cap
 
     def take_positions(self, x, index: np.ndarray):
         index = np.asarray(index)
@@ -210,8 +260,8 @@ class MLXBackend(Backend):
         return x[:, mx.array(index.astype(np.int32))]
 
     # -- cache, sampling, transfers ------------------------------------------------------
-    def alloc_kv(self, n_layers, batch, capacity, n_kv_heads, head_dim) -> MLXKV:
-        return MLXKV(n_layers, batch, capacity, n_kv_heads, head_dim, self.dtype)
+    def alloc_kv(self, specs, batch) -> MLXKV:
+        return MLXKV(specs, batch, self.dtype)
 
     def kv_bytes_per_element(self) -> int:
         return self.dtype.size
@@ -240,6 +290,26 @@ class MLXBackend(Backend):
 
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32))
+
+
+def route(logits: mx.array, spec, score_bias=None):
+    """MoE routing in fp32, as backends/torch/backend.py `route` documents."""
+    scores = mx.softmax(logits, axis=-1) if spec.gating == "softmax" else mx.sigmoid(logits)
+    choice = scores if score_bias is None else scores + score_bias.astype(mx.float32)
+    if spec.n_groups > 1:
+        grouped = choice.reshape(choice.shape[0], spec.n_groups, -1)
+        if spec.gating == "sigmoid":
+            rank = mx.sort(grouped, axis=-1)[..., -2:].sum(-1)
+        else:
+            rank = grouped.max(-1)
+        best = mx.argsort(-rank, axis=-1)[:, :spec.n_groups_used]
+        keep = (mx.arange(spec.n_groups)[None, :, None] == best[:, None, :]).any(-1)
+        choice = mx.where(mx.repeat(keep, grouped.shape[-1], axis=1), choice, 0.0)
+    chosen = mx.argsort(-choice, axis=-1)[:, :spec.n_used]
+    weights = mx.take_along_axis(scores, chosen, axis=-1)
+    if spec.norm_topk:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * spec.scale, chosen
 
 
 def apply_penalties(x: mx.array, params, history: mx.array) -> mx.array:

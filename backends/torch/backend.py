@@ -1,4 +1,4 @@
-"""The PyTorch backend (CPU today): quantized linears from qlinear.py, everything else torch."""
+"""The PyTorch backend on the CPU: quantized linears from qlinear.py, everything else torch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
+from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step, window_mask
 from diptych.quant import QuantTensor
 
 from .qlinear import QuantLinear
@@ -14,17 +14,20 @@ from .threads import configure_threads
 
 
 class TorchKV(KVStorage):
-    """Full K/V cache: per layer (B, Hkv, capacity, Dh) float32 buffers."""
+    """Per layer a (B, Hkv, slots, k_dim) key buffer and a value buffer like it (none for
+    MLA, whose values are a view of the keys)."""
 
-    def __init__(self, n_layers, batch, capacity, n_kv_heads, head_dim, dtype, device):
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.capacity = capacity
+    def __init__(self, specs: list[LayerCacheSpec], batch, dtype, device):
+        self.specs = specs
+        self.k, self.v = [], []
+        for s in specs:
+            shape = (batch, s.n_kv_heads, s.slots, s.k_dim)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(None if s.v_from_k else torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 class TorchBackend(Backend):
@@ -44,6 +47,9 @@ class TorchBackend(Backend):
 
     def prepare_vector(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+    def prepare_dense(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
 
     def weight_bytes(self, w: QuantLinear) -> int:
         return w.nbytes
@@ -87,14 +93,22 @@ class TorchBackend(Backend):
         return out
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
+        spec = kv.specs[layer]
         start, n = step.start, step.n_tokens
         end = start + n
         kc, vc = kv.k[layer], kv.v[layer]
-        kc[:, :, start:end] = k.transpose(1, 2)
-        vc[:, :, start:end] = v.transpose(1, 2)
+        wraps = end > spec.slots  # only a sliding-window ring wraps
+        where = torch.arange(start, end) % spec.slots if wraps else slice(start, end)
+        kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
+        if vc is not None:
+            vc[:, :, where] = v.transpose(1, 2).to(vc.dtype)
+        n_keys = spec.slots if wraps else end
+        keys = kc[:, :, :n_keys]
+        values = vc[:, :, :n_keys] if vc is not None else keys[..., :spec.v_from_k]
         qh = q.transpose(1, 2)  # (B, H, T, Dh)
-        keys, values = kc[:, :, :end], vc[:, :, :end]
-        if n == 1:
+        if spec.window and end > spec.window:
+            mask, causal = torch.from_numpy(window_mask(spec, start, end, n_keys)), False
+        elif n == 1:
             mask, causal = None, False
         elif start == 0:
             mask, causal = None, True
@@ -105,8 +119,32 @@ class TorchBackend(Backend):
                                              scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], n, -1)
 
-    def swiglu(self, gate, up):
-        return F.silu(gate) * up
+    def glu(self, gate, up, act):
+        if act == "silu":
+            return F.silu(gate) * up
+        return F.gelu(gate, approximate="tanh") * up
+
+    def moe(self, x, experts, spec, act):
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.linear(flat, experts.router).float()
+        weights, chosen = route(logits, spec, experts.score_bias)
+        out = torch.zeros_like(flat)
+        for e in torch.unique(chosen).tolist():  # each expert on its own tokens only
+            tok, slot = (chosen == e).nonzero(as_tuple=True)
+            xe = flat[tok]
+            y = self.linear(self.glu(self.linear(xe, experts.gate[e]),
+                                     self.linear(xe, experts.up[e]), act), experts.down[e])
+            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+        return out.reshape(x.shape)
+
+    def head_linear(self, x, w):
+        return torch.einsum("bthk,hnk->bthn", x, w)
+
+    def concat(self, parts):
+        return torch.cat(parts, dim=-1)
+
+    def softcap(self, x, cap):
+        return torch.tanh(x / cap) * cap
 
     def take_positions(self, x, index: np.ndarray):
         if len(index) == x.shape[1]:
@@ -114,8 +152,8 @@ class TorchBackend(Backend):
         return x[:, torch.from_numpy(np.asarray(index, dtype=np.int64))]
 
     # -- cache, sampling, transfers ------------------------------------------------------
-    def alloc_kv(self, n_layers, batch, capacity, n_kv_heads, head_dim) -> TorchKV:
-        return TorchKV(n_layers, batch, capacity, n_kv_heads, head_dim, self.dtype, self.device)
+    def alloc_kv(self, specs, batch) -> TorchKV:
+        return TorchKV(specs, batch, self.dtype, self.device)
 
     def kv_bytes_per_element(self) -> int:
         return torch.finfo(self.dtype).bits // 8
@@ -138,3 +176,24 @@ class TorchBackend(Backend):
 
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().to(torch.float32).cpu().numpy()
+
+
+def route(logits: torch.Tensor, spec, score_bias=None):
+    """MoE routing in fp32: (tokens, experts) router logits -> (weights, expert ids), both
+    (tokens, n_used). Softmax or sigmoid scores; an optional selection-only bias; group-
+    limited choice (groups ranked by their best score, or by their top-2 sum with sigmoid
+    scores as DeepSeek-V3 does); renormalisation and scaling of the chosen weights."""
+    scores = logits.softmax(-1) if spec.gating == "softmax" else logits.sigmoid()
+    choice = scores if score_bias is None else scores + score_bias.float()
+    if spec.n_groups > 1:
+        grouped = choice.view(choice.shape[0], spec.n_groups, -1)
+        rank = (grouped.topk(2, dim=-1).values.sum(-1) if spec.gating == "sigmoid"
+                else grouped.amax(-1))
+        keep = torch.zeros_like(rank, dtype=torch.bool)
+        keep.scatter_(1, rank.topk(spec.n_groups_used, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), 0.0)
+    chosen = choice.topk(spec.n_used, dim=-1).indices
+    weights = scores.gather(1, chosen)
+    if spec.norm_topk:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * spec.scale, chosen
