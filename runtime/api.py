@@ -102,7 +102,8 @@ class Model:
 
 def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int | None = None,
          n_batch: int = 256, progress: Callable[[int, int], None] | None = None) -> Model:
-    """Load a GGUF model; with no source, the embedded default (SmolLM2-135M-Instruct Q4_1).
+    """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
+    tokenizer); with no source, the embedded default (SmolLM2-135M-Instruct Q4_1).
 
     `n_ctx` is the context (KV cache) size in tokens: by default the model's own, capped at
     8192 and at a quarter of available memory. `progress(done, total)` receives bytes.
@@ -112,16 +113,19 @@ def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int 
 
     from .default_model import default_model_path
     from .families import config_from_gguf
+    from .hf_source import HFSource, is_hf_folder
     from .weights import load_weights
 
     path = Path(source) if source is not None else default_model_path()
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a folder; diptych loads .gguf files")
+    if path.is_dir() and not is_hf_folder(path):
+        raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
+                             "files and Hugging Face safetensors folders")
     if not isinstance(n_batch, int) or n_batch < 1:
         raise InvalidArgumentError(f"n_batch must be a positive integer, got {n_batch!r}")
-    gguf = GGUFFile(path)
+    # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
+    gguf = HFSource(path) if path.is_dir() else GGUFFile(path)
     cfg = config_from_gguf(gguf.metadata, {n: t.shape for n, t in gguf.tensors.items()})
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     be = select(backend)

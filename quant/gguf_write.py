@@ -1,0 +1,118 @@
+"""Write a GGUF file with gguf-py's GGUFWriter, streaming one tensor at a time.
+
+Metadata values are typed as llama.cpp's converter types them: int -> u32 (i32 if negative),
+float -> f32, bool, str, list[str], numpy arrays by dtype (token types i32, scores f32, per-layer
+flags bool). Tensors are written as they are, or converted to one GGML type with
+`gguf.quants.quantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), keeping llama.cpp's
+exceptions: vectors, norms, biases and MoE routers stay F32, and a matrix whose rows do not
+divide into the type's blocks falls back to F16.
+
+Tensors are quantized and written one after another, so memory holds one converted tensor
+at a time, never the whole converted model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType as T
+
+from .tensor import QuantTensor
+
+__all__ = ["WRITE_TYPES", "FILE_TYPES", "write_gguf", "target_type"]
+
+# GGML type -> general.file_type for a file converted to it
+FILE_TYPES = {
+    T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16,
+    T.BF16: LlamaFileType.MOSTLY_BF16, T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+}
+WRITE_TYPES = tuple(FILE_TYPES)
+
+_ARRAY_TYPES = {np.dtype(np.int32): GGUFValueType.INT32, np.dtype(np.uint32): GGUFValueType.UINT32,
+                np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.bool_): GGUFValueType.BOOL,
+                np.dtype(np.int64): GGUFValueType.INT64, np.dtype(np.float64): GGUFValueType.FLOAT64}
+
+
+def _add_value(w: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, (bool, np.bool_)):
+        w.add_bool(key, bool(value))
+    elif isinstance(value, (int, np.integer)):
+        (w.add_int32 if value < 0 else w.add_uint32)(key, int(value))
+    elif isinstance(value, (float, np.floating)):
+        w.add_float32(key, float(value))
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, np.ndarray):
+        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[value.dtype])
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        w.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    else:
+        raise TypeError(f"metadata {key!r}: cannot write a {type(value).__name__}")
+
+
+def target_type(t: QuantTensor, want: T | None) -> T:
+    """The type `t` is written as when the file's type is `want` (None: as it is)."""
+    if want is None:
+        return t.ggml_type
+    name = t.name
+    if (len(t.shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+            or ".ffn_gate_inp." in name):
+        return T.F32
+    if t.shape[-1] % GGML_QUANT_SIZES[want][0]:
+        return T.F16
+    return want
+
+
+def _converted(t: QuantTensor, to: T) -> np.ndarray:
+    """The bytes of `t` in type `to`, one row of blocks per row."""
+    if to == t.ggml_type:
+        return t.data
+    return gguf.quants.quantize(t.dequantize().reshape(-1, t.shape[-1]), to).view(np.uint8)
+
+
+def _nbytes(shape: tuple[int, ...], to: T) -> int:
+    block, size = GGML_QUANT_SIZES[to]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[str, QuantTensor],
+               ggml_type: T | None = None,
+               progress: Callable[[int], None] | None = None) -> Path:
+    """Write `metadata` (which names general.architecture) and `tensors` to `path`.
+
+    `ggml_type`: convert the matrices to this type (see `target_type`); None keeps every
+    tensor's type. `progress(n)` is called with each tensor's source size in bytes.
+    """
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), metadata["general.architecture"])
+    for key, value in metadata.items():
+        if key != "general.architecture":
+            _add_value(w, key, value)
+    if ggml_type is not None:
+        w.add_uint32("general.file_type", FILE_TYPES[ggml_type].value)
+    if "general.quantization_version" not in metadata:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    plan = [(t, target_type(t, ggml_type)) for t in tensors.values()]
+    for t, to in plan:
+        # an uint8 "tensor" makes GGUFWriter read the shape as bytes of type `to`
+        row_bytes = _nbytes((t.shape[-1],), to)
+        w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8),
+                          _nbytes(t.shape, to), raw_dtype=to)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t, to in plan:
+            w.write_tensor_data(_converted(t, to))
+            if progress:
+                progress(t.nbytes)
+    finally:
+        w.close()
+    return path
