@@ -188,6 +188,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .convert import convert
+
+    with Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("convert", total=None)
+        out = convert(args.folder, args.out, args.type,
+                      lambda done, total: bar.update(task, completed=done, total=total))
+    print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-tokens", type=int, default=256)
     sp.add_argument("--gen-tokens", type=int, default=128)
     sp.set_defaults(func=cmd_bench)
+
+    from .convert import CONVERT_TYPES
+
+    sp = sub.add_parser("convert", help="write a Hugging Face safetensors folder as GGUF")
+    sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer")
+    sp.add_argument("out", help="the .gguf file to write")
+    sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
+                    help="type of the weight matrices (default: F16); vectors stay F32")
+    sp.set_defaults(func=cmd_convert)
     return p
 
 
