@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections import Counter, defaultdict
 
-from .errors import DiptychError
+from .errors import DiptychError, ModelFileError
 
 
 def _load(args):
@@ -66,40 +66,25 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """A line-based chat: the reply streams; Ctrl+C stops a reply, Ctrl+D or /exit quits."""
-    model = _load(args)
-    print(f"{model.config.name} on {model.backend.describe()}, context {model.n_ctx} tokens. "
-          "Ctrl+C stops a reply; /reset clears the chat; Ctrl+D or /exit quits.", file=sys.stderr)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            messages = list(system)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for piece in model.chat_stream(messages, max_tokens=args.max_tokens, **_sampling(args)):
-                reply.append(piece.text)
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        except KeyboardInterrupt:
-            print("\n[stopped]", file=sys.stderr)
-        except DiptychError as exc:
-            print(f"\nerror: {exc}", file=sys.stderr)
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    """The Textual chat app; the model and options are its starting settings."""
+    from pathlib import Path
+
+    from diptych.backends import resolve
+    from diptych.tui import run_app
+    from diptych.tui.chat_settings import ChatSettings
+
+    from .default_model import default_model_path
+
+    settings = ChatSettings(system=args.system or "", max_tokens=args.max_tokens,
+                            **_sampling(args))
+    settings.validate()
+    resolve(args.backend)
+    if args.model is not None and not Path(args.model).is_file():
+        raise ModelFileError(f"{args.model}: no such file")
+    # fetch the default model (with its progress on stderr) before the screen is taken over
+    source = args.model if args.model is not None else default_model_path()
+    run_app(source, backend=args.backend, n_ctx=args.n_ctx, settings=settings)
+    return 0
 
 
 def tensor_kind(name: str) -> str:
@@ -222,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--system", default=None, help="a system prompt")
 
-    sp = sub.add_parser("chat", help="chat in the terminal")
+    sp = sub.add_parser("chat", help="chat in the terminal (full-screen app)")
     model_opts(sp)
     sampling_opts(sp)
     sp.set_defaults(func=cmd_chat)

@@ -34,18 +34,12 @@ def test_run_streams_an_answer():
     assert "Paris" in out.stdout and "tok/s" in out.stderr
 
 
-def test_chat_repl_answers_and_quits_on_eof():
-    out = diptych("chat", "--max-tokens", "16", "--temperature", "0",
-                  stdin="What is the capital of France?\n/exit\n")
-    assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
-
-
 def test_bad_input_is_one_line_error_not_a_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
     for args in (["info", str(bad)], ["run", str(tmp_path / "none.gguf"), "hi"],
-                 ["run", "--temperature", "-1", "hi"]):
+                 ["run", "--temperature", "-1", "hi"], ["chat", str(tmp_path / "none.gguf")],
+                 ["chat", "--top-p", "0"], ["chat", "--backend", "nope"]):
         out = diptych(*args)
         assert out.returncode == 1, (args, out.stderr)
         assert out.stderr.startswith("diptych: error:") and "Traceback" not in out.stderr

@@ -1,0 +1,124 @@
+"""The Textual app: owns the database and the loaded model; the chat screen does the rest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+
+from diptych.backends import resolve
+
+from .chat_settings import ChatSettings
+from .paths import database_path
+from .screens.chat import ChatScreen
+from .store import Store
+
+QUIT_WINDOW_S = 1.5  # a second Ctrl+C within this many seconds quits
+THEMES = ("textual-dark", "textual-light")
+
+
+class DiptychApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "diptych"
+    BINDINGS = [Binding("ctrl+c", "quit_twice", "Quit", show=False, priority=False)]
+
+    def __init__(self, source: str | Path | None = None, *, model=None, backend: str = "auto",
+                 n_ctx: int | None = None, settings: ChatSettings | None = None,
+                 store_path: Path | None = None, autoload: bool = True):
+        """`source`: a .gguf path, or None for the embedded default. `model`: an already
+        loaded Model to use instead (loading is then skipped). `autoload=False` starts
+        with no model."""
+        super().__init__()
+        self.model = model
+        self.model_source = source if model is None else model.path
+        self.backend_name = model.backend.name if model is not None else resolve(backend)
+        self.n_ctx = n_ctx
+        self.default_settings = settings or ChatSettings()
+        self.store = Store(store_path or database_path())
+        self.autoload = autoload and model is None
+        self.chat = ChatScreen()
+        self._last_ctrl_c = 0.0
+
+    def get_default_screen(self) -> ChatScreen:
+        return self.chat
+
+    def on_mount(self) -> None:
+        self.theme = self.store.preference("theme", THEMES[0])
+
+    def chat_screen_ready(self) -> None:
+        """Called once the chat screen is mounted: start loading the model."""
+        if self.autoload:
+            self.load_model(self.model_source, self.backend_name)
+
+    def on_unmount(self) -> None:
+        self.store.close()
+
+    # -- model loading -------------------------------------------------------------------------
+    def load_model(self, source: str | Path | None, backend: str) -> None:
+        name = Path(source).name if source is not None else "the default model"
+        self.chat.status.loading(name)
+        self._load(source, backend, name)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self, source, backend: str, name: str) -> None:
+        from diptych import load
+
+        def progress(done: int, total: int) -> None:
+            self.call_from_thread(self.chat.status.loading, name, done, total)
+
+        try:
+            model = load(source, backend=backend, n_ctx=self.n_ctx, progress=progress)
+        except Exception as exc:  # a DiptychError, or a file that breaks the reader
+            self.call_from_thread(self._load_failed, name, exc)
+            return
+        self.call_from_thread(self._loaded, source, backend, model)
+
+    def _loaded(self, source, backend: str, model) -> None:
+        self.model, self.model_source, self.backend_name = model, source, backend
+        self.chat.refresh_status()
+        self.notify(f"Loaded {model.config.name} ({model.path.name})")
+
+    def _load_failed(self, name: str, exc: Exception) -> None:
+        self.chat.refresh_status()
+        self.notify(f"{type(exc).__name__}: {exc}", title=f"Could not load {name}",
+                    severity="error", timeout=15)
+
+    # -- app-wide actions ----------------------------------------------------------------------
+    def action_quit_twice(self) -> None:
+        now = time.monotonic()
+        if now - self._last_ctrl_c < QUIT_WINDOW_S:
+            self.exit()
+            return
+        self._last_ctrl_c = now
+        self.notify("Press Ctrl+C again to quit", timeout=QUIT_WINDOW_S)
+
+    def action_toggle_theme(self) -> None:
+        self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
+
+    def watch_theme(self, theme: str) -> None:
+        self.store.set_preference("theme", theme)
+
+    def get_system_commands(self, screen):
+        chat = self.chat
+        yield SystemCommand("New chat", "Start a new conversation", chat.action_new_chat)
+        yield SystemCommand("Load model", "Pick a GGUF model or type a path", chat.action_pick_model)
+        yield SystemCommand("Chat settings", "System prompt, sampling, backend", chat.action_settings)
+        yield SystemCommand("Regenerate reply", "Generate the last reply again",
+                            chat.action_regenerate)
+        yield SystemCommand("Edit last message", "Edit and resend your last message",
+                            chat.action_edit_last)
+        yield SystemCommand("Stop generation", "Keep what was generated so far", chat.action_stop)
+        yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard",
+                            chat.action_copy_reply)
+        yield SystemCommand("Copy code block", "Copy the last code block", chat.action_copy_code)
+        yield SystemCommand("Rename chat", "Give this chat a new title", chat.action_rename_chat)
+        yield SystemCommand("Delete chat", "Delete this chat and its messages",
+                            chat.action_delete_chat)
+        yield SystemCommand("Export chat", "Save this chat as a Markdown file",
+                            chat.action_export_chat)
+        yield SystemCommand("Toggle light/dark theme", "Switch between light and dark",
+                            self.action_toggle_theme)
+        yield from super().get_system_commands(screen)

@@ -1,0 +1,48 @@
+"""Per-chat settings: the system prompt and the sampling parameters of every reply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from diptych.errors import SamplingError
+from diptych.sampling import SamplingParams
+
+
+@dataclass
+class ChatSettings:
+    system: str = ""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChatSettings:
+        """Known keys only, so settings saved by another version still load."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def validate(self) -> None:
+        """Raise SamplingError (a DiptychError) for an out-of-range value."""
+        kw = self.generation_kwargs()
+        max_tokens = kw.pop("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        SamplingParams(**kw)
+
+    def generation_kwargs(self) -> dict:
+        """Keyword arguments for `Model.chat_stream`."""
+        kw = asdict(self)
+        del kw["system"]
+        return kw
+
+    def messages(self, history: list[dict]) -> list[dict]:
+        """The message list a reply is generated from: the system prompt, then the chat."""
+        system = [{"role": "system", "content": self.system}] if self.system.strip() else []
+        return system + [{"role": m["role"], "content": m["content"]} for m in history]

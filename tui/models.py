@@ -1,0 +1,86 @@
+"""Finding GGUF files to offer in the model picker.
+
+Sources: the embedded default model, the folders listed in the settings file, and the
+Hugging Face cache (`huggingface_hub.scan_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diptych.default_model import FILENAME as DEFAULT_FILENAME
+
+from .paths import settings_path
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    label: str
+    path: Path | None  # None: the embedded default, fetched on first use
+    source: str        # "default" | "folder" | "hf cache"
+
+
+def configured_folders() -> list[Path]:
+    path = settings_path()
+    if not path.exists():
+        return []
+    try:
+        folders = json.loads(path.read_text()).get("model_folders", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [Path(f).expanduser() for f in folders if isinstance(f, str)]
+
+
+def add_configured_folder(folder: Path) -> None:
+    path = settings_path()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        data = {}
+    folders = data.setdefault("model_folders", [])
+    if str(folder) not in folders:
+        folders.append(str(folder))
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def in_folders(folders: list[Path]) -> list[ModelChoice]:
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            for f in sorted(folder.rglob("*.gguf")):
+                found.append(ModelChoice(f"{f.name}  ({f.parent})", f, "folder"))
+    return found
+
+
+def in_hf_cache() -> list[ModelChoice]:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except (CacheNotFound, OSError):
+        return []
+    found = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            for f in sorted(rev.files, key=lambda f: f.file_name):
+                if f.file_name.endswith(".gguf"):
+                    found.append(ModelChoice(f"{repo.repo_id}/{f.file_name}", f.file_path,
+                                             "hf cache"))
+    return found
+
+
+def discover() -> list[ModelChoice]:
+    """Every model the picker offers, the default first, each file once."""
+    choices = [ModelChoice(f"{DEFAULT_FILENAME}  (embedded default)", None, "default")]
+    seen = set()
+    for choice in in_folders(configured_folders()) + in_hf_cache():
+        key = choice.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            choices.append(choice)
+    return choices

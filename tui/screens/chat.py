@@ -1,0 +1,345 @@
+"""The main screen: saved chats on the left, the transcript and the prompt on the right.
+
+Replies are generated in a thread worker, one token at a time; each piece is handed to the
+UI loop with `call_from_thread` (which also paces the worker to what the UI can draw), and
+the worker checks for cancellation between tokens, so Escape stops a reply at once and
+keeps what was generated. The model itself rewinds its KV cache to the longest common
+token-id prefix of each new prompt, so regenerate and edit-and-resend only have to pass
+the right messages.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, OptionList
+from textual.worker import Worker, get_current_worker
+
+from diptych.backends import available
+
+from ..chat_settings import ChatSettings
+from ..export import chat_to_markdown, code_blocks, export_filename
+from ..store import Chat
+from ..widgets.message import MessageView
+from ..widgets.prompt import PromptArea
+from ..widgets.sidebar import ChatList
+from ..widgets.status import StatusBar
+from ..widgets.transcript import PAGE, Transcript
+from .dialogs import Confirm, TextPrompt
+from .model_picker import ModelPicker
+from .settings import SettingsResult, SettingsScreen
+
+SAVE_EVERY_S = 0.5  # how often a streaming reply is written to the database
+TITLE_LENGTH = 40
+
+
+class ChatScreen(Screen):
+    AUTO_FOCUS = "PromptArea"
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+o", "pick_model", "Model"),
+        Binding("ctrl+s", "settings", "Settings"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("ctrl+y", "copy_reply", "Copy reply"),
+        Binding("ctrl+b", "copy_code", "Copy code"),
+        Binding("f2", "rename_chat", "Rename", show=False),
+        Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.chat: Chat | None = None
+        self.settings = ChatSettings()
+        self.worker: Worker | None = None
+        self.last_timings = None
+
+    def compose(self):
+        yield Header(show_clock=False, icon="◧")
+        with Horizontal(id="main"):
+            with Vertical(id="sidebar"):
+                yield Button("+ New chat", id="new-chat")
+                yield ChatList(id="chats")
+            with Vertical(id="chat-pane"):
+                yield Transcript(id="transcript")
+                with Horizontal(id="input-row"):
+                    yield PromptArea(id="prompt", placeholder="Message (Enter sends, Ctrl+J newline)")
+                    yield Button("Stop", id="stop", variant="error")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.settings = self.app.default_settings
+        self.query_one("#stop").display = False
+        self.refresh_chat_list()
+        self.refresh_status()
+        self.app.chat_screen_ready()
+
+    # -- accessors -----------------------------------------------------------------------------
+    @property
+    def store(self):
+        return self.app.store
+
+    @property
+    def transcript(self) -> Transcript:
+        return self.query_one(Transcript)
+
+    @property
+    def prompt(self) -> PromptArea:
+        return self.query_one(PromptArea)
+
+    @property
+    def status(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    @property
+    def generating(self) -> bool:
+        return self.worker is not None and self.worker.is_running
+
+    def refresh_chat_list(self) -> None:
+        self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None)
+        self.sub_title = self.chat.title if self.chat else "new chat"
+
+    def refresh_status(self, note: str = "") -> None:
+        self.status.show(self.app.model, self.last_timings, note)
+
+    # -- chats ---------------------------------------------------------------------------------
+    async def open_chat(self, chat_id: int | None) -> None:
+        self.stop()
+        self.chat = self.store.chat(chat_id) if chat_id is not None else None
+        self.settings = self.chat.settings if self.chat else self.app.default_settings
+        messages = self.store.messages(chat_id, limit=PAGE) if self.chat else []
+        older = self.store.count_messages(chat_id, messages[0].id) if messages else 0
+        await self.transcript.show(messages, older)
+        self.refresh_chat_list()
+        self.prompt.focus()
+
+    @on(OptionList.OptionSelected, "#chats")
+    async def chat_selected(self, event: OptionList.OptionSelected) -> None:
+        await self.open_chat(int(event.option.id))
+
+    @on(Button.Pressed, "#new-chat")
+    async def action_new_chat(self) -> None:
+        await self.open_chat(None)
+
+    @on(Button.Pressed, "#load-older")
+    async def load_older(self) -> None:
+        first = self.transcript.first_id()
+        messages = self.store.messages(self.chat.id, before_id=first, limit=PAGE)
+        older = self.store.count_messages(self.chat.id, messages[0].id) if messages else 0
+        await self.transcript.prepend(messages, older)
+
+    def action_rename_chat(self) -> None:
+        if self.chat is None:
+            return
+
+        def renamed(title: str | None) -> None:
+            if title:
+                self.store.rename_chat(self.chat.id, title)
+                self.chat.title = title
+                self.refresh_chat_list()
+
+        self.app.push_screen(TextPrompt("Rename chat", self.chat.title), renamed)
+
+    def action_delete_chat(self) -> None:
+        if self.chat is None:
+            return
+        chat = self.chat
+
+        async def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.store.delete_chat(chat.id)
+                await self.open_chat(None)
+                self.notify(f"Deleted “{chat.title}”")
+
+        self.app.push_screen(Confirm(f"Delete “{chat.title}” and its messages?"), confirmed)
+
+    def action_export_chat(self) -> None:
+        if self.chat is None:
+            return
+        chat = self.chat
+
+        def chosen(path: str | None) -> None:
+            if not path:
+                return
+            target = Path(path).expanduser()
+            try:
+                target.write_text(chat_to_markdown(chat, self.store.messages(chat.id)))
+            except OSError as exc:
+                self.notify(str(exc), title="Export failed", severity="error")
+                return
+            self.notify(f"Exported to {target}")
+
+        self.app.push_screen(
+            TextPrompt("Export chat to Markdown file", str(Path.cwd() / export_filename(chat))),
+            chosen)
+
+    # -- settings and models -------------------------------------------------------------------
+    def action_settings(self) -> None:
+        def saved(result: SettingsResult | None) -> None:
+            if result is None:
+                return
+            self.settings = result.settings
+            if self.chat:
+                self.store.set_chat_settings(self.chat.id, result.settings)
+            else:
+                self.app.default_settings = result.settings
+            if result.backend != self.app.backend_name and self.app.model_source is not None:
+                self.stop()
+                self.app.load_model(self.app.model_source, result.backend)
+
+        self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available()),
+                             saved)
+
+    def action_pick_model(self) -> None:
+        def picked(source) -> None:
+            if source is not None:
+                self.stop()
+                self.app.load_model(None if source == "default" else source,
+                                    self.app.backend_name)
+
+        self.app.push_screen(ModelPicker(), picked)
+
+    # -- sending and generating ----------------------------------------------------------------
+    def ready(self) -> bool:
+        if self.app.model is None:
+            self.notify("No model is loaded: press Ctrl+O to pick one", severity="warning")
+            return False
+        if self.generating:
+            self.notify("A reply is being generated: Escape stops it", severity="warning")
+            return False
+        return True
+
+    @on(PromptArea.Submitted)
+    async def send(self, event: PromptArea.Submitted) -> None:
+        if not self.ready():
+            return
+        text = event.text.strip()
+        if self.chat is None:
+            title = text.splitlines()[0][:TITLE_LENGTH]
+            self.chat = self.store.new_chat(title, self.settings, self.app.model.path.name)
+            self.refresh_chat_list()
+        self.prompt.clear()
+        message = self.store.add_message(self.chat.id, "user", text)
+        await self.transcript.add("user", text, message.id)
+        await self.reply()
+
+    async def reply(self) -> None:
+        """Generate the assistant's reply to the chat as stored."""
+        model = self.app.model
+        if self.chat.model != model.path.name:
+            self.store.set_chat_model(self.chat.id, model.path.name)
+            self.chat.model = model.path.name
+        history = [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat.id)]
+        row = self.store.add_message(self.chat.id, "assistant", "")
+        view = await self.transcript.add("assistant", "", row.id)
+        view.begin_stream()
+        self.query_one("#stop").display = True
+        self.worker = self.generate(model, self.settings.messages(history),
+                                    self.settings.generation_kwargs(), view)
+
+    @work(thread=True, exclusive=True, group="llm")
+    def generate(self, model, messages: list[dict], kwargs: dict, view: MessageView) -> None:
+        worker = get_current_worker()
+        timings, error, stopped = None, None, False
+        pieces = None
+        try:
+            pieces = model.chat_stream(messages, **kwargs)
+            for piece in pieces:
+                if worker.is_cancelled:
+                    stopped = True
+                    break
+                timings = piece.timings
+                self.app.call_from_thread(self.on_piece, view, piece.text)
+        except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
+            error = exc
+        finally:
+            if pieces is not None:
+                pieces.close()
+        try:
+            self.app.call_from_thread(self.finish_reply, view, timings, error, stopped)
+        except RuntimeError:  # the app has exited
+            pass
+
+    async def on_piece(self, view: MessageView, text: str) -> None:
+        await view.write(text)
+        now = time.monotonic()
+        if now - view.saved_at > SAVE_EVERY_S:
+            view.saved_at = now
+            self.store.update_message(view.message_id, view.content)
+            self.refresh_status("generating…")
+
+    async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
+        self.query_one("#stop").display = False
+        self.store.update_message(view.message_id, view.content)
+        self.last_timings = timings or self.last_timings
+        if error is not None and not view.content:
+            self.store.delete_messages([view.message_id])
+            await view.remove()
+        elif view.is_attached:
+            await view.end_stream("stopped" if stopped else None)
+        if error is not None:
+            self.notify(f"{type(error).__name__}: {error}", title="Generation failed",
+                        severity="error", timeout=10)
+        self.refresh_status("stopped" if stopped else "")
+        self.refresh_chat_list()
+
+    @on(Button.Pressed, "#stop")
+    def action_stop(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.generating:
+            self.worker.cancel()
+
+    async def action_regenerate(self) -> None:
+        if self.chat is None or not self.ready():
+            return
+        messages = self.store.messages(self.chat.id, limit=1)
+        if not messages:
+            return
+        if messages[-1].role == "assistant":
+            await self._forget([messages[-1].id])
+        await self.reply()
+
+    async def action_edit_last(self) -> None:
+        """Take the last user message back into the prompt, dropping it and its reply."""
+        if self.chat is None or not self.ready():
+            return
+        messages = self.store.messages(self.chat.id, limit=2)
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if not users:
+            return
+        tail = messages[users[-1]:]
+        await self._forget([m.id for m in tail])
+        self.prompt.text = tail[0].content
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.prompt.focus()
+
+    async def _forget(self, message_ids: list[int]) -> None:
+        self.store.delete_messages(message_ids)
+        for view in self.transcript.messages:
+            if view.message_id in message_ids:
+                await view.remove()
+
+    def _last_reply(self) -> MessageView | None:
+        replies = [v for v in self.transcript.messages if v.role == "assistant"]
+        return replies[-1] if replies else None
+
+    def action_copy_reply(self) -> None:
+        if view := self._last_reply():
+            view.action_copy()
+
+    def action_copy_code(self) -> None:
+        views = [v for v in self.transcript.messages if code_blocks(v.content)]
+        if views:
+            views[-1].action_copy_code()
+        else:
+            self.notify("No code block in this chat", severity="warning")

@@ -1,0 +1,70 @@
+"""One chat message: who said it, and its text rendered as Markdown."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Label, Markdown
+from textual.widgets.markdown import MarkdownStream
+
+from ..export import code_blocks
+
+
+class MessageView(Vertical, can_focus=True):
+    """Focus a message (click it, or Tab to it) to copy it or its code blocks."""
+
+    BINDINGS = [
+        Binding("c", "copy", "Copy message"),
+        Binding("b", "copy_code", "Copy code block"),
+    ]
+
+    def __init__(self, role: str, content: str, message_id: int | None = None):
+        super().__init__(classes=role)
+        self.role = role
+        self.content = content
+        self.message_id = message_id
+        self._stream: MarkdownStream | None = None
+        self._next_block = 0
+        self.saved_at = 0.0  # monotonic time a streaming reply was last written to the store
+
+    def compose(self):
+        yield Label("You" if self.role == "user" else "Assistant", classes="role")
+        yield Markdown(self.content)
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def begin_stream(self) -> None:
+        self.add_class("streaming")
+        self._stream = Markdown.get_stream(self.body)
+
+    async def write(self, text: str) -> None:
+        self.content += text
+        if self._stream is not None:
+            await self._stream.write(text)
+
+    async def end_stream(self, note: str | None = None) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.remove_class("streaming")
+        # one full update at the end: a stream can leave code fences unrendered
+        await self.body.update(self.content)
+        if note:
+            await self.mount(Label(note, classes="note"))
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.content)
+        self.notify("Message copied")
+
+    def action_copy_code(self) -> None:
+        """Copies the code blocks one after another on repeated presses."""
+        blocks = code_blocks(self.content)
+        if not blocks:
+            self.notify("This message has no code block", severity="warning")
+            return
+        i = self._next_block % len(blocks)
+        self._next_block = i + 1
+        self.app.copy_to_clipboard(blocks[i])
+        self.notify(f"Code block {i + 1} of {len(blocks)} copied")
