@@ -1,0 +1,90 @@
+"""Row-wise kernels: RMSNorm (optionally fused with the residual add) and NeoX RoPE.
+
+Both keep fp32 inside and read positions from a device array, so they run unchanged in a
+captured decode step. RoPE takes precomputed cos/sin tables (fp32, built in float64), so any
+frequency scheme the backend builds a table for needs no kernel change.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def _rms_norm(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, D, eps, sx, sr, sy, ss,
+              RESIDUAL: tl.constexpr, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BD)
+    mask = d < D
+    h = tl.load(x_ptr + row * sx + d, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        h += tl.load(res_ptr + row * sr + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(sum_ptr + row * ss + d, h.to(sum_ptr.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * sy + d, (h * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim. With `residual`: returns (x + residual, norm(x + residual)),
+    the sum rounded to x's dtype once, as an unfused add would."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    n, dim = x2.shape
+    y = torch.empty_like(x2)
+    r2 = residual.reshape(-1, dim) if residual is not None else x2
+    s = torch.empty_like(x2) if residual is not None else y
+    _rms_norm[(n,)](x2, r2, w, y, s, dim, eps, x2.stride(0), r2.stride(0), y.stride(0),
+                    s.stride(0), RESIDUAL=residual is not None, BD=_pow2(dim),
+                    num_warps=4 if dim <= 2048 else 8)
+    if residual is None:
+        return y.reshape(shape)
+    return s.reshape(shape), y.reshape(shape)
+
+
+@triton.jit
+def _rope(x_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, T, H, DH, HALF, sx_b, sx_t, sx_h,
+          sy_b, sy_t, sy_h, BH: tl.constexpr, BDH: tl.constexpr):
+    """One (sequence, token): every head's first 2*HALF channels rotated, the rest copied."""
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    h = tl.arange(0, BH)
+    c = tl.arange(0, BDH)
+    mask = (h < H)[:, None] & (c < DH)[None, :]
+    rot = c < 2 * HALF
+    first = c < HALF
+    partner = tl.where(first, c + HALF, c - HALF)
+    f = tl.where(first, c, c - HALF)
+    pos = tl.load(pos_ptr + pid).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * HALF + f, mask=rot, other=1.0)
+    sin = tl.load(sin_ptr + pos * HALF + f, mask=rot, other=0.0)
+    sin = tl.where(first, -sin, sin)
+    base = x_ptr + b * sx_b + t * sx_t + h[:, None] * sx_h
+    x = tl.load(base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=mask & rot[None, :], other=0.0).to(tl.float32)
+    y = x * cos[None, :] + xp * sin[None, :]
+    tl.store(y_ptr + b * sy_b + t * sy_t + h[:, None] * sy_h + c[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, Dh), positions (B, T), cos/sin (n_positions, rot_dim / 2) fp32 tables."""
+    batch, n_tok, n_heads, dh = x.shape
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    y = torch.empty((batch, n_tok, n_heads, dh), dtype=x.dtype, device=x.device)
+    pos = positions.reshape(-1).contiguous()
+    _rope[(batch * n_tok,)](x, y, pos, cos, sin, n_tok, n_heads, dh, cos.shape[1],
+                            x.stride(0), x.stride(1), x.stride(2),
+                            y.stride(0), y.stride(1), y.stride(2),
+                            BH=_pow2(n_heads), BDH=_pow2(dh))
+    return y
