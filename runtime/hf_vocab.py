@@ -29,16 +29,18 @@ __all__ = ["vocab_metadata"]
 
 
 def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> dict[str, Any]:
-    """`tokenizer.ggml.*` metadata for the tokenizer files in `folder`."""
-    spm = folder / "tokenizer.model"
-    if sentencepiece_first and spm.is_file():
+    """`tokenizer.ggml.*` metadata for the tokenizer files in `folder`. With both files,
+    `sentencepiece_first` picks tokenizer.model (llama.cpp's choice differs per family)."""
+    spm, bpe = folder / "tokenizer.model", folder / "tokenizer.json"
+    if spm.is_file() and (sentencepiece_first or not bpe.is_file()):
         md = _sentencepiece(folder, spm, vocab_size)
-        n_vocab, merges = len(md["tokenizer.ggml.tokens"]), False
-    elif (folder / "tokenizer.json").is_file():
+        merges = False
+    elif bpe.is_file():
         md = _byte_level_bpe(folder, vocab_size)
-        n_vocab, merges = len(md["tokenizer.ggml.tokens"]), True
+        merges = True
     else:
         raise ModelFileError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
+    n_vocab = len(md["tokenizer.ggml.tokens"])
     special = SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     if merges:
         md["tokenizer.ggml.merges"] = list(special.merges)

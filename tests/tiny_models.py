@@ -55,7 +55,7 @@ _SPECS = {
         routed_scaling_factor=1.0, norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         _MLA, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-        norm_topk_prob=True)),
+        norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc")),
 }
 
 
@@ -96,6 +96,7 @@ def tiny_tokenizer(folder: Path, kind: str = "spm", vocab_size: int = 128) -> No
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
             model_type="bpe", character_coverage=1.0, byte_fallback=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama's
             user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2,
             num_threads=1, hard_vocab_limit=False)
         (folder / "tokenizer.model").write_bytes(buf.getvalue())
