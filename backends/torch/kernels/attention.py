@@ -173,7 +173,7 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, n_split, T, D, so_b, so_t, so_h,
 @triton.jit
 def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T, S, D,
               sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_h, sc_s, svc_b, svc_h, svc_s,
-              HKV: tl.constexpr, RING: tl.constexpr, BD: tl.constexpr):
+              HKV: tl.constexpr, RING: tl.constexpr, HAS_V: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)  # (b, t, kv head)
     hk = pid % HKV
     t = (pid // HKV) % T
@@ -183,24 +183,28 @@ def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T, S, D,
     d = tl.arange(0, BD)
     mask = (d < D) & (slot >= 0) & (slot < S)
     k = tl.load(k_ptr + b * sk_b + t * sk_t + hk * sk_h + d, mask=mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + t * sv_t + hk * sv_h + d, mask=mask, other=0.0)
     tl.store(kc_ptr + b * sc_b + hk * sc_h + slot * sc_s + d, k.to(kc_ptr.dtype.element_ty),
              mask=mask)
-    tl.store(vc_ptr + b * svc_b + hk * svc_h + slot * svc_s + d, v.to(vc_ptr.dtype.element_ty),
-             mask=mask)
+    if HAS_V:
+        v = tl.load(v_ptr + b * sv_b + t * sv_t + hk * sv_h + d, mask=mask, other=0.0)
+        tl.store(vc_ptr + b * svc_b + hk * svc_h + slot * svc_s + d,
+                 v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             positions: torch.Tensor, ring: bool = False) -> None:
-    """k, v (B, T, Hkv, D) into caches (B, Hkv, S, D) at slot = position (% S with a ring)."""
+def write_kv(k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor,
+             v_cache: torch.Tensor | None, positions: torch.Tensor, ring: bool = False) -> None:
+    """k, v (B, T, Hkv, D) into caches (B, Hkv, S, D) at slot = position (% S with a ring).
+    v None: keys only (MLA, whose values are part of the keys)."""
     batch, n, hkv, dim = k.shape
     positions = positions.contiguous()
+    has_v = v is not None
+    v, v_cache = (v, v_cache) if has_v else (k, k_cache)
     _write_kv[(batch * n * hkv,)](
         k, v, k_cache, v_cache, positions, n, k_cache.shape[2], dim,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HKV=hkv, RING=ring, BD=_pow2(dim))
+        HKV=hkv, RING=ring, HAS_V=has_v, BD=_pow2(dim))
 
 
 def _scratch(groups: int, splits: int, rows: int, width: int, device):

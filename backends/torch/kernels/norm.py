@@ -1,8 +1,7 @@
 """Row-wise kernels: RMSNorm (optionally fused with the residual add) and NeoX RoPE.
 
 Both keep fp32 inside and read positions from a device array, so they run unchanged in a
-captured decode step. RoPE takes precomputed cos/sin tables (fp32, built in float64), so any
-frequency scheme the backend builds a table for needs no kernel change.
+captured decode step.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rope(x_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, T, H, DH, HALF, sx_b, sx_t, sx_h,
-          sy_b, sy_t, sy_h, BH: tl.constexpr, BDH: tl.constexpr):
+def _rope(x_ptr, y_ptr, pos_ptr, inv_freq_ptr, T, H, DH, HALF, mscale,
+          sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, BH: tl.constexpr, BDH: tl.constexpr):
     """One (sequence, token): every head's first 2*HALF channels rotated, the rest copied."""
     pid = tl.program_id(0)
     b = pid // T
@@ -63,9 +62,10 @@ def _rope(x_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, T, H, DH, HALF, sx_b, sx_t, s
     first = c < HALF
     partner = tl.where(first, c + HALF, c - HALF)
     f = tl.where(first, c, c - HALF)
-    pos = tl.load(pos_ptr + pid).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * HALF + f, mask=rot, other=1.0)
-    sin = tl.load(sin_ptr + pos * HALF + f, mask=rot, other=0.0)
+    pos = tl.load(pos_ptr + pid).to(tl.float32)
+    angle = pos * tl.load(inv_freq_ptr + f, mask=rot, other=0.0)  # fp32, as transformers does
+    cos = tl.where(rot, tl.cos(angle) * mscale, 1.0)
+    sin = tl.where(rot, tl.sin(angle) * mscale, 0.0)
     sin = tl.where(first, -sin, sin)
     base = x_ptr + b * sx_b + t * sx_t + h[:, None] * sx_h
     x = tl.load(base + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -75,15 +75,17 @@ def _rope(x_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, T, H, DH, HALF, sx_b, sx_t, s
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, Dh), positions (B, T), cos/sin (n_positions, rot_dim / 2) fp32 tables."""
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+         mscale: float = 1.0) -> torch.Tensor:
+    """x (B, T, H, Dh), positions (B, T); inv_freq (rot_dim / 2,) fp32 frequencies (any
+    scaling scheme folds into them), mscale multiplies cos and sin (YaRN's attention factor).
+    Angles are pos * inv_freq in fp32, cos/sin in-kernel: no table to size or index."""
     batch, n_tok, n_heads, dh = x.shape
     if x.stride(3) != 1:
         x = x.contiguous()
     y = torch.empty((batch, n_tok, n_heads, dh), dtype=x.dtype, device=x.device)
     pos = positions.reshape(-1).contiguous()
-    _rope[(batch * n_tok,)](x, y, pos, cos, sin, n_tok, n_heads, dh, cos.shape[1],
+    _rope[(batch * n_tok,)](x, y, pos, inv_freq, n_tok, n_heads, dh, inv_freq.shape[0], mscale,
                             x.stride(0), x.stride(1), x.stride(2),
                             y.stride(0), y.stride(1), y.stride(2),
                             BH=_pow2(n_heads), BDH=_pow2(dh))

@@ -1,0 +1,96 @@
+"""CudaBackend wired end to end: tiny quantized models through the graph, every Triton kernel
+on the way (under the interpreter on the CPU), against TorchBackend on the same file."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from diptych.backends.torch import TorchBackend
+from diptych.backends.torch.cuda import CudaBackend, DenseWeight
+from diptych.backends.torch.kernels import attention as attn
+from diptych.backends.torch.kernels.weight import QuantWeight
+from diptych.engine import Engine
+from diptych.families import config_from_gguf
+from diptych.quant.gguf_file import GGUFFile
+from diptych.weights import load_weights
+
+from ...tiny_models import tiny_hf_model, write_gguf
+from .blocks import make_weight
+from .conftest import DEVICE
+
+
+def _engines(path, n_ctx, n_batch):
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    out = []
+    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
+        out.append(Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch))
+    return out
+
+
+def _run(eng, chunks):
+    """Logits of every position: `chunks` fed one eval call each."""
+    rows = [eng.eval(c, all_logits=True) for c in chunks]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("family,qtype,n_batch,chunks", [
+    # a 12-token prefill (SDPA chunk path), single-token decode, a 4-token verification step
+    ("llama", "Q8_0", 16, [12, 1, 1, 4]),
+    ("qwen2", "Q4_0", 16, [12, 1, 4]),  # qkv biases
+    # window 8 over a 13-slot ring that wraps; every step on the decode kernels
+    ("mistral", "Q5_0", 6, [6, 6, 6, 1, 1]),
+    ("deepseek_v2", "Q8_0", 16, [10, 1, 3]),  # MLA in latent space (and MoE)
+])
+def test_logits_match_cpu_backend(tmp_path, monkeypatch, family, qtype, n_batch, chunks):
+    path = write_gguf(tiny_hf_model(family, seed=1), family, tmp_path / "m.gguf", qtype)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, sum(chunks))]
+    split = np.split(ids, np.cumsum(chunks)[:-1])
+    ref_eng, eng = _engines(path, 32, n_batch)
+    assert any(isinstance(w, QuantWeight) for _, w in eng.weights.linears())
+    used = []  # which decode attention kernels ran, and over which key layout
+    for name in ("decode_attention", "mla_decode_attention"):
+        fn = getattr(attn, name)
+        monkeypatch.setattr(attn, name, lambda *a, _f=fn, _n=name, **k: (
+            used.append((_n, k.get("keys"))), _f(*a, **k))[1])
+    ref = _run(ref_eng, [list(c) for c in split])
+    got = _run(eng, [list(c) for c in split])
+    assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()
+    want = {"mistral": ("decode_attention", attn.KEYS_RING),
+            "deepseek_v2": ("mla_decode_attention", None)}.get(family,
+                                                               ("decode_attention", attn.KEYS_FULL))
+    assert want in used
+
+
+def test_weights_without_kernel_are_dequantized_with_a_warning(caplog):
+    be = CudaBackend(DEVICE, dtype=torch.float32)
+    qt = make_weight(T.Q3_K, 4, 256)
+    with caplog.at_level(logging.WARNING):
+        w = be.prepare(qt)
+    assert isinstance(w, DenseWeight) and "Q3_K" in caplog.text and qt.name in caplog.text
+    assert "dequantized at load" in be.weight_layout(w)
+    x = torch.randn(2, 1, 256, device=DEVICE)
+    want = x.double().cpu() @ torch.from_numpy(qt.dequantize()).double().T
+    torch.testing.assert_close(be.linear(x, w).double().cpu(), want, rtol=1e-5, atol=1e-5)
+    q8 = be.prepare(make_weight(T.Q8_0, 4, 64))
+    assert isinstance(q8, QuantWeight) and be.weight_bytes(q8) == 4 * 2 * 34
+
+
+def test_cpu_device_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        CudaBackend("cpu")
+
+
+def test_compile_step_is_identity_off_cuda():
+    be = CudaBackend("cpu") if DEVICE == "cpu" else None
+    if be is None:
+        pytest.skip("on CUDA the step is captured (test_graph_step_replays_eager_results)")
+
+    def fn(x):
+        return x
+
+    assert be.compile_step(fn) is fn
