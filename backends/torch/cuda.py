@@ -208,18 +208,20 @@ class GraphStep:
     def __call__(self, *args):
         key = tuple((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a.__class__
                     for a in args)
-        entry = self._graphs.get(key)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(args)
+        entry = self._graphs[key]
         if entry is None:
-            entry = self._capture(args)
-            self._graphs[key] = entry
-        else:
-            for slot, a in zip(entry[1], args):
-                if isinstance(a, torch.Tensor):
-                    slot.copy_(a, non_blocking=True)
-            entry[0].replay()
-        return entry[2]
+            return self.fn(*args)
+        graph, slots, out = entry
+        for slot, a in zip(slots, args):
+            if isinstance(a, torch.Tensor):
+                slot.copy_(a, non_blocking=True)
+        graph.replay()
+        return out
 
     def _capture(self, args):
+        """(graph, input slots, output), or None when fn cannot be captured."""
         slots = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -227,7 +229,11 @@ class GraphStep:
             self.fn(*slots)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(*slots)
-        graph.replay()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*slots)
+        except RuntimeError as e:  # a host sync inside fn, e.g. MoE routing on the host
+            log.warning("decode step not capturable, running it eagerly: %s",
+                        str(e).splitlines()[0])
+            return None
         return graph, slots, out

@@ -104,3 +104,24 @@ def split_planes(data: np.ndarray, ggml_type: QT, n_cols: int) -> dict[str, np.n
                         ggml_type, min(step, len(rows) - r))
              for r in range(0, len(rows), step)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def plane_shapes(ggml_type: QT, n_rows: int, n_cols: int) -> dict[str, tuple[tuple, np.dtype]]:
+    """The (shape, dtype) of each plane split_planes makes for an (n_rows, n_cols) weight."""
+    ggml_type = QT(ggml_type)
+    info = KERNEL_TYPES[ggml_type]
+    n_blocks = n_cols // info.block
+    out = {"d": ((n_rows, n_blocks), np.dtype(np.float16))}
+    if ggml_type in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):
+        out["m"] = ((n_rows, n_blocks), np.dtype(np.float16))
+    if ggml_type in (QT.Q4_K, QT.Q5_K):
+        out["sc"] = ((n_rows, n_blocks * 12), np.dtype(np.uint8))
+    if ggml_type == QT.Q6_K:
+        out["sc"] = ((n_rows, n_blocks * 16), np.dtype(np.int8))
+    if info.high_bits == 8:
+        out["q"] = ((n_rows, n_cols), np.dtype(np.int8))
+        return out
+    out["q"] = ((n_rows, n_cols // 2), np.dtype(np.uint8))
+    if info.high_bits:
+        out["qh"] = ((n_rows, n_cols * info.high_bits // 8), np.dtype(np.uint8))
+    return out

@@ -108,7 +108,7 @@ def _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K,
     elif TYPE == Q8_0:
         w = code.to(tl.float32) * scale[:, :, None]
     elif TYPE == IQ4_NL:
-        w = scale[:, :, None] * tl.load(lut_ptr + code)
+        w = scale[:, :, None] * tl.load(lut_ptr + code, mask=code < 16, other=0.0)
     elif TYPE == Q4_1 or TYPE == Q5_1:
         mn = tl.load(m_ptr + rows * n_blk + blk[None, :], mask=gmask, other=0.0).to(tl.float32)
         w = scale[:, :, None] * code.to(tl.float32) + mn[:, :, None]

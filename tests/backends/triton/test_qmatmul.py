@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diptych.backends.torch.kernels import qmatmul as qm
+from diptych.backends.torch.kernels.layout import plane_shapes
 from diptych.backends.torch.kernels.weight import QuantWeight
 
 from .blocks import KERNEL_TYPES, cols_for, make_weight
@@ -34,6 +35,9 @@ def _check_matmul(y, x, ref_w, bias=None):
 def test_dequantize_bit_exact(ggml_type, device):
     qt, w = _weight(ggml_type, 5, device, moderate=False)
     assert w.nbytes == qt.nbytes  # the planes hold exactly the GGUF bytes
+    shapes = plane_shapes(ggml_type, *qt.shape)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in w.planes.items()} == \
+        {k: (s, getattr(torch, d.name)) for k, (s, d) in shapes.items()}
     got = qm.dequantize(w, torch.float32).cpu().numpy()
     ref = qt.dequantize()
     if ON_GPU:  # FMA contraction may round Q4_1/Q5_1/K-quant affine terms once, not twice
