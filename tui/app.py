@@ -35,7 +35,7 @@ class DiptychApp(App):
         self.model = model
         self.model_source = source if model is None else model.path
         self.backend_name = model.backend.name if model is not None else resolve(backend)
-        self.n_ctx = n_ctx
+        self.n_ctx = model.n_ctx if model is not None and n_ctx is None else n_ctx
         self.default_settings = settings or ChatSettings()
         self.store = Store(store_path or database_path())
         self.autoload = autoload and model is None

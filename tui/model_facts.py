@@ -8,15 +8,12 @@ import psutil
 
 
 def quant_summary(model) -> str:
-    """The tensor types that hold most of the weights' bytes, e.g. 'Q4_1 69% + Q8_0 31%'."""
+    """The tensor types holding at least 5% of the weights' bytes, largest first: 'Q4_1/Q8_0'."""
     size = Counter()
     for t in model.gguf.tensors.values():
         size[t.type_name] += t.nbytes
     total = sum(size.values()) or 1
-    top = [(name, n) for name, n in size.most_common(2) if n / total >= 0.05]
-    if len(top) == 1:
-        return top[0][0]
-    return " + ".join(f"{name} {100 * n / total:.0f}%" for name, n in top)
+    return "/".join(name for name, n in size.most_common() if n / total >= 0.05)
 
 
 def memory_in_use() -> int:

@@ -1,9 +1,8 @@
 """The main screen: saved chats on the left, the transcript and the prompt on the right.
 
-Replies are generated in a thread worker, one token at a time; each piece is handed to the
-UI loop with `call_from_thread` (which also paces the worker to what the UI can draw), and
-the worker checks for cancellation between tokens, so Escape stops a reply at once and
-keeps what was generated. The model itself rewinds its KV cache to the longest common
+Replies are generated in a thread worker, one token at a time; the worker hands text to
+the UI loop without waiting for it (see `ReplyText`) and checks for cancellation between
+tokens, so Escape stops a reply at once and keeps what was generated. The model itself rewinds its KV cache to the longest common
 token-id prefix of each new prompt, so regenerate and edit-and-resend only have to pass
 the right messages.
 """
@@ -16,6 +15,7 @@ from pathlib import Path
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, OptionList
 from textual.worker import Worker, get_current_worker
@@ -36,6 +36,16 @@ from .settings import SettingsResult, SettingsScreen
 
 SAVE_EVERY_S = 0.5  # how often a streaming reply is written to the database
 TITLE_LENGTH = 40
+
+
+class ReplyText(Message):
+    """Posted by the generation worker when new text waits in `view.pending`. The worker
+    never waits for the UI, so drawing speed does not slow generation down; while the UI
+    draws, pieces gather and are drawn together."""
+
+    def __init__(self, view: MessageView):
+        super().__init__()
+        self.view = view
 
 
 class ChatScreen(Screen):
@@ -257,7 +267,8 @@ class ChatScreen(Screen):
                     stopped = True
                     break
                 timings = piece.timings
-                self.app.call_from_thread(self.on_piece, view, piece.text)
+                if view.pending.add(piece.text):
+                    self.post_message(ReplyText(view))
         except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
             error = exc
         finally:
@@ -268,8 +279,9 @@ class ChatScreen(Screen):
         except RuntimeError:  # the app has exited
             pass
 
-    async def on_piece(self, view: MessageView, text: str) -> None:
-        await view.write(text)
+    async def on_reply_text(self, message: ReplyText) -> None:
+        view = message.view
+        await view.write(view.pending.take())
         now = time.monotonic()
         if now - view.saved_at > SAVE_EVERY_S:
             view.saved_at = now
@@ -278,6 +290,7 @@ class ChatScreen(Screen):
 
     async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
         self.query_one("#stop").display = False
+        await view.write(view.pending.take())
         self.store.update_message(view.message_id, view.content)
         self.last_timings = timings or self.last_timings
         if error is not None and not view.content:

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import threading
+
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown
 from textual.widgets.markdown import MarkdownStream
 
 from ..export import code_blocks
+
+
+class PendingText:
+    """Text a worker thread has generated and the UI has not drawn yet."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._text = ""
+        self._posted = False
+
+    def add(self, text: str) -> bool:
+        """Append text; True when the UI must be told (it has not been since the last take)."""
+        with self._lock:
+            self._text += text
+            tell, self._posted = not self._posted, True
+            return tell
+
+    def take(self) -> str:
+        with self._lock:
+            text, self._text, self._posted = self._text, "", False
+            return text
 
 
 class MessageView(Vertical, can_focus=True):
@@ -25,6 +48,7 @@ class MessageView(Vertical, can_focus=True):
         self.message_id = message_id
         self._stream: MarkdownStream | None = None
         self._next_block = 0
+        self.pending = PendingText()
         self.saved_at = 0.0  # monotonic time a streaming reply was last written to the store
 
     def compose(self):

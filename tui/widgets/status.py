@@ -33,13 +33,12 @@ class StatusBar(Horizontal):
             return
         parts = [
             model.backend.describe(),
-            f"{model.path.stem} ({quant_summary(model)})",
+            f"{model.path.stem} {quant_summary(model)}",
             f"context {model.engine.cache.length}/{model.n_ctx}",
         ]
         if timings is not None:
-            parts.append(f"prompt {timings.prefill_tps:.0f} tok/s, "
-                         f"decode {timings.decode_tps:.1f} tok/s")
-        parts.append(f"memory {memory_in_use() / (1 << 20):.0f} MiB")
+            parts.append(f"prompt {timings.prefill_tps:.0f} decode {timings.decode_tps:.1f} tok/s")
+        parts.append(f"{memory_in_use() / (1 << 20):.0f} MiB")
         if note:
             parts.append(note)
-        self.query_one("#facts", Static).update("  │  ".join(parts))
+        self.query_one("#facts", Static).update(" │ ".join(parts))

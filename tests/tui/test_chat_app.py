@@ -1,0 +1,197 @@
+"""The chat app driven through Textual's Pilot with the real default model: replies stream
+into the transcript and the SQLite file, Escape stops, regenerate and edit-resend rewind the
+model's cache, chats reopen after a restart, and model loading reports errors."""
+
+import asyncio
+import sqlite3
+import time
+
+from textual import events
+
+from diptych.tui.app import DiptychApp
+from diptych.tui.chat_settings import ChatSettings
+from diptych.tui.screens.model_picker import ModelPicker
+from diptych.tui.widgets.prompt import PromptArea
+
+from .conftest import run
+
+SIZE = (110, 36)
+
+
+def make_app(model, max_tokens=24):
+    return DiptychApp(model=model, settings=ChatSettings(temperature=0, max_tokens=max_tokens))
+
+
+def rows(data_dir):
+    db = sqlite3.connect(data_dir / "chats.sqlite3")
+    return db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
+
+
+async def wait_for(pilot, condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+async def send(pilot, text):
+    await pilot.press(*text, "enter")
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def type_keys(app, text):
+    """Send key events as a terminal would (Pilot.press waits for the whole process to go
+    idle, which it never does while a reply streams); returns each key's handling time."""
+    prompt = app.query_one(PromptArea)
+    latencies = []
+    for char in text:
+        expected = prompt.text + char
+        t0 = time.monotonic()
+        app._driver.send_message(events.Key("space" if char == " " else char, char))
+        while prompt.text != expected:
+            assert time.monotonic() - t0 < 10, "key not handled"
+            await asyncio.sleep(0.002)
+        latencies.append(time.monotonic() - t0)
+    return latencies
+
+
+def transcript(app):
+    return [(v.role, v.content) for v in app.chat.transcript.messages]
+
+
+def greedy(model, messages, max_tokens):
+    return model.chat(messages, max_tokens=max_tokens, temperature=0)
+
+
+def test_reply_streams_into_transcript_and_database(model, data_dir):
+    async def body():
+        app = make_app(model)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "What is the capital of France?")
+            (_, question), (role, reply) = transcript(app)
+            assert role == "assistant" and "Paris" in reply
+            assert rows(data_dir) == [("user", "What is the capital of France?"),
+                                      ("assistant", reply)]
+            status = app.chat.status.text
+            for part in ("torch (cpu)", "SmolLM2-135M-Instruct.Q4_1 Q4_1/Q8_0",
+                         f"context {model.engine.cache.length}/1024", "decode", "MiB"):
+                assert part in status
+            assert app.chat.sub_title == "What is the capital of France?"
+        assert reply == greedy(model, [{"role": "user", "content": question}], 24)
+
+    run(body())
+
+
+def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_dir):
+    async def body():
+        app = make_app(model, max_tokens=400)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press(*"Tell me a long story about a dragon and a knight.", "enter")
+            await wait_for(pilot, lambda: len(app.chat.transcript.messages) == 2
+                           and len(app.chat.transcript.messages[1].content) > 20)
+            reply_view = app.chat.transcript.messages[1]
+            before = len(reply_view.content)
+            latencies = await type_keys(app, "typed while streaming")
+            # the keys were handled at once while the model kept generating
+            assert app.chat.generating and app.query_one(PromptArea).text == "typed while streaming"
+            assert max(latencies) < 0.5, latencies
+            await wait_for(pilot, lambda: len(reply_view.content) > before)
+            await pilot.press("escape")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert not app.chat.generating
+            kept = reply_view.content
+            assert kept and reply_view.query_one(".note").content == "stopped"
+            assert rows(data_dir)[-1] == ("assistant", kept)
+            assert "stopped" in app.chat.status.text
+            assert len(model.tokenize(kept, add_bos=False)) < 300  # well before max_tokens
+
+    run(body())
+    assert greedy(model, [{"role": "user", "content": "Hi"}], 4)  # the model stays usable
+
+
+def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
+    question = [{"role": "user", "content": "Name a color."}]
+
+    async def body():
+        app = make_app(model, max_tokens=8)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Name a color.")
+            first = transcript(app)[-1][1]
+            await pilot.press("ctrl+r")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert transcript(app) == [("user", "Name a color."), ("assistant", first)]
+            assert rows(data_dir) == transcript(app)
+            prompt_ids = model.chat_prompt(question)
+            assert model.engine.cache.tokens[:len(prompt_ids)] == prompt_ids
+
+            await pilot.press("ctrl+l")
+            assert app.query_one(PromptArea).text == "Name a color."
+            assert transcript(app) == [] and rows(data_dir) == []
+            await send(pilot, ["backspace"] * 6 + list("fruit."))
+            edited = transcript(app)
+            assert edited[0] == ("user", "Name a fruit.") and rows(data_dir) == edited
+        assert first == greedy(model, question, 8)
+        assert edited[1][1] == greedy(model, [{"role": "user", "content": "Name a fruit."}], 8)
+
+    run(body())
+
+
+def test_a_chat_reopens_after_a_restart_and_continues(model, data_dir):
+    async def first_run():
+        app = make_app(model, max_tokens=8)
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Hi! What is 2 + 2?")
+            return transcript(app)
+
+    async def second_run():
+        app = make_app(model, max_tokens=8)
+        async with app.run_test(size=SIZE) as pilot:
+            chats = app.query_one("#chats")
+            assert chats.option_count == 1
+            chats.focus()
+            await pilot.press("down", "enter")
+            await pilot.pause()
+            assert transcript(app) == before
+            app.query_one(PromptArea).focus()
+            await send(pilot, "And 3 + 3?")
+            return transcript(app)
+
+    before = run(first_run())
+    greedy(model, [{"role": "user", "content": "Something else entirely."}], 4)  # other cache
+    after = run(second_run())
+    assert after[:2] == before and len(after) == 4 and rows(data_dir) == after
+    history = [{"role": r, "content": c} for r, c in after[:3]]
+    assert after[3][1] == greedy(model, history, 8)
+
+
+def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+
+    async def body():
+        app = make_app(model, max_tokens=8)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+o")
+            assert isinstance(app.screen, ModelPicker)
+            await pilot.press("tab", *str(broken), "enter")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.model is model and app.is_running
+            errors = [n for n in app._notifications if n.severity == "error"]
+            assert errors and "ModelFileError" in errors[-1].message
+            assert "broken.gguf" in errors[-1].title
+
+            await pilot.press("ctrl+o")
+            await pilot.press("enter")  # the first choice: the embedded default
+            assert "loading" in app.chat.status.text
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.model is not model and app.model.path == model.path
+            assert "context 0/1024" in app.chat.status.text
+            await send(pilot, "Hello")
+            assert transcript(app)[-1][0] == "assistant"
+
+    run(body())
