@@ -58,7 +58,7 @@ class ChatScreen(Screen):
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+l", "edit_last", "Edit last"),
-        Binding("ctrl+y", "copy_reply", "Copy reply"),
+        Binding("ctrl+g", "copy_reply", "Copy reply"),
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
@@ -140,7 +140,10 @@ class ChatScreen(Screen):
         await self.open_chat(None)
 
     @on(Button.Pressed, "#load-older")
+    @on(Transcript.ReachedTop)
     async def load_older(self) -> None:
+        if self.chat is None or not self.transcript.older:
+            return
         first = self.transcript.first_id()
         messages = self.store.messages(self.chat.id, before_id=first, limit=PAGE)
         older = self.store.count_messages(self.chat.id, messages[0].id) if messages else 0

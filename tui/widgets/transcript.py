@@ -4,6 +4,7 @@ demand, a page at a time, so that long chats open and scroll fast."""
 from __future__ import annotations
 
 from textual.containers import VerticalScroll
+from textual.message import Message as UIMessage
 from textual.widgets import Button
 
 from ..store import Message
@@ -13,6 +14,9 @@ PAGE = 30
 
 
 class Transcript(VerticalScroll):
+    class ReachedTop(UIMessage):
+        """The user scrolled to the top while older messages are not mounted."""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.older = 0  # messages of this chat not mounted yet
@@ -36,11 +40,20 @@ class Transcript(VerticalScroll):
         self.scroll_end(animate=False, immediate=True)
         self.anchor()
 
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if self.older and new_value == 0 and old_value > 0:
+            self.post_message(self.ReachedTop())
+
     async def prepend(self, messages: list[Message], older: int) -> None:
+        """Mount older messages above the others, keeping the view where it was."""
+        views = self.messages
         self.older = older
         self._update_older_button()
-        views = [MessageView(m.role, m.content, m.id) for m in messages]
-        await self.mount_all(views, after=self.query_one("#load-older"))
+        await self.mount_all([MessageView(m.role, m.content, m.id) for m in messages],
+                             after=self.query_one("#load-older"))
+        if views:
+            self.scroll_to_widget(views[0], top=True, animate=False, immediate=True)
 
     async def add(self, role: str, content: str, message_id: int) -> MessageView:
         view = MessageView(role, content, message_id)
