@@ -79,6 +79,12 @@ many steps are meaningful (up to and including the first EOG token; EOG = llama.
 - ``greedy_gap`` (P, 16) float32: top1 - top2 logit at each generated step;
 - ``greedy_top_ids`` (P, 16, 8) int32, ``greedy_top_logits`` (P, 16, 8) float32;
 - ``greedy_n_valid`` (P,) int32.
+
+(c) One long sequence, longer than Gemma 3's 512-token sliding window: the corpus
+segments joined by blank lines, tokenized, cut to LONG_TOKENS. ``long_tokens`` (L,) and
+``long_topk_ids``/``long_topk_logits``/``long_logsumexp`` as in (a); then, after its first
+LONG_PROMPT tokens, 16 greedy steps as in (b): ``long_greedy_tokens`` (16,),
+``long_greedy_gap`` (16,).
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ PROMPTS = FIXTURES / "prompts.json"
 TOPK = 32
 GREEDY_STEPS = 16
 GREEDY_TOPK = 8
+LONG_TOKENS = 760
+LONG_PROMPT = 600
 
 LLAMA_KWARGS = dict(n_ctx=2048, logits_all=True, n_threads=2, n_batch=512, seed=0,
                     verbose=False)
@@ -112,6 +120,7 @@ MODELS = {
     # name: (name in diptych.pypi_models.MODELS, output file)
     "smollm2": ("smollm2-135m-instruct", "reference_smollm2.npz"),
     "qwen2": ("qwen2.5-coder-0.5b-instruct", "reference_qwen2.npz"),
+    "gemma3": ("gemma-3-270m", "reference_gemma3.npz"),
 }
 
 
@@ -225,6 +234,21 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
         g_logits.append(np.stack(vals))
         g_valid.append(n_valid)
 
+    # (c) one sequence longer than a 512-token sliding window
+    long = tokenize("\n\n".join(read_corpus()))[:LONG_TOKENS]
+    assert len(long) == LONG_TOKENS
+    long_logits = run(long)
+    long_ids, long_vals = _topk_rows(long_logits, topk)
+    llm.reset()
+    llm.eval(long[:LONG_PROMPT])
+    long_greedy, long_gap = [], []
+    for _ in range(GREEDY_STEPS):
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        _, v = _topk_rows(row, 2)
+        long_greedy.append(int(np.argmax(row)))
+        long_gap.append(float(v[0] - v[1]))
+        llm.eval([long_greedy[-1]])
+
     def offsets(parts):
         return np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
 
@@ -253,6 +277,13 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
         greedy_top_ids=np.array(g_ids, np.int32),
         greedy_top_logits=np.array(g_logits, np.float32),
         greedy_n_valid=np.array(g_valid, np.int32),
+        long_tokens=np.array(long, np.int32),
+        long_topk_ids=long_ids,
+        long_topk_logits=long_vals,
+        long_logsumexp=_logsumexp_rows(long_logits),
+        long_prompt=np.int32(LONG_PROMPT),
+        long_greedy_tokens=np.array(long_greedy, np.int32),
+        long_greedy_gap=np.array(long_gap, np.float32),
     )
 
 
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--qwen2", type=Path, help="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    ap.add_argument("--gemma3", type=Path, help="gemma-3-270m Q4_K_M")
     ap.add_argument("--only", choices=sorted(MODELS), action="append")
     ap.add_argument("--out-dir", type=Path, default=FIXTURES)
     ap.add_argument("--topk", type=int, default=TOPK, help="logits stored per corpus position")
