@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..config import MLASpec, ModelConfig, MoESpec
 from ..errors import ModelFileError, UnsupportedModelError
 
@@ -125,7 +127,7 @@ def _with_window(cfg: ModelConfig, fam: Family, m: _Meta) -> ModelConfig:
     if window <= 0:
         return cfg
     pattern = m.get("attention.sliding_window_pattern", fam.window_pattern)
-    if isinstance(pattern, (list, tuple)):
+    if not isinstance(pattern, (int, np.integer)):  # one flag per layer
         if len(pattern) != cfg.n_layers:
             raise ModelFileError(f"sliding_window_pattern has {len(pattern)} entries for "
                                  f"{cfg.n_layers} layers")
