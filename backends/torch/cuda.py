@@ -163,13 +163,16 @@ class CudaBackend(TorchBackend):
         n_keys = spec.slots if end > spec.slots else end
         keys = kc[:, :, :n_keys]
         values = vc[:, :, :n_keys] if vc is not None else keys[..., :spec.v_from_k]
+        mask, causal = None, False
         if spec.window and end > spec.window:
             mask = torch.from_numpy(window_mask(spec, start, end, n_keys)).to(q.device)
+        elif start == 0:  # no mask tensor: lets SDPA pick its flash kernel
+            causal = True
         else:
             mask = torch.arange(end, device=q.device)[None, :] <= \
                 torch.arange(start, end, device=q.device)[:, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             scale=scale, enable_gqa=True)
+                                             is_causal=causal, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], n, -1)
 
     def take_positions(self, x, index: np.ndarray):

@@ -38,8 +38,9 @@ def _run(eng, chunks):
 
 
 @pytest.mark.parametrize("family,qtype,n_batch,chunks", [
-    # a 12-token prefill (SDPA chunk path), single-token decode, a 4-token verification step
-    ("llama", "Q8_0", 16, [12, 1, 1, 4]),
+    # 12- and 9-token chunks (SDPA, causal and after a prefix), single-token decode, a
+    # 4-token verification step
+    ("llama", "Q8_0", 16, [12, 9, 1, 4]),
     ("qwen2", "Q4_0", 16, [12, 1, 4]),  # qkv biases
     # window 8 over a 13-slot ring that wraps; every step on the decode kernels
     ("mistral", "Q5_0", 6, [6, 6, 6, 1, 1]),
@@ -94,3 +95,14 @@ def test_compile_step_is_identity_off_cuda():
         return x
 
     assert be.compile_step(fn) is fn
+
+
+def test_select_picks_cuda_backend_when_cuda_is_present(monkeypatch):
+    import diptych.backends.torch.cuda as cuda_mod
+    from diptych.backends import select
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_mod, "CudaBackend", lambda: "cuda backend")
+    assert select("torch") == "cuda backend"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(select("torch"), TorchBackend)
