@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from .tensor import QuantTensor
 
-__all__ = ["WRITE_TYPES", "FILE_TYPES", "write_gguf", "target_type"]
+__all__ = ["WRITE_TYPES", "FILE_TYPES", "write_gguf", "target_type", "keeps_f32"]
 
 # GGML type -> general.file_type for a file converted to it
 FILE_TYPES = {
@@ -57,13 +57,18 @@ def _add_value(w: gguf.GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"metadata {key!r}: cannot write a {type(value).__name__}")
 
 
+def keeps_f32(name: str, n_dims: int) -> bool:
+    """llama.cpp stores these as F32 whatever the file's type: vectors, norms, biases,
+    MoE routers."""
+    return (n_dims <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+            or ".ffn_gate_inp." in name)
+
+
 def target_type(t: QuantTensor, want: T | None) -> T:
     """The type `t` is written as when the file's type is `want` (None: as it is)."""
     if want is None:
         return t.ggml_type
-    name = t.name
-    if (len(t.shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
-            or ".ffn_gate_inp." in name):
+    if keeps_f32(t.name, len(t.shape)):
         return T.F32
     if t.shape[-1] % GGML_QUANT_SIZES[want][0]:
         return T.F16

@@ -9,8 +9,8 @@ The weights get the transforms llama.cpp's `convert_hf_to_gguf.py` applies (DESI
 weight transforms belong to the weight source): Q/K rows (and biases) permuted for the
 `llama` arch, Gemma's norm weights +1, per-expert matrices stacked into one 3-D tensor per
 layer (n_expert, rows, cols), DeepSeek's kv_b_proj split into attn_k_b (transposed per head)
-and attn_v_b. Vectors and norms become F32, as llama.cpp stores them; matrices keep the
-file's dtype and, where no transform touches them, stay memory-mapped (no copy).
+and attn_v_b. Vectors, norms and MoE routers become F32, as llama.cpp stores them; the other
+matrices keep the file's dtype and, where no transform touches them, stay memory-mapped.
 
 Safetensors files are parsed here (an 8-byte header length, a JSON header, raw little-endian
 data) rather than with the `safetensors` package: its numpy API has no bfloat16 and reads
@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from diptych.quant.gguf_write import keeps_f32
 from diptych.quant.tensor import QuantTensor
 
 from .errors import ModelFileError, UnsupportedModelError
@@ -153,7 +154,7 @@ class HFSource:
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise UnsupportedModelError(f"{self.path}: no GGUF name for tensor {hf_name}")
-            if arr.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+            if keeps_f32(name, arr.ndim):
                 arr, ggml_type = _as_f32(arr, ggml_type), T.F32
                 if fam.norm_shift and hf_name.endswith("norm.weight"):
                     arr = arr + np.float32(fam.norm_shift)
