@@ -7,6 +7,7 @@ Hugging Face cache (`huggingface_hub.scan_cache_dir`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def in_hf_cache() -> list[ModelChoice]:
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        # read HF_HUB_CACHE now: huggingface_hub reads it once, when first imported
+        info = scan_cache_dir(os.environ.get("HF_HUB_CACHE"))
     except (CacheNotFound, OSError):
         return []
     found = []
@@ -69,8 +71,8 @@ def in_hf_cache() -> list[ModelChoice]:
         for rev in repo.revisions:
             for f in sorted(rev.files, key=lambda f: f.file_name):
                 if f.file_name.endswith(".gguf"):
-                    found.append(ModelChoice(f"{repo.repo_id}/{f.file_name}", f.file_path,
-                                             "hf cache"))
+                    found.append(ModelChoice(f"{repo.repo_id}/{f.file_name}  (Hugging Face cache)",
+                                             f.file_path, "hf cache"))
     return found
 
 

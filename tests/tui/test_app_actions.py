@@ -5,8 +5,10 @@ import sqlite3
 
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
+from diptych.tui.models import configured_folders
 from diptych.tui.paths import database_path
 from diptych.tui.screens.dialogs import Confirm, TextPrompt
+from diptych.tui.screens.model_picker import ModelPicker
 from diptych.tui.screens.settings import SettingsScreen
 from diptych.tui.store import Store
 
@@ -133,6 +135,27 @@ def test_settings_are_validated_and_saved_per_chat():
     run(body())
     saved = Store(database_path()).chat(chat.id).settings
     assert (saved.temperature, saved.seed, saved.top_p, saved.system) == (0.3, 7, 0.5, "Be brief.")
+
+
+def test_model_picker_searches_a_typed_folder(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")
+
+    async def body():
+        app = DiptychApp(autoload=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+o")
+            picker = app.screen
+            assert isinstance(picker, ModelPicker) and len(picker.choices) == 1
+            picker.query_one("#model-path").value = str(tmp_path / "models")
+            picker.query_one("#model-path").focus()
+            await pilot.press("enter")
+            assert [c.path for c in picker.choices] == [None, tmp_path / "models" / "tiny.gguf"]
+            assert app.screen is picker
+            await pilot.press("escape")
+
+    run(body())
+    assert configured_folders() == [tmp_path / "models"]
 
 
 def test_palette_theme_and_double_ctrl_c():

@@ -55,4 +55,4 @@ def test_discover_default_folders_and_hf_cache(tmp_path, data_dir):
     assert [c.source for c in choices] == ["default", "folder", "hf cache"]
     assert choices[0].path is None and "embedded default" in choices[0].label
     assert choices[1].path == folder / "sub" / "tiny.gguf"
-    assert choices[2].label == "org/some-GGUF/some.Q4_0.gguf"
+    assert choices[2].label == "org/some-GGUF/some.Q4_0.gguf  (Hugging Face cache)"

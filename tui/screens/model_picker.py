@@ -10,7 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
-from ..models import ModelChoice, discover
+from ..models import ModelChoice, add_configured_folder, discover
 
 
 class ModelPicker(ModalScreen[Path | str | None]):
@@ -20,20 +20,36 @@ class ModelPicker(ModalScreen[Path | str | None]):
 
     def __init__(self):
         super().__init__(classes="dialog")
-        self.choices: list[ModelChoice] = discover()
+        self.choices: list[ModelChoice] = []
 
     def compose(self):
         with Vertical(classes="dialog-body wide"):
             yield Label("Load a model", classes="dialog-title")
-            yield OptionList(*(Option(f"{c.label}  [dim]{c.source}[/]", id=str(i))
-                               for i, c in enumerate(self.choices)), id="model-list")
-            yield Input(placeholder="or type a path to a .gguf file and press Enter",
+            yield OptionList(id="model-list")
+            yield Input(placeholder="or type the path of a .gguf file, or of a folder to search",
                         id="model-path")
+
+    def on_mount(self) -> None:
+        self._show_choices()
+
+    def _show_choices(self) -> None:
+        self.choices = discover()
+        options = self.query_one(OptionList)
+        options.clear_options()
+        options.add_options(Option(c.label, id=str(i)) for i, c in enumerate(self.choices))
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         choice = self.choices[int(event.option.id)]
         self.dismiss(choice.path if choice.path is not None else "default")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.value.strip():
-            self.dismiss(Path(event.value.strip()).expanduser())
+        if not event.value.strip():
+            return
+        path = Path(event.value.strip()).expanduser()
+        if path.is_dir():  # remembered in the settings file, searched from now on
+            add_configured_folder(path.resolve())
+            event.input.clear()
+            self._show_choices()
+            self.query_one(OptionList).focus()
+        else:
+            self.dismiss(path)

@@ -48,12 +48,12 @@ class SettingsScreen(ModalScreen[SettingsResult | None]):
                 value = getattr(self.settings, name)
                 with Horizontal(classes="field"):
                     yield Label(label)
-                    yield Input("" if value is None else str(value), id=name)
+                    yield Input("" if value is None else str(value), id=name, compact=True)
             with Horizontal(classes="field"):
                 yield Label("Backend")
                 if len(self.backends) > 1:
                     yield Select([(b, b) for b in self.backends], value=self.backend,
-                                 allow_blank=False, id="backend")
+                                 allow_blank=False, compact=True, id="backend")
                 else:
                     yield Label(self.backend, id="backend-name")
             with Horizontal(classes="buttons"):
