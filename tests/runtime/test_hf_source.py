@@ -16,20 +16,11 @@ from ..tiny_models import FAMILIES, logits, save_hf_folder, tiny_hf_model, tiny_
 IDS = list(np.random.default_rng(7).integers(3, 128, 24))
 
 
-def _waiting(family):
-    """Families whose runtime side does not load our folders yet."""
-    if family == "gemma3":
-        return pytest.mark.xfail(strict=False, reason="runtime for gemma3 reads "
-                                 "attention.sliding_window_pattern only as a list, not the "
-                                 "numpy bool array GGUF files and HF folders give")
-    return []
-
-
 def _max_rel(ours, ref):
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=_waiting(f)) for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_folder_logits_match_transformers(tmp_path, family):
     hf = tiny_hf_model(family, seed=1)
     folder = save_hf_folder(hf, tmp_path / family)
