@@ -67,8 +67,8 @@ def _gating(c: Config) -> int | None:
 def _rope_scaling(c: Config) -> dict[str, Any]:
     p = rope(c)
     kind, factor = p.get("rope_type", p.get("type")), p.get("factor")
-    if kind in (None, "default") or factor is None:
-        return {}
+    if kind in (None, "default", "llama3") or factor is None:
+        return {}  # llama3's scaling is a tensor, rope_freqs (llama3_rope_factors)
     if kind == "linear":
         return {"rope.scaling.type": RopeScalingType.LINEAR.value, "rope.scaling.factor": factor}
     if kind == "yarn":
@@ -81,6 +81,24 @@ def _rope_scaling(c: Config) -> dict[str, Any]:
                 out[f"rope.scaling.{key}"] = p[name]
         return out
     raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported by the converter")
+
+
+def llama3_rope_factors(c: Config) -> np.ndarray | None:
+    """Llama 3.1's per-frequency RoPE divisors, which GGUF stores as `rope_freqs.weight`:
+    1 for short wavelengths, `factor` for long ones, a smooth blend between."""
+    p = rope(c)
+    if str(p.get("rope_type", "")).lower() != "llama3":
+        return None
+    dim = head_dim(c)
+    freqs = 1.0 / p.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    factor = p.get("factor", 8.0)
+    low, high = p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old_ctx = p.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blend = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, blend))
+    return out.astype(np.float32)
 
 
 def common_meta(c: Config) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from diptych.quant.gguf_write import keeps_f32
 from diptych.quant.tensor import QuantTensor
 
 from .errors import ModelFileError, UnsupportedModelError
-from .hf_families import HFFamily, arch_metadata, hf_family
+from .hf_families import HFFamily, arch_metadata, hf_family, llama3_rope_factors
 from .hf_vocab import vocab_metadata
 
 __all__ = ["HFSource", "is_hf_folder", "read_safetensors"]
@@ -185,6 +185,8 @@ class HFSource:
                 put(hf_name.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:], ggml_type)
                 continue
             put(hf_name, arr, ggml_type)
+        if (factors := llama3_rope_factors(c)) is not None:
+            out["rope_freqs.weight"] = _quant("rope_freqs.weight", factors, T.F32)
         for stacked, per_expert in experts.items():
             if sorted(per_expert) != list(range(len(per_expert))):
                 raise ModelFileError(f"{self.path}: experts of {stacked} are not 0..n-1")

@@ -144,3 +144,18 @@ def test_no_weights_and_unsupported_dtype(tmp_path):
     path.unlink()
     with pytest.raises(ModelFileError, match="no \\*.safetensors"):
         HFSource(folder)
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
+    """Llama 3.1-style RoPE scaling is written as llama.cpp writes it, a `rope_freqs` tensor
+    of per-frequency divisors: base frequencies / divisors = transformers' inv_freq."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    hf = tiny_hf_model("llama", rope_parameters=rope, max_position_embeddings=512)
+    src = HFSource(save_hf_folder(hf, tmp_path / "m"))
+    divisors = src.tensors["rope_freqs.weight"].dequantize()
+    base = 1 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    inv_freq = hf.model.rotary_emb.inv_freq.numpy()
+    assert np.allclose(base / divisors, inv_freq, rtol=1e-6)
+    assert 1.0 < divisors[1] < 8.0 and divisors[0] == 1.0 and divisors[-1] == 8.0
