@@ -98,6 +98,25 @@ def _permute(arr: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(arr.shape))
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The shards the index names, else model*.safetensors (Mistral repositories also hold
+    a `consolidated.safetensors` with the same weights under other names), else any."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFileError(f"{index}: cannot read ({exc})") from None
+        files = [folder / n for n in sorted(names)]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise ModelFileError(f"{folder}: missing weight shards {missing}")
+        return files
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{folder}: no *.safetensors weights")
+    return files
+
+
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
 
 
@@ -117,9 +136,7 @@ class HFSource:
             raise ModelFileError(f"{config_path}: cannot read ({exc})") from None
         self.config: dict[str, Any] = config
         self.family: HFFamily = hf_family(config.get("model_type"))
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise ModelFileError(f"{folder}: no *.safetensors weights")
+        files = _weight_files(folder)
         raw: dict[str, tuple[np.ndarray, T]] = {}
         for f in files:
             raw.update(read_safetensors(f))

@@ -159,3 +159,18 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
     inv_freq = hf.model.rotary_emb.inv_freq.numpy()
     assert np.allclose(base / divisors, inv_freq, rtol=1e-6)
     assert 1.0 < divisors[1] < 8.0 and divisors[0] == 1.0 and divisors[-1] == 8.0
+
+
+def test_sharded_folder_with_index(tmp_path):
+    """Shards listed by model.safetensors.index.json; a missing shard is named."""
+    hf = tiny_hf_model("qwen2", seed=9)
+    hf.save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    tiny_tokenizer(tmp_path / "m", "spm")
+    folder = tmp_path / "m"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    model = diptych.load(folder, backend="torch", n_ctx=64)
+    assert _max_rel(model.logits(IDS), logits(hf, IDS)) <= 1e-4
+    shards[-1].unlink()
+    with pytest.raises(ModelFileError, match="missing weight shards"):
+        HFSource(folder)
