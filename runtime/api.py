@@ -9,7 +9,7 @@ import numpy as np
 
 from .cache import KVCache
 from .engine import Engine
-from .errors import InvalidArgumentError, ModelFileError
+from .errors import InvalidArgumentError
 from .generate import Piece, stream_tokens
 from .memory import activation_bytes, check_fits, choose_n_ctx
 from .sampling import SamplingParams
@@ -109,23 +109,17 @@ def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int 
     8192 and at a quarter of available memory. `progress(done, total)` receives bytes.
     """
     from diptych.backends import select
-    from diptych.quant.gguf_file import GGUFFile
 
     from .default_model import default_model_path
     from .families import config_from_gguf
-    from .hf_source import HFSource, is_hf_folder
+    from .hf_source import open_source
     from .weights import load_weights
 
     path = Path(source) if source is not None else default_model_path()
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such file")
-    if path.is_dir() and not is_hf_folder(path):
-        raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
-                             "files and Hugging Face safetensors folders")
     if not isinstance(n_batch, int) or n_batch < 1:
         raise InvalidArgumentError(f"n_batch must be a positive integer, got {n_batch!r}")
     # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
-    gguf = HFSource(path) if path.is_dir() else GGUFFile(path)
+    gguf = open_source(path)
     cfg = config_from_gguf(gguf.metadata, {n: t.shape for n, t in gguf.tensors.items()})
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     be = select(backend)

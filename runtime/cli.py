@@ -117,14 +117,14 @@ def cmd_info(args) -> int:
     from .families import config_from_gguf
     from .memory import activation_bytes, choose_n_ctx
     from .cache import KVCache, bytes_per_token
-    from diptych.quant.gguf_file import GGUFFile
+    from .hf_source import open_source
 
     from diptych.backends import select
 
     from .default_model import default_model_path
 
     path = args.model or default_model_path()
-    f = GGUFFile(path)
+    f = open_source(path)
     cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
     n_params = sum(t.n_elements for t in f.tensors.values())
     weight_bytes = sum(t.nbytes for t in f.tensors.values())
@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_opts(sp, model_help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)"):
+    def model_opts(sp, model_help="a .gguf file or a Hugging Face safetensors folder (default: "
+                   "the embedded SmolLM2-135M-Instruct)"):
         sp.add_argument("model", nargs="?", help=model_help)
         sp.add_argument("--backend", default="auto", help="auto | torch | mlx (default: auto: mlx on Apple silicon, else torch)")
         sp.add_argument("--n-ctx", type=int, default=None,
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("info", help="describe a model file and its memory needs")
-    sp.add_argument("model", nargs="?", help="a .gguf file (default: the embedded model)")
+    sp.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face folder "
+                    "(default: the embedded model)")
     sp.add_argument("--n-ctx", type=int, default=None)
     sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
     sp.set_defaults(func=cmd_info)

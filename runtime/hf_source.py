@@ -36,14 +36,23 @@ from .errors import ModelFileError, UnsupportedModelError
 from .hf_families import HFFamily, arch_metadata, hf_family, llama3_rope_factors
 from .hf_vocab import vocab_metadata
 
-__all__ = ["HFSource", "is_hf_folder", "read_safetensors"]
+__all__ = ["HFSource", "open_source", "read_safetensors"]
 
 # safetensors dtype -> (numpy dtype of the raw elements, GGML type)
 _DTYPES = {"F32": (np.float32, T.F32), "F16": (np.float16, T.F16), "BF16": (np.uint16, T.BF16)}
 
 
-def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+def open_source(path: str | Path):
+    """A model source: a .gguf file (GGUFFile) or a Hugging Face folder (HFSource)."""
+    from diptych.quant.gguf_file import GGUFFile
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
+                             "files and Hugging Face safetensors folders")
+    return HFSource(path) if path.is_dir() else GGUFFile(path)
 
 
 def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
