@@ -125,18 +125,20 @@ def _gemv(x_ptr, y_ptr, bias_ptr, q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr,
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     ms = tl.arange(0, BM)
-    mmask = ms < M
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # (BN, BM): rows of W along dim 0, as in the weight tile, so no layout change per step
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
         w = _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K, TYPE, BN, BK)
         ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :],
-                    mask=mmask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+        for mi in tl.static_range(BM):  # each row of x against the same weight tile
+            x = tl.load(x_ptr + mi * stride_xm + ks, mask=(ks < K) & (mi < M),
+                        other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)
+            acc += tl.where(ms[None, :] == mi, part[:, None], 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & rmask[None, :])
+        acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=(ms < M)[None, :] & rmask[:, None])
 
 
 @triton.jit
@@ -209,7 +211,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, block_n: int =
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bm = _pow2(m)
-    bk = _block_k(w, max(32, block_k // bm))  # keep BM*BN*BK registers bounded
+    bk = _block_k(w, block_k)
     _gemv[(triton.cdiv(n, block_n),)](
         x, y, bias if bias is not None else y, *_plane_args(w), m, n, k, x.stride(0),
         y.stride(0), TYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BM=bm, BN=block_n,
