@@ -35,9 +35,10 @@ FILE_TYPES = {
 }
 WRITE_TYPES = tuple(FILE_TYPES)
 
-_ARRAY_TYPES = {np.dtype(np.int32): GGUFValueType.INT32, np.dtype(np.uint32): GGUFValueType.UINT32,
-                np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.bool_): GGUFValueType.BOOL,
-                np.dtype(np.int64): GGUFValueType.INT64, np.dtype(np.float64): GGUFValueType.FLOAT64}
+_ARRAY_TYPES = {np.dtype(t): v for t, v in (
+    (np.int32, GGUFValueType.INT32), (np.uint32, GGUFValueType.UINT32),
+    (np.float32, GGUFValueType.FLOAT32), (np.bool_, GGUFValueType.BOOL),
+    (np.int64, GGUFValueType.INT64), (np.float64, GGUFValueType.FLOAT64))}
 
 
 def _add_value(w: gguf.GGUFWriter, key: str, value: Any) -> None:
@@ -50,7 +51,8 @@ def _add_value(w: gguf.GGUFWriter, key: str, value: Any) -> None:
     elif isinstance(value, str):
         w.add_string(key, value)
     elif isinstance(value, np.ndarray):
-        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=_ARRAY_TYPES[value.dtype])
+        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY,
+                        sub_type=_ARRAY_TYPES[value.dtype])
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         w.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
     else:
@@ -104,17 +106,19 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[s
         w.add_uint32("general.file_type", FILE_TYPES[ggml_type].value)
     if "general.quantization_version" not in metadata:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    plan = [(t, target_type(t, ggml_type)) for t in tensors.values()]
-    for t, to in plan:
+    types = {}
+    for name, t in tensors.items():  # a Mapping may build each tensor when read: keep none
+        types[name] = to = target_type(t, ggml_type)
         # an uint8 "tensor" makes GGUFWriter read the shape as bytes of type `to`
         row_bytes = _nbytes((t.shape[-1],), to)
-        w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8),
+        w.add_tensor_info(name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8),
                           _nbytes(t.shape, to), raw_dtype=to)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t, to in plan:
+        for name, to in types.items():
+            t = tensors[name]
             w.write_tensor_data(_converted(t, to))
             if progress:
                 progress(t.nbytes)

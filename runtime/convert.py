@@ -26,7 +26,8 @@ def convert(folder: str | Path, out: str | Path, type: str = "F16",
     """Write the model in `folder` to `out` as GGUF, its matrices as `type` (one of
     CONVERT_TYPES). `progress(done, total)` receives bytes of the source tensors."""
     if type.upper() not in CONVERT_TYPES:
-        raise InvalidArgumentError(f"unknown type {type!r}; choose one of {', '.join(CONVERT_TYPES)}")
+        raise InvalidArgumentError(
+            f"unknown type {type!r}; choose one of {', '.join(CONVERT_TYPES)}")
     src = HFSource(folder)
     total = sum(t.nbytes for t in src.tensors.values())
     done = 0

@@ -11,6 +11,7 @@ weight transforms belong to the weight source): Q/K rows (and biases) permuted f
 layer (n_expert, rows, cols), DeepSeek's kv_b_proj split into attn_k_b (transposed per head)
 and attn_v_b. Vectors, norms and MoE routers become F32, as llama.cpp stores them; the other
 matrices keep the file's dtype and, where no transform touches them, stay memory-mapped.
+Transformed tensors are built when read and not kept (see `_Tensors`).
 
 Safetensors files are parsed here (an 8-byte header length, a JSON header, raw little-endian
 data) rather than with the `safetensors` package: its numpy API has no bfloat16 and reads
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,27 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+class _Tensors(Mapping):
+    """name -> QuantTensor, each built when read and not kept: a stacked expert tensor or a
+    permuted Q/K matrix is a copy, held only while its reader (a backend, the writer) needs
+    it, so opening a large MoE folder does not hold a second copy of its experts."""
+
+    def __init__(self, builders: dict[str, Callable[[], QuantTensor]]):
+        self._builders = builders
+
+    def __getitem__(self, name: str) -> QuantTensor:
+        return self._builders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders
+
+
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
 
 
@@ -151,7 +174,7 @@ class HFSource:
             raw.update(read_safetensors(f))
         self.metadata: dict[str, Any] = self._metadata()
         n_vocab = len(self.metadata["tokenizer.ggml.tokens"])
-        self.tensors: dict[str, QuantTensor] = self._tensors(raw, n_vocab)
+        self.tensors: Mapping[str, QuantTensor] = self._tensors(raw, n_vocab)
 
     def _metadata(self) -> dict[str, Any]:
         c, fam = self.config, self.family
@@ -168,24 +191,29 @@ class HFSource:
                 md["tokenizer.ggml.add_space_prefix"] = bool(prefix)
         return md
 
-    def _tensors(self, raw: dict[str, tuple[np.ndarray, T]], n_vocab: int) -> dict[str, QuantTensor]:
+    def _tensors(self, raw: dict[str, tuple[np.ndarray, T]], n_vocab: int) -> "_Tensors":
         c, fam = self.config, self.family
         n_layers = c["num_hidden_layers"]
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], n_layers)
-        out: dict[str, QuantTensor] = {}
+        out: dict[str, Callable[[], QuantTensor]] = {}
         experts: dict[str, dict[int, tuple[np.ndarray, T]]] = defaultdict(dict)
 
-        def put(hf_name: str, arr: np.ndarray, ggml_type: T) -> None:
+        def put(hf_name: str, make: Callable[[], tuple[np.ndarray, T]]) -> None:
+            """Name the tensor now; `make()` gives its raw elements when it is read."""
             hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise UnsupportedModelError(f"{self.path}: no GGUF name for tensor {hf_name}")
-            if keeps_f32(name, arr.ndim):
-                arr, ggml_type = _as_f32(arr, ggml_type), T.F32
-                if fam.norm_shift and hf_name.endswith("norm.weight"):
-                    arr = arr + np.float32(fam.norm_shift)
-            out[name] = _quant(name, arr, ggml_type)
+            shift = fam.norm_shift if hf_name.endswith("norm.weight") else 0.0
 
+            def build() -> QuantTensor:
+                arr, ggml_type = make()
+                if keeps_f32(name, arr.ndim):
+                    arr, ggml_type = _as_f32(arr, ggml_type) + np.float32(shift), T.F32
+                return _quant(name, arr, ggml_type)
+            out[name] = build
+
+        heads = {"q_proj": c["num_attention_heads"], "k_proj": c.get("num_key_value_heads")}
         for hf_name, (arr, ggml_type) in raw.items():
             layer = re.match(r"model\.layers\.(\d+)\.", hf_name)
             if layer and int(layer.group(1)) >= n_layers:
@@ -196,33 +224,30 @@ class HFSource:
                 continue
             if hf_name == "model.embed_tokens.weight" and fam.arch == "gemma3":
                 arr = arr[:n_vocab]  # llama.cpp drops rows past the tokenizer's vocabulary
-            if fam.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                arr = _permute(arr, c["num_attention_heads"])
-            if fam.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                arr = _permute(arr, c["num_key_value_heads"])
             if expert := _EXPERT.match(hf_name):
                 experts[f"{expert[1]}.{expert[3]}"][int(expert[2])] = (arr, ggml_type)
-                continue
-            if fam.split_kv_b and hf_name.endswith("kv_b_proj.weight"):
+            elif fam.split_kv_b and hf_name.endswith("kv_b_proj.weight"):
                 h, nope, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
                 kv_b = arr.reshape(h, nope + v, arr.shape[-1])
-                put(hf_name.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].transpose(0, 2, 1),
-                    ggml_type)
-                put(hf_name.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:], ggml_type)
-                continue
-            put(hf_name, arr, ggml_type)
+                put(hf_name.replace("kv_b_proj", "k_b_proj"),
+                    lambda kv_b=kv_b, t=ggml_type: (kv_b[:, :nope].transpose(0, 2, 1), t))
+                put(hf_name.replace("kv_b_proj", "v_b_proj"),
+                    lambda kv_b=kv_b, t=ggml_type: (kv_b[:, nope:], t))
+            elif fam.permute_qk and (proj := hf_name.rsplit(".", 2)[-2]) in heads:
+                put(hf_name, lambda a=arr, n=heads[proj], t=ggml_type: (_permute(a, n), t))
+            else:
+                put(hf_name, lambda a=arr, t=ggml_type: (a, t))
         if (factors := llama3_rope_factors(c)) is not None:
-            out["rope_freqs.weight"] = _quant("rope_freqs.weight", factors, T.F32)
+            out["rope_freqs.weight"] = lambda: _quant("rope_freqs.weight", factors, T.F32)
         for stacked, per_expert in experts.items():
             if sorted(per_expert) != list(range(len(per_expert))):
                 raise ModelFileError(f"{self.path}: experts of {stacked} are not 0..n-1")
-            types = {t for _, t in per_expert.values()}
             arrays = [per_expert[i][0] for i in range(len(per_expert))]
-            put(stacked, np.stack(arrays), types.pop())
+            put(stacked, lambda a=arrays, t=per_expert[0][1]: (np.stack(a), t))
         self._check_complete(out)
-        return out
+        return _Tensors(out)
 
-    def _check_complete(self, tensors: dict[str, QuantTensor]) -> None:
+    def _check_complete(self, tensors: Mapping[str, object]) -> None:
         """Each layer has every tensor some layer of its kind (dense or MoE) has, and the
         model-level tensors are there: a missing tensor or shard is reported here."""
         wanted = ["token_embd.weight", "output_norm.weight"]

@@ -138,7 +138,8 @@ def main() -> None:
                 result[f"lcpp_logits_{type_}"] = llama_cpp_logits(ours, ids)
         np.savez_compressed(folder / "expected.npz", **result)
         err = np.abs(result["lcpp_logits_F32"] - hf_logits).max() / np.abs(hf_logits).max()
-        print(f"{family}: llama.cpp on our F32 file vs transformers: {err:.1e} (max |d| / max |logit|)")
+        print(f"{family}: llama.cpp on our F32 file vs transformers: {err:.1e} "
+              "(max |d| / max |logit|)")
 
 
 if __name__ == "__main__":

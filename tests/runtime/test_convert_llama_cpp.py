@@ -87,8 +87,8 @@ def _digest(path: Path) -> str:
 def test_llama_cpp_runs_our_files(tmp_path, family, type_):
     """llama.cpp's logits on our converted file (stored) match diptych's on the same file:
     F32 at fp32 accuracy; Q8_0, where llama.cpp also rounds activations to 8 bits, within
-    5% of the largest logit (Gemma 3: 20%) at 90% of positions, and on the same top-1 token at 90% of the
-    positions where llama.cpp's top two are not tied."""
+    5% of the largest logit (Gemma 3: 20%) at 90% of positions, and on the same top-1 token
+    at 90% of the positions where llama.cpp's top two are not tied."""
     folder = FIXTURES / family
     expected = np.load(folder / "expected.npz")
     path = convert(folder, tmp_path / "m.gguf", type_)
