@@ -84,6 +84,14 @@ class KVStorage(ABC):
 
     specs: list[LayerCacheSpec]
 
+    @abstractmethod
+    def snapshot(self, layers: list[int]) -> Any:
+        """A copy of the given layers' buffers, for `restore`."""
+
+    @abstractmethod
+    def restore(self, copy: Any) -> None:
+        """Put a snapshot's buffers back."""
+
     @property
     @abstractmethod
     def nbytes(self) -> int:

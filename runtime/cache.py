@@ -46,11 +46,17 @@ def bytes_per_token(cfg: ModelConfig, bytes_per_element: int) -> tuple[int, int]
 
 
 class KVCache:
+    MAX_SNAPSHOTS = 3  # what a chat needs: regenerate, edit and resend, and the latest
+
     def __init__(self, backend, cfg: ModelConfig, capacity: int, n_batch: int, batch: int = 1):
         self.capacity = capacity
         self.specs = layer_specs(cfg, capacity, n_batch)
         self.storage = backend.alloc_kv(self.specs, batch)
         self.tokens: list[int] = []
+        # ring layers can wrap; their state at a few earlier lengths is kept so that a long
+        # rewind (regenerate, edit and resend) need not re-feed the whole conversation
+        self.rings = [i for i, s in enumerate(self.specs) if s.window and s.slots < capacity]
+        self.snapshots: list[tuple[list[int], object]] = []
 
     @staticmethod
     def bytes_needed(cfg: ModelConfig, capacity: int, bytes_per_element: int, n_batch: int,
@@ -79,20 +85,39 @@ class KVCache:
             n += 1
         return n
 
+    def snapshot(self) -> None:
+        """Keep a copy of the ring layers as they are now (a no-op without rings)."""
+        if not self.rings or not self.tokens:
+            return
+        if any(ids == self.tokens for ids, _ in self.snapshots):
+            return
+        copy = self.storage.snapshot(self.rings)
+        self.snapshots = (self.snapshots + [(list(self.tokens), copy)])[-self.MAX_SNAPSHOTS:]
+
     def rewind(self, length: int) -> int:
         """Forget everything after the first `length` tokens (their slots are overwritten
-        later); returns the length actually kept.
+        later); returns the length actually kept, which the caller re-feeds from.
 
-        A ring buffer that has wrapped has overwritten old keys that a shorter sequence
-        would need again once the rewind goes back further than its spare slots
-        (slots - window + 1); the cache then restarts empty, and the caller re-feeds the
-        ids, rather than attend over wrong keys."""
+        A ring that has wrapped has overwritten keys a shorter sequence needs again once
+        the rewind goes back further than its spare slots (slots - window + 1). Then the
+        latest snapshot at or before `length` (of this same token sequence) is restored,
+        or the cache restarts empty: never attention over wrong keys."""
         length = min(length, self.length)
-        for s in self.specs:
-            if s.window and self.length > s.slots and self.length - length > s.slots - s.window + 1:
+        if not self._in_place(length):
+            usable = [(len(ids), copy) for ids, copy in self.snapshots
+                      if len(ids) <= length and self.tokens[:len(ids)] == ids]
+            if usable:
+                length, copy = max(usable, key=lambda u: u[0])
+                self.storage.restore(copy)
+            else:
                 length = 0
         del self.tokens[length:]
         return length
+
+    def _in_place(self, length: int) -> bool:
+        lost = self.length - length
+        return all(self.length <= s.slots or lost <= s.slots - s.window + 1
+                   for s in (self.specs[i] for i in self.rings))
 
     def commit(self, ids: list[int]) -> None:
         """Record ids whose K/V a completed forward pass has written."""

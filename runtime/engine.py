@@ -49,6 +49,16 @@ class Engine:
 
     def prefill(self, ids: list[int]):
         """Make the cache hold exactly `ids`, reusing the longest common prefix of token ids;
-        returns the last position's logits."""
-        keep = self.cache.rewind(min(self.cache.common_prefix(ids), len(ids) - 1))
+        returns the last position's logits.
+
+        With sliding-window rings, the cache is snapshotted where the next turn's rewind
+        will land: the end of the previous exchange (edit and resend) and the prompt
+        without its last token (regenerate re-feeds that one token for its logits)."""
+        cache = self.cache
+        cache.snapshot()
+        keep = cache.rewind(min(cache.common_prefix(ids), len(ids) - 1))
+        if cache.rings and keep < len(ids) - 1:
+            self.eval(ids[keep:-1])
+            cache.snapshot()
+            keep = len(ids) - 1
         return self.eval(ids[keep:])

@@ -64,6 +64,18 @@ class MLXKV(KVStorage):
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.k + self.v if a is not None)
 
+    def snapshot(self, layers):
+        copy = [(i, mx.array(self.k[i]), None if self.v[i] is None else mx.array(self.v[i]))
+                for i in layers]
+        mx.eval([a for _, k, v in copy for a in (k, v) if a is not None])
+        return copy
+
+    def restore(self, copy):
+        for i, k, v in copy:  # the snapshot stays intact: later writes replace these arrays
+            self.k[i] = mx.array(k)
+            if v is not None:
+                self.v[i] = mx.array(v)
+
 
 class MLXRng:
     """A PRNG key that advances on every draw (seeded through mx.random.key)."""

@@ -135,3 +135,40 @@ def test_prefix_reuse_and_rewind_match_a_fresh_cache(tiny, engine_for, family):
         assert eng.cache.tokens == b
         want = engine_for(path).eval(b, all_logits=True)[-1]
         assert _rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_regenerate_and_resend_on_wrapped_rings_use_snapshots(tiny, engine_for, family):
+    """Chat turns on a ring of 11 slots: regenerating a 12-token reply re-feeds only the
+    prompt's last token (from the snapshot prefill took), and resending after a reply
+    resumes from the end of that exchange; every result equals a fresh cache's."""
+    _, path, _ = tiny(family)
+    eng = engine_for(path, n_batch=4)
+    fed = []
+    eval_ = eng.eval
+    eng.eval = lambda ids, **kw: (fed.append(len(ids)), eval_(ids, **kw))[1]
+
+    def check(got, ids):
+        assert eng.cache.tokens == ids
+        want = engine_for(path).eval(ids, all_logits=True)[-1]
+        assert _rel(eng.backend.to_numpy(got)[0], want) <= 1e-5
+
+    prompt, reply = IDS[:20], IDS[20:32]
+    eng.prefill(prompt)
+    for t in reply:  # "generation"
+        eng.eval([t])
+    fed.clear()
+    check(eng.prefill(prompt), prompt)                # regenerate: back 12 > 8 spare slots
+    assert fed == [1]
+    for t in reply:
+        eng.eval([t])
+    fed.clear()
+    turn = prompt + reply + IDS[32:40]
+    check(eng.prefill(turn), turn)                     # the next turn extends the cache
+    assert sum(fed) == 8
+    for t in reply:
+        eng.eval([t])
+    fed.clear()
+    resend = prompt + reply + [7, 8, 9]                # edit and resend that turn
+    check(eng.prefill(resend), resend)
+    assert sum(fed) == 3
