@@ -58,3 +58,15 @@ def test_mla_cache_holds_the_latent_and_rope_key_only(backend, tmp_path):
     full = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
     assert full / latent == 4.0
     assert cache.nbytes * 4 == c.num_hidden_layers * 1024 * full * el
+
+
+def test_info_reports_the_cache_kind_and_bytes_per_token(tmp_path, capsys):
+    from diptych.cli import main
+
+    hf = tiny_hf_model("deepseek_v3")
+    path = write_gguf(hf, "deepseek_v3", tmp_path / "m.gguf")
+    assert main(["info", str(path), "--backend", "torch", "--n-ctx", "1024"]) == 0
+    c = hf.config
+    per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # fp32
+    out = capsys.readouterr().out
+    assert f"MLA latent cache, 32 + 8 values per token and layer: {per_token} bytes/token" in out
