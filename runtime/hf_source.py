@@ -68,19 +68,24 @@ def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
             header = json.loads(fh.read(n))
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot read the safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a safetensors file (its header is not a table)")
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + n else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            np_dtype, ggml_type = _DTYPES[info["dtype"]]
-        except KeyError:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (8 + n + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(f"{path}: corrupt header entry for tensor {name}") from None
+        if dtype not in _DTYPES:
             raise UnsupportedModelError(
-                f"{path}: tensor {name} has dtype {info['dtype']}; supported: F32, F16, BF16"
-            ) from None
-        shape = tuple(info["shape"])
-        begin, end = (8 + n + o for o in info["data_offsets"])
+                f"{path}: tensor {name} has dtype {dtype}; supported: F32, F16, BF16")
+        np_dtype, ggml_type = _DTYPES[dtype]
+        if min(shape, default=0) < 0 or not 8 + n <= begin <= end:
+            raise ModelFileError(f"{path}: corrupt header entry for tensor {name}")
         if end > size:
             raise ModelFileError(f"{path}: truncated (tensor {name} ends past the end of the file)")
         if end - begin != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
@@ -90,7 +95,7 @@ def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
 
 
 def _quant(name: str, arr: np.ndarray, ggml_type: T) -> QuantTensor:
-    """Raw elements (f32, f16, or bf16 as uint16) as a QuantTensor, without copying."""
+    """Raw elements (f32, f16, or bf16 as uint16) as a QuantTensor (a view when contiguous)."""
     shape = arr.shape if arr.ndim else (1,)
     rows = np.ascontiguousarray(arr).reshape(-1, shape[-1])
     return QuantTensor(name, ggml_type, tuple(int(s) for s in shape), rows.view(np.uint8))

@@ -174,3 +174,13 @@ def test_sharded_folder_with_index(tmp_path):
     shards[-1].unlink()
     with pytest.raises(ModelFileError, match="missing weight shards"):
         HFSource(folder)
+
+
+@pytest.mark.parametrize("header", [[1, 2], {"x": {"dtype": "F32"}},
+                                    {"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}])
+def test_corrupt_safetensors_header(tmp_path, header):
+    folder = _folder(tmp_path)
+    head = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
+    with pytest.raises(ModelFileError, match="not a safetensors file|corrupt header"):
+        HFSource(folder)
