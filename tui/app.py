@@ -23,7 +23,7 @@ THEMES = ("textual-dark", "textual-light")
 class DiptychApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "diptych"
-    BINDINGS = [Binding("ctrl+c", "quit_twice", "Quit", show=False, priority=False)]
+    BINDINGS = [Binding("ctrl+c", "quit_twice", "Quit", show=False)]
 
     def __init__(self, source: str | Path | None = None, *, model=None, backend: str = "auto",
                  n_ctx: int | None = None, settings: ChatSettings | None = None,

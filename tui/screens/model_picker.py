@@ -37,6 +37,7 @@ class ModelPicker(ModalScreen[Path | str | None]):
         options = self.query_one(OptionList)
         options.clear_options()
         options.add_options(Option(c.label, id=str(i)) for i, c in enumerate(self.choices))
+        options.highlighted = 0
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         choice = self.choices[int(event.option.id)]
