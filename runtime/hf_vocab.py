@@ -161,6 +161,7 @@ def _pre_tokenizer(tj: dict, path: Path) -> str:
     names = [name for name, (p, _, _) in _PRE_TOKENIZERS.items() if p == passes]
     if not names:
         raise UnsupportedModelError(
-            f"{path}: the pre-tokenizer (regexes {list(passes)}) matches none llama.cpp knows")
+            f"{path}: the pre-tokenizer (regexes {list(passes)}) is none of those diptych runs "
+            "(runtime/tokenizer.py)")
     same = [n for n in names if _PRE_TOKENIZERS[n][1] == ignore_merges]
     return (same or names)[0]
