@@ -184,3 +184,27 @@ def test_corrupt_safetensors_header(tmp_path, header):
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
     with pytest.raises(ModelFileError, match="not a safetensors file|corrupt header"):
         HFSource(folder)
+
+
+def test_unsupported_tokenizers(tmp_path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\w+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    from diptych.hf_vocab import vocab_metadata
+
+    with pytest.raises(UnsupportedModelError, match="none of those diptych runs"):
+        vocab_metadata(folder, 2, True)
+    tok.decoder = decoders.ByteFallback()  # a SentencePiece-style tokenizer.json
+    tok.save(str(folder / "tokenizer.json"))
+    with pytest.raises(UnsupportedModelError, match="byte-level BPE"):
+        vocab_metadata(folder, 2, True)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelFileError, match="no tokenizer"):
+        vocab_metadata(folder, 2, True)
