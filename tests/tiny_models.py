@@ -2,9 +2,12 @@
 
     tiny_hf_model(family, seed=0, tied=False, **config)  -> transformers model, fp32, eval mode
     save_hf_folder(model, folder, tokenizer="spm"|"bpe", dtype=None) -> folder (config.json,
-        model.safetensors, a tiny tokenizer); dtype="float16"/"bfloat16" stores the weights so
-    write_gguf(model, family, path, type="F32")  -> path: the folder converted by our converter
+        model.safetensors, a tiny tokenizer); dtype="float16"/"bfloat16" stores the weights
+        rounded to that type (the model itself stays fp32)
+    write_gguf(model, family, path, type="F32")  -> path, written by diptych's converter from
+        a folder saved beside it (path.with_suffix(".hf")); `family` is implied by the model
     tiny_tokenizer(folder, kind, vocab_size)     -> writes tokenizer files only
+    logits(model, ids)                           -> transformers' logits, float32 (len(ids), vocab)
 
 Families: llama, qwen2, mistral, gemma3, qwen3, qwen3moe, mixtral, deepseek_v2, deepseek_v3.
 Models are 2 layers, d=64, vocab 128 (a byte-level BPE tokenizer needs vocab_size >= 300),
