@@ -3,7 +3,7 @@
     tiny_hf_model(family, seed=0, tied=False, **config)  -> transformers model, fp32, eval mode
     save_hf_folder(model, folder, tokenizer="spm"|"bpe", dtype=None) -> folder (config.json,
         model.safetensors, a tiny tokenizer); dtype="float16"/"bfloat16" stores the weights
-        rounded to that type (the model itself stays fp32)
+        rounded to that type, and the model keeps the rounded weights, back in fp32
     write_gguf(model, family, path, type="F32")  -> path, written by diptych's converter from
         a folder saved beside it (path.with_suffix(".hf")); `family` is implied by the model
     tiny_tokenizer(folder, kind, vocab_size)     -> writes tokenizer files only
