@@ -11,6 +11,10 @@ Attention: the step's K/V are written into the cache by position (device array),
 DECODE_MAX_T queries use the split-K decode kernels (full cache, ring-buffer window, MLA in
 latent space); longer chunks (prefill, eager) use torch's SDPA over the cache.
 
+Training (autograd recording, an input requiring grad): the linears run the same kernels with
+grad_x = grad_y @ dequant(W) as their backward; RMSNorm, RoPE and attention (cache write
+included) run as plain torch ops, which autograd records.
+
 Activations are bf16 on CUDA (fp16 overflows in Gemma). `CudaBackend(device="cpu")` runs
 every kernel under TRITON_INTERPRET=1 on CPU tensors (fp32 or fp16): the CI wiring check.
 """
@@ -117,11 +121,16 @@ class CudaBackend(TorchBackend):
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(w, DenseWeight):
             y = F.linear(x2, w.w, None if bias is None else bias.to(x.dtype))
+        elif _grad(x2):
+            y = _QuantLinearFn.apply(x2, w)
+            y = y if bias is None else y + bias.to(y.dtype)
         else:
             y = qmatmul.qmatmul(x2, w, bias)
         return y.reshape(*lead, y.shape[-1])
 
     def rms_norm(self, x, w, eps):
+        if _grad(x, w):
+            return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
         return norm.rms_norm(x, w, eps)
 
     def add_rms_norm(self, x, residual, w, eps):
@@ -137,14 +146,28 @@ class CudaBackend(TorchBackend):
         return inv
 
     def rope(self, x, positions, spec: RopeSpec):
-        return norm.rope(x, positions, self._frequencies(spec))
+        inv = self._frequencies(spec)
+        if not _grad(x):
+            return norm.rope(x, positions, inv)
+        angle = positions[:, :, None, None].float() * inv  # what the kernel computes
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        half = spec.dim // 2
+        x1, x2, rest = x[..., :half], x[..., half:spec.dim], x[..., spec.dim:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
         spec = kv.specs[layer]
         kc, vc = kv.k[layer], kv.v[layer]
         ring = spec.window > 0
-        attn.write_kv(k, v, kc, vc, step.positions, ring=ring)
         n = q.shape[1]
+        if _grad(q, k, v):  # training: torch writes and SDPA, which autograd records
+            start, end = step.start, step.start + n
+            where = torch.arange(start, end, device=kc.device) % spec.slots
+            kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
+            if vc is not None:
+                vc[:, :, where] = v.transpose(1, 2).to(vc.dtype)
+            return self._chunk_attention(q, kc, vc, spec, step, scale)
+        attn.write_kv(k, v, kc, vc, step.positions, ring=ring)
         if n > DECODE_MAX_T:
             return self._chunk_attention(q, kc, vc, spec, step, scale)
         if spec.v_from_k:
@@ -189,6 +212,24 @@ class CudaBackend(TorchBackend):
         if not self.device.startswith("cuda"):
             return fn
         return GraphStep(fn, torch.device(self.device))
+
+
+def _grad(*tensors) -> bool:
+    """Whether autograd records this op: then the differentiable torch path runs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """y = x @ W.T with W quantized and frozen: grad_x = grad_y @ dequant(W), no grad_W."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.w = w
+        return qmatmul.qmatmul(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return qmatmul.grad_input(grad_y, ctx.w), None
 
 
 class GraphStep:

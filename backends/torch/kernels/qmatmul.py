@@ -6,8 +6,9 @@ order, with quant/dequant.py's formula per type. On top of it:
           weight tile, summed along K in fp32; each weight byte is read once for all M rows.
   _gemm   tl.dot on (BM, BK) x tiles and dequantized (BN, BK) weight tiles, fp32 accumulate
           (prefill chunks up to DEQUANT_MM_MIN_M rows).
-  _dequant  writes dequantized rows (optionally gathered by id): the embedding lookup, and
-          the large-M path that dequantizes row tiles into a buffer for a cuBLAS matmul.
+  _dequant  writes dequantized rows (optionally gathered by id): the embedding lookup, the
+          large-M path that dequantizes row tiles into a buffer for a cuBLAS matmul, and the
+          input gradient (training) grad_y @ W on the same tiles.
 Every load and store is masked (rows past N, columns past K, rows of x past M).
 """
 
@@ -267,6 +268,19 @@ def dequant_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torc
     if bias is not None:
         y += bias.to(y.dtype)
     return y
+
+
+def grad_input(grad_y: torch.Tensor, w) -> torch.Tensor:
+    """grad_y (M, N) @ W -> (M, K): the input gradient of a frozen quantized linear."""
+    n, k = w.out_features, w.in_features
+    gx = torch.zeros((grad_y.shape[0], k), dtype=torch.float32, device=grad_y.device)
+    step = max(16, min(n, DEQUANT_TILE_ELEMENTS // k))
+    buf = torch.empty((step, k), dtype=grad_y.dtype, device=grad_y.device)
+    for r0 in range(0, n, step):
+        rn = min(step, n - r0)
+        tile = dequantize(w, grad_y.dtype, row0=r0, n_rows=rn, out=buf[:rn])
+        gx += (grad_y[:, r0:r0 + rn] @ tile).float()
+    return gx.to(grad_y.dtype)
 
 
 def qmatmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

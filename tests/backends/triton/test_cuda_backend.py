@@ -106,3 +106,30 @@ def test_select_picks_cuda_backend_when_cuda_is_present(monkeypatch):
     assert select("torch") == "cuda backend"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert isinstance(select("torch"), TorchBackend)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_gradients_match_cpu_backend(window):
+    """Training path: grad_x through a quantized linear, RMSNorm, RoPE and attention."""
+    from diptych.backends.base import LayerCacheSpec, RopeSpec, Step
+
+    g = torch.Generator().manual_seed(0)
+    qt = make_weight(T.Q4_K, 24, 256)
+    x0 = torch.randn(1, 5, 256, generator=g)
+    h0 = torch.randn(1, 5, 4, 16, generator=g)
+    nw = torch.randn(256, generator=g)
+    grads = []
+    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
+        x = x0.clone().to(be.device).requires_grad_()
+        q = h0.clone().to(be.device).requires_grad_()
+        pos = be.ids(np.arange(5)[None])
+        y = be.linear(be.rms_norm(x, be.prepare_vector(nw.numpy()), 1e-5), be.prepare(qt))
+        y = y * 0.02  # scores of order 1: a well-conditioned softmax
+        k = be.rope(y[..., :16].reshape(1, 5, 1, 16).expand(1, 5, 2, 16), pos, RopeSpec(16, 1e4))
+        v = y[..., 8:24].reshape(1, 5, 1, 16).expand(1, 5, 2, 16)
+        kv = be.alloc_kv([LayerCacheSpec(8, 2, 16, window=window)], 1)
+        out = be.attention(be.rope(q, pos, RopeSpec(16, 1e4)), k, v, kv, 0, Step(pos, 0, 5), 0.25)
+        (out.float() ** 2).sum().backward()
+        grads.append((x.grad.cpu(), q.grad.cpu()))
+    for ref, got in zip(*grads):
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
