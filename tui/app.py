@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from textual import work
+from textual.worker import get_current_worker
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 
@@ -74,7 +75,8 @@ class DiptychApp(App):
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)
             return
-        self.call_from_thread(self._loaded, source, backend, model)
+        if not get_current_worker().is_cancelled:  # a later pick replaces this one
+            self.call_from_thread(self._loaded, source, backend, model)
 
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend

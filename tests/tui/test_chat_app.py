@@ -8,6 +8,8 @@ import time
 
 from textual import events
 
+from diptych.backends import available
+
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.screens.model_picker import ModelPicker
@@ -112,12 +114,10 @@ def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_
             assert len(model.tokenize(kept, add_bos=False)) < 300  # well before max_tokens
 
     run(body())
-    assert greedy(model, [{"role": "user", "content": "Hi"}], 4)  # the model stays usable
+    assert greedy(model, [{"role": "user", "content": "Hi"}], 2)  # the model stays usable
 
 
 def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
-    question = [{"role": "user", "content": "Name a color."}]
-
     async def body():
         app = make_app(model, max_tokens=8)
         async with app.run_test(size=SIZE) as pilot:
@@ -128,7 +128,7 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
             await pilot.pause()
             assert transcript(app) == [("user", "Name a color."), ("assistant", first)]
             assert rows(data_dir) == transcript(app)
-            prompt_ids = model.chat_prompt(question)
+            prompt_ids = model.chat_prompt([{"role": "user", "content": "Name a color."}])
             assert model.engine.cache.tokens[:len(prompt_ids)] == prompt_ids
 
             await pilot.press("ctrl+l")
@@ -137,7 +137,6 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
             await send(pilot, ["backspace"] * 6 + list("fruit."))
             edited = transcript(app)
             assert edited[0] == ("user", "Name a fruit.") and rows(data_dir) == edited
-        assert first == greedy(model, question, 8)
         assert edited[1][1] == greedy(model, [{"role": "user", "content": "Name a fruit."}], 8)
 
     run(body())
@@ -164,7 +163,7 @@ def test_a_chat_reopens_after_a_restart_and_continues(model, data_dir):
             return transcript(app)
 
     before = run(first_run())
-    greedy(model, [{"role": "user", "content": "Something else entirely."}], 4)  # other cache
+    greedy(model, [{"role": "user", "content": "Something else entirely."}], 1)  # other cache
     after = run(second_run())
     assert after[:2] == before and len(after) == 4 and rows(data_dir) == after
     history = [{"role": r, "content": c} for r, c in after[:3]]
@@ -198,5 +197,13 @@ def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
             assert "context 0/1024" in app.chat.status.text
             await send(pilot, "Hello")
             assert transcript(app)[-1][0] == "assistant"
+
+            if "mlx" in available():  # the backend is a setting where there is a choice
+                await pilot.press("ctrl+s")
+                app.screen.query_one("#backend").value = "mlx"
+                await pilot.press("ctrl+s")
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                assert app.model.backend.name == "mlx" and "mlx (cpu" in app.chat.status.text
 
     run(body())

@@ -204,9 +204,11 @@ class ChatScreen(Screen):
                 self.store.set_chat_settings(self.chat.id, result.settings)
             else:
                 self.app.default_settings = result.settings
-            if result.backend != self.app.backend_name and self.app.model_source is not None:
-                self.stop()
-                self.app.load_model(self.app.model_source, result.backend)
+            if result.backend != self.app.backend_name:
+                self.app.backend_name = result.backend
+                if self.app.model is not None:
+                    self.stop()
+                    self.app.load_model(self.app.model_source, result.backend)
 
         self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available()),
                              saved)

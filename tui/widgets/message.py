@@ -65,7 +65,7 @@ class MessageView(Vertical, can_focus=True):
 
     async def write(self, text: str) -> None:
         self.content += text
-        if self._stream is not None:
+        if self._stream is not None and self.is_attached:  # the chat may have been closed
             await self._stream.write(text)
 
     async def end_stream(self, note: str | None = None) -> None:
