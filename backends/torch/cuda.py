@@ -135,6 +135,9 @@ class CudaBackend(TorchBackend):
 
     def add_rms_norm(self, x, residual, w, eps):
         """(x + residual, rms_norm(x + residual)) in one pass."""
+        if _grad(x, residual, w):
+            h = x + residual
+            return h, self.rms_norm(h, w, eps)
         return norm.rms_norm(x, w, eps, residual=residual)
 
     def _frequencies(self, spec: RopeSpec) -> torch.Tensor:

@@ -36,10 +36,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
     the sum rounded to x's dtype once, as an unfused add would."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     n, dim = x2.shape
-    y = torch.empty_like(x2)
-    r2 = residual.reshape(-1, dim) if residual is not None else x2
-    s = torch.empty_like(x2) if residual is not None else y
+    y = torch.empty((n, dim), dtype=x.dtype, device=x.device)
+    r2 = residual.reshape(-1, dim).contiguous() if residual is not None else x2
+    s = torch.empty_like(y) if residual is not None else y
     _rms_norm[(n,)](x2, r2, w, y, s, dim, eps, x2.stride(0), r2.stride(0), y.stride(0),
                     s.stride(0), RESIDUAL=residual is not None, BD=_pow2(dim),
                     num_warps=4 if dim <= 2048 else 8)

@@ -21,6 +21,10 @@ def test_rms_norm_and_residual(dtype, device):
     want = F.rms_norm(x.float(), (72,), w, 1e-5)
     torch.testing.assert_close(norm.rms_norm(x, w, 1e-5).float(), want, rtol=TOL[dtype],
                                atol=TOL[dtype])
+    wide = torch.randn(2, 3, 100).to(device, dtype)[..., 10:82]  # a strided view (MLA's c_kv)
+    torch.testing.assert_close(norm.rms_norm(wide, w, 1e-5).float(),
+                               F.rms_norm(wide.float(), (72,), w, 1e-5), rtol=TOL[dtype],
+                               atol=TOL[dtype])
     s, y = norm.rms_norm(x, w, 1e-5, residual=r)
     assert torch.equal(s, x + r)
     torch.testing.assert_close(y.float(), F.rms_norm((x + r).float(), (72,), w, 1e-5),
