@@ -55,6 +55,17 @@ class QuantTensor:
         return QuantTensor(self.name, self.ggml_type, (len(index), self.shape[1]),
                            np.ascontiguousarray(self.data[index]))
 
+    @staticmethod
+    def stack_rows(name: str, parts: list["QuantTensor"]) -> "QuantTensor":
+        """One matrix holding the rows of 2-D `parts` (same type and width) in order."""
+        first = parts[0]
+        if any(p.ggml_type != first.ggml_type or len(p.shape) != 2 or p.shape[1] != first.shape[1]
+               for p in parts):
+            raise ValueError(f"{name}: stack_rows needs 2-D parts of one type and width")
+        rows = sum(p.shape[0] for p in parts)
+        return QuantTensor(name, first.ggml_type, (rows, first.shape[1]),
+                           np.concatenate([p.data for p in parts]))
+
     def matrix(self, i: int) -> "QuantTensor":
         """The i-th matrix of a 3-D tensor (an expert of a stacked MoE weight): a view."""
         if len(self.shape) != 3:

@@ -51,9 +51,16 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
 
 def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
     batch, n_tok = step.positions.shape
-    q = be.linear(h, layer.wq, layer.bq).reshape(batch, n_tok, cfg.n_heads, cfg.head_dim)
-    k = be.linear(h, layer.wk, layer.bk).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
-    v = be.linear(h, layer.wv, layer.bv).reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
+    if layer.wqkv is not None:
+        qkv = be.linear(h, layer.wqkv, layer.bqkv)
+        q_end, k_end = cfg.q_dim, cfg.q_dim + cfg.kv_dim
+        q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+    else:
+        q, k, v = (be.linear(h, layer.wq, layer.bq), be.linear(h, layer.wk, layer.bk),
+                   be.linear(h, layer.wv, layer.bv))
+    q = q.reshape(batch, n_tok, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = be.rms_norm(q, layer.q_norm, cfg.rms_eps)
         k = be.rms_norm(k, layer.k_norm, cfg.rms_eps)
@@ -90,7 +97,11 @@ def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
 def _ffn(be, cfg: ModelConfig, layer: LayerWeights, h):
     """The dense FFN (in MoE layers: the shared experts, if any) plus the routed experts."""
     out = None
-    if layer.w_gate is not None:
+    if layer.w_gate_up is not None:
+        gate_up = be.linear(h, layer.w_gate_up)
+        ff = gate_up.shape[-1] // 2
+        out = be.linear(be.glu(gate_up[..., :ff], gate_up[..., ff:], cfg.act), layer.w_down)
+    elif layer.w_gate is not None:
         out = be.linear(be.glu(be.linear(h, layer.w_gate), be.linear(h, layer.w_up), cfg.act),
                         layer.w_down)
     if layer.experts is not None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from diptych.quant import QuantTensor
+
 from .config import ModelConfig
 from .errors import ModelFileError
 from .families import family_for
@@ -33,7 +35,10 @@ class LayerWeights:
     attn_norm: Any
     wo: Any
     ffn_norm: Any
-    # attention projections (standard)
+    # attention projections (standard); when Q, K and V share a block type they are one
+    # matrix wqkv (and bqkv), and gate/up one w_gate_up: one kernel call instead of three
+    wqkv: Any = None
+    bqkv: Any = None
     wq: Any = None
     wk: Any = None
     wv: Any = None
@@ -54,13 +59,15 @@ class LayerWeights:
     post_attn_norm: Any = None
     post_ffn_norm: Any = None
     # FFN: a dense SwiGLU/GeGLU (in MoE layers: the shared experts), and routed experts
+    w_gate_up: Any = None
     w_gate: Any = None
     w_up: Any = None
     w_down: Any = None
     experts: Experts | None = None
 
 
-_MATRICES = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "w_gate", "w_up", "w_down")
+_MATRICES = ("wqkv", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "w_gate_up", "w_gate",
+             "w_up", "w_down")
 
 
 @dataclass
@@ -127,12 +134,26 @@ class _Source:
         return qt
 
     def matrix(self, name, shape, order=None):
+        return self.backend.prepare(self.tensor(name, shape, order))
+
+    def tensor(self, name, shape, order=None):
         qt = self.get(name, shape)
-        return self.backend.prepare(qt if order is None else qt.take_rows(order))
+        return qt if order is None else qt.take_rows(order)
+
+    def values(self, name, n, order=None) -> np.ndarray:
+        values = self.get(name, (n,)).dequantize()
+        return values if order is None else values[order]
 
     def vector(self, name, n, order=None):
-        values = self.get(name, (n,)).dequantize()
-        return self.backend.prepare_vector(values if order is None else values[order])
+        return self.backend.prepare_vector(self.values(name, n, order))
+
+    def stacked(self, name, parts: list[tuple]):
+        """Several matrices (name, shape, order) as one prepared matrix when they share a
+        block type; None otherwise (the caller then prepares them one by one)."""
+        types = {self.tensors[p[0]].ggml_type for p in parts if p[0] in self.tensors}
+        if len(types) != 1 or not all(p[0] in self.tensors for p in parts):
+            return None
+        return self.backend.prepare(QuantTensor.stack_rows(name, [self.tensor(*p) for p in parts]))
 
 
 def load_weights(tensors: dict, cfg: ModelConfig, backend,
@@ -155,16 +176,21 @@ def load_weights(tensors: dict, cfg: ModelConfig, backend,
             attn = _mla_weights(cfg, p, src)
         else:
             q, kv, hd = cfg.q_dim, cfg.kv_dim, cfg.head_dim
-            attn = dict(
-                wq=matrix(p + "attn_q.weight", (q, d), qk_order(q, cfg.n_heads)),
-                wk=matrix(p + "attn_k.weight", (kv, d), qk_order(kv, cfg.n_kv_heads)),
-                wv=matrix(p + "attn_v.weight", (kv, d)),
-                wo=matrix(p + "attn_output.weight", (d, q)),
-            )
+            qkv = [(p + "attn_q.weight", (q, d), qk_order(q, cfg.n_heads)),
+                   (p + "attn_k.weight", (kv, d), qk_order(kv, cfg.n_kv_heads)),
+                   (p + "attn_v.weight", (kv, d))]
+            attn = dict(wqkv=src.stacked(p + "attn_qkv", qkv),
+                        wo=matrix(p + "attn_output.weight", (d, q)))
+            if attn["wqkv"] is None:
+                attn.update(wq=matrix(*qkv[0]), wk=matrix(*qkv[1]), wv=matrix(*qkv[2]))
             if cfg.qkv_bias:
-                attn.update(bq=vector(p + "attn_q.bias", q, qk_order(q, cfg.n_heads)),
-                            bk=vector(p + "attn_k.bias", kv, qk_order(kv, cfg.n_kv_heads)),
-                            bv=vector(p + "attn_v.bias", kv))
+                biases = [src.values(p + "attn_q.bias", q, qk_order(q, cfg.n_heads)),
+                          src.values(p + "attn_k.bias", kv, qk_order(kv, cfg.n_kv_heads)),
+                          src.values(p + "attn_v.bias", kv)]
+                if attn["wqkv"] is not None:
+                    attn["bqkv"] = backend.prepare_vector(np.concatenate(biases))
+                else:
+                    attn.update(zip(("bq", "bk", "bv"), map(backend.prepare_vector, biases)))
             if cfg.qk_norm:
                 attn.update(q_norm=vector(p + "attn_q_norm.weight", hd),
                             k_norm=vector(p + "attn_k_norm.weight", hd))
@@ -182,8 +208,10 @@ def load_weights(tensors: dict, cfg: ModelConfig, backend,
                 layer.w_up = matrix(p + "ffn_up_shexp.weight", (sh, d))
                 layer.w_down = matrix(p + "ffn_down_shexp.weight", (d, sh))
         else:
-            layer.w_gate = matrix(p + "ffn_gate.weight", (ff, d))
-            layer.w_up = matrix(p + "ffn_up.weight", (ff, d))
+            gate_up = [(p + "ffn_gate.weight", (ff, d)), (p + "ffn_up.weight", (ff, d))]
+            layer.w_gate_up = src.stacked(p + "ffn_gate_up", gate_up)
+            if layer.w_gate_up is None:
+                layer.w_gate, layer.w_up = matrix(*gate_up[0]), matrix(*gate_up[1])
             layer.w_down = matrix(p + "ffn_down.weight", (d, ff))
         layers.append(layer)
     norm = vector("output_norm.weight", d)
