@@ -55,6 +55,7 @@ class DiptychApp(App):
             self.load_model(self.model_source, self.backend_name)
 
     def on_unmount(self) -> None:
+        self.chat.quit_reply()
         self.store.close()
 
     # -- model loading -------------------------------------------------------------------------

@@ -38,7 +38,12 @@ async def wait_for(pilot, condition, timeout=60.0):
 
 async def send(pilot, text):
     await pilot.press(*text, "enter")
-    await pilot.app.workers.wait_for_complete()
+    await replied(pilot)
+
+
+async def replied(pilot):
+    """Wait until the reply is finished and its generation thread has left the model."""
+    await wait_for(pilot, lambda: not pilot.app.chat.generating)
     await pilot.pause()
 
 
@@ -104,9 +109,7 @@ def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_
             partial = rows(data_dir)[-1]
             assert partial[0] == "assistant" and reply_view.content.startswith(partial[1])
             await pilot.press("escape")
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            assert not app.chat.generating
+            await replied(pilot)
             kept = reply_view.content
             assert kept and reply_view.query_one(".note").content == "stopped"
             assert rows(data_dir)[-1] == ("assistant", kept)
@@ -117,6 +120,23 @@ def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_
     assert greedy(model, [{"role": "user", "content": "Hi"}], 2)  # the model stays usable
 
 
+def test_quitting_mid_reply_keeps_what_was_generated(model, data_dir):
+    async def body():
+        app = make_app(model, max_tokens=400)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press(*"Tell me a story.", "enter")
+            await wait_for(pilot, lambda: len(app.chat.transcript.messages) == 2
+                           and len(app.chat.transcript.messages[1].content) > 10)
+            app._driver.send_message(events.Key("ctrl+c", None))
+            app._driver.send_message(events.Key("ctrl+c", None))
+            await wait_for(pilot, lambda: app.return_code == 0)
+            return app.chat.transcript.messages[1]
+
+    view = run(body())
+    role, saved = rows(data_dir)[-1]
+    assert role == "assistant" and saved.startswith(view.content) and len(saved) > 10
+
+
 def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
     async def body():
         app = make_app(model, max_tokens=8)
@@ -124,8 +144,7 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
             await send(pilot, "Name a color.")
             first = transcript(app)[-1][1]
             await pilot.press("ctrl+r")
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            await replied(pilot)
             assert transcript(app) == [("user", "Name a color."), ("assistant", first)]
             assert rows(data_dir) == transcript(app)
             prompt_ids = model.chat_prompt([{"role": "user", "content": "Name a color."}])

@@ -9,6 +9,7 @@ the right messages.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .model_picker import ModelPicker
 from .settings import SettingsResult, SettingsScreen
 
 SAVE_EVERY_S = 0.5  # how often a streaming reply is written to the database
+QUIT_WAIT_S = 10.0  # the longest a quit waits for the generation thread to stop
 TITLE_LENGTH = 40
 
 
@@ -69,6 +71,12 @@ class ChatScreen(Screen):
         self.chat: Chat | None = None
         self.settings = ChatSettings()
         self.worker: Worker | None = None
+        # True from a reply's start until its thread has left the model: a cancelled worker
+        # reports itself finished at once, while its thread may still be inside a token
+        self.generating = False
+        self.model_free = threading.Event()  # cleared while a generation thread uses the model
+        self.model_free.set()
+        self.reply_view: MessageView | None = None
         self.last_timings = None
 
     def compose(self):
@@ -108,10 +116,6 @@ class ChatScreen(Screen):
     @property
     def status(self) -> StatusBar:
         return self.query_one(StatusBar)
-
-    @property
-    def generating(self) -> bool:
-        return self.worker is not None and self.worker.is_running
 
     def refresh_chat_list(self) -> None:
         self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None)
@@ -257,6 +261,9 @@ class ChatScreen(Screen):
         view = await self.transcript.add("assistant", "", row.id)
         view.begin_stream()
         self.query_one("#stop").display = True
+        self.generating = True
+        self.model_free.clear()
+        self.reply_view = view
         self.worker = self.generate(model, self.settings.messages(history),
                                     self.settings.generation_kwargs(), view)
 
@@ -279,6 +286,7 @@ class ChatScreen(Screen):
         finally:
             if pieces is not None:
                 pieces.close()
+            self.model_free.set()
         try:
             self.app.call_from_thread(self.finish_reply, view, timings, error, stopped)
         except RuntimeError:  # the app has exited
@@ -294,6 +302,7 @@ class ChatScreen(Screen):
             self.refresh_status("generating…")
 
     async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
+        self.generating, self.reply_view = False, None
         self.query_one("#stop").display = False
         await view.write(view.pending.take())
         self.store.update_message(view.message_id, view.content)
@@ -309,12 +318,21 @@ class ChatScreen(Screen):
         self.refresh_status("stopped" if stopped else "")
         self.refresh_chat_list()
 
+    def quit_reply(self) -> None:
+        """The app is quitting: stop the reply, wait for its thread to leave the model (one
+        token at most), and save what has arrived."""
+        self.stop()
+        self.model_free.wait(timeout=QUIT_WAIT_S)
+        if self.reply_view is not None:
+            view = self.reply_view
+            self.store.update_message(view.message_id, view.content + view.pending.take())
+
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:
         self.stop()
 
     def stop(self) -> None:
-        if self.generating:
+        if self.generating and self.worker is not None:
             self.worker.cancel()
 
     async def action_regenerate(self) -> None:
