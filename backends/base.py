@@ -20,10 +20,20 @@ Array = Any  # the backend's own array type (torch.Tensor, mx.array)
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """Rotary embedding on the first `dim` channels of each head, NeoX (half-split) pairing."""
+    """Rotary embedding on the first `dim` channels of each head, NeoX (half-split) pairing:
+    pair i turns by position * frequency i, with frequencies theta^(-2i/dim) unless
+    `inv_freq` gives them (scaled RoPE: linear, llama3, YaRN); cos and sin are multiplied
+    by `mscale` (YaRN's attention factor)."""
 
     dim: int
     theta: float
+    inv_freq: tuple[float, ...] | None = None
+    mscale: float = 1.0
+
+    def frequencies(self) -> np.ndarray:
+        if self.inv_freq is not None:
+            return np.asarray(self.inv_freq, dtype=np.float64)
+        return self.theta ** -(np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .rope import RopeScaling
+
 
 @dataclass(frozen=True)
 class MoESpec:
@@ -67,6 +69,7 @@ class ModelConfig:
     sliding_window: int = 0           # tokens a sliding-window layer sees (itself included)
     window_layers: tuple = ()         # per layer: True where attention is sliding-window
     rope_theta_local: float = 0.0     # RoPE base of the sliding-window layers (0: rope_theta)
+    rope_scaling: RopeScaling | None = None  # of the layers at rope_theta
     moe: MoESpec | None = None
     mla: MLASpec | None = None
 
@@ -90,7 +93,7 @@ class ModelConfig:
         if self.attn_scale:
             return self.attn_scale
         key_dim = self.mla.qk_nope + self.mla.qk_rope if self.mla else self.head_dim
-        return key_dim ** -0.5
+        return key_dim ** -0.5 * (self.rope_scaling.softmax_factor() if self.rope_scaling else 1.0)
 
     def kv_layer_values(self) -> tuple[int, int]:
         """(values one token stores in one layer's cache, of which V values)."""

@@ -28,8 +28,8 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
         x = x * cfg.embed_scale
     for i, layer in enumerate(w.layers):
         h = be.rms_norm(x, layer.attn_norm, cfg.rms_eps)
-        a = _mla(be, cfg, layer, h, kv, i, step) if cfg.mla else \
-            _attention(be, cfg, layer, h, kv, i, step)
+        attend = _mla if cfg.mla else _attention
+        a = attend(be, cfg, layer, h, kv, i, step, w.ropes[i])
         if layer.post_attn_norm is not None:
             a = be.rms_norm(a, layer.post_attn_norm, cfg.rms_eps)
         x = x + a
@@ -49,7 +49,8 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     return logits
 
 
-def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
+def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step,
+               rope: RopeSpec):
     batch, n_tok = step.positions.shape
     if layer.wqkv is not None:
         qkv = be.linear(h, layer.wqkv, layer.bqkv)
@@ -64,13 +65,12 @@ def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: S
     if cfg.qk_norm:
         q = be.rms_norm(q, layer.q_norm, cfg.rms_eps)
         k = be.rms_norm(k, layer.k_norm, cfg.rms_eps)
-    rope = RopeSpec(cfg.rope_dim, cfg.layer_rope_theta(i))
     q = be.rope(q, step.positions, rope)
     k = be.rope(k, step.positions, rope)
     return be.linear(be.attention(q, k, v, kv, i, step, cfg.softmax_scale()), layer.wo)
 
 
-def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
+def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step, rope: RopeSpec):
     """Multi-head latent attention with weight absorption: the cache holds one latent
     (normalised c_kv) and one RoPE'd key part per token; queries are mapped into the latent
     space by W_UK, attention runs there, and W_UV maps its output to values."""
@@ -82,7 +82,6 @@ def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step):
     else:
         q = be.linear(h, layer.wq)
     q = q.reshape(batch, n_tok, cfg.n_heads, m.qk_nope + m.qk_rope)
-    rope = RopeSpec(m.qk_rope, cfg.rope_theta)
     q_lat = be.head_linear(q[..., :m.qk_nope], layer.k_b)           # (B, T, H, kv_lora)
     q_pe = be.rope(q[..., m.qk_nope:], step.positions, rope)
     kv_a = be.linear(h, layer.wkv_a).reshape(batch, n_tok, 1, m.kv_lora_rank + m.qk_rope)

@@ -14,9 +14,12 @@ import numpy as np
 
 from diptych.quant import QuantTensor
 
+from diptych.backends.base import RopeSpec
+
 from .config import ModelConfig
 from .errors import ModelFileError
 from .families import family_for
+from .rope import layer_rope
 
 
 @dataclass
@@ -76,6 +79,7 @@ class ModelWeights:
     layers: list[LayerWeights]
     output_norm: Any
     output: Any  # the same object as tok_embd when the output is tied
+    ropes: list[RopeSpec] = field(default_factory=list)  # per layer
 
     def linears(self):
         """(name, prepared weight) for every quantizable matrix, each once."""
@@ -216,7 +220,24 @@ def load_weights(tensors: dict, cfg: ModelConfig, backend,
         layers.append(layer)
     norm = vector("output_norm.weight", d)
     out = tok if cfg.tied_output else matrix("output.weight", (cfg.vocab_size, d))
-    return ModelWeights(tok, layers, norm, out)
+    return ModelWeights(tok, layers, norm, out, _ropes(cfg, src))
+
+
+def _ropes(cfg: ModelConfig, src: _Source) -> list[RopeSpec]:
+    """Each layer's RoPE. Scaling (and Llama 3's rope_freqs divisors) applies to the layers
+    at the model's main base, not to sliding-window layers with a local base of their own."""
+    dim = cfg.mla.qk_rope if cfg.mla else cfg.rope_dim
+    factors = src.values("rope_freqs.weight", dim // 2) if src.has("rope_freqs.weight") else None
+    specs = {}
+    out = []
+    for i in range(cfg.n_layers):
+        theta = cfg.layer_rope_theta(i)
+        if theta not in specs:
+            main = theta == cfg.rope_theta
+            specs[theta] = layer_rope(dim, theta, cfg.rope_scaling if main else None,
+                                      factors if main else None)
+        out.append(specs[theta])
+    return out
 
 
 def _experts(cfg, p, src: _Source) -> Experts:

@@ -128,7 +128,7 @@ class MLXBackend(Backend):
         self.dtype = mx_dtype(dtype) if dtype is not None else default
         self.scale_dtype = (mx_dtype(scale_dtype) if scale_dtype is not None
                             else (mx.float32 if self.device == "cpu" else self.dtype))
-        self._freqs: dict[tuple, mx.array] = {}
+        self._freqs: dict[RopeSpec, mx.array] = {}
         self._ropes: dict[int, object] = {}
         self._offset: tuple = (None, None)
         self._compile = compile
@@ -184,12 +184,10 @@ class MLXBackend(Backend):
         return mx.fast.rms_norm(x, w, eps)
 
     def _periods(self, spec: RopeSpec) -> mx.array:
-        key = (spec.dim, spec.theta)
-        p = self._freqs.get(key)
+        p = self._freqs.get(spec)
         if p is None:
-            p = mx.array((spec.theta ** (np.arange(0, spec.dim, 2, dtype=np.float64) / spec.dim))
-                         .astype(np.float32))
-            self._freqs[key] = p
+            p = mx.array((1.0 / spec.frequencies()).astype(np.float32))
+            self._freqs[spec] = p
         return p
 
     def rope(self, x, positions, spec: RopeSpec):
@@ -205,7 +203,10 @@ class MLXBackend(Backend):
             if self._compile:  # shape-specialised: one trace per (T, H), ~2.5x less overhead
                 fn = mx.compile(fn)
             self._ropes[spec.dim] = fn
-        return fn(x, offset, self._periods(spec))
+        out = fn(x, offset, self._periods(spec))
+        if spec.mscale != 1.0:  # YaRN: the rotated channels only
+            out = mx.concatenate([out[..., :spec.dim] * spec.mscale, out[..., spec.dim:]], axis=-1)
+        return out
 
     def attention(self, q, k, v, kv: MLXKV, layer, step: Step, scale):
         spec = kv.specs[layer]

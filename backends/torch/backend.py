@@ -49,7 +49,7 @@ class TorchBackend(Backend):
         configure_threads()
         self.device = device
         self.dtype = torch.float32
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- weights -------------------------------------------------------------------------
     def prepare(self, qt: QuantTensor) -> QuantLinear:
@@ -83,14 +83,14 @@ class TorchBackend(Backend):
         return F.rms_norm(x, (x.shape[-1],), w, eps)
 
     def _cos_sin(self, spec: RopeSpec, n_pos: int):
-        key = (spec.dim, spec.theta)
-        cached = self._rope_cache.get(key)
+        cached = self._rope_cache.get(spec)
         if cached is None or cached[0].shape[0] < n_pos:
             size = max(n_pos, 2 * (cached[0].shape[0] if cached else 2048))
-            inv = 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim))
+            inv = torch.from_numpy(spec.frequencies())
             ang = torch.arange(size, dtype=torch.float64)[:, None] * inv[None, :]
-            cached = (ang.cos().to(self.dtype), ang.sin().to(self.dtype))
-            self._rope_cache[key] = cached
+            cached = ((ang.cos() * spec.mscale).to(self.dtype),
+                      (ang.sin() * spec.mscale).to(self.dtype))
+            self._rope_cache[spec] = cached
         return cached
 
     def rope(self, x, positions, spec: RopeSpec):

@@ -143,17 +143,17 @@ class CudaBackend(TorchBackend):
     def _frequencies(self, spec: RopeSpec) -> torch.Tensor:
         inv = self._inv_freq.get(spec)
         if inv is None:
-            exps = torch.arange(0, spec.dim, 2, dtype=torch.float64) / spec.dim
-            inv = (1.0 / spec.theta ** exps).to(self.device, torch.float32)
+            inv = torch.from_numpy(spec.frequencies()).to(self.device, torch.float32)
             self._inv_freq[spec] = inv
         return inv
 
     def rope(self, x, positions, spec: RopeSpec):
         inv = self._frequencies(spec)
         if not _grad(x):
-            return norm.rope(x, positions, inv)
+            return norm.rope(x, positions, inv, spec.mscale)
         angle = positions[:, :, None, None].float() * inv  # what the kernel computes
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        cos = (angle.cos() * spec.mscale).to(x.dtype)
+        sin = (angle.sin() * spec.mscale).to(x.dtype)
         half = spec.dim // 2
         x1, x2, rest = x[..., :half], x[..., half:spec.dim], x[..., spec.dim:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import MLASpec, ModelConfig, MoESpec
 from ..errors import ModelFileError, UnsupportedModelError
+from ..rope import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def config_from_gguf(metadata: Mapping, tensor_shapes: Mapping[str, tuple]) -> M
         cfg = replace(cfg, moe=_moe_spec(fam, m, tensor_shapes, n_layers))
     if fam.mla:
         cfg = _with_mla(cfg, m)
-    _check_rope_scaling(m, tensor_shapes)
+    cfg = replace(cfg, rope_scaling=_rope_scaling(m))
     if cfg.n_heads % cfg.n_kv_heads or cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
         raise ModelFileError(f"inconsistent attention shape in metadata: {cfg}")
     return cfg
@@ -181,8 +182,18 @@ def _with_mla(cfg: ModelConfig, m: _Meta) -> ModelConfig:
     return replace(cfg, mla=mla, n_kv_heads=1, head_dim=qk, rope_dim=rope)
 
 
-def _check_rope_scaling(m: _Meta, shapes: Mapping) -> None:
-    scaling = m.get("rope.scaling.type", "none")
+def _rope_scaling(m: _Meta) -> RopeScaling | None:
+    kind = m.get("rope.scaling.type", "none") or "none"
     factor = float(m.get("rope.scaling.factor", 1.0) or 1.0)
-    if (scaling not in ("none", None) and factor != 1.0) or "rope_freqs.weight" in shapes:
-        raise UnsupportedModelError(f"RoPE scaling {scaling!r} is not supported yet")
+    if kind == "none" or factor == 1.0:
+        return None
+    if kind not in ("linear", "yarn"):
+        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported")
+    return RopeScaling(
+        kind, factor,
+        original_context=int(m.get("rope.scaling.original_context_length", 0) or 0),
+        beta_fast=float(m.get("rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(m.get("rope.scaling.yarn_beta_slow", 1.0)),
+        ext_factor=float(m.get("rope.scaling.yarn_ext_factor", 1.0)),
+        attn_factor=float(m.get("rope.scaling.yarn_attn_factor", 0.0) or 0.0),
+        log_multiplier=float(m.get("rope.scaling.yarn_log_multiplier", 0.0) or 0.0))
