@@ -145,6 +145,11 @@ class Backend(ABC):
     @abstractmethod
     def rms_norm(self, x: Array, w: Array, eps: float) -> Array: ...
 
+    def add_rms_norm(self, x: Array, residual: Array, w: Array, eps: float) -> tuple:
+        """(x + residual, rms_norm(x + residual)): a backend may do both in one pass."""
+        h = x + residual
+        return h, self.rms_norm(h, w, eps)
+
     @abstractmethod
     def rope(self, x: Array, positions: Array, spec: RopeSpec) -> Array:
         """x (B, T, H, Dh), positions (B, T)."""
@@ -202,6 +207,11 @@ class Backend(ABC):
 
     @abstractmethod
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    def compile_step(self, fn):
+        """The decode step fn(tokens, positions, start) as the backend runs it best (a CUDA
+        graph replays it); by default fn itself."""
+        return fn
 
     def describe(self) -> str:
         return f"{self.name} ({self.device})"

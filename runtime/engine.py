@@ -23,6 +23,12 @@ class Engine:
         self.weights = weights
         self.n_batch = n_batch
         self.cache = KVCache(backend, cfg, n_ctx, n_batch)
+        self._decode = backend.compile_step(self._decode_step)
+
+    def _decode_step(self, tokens, positions, start: int):
+        """One token through the graph: the step a backend may capture and replay."""
+        step = Step(positions, start, 1)
+        return forward(self.backend, self.cfg, self.weights, tokens, self.cache.storage, step)
 
     def eval(self, ids: list[int], all_logits: bool = False):
         """Append `ids` after what the cache holds.
@@ -36,10 +42,13 @@ class Engine:
         for lo in range(0, len(ids), self.n_batch):
             chunk = ids[lo:lo + self.n_batch]
             start, n = self.cache.length, len(chunk)
-            step = Step(be.ids(np.arange(start, start + n)[None, :]), start, n)
-            at = np.arange(n) if all_logits else None
-            logits = forward(be, self.cfg, self.weights, be.ids(np.array([chunk])),
-                             self.cache.storage, step, at)
+            positions, tokens = be.ids(np.arange(start, start + n)[None, :]), be.ids([chunk])
+            if n == 1 and not all_logits:
+                logits = self._decode(tokens, positions, start)
+            else:
+                at = np.arange(n) if all_logits else None
+                logits = forward(be, self.cfg, self.weights, tokens, self.cache.storage,
+                                 Step(positions, start, n), at)
             self.cache.commit(chunk)
             if all_logits:
                 rows.append(be.to_numpy(logits[0]))

@@ -22,28 +22,28 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     `logits_at` picks the positions (indices into T) whose logits are computed; None means
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
     """
-    be = backend
+    be, eps = backend, cfg.rms_eps
     x = be.embed(w.tok_embd, tokens)
     if cfg.embed_scale != 1.0:
         x = x * cfg.embed_scale
+    h = be.rms_norm(x, w.layers[0].attn_norm, eps)
+    attend = _mla if cfg.mla else _attention
+    # each residual add is fused with the norm that follows it (the next layer's, or the
+    # output norm after the last layer)
+    next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]
     for i, layer in enumerate(w.layers):
-        h = be.rms_norm(x, layer.attn_norm, cfg.rms_eps)
-        attend = _mla if cfg.mla else _attention
         a = attend(be, cfg, layer, h, kv, i, step, w.ropes[i])
         if layer.post_attn_norm is not None:
-            a = be.rms_norm(a, layer.post_attn_norm, cfg.rms_eps)
-        x = x + a
-
-        h = be.rms_norm(x, layer.ffn_norm, cfg.rms_eps)
+            a = be.rms_norm(a, layer.post_attn_norm, eps)
+        x, h = be.add_rms_norm(a, x, layer.ffn_norm, eps)
         f = _ffn(be, cfg, layer, h)
         if layer.post_ffn_norm is not None:
-            f = be.rms_norm(f, layer.post_ffn_norm, cfg.rms_eps)
-        x = x + f
+            f = be.rms_norm(f, layer.post_ffn_norm, eps)
+        x, h = be.add_rms_norm(f, x, next_norms[i], eps)
 
     if logits_at is None:
         logits_at = np.array([step.n_tokens - 1])
-    x = be.take_positions(x, logits_at)
-    logits = be.linear(be.rms_norm(x, w.output_norm, cfg.rms_eps), w.output)
+    logits = be.linear(be.take_positions(h, logits_at), w.output)
     if cfg.final_softcap:
         logits = be.softcap(logits, cfg.final_softcap)
     return logits
