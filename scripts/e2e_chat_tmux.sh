@@ -13,11 +13,12 @@ trap 'tmux kill-session -t "$session" 2>/dev/null || true; rm -rf "$data"' EXIT
 
 screen() { tmux capture-pane -p -t "$session"; }
 
-wait_for() {  # wait_for PATTERN WHAT: poll the screen until PATTERN (grep -E) shows
-    local deadline=$((SECONDS + TIMEOUT))
-    until screen | grep -Eq "$1"; do
+wait_until() {  # wait_until WHAT COMMAND...: poll until COMMAND succeeds
+    local what=$1 deadline=$((SECONDS + TIMEOUT))
+    shift
+    until "$@"; do
         if ((SECONDS > deadline)); then
-            echo "e2e: timed out waiting for $2; the screen was:" >&2
+            echo "e2e: timed out waiting for $what; the screen was:" >&2
             screen >&2
             exit 1
         fi
@@ -25,20 +26,25 @@ wait_for() {  # wait_for PATTERN WHAT: poll the screen until PATTERN (grep -E) s
     done
 }
 
+shows() { screen | grep -Eq "$1"; }
+
+# the status bar starts with "generating…" while a reply streams, and shows its speed after
+reply_done() { shows 'decode [0-9.]+ tok/s' && ! shows '^generating'; }
+
 tmux new-session -d -s "$session" -x 120 -y 36 \
     "DIPTYCH_DATA_DIR='$data' '$PYTHON' -m diptych.cli chat --backend torch --n-ctx 1024 \
      --temperature 0 --max-tokens 32; echo 'diptych exited'; sleep 30"
 
-wait_for 'context [0-9]+/1024' "the model to load"
+wait_until "the model to load" shows 'context [0-9]+/1024'
 tmux send-keys -t "$session" -l "What is the capital of France?"
 tmux send-keys -t "$session" Enter
-wait_for 'decode [0-9.]+ tok/s' "the reply to finish"
+wait_until "the reply" reply_done
 screen | grep -q "Paris" || { echo "e2e: no 'Paris' in the reply:" >&2; screen >&2; exit 1; }
 
 tmux send-keys -t "$session" C-c
 sleep 0.3
 tmux send-keys -t "$session" C-c
-wait_for 'diptych exited' "the app to quit on a double Ctrl+C"
+wait_until "the app to quit on a double Ctrl+C" shows 'diptych exited'
 
 "$PYTHON" - "$data/chats.sqlite3" <<'PY'
 import sqlite3, sys

@@ -28,7 +28,7 @@ class DiptychApp(App):
 
     def __init__(self, source: str | Path | None = None, *, model=None, backend: str = "auto",
                  n_ctx: int | None = None, settings: ChatSettings | None = None,
-                 store_path: Path | None = None, autoload: bool = True):
+                 autoload: bool = True):
         """`source`: a .gguf path, or None for the embedded default. `model`: an already
         loaded Model to use instead (loading is then skipped). `autoload=False` starts
         with no model."""
@@ -38,7 +38,7 @@ class DiptychApp(App):
         self.backend_name = model.backend.name if model is not None else resolve(backend)
         self.n_ctx = model.n_ctx if model is not None and n_ctx is None else n_ctx
         self.default_settings = settings or ChatSettings()
-        self.store = Store(store_path or database_path())
+        self.store = Store(database_path())
         self.autoload = autoload and model is None
         self.chat = ChatScreen()
         self._last_ctrl_c = 0.0

@@ -214,8 +214,6 @@ def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
             assert app.model is not model and app.model.path == model.path
             assert any(n.message.startswith("Loaded ") for n in app._notifications)
             assert "context 0/1024" in app.chat.status.text
-            await send(pilot, "Hello")
-            assert transcript(app)[-1][0] == "assistant"
 
             if "mlx" in available():  # the backend is a setting where there is a choice
                 await pilot.press("ctrl+s")

@@ -2,9 +2,9 @@
 
 Replies are generated in a thread worker, one token at a time; the worker hands text to
 the UI loop without waiting for it (see `ReplyText`) and checks for cancellation between
-tokens, so Escape stops a reply at once and keeps what was generated. The model itself rewinds its KV cache to the longest common
-token-id prefix of each new prompt, so regenerate and edit-and-resend only have to pass
-the right messages.
+tokens, so Escape stops a reply at once and keeps what was generated. The model itself
+rewinds its KV cache to the longest common token-id prefix of each new prompt, so
+regenerate and edit-and-resend only have to pass the right messages.
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ class ChatScreen(Screen):
         self.generating = True
         self.model_free.clear()
         self.reply_view = view
+        self.refresh_status("generating…")
         self.worker = self.generate(model, self.settings.messages(history),
                                     self.settings.generation_kwargs(), view)
 
@@ -278,7 +279,7 @@ class ChatScreen(Screen):
                 if worker.is_cancelled:
                     stopped = True
                     break
-                timings = piece.timings
+                timings = view.timings = piece.timings  # updated in place as tokens come
                 if view.pending.add(piece.text):
                     self.post_message(ReplyText(view))
         except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
@@ -299,7 +300,7 @@ class ChatScreen(Screen):
         if now - view.saved_at > SAVE_EVERY_S:
             view.saved_at = now
             self.store.update_message(view.message_id, view.content)
-            self.refresh_status("generating…")
+            self.status.show(self.app.model, view.timings, "generating…")
 
     async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
         self.generating, self.reply_view = False, None

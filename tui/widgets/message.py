@@ -50,6 +50,7 @@ class MessageView(Vertical, can_focus=True):
         self._next_block = 0
         self.pending = PendingText()
         self.saved_at = 0.0  # monotonic time a streaming reply was last written to the store
+        self.timings = None  # a streaming reply's Timings
 
     def compose(self):
         yield Label("You" if self.role == "user" else "Assistant", classes="role")

@@ -39,6 +39,4 @@ class StatusBar(Horizontal):
         if timings is not None:
             parts.append(f"prompt {timings.prefill_tps:.0f} decode {timings.decode_tps:.1f} tok/s")
         parts.append(f"{memory_in_use() / (1 << 20):.0f} MiB")
-        if note:
-            parts.append(note)
-        self.query_one("#facts", Static).update(" │ ".join(parts))
+        self.query_one("#facts", Static).update(" │ ".join(([note] if note else []) + parts))
