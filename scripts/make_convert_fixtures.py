@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from llama_cpp_model import open_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "convert"
@@ -87,24 +88,10 @@ def llama_cpp_convert(lcpp: Path, folder: Path, out: Path) -> None:
 def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     import llama_cpp
 
-    # No extra CPU buffer types: llama.cpp's AMX path crashes on these CPUs.
-    low = llama_cpp.llama_cpp
-    default_params = low.llama_model_default_params
-
-    def params():
-        p = default_params()
-        if hasattr(p, "use_extra_bufts"):
-            p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        # an F32 KV cache (llama.cpp's default is F16), so F32 files compare at fp32 accuracy
-        llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-                              verbose=False)
-    finally:
-        low.llama_model_default_params = default_params
+    # an F32 KV cache (llama.cpp's default is F16), so F32 files compare at fp32 accuracy
+    llm = open_llama(path, n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
+                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                     verbose=False)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
 

@@ -99,6 +99,7 @@ from pathlib import Path
 
 import numpy as np
 from diptych.pypi_fetch import sha256_file
+from llama_cpp_model import open_llama
 from diptych.pypi_models import MODELS as PYPI_MODELS
 from diptych.pypi_models import cached_path
 
@@ -157,25 +158,9 @@ def _topk_rows(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: int = TOPK) -> None:
     """Run llama.cpp on one model and write its fixture (runs in a child process)."""
     import llama_cpp
-    from llama_cpp import Llama
 
     kwargs = dict(LLAMA_KWARGS)
-    # llama-cpp-python 0.3.x swallows unknown Llama(...) kwargs, so `use_extra_bufts=False`
-    # is set on the C model params directly: no extra CPU buffer types (AMX, repack).
-    low = llama_cpp.llama_cpp
-    default_params = low.llama_model_default_params
-
-    def no_extra_bufts():
-        params = default_params()
-        if hasattr(params, "use_extra_bufts"):
-            params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        llm = Llama(str(model_path), **kwargs)
-    finally:
-        low.llama_model_default_params = default_params
+    llm = open_llama(model_path, **kwargs)
     kwargs["use_extra_bufts"] = bool(llm.model_params.use_extra_bufts)
     kwargs["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     n_vocab = llm.n_vocab()
