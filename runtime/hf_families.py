@@ -158,6 +158,8 @@ _GEMMA3 = HFFamily("gemma3", norm_shift=1.0, meta=(
 _QWEN3MOE = HFFamily("qwen3moe", sentencepiece_first=False, meta=(
     ("expert_feed_forward_length", get("moe_intermediate_size")),
     ("expert_shared_feed_forward_length", get("shared_expert_intermediate_size")),
+    # transformers' default is False; llama.cpp always normalises (real Qwen3-MoE sets True)
+    ("expert_weights_norm", lambda c: bool(c.get("norm_topk_prob", False))),
 ))
 
 

@@ -172,3 +172,17 @@ def test_regenerate_and_resend_on_wrapped_rings_use_snapshots(tiny, engine_for, 
     resend = prompt + reply + [7, 8, 9]                # edit and resend that turn
     check(eng.prefill(resend), resend)
     assert sum(fed) == 3
+
+
+def test_moe_without_topk_normalisation(tmp_path, backend_name):
+    """Qwen3-MoE with norm_topk_prob=False (transformers' default): the routing weights are
+    the raw softmax probabilities of the chosen experts."""
+    import diptych
+
+    from ..tiny_models import save_hf_folder
+
+    hf = tiny_hf_model("qwen3moe", seed=1, norm_topk_prob=False)
+    model = diptych.load(save_hf_folder(hf, tmp_path / "m"), backend=backend_name, n_ctx=64)
+    assert model.config.moe.norm_topk is False
+    ref = logits(hf, IDS)
+    assert _rel(model.logits(IDS), ref) <= 1e-4
