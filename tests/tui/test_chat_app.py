@@ -12,6 +12,7 @@ from diptych.backends import available
 
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
+from diptych.tui.context_window import fit_messages
 from diptych.tui.screens.model_picker import ModelPicker
 from diptych.tui.widgets.prompt import PromptArea
 
@@ -224,3 +225,19 @@ def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
                 assert app.model.backend.name == "mlx" and "mlx (cpu" in app.chat.status.text
 
     run(body())
+
+
+def test_a_chat_longer_than_the_context_leaves_out_its_oldest_turns(model):
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):
+        messages += [{"role": "user", "content": f"Tell me about {i}. " + "word " * 60},
+                     {"role": "assistant", "content": f"{i} is a number. " + "yes " * 40}]
+    messages.append({"role": "user", "content": "Which number came last?"})
+    assert len(model.chat_prompt(messages)) > model.n_ctx
+
+    kept, dropped = fit_messages(model, messages, max_tokens=512)
+    assert kept[0] == messages[0] and kept[-1] == messages[-1] and kept[1]["role"] == "user"
+    assert kept[1:] == messages[1 + dropped:]
+    assert len(model.chat_prompt(kept)) + model.n_ctx // 4 <= model.n_ctx
+    assert len(model.chat_prompt(messages[:1] + messages[dropped - 1:])) + 256 > model.n_ctx
+    assert fit_messages(model, messages[-3:], max_tokens=512) == (messages[-3:], 0)

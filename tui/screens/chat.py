@@ -24,6 +24,7 @@ from textual.worker import Worker, get_current_worker
 from diptych.backends import available
 
 from ..chat_settings import ChatSettings
+from ..context_window import fit_messages
 from ..export import chat_to_markdown, code_blocks, export_filename
 from ..store import Chat
 from ..widgets.message import MessageView
@@ -274,6 +275,11 @@ class ChatScreen(Screen):
         timings, error, stopped = None, None, False
         pieces = None
         try:
+            messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
+            if dropped:
+                self.app.call_from_thread(
+                    self.notify, f"The {dropped} oldest messages no longer fit in the context "
+                    f"of {model.n_ctx} tokens and were left out of this reply's prompt.")
             pieces = model.chat_stream(messages, **kwargs)
             for piece in pieces:
                 if worker.is_cancelled:
