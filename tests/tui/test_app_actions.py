@@ -11,6 +11,7 @@ from diptych.tui.screens.dialogs import Confirm, TextPrompt
 from diptych.tui.screens.model_picker import ModelPicker
 from diptych.tui.screens.settings import SettingsScreen
 from diptych.tui.store import Store
+from diptych.tui.widgets.prompt import PromptArea
 
 from .conftest import run
 
@@ -196,3 +197,18 @@ def test_palette_theme_and_double_ctrl_c():
             return app.theme
 
     assert run(restart()) == "textual-light"
+
+
+def test_ctrl_j_inserts_a_newline_and_enter_without_a_model_sends_nothing():
+    async def body():
+        app = DiptychApp(autoload=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a", "ctrl+j", "b")
+            prompt = app.query_one(PromptArea)
+            assert prompt.text == "a\nb"
+            await pilot.press("enter")
+            assert prompt.text == "a\nb" and app.chat.transcript.messages == []
+            assert any("No model is loaded" in n.message for n in app._notifications)
+
+    run(body())
+    assert Store(database_path()).chats() == []
