@@ -79,8 +79,8 @@ def cmd_chat(args) -> int:
                             **_sampling(args))
     settings.validate()
     resolve(args.backend)
-    if args.model is not None and not Path(args.model).is_file():
-        raise ModelFileError(f"{args.model}: no such file")
+    if args.model is not None and not Path(args.model).exists():
+        raise ModelFileError(f"{args.model}: no such file or folder")
     # fetch the default model (with its progress on stderr) before the screen is taken over
     source = args.model if args.model is not None else default_model_path()
     run_app(source, backend=args.backend, n_ctx=args.n_ctx, settings=settings)

@@ -26,7 +26,8 @@ class ModelPicker(ModalScreen[Path | str | None]):
         with Vertical(classes="dialog-body wide"):
             yield Label("Load a model", classes="dialog-title")
             yield OptionList(id="model-list")
-            yield Input(placeholder="or type the path of a .gguf file, or of a folder to search",
+            yield Input(placeholder="or type the path of a .gguf file, a Hugging Face model folder, "
+                                    "or a folder to search",
                         id="model-path")
 
     def on_mount(self) -> None:
@@ -47,7 +48,8 @@ class ModelPicker(ModalScreen[Path | str | None]):
         if not event.value.strip():
             return
         path = Path(event.value.strip()).expanduser()
-        if path.is_dir():  # remembered in the settings file, searched from now on
+        if path.is_dir() and not (path / "config.json").is_file():
+            # a folder of .gguf files (not a Hugging Face model folder): searched from now on
             add_configured_folder(path.resolve())
             event.input.clear()
             self._show_choices()
