@@ -26,8 +26,8 @@ class ModelPicker(ModalScreen[Path | str | None]):
         with Vertical(classes="dialog-body wide"):
             yield Label("Load a model", classes="dialog-title")
             yield OptionList(id="model-list")
-            yield Input(placeholder="or type the path of a .gguf file, a Hugging Face model folder, "
-                                    "or a folder to search",
+            yield Input(placeholder="or a path: a .gguf file, a Hugging Face model folder, "
+                                    "a folder to search",
                         id="model-path")
 
     def on_mount(self) -> None:
