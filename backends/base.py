@@ -7,6 +7,7 @@ one kernel; the graph does not care. Arrays carry a batch dimension first.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -207,6 +208,11 @@ class Backend(ABC):
 
     @abstractmethod
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    def inference(self):
+        """A context for forward passes no gradient flows through (the backend may then
+        skip autograd bookkeeping)."""
+        return contextlib.nullcontext()
 
     def compile_step(self, fn):
         """The decode step fn(tokens, positions, start) as the backend runs it best (a CUDA

@@ -24,7 +24,8 @@ PROMPT_TOKENS, GEN_TOKENS = 256, 128
 
 
 # --models short name -> name in diptych.pypi_models.MODELS
-REGISTRY_NAMES = {"smollm2": "smollm2-135m-instruct", "qwen2": "qwen2.5-coder-0.5b-instruct"}
+REGISTRY_NAMES = {"smollm2": "smollm2-135m-instruct", "qwen2": "qwen2.5-coder-0.5b-instruct",
+                  "gemma3": "gemma-3-270m"}
 
 
 def model_path(name: str) -> str:

@@ -38,6 +38,11 @@ class Engine:
         """
         be = self.backend
         self.cache.check_fits(len(ids))
+        with be.inference():
+            return self._eval(ids, all_logits)
+
+    def _eval(self, ids: list[int], all_logits: bool):
+        be = self.backend
         rows, logits = [], None
         for lo in range(0, len(ids), self.n_batch):
             chunk = ids[lo:lo + self.n_batch]

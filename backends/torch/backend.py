@@ -50,6 +50,10 @@ class TorchBackend(Backend):
         self.device = device
         self.dtype = torch.float32
         self._rope_cache: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_rope: dict[RopeSpec, tuple] = {}
+
+    def inference(self):
+        return torch.inference_mode()
 
     # -- weights -------------------------------------------------------------------------
     def prepare(self, qt: QuantTensor) -> QuantLinear:
@@ -94,13 +98,20 @@ class TorchBackend(Backend):
         return cached
 
     def rope(self, x, positions, spec: RopeSpec):
-        cos, sin = self._cos_sin(spec, int(positions.max()) + 1)
-        cos = cos[positions][:, :, None, :]  # (B, T, 1, dim/2)
-        sin = sin[positions][:, :, None, :]
+        # cos/sin of a step's positions are gathered once and shared by q and k of every
+        # layer (the same positions object), in the half-split layout: the rotation is then
+        # x * cos + swap_halves(x) * (-sin, sin)
+        cached = self._step_rope.get(spec)
+        if cached is None or cached[0] is not positions:
+            cos, sin = self._cos_sin(spec, int(positions.max()) + 1)
+            cos, sin = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+            cached = (positions, torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
+            self._step_rope[spec] = cached
+        _, cos, sin = cached
         half = spec.dim // 2
-        x1, x2, rest = x[..., :half], x[..., half:spec.dim], x[..., spec.dim:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
-        return out
+        rot = x if spec.dim == x.shape[-1] else x[..., :spec.dim]
+        out = rot * cos + torch.cat((rot[..., half:], rot[..., :half]), -1) * sin
+        return out if rot is x else torch.cat((out, x[..., spec.dim:]), -1)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
         spec = kv.specs[layer]
