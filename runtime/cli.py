@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(sp, model_help="a .gguf file or a Hugging Face safetensors folder (default: "
                    "the embedded SmolLM2-135M-Instruct)"):
         sp.add_argument("model", nargs="?", help=model_help)
-        sp.add_argument("--backend", default="auto", help="auto | torch | mlx (default: auto: mlx on Apple silicon, else torch)")
+        sp.add_argument("--backend", default="auto",
+                        help="auto | torch | mlx (default: auto: mlx on Apple silicon, else "
+                             "torch, on CUDA where a GPU is present)")
         sp.add_argument("--n-ctx", type=int, default=None,
                         help="context size in tokens (default: the model's, capped at 8192)")
 
