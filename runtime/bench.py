@@ -21,9 +21,10 @@ def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, flo
     after a short warm-up of every kernel path (a 64-token prompt, a few-token chunk, one
     decode step) so that kernel loading is not timed."""
     engine = model.engine
-    engine.prefill(prompt[:64])
-    engine.eval(prompt[64:68])
-    engine.eval(prompt[68:69])
+    warm = prompt[:64]
+    engine.prefill(warm)
+    engine.eval(warm[:4])
+    engine.eval(warm[:1])
     engine.cache.rewind(0)
     t0 = time.perf_counter()
     logits = engine.prefill(prompt)
