@@ -8,16 +8,19 @@ from diptych.errors import SamplingError
 from diptych.sampling import SamplingParams
 
 
+_SAMPLING = SamplingParams()  # the runtime's defaults are the app's
+
+
 @dataclass
 class ChatSettings:
     system: str = ""
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repetition_penalty: float = 1.0
+    temperature: float = _SAMPLING.temperature
+    top_p: float = _SAMPLING.top_p
+    top_k: int = _SAMPLING.top_k
+    min_p: float = _SAMPLING.min_p
+    repetition_penalty: float = _SAMPLING.repetition_penalty
     max_tokens: int = 512
-    seed: int | None = None
+    seed: int | None = _SAMPLING.seed
 
     def to_dict(self) -> dict:
         return asdict(self)
