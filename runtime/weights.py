@@ -154,8 +154,9 @@ class _Source:
     def stacked(self, name, parts: list[tuple]):
         """Several matrices (name, shape, order) as one prepared matrix when they share a
         block type; None otherwise (the caller then prepares them one by one)."""
-        types = {self.tensors[p[0]].ggml_type for p in parts if p[0] in self.tensors}
-        if len(types) != 1 or not all(p[0] in self.tensors for p in parts):
+        if not all(p[0] in self.tensors for p in parts):
+            return None  # the caller's one-by-one load names the missing tensor
+        if len({self.tensors[p[0]].ggml_type for p in parts}) != 1:
             return None
         return self.backend.prepare(QuantTensor.stack_rows(name, [self.tensor(*p) for p in parts]))
 

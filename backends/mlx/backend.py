@@ -214,15 +214,10 @@ class MLXBackend(Backend):
         end = start + n
         kc, vc = kv.k[layer], kv.v[layer]
         wraps = end > spec.slots  # only a sliding-window ring wraps
-        if wraps:
-            where = mx.array(np.arange(start, end) % spec.slots)
-            kc[:, :, where, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
-            if vc is not None:
-                vc[:, :, where, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
-        else:
-            kc[:, :, start:end, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
-            if vc is not None:
-                vc[:, :, start:end, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
+        where = mx.array(np.arange(start, end) % spec.slots) if wraps else slice(start, end)
+        kc[:, :, where, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
+        if vc is not None:
+            vc[:, :, where, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
         n_keys = spec.slots if wraps else end
         keys = kc[:, :, :n_keys, :]
         values = vc[:, :, :n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
