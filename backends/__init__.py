@@ -3,7 +3,7 @@
 `select("auto")` picks MLX on Apple silicon (arm64 macOS) when MLX is installed, and torch
 everywhere else. On Linux MLX's CPU wheel uses a reference BLAS (about 10x slower than
 torch on the CPU), so it is chosen there only when asked for. torch runs on CUDA (Triton
-kernels, torch/cuda.py) when a CUDA device and Triton are present, else on the CPU.
+kernels, torch/cuda/) when a CUDA device and Triton are present, else on the CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def select(name: str = "auto") -> Backend:
     import torch
 
     if torch.cuda.is_available() and importlib.util.find_spec("triton"):
-        from .torch.cuda import CudaBackend
+        from .torch.cuda.backend import CudaBackend
 
         return CudaBackend()
     from .torch import TorchBackend

@@ -1,6 +1,6 @@
 """The backend contract: the small vocabulary of operations the model graph is written in.
 
-`diptych.graph` calls only these methods (plus `+`, `*` and `.reshape` on the backend's own
+`diptych.model.graph` calls only these methods (plus `+`, `*` and `.reshape` on the backend's own
 array type, which torch and MLX arrays both have). A backend may fuse several of them into
 one kernel; the graph does not care. Arrays carry a batch dimension first.
 """

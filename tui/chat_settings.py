@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from diptych.errors import SamplingError
-from diptych.sampling import SamplingParams
+from diptych.inference.sampling import SamplingParams
 
 
 _SAMPLING = SamplingParams()  # the runtime's defaults are the app's

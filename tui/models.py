@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from diptych.default_model import FILENAME as DEFAULT_FILENAME
+from diptych.sources.default_model import FILENAME as DEFAULT_FILENAME
 
 from .paths import settings_path
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step, window_mask
 from diptych.quant import QuantTensor
 
-from .qlinear import QuantLinear
-from .threads import configure_threads
+from .cpu.qlinear import QuantLinear
+from .cpu.threads import configure_threads
 
 
 class TorchKV(KVStorage):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diptych.sampling import SamplingParams
+from diptych.inference.sampling import SamplingParams
 
 
 def apply_penalties(x: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:

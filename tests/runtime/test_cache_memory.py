@@ -3,8 +3,8 @@
 import pytest
 
 from diptych.backends import select
-from diptych.cache import KVCache, bytes_per_token
-from diptych.families import config_from_gguf
+from diptych.inference.cache import KVCache, bytes_per_token
+from diptych.model.families.gguf import config_from_gguf
 from diptych.quant.gguf_file import GGUFFile
 
 from ..tiny_models import tiny_hf_model, write_gguf
@@ -61,7 +61,7 @@ def test_mla_cache_holds_the_latent_and_rope_key_only(backend, tmp_path):
 
 
 def test_info_reports_the_cache_kind_and_bytes_per_token(tmp_path, capsys):
-    from diptych.cli import main
+    from diptych.cli.main import main
 
     hf = tiny_hf_model("deepseek_v3")
     path = write_gguf(hf, "deepseek_v3", tmp_path / "m.gguf")

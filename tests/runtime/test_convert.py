@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 import diptych
-from diptych.cli import main
-from diptych.convert import CONVERT_TYPES, convert
+from diptych.cli.main import main
+from diptych.sources.convert import CONVERT_TYPES, convert
 from diptych.errors import InvalidArgumentError
-from diptych.hf_source import HFSource
+from diptych.sources.hf_folder import HFSource
 from diptych.quant.gguf_file import GGUFFile
 
 from ..tiny_models import FAMILIES, logits, save_hf_folder, tiny_hf_model
@@ -43,7 +43,7 @@ def _with_file_weights(hf, path):
 
     import torch
 
-    from diptych.weights import unpermute_rows
+    from diptych.model.weights import unpermute_rows
 
     g, hf = GGUFFile(path), copy.deepcopy(hf)
     names = {"model.embed_tokens": "token_embd", "lm_head": "output"}

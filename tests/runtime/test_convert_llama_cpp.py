@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import diptych
-from diptych.convert import convert
-from diptych.hf_source import HFSource
+from diptych.sources.convert import convert
+from diptych.sources.hf_folder import HFSource
 from diptych.quant.gguf_file import GGUFFile
 
 from ..tiny_models import FAMILIES, logits

@@ -1,6 +1,6 @@
 """Streaming detokenization and stop strings."""
 
-from diptych.detokenize import StopMatcher, StreamDecoder
+from diptych.text.detokenize import StopMatcher, StreamDecoder
 
 
 class ByteTokenizer:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diptych.backends import select
-from diptych.engine import Engine
-from diptych.families import config_from_gguf
+from diptych.inference.engine import Engine
+from diptych.model.families.gguf import config_from_gguf
 from diptych.quant.gguf_file import GGUFFile
-from diptych.weights import load_weights
+from diptych.model.weights import load_weights
 
 from ..tiny_models import FAMILIES, logits, tiny_hf_model, write_gguf
 

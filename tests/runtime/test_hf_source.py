@@ -9,7 +9,7 @@ import torch
 
 import diptych
 from diptych.errors import ModelFileError, UnsupportedModelError
-from diptych.hf_source import HFSource
+from diptych.sources.hf_folder import HFSource
 
 from ..tiny_models import FAMILIES, logits, save_hf_folder, tiny_hf_model, tiny_tokenizer
 
@@ -53,8 +53,8 @@ def test_tokenizer_matches_the_folders_own(tmp_path, kind, vocab):
     bos, eos = (1, 2) if kind == "spm" else (0, 2)  # config.json names them, as real ones do
     (folder / "config.json").write_text(json.dumps(
         {"model_type": "llama", "vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos}))
-    from diptych.hf_vocab import vocab_metadata
-    from diptych.tokenizer import Tokenizer
+    from diptych.text.hf_vocab import vocab_metadata
+    from diptych.text.tokenizer import Tokenizer
 
     ours = Tokenizer.from_gguf_metadata(vocab_metadata(folder, vocab, True))
     texts = ["Hello world, the cat sat.", "  two  spaces\nand a newline 123 4567",
@@ -101,7 +101,7 @@ def test_unknown_model_type(tmp_path):
 
 def _rewrite_safetensors(path, drop: str):
     """The file without tensor `drop` (header and data rewritten)."""
-    from diptych.hf_source import read_safetensors
+    from diptych.sources.hf_folder import read_safetensors
 
     tensors = {n: a for n, (a, _) in read_safetensors(path).items() if n != drop}
     header, blobs, offset = {}, [], 0
@@ -197,7 +197,7 @@ def test_unsupported_tokenizers(tmp_path):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
-    from diptych.hf_vocab import vocab_metadata
+    from diptych.text.hf_vocab import vocab_metadata
 
     with pytest.raises(UnsupportedModelError, match="none of those diptych runs"):
         vocab_metadata(folder, 2, True)

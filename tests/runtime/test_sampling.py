@@ -5,7 +5,7 @@ import pytest
 
 from diptych.backends import select
 from diptych.errors import DiptychError, SamplingError
-from diptych.sampling import SamplingParams
+from diptych.inference.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from diptych.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat
+from diptych.text.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat
 from diptych.errors import (ChatTemplateError, DiptychError, InvalidArgumentError,
                             ModelFileError, UnsupportedModelError)
 from diptych.quant.gguf_file import GGUFFile
-from diptych.tokenizer import Tokenizer
+from diptych.text.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CORPUS = json.loads((FIXTURES / "tokenizer_corpus.json").read_text(encoding="utf-8"))
@@ -209,7 +209,7 @@ def test_unknown_pre_tokenizer_falls_back_with_a_warning(metadata_of, caplog):
     source = metadata_of("smollm2")
     md = {k: source[k] for k in source if k.startswith("tokenizer.")}
     md["tokenizer.ggml.pre"] = "no-such-pre-tokenizer"
-    with caplog.at_level(logging.WARNING, logger="diptych.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="diptych.text.tokenizer"):
         tok = Tokenizer.from_gguf_metadata(md)
     assert "no-such-pre-tokenizer" in caplog.text
     assert tok.decode(tok.encode("Hello world, 123!")) == "Hello world, 123!"
@@ -227,7 +227,7 @@ def test_unsupported_or_missing_vocabularies_raise():
 
 
 def test_tiny_byte_level_vocabulary_from_plain_mapping():
-    from diptych.tokenizer import bytes_to_unicode
+    from diptych.text.tokenizer import bytes_to_unicode
 
     alphabet = [bytes_to_unicode()[b] for b in range(256)]
     md = {

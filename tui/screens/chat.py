@@ -23,15 +23,15 @@ from textual.worker import Worker, get_current_worker
 
 from diptych.backends import available
 
-from ..chat_settings import ChatSettings
-from ..context_window import fit_messages
-from ..export import chat_to_markdown, code_blocks, export_filename
-from ..store import Chat
-from ..widgets.message import MessageView
-from ..widgets.prompt import PromptArea
-from ..widgets.sidebar import ChatList
-from ..widgets.status import StatusBar
-from ..widgets.transcript import PAGE, Transcript
+from diptych.tui.chat_settings import ChatSettings
+from diptych.tui.context_window import fit_messages
+from diptych.tui.export import chat_to_markdown, code_blocks, export_filename
+from diptych.tui.store import Chat
+from diptych.tui.widgets.message import MessageView
+from diptych.tui.widgets.prompt import PromptArea
+from diptych.tui.widgets.sidebar import ChatList
+from diptych.tui.widgets.status import StatusBar
+from diptych.tui.widgets.transcript import PAGE, Transcript
 from .dialogs import Confirm, TextPrompt
 from .model_picker import ModelPicker
 from .settings import SettingsResult, SettingsScreen

@@ -10,7 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
-from ..models import ModelChoice, add_configured_folder, discover
+from diptych.tui.models import ModelChoice, add_configured_folder, discover
 
 
 class ModelPicker(ModalScreen[Path | str | None]):

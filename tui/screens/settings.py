@@ -11,7 +11,7 @@ from textual.widgets import Button, Input, Label, Select, TextArea
 
 from diptych.errors import DiptychError
 
-from ..chat_settings import ChatSettings
+from diptych.tui.chat_settings import ChatSettings
 
 
 @dataclass

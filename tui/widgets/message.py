@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.widgets import Label, Markdown
 from textual.widgets.markdown import MarkdownStream
 
-from ..export import code_blocks
+from diptych.tui.export import code_blocks
 
 
 class PendingText:

@@ -6,7 +6,7 @@ from textual.binding import Binding
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
-from ..store import Chat
+from diptych.tui.store import Chat
 
 
 class ChatList(OptionList):

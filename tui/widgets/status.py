@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.containers import Horizontal
 from textual.widgets import ProgressBar, Static
 
-from ..model_facts import memory_in_use, quant_summary
+from diptych.tui.model_facts import memory_in_use, quant_summary
 
 
 class StatusBar(Horizontal):

@@ -7,7 +7,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message as UIMessage
 from textual.widgets import Button
 
-from ..store import Message
+from diptych.tui.store import Message
 from .message import MessageView
 
 PAGE = 30

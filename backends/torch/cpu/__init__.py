@@ -1,0 +1,1 @@
+"""The PyTorch backend on the CPU: numba kernels over GGUF blocks, thread configuration."""

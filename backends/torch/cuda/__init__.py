@@ -1,0 +1,1 @@
+"""The PyTorch backend on CUDA: Triton kernels over GGUF blocks, the decode step as a CUDA graph."""

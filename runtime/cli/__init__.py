@@ -1,0 +1,1 @@
+"""The `diptych` command line (entry point: diptych.cli.main:main)."""

@@ -1,0 +1,86 @@
+"""The decode loop: prefill, sample, stream text pieces, stop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from diptych.text.detokenize import StopMatcher, StreamDecoder
+from diptych.errors import ContextOverflowError, SamplingError
+from .sampling import SamplingParams
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes from the prefill logits; decode makes the others
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+
+@dataclass
+class Piece:
+    """One streamed piece: new text, the token ids it came from, and the running timings.
+
+    The last piece has `finish_reason` set: "stop" (end-of-generation token or stop
+    string) or "length" (max_tokens reached, or the context filled up).
+    """
+
+    text: str
+    token_ids: list[int]
+    timings: Timings
+    finish_reason: str | None = None
+
+
+def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
+                  params: SamplingParams, stop: list[str] | None = None) -> Iterator[Piece]:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not prompt_ids:
+        raise SamplingError("the prompt is empty (no tokens)")
+    capacity = engine.cache.capacity
+    if len(prompt_ids) >= capacity:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
+            f"load the model with a larger n_ctx or shorten the prompt")
+
+    be = engine.backend
+    timings = Timings(prompt_tokens=len(prompt_ids))
+    decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
+    rng = be.new_rng(params.seed)
+    history = list(prompt_ids)
+
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt_ids)
+    timings.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    budget = min(max_tokens, capacity - len(prompt_ids))
+    for i in range(budget):
+        hist = be.ids(history) if params.uses_history else None
+        token = be.sample(logits, params, hist, rng)
+        timings.generated_tokens += 1
+        if token in tokenizer.eog_ids:
+            yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")
+            return
+        history.append(token)
+        text, stopped = matcher.feed(decoder.push(token))
+        if stopped:
+            yield Piece(text, [token], timings, "stop")
+            return
+        if i == budget - 1:
+            yield Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length")
+            return
+        yield Piece(text, [token], timings)
+        logits = engine.eval([token])
+        timings.decode_s = time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""The model: hyper-parameters (config), model families as data, weights and the one graph."""

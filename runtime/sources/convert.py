@@ -1,0 +1,41 @@
+"""`diptych convert`: a Hugging Face safetensors folder to a GGUF file llama.cpp loads.
+
+The folder is read by `HFSource` (the tensors and metadata llama.cpp's converter would
+write) and written by `diptych.quant.gguf_write`, converting the matrices to one type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from diptych.quant.gguf_write import WRITE_TYPES, write_gguf
+
+from diptych.errors import InvalidArgumentError
+from .hf_folder import HFSource
+
+__all__ = ["CONVERT_TYPES", "convert"]
+
+CONVERT_TYPES = tuple(t.name for t in WRITE_TYPES)
+
+
+def convert(folder: str | Path, out: str | Path, type: str = "F16",
+            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the model in `folder` to `out` as GGUF, its matrices as `type` (one of
+    CONVERT_TYPES). `progress(done, total)` receives bytes of the source tensors."""
+    if type.upper() not in CONVERT_TYPES:
+        raise InvalidArgumentError(
+            f"unknown type {type!r}; choose one of {', '.join(CONVERT_TYPES)}")
+    src = HFSource(folder)
+    total = sum(t.nbytes for t in src.tensors.values())
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    return write_gguf(out, src.metadata, src.tensors, GGMLQuantizationType[type.upper()], step)

@@ -1,0 +1,1 @@
+"""Text: tokenizers built from GGUF vocabularies, streaming detokenization, sandboxed chat templates."""

@@ -1,0 +1,167 @@
+"""A Hugging Face tokenizer folder as llama.cpp's `tokenizer.ggml.*` GGUF metadata.
+
+Two kinds, as llama.cpp's converter writes them:
+* SentencePiece (`tokenizer.model`): model "llama", tokens with scores and types, added and
+  special tokens from added_tokens.json / tokenizer_config.json, the vocabulary padded to the
+  model's vocab_size with `[PAD{i}]` tokens.
+* byte-level BPE (`tokenizer.json` with a ByteLevel decoder): model "gpt2", tokens, merges
+  and types; `tokenizer.ggml.pre` names the pre-tokenizer. llama.cpp identifies it by hashing
+  the ids of a probe text; we compare the tokenizer.json's split regexes with the table that
+  runtime/text/tokenizer.py runs (the same regexes llama.cpp runs), so no hash list is needed.
+
+Special token ids, add_bos/add_eos and the chat template come from gguf-py's SpecialVocab,
+which reads them as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import SpecialVocab, TokenType
+
+from diptych.errors import ModelFileError, UnsupportedModelError
+from .tokenizer import _GPT2, _PRE_TOKENIZERS
+
+__all__ = ["vocab_metadata"]
+
+
+def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> dict[str, Any]:
+    """`tokenizer.ggml.*` metadata for the tokenizer files in `folder`. With both files,
+    `sentencepiece_first` picks tokenizer.model (llama.cpp's choice differs per family)."""
+    spm, bpe = folder / "tokenizer.model", folder / "tokenizer.json"
+    if spm.is_file() and (sentencepiece_first or not bpe.is_file()):
+        md = _sentencepiece(folder, spm, vocab_size)
+        merges = False
+    elif bpe.is_file():
+        md = _byte_level_bpe(folder, vocab_size)
+        merges = True
+    else:
+        raise ModelFileError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
+    n_vocab = len(md["tokenizer.ggml.tokens"])
+    special = SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
+    if merges:
+        md["tokenizer.ggml.merges"] = list(special.merges)
+    for kind, token_id in special.special_token_ids.items():
+        md[f"tokenizer.ggml.{_ID_KEYS.get(kind, kind)}_token_id"] = int(token_id)
+    for kind, flag in special.add_special_token.items():
+        md[f"tokenizer.ggml.add_{kind}_token"] = bool(flag)
+    if isinstance(special.chat_template, str):
+        md["tokenizer.chat_template"] = special.chat_template
+    return md
+
+
+_ID_KEYS = {"pad": "padding", "unk": "unknown", "sep": "seperator"}  # gguf-py's key spellings
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc})") from None
+
+
+def _looks_special(text: str) -> bool:
+    """llama.cpp's converter marks these added tokens as control tokens whatever their flags."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _sentencepiece(folder: Path, path: Path, vocab_size: int) -> dict[str, Any]:
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise UnsupportedModelError(
+            f"{path} is a SentencePiece model: install the `sentencepiece` package") from None
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a SentencePiece model ({exc})") from None
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = np.full(vocab_size, -10000.0, dtype=np.float32)
+    types = np.full(vocab_size, TokenType.UNUSED, dtype=np.int32)
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
+                    else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
+                    else TokenType.NORMAL)
+    added = folder / "added_tokens.json"
+    for text, i in (_read_json(added).items() if added.is_file() else ()):
+        if i < vocab_size:
+            tokens[i], scores[i], types[i] = text, -1000.0, TokenType.USER_DEFINED
+    config = folder / "tokenizer_config.json"
+    decoder = _read_json(config).get("added_tokens_decoder", {}) if config.is_file() else {}
+    for key, entry in decoder.items():
+        i, text = int(key), entry["content"]
+        if i >= vocab_size:
+            continue
+        if entry.get("special") or _looks_special(text):
+            types[i] = TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = TokenType.USER_DEFINED
+        tokens[i], scores[i] = text, -1000.0
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types}
+
+
+def _byte_level_bpe(folder: Path, vocab_size: int) -> dict[str, Any]:
+    path = folder / "tokenizer.json"
+    tj = _read_json(path)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UnsupportedModelError(
+            f"{path}: only byte-level BPE tokenizer.json files are supported (or a "
+            "SentencePiece tokenizer.model)")
+    vocab: dict[str, int] = model["vocab"]
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    size = max(vocab_size, max(vocab.values(), default=-1) + 1, max(added, default=-1) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = np.full(size, TokenType.UNUSED, dtype=np.int32)
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, TokenType.NORMAL
+    for i, entry in added.items():
+        text = entry["content"]
+        if entry.get("special") or _looks_special(text):
+            types[i] = TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = TokenType.USER_DEFINED
+        tokens[i] = text
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer(tj, path),
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+
+
+def _split_regexes(pre: dict | None, path: Path) -> list[str]:
+    """The regex passes a tokenizer.json pre-tokenizer applies, in order."""
+    if not pre:
+        return []
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return [p for step in pre["pretokenizers"] for p in _split_regexes(step, path)]
+    if kind == "Split":
+        pattern = pre["pattern"]
+        return [pattern.get("Regex", pattern.get("String"))]
+    if kind == "ByteLevel":
+        return [_GPT2] if pre.get("use_regex", True) else []
+    if kind == "Digits":
+        return [r"\p{N}" if pre.get("individual_digits") else r"\p{N}+"]
+    raise UnsupportedModelError(f"{path}: pre-tokenizer {kind!r} is not supported")
+
+
+def _pre_tokenizer(tj: dict, path: Path) -> str:
+    passes = tuple(_split_regexes(tj.get("pre_tokenizer"), path))
+    ignore_merges = bool(tj["model"].get("ignore_merges", False))
+    names = [name for name, (p, _, _) in _PRE_TOKENIZERS.items() if p == passes]
+    if not names:
+        raise UnsupportedModelError(
+            f"{path}: the pre-tokenizer (regexes {list(passes)}) is none of those diptych runs "
+            "(runtime/text/tokenizer.py)")
+    same = [n for n in names if _PRE_TOKENIZERS[n][1] == ignore_merges]
+    return (same or names)[0]

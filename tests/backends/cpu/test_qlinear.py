@@ -1,0 +1,255 @@
+"""QuantLinear (backends/torch/qlinear.py): the CPU quantized linear against gguf-py's oracle.
+
+Every block type, shapes that are not multiples of the 64-row groups (a tail group, and a
+weight with only a tail), every compute path (fused GEMV for M=1, the L1 dequant-GEMM for small
+M, fp32 tiles + torch.mm for large M), bit-exact dequantization and row lookup, memory held.
+
+Accuracy bound. Each output is a dot product of K fp32 products accumulated in fp32 (in blocks
+of 16-32 terms, then unit by unit; or by MKL). The standard bound for such a sum is
+|y - y_exact| <= gamma * sum_k |x_k w_k| with gamma ~ depth * eps32, where the depth of the
+summation tree is at most a few + K/16 here. We assert max |y - y_ref| / sum_k |x_k w_k| <=
+(8 + K/16) * eps32 (at most 40 eps, 4.8e-6, for K = 512), per output element, against a
+float64 reference on the exactly dequantized weights. Quantizing x to 8 bits (llama.cpp's
+way) would miss this by 3-4 orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from diptych.backends.torch.cpu import kernels as ck
+from diptych.backends.torch.cpu import qlinear as qlm
+from diptych.backends.torch.cpu.qlinear import QuantLinear
+from diptych.quant import QuantTensor
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# byte offsets of the fp16 fields of each block: random bytes there are often NaN/inf
+F16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+}
+QUANT = list(F16_FIELDS)
+FLOAT = [T.F32, T.F16, T.BF16]
+M_VALUES = [1, 3, 17, 64]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_kernels():
+    """Compile all kernels up front, in parallel processes (numba compiles one function at a
+    time, ~1-3 s each); a no-op once numba's on-disk cache holds them."""
+    ck.precompile(processes=2)
+
+
+def random_data(t: T, n: int, k: int, rng: np.random.Generator, wide: bool = False) -> np.ndarray:
+    """Raw rows (n, row_bytes) of random blocks with finite fp16 scales. wide=True draws the
+    scales from every finite half (zeros, subnormals, negatives, up to 65504)."""
+    if t == T.F32:
+        return rng.standard_normal((n, k), dtype=np.float32).view(np.uint8)
+    if t == T.F16:
+        return rng.standard_normal((n, k), dtype=np.float32).astype(np.float16).view(np.uint8)
+    if t == T.BF16:
+        f = rng.standard_normal((n, k), dtype=np.float32)
+        return gguf.quants.quantize(f, T.BF16).view(np.uint8).reshape(n, -1)
+    bs, ts = GGML_QUANT_SIZES[t]
+    nb = n * (k // bs)
+    blocks = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    for off in F16_FIELDS[t]:
+        if wide:
+            half = rng.integers(0, 1 << 16, nb, dtype=np.uint32).astype(np.uint16)
+            half[(half & 0x7C00) == 0x7C00] &= np.uint16(0xBFFF)  # inf/NaN -> finite
+        else:
+            half = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint16)
+        blocks[:, off:off + 2] = half.view(np.uint8).reshape(nb, 2)
+    return blocks.reshape(n, -1)
+
+
+def oracle(data: np.ndarray, t: T, n: int, k: int) -> np.ndarray:
+    if t == T.F32:
+        return data.view(np.float32).reshape(n, k)
+    if t == T.F16:
+        return data.view(np.float16).astype(np.float32).reshape(n, k)
+    return np.asarray(gguf.quants.dequantize(data, t), dtype=np.float32).reshape(n, k)
+
+
+def k_for(t: T) -> int:
+    """A row length of a few blocks (not a multiple of any tile size)."""
+    bs = GGML_QUANT_SIZES[t][0]
+    return 2 * bs if bs == 256 else (5 * bs if bs == 32 else 80)
+
+
+def make(t: T, n: int, k: int, seed: int = 0, wide: bool = False):
+    rng = np.random.default_rng(seed)
+    data = random_data(t, n, k, rng, wide)
+    return QuantLinear.from_quant_tensor(QuantTensor("w", t, (n, k), data)), oracle(data, t, n, k)
+
+
+def assert_close(y: torch.Tensor, x: np.ndarray, w: np.ndarray) -> None:
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    ref = x64 @ w64.T
+    scale = np.abs(x64) @ np.abs(w64).T
+    k = x.shape[1]
+    bound = (8 + k / 16) * EPS32
+    got = y.numpy().astype(np.float64)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref) / np.where(scale > 0, scale, 1.0)
+    assert np.isfinite(got).all()
+    assert err.max() <= bound, f"relative error {err.max():.3g} > bound {bound:.3g}"
+
+
+# -- forward --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [165, 37, 128])  # 2 groups of 64 + a tail; a tail only; no tail
+def test_forward_matches_float64_reference(t, n):
+    k = k_for(t)
+    ql, w = make(t, n, k, seed=n)
+    rng = np.random.default_rng(1)
+    for m in M_VALUES:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        y = ql.forward(torch.from_numpy(x))
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert_close(y, x, w)
+
+
+@pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
+def test_every_path_and_thread_count(t, monkeypatch):
+    """The same product through gemv1 / gemm_s / tiles + torch.mm, on 1 and 2 threads."""
+    k = k_for(t)
+    n = 200
+    ql, w = make(t, n, k, seed=3, wide=True)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, k), dtype=np.float32)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for gemm_min in (10**9, 2):  # numba kernels only / tiles + torch.mm for M >= 2
+                monkeypatch.setitem(qlm.GEMM_MIN_M, t, gemm_min)
+                assert_close(ql.forward(torch.from_numpy(x[:1])), x[:1], w)
+                assert_close(ql.forward(torch.from_numpy(x)), x, w)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_forward_from_another_thread():
+    """numba's thread count is per thread: a generation worker thread must work too."""
+    import threading
+
+    ql, w = make(T.Q4_K, 300, 256, seed=9)
+    x = np.random.default_rng(10).standard_normal((2, 256), dtype=np.float32)
+    out = {}
+
+    def work():
+        out["y1"] = ql.forward(torch.from_numpy(x[:1]))
+        out["y2"] = ql.forward(torch.from_numpy(x))
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    assert_close(out["y1"], x[:1], w)
+    assert_close(out["y2"], x, w)
+
+
+def test_small_tiles(monkeypatch):
+    """Several tiles, the last one partial (the tile buffer is reused)."""
+    monkeypatch.setattr(qlm, "TILE_BYTES", 4 * 160 * 64)  # 64 rows per tile at K=160
+    ql, w = make(T.Q5_1, 300, 160, seed=5)
+    assert ql._rows_per_tile == 64
+    x = np.random.default_rng(6).standard_normal((qlm.GEMM_MIN_M[T.Q5_1], 160), dtype=np.float32)
+    assert_close(ql.forward(torch.from_numpy(x)), x, w)
+    assert torch.equal(ql.dequantize(), torch.from_numpy(w))
+
+
+def test_input_forms():
+    ql, w = make(T.Q4_1, 70, 64)
+    x = np.random.default_rng(7).standard_normal((3, 128), dtype=np.float32)[:, ::2]  # strided
+    assert_close(ql.forward(torch.from_numpy(x)), np.ascontiguousarray(x), w)
+    y16 = ql.forward(torch.from_numpy(x).to(torch.float64))
+    assert y16.dtype == torch.float32
+    assert ql.forward(torch.zeros((0, 64))).shape == (0, 70)
+    with pytest.raises(ValueError):
+        ql.forward(torch.zeros((2, 63)))
+
+
+def test_autograd_input_gradient():
+    ql, w = make(T.Q8_0, 90, 96)
+    x = torch.randn(4, 96, requires_grad=True)
+    y = ql(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref = gy.double() @ torch.from_numpy(w).double()
+    assert torch.allclose(x.grad.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+# -- dequantize / embed_rows / memory ---------------------------------------------------------
+
+@pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
+def test_dequantize_is_bit_exact(t):
+    k = k_for(t)
+    for n in (165, 37):
+        ql, w = make(t, n, k, seed=n + 10, wide=True)
+        d = ql.dequantize()
+        assert d.dtype == torch.float32 and d.shape == (n, k)
+        assert np.array_equal(d.numpy().view(np.uint32), w.view(np.uint32))  # -0.0 included
+
+
+@pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
+def test_embed_rows(t):
+    k = k_for(t)
+    n = 150
+    ql, w = make(t, n, k, seed=20, wide=True)
+    ids = torch.tensor([0, 149, 64, 63, 128, 127, 5, 5, 130], dtype=torch.long)
+    rows = ql.embed_rows(ids)
+    assert rows.dtype == torch.float32 and rows.shape == (len(ids), k)
+    assert np.array_equal(rows.numpy().view(np.uint32), w[ids.numpy()].view(np.uint32))
+    assert ql.embed_rows(torch.zeros(0, dtype=torch.long)).shape == (0, k)
+    for bad in (-1, n):
+        with pytest.raises(IndexError):
+            ql.embed_rows(torch.tensor([0, bad]))
+
+
+@pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
+def test_memory_is_the_gguf_bytes(t):
+    k = k_for(t)
+    for n in (165, 37, 640):
+        rng = np.random.default_rng(n)
+        data = random_data(t, n, k, rng)
+        ql = QuantLinear.from_quant_tensor(QuantTensor("w", t, (n, k), data))
+        assert ql.nbytes <= 1.2 * data.nbytes
+        assert ql.nbytes == data.nbytes  # no float expansion, no padding
+        assert ql.quantized and ql.ggml_type == t and ql.shape == (n, k)
+        assert t.name in ql.layout
+
+
+def test_float_types_hold_their_dtype():
+    for t, dt in ((T.F32, torch.float32), (T.F16, torch.float16), (T.BF16, torch.bfloat16)):
+        ql, _ = make(t, 10, 32)
+        assert not ql.quantized and ql._w.dtype == dt
+        assert ql.nbytes == 10 * 32 * dt.itemsize
+
+
+def test_from_memory_map(tmp_path):
+    """Weights that come from a read-only memory map (how the GGUF reader hands them over)."""
+    data = random_data(T.Q6_K, 70, 256, np.random.default_rng(8))
+    path = tmp_path / "w.bin"
+    data.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=data.shape)
+    ql = QuantLinear.from_quant_tensor(QuantTensor("w", T.Q6_K, (70, 256), mm))
+    assert torch.equal(ql.dequantize(), torch.from_numpy(oracle(data, T.Q6_K, 70, 256)))
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        QuantLinear.from_quant_tensor(QuantTensor("w", T.Q4_0, (4, 48), np.zeros((4, 27), np.uint8)))
+    with pytest.raises(NotImplementedError):
+        QuantLinear.from_quant_tensor(QuantTensor("w", T.IQ2_XXS, (4, 256),
+                                                  np.zeros((4, 66), np.uint8)))
+    with pytest.raises(ValueError):
+        QuantLinear.from_quant_tensor(QuantTensor("w", T.Q8_0, (2, 2, 32),
+                                                  np.zeros((4, 34), np.uint8)))

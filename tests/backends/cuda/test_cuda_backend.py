@@ -1,0 +1,135 @@
+"""CudaBackend wired end to end: tiny quantized models through the graph, every Triton kernel
+on the way (under the interpreter on the CPU), against TorchBackend on the same file."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from diptych.backends.torch import TorchBackend
+from diptych.backends.torch.cuda.backend import CudaBackend, DenseWeight
+from diptych.backends.torch.cuda.kernels import attention as attn
+from diptych.backends.torch.cuda.kernels.weight import QuantWeight
+from diptych.inference.engine import Engine
+from diptych.model.families.gguf import config_from_gguf
+from diptych.quant.gguf_file import GGUFFile
+from diptych.model.weights import load_weights
+
+from ...tiny_models import tiny_hf_model, write_gguf
+from .blocks import make_weight
+from .conftest import DEVICE
+
+
+def _engines(path, n_ctx, n_batch):
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    out = []
+    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
+        out.append(Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch))
+    return out
+
+
+def _run(eng, chunks):
+    """Logits of every position: `chunks` fed one eval call each."""
+    rows = [eng.eval(c, all_logits=True) for c in chunks]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("family,qtype,n_batch,chunks", [
+    # 12- and 9-token chunks (SDPA, causal and after a prefix), single-token decode, a
+    # 4-token verification step
+    ("llama", "Q8_0", 16, [12, 9, 1, 4]),
+    ("qwen2", "Q4_0", 16, [12, 1, 4]),  # qkv biases
+    # window 8 over a 13-slot ring that wraps; every step on the decode kernels
+    ("mistral", "Q5_0", 6, [6, 6, 6, 1, 1]),
+    ("deepseek_v2", "Q8_0", 16, [10, 1, 3]),  # MLA in latent space (and MoE)
+])
+def test_logits_match_cpu_backend(tmp_path, monkeypatch, family, qtype, n_batch, chunks):
+    path = write_gguf(tiny_hf_model(family, seed=1), family, tmp_path / "m.gguf", qtype)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, sum(chunks))]
+    split = np.split(ids, np.cumsum(chunks)[:-1])
+    ref_eng, eng = _engines(path, 32, n_batch)
+    assert any(isinstance(w, QuantWeight) for _, w in eng.weights.linears())
+    used = []  # which decode attention kernels ran, and over which key layout
+    for name in ("decode_attention", "mla_decode_attention"):
+        fn = getattr(attn, name)
+        monkeypatch.setattr(attn, name, lambda *a, _f=fn, _n=name, **k: (
+            used.append((_n, k.get("keys"))), _f(*a, **k))[1])
+    ref = _run(ref_eng, [list(c) for c in split])
+    got = _run(eng, [list(c) for c in split])
+    assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()
+    want = {"mistral": ("decode_attention", attn.KEYS_RING),
+            "deepseek_v2": ("mla_decode_attention", None)}.get(family,
+                                                               ("decode_attention", attn.KEYS_FULL))
+    assert want in used
+
+
+def test_weights_without_kernel_are_dequantized_with_a_warning(caplog):
+    be = CudaBackend(DEVICE, dtype=torch.float32)
+    qt = make_weight(T.Q3_K, 4, 256)
+    with caplog.at_level(logging.WARNING):
+        w = be.prepare(qt)
+    assert isinstance(w, DenseWeight) and "Q3_K" in caplog.text and qt.name in caplog.text
+    assert "dequantized at load" in be.weight_layout(w)
+    x = torch.randn(2, 1, 256, device=DEVICE)
+    want = x.double().cpu() @ torch.from_numpy(qt.dequantize()).double().T
+    torch.testing.assert_close(be.linear(x, w).double().cpu(), want, rtol=1e-5, atol=1e-5)
+    q8 = be.prepare(make_weight(T.Q8_0, 4, 64))
+    assert isinstance(q8, QuantWeight) and be.weight_bytes(q8) == 4 * 2 * 34
+
+
+def test_cpu_device_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        CudaBackend("cpu")
+
+
+def test_compile_step_is_identity_off_cuda():
+    be = CudaBackend("cpu") if DEVICE == "cpu" else None
+    if be is None:
+        pytest.skip("on CUDA the step is captured (test_graph_step_replays_eager_results)")
+
+    def fn(x):
+        return x
+
+    assert be.compile_step(fn) is fn
+
+
+def test_select_picks_cuda_backend_when_cuda_is_present(monkeypatch):
+    import diptych.backends.torch.cuda.backend as cuda_mod
+    from diptych.backends import select
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_mod, "CudaBackend", lambda: "cuda backend")
+    assert select("torch") == "cuda backend"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(select("torch"), TorchBackend)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_gradients_match_cpu_backend(window):
+    """Training path: grad_x through a quantized linear, RMSNorm, RoPE and attention."""
+    from diptych.backends.base import LayerCacheSpec, RopeSpec, Step
+
+    g = torch.Generator().manual_seed(0)
+    qt = make_weight(T.Q4_K, 24, 256)
+    x0 = torch.randn(1, 5, 256, generator=g)
+    h0 = torch.randn(1, 5, 4, 16, generator=g)
+    nw = torch.randn(256, generator=g)
+    grads = []
+    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
+        x = x0.clone().to(be.device).requires_grad_()
+        q = h0.clone().to(be.device).requires_grad_()
+        pos = be.ids(np.arange(5)[None])
+        y = be.linear(be.rms_norm(x, be.prepare_vector(nw.numpy()), 1e-5), be.prepare(qt))
+        y = y * 0.02  # scores of order 1: a well-conditioned softmax
+        k = be.rope(y[..., :16].reshape(1, 5, 1, 16).expand(1, 5, 2, 16), pos, RopeSpec(16, 1e4))
+        v = y[..., 8:24].reshape(1, 5, 1, 16).expand(1, 5, 2, 16)
+        kv = be.alloc_kv([LayerCacheSpec(8, 2, 16, window=window)], 1)
+        out = be.attention(be.rope(q, pos, RopeSpec(16, 1e4)), k, v, kv, 0, Step(pos, 0, 5), 0.25)
+        (out.float() ** 2).sum().backward()
+        grads.append((x.grad.cpu(), q.grad.cpu()))
+    for ref, got in zip(*grads):
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -1,0 +1,78 @@
+"""Checks that need a CUDA device: real sizes in bf16, and the captured decode step.
+(On the CPU they are skipped; the interpreter versions of the same kernels are the other
+test files.)"""
+
+import numpy as np
+import pytest
+import torch
+
+from diptych.backends.base import Step
+from diptych.model.graph import forward
+
+from .blocks import KERNEL_TYPES, make_weight
+from .conftest import gpu_only
+
+pytestmark = gpu_only
+
+
+@pytest.mark.parametrize("ggml_type", KERNEL_TYPES, ids=lambda t: t.name)
+def test_real_size_gemv_gemm_bf16(ggml_type):
+    from diptych.backends.torch.cuda.kernels import qmatmul as qm
+    from diptych.backends.torch.cuda.kernels.weight import QuantWeight
+
+    qt = make_weight(ggml_type, 4096, 4096, seed=int(ggml_type))
+    w = QuantWeight.from_quant_tensor(qt, "cuda")
+    ref = torch.from_numpy(qt.dequantize()).cuda()
+    for m, fn in ((1, qm.gemv), (4, qm.gemv), (100, qm.gemm), (600, qm.dequant_matmul)):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ ref.T
+        got = fn(x, w).float()
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 2e-2, (m, fn.__name__, float(err))
+
+
+def test_long_context_attention_bf16():
+    from diptych.backends.torch.cuda.kernels import attention as at
+
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    pos = torch.tensor([[8000]], device="cuda")
+    got = at.decode_attention(q, kc, vc, pos, 128 ** -0.5).float()
+    keys, values = kc[:, :, :8001].float(), vc[:, :, :8001].float()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), keys, values, scale=128 ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "deepseek_v2"])
+def test_graph_step_replays_eager_results(tmp_path, family):
+    from diptych.backends.torch.cuda.backend import CudaBackend
+    from diptych.inference.engine import Engine
+    from diptych.model.families.gguf import config_from_gguf
+    from diptych.quant.gguf_file import GGUFFile
+    from diptych.model.weights import load_weights
+
+    from ...tiny_models import tiny_hf_model, write_gguf
+
+    path = write_gguf(tiny_hf_model(family, seed=2), family, tmp_path / "m.gguf", "Q8_0")
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 24)]
+    outs = []
+    for captured in (False, True):
+        be = CudaBackend("cuda", dtype=torch.float32)
+        eng = Engine(be, cfg, load_weights(f.tensors, cfg, be), 64, 16)
+        eng.eval(ids[:8])
+        kv = eng.cache.storage
+
+        def step(tok, pos, start):
+            return forward(be, cfg, eng.weights, tok, kv, Step(pos, start, 1))
+
+        run = be.compile_step(step) if captured else step
+        rows = []
+        for p in range(8, len(ids)):
+            out = run(be.ids(np.array([[ids[p]]])), be.ids(np.array([[p]])), p)
+            rows.append(be.to_numpy(out)[0, -1])
+        outs.append(np.stack(rows))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
