@@ -1,4 +1,7 @@
-"""The quant-format table against gguf-py."""
+"""The quant-format table against gguf-py, and the one-definition rule for grids/codebooks."""
+
+import re
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -10,6 +13,8 @@ from diptych.errors import UnsupportedModelError
 from diptych.quant import dequant as dq
 from diptych.quant.formats import FORMATS, QUANT_TYPES, quant_format
 
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIRS = ("runtime", "backends", "quant", "tui", "benchmarks", "scripts")
 QUANT = list(QUANT_TYPES)
 
 
@@ -82,6 +87,21 @@ def test_unknown_and_unsupported_types_raise():
         quant_format(T.IQ2_XXS)
     with pytest.raises(UnsupportedModelError, match="4"):
         quant_format(4)  # the removed Q4_2 type id
+
+
+def _sources():
+    for d in PACKAGE_DIRS:
+        yield from (SOURCE_ROOT / d).rglob("*.py")
+
+
+@pytest.mark.parametrize("ggml_type", [t for t in QUANT if FORMATS[t].codebook is not None],
+                         ids=lambda t: t.name)
+def test_each_codebook_is_defined_once_in_the_source_tree(ggml_type):
+    values = [int(v) for v in FORMATS[ggml_type].codebook]
+    pattern = re.compile(r"\s*,\s*".join(re.escape(str(v)) for v in values))
+    where = [p.relative_to(SOURCE_ROOT).as_posix() for p in _sources()
+             if pattern.search(p.read_text(encoding="utf-8"))]
+    assert where == ["quant/formats.py"]
 
 
 def test_describe_names_the_layout():
