@@ -43,7 +43,7 @@ from diptych.inference.engine import Engine
 from diptych.model.families.gguf import config_from_gguf
 from diptych.model.graph import forward
 from diptych.quant import QuantTensor
-from diptych.quant.dequant import IQ4_NL_VALUES
+from diptych.quant.formats import IQ4_NL_CODEBOOK
 from diptych.model.weights import load_weights
 
 DEV = "cuda"
@@ -72,7 +72,7 @@ def random_weight(ggml_type: T, n: int, k: int, name: str = "w") -> QuantWeight:
         else:
             planes[key] = torch.randint(0, 256, shape, dtype=torch.uint8,
                                         device=DEV).view(getattr(torch, dtype.name))
-    lut = torch.from_numpy(IQ4_NL_VALUES.astype(np.float32)).to(DEV)
+    lut = torch.from_numpy(IQ4_NL_CODEBOOK.astype(np.float32)).to(DEV)
     return QuantWeight(name, ggml_type, (n, k), planes, lut)
 
 

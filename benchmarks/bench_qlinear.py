@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from diptych.backends.torch.cpu import kernels as ck
+from diptych.backends.torch.cpu import kernel_cache
+from diptych.backends.torch.cpu.threads import set_numba_threads
 from diptych.backends.torch.cpu import qlinear as qlm
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.quant import QuantTensor
@@ -191,13 +192,13 @@ def main(argv=None) -> None:
     args.m = [int(v) for v in args.m.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    ck.set_num_threads(torch.get_num_threads())
+    set_numba_threads(torch.get_num_threads())
     print(f"# diptych bench_qlinear  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}"
           f"  cpus={os.cpu_count()}  torch threads={torch.get_num_threads()}  torch {torch.__version__}"
           f"  TILE_BYTES={qlm.TILE_BYTES}")
     quant = [QT[t] for t in args.types if QT[t] not in (QT.F32, QT.F16, QT.BF16)]
     t0 = time.perf_counter()
-    n = ck.precompile(quant if not args.smollm2 else [QT.Q4_1, QT.Q8_0])
+    n = kernel_cache.precompile(quant if not args.smollm2 else [QT.Q4_1, QT.Q8_0])
     if n:
         print(f"# compiled {n} numba kernels in {time.perf_counter() - t0:.1f} s (cached from now on)")
     if args.smollm2:

@@ -6,18 +6,8 @@ see `as_blocks`) into their fields as numpy arrays, quants in element order; the
 `gguf.quants.dequantize`'s) order of operations, so results are bit-identical. Backends use
 the unpack functions to repack blocks for their kernels: one place per layout.
 
-Layouts (bytes; f16 = IEEE half, little-endian; QK_K = 256; "x" = value):
-    Q4_0   18: d f16 | qs[16]            x = d * (q - 8)        q: low nibbles = elements
-    Q4_1   20: d | m | qs[16]            x = d * q + m              0..15, high = 16..31
-    Q5_0   22: d | qh[4] | qs[16]        x = d * (q - 16)       q = nibble | qh bit j << 4
-    Q5_1   24: d | m | qh[4] | qs[16]    x = d * q + m
-    Q8_0   34: d | qs int8[32]           x = q * d
-    IQ4_NL 18: d | qs[16]                x = d * IQ4_NL_VALUES[q]  (Q4_0 nibble order)
-    Q2_K   84: scales[16] | qs[64] | d | dmin        x = (d*sc) * q - (dmin*m), 16 groups of 16
-    Q3_K  110: hmask[32] | qs[64] | scales[12] | d   x = (d*sc) * q, q in -4..3, sc in -32..31
-    Q4_K  144: d | dmin | scales[12] | qs[128]       x = (d*sc) * q - (dmin*m), 8 groups of 32
-    Q5_K  176: d | dmin | scales[12] | qh[32] | qs[128]   (as Q4_K, q 5-bit)
-    Q6_K  210: ql[128] | qh[64] | scales int8[16] | d     x = (d*sc) * q, q in -32..31
+The byte layout of every format (field offsets, code bits, sub-block size) is read from
+quant/formats.py; where inside qs/qh each element's bits sit is spelled out here, once.
 The scale fields of the "unpack" results are float32 of shape (n_blocks, 1); integer
 fields keep small integer dtypes (uint8, or int8 where the value is signed).
 """
@@ -25,16 +15,12 @@ fields keep small integer dtypes (uint8, or int8 where the value is signed).
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
-from diptych.errors import UnsupportedModelError
+from .formats import FORMATS, QK_K, quant_format
 
 T = GGMLQuantizationType
-QK_K = 256
-
-#: IQ4_NL's 16-entry non-linear codebook (ggml's kvalues_iq4nl).
-IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
-                          1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+_F = FORMATS
 
 _SHIFT_4 = np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
 _SHIFT_2 = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
@@ -45,13 +31,13 @@ _SHIFT_1 = np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
 
 def as_blocks(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     """View raw tensor bytes (any shape, uint8) as (n_blocks, type_size) blocks."""
-    type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][1]
+    type_size = quant_format(ggml_type).type_size
     return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, type_size)
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The fp16 field at `offset` of every block, as float32 (n, 1)."""
-    return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16).astype(np.float32)
+def _f16(blocks: np.ndarray, field) -> np.ndarray:
+    """An fp16 field (formats.Field) of every block, as float32 (n, 1)."""
+    return np.ascontiguousarray(blocks[:, field.slice]).view(np.float16).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray, group: int) -> np.ndarray:
@@ -106,33 +92,40 @@ def q3_k_scales(scales: np.ndarray) -> np.ndarray:
 
 def unpack_q4_0(blocks):
     """-> (d f32 (n,1), q uint8 (n,32) in 0..15); x = d * (q - 8)."""
-    return _f16(blocks, 0), _nibbles(blocks[:, 2:18], 16)
+    f = _F[T.Q4_0]
+    return _f16(blocks, f.d), _nibbles(blocks[:, f.qs.slice], 16)
 
 
 def unpack_q4_1(blocks):
     """-> (d, m f32 (n,1), q uint8 (n,32) in 0..15); x = d * q + m."""
-    return _f16(blocks, 0), _f16(blocks, 2), _nibbles(blocks[:, 4:20], 16)
+    f = _F[T.Q4_1]
+    return _f16(blocks, f.d), _f16(blocks, f.m), _nibbles(blocks[:, f.qs.slice], 16)
 
 
 def unpack_q5_0(blocks):
     """-> (d f32 (n,1), q uint8 (n,32) in 0..31); x = d * (q - 16)."""
-    return _f16(blocks, 0), _nibbles(blocks[:, 6:22], 16) | (_q5_high(blocks[:, 2:6]) << 4)
+    f = _F[T.Q5_0]
+    q = _nibbles(blocks[:, f.qs.slice], 16) | (_q5_high(blocks[:, f.qh.slice]) << 4)
+    return _f16(blocks, f.d), q
 
 
 def unpack_q5_1(blocks):
     """-> (d, m f32 (n,1), q uint8 (n,32) in 0..31); x = d * q + m."""
-    q = _nibbles(blocks[:, 8:24], 16) | (_q5_high(blocks[:, 4:8]) << 4)
-    return _f16(blocks, 0), _f16(blocks, 2), q
+    f = _F[T.Q5_1]
+    q = _nibbles(blocks[:, f.qs.slice], 16) | (_q5_high(blocks[:, f.qh.slice]) << 4)
+    return _f16(blocks, f.d), _f16(blocks, f.m), q
 
 
 def unpack_q8_0(blocks):
     """-> (d f32 (n,1), q int8 (n,32)); x = q * d."""
-    return _f16(blocks, 0), np.ascontiguousarray(blocks[:, 2:34]).view(np.int8)
+    f = _F[T.Q8_0]
+    return _f16(blocks, f.d), np.ascontiguousarray(blocks[:, f.qs.slice]).view(np.int8)
 
 
 def unpack_iq4_nl(blocks):
-    """-> (d f32 (n,1), index uint8 (n,32) in 0..15); x = d * IQ4_NL_VALUES[index]."""
-    return _f16(blocks, 0), _nibbles(blocks[:, 2:18], 16)
+    """-> (d f32 (n,1), index uint8 (n,32) in 0..15); x = d * codebook[index]."""
+    f = _F[T.IQ4_NL]
+    return _f16(blocks, f.d), _nibbles(blocks[:, f.qs.slice], 16)
 
 
 def unpack_q2_k(blocks):
@@ -140,9 +133,10 @@ def unpack_q2_k(blocks):
 
     Element e belongs to group e // 16: x = (d * sc) * q - (dmin * m).
     """
-    scales = blocks[:, 0:16]
-    return (_f16(blocks, 80), _f16(blocks, 82), scales & 0x0F, scales >> 4,
-            _crumbs(blocks[:, 16:80], 32))
+    f = _F[T.Q2_K]
+    scales = blocks[:, f.scales.slice]
+    return (_f16(blocks, f.d), _f16(blocks, f.m), scales & 0x0F, scales >> 4,
+            _crumbs(blocks[:, f.qs.slice], 32))
 
 
 def unpack_q3_k(blocks):
@@ -150,10 +144,11 @@ def unpack_q3_k(blocks):
 
     q = low 2 bits - 4 where the hmask bit is 0; group e // 16: x = (d * sc) * q.
     """
-    low = _crumbs(blocks[:, 32:96], 32).astype(np.int8)
-    high = _bit_planes(blocks[:, 0:32]).astype(np.int8)
+    f = _F[T.Q3_K]
+    low = _crumbs(blocks[:, f.qs.slice], 32).astype(np.int8)
+    high = _bit_planes(blocks[:, f.qh.slice]).astype(np.int8)
     q = low - ((high ^ 1) << 2)
-    return _f16(blocks, 108), q3_k_scales(blocks[:, 96:108]), q
+    return _f16(blocks, f.d), q3_k_scales(blocks[:, f.scales.slice]), q
 
 
 def unpack_q4_k(blocks):
@@ -161,15 +156,17 @@ def unpack_q4_k(blocks):
 
     Group e // 32: x = (d * sc) * q - (dmin * m).
     """
-    sc, m = q4_k_scales(blocks[:, 4:16])
-    return _f16(blocks, 0), _f16(blocks, 2), sc, m, _nibbles(blocks[:, 16:144], 32)
+    f = _F[T.Q4_K]
+    sc, m = q4_k_scales(blocks[:, f.scales.slice])
+    return _f16(blocks, f.d), _f16(blocks, f.m), sc, m, _nibbles(blocks[:, f.qs.slice], 32)
 
 
 def unpack_q5_k(blocks):
     """-> (d, dmin f32 (n,1), sc, m uint8 (n,8) in 0..63, q uint8 (n,256) in 0..31)."""
-    sc, m = q4_k_scales(blocks[:, 4:16])
-    q = _nibbles(blocks[:, 48:176], 32) | (_bit_planes(blocks[:, 16:48]) << 4)
-    return _f16(blocks, 0), _f16(blocks, 2), sc, m, q
+    f = _F[T.Q5_K]
+    sc, m = q4_k_scales(blocks[:, f.scales.slice])
+    q = _nibbles(blocks[:, f.qs.slice], 32) | (_bit_planes(blocks[:, f.qh.slice]) << 4)
+    return _f16(blocks, f.d), _f16(blocks, f.m), sc, m, q
 
 
 def unpack_q6_k(blocks):
@@ -178,12 +175,13 @@ def unpack_q6_k(blocks):
     Within each half (128 elements): low 4 bits from 64 ql bytes (low nibbles, then high),
     top 2 bits from 32 qh bytes (bits 0-1 for elements 0..31, 2-3 for 32..63, ...).
     """
+    f = _F[T.Q6_K]
     n = blocks.shape[0]
-    low = _nibbles(blocks[:, 0:128], 64)
-    high = _crumbs(blocks[:, 128:192], 32)
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
-    sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(n, 16)
-    return _f16(blocks, 208), sc, q
+    low = _nibbles(blocks[:, f.qs.slice], 64)
+    high = _crumbs(blocks[:, f.qh.slice], 32)
+    q = (low | (high << 4)).astype(np.int8) + np.int8(f.code_offset)
+    sc = np.ascontiguousarray(blocks[:, f.scales.slice]).view(np.int8).reshape(n, -1)
+    return _f16(blocks, f.d), sc, q
 
 
 # -- dequantize: one function per format -------------------------------------------------
@@ -208,7 +206,7 @@ def dequantize_bf16(blocks):
 
 def dequantize_q4_0(blocks):
     d, q = unpack_q4_0(blocks)
-    return d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
+    return d * (q.astype(np.int8) + np.int8(_F[T.Q4_0].code_offset)).astype(np.float32)
 
 
 def dequantize_q4_1(blocks):
@@ -218,7 +216,7 @@ def dequantize_q4_1(blocks):
 
 def dequantize_q5_0(blocks):
     d, q = unpack_q5_0(blocks)
-    return d * (q.astype(np.int8) - np.int8(16)).astype(np.float32)
+    return d * (q.astype(np.int8) + np.int8(_F[T.Q5_0].code_offset)).astype(np.float32)
 
 
 def dequantize_q5_1(blocks):
@@ -233,7 +231,7 @@ def dequantize_q8_0(blocks):
 
 def dequantize_iq4_nl(blocks):
     d, idx = unpack_iq4_nl(blocks)
-    return d * IQ4_NL_VALUES[idx].astype(np.float32)
+    return d * _F[T.IQ4_NL].codebook[idx].astype(np.float32)
 
 
 def _affine_k(d, dmin, sc, m, q):
@@ -278,7 +276,7 @@ _CHUNK_ELEMENTS = 1 << 22  # bounds the temporaries (a few x 16 MB), whatever th
 
 def dequantize_blocks(blocks: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     """Blocks (n_blocks, type_size) uint8 -> float32 (n_blocks, block_size)."""
-    return DEQUANTIZERS[_check_type(ggml_type)](as_blocks(blocks, ggml_type))
+    return DEQUANTIZERS[quant_format(ggml_type).type](as_blocks(blocks, ggml_type))
 
 
 def dequantize_rows(data: np.ndarray, ggml_type: GGMLQuantizationType, n_cols: int) -> np.ndarray:
@@ -287,11 +285,9 @@ def dequantize_rows(data: np.ndarray, ggml_type: GGMLQuantizationType, n_cols: i
     Any type outside SUPPORTED_TYPES raises UnsupportedModelError. Works on memory-mapped
     data a slice of rows at a time, so temporaries stay small.
     """
-    ggml_type = _check_type(ggml_type)
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    if n_cols % block_size:
-        raise ValueError(f"{ggml_type.name}: row length {n_cols} is not a multiple of {block_size}")
-    row_bytes = n_cols // block_size * type_size
+    fmt = quant_format(ggml_type)
+    ggml_type, type_size = fmt.type, fmt.type_size
+    row_bytes = fmt.row_bytes(n_cols)
     data = np.asarray(data)
     if data.dtype != np.uint8:
         raise ValueError(f"expected uint8 block data, got {data.dtype}")
@@ -311,14 +307,3 @@ def dequantize_rows(data: np.ndarray, ggml_type: GGMLQuantizationType, n_cols: i
         out[r:r + step] = fn(blocks).reshape(-1, n_cols)
     return out
 
-
-def _check_type(ggml_type) -> GGMLQuantizationType:
-    try:
-        ggml_type = GGMLQuantizationType(ggml_type)
-    except ValueError:
-        raise UnsupportedModelError(f"unknown ggml tensor type {ggml_type!r}") from None
-    if ggml_type not in DEQUANTIZERS:
-        raise UnsupportedModelError(
-            f"no dequantizer for ggml type {ggml_type.name} (supported: "
-            f"{', '.join(t.name for t in DEQUANTIZERS)})")
-    return ggml_type

@@ -19,9 +19,10 @@ from typing import Any
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType, LlamaFileType
+from gguf import GGUFValueType, LlamaFileType
 from gguf import GGMLQuantizationType as T
 
+from .formats import FORMATS, row_bytes
 from .tensor import QuantTensor
 
 __all__ = ["WRITE_TYPES", "FILE_TYPES", "write_gguf", "target_type", "keeps_f32"]
@@ -72,7 +73,7 @@ def target_type(t: QuantTensor, want: T | None) -> T:
         return t.ggml_type
     if keeps_f32(t.name, len(t.shape)):
         return T.F32
-    if t.shape[-1] % GGML_QUANT_SIZES[want][0]:
+    if t.shape[-1] % FORMATS[want].block_size:
         return T.F16
     return want
 
@@ -85,8 +86,7 @@ def _converted(t: QuantTensor, to: T) -> np.ndarray:
 
 
 def _nbytes(shape: tuple[int, ...], to: T) -> int:
-    block, size = GGML_QUANT_SIZES[to]
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+    return int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(to, shape[-1])
 
 
 def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[str, QuantTensor],

@@ -58,19 +58,21 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from diptych.errors import UnsupportedModelError
 from diptych.quant import QuantTensor
 from diptych.quant import dequant as dq
+from diptych.quant.formats import FORMATS
 
 T = GGMLQuantizationType
 GROUP = 32
 CHUNK_ELEMENTS = 1 << 20  # elements of a row chunk: bounds the temporaries to a few MB
 
-#: bits of the exact mappings
-EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5,
-              T.IQ4_NL: 8}
+#: bits of the exact mappings: the code bits, or 8 for codes shifted to unsigned (Q8_0) and
+#: codebook values (IQ4_NL)
+EXACT_BITS = {t: FORMATS[t].code_bits for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K)}
+EXACT_BITS |= {T.Q8_0: 8, T.IQ4_NL: 8}
 #: default bits of the requantized 16-element-group types
 REQUANT_BITS = {T.Q6_K: 8, T.Q3_K: 6, T.Q2_K: 5}
 DENSE_TYPES = (T.F32, T.F16, T.BF16)
@@ -171,15 +173,16 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 def _exact_fields(ggml_type, blocks):
     """Blocks (n, type_size) -> codes uint8 (n, block_size), scale and bias float32
     (n, block_size/32): one (scale, bias) per group of 32 codes."""
+    offset = np.float32(FORMATS[ggml_type].code_offset)
     if ggml_type == T.Q4_0:
         d, q = dq.unpack_q4_0(blocks)
-        return q, d, d * np.float32(-8)
+        return q, d, d * offset
     if ggml_type == T.Q4_1:
         d, m, q = dq.unpack_q4_1(blocks)
         return q, d, m
     if ggml_type == T.Q5_0:
         d, q = dq.unpack_q5_0(blocks)
-        return q, d, d * np.float32(-16)
+        return q, d, d * offset
     if ggml_type == T.Q5_1:
         d, m, q = dq.unpack_q5_1(blocks)
         return q, d, m
@@ -188,7 +191,7 @@ def _exact_fields(ggml_type, blocks):
         return (q.view(np.uint8) ^ np.uint8(0x80)), d, d * np.float32(-128)
     if ggml_type == T.IQ4_NL:
         d, idx = dq.unpack_iq4_nl(blocks)
-        codes = (dq.IQ4_NL_VALUES.astype(np.int16) + 128).astype(np.uint8)[idx]
+        codes = (FORMATS[T.IQ4_NL].codebook.astype(np.int16) + 128).astype(np.uint8)[idx]
         return codes, d, d * np.float32(-128)
     if ggml_type in (T.Q4_K, T.Q5_K):
         unpack = dq.unpack_q4_k if ggml_type == T.Q4_K else dq.unpack_q5_k
@@ -202,17 +205,19 @@ def _exact_fields(ggml_type, blocks):
 def _subgroup_affine(ggml_type, blocks):
     """Blocks -> per 16-element sub-block (s, c) float32 (n, 16) and the code range, where
     the reference value is s*q + c (c = 0 except for Q2_K's mins)."""
+    fmt = FORMATS[ggml_type]
+    qlo, qhi = fmt.code_offset, fmt.code_offset + (1 << fmt.code_bits) - 1
     if ggml_type == T.Q6_K:
         d, sc, _ = dq.unpack_q6_k(blocks)
         s = d * sc.astype(np.float32)
-        return s, np.zeros_like(s), -32, 31
+        return s, np.zeros_like(s), qlo, qhi
     if ggml_type == T.Q3_K:
         d, sc, _ = dq.unpack_q3_k(blocks)
         s = d * sc.astype(np.float32)
-        return s, np.zeros_like(s), -4, 3
+        return s, np.zeros_like(s), qlo, qhi
     if ggml_type == T.Q2_K:
         d, dmin, sc, mn, _ = dq.unpack_q2_k(blocks)
-        return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 0, 3
+        return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), qlo, qhi
     raise AssertionError(ggml_type)
 
 
@@ -291,7 +296,7 @@ def repack_tensor(qt: QuantTensor, scale_dtype="float32", dense_dtype=None,
     if n_cols % GROUP:
         raise ValueError(f"{qt.name}: row length {n_cols} is not a multiple of {GROUP}")
 
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    block_size, type_size = FORMATS[ggml_type].block_size, FORMATS[ggml_type].type_size
     packed = np.empty((n_rows, n_cols * bits // 32), dtype=np.uint32)
     scales = np.empty((n_rows, n_cols // GROUP), dtype=np.float32)
     biases = np.empty_like(scales)

@@ -26,3 +26,16 @@ def configure_threads() -> None:
     torch.set_num_threads(n)
     numba.set_num_threads(n)
     _done = True
+
+
+def set_numba_threads(n: int) -> None:
+    """Threads for the numba kernels (numba keeps this per calling thread)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def numba_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()

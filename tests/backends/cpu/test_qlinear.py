@@ -22,7 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from diptych.backends.torch.cpu import kernels as ck
+from diptych.backends.torch.cpu import kernel_cache
 from diptych.backends.torch.cpu import qlinear as qlm
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.quant import QuantTensor
@@ -43,7 +43,7 @@ M_VALUES = [1, 3, 17, 64]
 def _compiled_kernels():
     """Compile all kernels up front, in parallel processes (numba compiles one function at a
     time, ~1-3 s each); a no-op once numba's on-disk cache holds them."""
-    ck.precompile(processes=2)
+    kernel_cache.precompile(processes=2)
 
 
 def random_data(t: T, n: int, k: int, rng: np.random.Generator, wide: bool = False) -> np.ndarray:

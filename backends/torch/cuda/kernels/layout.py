@@ -26,30 +26,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGMLQuantizationType as QT
 
 from diptych.quant import dequant as dq
+from diptych.quant.formats import FORMATS, QuantFormat
 
 
 @dataclass(frozen=True)
 class TypeInfo:
     unpack: object  # the quant/dequant.py unpack function
-    group: int  # elements sharing one scale
-    block: int  # elements per GGUF block
-    high_bits: int  # bits of the code above the low nibble (0, 1 or 2); Q8_0: 8-bit codes
+    fmt: QuantFormat
+
+    @property
+    def group(self) -> int:
+        """Elements sharing one scale."""
+        return self.fmt.unit
+
+    @property
+    def block(self) -> int:
+        """Elements per GGUF block."""
+        return self.fmt.block_size
+
+    @property
+    def high_bits(self) -> int:
+        """Bits of the code above the low nibble (0, 1 or 2); Q8_0: 8 (whole-byte codes)."""
+        return 8 if self.fmt.signed_codes else self.fmt.code_bits - 4
 
 
-KERNEL_TYPES: dict[QT, TypeInfo] = {
-    QT.Q4_0: TypeInfo(dq.unpack_q4_0, 32, 32, 0),
-    QT.Q4_1: TypeInfo(dq.unpack_q4_1, 32, 32, 0),
-    QT.Q5_0: TypeInfo(dq.unpack_q5_0, 32, 32, 1),
-    QT.Q5_1: TypeInfo(dq.unpack_q5_1, 32, 32, 1),
-    QT.Q8_0: TypeInfo(dq.unpack_q8_0, 32, 32, 8),
-    QT.IQ4_NL: TypeInfo(dq.unpack_iq4_nl, 32, 32, 0),
-    QT.Q4_K: TypeInfo(dq.unpack_q4_k, 32, 256, 0),
-    QT.Q5_K: TypeInfo(dq.unpack_q5_k, 32, 256, 1),
-    QT.Q6_K: TypeInfo(dq.unpack_q6_k, 16, 256, 2),
-}
+KERNEL_TYPES: dict[QT, TypeInfo] = {t: TypeInfo(unpack, FORMATS[t]) for t, unpack in (
+    (QT.Q4_0, dq.unpack_q4_0), (QT.Q4_1, dq.unpack_q4_1), (QT.Q5_0, dq.unpack_q5_0),
+    (QT.Q5_1, dq.unpack_q5_1), (QT.Q8_0, dq.unpack_q8_0), (QT.IQ4_NL, dq.unpack_iq4_nl),
+    (QT.Q4_K, dq.unpack_q4_k), (QT.Q5_K, dq.unpack_q5_k), (QT.Q6_K, dq.unpack_q6_k))}
 
 PLANE_ORDER = ("q", "qh", "d", "m", "sc")
 
@@ -73,16 +80,17 @@ def _pack_bits(bits: np.ndarray, width: int) -> np.ndarray:
 def _planes_of(blocks: np.ndarray, ggml_type: QT, n_rows: int) -> dict[str, np.ndarray]:
     info = KERNEL_TYPES[ggml_type]
     fields = info.unpack(blocks)
+    fmt = info.fmt
     d = fields[0].reshape(n_rows, -1).astype(np.float16)
     out = {"d": d}
-    if ggml_type in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):
+    if fmt.has_bias:
         out["m"] = fields[1].reshape(n_rows, -1).astype(np.float16)
     codes = fields[-1].reshape(n_rows, -1)
     if ggml_type in (QT.Q4_K, QT.Q5_K):
-        out["sc"] = np.ascontiguousarray(blocks[:, 4:16]).reshape(n_rows, -1)
+        out["sc"] = np.ascontiguousarray(blocks[:, fmt.scales.slice]).reshape(n_rows, -1)
     if ggml_type == QT.Q6_K:
         out["sc"] = fields[1].reshape(n_rows, -1)
-        codes = (codes.astype(np.int16) + 32).astype(np.uint8)
+        codes = (codes.astype(np.int16) - fmt.code_offset).astype(np.uint8)
     if info.high_bits == 8:
         out["q"] = np.ascontiguousarray(codes, dtype=np.int8)
         return out
@@ -95,10 +103,9 @@ def _planes_of(blocks: np.ndarray, ggml_type: QT, n_rows: int) -> dict[str, np.n
 def split_planes(data: np.ndarray, ggml_type: QT, n_cols: int) -> dict[str, np.ndarray]:
     """Raw GGUF rows (n_rows, row_bytes) uint8 -> the planes above, as numpy arrays."""
     ggml_type = QT(ggml_type)
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    if n_cols % block:
-        raise ValueError(f"{ggml_type.name}: row length {n_cols} is not a multiple of {block}")
-    rows = np.asarray(data, dtype=np.uint8).reshape(-1, n_cols // block * type_size)
+    fmt = FORMATS[ggml_type]
+    type_size = fmt.type_size
+    rows = np.asarray(data, dtype=np.uint8).reshape(-1, fmt.row_bytes(n_cols))
     step = max(1, _ROWS_PER_CHUNK_ELEMENTS // n_cols)
     parts = [_planes_of(np.ascontiguousarray(rows[r:r + step]).reshape(-1, type_size),
                         ggml_type, min(step, len(rows) - r))
@@ -110,14 +117,15 @@ def plane_shapes(ggml_type: QT, n_rows: int, n_cols: int) -> dict[str, tuple[tup
     """The (shape, dtype) of each plane split_planes makes for an (n_rows, n_cols) weight."""
     ggml_type = QT(ggml_type)
     info = KERNEL_TYPES[ggml_type]
+    fmt = info.fmt
     n_blocks = n_cols // info.block
     out = {"d": ((n_rows, n_blocks), np.dtype(np.float16))}
-    if ggml_type in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):
+    if fmt.has_bias:
         out["m"] = ((n_rows, n_blocks), np.dtype(np.float16))
     if ggml_type in (QT.Q4_K, QT.Q5_K):
-        out["sc"] = ((n_rows, n_blocks * 12), np.dtype(np.uint8))
+        out["sc"] = ((n_rows, n_blocks * fmt.scales.size), np.dtype(np.uint8))
     if ggml_type == QT.Q6_K:
-        out["sc"] = ((n_rows, n_blocks * 16), np.dtype(np.int8))
+        out["sc"] = ((n_rows, n_blocks * fmt.scales.size), np.dtype(np.int8))
     if info.high_bits == 8:
         out["q"] = ((n_rows, n_cols), np.dtype(np.int8))
         return out

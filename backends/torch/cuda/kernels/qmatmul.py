@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as QT
 
+from diptych.quant.formats import FORMATS
+
 from .layout import KERNEL_TYPES
 
 # ggml type ids, as constexpr for the kernels' type switches
@@ -31,6 +33,14 @@ IQ4_NL = tl.constexpr(int(QT.IQ4_NL))
 Q4_K = tl.constexpr(int(QT.Q4_K))
 Q5_K = tl.constexpr(int(QT.Q5_K))
 Q6_K = tl.constexpr(int(QT.Q6_K))
+# layout constants of quant/formats.py, as constexpr for the kernels
+QK = tl.constexpr(FORMATS[QT.Q4_0].block_size)  # the legacy types' block (one scale each)
+QK_K = tl.constexpr(FORMATS[QT.Q4_K].block_size)
+K_SCALE_BYTES = tl.constexpr(FORMATS[QT.Q4_K].scales.size)  # Q4_K/Q5_K packed scales
+Q6_K_UNIT = tl.constexpr(FORMATS[QT.Q6_K].unit)
+Q4_0_OFFSET = tl.constexpr(FORMATS[QT.Q4_0].code_offset)
+Q5_0_OFFSET = tl.constexpr(FORMATS[QT.Q5_0].code_offset)
+Q6_K_OFFSET = tl.constexpr(FORMATS[QT.Q6_K].code_offset)
 
 # Path thresholds on M (rows of x). Not yet measured on a GPU: benchmarks/bench_cuda.py
 # --crossover measures them (GEMV vs GEMM at small M, fused GEMM vs dequantize + cuBLAS).
@@ -43,7 +53,7 @@ DEQUANT_TILE_ELEMENTS = 1 << 25  # rows dequantized per cuBLAS call: 64 MiB of b
 def _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K,
           TYPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Dequantized weights W[rows, k0:k0+BK] as fp32 (BN, BK); zero where masked."""
-    G: tl.constexpr = 16 if TYPE == Q6_K else 32
+    G: tl.constexpr = Q6_K_UNIT if TYPE == Q6_K else QK
     NG: tl.constexpr = BK // G
     KQ: tl.constexpr = TYPE == Q4_K or TYPE == Q5_K or TYPE == Q6_K
     rows = rows.to(tl.int64)[:, None]
@@ -74,16 +84,16 @@ def _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K,
     g = k0 // G + tl.arange(0, NG)
     gmask = rmask & (g < K // G)[None, :]
     if KQ:
-        SUB: tl.constexpr = 256 // G
+        SUB: tl.constexpr = QK_K // G
         blk = g // SUB
-        n_blk = K // 256
+        n_blk = K // QK_K
     else:
         blk = g
-        n_blk = K // 32
+        n_blk = K // QK
     d = tl.load(d_ptr + rows * n_blk + blk[None, :], mask=gmask, other=0.0).to(tl.float32)
     if TYPE == Q4_K or TYPE == Q5_K:
-        j = g % 8
-        base = sc_ptr + rows * (n_blk * 12) + (blk * 12)[None, :]
+        j = g % (QK_K // G)
+        base = sc_ptr + rows * (n_blk * K_SCALE_BYTES) + (blk * K_SCALE_BYTES)[None, :]
         lo = j < 4
         a = tl.load(base + tl.where(lo, j, j + 4)[None, :], mask=gmask, other=0).to(tl.int32)
         b2 = tl.load(base + tl.where(lo, j + 4, j - 4)[None, :], mask=gmask, other=0).to(tl.int32)
@@ -94,18 +104,18 @@ def _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K,
         scale = d * sc.to(tl.float32)
         bias = -(dmin * mn.to(tl.float32))
     elif TYPE == Q6_K:
-        sc = tl.load(sc_ptr + rows * (K // 16) + g[None, :], mask=gmask, other=0).to(tl.float32)
+        sc = tl.load(sc_ptr + rows * (K // G) + g[None, :], mask=gmask, other=0).to(tl.float32)
         scale = d * sc
     else:
         scale = d
 
     code = code.reshape(BN, NG, G)
     if TYPE == Q4_0:
-        w = scale[:, :, None] * (code - 8).to(tl.float32)
+        w = scale[:, :, None] * (code + Q4_0_OFFSET).to(tl.float32)
     elif TYPE == Q5_0:
-        w = scale[:, :, None] * (code - 16).to(tl.float32)
+        w = scale[:, :, None] * (code + Q5_0_OFFSET).to(tl.float32)
     elif TYPE == Q6_K:
-        w = scale[:, :, None] * (code - 32).to(tl.float32)
+        w = scale[:, :, None] * (code + Q6_K_OFFSET).to(tl.float32)
     elif TYPE == Q8_0:
         w = code.to(tl.float32) * scale[:, :, None]
     elif TYPE == IQ4_NL:

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from diptych.quant import QuantTensor
-from diptych.quant.dequant import IQ4_NL_VALUES
+from diptych.quant.formats import IQ4_NL_CODEBOOK
 
 from .layout import KERNEL_TYPES, PLANE_ORDER, split_planes
 
@@ -29,7 +29,7 @@ class QuantWeight:
             raise ValueError(f"{qt.name}: no kernel for {qt.type_name} {qt.shape}")
         planes = split_planes(qt.data, qt.ggml_type, qt.shape[1])
         planes = {k: torch.from_numpy(planes[k]).to(device) for k in PLANE_ORDER if k in planes}
-        lut = torch.from_numpy(IQ4_NL_VALUES.astype(np.float32)).to(device)
+        lut = torch.from_numpy(IQ4_NL_CODEBOOK.astype(np.float32)).to(device)
         return cls(qt.name, qt.ggml_type, tuple(qt.shape), planes, lut)
 
     @property

@@ -1,0 +1,144 @@
+"""The CPU kernels compiled on first use and kept in numba's on-disk cache.
+
+Each type's generated source (kernel_source.py) is written to a file named by the type and
+a hash of that source and of llvm_bits.py (numba's cache=True needs a file, and keys its
+cache on that file: a change to either makes a new file, so stale compiled code is never
+loaded, and a change to one type recompiles only that type). numba caches the compiled
+gufuncs next to it, in diptych's cache folder (kernels/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numba
+from gguf import GGMLQuantizationType as QT
+from numba import guvectorize
+
+from . import llvm_bits
+from .kernel_source import GUFUNCS, KERNEL_TYPES, KINDS, kernel_source
+
+# The omp layer launches a parallel region in ~2 us; numba's fallback "workqueue" layer costs
+# 25-100 us per launch, which would dominate decode. Set before any kernel is launched;
+# an explicit NUMBA_THREADING_LAYER is respected.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+_LLVM_BITS_DIGEST = hashlib.sha256(inspect.getsource(llvm_bits).encode()).hexdigest()
+
+
+def _kernel_dirs() -> list[Path]:
+    dirs = []
+    try:
+        from diptych.paths import cache_dir
+
+        dirs.append(cache_dir() / "kernels")
+    except Exception:  # pragma: no cover
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    dirs.append(Path(tempfile.gettempdir()) / f"diptych-kernels-{uid}")
+    return dirs
+
+
+def _load_kernel_module(t: QT):
+    """Write one type's generated source into the cache folder (once) and import it."""
+    src = kernel_source(t)
+    digest = hashlib.sha256((src + _LLVM_BITS_DIGEST).encode()).hexdigest()[:12]
+    name = f"diptych_qk_{t.name}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = None
+    for d in _kernel_dirs():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            candidate = d / f"{name}.py"
+            if not candidate.exists() or candidate.read_text() != src:
+                tmp = d / f".{name}.{os.getpid()}.tmp"
+                tmp.write_text(src)
+                os.replace(tmp, candidate)
+            path = candidate
+            break
+        except OSError:
+            continue
+    if path is None:  # pragma: no cover
+        raise OSError("diptych: no writable folder for the generated numba kernels")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # numba's cache refers to the kernels' module by name
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
+_KERNELS: dict[tuple[str, QT], object] = {}
+_LOCK = threading.Lock()
+
+
+def kernel(kind: str, ggml_type):
+    """The gufunc `kind` (one of KINDS) for a GGML type, compiled on first use (1-3 s) or
+    loaded from numba's on-disk cache (milliseconds). Its arguments are those of the
+    template's function of that kind (kernel_source.py), less the trailing `done`."""
+    key = (kind, QT(ggml_type))
+    k = _KERNELS.get(key)
+    if k is None:
+        if kind not in GUFUNCS or key[1] not in KERNEL_TYPES:
+            raise KeyError(f"no CPU kernel {kind!r} for GGML type {ggml_type}")
+        with _LOCK:
+            k = _KERNELS.get(key)
+            if k is None:
+                mod = _load_kernel_module(key[1])
+                sig, layout, fast = GUFUNCS[kind]
+                py = getattr(mod, f"{kind}_{key[1].name}")
+                k = guvectorize(sig, layout, target="parallel", nopython=True, fastmath=fast,
+                                cache=True)(py)
+                _KERNELS[key] = k
+    return k
+
+
+def _warm_many(tasks) -> None:
+    for kind, t in tasks:
+        kernel(kind, t)
+
+
+def is_cached(kind: str, ggml_type) -> bool:
+    """Whether numba's cache holds this kernel (without loading or compiling it)."""
+    t = QT(ggml_type)
+    mod = _load_kernel_module(t)
+    cache = Path(mod.__file__).parent / "__pycache__"
+    prefix = f"guf-{mod.__name__}.{kind}_{t.name}-"
+    return cache.is_dir() and any(p.name.startswith(prefix) and p.suffix == ".nbi"
+                                  for p in cache.iterdir())
+
+
+def precompile(types=None, kinds=KINDS, processes: int | None = None) -> int:
+    """Make sure the kernels for `types` (GGML types; default all) are in numba's on-disk
+    cache. numba compiles one function at a time (about 1-3 s each), so missing kernels are
+    compiled in up to `processes` subprocesses (default: the CPU count). Returns how many
+    kernels were compiled."""
+    types = [QT(t) for t in (types if types is not None else KERNEL_TYPES)]
+    todo = [(k, int(t)) for t in types for k in kinds if not is_cached(k, t)]
+    if not todo:
+        return 0
+    n = max(1, min(processes or os.cpu_count() or 1, len(todo)))
+    if n == 1:
+        _warm_many(todo)
+        return len(todo)
+    import concurrent.futures
+    import multiprocessing
+
+    chunks = [todo[i::n] for i in range(n)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+        for f in [pool.submit(_warm_many, c) for c in chunks]:
+            f.result()
+    return len(todo)
