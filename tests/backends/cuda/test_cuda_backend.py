@@ -14,10 +14,7 @@ from diptych.backends.torch.cuda.backend import CudaBackend, DenseWeight
 from diptych.backends.torch.cuda.kernels import attention as attn
 from diptych.backends.torch.cuda.kernels.weight import QuantWeight
 from diptych.errors import BackendUnavailableError, InvalidArgumentError
-from diptych.inference.engine import Engine
-from diptych.model.families.gguf import config_from_gguf
-from diptych.quant.gguf_file import GGUFFile
-from diptych.model.weights import load_weights
+from diptych.load_plan import LoadPlan
 
 from ...tiny_models import tiny_hf_model, write_gguf
 from .blocks import make_weight
@@ -25,12 +22,8 @@ from .conftest import DEVICE
 
 
 def _engines(path, n_ctx, n_batch):
-    f = GGUFFile(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
-    out = []
-    for be in (CpuBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
-        out.append(Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch))
-    return out
+    return [LoadPlan.open(path, be, n_ctx=n_ctx, n_batch=n_batch).engine()
+            for be in (CpuBackend(), CudaBackend(DEVICE, dtype=torch.float32))]
 
 
 def _run(eng, chunks):
