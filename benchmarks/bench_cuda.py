@@ -167,7 +167,7 @@ def synthetic_model(s: Shape, window: int = 0):
 def build_engine(s: Shape, n_ctx: int, n_batch: int, window: int = 0) -> Engine:
     meta, tensors = synthetic_model(s, window)
     source = SimpleNamespace(metadata=meta, tensors=tensors)
-    return LoadPlan.of(source, RandomWeights(), n_ctx=n_ctx, n_batch=n_batch).engine()
+    return LoadPlan.from_source(source, RandomWeights(), n_ctx=n_ctx, n_batch=n_batch).engine()
 
 
 def bytes_per_token(eng: Engine) -> int:

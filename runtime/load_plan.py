@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diptych.backends.base import Backend
+
 from .errors import InvalidArgumentError
 from .inference.cache import KVCache
 from .inference.engine import Engine
@@ -35,15 +37,17 @@ def _check_n_batch(n_batch) -> None:
 
 @dataclass
 class LoadPlan:
+    """A model source opened and planned on a backend: what `engine()` will build."""
+
     path: Path | None    # None for a source built in memory
     source: Any          # GGUFFile, HFSource, or anything with .metadata and .tensors
     config: ModelConfig
-    backend: Any         # a diptych.backends.Backend
+    backend: Backend
     n_ctx: int
     n_batch: int
 
     @classmethod
-    def open(cls, source: str | Path | None = None, backend="auto", *,
+    def open(cls, source: str | Path | None = None, backend: str | Backend = "auto", *,
              device: str | None = None, n_ctx: int | None = None,
              n_batch: int = 256) -> LoadPlan:
         """Plan loading a .gguf file or a Hugging Face folder (None: the embedded default
@@ -54,12 +58,13 @@ class LoadPlan:
         _check_n_batch(n_batch)  # before opening: a large vocabulary takes seconds to read
         path = Path(source) if source is not None else default_model_path()
         # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
-        return cls.of(open_source(path), backend, device=device, n_ctx=n_ctx,
-                      n_batch=n_batch, path=path)
+        return cls.from_source(open_source(path), backend, device=device, n_ctx=n_ctx,
+                               n_batch=n_batch, path=path)
 
     @classmethod
-    def of(cls, source, backend="auto", *, device: str | None = None,
-           n_ctx: int | None = None, n_batch: int = 256, path: Path | None = None) -> LoadPlan:
+    def from_source(cls, source, backend: str | Backend = "auto", *,
+                    device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
+                    path: Path | None = None) -> LoadPlan:
         """Plan loading an already opened source."""
         from diptych.backends import select
 
