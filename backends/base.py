@@ -110,6 +110,10 @@ class KVStorage(ABC):
 
 
 class Backend(ABC):
+    """Where the graph runs: weights prepared once, the graph's ops, cache storage, sampling.
+    Policy (cache layout, chunking, memory planning, validation) stays in the runtime; see
+    docs/ARCHITECTURE.md, "The backend contract"."""
+
     name: str
     device: str
 
@@ -169,8 +173,9 @@ class Backend(ABC):
 
     @abstractmethod
     def moe(self, x: Array, experts: Any, spec: Any, act: str) -> Array:
-        """Routed experts (runtime.weights.Experts, runtime.config.MoESpec) on x (B, T, D):
-        route each token in fp32, then run each expert on only the tokens routed to it."""
+        """Routed experts (diptych.model.weights.Experts, diptych.model.config.MoESpec) on
+        x (B, T, D): route each token in fp32, then run each expert on only the tokens routed
+        to it."""
 
     @abstractmethod
     def head_linear(self, x: Array, w: Array) -> Array:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,11 +41,10 @@ from diptych.backends.torch.cuda.kernels import qmatmul as qm
 from diptych.backends.torch.cuda.kernels.layout import KERNEL_TYPES, plane_shapes
 from diptych.backends.torch.cuda.kernels.weight import QuantWeight
 from diptych.inference.engine import Engine
-from diptych.model.families.gguf import config_from_gguf
+from diptych.load_plan import LoadPlan
 from diptych.model.graph import forward
 from diptych.quant import QuantTensor
 from diptych.quant.formats import IQ4_NL_CODEBOOK
-from diptych.model.weights import load_weights
 
 DEV = "cuda"
 
@@ -166,9 +166,8 @@ def synthetic_model(s: Shape, window: int = 0):
 
 def build_engine(s: Shape, n_ctx: int, n_batch: int, window: int = 0) -> Engine:
     meta, tensors = synthetic_model(s, window)
-    cfg = config_from_gguf(meta, {n: t.shape for n, t in tensors.items()})
-    be = RandomWeights()
-    return Engine(be, cfg, load_weights(tensors, cfg, be), n_ctx, n_batch)
+    source = SimpleNamespace(metadata=meta, tensors=tensors)
+    return LoadPlan.from_source(source, RandomWeights(), n_ctx=n_ctx, n_batch=n_batch).engine()
 
 
 def bytes_per_token(eng: Engine) -> int:

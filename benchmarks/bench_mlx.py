@@ -56,11 +56,11 @@ def prompt_ids(vocab: int) -> list[int]:
 
 
 def open_gguf(path: Path):
-    from diptych.model.families.gguf import config_from_gguf
+    from diptych.load_plan import read_config
     from diptych.quant.gguf_file import GGUFFile
 
     f = GGUFFile(path)
-    return f, config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    return f, read_config(f)
 
 
 # -- the MLX checkpoint for mlx-lm ----------------------------------------------------------
@@ -188,15 +188,12 @@ def run_diptych(model: str) -> dict:
     import mlx.core as mx
 
     from diptych.backends.mlx import MLXBackend
-    from diptych.inference.engine import Engine
     from diptych.inference.sampling import SamplingParams
-    from diptych.model.weights import load_weights
+    from diptych.load_plan import LoadPlan
 
     t0 = time.perf_counter()
-    f, cfg = open_gguf(model_path(model))
-    be = MLXBackend()
-    weights = load_weights(f.tensors, cfg, be)
-    eng = Engine(be, cfg, weights, 1024, 256)
+    eng = LoadPlan.open(model_path(model), MLXBackend(), n_ctx=1024, n_batch=256).engine()
+    be, cfg = eng.backend, eng.cfg
     load_s = time.perf_counter() - t0
     greedy, rng = SamplingParams(temperature=0), be.new_rng(0)
     ids = prompt_ids(cfg.vocab_size)

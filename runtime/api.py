@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .inference.cache import KVCache
-from .inference.engine import Engine
+from diptych.backends.base import Backend
+
 from .errors import InvalidArgumentError
+from .inference.engine import Engine
 from .inference.generate import Piece, stream_tokens
-from .inference.memory import activation_bytes, check_fits, choose_n_ctx
 from .inference.sampling import SamplingParams
+from .load_plan import LoadPlan
 from .text.tokenizer import Tokenizer
 
 
@@ -100,40 +101,18 @@ class Model:
         return ids
 
 
-def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int | None = None,
-         n_batch: int = 256, progress: Callable[[int, int], None] | None = None) -> Model:
+def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
+         device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
+         progress: Callable[[int, int], None] | None = None) -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer); with no source, the embedded default (SmolLM2-135M-Instruct Q4_1).
 
-    `n_ctx` is the context (KV cache) size in tokens: by default the model's own, capped at
-    8192 and at a quarter of available memory. `progress(done, total)` receives bytes.
+    `backend` is "auto" (MLX on Apple silicon, else torch), "torch", "mlx" or a Backend
+    instance; `device` chooses where a named backend runs ("cpu", "cuda", "cuda:N" for
+    torch; "cpu", "gpu" for MLX; default: the best one present). `n_ctx` is the context (KV
+    cache) size in tokens: by default the model's own, capped at 8192 and at a quarter of
+    available memory. `progress(done, total)` receives bytes.
     """
-    from diptych.backends import select
-
-    from .sources.default_model import default_model_path
-    from .model.families.gguf import config_from_gguf
-    from .sources.hf_folder import open_source
-    from .model.weights import load_weights
-
-    path = Path(source) if source is not None else default_model_path()
-    if not isinstance(n_batch, int) or n_batch < 1:
-        raise InvalidArgumentError(f"n_batch must be a positive integer, got {n_batch!r}")
-    # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
-    gguf = open_source(path)
-    cfg = config_from_gguf(gguf.metadata, {n: t.shape for n, t in gguf.tensors.items()})
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    be = select(backend)
-    ctx = choose_n_ctx(cfg, n_ctx, be.kv_bytes_per_element())
-    weight_bytes = sum(t.nbytes for t in gguf.tensors.values())
-    check_fits(weight_bytes, KVCache.bytes_needed(cfg, ctx, be.kv_bytes_per_element(), n_batch),
-               activation_bytes(cfg, n_batch), f"{path.name} with n_ctx={ctx}")
-    done = 0
-
-    def step(n):
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, weight_bytes)
-
-    weights = load_weights(gguf.tensors, cfg, be, step)
-    return Model(path, gguf, cfg, tokenizer, Engine(be, cfg, weights, ctx, n_batch))
+    plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch)
+    tokenizer = plan.tokenizer()
+    return Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))

@@ -1,4 +1,4 @@
-"""The PyTorch backend."""
+"""The PyTorch backend: shared graph ops (backend.py), on the CPU (cpu/) or CUDA (cuda/)."""
 
 from .backend import TorchBackend
 

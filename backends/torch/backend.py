@@ -1,4 +1,10 @@
-"""The PyTorch backend on the CPU: quantized linears from qlinear.py, everything else torch."""
+"""What the CPU and CUDA torch backends share: the graph ops written in torch.
+
+`TorchBackend` leaves the weights to its subclasses (cpu/backend.py: numba kernels over
+repacked GGUF blocks; cuda/backend.py: Triton kernels), which also replace ops with fused
+kernels where they have them. Everything here is plain torch, which autograd records: the
+CUDA backend's training path (an input requiring grad) falls back to these ops.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step, window_mask
-from diptych.quant import QuantTensor
-
-from .cpu.qlinear import QuantLinear
-from .cpu.threads import configure_threads
+from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
+                                   window_mask)
 
 
 class TorchKV(KVStorage):
@@ -41,14 +44,14 @@ class TorchKV(KVStorage):
 
 
 class TorchBackend(Backend):
+    """The torch graph ops on `device` with `dtype` activations; subclasses supply
+    `prepare`, `embed` and `linear` for their weight formats."""
+
     name = "torch"
 
-    def __init__(self, device: str = "cpu"):
-        if device != "cpu":
-            raise NotImplementedError("the CUDA path arrives with the Triton kernels")
-        configure_threads()
+    def __init__(self, device: str, dtype: torch.dtype):
         self.device = device
-        self.dtype = torch.float32
+        self.dtype = dtype
         self._rope_cache: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step_rope: dict[RopeSpec, tuple] = {}
 
@@ -56,35 +59,21 @@ class TorchBackend(Backend):
         return torch.inference_mode()
 
     # -- weights -------------------------------------------------------------------------
-    def prepare(self, qt: QuantTensor) -> QuantLinear:
-        return QuantLinear.from_quant_tensor(qt)
-
     def prepare_vector(self, values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.device)
 
     def prepare_dense(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
 
-    def weight_bytes(self, w: QuantLinear) -> int:
+    def weight_bytes(self, w) -> int:
         return w.nbytes
 
-    def weight_layout(self, w: QuantLinear) -> str:
+    def weight_layout(self, w) -> str:
         return w.layout
 
     # -- graph ops -----------------------------------------------------------------------
-    def embed(self, table: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
-        batch, n = ids.shape
-        return table.embed_rows(ids.reshape(-1)).reshape(batch, n, -1)
-
-    def linear(self, x, w: QuantLinear, bias=None):
-        lead = x.shape[:-1]
-        y = w.forward(x.reshape(-1, x.shape[-1]))
-        if bias is not None:
-            y += bias
-        return y.reshape(*lead, y.shape[-1])
-
     def rms_norm(self, x, w, eps):
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
 
     def _cos_sin(self, spec: RopeSpec, n_pos: int):
         cached = self._rope_cache.get(spec)
@@ -92,8 +81,8 @@ class TorchBackend(Backend):
             size = max(n_pos, 2 * (cached[0].shape[0] if cached else 2048))
             inv = torch.from_numpy(spec.frequencies())
             ang = torch.arange(size, dtype=torch.float64)[:, None] * inv[None, :]
-            cached = ((ang.cos() * spec.mscale).to(self.dtype),
-                      (ang.sin() * spec.mscale).to(self.dtype))
+            cached = ((ang.cos() * spec.mscale).to(self.device, self.dtype),
+                      (ang.sin() * spec.mscale).to(self.device, self.dtype))
             self._rope_cache[spec] = cached
         return cached
 
@@ -114,30 +103,38 @@ class TorchBackend(Backend):
         return out if rot is x else torch.cat((out, x[..., spec.dim:]), -1)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
+        """The cache write as torch indexing, then SDPA over the cache (`attend_cache`)."""
         spec = kv.specs[layer]
-        start, n = step.start, step.n_tokens
-        end = start + n
+        start, end = step.start, step.start + step.n_tokens
         kc, vc = kv.k[layer], kv.v[layer]
-        wraps = end > spec.slots  # only a sliding-window ring wraps
-        where = torch.arange(start, end) % spec.slots if wraps else slice(start, end)
+        # only a sliding-window ring wraps
+        where = (torch.arange(start, end, device=kc.device) % spec.slots if end > spec.slots
+                 else slice(start, end))
         kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
         if vc is not None:
             vc[:, :, where] = v.transpose(1, 2).to(vc.dtype)
-        n_keys = spec.slots if wraps else end
+        return self.attend_cache(q, kc, vc, spec, step, scale)
+
+    def attend_cache(self, q, kc, vc, spec: LayerCacheSpec, step: Step, scale):
+        """SDPA from q (B, T, H, Dh) over one layer's cache, which already holds this step's
+        keys; the mask comes from the step's host ints."""
+        start, n = step.start, step.n_tokens
+        end = start + n
+        n_keys = spec.slots if end > spec.slots else end
         keys = kc[:, :, :n_keys]
         values = vc[:, :, :n_keys] if vc is not None else keys[..., :spec.v_from_k]
-        qh = q.transpose(1, 2)  # (B, H, T, Dh)
+        mask, causal = None, False
         if spec.window and end > spec.window:
-            mask, causal = torch.from_numpy(window_mask(spec, start, end, n_keys)), False
-        elif n == 1:
-            mask, causal = None, False
-        elif start == 0:
-            mask, causal = None, True
+            mask = torch.from_numpy(window_mask(spec, start, end, n_keys)).to(q.device)
+        elif n == 1:  # one query sees every key written so far
+            pass
+        elif start == 0:  # no mask tensor: lets SDPA pick its flash kernel
+            causal = True
         else:  # a chunk after a cached prefix: query i sees keys 0..start+i
-            mask = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None])
-            causal = False
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, is_causal=causal,
-                                             scale=scale, enable_gqa=True)
+            mask = torch.arange(end, device=q.device)[None, :] <= \
+                torch.arange(start, end, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             is_causal=causal, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], n, -1)
 
     def glu(self, gate, up, act):
@@ -170,7 +167,7 @@ class TorchBackend(Backend):
     def take_positions(self, x, index: np.ndarray):
         if len(index) == x.shape[1]:
             return x
-        return x[:, torch.from_numpy(np.asarray(index, dtype=np.int64))]
+        return x[:, torch.as_tensor(np.asarray(index, dtype=np.int64), device=x.device)]
 
     # -- cache, sampling, transfers ------------------------------------------------------
     def alloc_kv(self, specs, batch) -> TorchKV:
@@ -180,7 +177,7 @@ class TorchBackend(Backend):
         return torch.finfo(self.dtype).bits // 8
 
     def ids(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
 
     def new_rng(self, seed):
         gen = torch.Generator(device=self.device)

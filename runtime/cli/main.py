@@ -21,7 +21,8 @@ def _load(args):
         def progress(done, total):
             bar.update(task, completed=done, total=total)
 
-        return load(args.model, backend=args.backend, n_ctx=args.n_ctx, progress=progress)
+        return load(args.model, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
+                    progress=progress)
 
 
 def _sampling(args) -> dict:
@@ -114,28 +115,17 @@ def cache_kind(cfg) -> str:
 
 
 def cmd_info(args) -> int:
-    from diptych.model.families.gguf import config_from_gguf
-    from diptych.inference.memory import activation_bytes, choose_n_ctx
-    from diptych.inference.cache import KVCache, bytes_per_token
-    from diptych.sources.hf_folder import open_source
+    from diptych.inference.cache import bytes_per_token
+    from diptych.load_plan import LoadPlan
 
-    from diptych.backends import select
-
-    from diptych.sources.default_model import default_model_path
-
-    path = args.model or default_model_path()
-    f = open_source(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    plan = LoadPlan.open(args.model, args.backend, device=args.device, n_ctx=args.n_ctx)
+    path, f, cfg, be, n_ctx = plan.path, plan.source, plan.config, plan.backend, plan.n_ctx
     n_params = sum(t.n_elements for t in f.tensors.values())
-    weight_bytes = sum(t.nbytes for t in f.tensors.values())
+    weight_bytes, kv, working = plan.weight_bytes, plan.cache_bytes, plan.working_bytes
     kinds: dict[str, Counter] = defaultdict(Counter)
     for name, t in f.tensors.items():
         kinds[tensor_kind(name)][t.type_name] += 1
-    be = select(args.backend)
-    kv_el = be.kv_bytes_per_element()
-    n_ctx = choose_n_ctx(cfg, args.n_ctx, kv_el)
-    kv = KVCache.bytes_needed(cfg, n_ctx, kv_el, 256)
-    per_token, ring = bytes_per_token(cfg, kv_el)
+    per_token, ring = bytes_per_token(cfg, be.kv_bytes_per_element())
     mib = 1 << 20
     print(f"file            {path}")
     print(f"name            {cfg.name}")
@@ -155,8 +145,8 @@ def cmd_info(args) -> int:
     print(f"  weights       {weight_bytes / mib:9.1f} MiB (kept quantized)")
     print(f"  KV cache      {kv / mib:9.1f} MiB ({cache_kind(cfg)}: {per_token} bytes/token"
           + (f", plus {ring / mib:.1f} MiB of sliding-window rings" if ring else "") + ")")
-    print(f"  working       {activation_bytes(cfg, 256) / mib:9.1f} MiB")
-    print(f"  total         {(weight_bytes + kv + activation_bytes(cfg, 256)) / mib:9.1f} MiB")
+    print(f"  working       {working / mib:9.1f} MiB")
+    print(f"  total         {(weight_bytes + kv + working) / mib:9.1f} MiB")
     return 0
 
 
@@ -200,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-ctx", type=int, default=None,
                         help="context size in tokens (default: the model's, capped at 8192)")
 
+    def device_opt(sp):
+        sp.add_argument("--device", default=None,
+                        help="where the backend runs: cpu | cuda | cuda:N for torch, cpu | gpu "
+                             "for mlx (default: the best one present)")
+
     def sampling_opts(sp):
         sp.add_argument("--max-tokens", type=int, default=512)
         sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -223,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raw", action="store_true",
                     help="plain completion of the prompt, without the chat template")
     sp.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    device_opt(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("info", help="describe a model file and its memory needs")
@@ -230,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the embedded model)")
     sp.add_argument("--n-ctx", type=int, default=None)
     sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
+    device_opt(sp)
     sp.set_defaults(func=cmd_info)
 
     sp = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
     model_opts(sp)
     sp.add_argument("--prompt-tokens", type=int, default=256)
     sp.add_argument("--gen-tokens", type=int, default=128)
+    device_opt(sp)
     sp.set_defaults(func=cmd_bench)
 
     from diptych.sources.convert import CONVERT_TYPES

@@ -59,7 +59,7 @@ class ModelConfig:
     rope_dim: int
     qkv_bias: bool = False
     tied_output: bool = False
-    # switches (see DESIGN.md "Architectures are data")
+    # switches: how families differ, as data the one graph reads (docs/ARCHITECTURE.md)
     act: str = "silu"                 # FFN gate activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU)
     qk_norm: bool = False             # RMSNorm over each head of q and k (Qwen3, Gemma 3)
     post_norms: bool = False          # RMSNorm on the attention and FFN outputs (Gemma)

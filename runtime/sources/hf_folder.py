@@ -5,8 +5,8 @@ and `.tensors` (GGUF tensor name -> QuantTensor, F32/F16/BF16), so a folder goes
 same path as a .gguf file: `config_from_gguf`, `Tokenizer.from_gguf_metadata`, `load_weights`,
 and the converter writes exactly these to a file.
 
-The weights get the transforms llama.cpp's `convert_hf_to_gguf.py` applies (DESIGN.md:
-weight transforms belong to the weight source): Q/K rows (and biases) permuted for the
+The weights get the transforms llama.cpp's `convert_hf_to_gguf.py` applies (they belong to
+the weight source, not the family: a GGUF file already holds them): Q/K rows (and biases) permuted for the
 `llama` arch, Gemma's norm weights +1, per-expert matrices stacked into one 3-D tensor per
 layer (n_expert, rows, cols), DeepSeek's kv_b_proj split into attn_k_b (transposed per head)
 and attn_v_b. Vectors, norms and MoE routers become F32, as llama.cpp stores them; the other

@@ -4,7 +4,7 @@ import pytest
 
 from diptych.backends import select
 from diptych.inference.cache import KVCache, bytes_per_token
-from diptych.model.families.gguf import config_from_gguf
+from diptych.load_plan import read_config
 from diptych.quant.gguf_file import GGUFFile
 
 from ..tiny_models import tiny_hf_model, write_gguf
@@ -18,8 +18,7 @@ def backend(request):
 
 
 def _config(path):
-    f = GGUFFile(path)
-    return config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
+    return read_config(GGUFFile(path))
 
 
 def _storage_bytes(kv) -> int:

@@ -25,6 +25,9 @@ def test_info_describes_the_model():
     out = diptych("info", "--backend", "mlx")
     assert out.returncode == 0, out.stderr
     assert "Q4_1 -> affine 4-bit g32" in out.stdout
+    out = diptych("info", "--backend", "torch", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "layouts on the torch (cpu) backend" in out.stdout
 
 
 def test_run_streams_an_answer():
@@ -39,7 +42,9 @@ def test_bad_input_is_one_line_error_not_a_traceback(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
     for args in (["info", str(bad)], ["run", str(tmp_path / "none.gguf"), "hi"],
                  ["run", "--temperature", "-1", "hi"], ["chat", str(tmp_path / "none.gguf")],
-                 ["chat", "--top-p", "0"], ["chat", "--backend", "nope"]):
+                 ["chat", "--top-p", "0"], ["chat", "--backend", "nope"],
+                 ["info", "--backend", "torch", "--device", "gpu"],
+                 ["run", "--device", "metal", "hi"]):
         out = diptych(*args)
         assert out.returncode == 1, (args, out.stderr)
         assert out.stderr.startswith("diptych: error:") and "Traceback" not in out.stderr

@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diptych.backends import select
-from diptych.inference.engine import Engine
-from diptych.model.families.gguf import config_from_gguf
-from diptych.quant.gguf_file import GGUFFile
-from diptych.model.weights import load_weights
+from diptych.load_plan import LoadPlan
 
 from ..tiny_models import FAMILIES, logits, tiny_hf_model, write_gguf
 
@@ -31,10 +27,7 @@ def backend_name(request):
 @pytest.fixture
 def engine_for(backend_name):
     def make(path, n_ctx=64, n_batch=256):
-        f = GGUFFile(path)
-        cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
-        be = select(backend_name)
-        return Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch)
+        return LoadPlan.open(path, backend_name, n_ctx=n_ctx, n_batch=n_batch).engine()
 
     return make
 

@@ -1,5 +1,5 @@
 """CudaBackend wired end to end: tiny quantized models through the graph, every Triton kernel
-on the way (under the interpreter on the CPU), against TorchBackend on the same file."""
+on the way (under the interpreter on the CPU), against the CPU backend on the same file."""
 
 import logging
 
@@ -9,13 +9,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from diptych.backends.torch import TorchBackend
+from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cuda.backend import CudaBackend, DenseWeight
 from diptych.backends.torch.cuda.kernels import attention as attn
 from diptych.backends.torch.cuda.kernels.weight import QuantWeight
-from diptych.inference.engine import Engine
-from diptych.model.families.gguf import config_from_gguf
-from diptych.quant.gguf_file import GGUFFile
-from diptych.model.weights import load_weights
+from diptych.errors import BackendUnavailableError, InvalidArgumentError
+from diptych.load_plan import LoadPlan
 
 from ...tiny_models import tiny_hf_model, write_gguf
 from .blocks import make_weight
@@ -23,12 +22,8 @@ from .conftest import DEVICE
 
 
 def _engines(path, n_ctx, n_batch):
-    f = GGUFFile(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
-    out = []
-    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
-        out.append(Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch))
-    return out
+    return [LoadPlan.open(path, be, n_ctx=n_ctx, n_batch=n_batch).engine()
+            for be in (CpuBackend(), CudaBackend(DEVICE, dtype=torch.float32))]
 
 
 def _run(eng, chunks):
@@ -82,7 +77,7 @@ def test_weights_without_kernel_are_dequantized_with_a_warning(caplog):
 
 def test_cpu_device_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         CudaBackend("cpu")
 
 
@@ -102,10 +97,22 @@ def test_select_picks_cuda_backend_when_cuda_is_present(monkeypatch):
     from diptych.backends import select
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_mod, "CudaBackend", lambda: "cuda backend")
-    assert select("torch") == "cuda backend"
+    monkeypatch.setattr(cuda_mod, "CudaBackend", lambda device: f"cuda backend on {device}")
+    assert select("torch") == "cuda backend on cuda"
+    assert select("torch", device="cuda:1") == "cuda backend on cuda:1"
+    on_cpu = select("torch", device="cpu")  # torch on the CPU although CUDA is present
+    assert isinstance(on_cpu, CpuBackend) and on_cpu.device == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(select("torch"), CpuBackend)
     assert isinstance(select("torch"), TorchBackend)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "metal", 0])
+def test_select_refuses_unknown_devices(device):
+    from diptych.backends import select
+
+    with pytest.raises(InvalidArgumentError, match="unknown device"):
+        select("torch", device=device)
 
 
 @pytest.mark.parametrize("window", [0, 4])
@@ -119,7 +126,7 @@ def test_gradients_match_cpu_backend(window):
     h0 = torch.randn(1, 5, 4, 16, generator=g)
     nw = torch.randn(256, generator=g)
     grads = []
-    for be in (TorchBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
+    for be in (CpuBackend(), CudaBackend(DEVICE, dtype=torch.float32)):
         x = x0.clone().to(be.device).requires_grad_()
         q = h0.clone().to(be.device).requires_grad_()
         pos = be.ids(np.arange(5)[None])

@@ -48,26 +48,21 @@ def test_long_context_attention_bf16():
 @pytest.mark.parametrize("family", ["llama", "mistral", "deepseek_v2"])
 def test_graph_step_replays_eager_results(tmp_path, family):
     from diptych.backends.torch.cuda.backend import CudaBackend
-    from diptych.inference.engine import Engine
-    from diptych.model.families.gguf import config_from_gguf
-    from diptych.quant.gguf_file import GGUFFile
-    from diptych.model.weights import load_weights
+    from diptych.load_plan import LoadPlan
 
     from ...tiny_models import tiny_hf_model, write_gguf
 
     path = write_gguf(tiny_hf_model(family, seed=2), family, tmp_path / "m.gguf", "Q8_0")
-    f = GGUFFile(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 24)]
     outs = []
     for captured in (False, True):
         be = CudaBackend("cuda", dtype=torch.float32)
-        eng = Engine(be, cfg, load_weights(f.tensors, cfg, be), 64, 16)
+        eng = LoadPlan.open(path, be, n_ctx=64, n_batch=16).engine()
         eng.eval(ids[:8])
         kv = eng.cache.storage
 
         def step(tok, pos, start):
-            return forward(be, cfg, eng.weights, tok, kv, Step(pos, start, 1))
+            return forward(be, eng.cfg, eng.weights, tok, kv, Step(pos, start, 1))
 
         run = be.compile_step(step) if captured else step
         rows = []

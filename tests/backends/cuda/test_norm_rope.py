@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diptych.backends.base import RopeSpec
-from diptych.backends.torch import TorchBackend
+from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cuda.kernels import norm
 
 from .conftest import DTYPES
@@ -35,7 +35,7 @@ def test_rms_norm_and_residual(dtype, device):
 @pytest.mark.parametrize("rot_dim", [24, 16])  # whole head, and a partial rotary dim
 def test_rope_matches_cpu_backend(dtype, rot_dim, device):
     spec = RopeSpec(rot_dim, 10000.0)
-    cpu = TorchBackend()
+    cpu = CpuBackend()
     x = torch.randn(2, 3, 5, 24)  # 5 heads, head dim 24: masked in both directions
     pos = torch.tensor([[0, 1, 2], [40, 41, 900]])
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)

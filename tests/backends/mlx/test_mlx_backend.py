@@ -11,21 +11,15 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 from diptych.backends.mlx import MLXBackend, MLXKV  # noqa: E402
-from diptych.inference.engine import Engine  # noqa: E402
-from diptych.model.families.gguf import config_from_gguf  # noqa: E402
 from diptych.inference.generate import stream_tokens  # noqa: E402
-from diptych.quant.gguf_file import GGUFFile  # noqa: E402
 from diptych.inference.sampling import SamplingParams  # noqa: E402
-from diptych.model.weights import load_weights  # noqa: E402
+from diptych.load_plan import LoadPlan  # noqa: E402
 
 from ...tiny_models import tiny_hf_model, write_gguf  # noqa: E402
 
 
-def engine_for(path, n_ctx=64, n_batch=256):
-    f = GGUFFile(path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
-    be = MLXBackend()
-    return Engine(be, cfg, load_weights(f.tensors, cfg, be), n_ctx, n_batch)
+def engine_for(path, n_ctx=64, n_batch=256, backend=None):
+    return LoadPlan.open(path, backend or MLXBackend(), n_ctx=n_ctx, n_batch=n_batch).engine()
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +41,8 @@ def test_bfloat16_path_on_the_cpu(llama_path):
     ids = list(np.random.default_rng(1).integers(0, 128, 24))
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
-    f = GGUFFile(llama_path)
-    cfg = config_from_gguf(f.metadata, {n: t.shape for n, t in f.tensors.items()})
     be = MLXBackend(dtype="bfloat16", scale_dtype="bfloat16")
-    eng = Engine(be, cfg, load_weights(f.tensors, cfg, be), 32, 256)
+    eng = engine_for(llama_path, n_ctx=32, backend=be)
     assert eng.cache.storage.k[0].dtype == mx.bfloat16 and be.kv_bytes_per_element() == 2
     ours = eng.eval(ids, all_logits=True)
     # bf16 keeps 8 significant bits: measured max error ~7% of max|logit|, top-1 ~95%

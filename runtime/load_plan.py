@@ -1,0 +1,119 @@
+"""The load plan: source -> config -> backend and context size -> memory check -> weights ->
+engine, written once for `diptych.load`, `diptych info`/`bench`, the tests and the benchmarks.
+
+`LoadPlan.open(...)` reads the source's metadata and tensor table, the model config, and
+picks the backend and n_ctx; nothing is prepared or allocated until `engine()` (which checks
+the memory estimate first), so `diptych info` reports the plan without building weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diptych.backends.base import Backend
+
+from .errors import InvalidArgumentError
+from .inference.cache import KVCache
+from .inference.engine import Engine
+from .inference.memory import activation_bytes, check_fits, choose_n_ctx
+from .model.config import ModelConfig
+from .model.families.gguf import config_from_gguf
+from .model.weights import ModelWeights, load_weights
+from .text.tokenizer import Tokenizer
+
+
+def read_config(source) -> ModelConfig:
+    """The ModelConfig of an opened source (anything with GGUF `.metadata` and `.tensors`)."""
+    return config_from_gguf(source.metadata, {n: t.shape for n, t in source.tensors.items()})
+
+
+def _check_n_batch(n_batch) -> None:
+    if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
+        raise InvalidArgumentError(f"n_batch must be a positive integer, got {n_batch!r}")
+
+
+@dataclass
+class LoadPlan:
+    """A model source opened and planned on a backend: what `engine()` will build."""
+
+    path: Path | None    # None for a source built in memory
+    source: Any          # GGUFFile, HFSource, or anything with .metadata and .tensors
+    config: ModelConfig
+    backend: Backend
+    n_ctx: int
+    n_batch: int
+
+    @classmethod
+    def open(cls, source: str | Path | None = None, backend: str | Backend = "auto", *,
+             device: str | None = None, n_ctx: int | None = None,
+             n_batch: int = 256) -> LoadPlan:
+        """Plan loading a .gguf file or a Hugging Face folder (None: the embedded default
+        model) on `backend` ("auto" | "torch" | "mlx" | a Backend instance) and `device`."""
+        from .sources.default_model import default_model_path
+        from .sources.hf_folder import open_source
+
+        _check_n_batch(n_batch)  # before opening: a large vocabulary takes seconds to read
+        path = Path(source) if source is not None else default_model_path()
+        # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
+        return cls.from_source(open_source(path), backend, device=device, n_ctx=n_ctx,
+                               n_batch=n_batch, path=path)
+
+    @classmethod
+    def from_source(cls, source, backend: str | Backend = "auto", *,
+                    device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
+                    path: Path | None = None) -> LoadPlan:
+        """Plan loading an already opened source."""
+        from diptych.backends import select
+
+        _check_n_batch(n_batch)
+        cfg = read_config(source)
+        be = select(backend, device)
+        return cls(path, source, cfg, be, choose_n_ctx(cfg, n_ctx, be.kv_bytes_per_element()),
+                   n_batch)
+
+    # -- memory ----------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the tensors as stored (they stay quantized on the backend)."""
+        return sum(t.nbytes for t in self.source.tensors.values())
+
+    @property
+    def cache_bytes(self) -> int:
+        return KVCache.bytes_needed(self.config, self.n_ctx, self.backend.kv_bytes_per_element(),
+                                    self.n_batch)
+
+    @property
+    def working_bytes(self) -> int:
+        return activation_bytes(self.config, self.n_batch)
+
+    def check_fits(self) -> None:
+        """OutOfMemoryError when weights, cache and working memory exceed what is available."""
+        name = self.path.name if self.path else self.config.name
+        check_fits(self.weight_bytes, self.cache_bytes, self.working_bytes,
+                   f"{name} with n_ctx={self.n_ctx}")
+
+    # -- building --------------------------------------------------------------------------
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_gguf_metadata(self.source.metadata)
+
+    def weights(self, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+        """Every tensor the graph needs, prepared on the backend; `progress(done, total)`
+        receives bytes."""
+        total, done = self.weight_bytes, 0
+
+        def step(n):
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        return load_weights(self.source.tensors, self.config, self.backend, step)
+
+    def engine(self, progress: Callable[[int, int], None] | None = None) -> Engine:
+        """Check the memory estimate, prepare the weights, allocate the cache."""
+        self.check_fits()
+        return Engine(self.backend, self.config, self.weights(progress), self.n_ctx,
+                      self.n_batch)

@@ -1,0 +1,61 @@
+"""The load plan: what it reads and estimates before building anything, and that the
+engine it builds matches the estimate."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from diptych.backends.torch.cpu.backend import CpuBackend
+from diptych.errors import InvalidArgumentError, ModelFileError, OutOfMemoryError
+from diptych.inference import memory
+from diptych.load_plan import LoadPlan
+from diptych.quant.gguf_file import GGUFFile
+
+from ..tiny_models import tiny_hf_model, write_gguf
+
+
+class NoWeights(CpuBackend):
+    def prepare(self, qt):
+        raise AssertionError(f"planning prepared {qt.name}")
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """A model with both cache kinds: sliding-window rings and full layers."""
+    return write_gguf(tiny_hf_model("gemma3", seed=5), "gemma3",
+                      tmp_path_factory.mktemp("plan") / "m.gguf", "Q8_0")
+
+
+def test_planning_builds_nothing_and_the_engine_matches_the_estimate(gemma3):
+    plan = LoadPlan.open(gemma3, NoWeights(), n_ctx=64, n_batch=8)
+    assert plan.config.arch == "gemma3" and plan.n_ctx == 64 and plan.path == gemma3
+    f = GGUFFile(gemma3)
+    padding = gemma3.stat().st_size - f.data_offset - plan.weight_bytes  # tensor alignment
+    assert 0 <= padding < f.alignment * len(f.tensors)
+    built = LoadPlan.open(gemma3, "torch", device="cpu", n_ctx=64, n_batch=8)
+    assert built.cache_bytes == plan.cache_bytes
+    engine = built.engine()
+    assert engine.cache.nbytes == plan.cache_bytes and engine.cache.capacity == 64
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_any_weight(gemma3, monkeypatch):
+    plan = LoadPlan.open(gemma3, NoWeights(), n_ctx=64)
+    monkeypatch.setattr(memory, "available_bytes", lambda: plan.weight_bytes)
+    with pytest.raises(OutOfMemoryError, match="m.gguf with n_ctx=64"):
+        plan.engine()
+
+
+def test_a_source_opened_elsewhere(gemma3):
+    f = GGUFFile(gemma3)
+    plan = LoadPlan.from_source(SimpleNamespace(metadata=f.metadata, tensors=f.tensors),
+                                "torch", device="cpu", n_ctx=32)
+    assert plan.path is None and plan.config == LoadPlan.open(gemma3, n_ctx=32).config
+    assert plan.engine().eval([1, 2, 3]).shape == (1, plan.config.vocab_size)
+
+
+@pytest.mark.parametrize("n_batch", [0, -1, 2.5, True])
+def test_bad_n_batch_is_refused_before_the_file_is_read(tmp_path, n_batch):
+    with pytest.raises(InvalidArgumentError, match="n_batch"):
+        LoadPlan.open(tmp_path / "missing.gguf", n_batch=n_batch)
+    with pytest.raises(ModelFileError):
+        LoadPlan.open(tmp_path / "missing.gguf")

@@ -1,0 +1,100 @@
+"""The architecture's rules, checked on the code: the runtime never imports an array library
+(backends supply the mechanism), and `diptych.load` takes any Backend instance."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diptych
+from diptych.backends.torch.cpu.backend import CpuBackend
+from diptych.errors import InvalidArgumentError
+
+from .tiny_models import logits, tiny_hf_model, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+ARRAY_LIBRARIES = {"torch", "mlx", "triton"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of the modules a file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_scan_sees_imports_anywhere_in_a_file(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\ndef f():\n    from torch.nn import functional\n"
+                 "    import mlx.core as mx\nfrom . import triton\n")
+    assert imported_modules(f) == {"os", "torch", "mlx"}
+
+
+def test_runtime_imports_no_array_library():
+    files = sorted((ROOT / "runtime").rglob("*.py"))
+    assert len(files) > 30
+    offenders = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & ARRAY_LIBRARIES)
+                 for f in files}
+    assert {f: libs for f, libs in offenders.items() if libs} == {}
+
+
+def test_importing_the_runtime_loads_no_array_library():
+    """Indirectly either: every runtime module imported in a fresh interpreter."""
+    modules = ["diptych." + ".".join(f.relative_to(ROOT / "runtime").with_suffix("").parts)
+               for f in sorted((ROOT / "runtime").rglob("*.py"))
+               if f.name not in ("__init__.py", "__main__.py")]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            f"set({sorted(ARRAY_LIBRARIES)!r})))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT / "tests")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    hf = tiny_hf_model("llama", seed=4)
+    return hf, write_gguf(hf, "llama", tmp_path_factory.mktemp("arch") / "m.gguf")
+
+
+class CountingBackend(CpuBackend):
+    """A backend of the caller's own: the CPU backend, counting the weights it prepares."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare(self, qt):
+        self.prepared.append(qt.name)
+        return super().prepare(qt)
+
+
+def test_load_takes_a_backend_instance(tiny_llama):
+    hf, path = tiny_llama
+    be = CountingBackend()
+    model = diptych.load(path, backend=be, n_ctx=32)
+    assert model.backend is be
+    # per layer qkv and gate/up (each fused), o and down; the embedding and the output head
+    assert len(be.prepared) == 2 * 4 + 2
+    assert {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"} <= set(be.prepared)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 12)]
+    ours = model.logits(ids)
+    named = diptych.load(path, backend="torch", device="cpu", n_ctx=32)
+    assert isinstance(named.backend, CpuBackend) and named.backend is not be
+    np.testing.assert_array_equal(ours, named.logits(ids))
+    ref = logits(hf, ids)  # the instance ran the model (F32 weights): transformers' logits
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_device_with_a_backend_instance_is_refused(tiny_llama):
+    with pytest.raises(InvalidArgumentError, match="instance"):
+        diptych.load(tiny_llama[1], backend=CpuBackend(), device="cpu")
