@@ -10,7 +10,7 @@ import numpy as np
 from .inference.cache import KVCache
 from .inference.engine import Engine
 from .errors import InvalidArgumentError
-from .inference.generate import Piece, stream_tokens
+from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.memory import activation_bytes, check_fits, choose_n_ctx
 from .inference.sampling import SamplingParams
 from .text.tokenizer import Tokenizer
@@ -20,7 +20,9 @@ class Model:
     """A loaded model: tokenizer, weights on a backend, and a KV cache of `n_ctx` tokens.
 
     One Model holds one conversation's cache; successive calls reuse the longest common
-    prefix of token ids with what the cache holds.
+    prefix of token ids with what the cache holds. It generates one sequence at a time: a
+    generation started while another is unfinished (on any thread) replaces it, and the
+    older one raises `GenerationSuperseded` at its next step.
     """
 
     def __init__(self, path: Path, gguf, config, tokenizer: Tokenizer, engine: Engine):
@@ -54,8 +56,11 @@ class Model:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits, float32 (len(ids), vocab), for evaluation."""
         ids = self._check_ids(ids)
-        self.engine.cache.rewind(0)
-        return self.engine.eval(ids, all_logits=True)
+        engine = self.engine
+        with engine.lock:
+            engine.release(engine.claim())   # supersedes an unfinished generation
+            engine.cache.rewind(0)
+            return engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_tokens: int = 256, *, stop=None,
@@ -69,8 +74,8 @@ class Model:
         """
         params = SamplingParams(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return stream_tokens(self.engine, self.tokenizer, ids, max_tokens, params, stops)
+        return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids, max_tokens,
+                                                    params, _check_stops(stop)))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
         return "".join(p.text for p in self.stream(prompt, max_tokens, **kwargs))
@@ -90,6 +95,17 @@ class Model:
         return "".join(p.text for p in self.chat_stream(messages, max_tokens, **kwargs))
 
     def _check_ids(self, ids) -> list[int]:
+        """A prompt of token ids: a list, tuple or integer numpy array of ints (bytes or text
+        are not token ids, and a float is not silently truncated)."""
+        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidArgumentError(f"a prompt is a str or a list of token ids (ints), "
+                                       f"not {type(ids).__name__}")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise InvalidArgumentError(f"token ids must be ints, got {i!r} "
+                                           f"({type(i).__name__})")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
@@ -98,6 +114,16 @@ class Model:
         if not ids:
             raise InvalidArgumentError("no token ids given")
         return ids
+
+
+def _check_stops(stop) -> list[str]:
+    """`stop` as a list of strings: one string, or a list or tuple of them."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise InvalidArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
+    return list(stops)
 
 
 def load(source: str | Path | None = None, *, backend: str = "auto", n_ctx: int | None = None,

@@ -174,6 +174,16 @@ def _utf8_ok(text: str) -> bool:
     return True
 
 
+def _check_unicode(text: str) -> None:
+    """Text with a lone surrogate (e.g. "\\ud800", from a broken decode) is not Unicode text and
+    has no UTF-8 form: say where it is instead of letting the tokenizer library fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text is not valid Unicode: lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at character {e.start}") from None
+
+
 def _as_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
     value = _get(md, key)
     if value is None:
@@ -473,7 +483,7 @@ class Tokenizer:
             prompt for generation must not end in EOS; pass `tok.add_eos` to follow the model).
         """
         if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+            raise TokenizerError(f"text to tokenize must be a str, not {type(text).__name__}")
         if add_bos is None:
             add_bos = self.add_bos
         out: list[int] = []
@@ -482,18 +492,22 @@ class Tokenizer:
                 raise TokenizerError("this vocabulary has no BOS token")
             out.append(self.bos_id)
         if text:
-            with self._lock:
-                self.backend.encode_special_tokens = not parse_special
-                try:
-                    enc = self.backend.encode(text, add_special_tokens=False)
-                finally:
-                    self.backend.encode_special_tokens = False
-            out.extend(enc.ids)
+            out.extend(self._encode(text, parse_special).ids)
         if add_eos:
             if self.eos_id is None:
                 raise TokenizerError("this vocabulary has no EOS token")
             out.append(self.eos_id)
         return out
+
+    def _encode(self, text: str, parse_special: bool):
+        """The `tokenizers` Encoding of `text` (no BOS/EOS), after checking it is valid text."""
+        _check_unicode(text)
+        with self._lock:
+            self.backend.encode_special_tokens = not parse_special
+            try:
+                return self.backend.encode(text, add_special_tokens=False)
+            finally:
+                self.backend.encode_special_tokens = False
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
@@ -564,6 +578,10 @@ class Tokenizer:
         fallback when the file has none); see `diptych.text.chat_template.render_chat`."""
         from diptych.text.chat_template import render_chat
 
+        if template is None and self.chat_template is not None \
+                and not _utf8_ok(self.chat_template):
+            raise ModelFileError("the model's chat template (tokenizer.chat_template) is not "
+                                 "valid UTF-8; pass a template of your own")
         return render_chat(template or self.chat_template, messages,
                            add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token, eos_token=self.eos_token, **extra)
