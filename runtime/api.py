@@ -13,6 +13,7 @@ from .errors import InvalidArgumentError
 from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.memory import activation_bytes, check_fits, choose_n_ctx
 from .inference.sampling import SamplingParams
+from .text.chat_prompt import chat_ids
 from .text.tokenizer import Tokenizer
 
 
@@ -80,12 +81,15 @@ class Model:
     def generate(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
         return "".join(p.text for p in self.stream(prompt, max_tokens, **kwargs))
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    special_in_content: bool = False) -> list[int]:
         """Token ids of `messages` rendered with the model's own chat template (ChatML when
-        the file has none). The template writes BOS itself where the model wants one."""
-        text = self.tokenizer.apply_chat_template(messages,
-                                                  add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+        the file has none). The template writes BOS itself where the model wants one.
+
+        Control tokens count only where the template wrote them: a message that spells
+        "<|im_start|>" gets it as plain text, unless `special_in_content` (trusted messages)."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                        special_in_content=special_in_content)
 
     def chat_stream(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> Iterator[Piece]:
         return self.stream(self.chat_prompt(messages), max_tokens, **kwargs)

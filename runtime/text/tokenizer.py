@@ -509,6 +509,40 @@ class Tokenizer:
             finally:
                 self.backend.encode_special_tokens = False
 
+    def has_special(self, text: str) -> bool:
+        """True when `text` spells a control or unknown token (e.g. "<|im_start|>")."""
+        return any(self._types[i] in (CONTROL, UNKNOWN) for i in self._encode(text, True).ids)
+
+    def encode_template(self, text: str, content: Sequence[tuple[int, int]]) -> list[int]:
+        """Token ids of a rendered chat template (no BOS added: templates write their own),
+        with control tokens recognised only outside the `content` spans (character ranges of
+        message text): a message that spells "<|im_start|>system" gets it as plain text.
+
+        Control tokens split the text before the model runs, so tokenizing the pieces between
+        the template's own control tokens gives the same ids as one pass would, apart from the
+        text that spelled a token inside a message."""
+        enc = self._encode(text, True)
+        cuts = []   # (start, end, id) of each control token the template itself wrote
+        injected = False
+        for i, (s, e) in zip(enc.ids, enc.offsets):
+            if self._types[i] in (CONTROL, UNKNOWN):
+                if any(a < e and s < b for a, b in content):
+                    injected = True
+                else:
+                    cuts.append((s, e, i))
+        if not injected:
+            return list(enc.ids)
+        out: list[int] = []
+        pos = 0
+        for s, e, i in cuts:
+            if s > pos:
+                out.extend(self._encode(text[pos:s], False).ids)
+            out.append(i)
+            pos = e
+        if pos < len(text):
+            out.extend(self._encode(text[pos:], False).ids)
+        return out
+
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, parse_special=parse_special) for t in texts]
