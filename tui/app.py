@@ -67,12 +67,16 @@ class DiptychApp(App):
     @work(thread=True, exclusive=True, group="load")
     def _load(self, source, backend: str, name: str) -> None:
         from diptych import load
+        from diptych.sources.default_model import default_model_path
 
-        def progress(done: int, total: int) -> None:
-            self.call_from_thread(self.chat.status.loading, name, done, total)
+        def progress(done: int, total: int, what: str = name) -> None:
+            self.call_from_thread(self.chat.status.loading, what, done, total)
 
         try:
-            model = load(source, backend=backend, n_ctx=self.n_ctx, progress=progress)
+            # the default model's first-run download reports to the status bar, not stderr
+            path = source if source is not None else default_model_path(
+                lambda done, total: progress(done, total, f"{name} (downloading)"))
+            model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress)
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)
             return
