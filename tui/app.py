@@ -7,15 +7,16 @@ from pathlib import Path
 
 from textual import work
 from textual.worker import get_current_worker
-from textual.app import App, SystemCommand
+from textual.app import App, InvalidThemeError, SystemCommand
 from textual.binding import Binding
 
 from diptych.backends import resolve
 
 from .chat_settings import ChatSettings
+from .models import read_settings
 from .paths import database_path
 from .screens.chat import ChatScreen
-from .store import Store
+from .store_recovery import open_store
 
 QUIT_WINDOW_S = 1.5  # a second Ctrl+C within this many seconds quits
 THEMES = ("textual-dark", "textual-light")
@@ -38,7 +39,10 @@ class DiptychApp(App):
         self.backend_name = model.backend.name if model is not None else resolve(backend)
         self.n_ctx = model.n_ctx if model is not None and n_ctx is None else n_ctx
         self.default_settings = settings or ChatSettings()
-        self.store = Store(database_path())
+        # a broken store or settings file never stops the app: it says what it did instead
+        self.store, self.startup_notices = open_store(database_path())
+        if problem := read_settings()[1]:
+            self.startup_notices.append(problem)
         self.autoload = autoload and model is None
         self.chat = ChatScreen()
         self._last_ctrl_c = 0.0
@@ -47,7 +51,13 @@ class DiptychApp(App):
         return self.chat
 
     def on_mount(self) -> None:
-        self.theme = self.store.preference("theme", THEMES[0])
+        theme = self.store.preference("theme", THEMES[0])
+        try:
+            self.theme = theme
+        except InvalidThemeError:
+            self.startup_notices.append(f"The saved theme {theme!r} is unknown; it is ignored")
+        for notice in self.startup_notices:
+            self.notify(notice, title="Chat data", severity="warning", timeout=30)
 
     def chat_screen_ready(self) -> None:
         """Called once the chat screen is mounted: start loading the model."""
