@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from diptych.errors import DefaultModelError
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -41,7 +43,7 @@ def is_intact(target: Path, sha256: str) -> bool:
     its size or modification time changed since it was recorded."""
     try:
         st = target.stat()
-    except FileNotFoundError:
+    except OSError:   # missing, or no folder where the cache should be
         return False
     try:
         record = json.loads(_record_path(target).read_text())
@@ -73,8 +75,13 @@ def install(partial: Path, target: Path, sha256: str) -> None:
 @contextlib.contextmanager
 def locked(target: Path) -> Iterator[None]:
     """Hold the cache lock of `target` (waits for another process that holds it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a") as f:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f = open(target.with_name(target.name + ".lock"), "a")
+    except OSError as exc:
+        raise DefaultModelError(f"cannot write to the model cache {target.parent}: "
+                                f"{exc.strerror or exc}") from exc
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

