@@ -12,7 +12,9 @@ A store can also live in memory: empty, or as a copy of a database that cannot b
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,12 +113,18 @@ class Store:
             raise
 
     def _copy_into_memory(self) -> None:
-        # immutable: nothing is written beside the file (WAL would need a -shm file)
-        source = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
-        try:
-            source.backup(self.db)
-        finally:
-            source.close()
+        # Reading in place would write beside the file (WAL needs a -shm file), so the
+        # database and its write-ahead log are read from a temporary copy.
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / self.path.name
+            for suffix in ("", "-wal"):
+                if Path(f"{self.path}{suffix}").is_file():
+                    shutil.copyfile(f"{self.path}{suffix}", f"{copy}{suffix}")
+            source = sqlite3.connect(copy)
+            try:
+                source.backup(self.db)
+            finally:
+                source.close()
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]

@@ -8,8 +8,7 @@ show, and nothing a user wrote is deleted:
 - a database written by a newer diptych is left as it is, and this session's chats are kept
   in memory;
 - a database that cannot be written (a read-only folder or file) is read into memory: the
-  chats are shown (not what an unfinished write-ahead log beside it holds: reading that
-  would need a file written beside it), and nothing of this session is saved;
+  chats are shown, and nothing of this session is saved;
 - a data folder that cannot be made (a file in its place, no permission): this session's
   chats are kept in memory.
 """

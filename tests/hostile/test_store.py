@@ -168,12 +168,19 @@ def run_read_only(folder: Path) -> tuple[list[str], list[str]]:
     return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def test_a_read_only_folder_with_a_database_shows_the_chats(data):
-    make_chats(data)
+def test_a_read_only_folder_with_a_database_shows_the_chats(data, tmp_path):
+    make_chats(tmp_path / "live")
+    # what a killed app leaves: a database whose last chat is only in its write-ahead log
+    store = Store(tmp_path / "live" / "chats.sqlite3")
+    store.db.execute("PRAGMA wal_autocheckpoint=0")
+    store.new_chat("only in the log", ChatSettings())
+    data.mkdir(parents=True)
+    for name in ("chats.sqlite3", "chats.sqlite3-wal"):   # no -shm: WAL would need to make it
+        (data / name).write_bytes((tmp_path / "live" / name).read_bytes())
+    store.close()
     before = digest(data)
-    assert not (data / "chats.sqlite3-shm").exists()   # WAL would need to create it
     notices, titles = run_read_only(data)
-    assert sorted(titles) == ["chat 0", "chat 1", "chat 2"]
+    assert sorted(titles) == ["chat 0", "chat 1", "chat 2", "only in the log"]
     assert len(notices) == 1 and "cannot be written" in notices[0]
     assert "nothing of this session will be saved" in notices[0]
     assert digest(data) == before
