@@ -463,6 +463,8 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def _check(self, token_id: int) -> int:
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
+            raise TokenizerError(f"a token id must be an int, not {token_id!r}")
         token_id = int(token_id)
         if not 0 <= token_id < len(self._tokens):
             raise TokenizerError(f"token id {token_id} is outside the vocabulary "

@@ -146,3 +146,10 @@ def test_a_template_with_a_corrupt_byte_is_a_model_file_error(smollm2_path):
 def test_encode_refuses_bytes(model):
     with pytest.raises(TokenizerError, match="must be a str"):
         model.tokenizer.encode(b"Hi")
+
+
+@pytest.mark.parametrize("ids", [[1.0], ["5"], [True], [None]])
+def test_detokenize_refuses_what_is_not_a_token_id(model, ids):
+    with pytest.raises(TokenizerError, match="must be an int"):
+        model.detokenize(ids)
+    assert model.detokenize([np.int64(1), 2]) == model.detokenize([1, 2])
