@@ -11,9 +11,10 @@ from diptych.backends.base import Backend
 
 from .errors import InvalidArgumentError
 from .inference.engine import Engine
-from .inference.generate import Piece, stream_tokens
+from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.sampling import SamplingParams
 from .load_plan import LoadPlan
+from .text.chat_prompt import chat_ids
 from .text.tokenizer import Tokenizer
 
 
@@ -21,7 +22,9 @@ class Model:
     """A loaded model: tokenizer, weights on a backend, and a KV cache of `n_ctx` tokens.
 
     One Model holds one conversation's cache; successive calls reuse the longest common
-    prefix of token ids with what the cache holds.
+    prefix of token ids with what the cache holds. It generates one sequence at a time: a
+    generation started while another is unfinished (on any thread) replaces it, and the
+    older one raises `GenerationSuperseded` at its next step.
     """
 
     def __init__(self, path: Path, gguf, config, tokenizer: Tokenizer, engine: Engine):
@@ -55,8 +58,11 @@ class Model:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits, float32 (len(ids), vocab), for evaluation."""
         ids = self._check_ids(ids)
-        self.engine.cache.rewind(0)
-        return self.engine.eval(ids, all_logits=True)
+        engine = self.engine
+        with engine.lock:
+            engine.release(engine.claim())   # supersedes an unfinished generation
+            engine.cache.rewind(0)
+            return engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_tokens: int = 256, *, stop=None,
@@ -70,18 +76,21 @@ class Model:
         """
         params = SamplingParams(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return stream_tokens(self.engine, self.tokenizer, ids, max_tokens, params, stops)
+        return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids, max_tokens,
+                                                    params, _check_stops(stop)))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
         return "".join(p.text for p in self.stream(prompt, max_tokens, **kwargs))
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    special_in_content: bool = False) -> list[int]:
         """Token ids of `messages` rendered with the model's own chat template (ChatML when
-        the file has none). The template writes BOS itself where the model wants one."""
-        text = self.tokenizer.apply_chat_template(messages,
-                                                  add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+        the file has none). The template writes BOS itself where the model wants one.
+
+        Control tokens count only where the template wrote them: a message that spells
+        "<|im_start|>" gets it as plain text, unless `special_in_content` (trusted messages)."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                        special_in_content=special_in_content)
 
     def chat_stream(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> Iterator[Piece]:
         return self.stream(self.chat_prompt(messages), max_tokens, **kwargs)
@@ -91,6 +100,17 @@ class Model:
         return "".join(p.text for p in self.chat_stream(messages, max_tokens, **kwargs))
 
     def _check_ids(self, ids) -> list[int]:
+        """A prompt of token ids: a list, tuple or integer numpy array of ints (bytes or text
+        are not token ids, and a float is not silently truncated)."""
+        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidArgumentError(f"a prompt is a str or a list of token ids (ints), "
+                                       f"not {type(ids).__name__}")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise InvalidArgumentError(f"token ids must be ints, got {i!r} "
+                                           f"({type(i).__name__})")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
@@ -99,6 +119,16 @@ class Model:
         if not ids:
             raise InvalidArgumentError("no token ids given")
         return ids
+
+
+def _check_stops(stop) -> list[str]:
+    """`stop` as a list of strings: one string, or a list or tuple of them."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise InvalidArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
+    return list(stops)
 
 
 def load(source: str | Path | None = None, *, backend: str | Backend = "auto",

@@ -52,3 +52,8 @@ class GenerationInterrupted(DiptychError):
 
 class ChatTemplateError(DiptychError):
     """A chat template is malformed, raised an error, or tried to leave its sandbox."""
+
+
+class GenerationSuperseded(DiptychError):
+    """Another generation (or evaluation) started on the same model and took over its cache;
+    this one cannot continue without giving wrong text."""

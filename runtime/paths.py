@@ -15,6 +15,5 @@ def cache_dir() -> Path:
 
 
 def models_dir() -> Path:
-    path = cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Downloaded models (the folder is made when the first one is written)."""
+    return cache_dir() / "models"

@@ -159,7 +159,7 @@ def llama_full_logits(model_path: Path, fx, tmp: Path) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from diptych.sources.pypi_fetch import sha256_file
+    from diptych.sources.cache_file import sha256_file
     from make_reference_fixtures import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -98,7 +98,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from diptych.sources.pypi_fetch import sha256_file
+from diptych.sources.cache_file import sha256_file
 from llama_cpp_model import open_llama
 from diptych.sources.pypi_models import MODELS as PYPI_MODELS
 from diptych.sources.pypi_models import cached_path

@@ -7,15 +7,16 @@ from pathlib import Path
 
 from textual import work
 from textual.worker import get_current_worker
-from textual.app import App, SystemCommand
+from textual.app import App, InvalidThemeError, SystemCommand
 from textual.binding import Binding
 
 from diptych.backends import resolve
 
 from .chat_settings import ChatSettings
+from .models import read_settings
 from .paths import database_path
 from .screens.chat import ChatScreen
-from .store import Store
+from .store_recovery import open_store
 
 QUIT_WINDOW_S = 1.5  # a second Ctrl+C within this many seconds quits
 THEMES = ("textual-dark", "textual-light")
@@ -38,7 +39,10 @@ class DiptychApp(App):
         self.backend_name = model.backend.name if model is not None else resolve(backend)
         self.n_ctx = model.n_ctx if model is not None and n_ctx is None else n_ctx
         self.default_settings = settings or ChatSettings()
-        self.store = Store(database_path())
+        # a broken store or settings file never stops the app: it says what it did instead
+        self.store, self.startup_notices = open_store(database_path())
+        if problem := read_settings()[1]:
+            self.startup_notices.append(problem)
         self.autoload = autoload and model is None
         self.chat = ChatScreen()
         self._last_ctrl_c = 0.0
@@ -47,7 +51,13 @@ class DiptychApp(App):
         return self.chat
 
     def on_mount(self) -> None:
-        self.theme = self.store.preference("theme", THEMES[0])
+        theme = self.store.preference("theme", THEMES[0])
+        try:
+            self.theme = theme
+        except InvalidThemeError:
+            self.startup_notices.append(f"The saved theme {theme!r} is unknown; it is ignored")
+        for notice in self.startup_notices:
+            self.notify(notice, title="Chat data", severity="warning", timeout=30)
 
     def chat_screen_ready(self) -> None:
         """Called once the chat screen is mounted: start loading the model."""
@@ -67,12 +77,16 @@ class DiptychApp(App):
     @work(thread=True, exclusive=True, group="load")
     def _load(self, source, backend: str, name: str) -> None:
         from diptych import load
+        from diptych.sources.default_model import default_model_path
 
-        def progress(done: int, total: int) -> None:
-            self.call_from_thread(self.chat.status.loading, name, done, total)
+        def progress(done: int, total: int, what: str = name) -> None:
+            self.call_from_thread(self.chat.status.loading, what, done, total)
 
         try:
-            model = load(source, backend=backend, n_ctx=self.n_ctx, progress=progress)
+            # the default model's first-run download reports to the status bar, not stderr
+            path = source if source is not None else default_model_path(
+                lambda done, total: progress(done, total, f"{name} (downloading)"))
+            model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress)
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)
             return

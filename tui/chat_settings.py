@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 
 from diptych.errors import SamplingError
@@ -9,6 +10,15 @@ from diptych.inference.sampling import SamplingParams
 
 
 _SAMPLING = SamplingParams()  # the runtime's defaults are the app's
+_NUMBER, _INT, _OPTIONAL_INT = (int, float), (int,), (int, type(None))
+_KINDS = {  # the JSON types each stored setting may have
+    "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
+    "min_p": _NUMBER, "repetition_penalty": _NUMBER, "max_tokens": _INT,
+    "seed": _OPTIONAL_INT}
+
+
+def _is(value, kinds: tuple) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 @dataclass
@@ -30,6 +40,20 @@ class ChatSettings:
         """Known keys only, so settings saved by another version still load."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text: str) -> tuple[ChatSettings, list[str]]:
+        """Settings as stored (a JSON object); what cannot be read is left at its default
+        and described in the returned list."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError):
+            return cls(), ["not valid JSON"]
+        if not isinstance(data, dict):
+            return cls(), [f"a JSON {type(data).__name__} instead of an object"]
+        good = {k: v for k, v in data.items() if k in _KINDS and _is(v, _KINDS[k])}
+        wrong = [f"{k}={v!r}" for k, v in data.items() if k in _KINDS and k not in good]
+        return cls.from_dict(good), wrong
 
     def validate(self) -> None:
         """Raise SamplingError (a DiptychError) for an out-of-range value."""

@@ -23,27 +23,41 @@ class ModelChoice:
     source: str        # "default" | "folder" | "hf cache"
 
 
-def configured_folders() -> list[Path]:
-    path = settings_path()
-    if not path.exists():
-        return []
-    try:
-        folders = json.loads(path.read_text()).get("model_folders", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [Path(f).expanduser() for f in folders if isinstance(f, str)]
-
-
-def add_configured_folder(folder: Path) -> None:
+def read_settings() -> tuple[dict, str | None]:
+    """The settings file as a dict ({} when there is none), and what is wrong with it: it
+    is not valid JSON, not an object, or `model_folders` is not a list of strings."""
     path = settings_path()
     try:
         data = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        data = {}
+    except (OSError, ValueError) as exc:
+        return {}, f"{path} cannot be read ({exc}); it is ignored"
+    if not isinstance(data, dict):
+        return {}, f"{path} holds a JSON {type(data).__name__}, not an object; it is ignored"
+    folders = data.get("model_folders", [])
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        return {}, f"{path}: model_folders must be a list of folder names; it is ignored"
+    return data, None
+
+
+def configured_folders() -> list[Path]:
+    return [Path(f).expanduser() for f in read_settings()[0].get("model_folders", [])]
+
+
+def add_configured_folder(folder: Path) -> bool:
+    """Remember `folder` in the settings file; False (and the file left as it is) when the
+    file holds something else than settings or cannot be written."""
+    data, problem = read_settings()
+    if problem:
+        return False
     folders = data.setdefault("model_folders", [])
     if str(folder) not in folders:
         folders.append(str(folder))
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        settings_path().parent.mkdir(parents=True, exist_ok=True)
+        settings_path().write_text(json.dumps(data, indent=2) + "\n")
+    except OSError:
+        return False
+    return True
 
 
 def in_folders(folders: list[Path]) -> list[ModelChoice]:

@@ -7,14 +7,12 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """$DIPTYCH_DATA_DIR, else $XDG_DATA_HOME/diptych, else ~/.local/share/diptych."""
+    """$DIPTYCH_DATA_DIR, else $XDG_DATA_HOME/diptych, else ~/.local/share/diptych (created
+    when the chat store opens)."""
     if env := os.environ.get("DIPTYCH_DATA_DIR"):
-        path = Path(env).expanduser()
-    else:
-        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-        path = Path(base).expanduser() / "diptych"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "diptych"
 
 
 def database_path() -> Path:

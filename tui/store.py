@@ -4,15 +4,22 @@ WAL journaling lets two app instances read and write the same file at once (writ
 to `BUSY_TIMEOUT_S` for each other); every change is one short transaction, so a crash or
 Ctrl+C loses nothing that was committed. A reply being generated is a row updated as it
 streams, so a crash mid-reply keeps what had arrived.
+
+A store can also live in memory: empty, or as a copy of a database that cannot be written
+(see `store_recovery`); then nothing outlives the app.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from diptych.errors import DiptychError
 
 from .chat_settings import ChatSettings
 
@@ -43,7 +50,15 @@ CREATE TABLE IF NOT EXISTS preferences (
 """
 
 
-class StoreError(Exception):
+class StoreError(DiptychError):
+    """The chat database cannot be used as it is."""
+
+
+class StoreDamaged(StoreError):
+    """The database file is corrupt or truncated."""
+
+
+class StoreTooNew(StoreError):
     """The database was written by a newer diptych."""
 
 
@@ -64,21 +79,58 @@ class Message:
 
 
 class Store:
-    def __init__(self, path: Path):
+    """The chats of the database at `path`.
+
+    mode "write": read and written there (created if missing). "copy": held in memory, as a
+    copy of the database read without writing anything beside it (none: empty), for a
+    database that cannot be written. "empty": an empty store in memory.
+    """
+
+    def __init__(self, path: Path, mode: str = "write"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode; `with self.db:` below opens and commits one transaction
-        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        if mode == "write":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit mode; `with self._transaction():` below opens and commits one
+            # transaction
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        else:
+            self.db = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            if mode == "write":
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            elif mode == "copy" and self.path.is_file():
+                self._copy_into_memory()
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            self._migrate()
+        except BaseException as exc:
+            self.db.close()
+            if isinstance(exc, sqlite3.DatabaseError) and \
+                    not isinstance(exc, sqlite3.OperationalError):  # not a file it cannot open
+                raise StoreDamaged(f"{self.path} is damaged ({exc})") from exc
+            raise
+
+    def _copy_into_memory(self) -> None:
+        # Reading in place would write beside the file (WAL needs a -shm file), so the
+        # database and its write-ahead log are read from a temporary copy.
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / self.path.name
+            for suffix in ("", "-wal"):
+                if Path(f"{self.path}{suffix}").is_file():
+                    shutil.copyfile(f"{self.path}{suffix}", f"{copy}{suffix}")
+            source = sqlite3.connect(copy)
+            try:
+                source.backup(self.db)
+            finally:
+                source.close()
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has schema version {version}; this diptych "
-                             f"reads up to {SCHEMA_VERSION}: upgrade diptych")
+            raise StoreTooNew(f"{self.path} has schema version {version}; this diptych "
+                              f"reads up to {SCHEMA_VERSION}: upgrade diptych")
         if version < SCHEMA_VERSION:
             with self._transaction():
                 for statement in SCHEMA.split(";"):
@@ -116,7 +168,16 @@ class Store:
 
     @staticmethod
     def _chat(row) -> Chat:
-        return Chat(row[0], row[1], row[2], ChatSettings.from_dict(json.loads(row[3])), row[4])
+        return Chat(row[0], row[1], row[2], ChatSettings.from_json(row[3])[0], row[4])
+
+    def settings_problems(self) -> list[str]:
+        """One line for each chat whose stored settings cannot all be read."""
+        out = []
+        for title, text in self.db.execute("SELECT title, settings FROM chats ORDER BY id"):
+            _, problems = ChatSettings.from_json(text)
+            if problems:
+                out.append(f"“{title}”: {', '.join(problems)}")
+        return out
 
     def rename_chat(self, chat_id: int, title: str) -> None:
         with self._transaction():
@@ -171,8 +232,12 @@ class Store:
 
     # -- preferences ---------------------------------------------------------------------------
     def preference(self, key: str, default=None):
+        """The stored value, or `default` when there is none or it is not valid JSON."""
         row = self.db.execute("SELECT value FROM preferences WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        try:
+            return json.loads(row[0]) if row else default
+        except (TypeError, ValueError):
+            return default
 
     def set_preference(self, key: str, value) -> None:
         with self._transaction():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from diptych.backends.base import Step
@@ -15,6 +17,10 @@ class Engine:
 
     The cache only records a chunk after its forward pass completes, so an interrupt
     (Ctrl+C) mid-pass leaves the cache exactly as it was before that chunk.
+
+    The cache holds one sequence, so it has one user at a time: whoever uses it holds `lock`
+    and, to keep it between steps (a generation), `claim`s it; a newer claim supersedes the
+    older one, which must then stop rather than continue from someone else's tokens.
     """
 
     def __init__(self, backend, cfg, weights, n_ctx: int, n_batch: int = 256):
@@ -24,6 +30,21 @@ class Engine:
         self.n_batch = n_batch
         self.cache = KVCache(backend, cfg, n_ctx, n_batch)
         self._decode = backend.compile_step(self._decode_step)
+        self.lock = threading.RLock()
+        self._owner: object | None = None
+
+    def claim(self) -> object:
+        """Take the cache for a new user (call with `lock` held); returns its ticket."""
+        self._owner = ticket = object()
+        return ticket
+
+    def holds(self, ticket: object) -> bool:
+        """True while no later `claim` has superseded `ticket`."""
+        return self._owner is ticket
+
+    def release(self, ticket: object) -> None:
+        if self._owner is ticket:
+            self._owner = None
 
     def _decode_step(self, tokens, positions, start: int):
         """One token through the graph: the step a backend may capture and replay."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from diptych.text.detokenize import StopMatcher, StreamDecoder
-from diptych.errors import ContextOverflowError, SamplingError
+from diptych.errors import ContextOverflowError, GenerationSuperseded, SamplingError
 from .sampling import SamplingParams
 
 
@@ -84,3 +84,33 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
         yield Piece(text, [token], timings)
         logits = engine.eval([token])
         timings.decode_s = time.perf_counter() - t0
+
+
+def exclusive(engine, pieces: Iterator[Piece]) -> Iterator[Piece]:
+    """`pieces` run as the engine's one generation.
+
+    The generation claims the cache when it starts (at its first step, as generators run
+    lazily) and each step runs under the engine's lock, so two threads never interleave
+    inside a step. A generation started later, on this thread or another, supersedes this
+    one: its next step raises `GenerationSuperseded` instead of continuing from a cache
+    that now holds the other prompt."""
+    ticket = None
+    try:
+        while True:
+            with engine.lock:
+                if ticket is None:
+                    ticket = engine.claim()
+                elif not engine.holds(ticket):
+                    raise GenerationSuperseded(
+                        "another generation started on this model and replaced this one; "
+                        "a model generates one sequence at a time (load a second Model for "
+                        "two at once)")
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece
+    finally:
+        pieces.close()
+        if ticket is not None:
+            with engine.lock:
+                engine.release(ticket)

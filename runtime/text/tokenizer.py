@@ -174,6 +174,16 @@ def _utf8_ok(text: str) -> bool:
     return True
 
 
+def _check_unicode(text: str) -> None:
+    """Text with a lone surrogate (e.g. "\\ud800", from a broken decode) is not Unicode text and
+    has no UTF-8 form: say where it is instead of letting the tokenizer library fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text is not valid Unicode: lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at character {e.start}") from None
+
+
 def _as_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
     value = _get(md, key)
     if value is None:
@@ -453,6 +463,8 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def _check(self, token_id: int) -> int:
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
+            raise TokenizerError(f"a token id must be an int, not {token_id!r}")
         token_id = int(token_id)
         if not 0 <= token_id < len(self._tokens):
             raise TokenizerError(f"token id {token_id} is outside the vocabulary "
@@ -473,7 +485,7 @@ class Tokenizer:
             prompt for generation must not end in EOS; pass `tok.add_eos` to follow the model).
         """
         if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+            raise TokenizerError(f"text to tokenize must be a str, not {type(text).__name__}")
         if add_bos is None:
             add_bos = self.add_bos
         out: list[int] = []
@@ -482,17 +494,55 @@ class Tokenizer:
                 raise TokenizerError("this vocabulary has no BOS token")
             out.append(self.bos_id)
         if text:
-            with self._lock:
-                self.backend.encode_special_tokens = not parse_special
-                try:
-                    enc = self.backend.encode(text, add_special_tokens=False)
-                finally:
-                    self.backend.encode_special_tokens = False
-            out.extend(enc.ids)
+            out.extend(self._encode(text, parse_special).ids)
         if add_eos:
             if self.eos_id is None:
                 raise TokenizerError("this vocabulary has no EOS token")
             out.append(self.eos_id)
+        return out
+
+    def _encode(self, text: str, parse_special: bool):
+        """The `tokenizers` Encoding of `text` (no BOS/EOS), after checking it is valid text."""
+        _check_unicode(text)
+        with self._lock:
+            self.backend.encode_special_tokens = not parse_special
+            try:
+                return self.backend.encode(text, add_special_tokens=False)
+            finally:
+                self.backend.encode_special_tokens = False
+
+    def has_special(self, text: str) -> bool:
+        """True when `text` spells a control or unknown token (e.g. "<|im_start|>")."""
+        return any(self._types[i] in (CONTROL, UNKNOWN) for i in self._encode(text, True).ids)
+
+    def encode_template(self, text: str, content: Sequence[tuple[int, int]]) -> list[int]:
+        """Token ids of a rendered chat template (no BOS added: templates write their own),
+        with control tokens recognised only outside the `content` spans (character ranges of
+        message text): a message that spells "<|im_start|>system" gets it as plain text.
+
+        Control tokens split the text before the model runs, so tokenizing the pieces between
+        the template's own control tokens gives the same ids as one pass would, apart from the
+        text that spelled a token inside a message."""
+        enc = self._encode(text, True)
+        cuts = []   # (start, end, id) of each control token the template itself wrote
+        injected = False
+        for i, (s, e) in zip(enc.ids, enc.offsets):
+            if self._types[i] in (CONTROL, UNKNOWN):
+                if any(a < e and s < b for a, b in content):
+                    injected = True
+                else:
+                    cuts.append((s, e, i))
+        if not injected:
+            return list(enc.ids)
+        out: list[int] = []
+        pos = 0
+        for s, e, i in cuts:
+            if s > pos:
+                out.extend(self._encode(text[pos:s], False).ids)
+            out.append(i)
+            pos = e
+        if pos < len(text):
+            out.extend(self._encode(text[pos:], False).ids)
         return out
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
@@ -564,6 +614,10 @@ class Tokenizer:
         fallback when the file has none); see `diptych.text.chat_template.render_chat`."""
         from diptych.text.chat_template import render_chat
 
+        if template is None and self.chat_template is not None \
+                and not _utf8_ok(self.chat_template):
+            raise ModelFileError("the model's chat template (tokenizer.chat_template) is not "
+                                 "valid UTF-8; pass a template of your own")
         return render_chat(template or self.chat_template, messages,
                            add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token, eos_token=self.eos_token, **extra)

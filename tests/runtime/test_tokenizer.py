@@ -199,7 +199,7 @@ def test_bad_ids_and_inputs_raise_diptych_errors(tokenizer_of):
         tok.decode([tok.vocab_size])
     with pytest.raises(DiptychError):
         tok.token_bytes(-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(DiptychError, match="must be a str"):
         tok.encode(b"bytes")  # type: ignore[arg-type]
 
 
