@@ -52,3 +52,7 @@ class GenerationInterrupted(DiptychError):
 
 class ChatTemplateError(DiptychError):
     """A chat template is malformed, raised an error, or tried to leave its sandbox."""
+
+
+class NumericalError(DiptychError):
+    """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
