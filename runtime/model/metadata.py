@@ -20,6 +20,9 @@ MAX_COUNT = 2**31 - 1  # counts and sizes larger than this are not a model's
 
 _REQUIRED = object()
 
+# keys llama.cpp also reads as one value per layer (OpenELM and others): valid, unsupported
+_PER_LAYER = frozenset(["attention.head_count", "attention.head_count_kv", "feed_forward_length"])
+
 
 def is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -59,7 +62,7 @@ class ArchMetadata:
               maximum: int = MAX_COUNT) -> int:
         """An integer in [minimum, maximum]."""
         value = self.raw(name, default)
-        if isinstance(value, (list, tuple, np.ndarray)):
+        if name in _PER_LAYER and isinstance(value, (list, tuple, np.ndarray)):
             raise UnsupportedModelError(f"{self.key(name)} is given per layer; diptych runs "
                                         "models with one value for all layers")
         if not is_integer(value):

@@ -221,9 +221,10 @@ class HFSource:
         try:
             self.metadata: dict[str, Any] = self._metadata()
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
-            # config.json is untrusted: a field of an unexpected shape, named in the message
-            raise ModelFileError(f"{config_path}: a field is missing or of the wrong type "
-                                 f"({type(exc).__name__}: {exc})") from None
+            # the JSON files are untrusted: a field of an unexpected shape, named in the message
+            raise ModelFileError(f"{folder}: config.json or a tokenizer file lacks a field or "
+                                 f"has one of the wrong type ({type(exc).__name__}: {exc})"
+                                 ) from None
         n_vocab = len(self.metadata["tokenizer.ggml.tokens"])
         self.tensors: Mapping[str, QuantTensor] = self._tensors(raw, n_vocab)
 

@@ -40,6 +40,9 @@ def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> 
         merges = True
     else:
         raise ModelFileError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (folder / name).is_file() and not (merges and name == "tokenizer.json"):
+            read_json_object(folder / name)  # SpecialVocab reads it, trusting its shape
     n_vocab = len(md["tokenizer.ggml.tokens"])
     special = SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     if merges:

@@ -40,8 +40,8 @@ from diptych.errors import ChatTemplateError
 
 __all__ = ["BoundedSandbox", "MAX_STEPS", "MAX_SECONDS", "MAX_SIZE", "MAX_BUILT", "MAX_INT_BITS"]
 
-MAX_STEPS = 2_000_000     # loop iterations, calls, filters, lookups, operators, printed values
-MAX_SECONDS = 10.0        # wall time of one render
+MAX_STEPS = 1_000_000     # loop iterations, calls, filters, lookups, operators, printed values
+MAX_SECONDS = 5.0         # wall time of one render
 MAX_SIZE = 8_000_000      # characters of a string or of the output; items of a list or dict
 MAX_BUILT = 64_000_000    # characters and items of all values one render builds
 MAX_INT_BITS = 4096       # width of any integer a template computes

@@ -378,7 +378,7 @@ _UNSAFE = "tried to leave its sandbox"
     ("{% set x = 'x' * 10**9 %}ok", r"operator '\*'"),
     ("{% for i in range(100000000) %}{% endfor %}", "Range too big"),
     ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-     "limit of 2,000,000 steps"),
+     "limit of 1,000,000 steps"),
     ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
      "{% endfor %}ok", "with the operator '~'"),
     ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"

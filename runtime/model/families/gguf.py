@@ -92,9 +92,11 @@ def config_from_gguf(metadata: Mapping, tensor_shapes: Mapping[str, tuple]) -> M
         raise ModelFileError(f"{m.key('embedding_length')} ({d_model}) is not a multiple of "
                              f"{m.key('attention.head_count')} ({n_heads})")
     head_dim = m.count("attention.key_length", d_model // n_heads)
-    rope_dim = m.count("rope.dimension_count", head_dim, minimum=2, maximum=head_dim)
-    if rope_dim % 2:
-        raise ModelFileError(f"{m.key('rope.dimension_count')} ({rope_dim}) must be even")
+    rope_dim = m.count("rope.dimension_count", head_dim, minimum=2)
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise ModelFileError(f"{m.key('rope.dimension_count')} ({rope_dim}) must be even and "
+                             f"at most the head size {m.key('attention.key_length')} "
+                             f"({head_dim})")
     moe = "blk.0.ffn_gate_inp.weight" in tensor_shapes or \
         m.count("expert_count", 0, minimum=0) > 0
     cfg = ModelConfig(
@@ -207,15 +209,16 @@ def _moe_spec(fam: Family, m: ArchMetadata, shapes: Mapping, cfg: ModelConfig) -
     gate = shapes.get(f"blk.{first_dense}.ffn_gate_exps.weight")
     if router is None or gate is None or len(gate) != 3:
         raise ModelFileError(f"{m.key('expert_count')} is {n_experts} but layer {first_dense} "
-                             "has no router or expert tensors")
+                             f"(the first after {m.key('leading_dense_block_count')}) has no "
+                             "router or expert tensors")
     _matches(m, "expert_count", n_experts, router[0], "the router's rows")
     d_ff = m.count("expert_feed_forward_length", gate[1])
     _check_shape(shapes, f"blk.{first_dense}.ffn_gate_exps.weight", (n_experts, d_ff, cfg.d_model),
                  f"{m.key('expert_count')} and {m.key('expert_feed_forward_length')}")
     gating = _GATING.get(m.count("expert_gating_func", 1, minimum=0))
     if gating is None:
-        raise UnsupportedModelError(f"expert gating function {m.raw('expert_gating_func')} "
-                                    "is not supported")
+        raise UnsupportedModelError(f"{m.key('expert_gating_func')}: expert gating function "
+                                    f"{m.raw('expert_gating_func')} is not supported")
     n_groups = m.count("expert_group_count", 1, minimum=0) or 1
     if n_experts % n_groups:
         raise ModelFileError(f"{m.key('expert_group_count')} ({n_groups}) does not divide "
@@ -250,6 +253,16 @@ def _with_mla(cfg: ModelConfig, m: ArchMetadata, shapes: Mapping) -> ModelConfig
                   v_head_dim=m.count("attention.value_length_mla"))
     _check_shape(shapes, "blk.0.attn_kv_a_mqa.weight", (mla.kv_lora_rank + rope, cfg.d_model),
                  f"{m.key('attention.kv_lora_rank')} and {m.key('rope.dimension_count')}")
+    v_keys = f"{m.key('attention.value_length_mla')} and {m.key('attention.kv_lora_rank')}"
+    _check_shape(shapes, "blk.0.attn_v_b.weight",
+                 (cfg.n_heads, mla.v_head_dim, mla.kv_lora_rank), v_keys)
+    _check_shape(shapes, "blk.0.attn_kv_b.weight",
+                 (cfg.n_heads * (mla.qk_nope + mla.v_head_dim), mla.kv_lora_rank), v_keys)
+    q_a = "blk.0.attn_q_a.weight"
+    if bool(mla.q_lora_rank) != (q_a in shapes):
+        raise ModelFileError(f"{m.key('attention.q_lora_rank')} is {mla.q_lora_rank} but the "
+                             f"file {'lacks' if mla.q_lora_rank else 'has'} {q_a}")
+    _check_shape(shapes, q_a, (mla.q_lora_rank, cfg.d_model), m.key("attention.q_lora_rank"))
     # In the cache, MLA is one shared KV "head" of latent + RoPE part (what llama.cpp
     # writes as head_count_kv = 1, key_length = kv_lora + rope).
     return replace(cfg, mla=mla, n_kv_heads=1, head_dim=qk, rope_dim=rope)
@@ -271,4 +284,5 @@ def _rope_scaling(m: ArchMetadata, context_length: int) -> RopeScaling | None:
         beta_slow=m.number("rope.scaling.yarn_beta_slow", 1.0, above=0.0),
         ext_factor=m.number("rope.scaling.yarn_ext_factor", 1.0, minimum=0.0),
         attn_factor=m.number("rope.scaling.yarn_attn_factor", 0.0, minimum=0.0),
-        log_multiplier=m.number("rope.scaling.yarn_log_multiplier", 0.0))
+        log_multiplier=m.number("rope.scaling.yarn_log_multiplier", 0.0, minimum=0.0,
+                                maximum=1.0))
