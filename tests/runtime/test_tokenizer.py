@@ -436,14 +436,14 @@ def test_template_limits_hold_in_worker_threads():
     "{% nosuchtag %}",
 ])
 def test_malformed_templates_raise(template):
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="malformed chat template"):
         render_chat(template, CONVERSATION)
 
 
 def test_errors_inside_the_template_raise_chat_template_error():
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="TypeError"):
         render_chat("{{ messages[0]['content'] + 1 }}", CONVERSATION)
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
         render_chat("{{ 1 / 0 }}", CONVERSATION)
 
 
