@@ -38,7 +38,7 @@ from jinja2.utils import Cycler, Joiner, Namespace
 
 from diptych.errors import ChatTemplateError
 
-__all__ = ["BoundedSandbox", "MAX_STEPS", "MAX_SECONDS", "MAX_SIZE", "MAX_BUILT", "MAX_INT_BITS"]
+__all__ = ["BoundedSandbox", "bounded_render", "MAX_STEPS", "MAX_SECONDS", "MAX_SIZE", "MAX_BUILT", "MAX_INT_BITS"]
 
 MAX_STEPS = 1_000_000     # loop iterations, calls, filters, lookups, operators, printed values
 MAX_SECONDS = 5.0         # wall time of one render
@@ -262,6 +262,11 @@ _METHOD_SIZE = {
     else len(s),
 }
 
+# filters that turn their input into text first (str() of a list may be far larger)
+_TEXT_FILTERS = frozenset(["capitalize", "center", "e", "escape", "forceescape", "format",
+                           "indent", "lower", "replace", "safe", "striptags", "title", "trim",
+                           "truncate", "upper", "urlize", "wordcount", "wordwrap"])
+
 _SIZE_ARGS = frozenset(["center", "ljust", "rjust", "zfill", "expandtabs", "indent", "batch",
                         "slice", "truncate", "wordwrap", "round", "random"])
 
@@ -287,6 +292,8 @@ def _guard_filter(name: str, fn):
         head, values = args[:n_context], args[n_context:]
         if name in _SIZE_ARGS:
             _check_numbers(values[1:], kwargs, what)
+        if name in _TEXT_FILTERS and values and not isinstance(values[0], str):
+            budget.allow(_printed_size(values[0]), what)
         if values and estimate is not None:
             values = (_materialized(values[0]), *values[1:])
             budget.allow(estimate(values, kwargs), what)

@@ -61,7 +61,7 @@ def _amplify(rng: random.Random) -> str:
         f"{{{{ {big}|wordwrap(1, wrapstring='--' * {n % 9999}) }}}}",
         f"{{{{ range({n % 100000})|batch({n})|list|length }}}}",
         f"{{{{ 'x'.ljust({n}) }}}}", f"{{{{ ([[{big}]] * {n % 100000})|sum(start=[])|length }}}}",
-        f"{{{{ [{big}] * {n % 100} }}}}",
+        f"{{{{ [{big}] * {n % 100} }}}}", f"{{{{ ([{big}] * {n % 100000})|trim|length }}}}",
     ])
 
 

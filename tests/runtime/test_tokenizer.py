@@ -392,6 +392,7 @@ _UNSAFE = "tried to leave its sandbox"
     ("{% set s = '\n' * 1000000 %}{% set x = s|indent(1000000) %}ok", "the filter 'indent'"),
     ("{% set s = 'x' * 1000000 %}{% set x = ([s] * 1000000)|join %}ok", "the filter 'join'"),
     ("{% set s = 'x' * 1000000 %}{{ [s] * 1000000 }}", "printing a value"),
+    ("{% set s = 'x' * 1000000 %}{{ ([s] * 1000000)|upper|length }}", "the filter 'upper'"),
     ("{% set s = 'x' * 1000000 %}{% set x = [[s]] * 1000000 %}{{ x|sum(start=[])|length }}",
      "the filter 'sum'"),
     ("{% for i in range(100000) %}{% set x %}{{ 'y' * 1000000 }}{% endset %}{% endfor %}",
