@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from .files import base_models
@@ -15,8 +17,10 @@ def bases(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def isolated(bases):
+def isolated(request):
     """isolated(probe, *args) -> Outcome of probe(*args) in its own limited process."""
-    server = ForkServer(warm_up, bases)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the isolation forks and limits RLIMIT_AS, as Linux does")
+    server = ForkServer(warm_up, request.getfixturevalue("bases"))
     yield server.run
     server.close()
