@@ -42,6 +42,8 @@ def test_block_count_beyond_the_tensors_fails_fast(isolated, bases, tmp_path, pr
     ("llama.attention.key_length", 32),         # disagrees with attn_q's rows
     ("llama.vocab_size", 64),                   # disagrees with the embedding table
     ("llama.attention.layer_norm_rms_epsilon", DROP),
+    ("tokenizer.ggml.tokens", 5),
+    ("general.name", 5),
 ])
 def test_invalid_hyper_parameters_are_refused_naming_the_key(isolated, bases, tmp_path, key,
                                                              value):

@@ -155,12 +155,14 @@ def _matches(m: ArchMetadata, key: str, value: int, actual: int, what: str) -> i
 def _check_vocabulary(metadata: Mapping, rows: int) -> None:
     """A token the embedding table has no row for would fail in the middle of a reply."""
     key = "tokenizer.ggml.tokens"
-    if key not in metadata:
+    tokens = metadata.get(key)
+    if tokens is None:
         return
-    n = (metadata.array_length(key) if hasattr(metadata, "array_length")
-         else len(metadata[key]))
-    if n > rows:
-        raise ModelFileError(f"{key} has {n} tokens but token_embd.weight only {rows} rows")
+    if not isinstance(tokens, (list, np.ndarray)):
+        raise ModelFileError(f"{key} must be an array of token strings")
+    if len(tokens) > rows:
+        raise ModelFileError(f"{key} has {len(tokens)} tokens but token_embd.weight only "
+                             f"{rows} rows")
 
 
 def _check_shape(shapes: Mapping, name: str, want: tuple, keys: str) -> None:
