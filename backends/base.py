@@ -18,6 +18,8 @@ from diptych.quant import QuantTensor
 
 Array = Any  # the backend's own array type (torch.Tensor, mx.array)
 
+NON_FINITE = -1  # what `sample` returns when the logits hold NaN or infinity
+
 
 @dataclass(frozen=True)
 class RopeSpec:
@@ -206,7 +208,8 @@ class Backend(ABC):
 
     @abstractmethod
     def sample(self, logits: Array, params: Any, history: Array, rng: Any) -> int:
-        """Pick the next token from (1, V) logits on the device; only the id comes back."""
+        """Pick the next token from (1, V) logits on the device; only the id comes back,
+        or NON_FINITE when a logit is NaN or infinite (the runtime then stops)."""
 
     @abstractmethod
     def new_rng(self, seed: int | None) -> Any: ...

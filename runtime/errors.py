@@ -57,3 +57,7 @@ class ChatTemplateError(DiptychError):
 class GenerationSuperseded(DiptychError):
     """Another generation (or evaluation) started on the same model and took over its cache;
     this one cannot continue without giving wrong text."""
+
+
+class NumericalError(DiptychError):
+    """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""

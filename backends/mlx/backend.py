@@ -37,7 +37,8 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step, window_mask
+from diptych.backends.base import (NON_FINITE, Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
+                                   window_mask)
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
@@ -282,6 +283,8 @@ class MLXBackend(Backend):
 
     def sample(self, logits, params, history, rng: MLXRng) -> int:
         x = logits.reshape(-1).astype(mx.float32)
+        if not mx.isfinite(x).all().item():
+            return NON_FINITE
         if params.uses_history and history is not None:
             x = apply_penalties(x, params, history)
         if params.greedy:

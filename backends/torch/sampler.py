@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from diptych.backends.base import NON_FINITE
 from diptych.inference.sampling import SamplingParams
 
 
@@ -27,10 +28,13 @@ def apply_penalties(x: torch.Tensor, params: SamplingParams, history: torch.Tens
 def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
            rng: torch.Generator) -> int:
     x = logits.reshape(-1).to(torch.float32)
+    # one host sync, at the end: broken logits draw from zeros, and the id becomes NON_FINITE
+    finite = torch.isfinite(x).all()
+    x = torch.where(finite, x, torch.zeros_like(x))
     if params.uses_history:
         x = apply_penalties(x, params, history)
     if params.greedy:
-        return int(torch.argmax(x))
+        return int(torch.where(finite, torch.argmax(x), NON_FINITE))
     if 0 < params.top_k < x.numel():
         vals, idx = torch.topk(x, params.top_k)
     else:
@@ -44,4 +48,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
     vals = torch.where(keep, vals, torch.full_like(vals, -torch.inf))
     probs = torch.softmax(vals / params.temperature, dim=0)
     choice = torch.multinomial(probs, 1, generator=rng)
-    return int(idx[choice])
+    return int(torch.where(finite, idx[choice], NON_FINITE))

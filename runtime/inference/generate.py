@@ -6,8 +6,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from diptych.backends.base import NON_FINITE
+from diptych.errors import ContextOverflowError, GenerationSuperseded, NumericalError, SamplingError
 from diptych.text.detokenize import StopMatcher, StreamDecoder
-from diptych.errors import ContextOverflowError, GenerationSuperseded, SamplingError
 from .sampling import SamplingParams
 
 
@@ -69,6 +70,9 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
     for i in range(budget):
         hist = be.ids(history) if params.uses_history else None
         token = be.sample(logits, params, hist, rng)
+        if token == NON_FINITE:
+            raise NumericalError(f"the model computed NaN or infinite logits after {i} "
+                                 "generated tokens: its weights or settings are broken")
         timings.generated_tokens += 1
         if token in tokenizer.eog_ids:
             yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")

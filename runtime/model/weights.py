@@ -146,6 +146,8 @@ class _Source:
 
     def values(self, name, n, order=None) -> np.ndarray:
         values = self.get(name, (n,)).dequantize()
+        if not np.isfinite(values).all():  # cheap for vectors (norms, biases)
+            raise ModelFileError(f"tensor {name} holds NaN or infinite values")
         return values if order is None else values[order]
 
     def vector(self, name, n, order=None):
@@ -229,6 +231,8 @@ def _ropes(cfg: ModelConfig, src: _Source) -> list[RopeSpec]:
     at the model's main base, not to sliding-window layers with a local base of their own."""
     dim = cfg.mla.qk_rope if cfg.mla else cfg.rope_dim
     factors = src.values("rope_freqs.weight", dim // 2) if src.has("rope_freqs.weight") else None
+    if factors is not None and (factors <= 0).any():
+        raise ModelFileError("tensor rope_freqs.weight holds divisors <= 0")
     specs = {}
     out = []
     for i in range(cfg.n_layers):

@@ -21,10 +21,11 @@ tensors into memory, while a numpy memmap view is free and keeps bf16 as raw uin
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import gguf
@@ -36,7 +37,7 @@ from diptych.quant.tensor import QuantTensor
 
 from diptych.errors import ModelFileError, UnsupportedModelError
 from diptych.model.families.hf import HFFamily, arch_metadata, hf_family, llama3_rope_factors
-from diptych.text.hf_vocab import vocab_metadata
+from diptych.text.hf_vocab import read_json_object, vocab_metadata
 
 __all__ = ["HFSource", "open_source", "read_safetensors"]
 
@@ -75,11 +76,11 @@ def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            begin, end = (8 + n + int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(f"{path}: corrupt header entry for tensor {name}") from None
+        if not (isinstance(info, dict) and _integers(info.get("shape"))
+                and _integers(info.get("data_offsets"), length=2)):
+            raise ModelFileError(f"{path}: corrupt header entry for tensor {name}")
+        dtype, shape = info.get("dtype"), tuple(info["shape"])
+        begin, end = (8 + n + o for o in info["data_offsets"])
         if dtype not in _DTYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {name} has dtype {dtype}; supported: F32, F16, BF16")
@@ -88,10 +89,16 @@ def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
             raise ModelFileError(f"{path}: corrupt header entry for tensor {name}")
         if end > size:
             raise ModelFileError(f"{path}: truncated (tensor {name} ends past the end of the file)")
-        if end - begin != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
+        if end - begin != math.prod(shape) * np.dtype(np_dtype).itemsize:  # exact, no overflow
             raise ModelFileError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
         out[name] = (mm[begin:end].view(np_dtype).reshape(shape), ggml_type)
     return out
+
+
+def _integers(value: Any, length: int | None = None) -> bool:
+    """A JSON list of integers (of `length` items)."""
+    return (isinstance(value, list) and all(type(v) is int for v in value)
+            and (length is None or len(value) == length))
 
 
 def _quant(name: str, arr: np.ndarray, ggml_type: T) -> QuantTensor:
@@ -119,10 +126,14 @@ def _weight_files(folder: Path) -> list[Path]:
     a `consolidated.safetensors` with the same weights under other names), else any."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelFileError(f"{index}: cannot read ({exc})") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(n, str) for n in weight_map.values()):
+            raise ModelFileError(f"{index}: weight_map must map tensor names to file names")
+        names = set(weight_map.values())
+        for name in names:  # a shard outside the folder is never opened
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise ModelFileError(f"{index}: shard {name!r} lies outside the model folder")
         files = [folder / n for n in sorted(names)]
         if missing := [f.name for f in files if not f.is_file()]:
             raise ModelFileError(f"{folder}: missing weight shards {missing}")
@@ -131,6 +142,38 @@ def _weight_files(folder: Path) -> list[Path]:
     if not files:
         raise ModelFileError(f"{folder}: no *.safetensors weights")
     return files
+
+
+# config.json fields read before the metadata is built (and checked), so checked here
+_SIZES = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size")
+_MLA_SIZES = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def _check_config(config: dict, family: HFFamily, path: Path) -> None:
+    wanted = _SIZES + (_MLA_SIZES if family.split_kv_b else ())
+    optional = ("num_key_value_heads", "head_dim")
+    for key in wanted + optional:
+        value = config.get(key)
+        if value is None and key in optional:
+            continue
+        if value is None:
+            raise ModelFileError(f"{path}: lacks {key}")
+        if type(value) is not int or not 0 < value < 2**31:
+            raise ModelFileError(f"{path}: {key} must be a positive integer, not {value!r:.40}")
+
+
+def _check_against_weights(config: dict, raw: Mapping[str, tuple], path: Path) -> None:
+    """The sizes that set how much is built before the weights are read (the vocabulary
+    table, the per-layer name map) must be those of the weights."""
+    layers = {int(m[1]) for n in raw if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    n_layers = config["num_hidden_layers"]
+    if n_layers > len(layers) or any(i not in layers for i in range(n_layers)):
+        raise ModelFileError(f"{path}: num_hidden_layers is {n_layers} but the weights hold "
+                             f"{len(layers)} layers")
+    rows = [a.shape[0] for n, (a, _) in raw.items() if n.endswith("embed_tokens.weight")]
+    if rows and rows[0] != config["vocab_size"]:
+        raise ModelFileError(f"{path}: vocab_size is {config['vocab_size']} but "
+                             f"embed_tokens.weight has {rows[0]} rows")
 
 
 class _Tensors(Mapping):
@@ -167,17 +210,21 @@ class HFSource:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{config_path}: cannot read ({exc})") from None
-        self.config: dict[str, Any] = config
-        self.family: HFFamily = hf_family(config.get("model_type"))
+        self.config: dict[str, Any] = read_json_object(config_path)
+        self.family: HFFamily = hf_family(self.config.get("model_type"))
+        _check_config(self.config, self.family, config_path)
         files = _weight_files(folder)
         raw: dict[str, tuple[np.ndarray, T]] = {}
         for f in files:
             raw.update(read_safetensors(f))
-        self.metadata: dict[str, Any] = self._metadata()
+        _check_against_weights(self.config, raw, config_path)
+        try:
+            self.metadata: dict[str, Any] = self._metadata()
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            # the JSON files are untrusted: a field of an unexpected shape, named in the message
+            raise ModelFileError(f"{folder}: config.json or a tokenizer file lacks a field or "
+                                 f"has one of the wrong type ({type(exc).__name__}: {exc})"
+                                 ) from None
         n_vocab = len(self.metadata["tokenizer.ggml.tokens"])
         self.tensors: Mapping[str, QuantTensor] = self._tensors(raw, n_vocab)
 
@@ -190,8 +237,7 @@ class HFSource:
             md["tokenizer.ggml.add_space_prefix"] = False
         elif fam.arch == "llama":
             tc = self.path / "tokenizer_config.json"
-            prefix = json.loads(tc.read_text(encoding="utf-8")).get("add_prefix_space") \
-                if tc.is_file() else None
+            prefix = read_json_object(tc).get("add_prefix_space") if tc.is_file() else None
             if prefix is not None:
                 md["tokenizer.ggml.add_space_prefix"] = bool(prefix)
         return md

@@ -1,10 +1,10 @@
 """Rendering a model's chat template (Jinja2, sandboxed) the way transformers does.
 
 A chat template comes from the model file (`tokenizer.chat_template`), so it is untrusted code.
-It runs in jinja2's `ImmutableSandboxedEnvironment` (no attribute starting with "_", no
-mutation of lists/dicts, `range` capped) with two tightenings: any unsafe attribute access
-raises at once instead of rendering as an empty string, and repeating a string or list (`*`) or
-raising to a power (`**`) beyond fixed limits is refused, so a template cannot exhaust memory.
+It runs in `template_sandbox.BoundedSandbox`: jinja2's `ImmutableSandboxedEnvironment` (no
+attribute starting with "_", no mutation of lists/dicts, `range` capped) with its time, the
+size of every value it builds and its output bounded, and one tightening: an unsafe attribute
+access raises at once instead of rendering as an empty string.
 
 The environment matches transformers' `apply_chat_template`: `trim_blocks` and `lstrip_blocks`,
 the `loopcontrols` extension ({% break %}/{% continue %}), a `{% generation %}` block (rendered
@@ -33,9 +33,10 @@ from typing import Any
 
 import jinja2
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
 from diptych.errors import ChatTemplateError, InvalidArgumentError
+from .template_sandbox import BoundedSandbox, bounded_render
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "render_chat", "validate_messages", "compile_template"]
 
@@ -47,10 +48,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
-
-_MAX_REPEAT = 1_000_000      # characters / items a `*` may produce
-_MAX_EXPONENT = 1_000        # largest integer exponent a `**` may use
-
 
 class _RaisedByTemplate(Exception):
     """What `raise_exception` raises inside the template (turned into ChatTemplateError)."""
@@ -67,25 +64,10 @@ class _GenerationBlock(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
-
+class _Sandbox(BoundedSandbox):
     def unsafe_undefined(self, obj: Any, attribute: str):
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} "
                             f"object is unsafe")
-
-    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if (isinstance(seq, (str, list, tuple)) and isinstance(count, int)
-                        and len(seq) * count > _MAX_REPEAT):
-                    raise SecurityError(f"repetition producing {len(seq) * count} items "
-                                        f"exceeds the limit of {_MAX_REPEAT}")
-        elif operator == "**":
-            if isinstance(right, int) and abs(right) > _MAX_EXPONENT and \
-                    isinstance(left, int) and abs(left) > 1:
-                raise SecurityError(f"exponent {right} exceeds the limit of {_MAX_EXPONENT}")
-        return super().call_binop(context, operator, left, right)
 
 
 def _raise_exception(message: Any = "") -> None:
@@ -106,7 +88,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = N
 def _environment() -> _Sandbox:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
                    extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
+    env.add_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -165,8 +147,9 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     validate_messages(messages)
     compiled = compile_template(DEFAULT_CHAT_TEMPLATE if template is None else template)
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
+        return bounded_render(compiled, messages=messages,
+                              add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                              eos_token=eos_token, tools=tools, **extra)
     except _RaisedByTemplate as e:
         raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
     except SecurityError as e:

@@ -25,7 +25,7 @@ from gguf import SpecialVocab, TokenType
 from diptych.errors import ModelFileError, UnsupportedModelError
 from .tokenizer import _GPT2, _PRE_TOKENIZERS
 
-__all__ = ["vocab_metadata"]
+__all__ = ["vocab_metadata", "read_json_object"]
 
 
 def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> dict[str, Any]:
@@ -40,6 +40,9 @@ def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> 
         merges = True
     else:
         raise ModelFileError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (folder / name).is_file() and not (merges and name == "tokenizer.json"):
+            read_json_object(folder / name)  # SpecialVocab reads it, trusting its shape
     n_vocab = len(md["tokenizer.ggml.tokens"])
     special = SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     if merges:
@@ -56,11 +59,15 @@ def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> 
 _ID_KEYS = {"pad": "padding", "unk": "unknown", "sep": "seperator"}  # gguf-py's key spellings
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a dict)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def _looks_special(text: str) -> bool:
@@ -91,11 +98,11 @@ def _sentencepiece(folder: Path, path: Path, vocab_size: int) -> dict[str, Any]:
                     else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
                     else TokenType.NORMAL)
     added = folder / "added_tokens.json"
-    for text, i in (_read_json(added).items() if added.is_file() else ()):
+    for text, i in (read_json_object(added).items() if added.is_file() else ()):
         if i < vocab_size:
             tokens[i], scores[i], types[i] = text, -1000.0, TokenType.USER_DEFINED
     config = folder / "tokenizer_config.json"
-    decoder = _read_json(config).get("added_tokens_decoder", {}) if config.is_file() else {}
+    decoder = read_json_object(config).get("added_tokens_decoder", {}) if config.is_file() else {}
     for key, entry in decoder.items():
         i, text = int(key), entry["content"]
         if i >= vocab_size:
@@ -113,14 +120,24 @@ def _sentencepiece(folder: Path, path: Path, vocab_size: int) -> dict[str, Any]:
 
 def _byte_level_bpe(folder: Path, vocab_size: int) -> dict[str, Any]:
     path = folder / "tokenizer.json"
-    tj = _read_json(path)
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+    tj = read_json_object(path)
+    model, decoder = tj.get("model"), tj.get("decoder")
+    if not (isinstance(model, dict) and isinstance(decoder, dict) and model.get("type") == "BPE"
+            and decoder.get("type") == "ByteLevel"):
         raise UnsupportedModelError(
             f"{path}: only byte-level BPE tokenizer.json files are supported (or a "
             "SentencePiece tokenizer.model)")
-    vocab: dict[str, int] = model["vocab"]
-    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    vocab, added_list = model.get("vocab"), tj.get("added_tokens") or []
+    if not (isinstance(vocab, dict) and isinstance(added_list, list)
+            and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                    for t in added_list)):
+        raise ModelFileError(f"{path}: model.vocab must map tokens to ids and added_tokens "
+                             "must list {id, content} objects")
+    added = {t.get("id"): t for t in added_list}
+    limit = max(vocab_size, len(vocab) + len(added))  # ids past it would make a huge table
+    if bad := [i for i in (*vocab.values(), *added) if type(i) is not int or not 0 <= i < limit]:
+        raise ModelFileError(f"{path}: token id {bad[0]!r:.40} is not an integer in "
+                             f"[0, {limit})")
     size = max(vocab_size, max(vocab.values(), default=-1) + 1, max(added, default=-1) + 1)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = np.full(size, TokenType.UNUSED, dtype=np.int32)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from diptych.backends import select
+from diptych.backends.base import NON_FINITE
 from diptych.errors import DiptychError, SamplingError
 from diptych.inference.sampling import SamplingParams
 
@@ -109,3 +110,15 @@ def test_seed_reproduces_and_differs(draw):
         rng = be.new_rng(seed)
         runs.append([be.sample(x, params, hist, rng) for _ in range(20)])
     assert runs[0] == runs[1] and len(set(runs[0])) > 1 and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.8),
+                                dict(temperature=1.0, repetition_penalty=1.3)])
+def test_non_finite_logits_are_flagged_not_sampled(draw, bad, kw):
+    """Whatever the settings, a NaN or infinite logit gives NON_FINITE, never an id drawn
+    from garbage (nor torch's error from multinomial)."""
+    be = draw.backend
+    x = be.prepare_vector(np.array([0.5, 2.0, bad, 1.0], np.float32)).reshape(1, -1)
+    hist, rng = be.ids(np.array([1], np.int64)), be.new_rng(0)
+    assert [be.sample(x, SamplingParams(**kw), hist, rng) for _ in range(3)] == [NON_FINITE] * 3

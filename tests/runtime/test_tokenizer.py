@@ -354,26 +354,78 @@ def test_raise_exception_becomes_chat_template_error():
         render_chat(t, CONVERSATION)
 
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__ }}",
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ messages.__class__ }}",
-    "{{ cycler.__init__.__globals__ }}",
-    "{{ joiner.__init__.__globals__['os'] }}",
-    "{{ lipsum.__globals__['os'].popen('id').read() }}",
-    "{{ self._TemplateReference__context }}",
-    "{{ ''|attr('__class__') }}",
-    "{{ '{0.__class__}'.format(messages) }}",
-    "{{ dict.__base__ }}",
-    "{% set _ = messages.append({'role': 'x', 'content': 'y'}) %}",
-    "{{ messages[0].update({'role': 'x'}) }}",
-    "{{ 'x' * 100000000 }}",
-    "{{ 10 ** 100000000 }}",
-    "{% for i in range(100000000) %}{% endfor %}",
+_UNSAFE = "tried to leave its sandbox"
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{{ ''.__class__.__mro__ }}", _UNSAFE),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", _UNSAFE),
+    ("{{ messages.__class__ }}", _UNSAFE),
+    ("{{ cycler.__init__.__globals__ }}", _UNSAFE),
+    ("{{ joiner.__init__.__globals__['os'] }}", _UNSAFE),
+    ("{{ lipsum.__globals__['os'].popen('id').read() }}", "'lipsum' is undefined"),
+    ("{{ self._TemplateReference__context }}", _UNSAFE),
+    ("{{ ''|attr('__class__') }}", _UNSAFE),
+    ("{{ '{0.__class__}'.format(messages) }}", _UNSAFE),
+    ("{{ dict.__base__ }}", _UNSAFE),
+    ("{% set _ = messages.append({'role': 'x', 'content': 'y'}) %}", "'append' of 'list' object is unsafe"),
+    ("{{ messages[0].update({'role': 'x'}) }}", "'update' of 'dict' object is unsafe"),
+    ("{{ 'x' * 100000000 }}", r"100,000,000 characters or items with the operator '\*'"),
+    ("{{ 10 ** 100000000 }}", r"wider than 4,096 bits with the operator '\*\*'"),
+    # values that are never printed must be bounded too
+    ("{% set x = 10 ** 3000000 %}ok", r"wider than 4,096 bits with the operator '\*\*'"),
+    ("{% set x = (((2**1000)**1000)**1000)**1000 %}ok", r"4,096 bits"),
+    ("{% set x = 'x' * 10**9 %}ok", r"operator '\*'"),
+    ("{% for i in range(100000000) %}{% endfor %}", "Range too big"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+     "limit of 1,000,000 steps"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}ok", "with the operator '~'"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}ok", r"with the operator '\+'"),
+    ("{{ 'x'|center(1500000000) }}", "passes 1500000000 to the filter 'center'"),
+    ("{% set x = 'x'.ljust(10**9) %}ok", "passes 1000000000 to a call of 'ljust'"),
+    ("{% set x = '%1000000000d' % 1 %}ok", r"with the operator '%'"),
+    ("{% set x = '{:1000000000}'.format(1) %}ok", "with str.format"),
+    ("{% set x = '{:{}}'.format(1, 10**9) %}ok", "format width from an argument"),
+    ("{% set s = 'x' * 1000000 %}{% set x = s|replace('x', s) %}ok", "the filter 'replace'"),
+    ("{% set s = '\n' * 1000000 %}{% set x = s|indent(1000000) %}ok", "the filter 'indent'"),
+    ("{% set s = 'x' * 1000000 %}{% set x = ([s] * 1000000)|join %}ok", "the filter 'join'"),
+    ("{% set s = 'x' * 1000000 %}{{ [s] * 1000000 }}", "printing a value"),
+    ("{% set s = 'x' * 1000000 %}{{ ([s] * 1000000)|upper|length }}", "the filter 'upper'"),
+    ("{% set s = 'x' * 1000000 %}{% set x = [[s]] * 1000000 %}{{ x|sum(start=[])|length }}",
+     "the filter 'sum'"),
+    ("{% for i in range(100000) %}{% set x %}{{ 'y' * 1000000 }}{% endset %}{% endfor %}",
+     "built more than 64,000,000 characters"),
+    ("{% for i in range(9) %}{{ 'y' * 1000000 }}{% endfor %}", "output exceeds its limit"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
 ])
-def test_sandbox_escape_attempts_raise(template):
-    with pytest.raises(ChatTemplateError):
+def test_sandbox_escape_and_exhaustion_attempts_raise(template, error):
+    with pytest.raises(ChatTemplateError, match=error):
         render_chat(template, CONVERSATION)
+
+
+def test_template_limits_hold_in_worker_threads():
+    """The bounds are per render and need no signal: they hold in a worker thread, and a
+    render that hits one leaves other renders unaffected."""
+    results = {}
+
+    def run(name, template):
+        try:
+            results[name] = render_chat(template, CONVERSATION)
+        except ChatTemplateError as e:
+            results[name] = e
+
+    hang = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    threads = [threading.Thread(target=run, args=("hang", hang)),
+               threading.Thread(target=run, args=("chatml", DEFAULT_CHAT_TEMPLATE))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["hang"], ChatTemplateError)
+    assert "steps" in str(results["hang"])
+    assert results["chatml"] == render_chat(None, CONVERSATION)
 
 
 @pytest.mark.parametrize("template", [
@@ -385,14 +437,14 @@ def test_sandbox_escape_attempts_raise(template):
     "{% nosuchtag %}",
 ])
 def test_malformed_templates_raise(template):
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="malformed chat template"):
         render_chat(template, CONVERSATION)
 
 
 def test_errors_inside_the_template_raise_chat_template_error():
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="TypeError"):
         render_chat("{{ messages[0]['content'] + 1 }}", CONVERSATION)
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
         render_chat("{{ 1 / 0 }}", CONVERSATION)
 
 
