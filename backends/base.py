@@ -172,10 +172,27 @@ class Backend(ABC):
         """act(gate) * up; act is "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
 
     @abstractmethod
-    def moe(self, x: Array, experts: Any, spec: Any, act: str) -> Array:
-        """Routed experts (diptych.model.weights.Experts, diptych.model.config.MoESpec) on
-        x (B, T, D): route each token in fp32, then run each expert on only the tokens routed
-        to it."""
+    def expert_ffn(self, x: Array, experts: Any, chosen: Array, weights: Array,
+                   act: str) -> Array:
+        """Routed experts (diptych.model.weights.Experts) on x (N, D): token n goes through
+        experts chosen[n] (N, k ints), their outputs summed with weights[n] (N, k float32).
+        The routing (diptych.model.moe) is the runtime's; this runs the chosen experts."""
+
+    @abstractmethod
+    def softmax(self, x: Array) -> Array:
+        """Softmax over the last axis, computed in and returned as float32."""
+
+    @abstractmethod
+    def sigmoid(self, x: Array) -> Array:
+        """Elementwise logistic sigmoid, computed in and returned as float32."""
+
+    @abstractmethod
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]:
+        """(values, indices) of the k largest entries along the last axis, largest first."""
+
+    @abstractmethod
+    def take_along(self, x: Array, index: Array) -> Array:
+        """x[..., index] row by row: the entries of x at `index` along the last axis."""
 
     @abstractmethod
     def head_linear(self, x: Array, w: Array) -> Array:

@@ -232,20 +232,31 @@ class MLXBackend(Backend):
     def glu(self, gate, up, act):
         return self._glu[act](gate, up)
 
-    def moe(self, x, experts, spec, act):
-        flat = x.reshape(-1, x.shape[-1])
-        logits = self.linear(flat, experts.router).astype(mx.float32)
-        weights, chosen = route(logits, spec, experts.score_bias)
-        chosen_np = np.array(chosen)  # which experts run is decided on the host
-        out = mx.zeros(flat.shape, dtype=flat.dtype)
-        for e in np.unique(chosen_np).tolist():  # each expert on its own tokens only
-            tok, slot = np.nonzero(chosen_np == e)
-            xe = flat[mx.array(tok)]
-            y = self.linear(self.glu(self.linear(xe, experts.gate[e]),
-                                     self.linear(xe, experts.up[e]), act), experts.down[e])
-            w = weights[mx.array(tok), mx.array(slot)][:, None].astype(y.dtype)
-            out = out.at[mx.array(tok)].add(y * w)
-        return out.reshape(x.shape)
+    def expert_ffn(self, x, experts, chosen, weights, act):
+        """Every expert over every token, each scaled by its routing weight there (zero
+        where the token did not choose it): no routing value reaches the host."""
+        out = mx.zeros(x.shape, dtype=x.dtype)
+        for e in range(len(experts.gate)):
+            w = (weights * (chosen == e)).sum(-1)[:, None].astype(x.dtype)
+            y = self.linear(self.glu(self.linear(x, experts.gate[e]),
+                                     self.linear(x, experts.up[e]), act), experts.down[e])
+            out = out + y * w
+        return out
+
+    def softmax(self, x):
+        return mx.softmax(x.astype(mx.float32), axis=-1)
+
+    def sigmoid(self, x):
+        return mx.sigmoid(x.astype(mx.float32))
+
+    def topk(self, x, k):
+        idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
+        idx = mx.take_along_axis(idx, mx.argsort(-mx.take_along_axis(x, idx, axis=-1), axis=-1),
+                                 axis=-1)
+        return mx.take_along_axis(x, idx, axis=-1), idx
+
+    def take_along(self, x, index):
+        return mx.take_along_axis(x, index, axis=-1)
 
     def head_linear(self, x, w):
         # (B, T, H, K) -> (B, H, T, K) @ (H, K, N) -> (B, H, T, N) -> (B, T, H, N)
@@ -298,26 +309,6 @@ class MLXBackend(Backend):
 
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32))
-
-
-def route(logits: mx.array, spec, score_bias=None):
-    """MoE routing in fp32, as backends/torch/backend.py `route` documents."""
-    scores = mx.softmax(logits, axis=-1) if spec.gating == "softmax" else mx.sigmoid(logits)
-    choice = scores if score_bias is None else scores + score_bias.astype(mx.float32)
-    if spec.n_groups > 1:
-        grouped = choice.reshape(choice.shape[0], spec.n_groups, -1)
-        if spec.gating == "sigmoid":
-            rank = mx.sort(grouped, axis=-1)[..., -2:].sum(-1)
-        else:
-            rank = grouped.max(-1)
-        best = mx.argsort(-rank, axis=-1)[:, :spec.n_groups_used]
-        keep = (mx.arange(spec.n_groups)[None, :, None] == best[:, None, :]).any(-1)
-        choice = mx.where(mx.repeat(keep, grouped.shape[-1], axis=1), choice, 0.0)
-    chosen = mx.argsort(-choice, axis=-1)[:, :spec.n_used]
-    weights = mx.take_along_axis(scores, chosen, axis=-1)
-    if spec.norm_topk:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * spec.scale, chosen
 
 
 def apply_penalties(x: mx.array, params, history: mx.array) -> mx.array:

@@ -12,6 +12,7 @@ import numpy as np
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
 
 from .config import ModelConfig
+from .moe import moe_ffn
 from .weights import LayerWeights, ModelWeights
 
 
@@ -104,6 +105,6 @@ def _ffn(be, cfg: ModelConfig, layer: LayerWeights, h):
         out = be.linear(be.glu(be.linear(h, layer.w_gate), be.linear(h, layer.w_up), cfg.act),
                         layer.w_down)
     if layer.experts is not None:
-        routed = be.moe(h, layer.experts, cfg.moe, cfg.act)
+        routed = moe_ffn(be, cfg.moe, layer.experts, h, cfg.act)
         out = routed if out is None else out + routed
     return out

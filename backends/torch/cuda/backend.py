@@ -163,6 +163,19 @@ class CudaBackend(TorchBackend):
                                         keys=attn.KEYS_RING if ring else attn.KEYS_FULL)
         return out.reshape(q.shape[0], n, -1)
 
+    def expert_ffn(self, x, experts, chosen, weights, act):
+        """Decode widths (up to DECODE_MAX_T tokens) run every expert over every token, each
+        scaled by its routing weight there (zero where not chosen): nothing is read on the
+        host, so the step can be captured. Longer chunks run each expert present on its
+        own tokens."""
+        if x.shape[0] > DECODE_MAX_T or _grad(x):
+            return super().expert_ffn(x, experts, chosen, weights, act)
+        out = torch.zeros_like(x)
+        for e in range(len(experts.gate)):
+            w = (weights * (chosen == e)).sum(-1, keepdim=True).to(x.dtype)
+            out += self.expert(x, experts, e, act) * w
+        return out
+
     # -- capture -------------------------------------------------------------------------
     def compile_step(self, fn):
         """The decode step as a CUDA graph (GraphStep); unchanged off CUDA."""

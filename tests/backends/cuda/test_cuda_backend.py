@@ -140,3 +140,40 @@ def test_gradients_match_cpu_backend(window):
         grads.append((x.grad.cpu(), q.grad.cpu()))
     for ref, got in zip(*grads):
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+# aten ops whose result depends on a tensor's values read on the host: a device sync
+HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "masked_select",
+              "equal", "is_nonzero"}
+
+
+def _host_reads(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen & HOST_READS
+
+
+def test_moe_decode_step_reads_nothing_on_the_host(tmp_path):
+    """MoE routing stays on the device: the CUDA backend's decode step of an MoE model
+    (sigmoid scores, selection bias, group-limited choice) dispatches no op that reads a
+    value on the host, so it can be captured as a CUDA graph; the CPU backend, which runs
+    only the experts present, does read them."""
+    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf")
+    ids = [5, 17, 3, 99, 42]
+    ref_eng, eng = _engines(path, 16, 8)
+    logits = {}
+    for e in (ref_eng, eng):
+        e.eval(ids)
+    assert _host_reads(lambda: logits.setdefault("cpu", ref_eng.eval([7])))
+    assert _host_reads(lambda: logits.setdefault("cuda", eng.eval([7]))) == set()
+    ref, got = (e.backend.to_numpy(logits[k]) for e, k in ((ref_eng, "cpu"), (eng, "cuda")))
+    assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()

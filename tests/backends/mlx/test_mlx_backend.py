@@ -99,3 +99,26 @@ def test_generation_streams_on_mlx(llama_path):
         seq.append(int(np.argmax(ref.eval(seq, all_logits=True)[-1])))
         ref.cache.rewind(0)
     assert ids == seq[3:]
+
+
+def test_moe_decode_step_compiles_whole(tmp_path):
+    """MoE routing stays on the device: an MoE decode step (sigmoid scores, selection
+    bias, group-limited choice) traces under mx.compile, which refuses any value read on
+    the host, and gives the eager step's logits."""
+    from diptych.backends.base import Step
+    from diptych.model.graph import forward
+
+    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf")
+    ids = [5, 17, 3, 99, 42]
+    eager, traced = engine_for(path), engine_for(path)
+    for eng in (eager, traced):
+        eng.eval(ids)
+    want = np.array(eager.eval([7]))
+
+    def step(tokens, positions):
+        return forward(traced.backend, traced.cfg, traced.weights, tokens,
+                       traced.cache.storage, Step(positions, len(ids), 1))
+
+    be = traced.backend
+    got = np.array(mx.compile(step)(be.ids([[7]]), be.ids([[len(ids)]]))[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
