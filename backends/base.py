@@ -37,6 +37,19 @@ class RopeSpec:
         return self.theta ** -(np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
 
 
+@dataclass(frozen=True)
+class LoRA:
+    """A low-rank pair beside a frozen base matrix W (N, K): `linear` adds
+    scale * (x A^T) B^T, with A (r, K) and B (n, r) backend arrays in PEFT's shapes. `rows`
+    (start, stop) places the n outputs on those rows of a stacked matrix (an adapter on q
+    within Q, K and V stored as one), all N rows when None (then n == N)."""
+
+    a: Array
+    b: Array
+    scale: float
+    rows: tuple[int, int] | None = None
+
+
 @dataclass
 class Step:
     """Where one forward call sits in the sequence.
@@ -144,8 +157,10 @@ class Backend(ABC):
         """(B, T) ids -> (B, T, D) rows of a (possibly quantized) table."""
 
     @abstractmethod
-    def linear(self, x: Array, w: Any, bias: Array | None = None) -> Array:
-        """x (B, T, K) @ W.T (+ bias) -> (B, T, N)."""
+    def linear(self, x: Array, w: Any, bias: Array | None = None,
+               adapter: list[LoRA] | None = None) -> Array:
+        """x (B, T, K) @ W.T (+ bias) -> (B, T, N), plus each adapter pair computed beside the
+        base (unfused). Differentiable in x and in the pairs' A and B; W gets no gradient."""
 
     @abstractmethod
     def rms_norm(self, x: Array, w: Array, eps: float) -> Array: ...

@@ -170,7 +170,7 @@ class MLXBackend(Backend):
             rows = table.w[flat].astype(self.dtype)
         return rows.reshape(*ids.shape, -1)
 
-    def linear(self, x, w: MLXWeight, bias=None):
+    def linear(self, x, w: MLXWeight, bias=None, adapter=None):
         if w.quantized:
             y = mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
                                     group_size=w.group_size, bits=w.bits)
@@ -178,7 +178,14 @@ class MLXBackend(Backend):
             y = x @ w.w.T
         if y.dtype != self.dtype:
             y = y.astype(self.dtype)
-        return y if bias is None else y + bias
+        y = y if bias is None else y + bias
+        for p in adapter or ():  # beside the base: y + scale * (x A^T) B^T on the pair's rows
+            delta = ((x @ p.a.T) @ p.b.T * p.scale).astype(y.dtype)
+            if p.rows is not None:
+                pad = [(0, 0)] * (delta.ndim - 1) + [(p.rows[0], y.shape[-1] - p.rows[1])]
+                delta = mx.pad(delta, pad)
+            y = y + delta
+        return y
 
     def rms_norm(self, x, w, eps):
         return mx.fast.rms_norm(x, w, eps)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
+from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, LoRA, RopeSpec, Step,
                                    window_mask)
 
 
@@ -72,6 +72,16 @@ class TorchBackend(Backend):
         return w.layout
 
     # -- graph ops -----------------------------------------------------------------------
+    def add_adapter(self, x, y, adapter: list[LoRA] | None):
+        """y + scale * (x A^T) B^T for each pair, on its rows of y: the subclasses' `linear`
+        ends here. Computed in the pairs' dtype (autograd records it for A and B)."""
+        for p in adapter or ():
+            delta = ((x.to(p.a.dtype) @ p.a.T) @ p.b.T * p.scale).to(y.dtype)
+            if p.rows is not None:
+                delta = F.pad(delta, (p.rows[0], y.shape[-1] - p.rows[1]))
+            y = y + delta
+        return y
+
     def rms_norm(self, x, w, eps):
         return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
 

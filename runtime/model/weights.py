@@ -67,6 +67,9 @@ class LayerWeights:
     w_up: Any = None
     w_down: Any = None
     experts: Experts | None = None
+    # trainable LoRA pairs beside the frozen matrices above: matrix name -> [LoRA]
+    # (model/adapters.py puts them there)
+    adapters: dict[str, list] = field(default_factory=dict)
 
 
 _MATRICES = ("wqkv", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "w_gate_up", "w_gate",

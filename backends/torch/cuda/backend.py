@@ -109,7 +109,7 @@ class CudaBackend(TorchBackend):
             rows = qmatmul.dequantize(table, self.dtype, ids=flat)
         return rows.reshape(batch, n, -1)
 
-    def linear(self, x, w, bias=None):
+    def linear(self, x, w, bias=None, adapter=None):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(w, DenseWeight):
@@ -119,7 +119,7 @@ class CudaBackend(TorchBackend):
             y = y if bias is None else y + bias.to(y.dtype)
         else:
             y = qmatmul.qmatmul(x2, w, bias)
-        return y.reshape(*lead, y.shape[-1])
+        return self.add_adapter(x, y.reshape(*lead, y.shape[-1]), adapter)
 
     def rms_norm(self, x, w, eps):
         if _grad(x, w):

@@ -17,7 +17,7 @@ from diptych.errors import BackendUnavailableError, InvalidArgumentError
 from diptych.load_plan import LoadPlan
 
 from ...tiny_models import tiny_hf_model, write_gguf
-from .blocks import make_weight
+from .blocks import KERNEL_TYPES, cols_for, make_weight
 from .conftest import DEVICE
 
 
@@ -177,3 +177,20 @@ def test_moe_decode_step_reads_nothing_on_the_host(tmp_path):
     assert _host_reads(lambda: logits.setdefault("cuda", eng.eval([7]))) == set()
     ref, got = (e.backend.to_numpy(logits[k]) for e, k in ((ref_eng, "cpu"), (eng, "cuda")))
     assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", [*KERNEL_TYPES, T.Q3_K, T.F32], ids=lambda t: t.name)
+def test_linear_with_adapters_and_gradients(qtype):
+    """The training branch of linear with LoRA pairs: the kernel types through
+    _QuantLinearFn (grad_x from dequantized tiles), Q3_K and F32 as dense weights; output
+    and gradients in x, A and B against a dense float64 reference."""
+    from diptych.quant import QuantTensor
+
+    from ..adapter_reference import check_torch_backend
+
+    if qtype == T.F32:
+        values = np.random.default_rng(3).standard_normal((24, 96)).astype(np.float32)
+        qt = QuantTensor("w", T.F32, values.shape, values.view(np.uint8))
+    else:
+        qt = make_weight(qtype, 24, cols_for(qtype))
+    check_torch_backend(CudaBackend(DEVICE, dtype=torch.float32), qt, qt.dequantize())

@@ -6,11 +6,13 @@ tests/runtime/test_graph_oracle.py and tests/runtime/test_sampling.py.
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 from diptych.backends.mlx import MLXBackend, MLXKV  # noqa: E402
+from diptych.backends.mlx.repack import EXACT_BITS, REQUANT_BITS  # noqa: E402
 from diptych.inference.generate import stream_tokens  # noqa: E402
 from diptych.inference.sampling import SamplingParams  # noqa: E402
 from diptych.load_plan import LoadPlan  # noqa: E402
@@ -122,3 +124,33 @@ def test_moe_decode_step_compiles_whole(tmp_path):
     be = traced.backend
     got = np.array(mx.compile(step)(be.ids([[7]]), be.ids([[len(ids)]]))[0])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("ggml_type", [*EXACT_BITS, *REQUANT_BITS, T.F32, T.F16],
+                         ids=lambda t: t.name)
+def test_linear_with_adapters_and_gradients(ggml_type):
+    """linear with LoRA pairs (one on a row range, as on a stacked matrix) and its gradients
+    in x, A and B through MLX's autodiff, against a dense float64 reference on the weight
+    the backend holds (the requantized types hold their repacked values)."""
+    from diptych.backends.base import LoRA
+
+    from ..adapter_reference import GRAD_OF, adapter_case, assert_close, reference
+    from .test_mlx_repack import dense_tensor, random_tensor
+
+    be = MLXBackend()
+    qt = (dense_tensor(ggml_type, cols=96) if ggml_type in (T.F32, T.F16)
+          else random_tensor(ggml_type, rows=24, cols=256, scale=0.05))
+    base = be.prepare(qt)
+    case, pairs = adapter_case(*qt.shape)
+    want, want_grads = reference(case, np.array(base.dequantize()), pairs)
+    args = [mx.array(case[name].astype(np.float32)) for name in GRAD_OF]
+    g = mx.array(case["g"].astype(np.float32))
+
+    def loss(x, a1, b1, a2, b2):
+        y = be.linear(x, base, adapter=[LoRA(a1, b1, pairs[0][0]), LoRA(a2, b2, *pairs[1])])
+        return (y * g).sum(), y
+
+    (_, y), grads = mx.value_and_grad(loss, argnums=tuple(range(5)))(*args)
+    assert_close(np.array(y), want)
+    for name, got in zip(GRAD_OF, grads):
+        assert_close(np.array(got), want_grads[name])
