@@ -135,6 +135,11 @@ class Backend(ABC):
     def prepare(self, qt: QuantTensor) -> Any:
         """Repack a 2-D weight once at load; it stays quantized on the device."""
 
+    def prepare_experts(self, qt: QuantTensor) -> Any:
+        """Routed experts stacked (n_experts, out, in), as `expert_ffn` reads them; by
+        default a list of the experts' prepared matrices."""
+        return [self.prepare(qt.matrix(e)) for e in range(qt.shape[0])]
+
     @abstractmethod
     def prepare_vector(self, values: np.ndarray) -> Array:
         """A small float32 1-D tensor (norm weight, bias) on the device."""

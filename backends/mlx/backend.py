@@ -32,6 +32,7 @@ would be rebuilt every step.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -147,6 +148,18 @@ class MLXBackend(Backend):
         dense = self.dtype if self.dtype == mx.float32 or qt.type_name != "BF16" else None
         return repack_tensor(qt, scale_dtype=self.scale_dtype, dense_dtype=dense)
 
+    def prepare_experts(self, qt: QuantTensor) -> MLXWeight:
+        """All experts repacked as one matrix of their rows, then viewed as
+        (n_experts, out, ...) arrays for mx.gather_qmm / mx.gather_mm."""
+        n, rows, cols = qt.shape
+        w = self.prepare(QuantTensor(qt.name, qt.ggml_type, (n * rows, cols), qt.data))
+
+        def per_expert(a):
+            return None if a is None else a.reshape(n, rows, -1)
+
+        return replace(w, w=per_expert(w.w), scales=per_expert(w.scales),
+                       biases=per_expert(w.biases))
+
     def prepare_vector(self, values: np.ndarray) -> mx.array:
         return mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(self.dtype)
 
@@ -240,15 +253,22 @@ class MLXBackend(Backend):
         return self._glu[act](gate, up)
 
     def expert_ffn(self, x, experts, chosen, weights, act):
-        """Every expert over every token, each scaled by its routing weight there (zero
-        where the token did not choose it): no routing value reaches the host."""
-        out = mx.zeros(x.shape, dtype=x.dtype)
-        for e in range(len(experts.gate)):
-            w = (weights * (chosen == e)).sum(-1)[:, None].astype(x.dtype)
-            y = self.linear(self.glu(self.linear(x, experts.gate[e]),
-                                     self.linear(x, experts.up[e]), act), experts.down[e])
-            out = out + y * w
-        return out
+        """Each token through its chosen experts, picked from the stacked weights on the
+        device (mx.gather_qmm; mx.gather_mm for dense experts)."""
+        xs = x[:, None, None, :]  # (N, 1, 1, D): one row per token, batched by expert
+        h = self.glu(self._gather_linear(xs, experts.gate, chosen),
+                     self._gather_linear(xs, experts.up, chosen), act)  # (N, k, 1, ff)
+        y = self._gather_linear(h, experts.down, chosen)[:, :, 0, :]  # (N, k, D)
+        return (y * weights[..., None].astype(y.dtype)).sum(1)
+
+    def _gather_linear(self, x, w: MLXWeight, chosen):
+        """x (..., 1, K) @ W[chosen].T for stacked experts W (E, N, K) -> (..., 1, N)."""
+        if w.quantized:
+            y = mx.gather_qmm(x, w.w, w.scales, w.biases, rhs_indices=chosen, transpose=True,
+                              group_size=w.group_size, bits=w.bits)
+        else:
+            y = mx.gather_mm(x, w.w.swapaxes(-1, -2), rhs_indices=chosen)
+        return y.astype(self.dtype)
 
     def softmax(self, x):
         return mx.softmax(x.astype(mx.float32), axis=-1)
