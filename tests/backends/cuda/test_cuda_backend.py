@@ -12,7 +12,7 @@ from diptych.backends.torch import TorchBackend
 from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cuda.backend import CudaBackend, DenseWeight
 from diptych.backends.torch.cuda.kernels import attention as attn
-from diptych.backends.torch.cuda.kernels.weight import QuantWeight
+from diptych.backends.torch.cuda.kernels.weight import QuantExperts, QuantWeight
 from diptych.errors import BackendUnavailableError, InvalidArgumentError
 from diptych.load_plan import LoadPlan
 
@@ -162,14 +162,18 @@ def _host_reads(fn) -> set[str]:
     return seen & HOST_READS
 
 
-def test_moe_decode_step_reads_nothing_on_the_host(tmp_path):
+@pytest.mark.parametrize("qtype", ["Q8_0", "F32"])
+def test_moe_decode_step_reads_nothing_on_the_host(tmp_path, qtype):
     """MoE routing stays on the device: the CUDA backend's decode step of an MoE model
     (sigmoid scores, selection bias, group-limited choice) dispatches no op that reads a
-    value on the host, so it can be captured as a CUDA graph; the CPU backend, which runs
-    only the experts present, does read them."""
-    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf")
+    value on the host, so it can be captured as a CUDA graph (quantized experts: picked by
+    id in the GEMV; dense ones: every expert, weighted); the CPU backend, which runs only
+    the experts present, does read them."""
+    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf",
+                      qtype)
     ids = [5, 17, 3, 99, 42]
     ref_eng, eng = _engines(path, 16, 8)
+    assert isinstance(eng.weights.layers[1].experts.gate, QuantExperts) == (qtype == "Q8_0")
     logits = {}
     for e in (ref_eng, eng):
         e.eval(ids)
