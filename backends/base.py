@@ -39,6 +39,19 @@ class RopeSpec:
         return self.theta ** -(np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
 
 
+@dataclass(frozen=True)
+class LoRA:
+    """A low-rank pair beside a frozen base matrix W (N, K): `linear` adds
+    scale * (x A^T) B^T, with A (r, K) and B (n, r) backend arrays in PEFT's shapes. `rows`
+    (start, stop) places the n outputs on those rows of a stacked matrix (an adapter on q
+    within Q, K and V stored as one), all N rows when None (then n == N)."""
+
+    a: Array
+    b: Array
+    scale: float
+    rows: tuple[int, int] | None = None
+
+
 @dataclass
 class Step:
     """Where one forward call sits in the sequence.
@@ -124,6 +137,11 @@ class Backend(ABC):
     def prepare(self, qt: QuantTensor) -> Any:
         """Repack a 2-D weight once at load; it stays quantized on the device."""
 
+    def prepare_experts(self, qt: QuantTensor) -> Any:
+        """Routed experts stacked (n_experts, out, in), as `expert_ffn` reads them; by
+        default a list of the experts' prepared matrices."""
+        return [self.prepare(qt.matrix(e)) for e in range(qt.shape[0])]
+
     @abstractmethod
     def prepare_vector(self, values: np.ndarray) -> Array:
         """A small float32 1-D tensor (norm weight, bias) on the device."""
@@ -146,8 +164,10 @@ class Backend(ABC):
         """(B, T) ids -> (B, T, D) rows of a (possibly quantized) table."""
 
     @abstractmethod
-    def linear(self, x: Array, w: Any, bias: Array | None = None) -> Array:
-        """x (B, T, K) @ W.T (+ bias) -> (B, T, N)."""
+    def linear(self, x: Array, w: Any, bias: Array | None = None,
+               adapter: list[LoRA] | None = None) -> Array:
+        """x (B, T, K) @ W.T (+ bias) -> (B, T, N), plus each adapter pair computed beside the
+        base (unfused). Differentiable in x and in the pairs' A and B; W gets no gradient."""
 
     @abstractmethod
     def rms_norm(self, x: Array, w: Array, eps: float) -> Array: ...
@@ -174,10 +194,27 @@ class Backend(ABC):
         """act(gate) * up; act is "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
 
     @abstractmethod
-    def moe(self, x: Array, experts: Any, spec: Any, act: str) -> Array:
-        """Routed experts (diptych.model.weights.Experts, diptych.model.config.MoESpec) on
-        x (B, T, D): route each token in fp32, then run each expert on only the tokens routed
-        to it."""
+    def expert_ffn(self, x: Array, experts: Any, chosen: Array, weights: Array,
+                   act: str) -> Array:
+        """Routed experts (diptych.model.weights.Experts) on x (N, D): token n goes through
+        experts chosen[n] (N, k ints), their outputs summed with weights[n] (N, k float32).
+        The routing (diptych.model.moe) is the runtime's; this runs the chosen experts."""
+
+    @abstractmethod
+    def softmax(self, x: Array) -> Array:
+        """Softmax over the last axis, computed in and returned as float32."""
+
+    @abstractmethod
+    def sigmoid(self, x: Array) -> Array:
+        """Elementwise logistic sigmoid, computed in and returned as float32."""
+
+    @abstractmethod
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]:
+        """(values, indices) of the k largest entries along the last axis, largest first."""
+
+    @abstractmethod
+    def take_along(self, x: Array, index: Array) -> Array:
+        """x[..., index] row by row: the entries of x at `index` along the last axis."""
 
     @abstractmethod
     def head_linear(self, x: Array, w: Array) -> Array:

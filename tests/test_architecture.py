@@ -98,3 +98,34 @@ def test_load_takes_a_backend_instance(tiny_llama):
 def test_a_device_with_a_backend_instance_is_refused(tiny_llama):
     with pytest.raises(InvalidArgumentError, match="instance"):
         diptych.load(tiny_llama[1], backend=CpuBackend(), device="cpu")
+
+
+# what MoE routing reads: the MoESpec fields and the selection bias
+ROUTING_FIELDS = {"gating", "n_used", "norm_topk", "n_groups", "n_groups_used", "score_bias"}
+
+
+def routing_code(path: Path) -> set[str]:
+    """Routing in a file: functions named route*, and reads of the routing fields."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("route"):
+            found.add(f"def {node.name}")
+        elif isinstance(node, ast.Attribute) and node.attr in ROUTING_FIELDS:
+            found.add(f".{node.attr}")
+    return found
+
+
+def test_the_routing_scan_sees_routing(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def route(x, spec):\n    return x.topk(spec.n_used)\n")
+    assert routing_code(f) == {"def route", ".n_used"}
+
+
+def test_moe_routing_lives_in_the_runtime_only():
+    """Backends run the chosen experts (expert_ffn); which experts, with what weights, is
+    runtime/model/moe.py's."""
+    files = sorted((ROOT / "backends").rglob("*.py"))
+    assert len(files) > 20
+    found = {str(f.relative_to(ROOT)): sorted(routing_code(f)) for f in files}
+    assert {f: names for f, names in found.items() if names} == {}
+    assert routing_code(ROOT / "runtime" / "model" / "moe.py") >= {"def route", ".gating"}

@@ -32,6 +32,7 @@ would be rebuilt every step.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -148,6 +149,18 @@ class MLXBackend(Backend):
         dense = self.dtype if self.dtype == mx.float32 or qt.type_name != "BF16" else None
         return repack_tensor(qt, scale_dtype=self.scale_dtype, dense_dtype=dense)
 
+    def prepare_experts(self, qt: QuantTensor) -> MLXWeight:
+        """All experts repacked as one matrix of their rows, then viewed as
+        (n_experts, out, ...) arrays for mx.gather_qmm / mx.gather_mm."""
+        n, rows, cols = qt.shape
+        w = self.prepare(QuantTensor(qt.name, qt.ggml_type, (n * rows, cols), qt.data))
+
+        def per_expert(a):
+            return None if a is None else a.reshape(n, rows, -1)
+
+        return replace(w, w=per_expert(w.w), scales=per_expert(w.scales),
+                       biases=per_expert(w.biases))
+
     def prepare_vector(self, values: np.ndarray) -> mx.array:
         return mx.array(np.ascontiguousarray(values, dtype=np.float32)).astype(self.dtype)
 
@@ -171,7 +184,7 @@ class MLXBackend(Backend):
             rows = table.w[flat].astype(self.dtype)
         return rows.reshape(*ids.shape, -1)
 
-    def linear(self, x, w: MLXWeight, bias=None):
+    def linear(self, x, w: MLXWeight, bias=None, adapter=None):
         if w.quantized:
             y = mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
                                     group_size=w.group_size, bits=w.bits)
@@ -179,7 +192,14 @@ class MLXBackend(Backend):
             y = x @ w.w.T
         if y.dtype != self.dtype:
             y = y.astype(self.dtype)
-        return y if bias is None else y + bias
+        y = y if bias is None else y + bias
+        for p in adapter or ():  # beside the base: y + scale * (x A^T) B^T on the pair's rows
+            delta = ((x @ p.a.T) @ p.b.T * p.scale).astype(y.dtype)
+            if p.rows is not None:
+                pad = [(0, 0)] * (delta.ndim - 1) + [(p.rows[0], y.shape[-1] - p.rows[1])]
+                delta = mx.pad(delta, pad)
+            y = y + delta
+        return y
 
     def rms_norm(self, x, w, eps):
         return mx.fast.rms_norm(x, w, eps)
@@ -233,20 +253,38 @@ class MLXBackend(Backend):
     def glu(self, gate, up, act):
         return self._glu[act](gate, up)
 
-    def moe(self, x, experts, spec, act):
-        flat = x.reshape(-1, x.shape[-1])
-        logits = self.linear(flat, experts.router).astype(mx.float32)
-        weights, chosen = route(logits, spec, experts.score_bias)
-        chosen_np = np.array(chosen)  # which experts run is decided on the host
-        out = mx.zeros(flat.shape, dtype=flat.dtype)
-        for e in np.unique(chosen_np).tolist():  # each expert on its own tokens only
-            tok, slot = np.nonzero(chosen_np == e)
-            xe = flat[mx.array(tok)]
-            y = self.linear(self.glu(self.linear(xe, experts.gate[e]),
-                                     self.linear(xe, experts.up[e]), act), experts.down[e])
-            w = weights[mx.array(tok), mx.array(slot)][:, None].astype(y.dtype)
-            out = out.at[mx.array(tok)].add(y * w)
-        return out.reshape(x.shape)
+    def expert_ffn(self, x, experts, chosen, weights, act):
+        """Each token through its chosen experts, picked from the stacked weights on the
+        device (mx.gather_qmm; mx.gather_mm for dense experts)."""
+        xs = x[:, None, None, :]  # (N, 1, 1, D): one row per token, batched by expert
+        h = self.glu(self._gather_linear(xs, experts.gate, chosen),
+                     self._gather_linear(xs, experts.up, chosen), act)  # (N, k, 1, ff)
+        y = self._gather_linear(h, experts.down, chosen)[:, :, 0, :]  # (N, k, D)
+        return (y * weights[..., None].astype(y.dtype)).sum(1)
+
+    def _gather_linear(self, x, w: MLXWeight, chosen):
+        """x (..., 1, K) @ W[chosen].T for stacked experts W (E, N, K) -> (..., 1, N)."""
+        if w.quantized:
+            y = mx.gather_qmm(x, w.w, w.scales, w.biases, rhs_indices=chosen, transpose=True,
+                              group_size=w.group_size, bits=w.bits)
+        else:
+            y = mx.gather_mm(x, w.w.swapaxes(-1, -2), rhs_indices=chosen)
+        return y.astype(self.dtype)
+
+    def softmax(self, x):
+        return mx.softmax(x.astype(mx.float32), axis=-1)
+
+    def sigmoid(self, x):
+        return mx.sigmoid(x.astype(mx.float32))
+
+    def topk(self, x, k):
+        idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
+        idx = mx.take_along_axis(idx, mx.argsort(-mx.take_along_axis(x, idx, axis=-1), axis=-1),
+                                 axis=-1)
+        return mx.take_along_axis(x, idx, axis=-1), idx
+
+    def take_along(self, x, index):
+        return mx.take_along_axis(x, index, axis=-1)
 
     def head_linear(self, x, w):
         # (B, T, H, K) -> (B, H, T, K) @ (H, K, N) -> (B, H, T, N) -> (B, T, H, N)
@@ -301,26 +339,6 @@ class MLXBackend(Backend):
 
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32))
-
-
-def route(logits: mx.array, spec, score_bias=None):
-    """MoE routing in fp32, as backends/torch/backend.py `route` documents."""
-    scores = mx.softmax(logits, axis=-1) if spec.gating == "softmax" else mx.sigmoid(logits)
-    choice = scores if score_bias is None else scores + score_bias.astype(mx.float32)
-    if spec.n_groups > 1:
-        grouped = choice.reshape(choice.shape[0], spec.n_groups, -1)
-        if spec.gating == "sigmoid":
-            rank = mx.sort(grouped, axis=-1)[..., -2:].sum(-1)
-        else:
-            rank = grouped.max(-1)
-        best = mx.argsort(-rank, axis=-1)[:, :spec.n_groups_used]
-        keep = (mx.arange(spec.n_groups)[None, :, None] == best[:, None, :]).any(-1)
-        choice = mx.where(mx.repeat(keep, grouped.shape[-1], axis=1), choice, 0.0)
-    chosen = mx.argsort(-choice, axis=-1)[:, :spec.n_used]
-    weights = mx.take_along_axis(scores, chosen, axis=-1)
-    if spec.norm_topk:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * spec.scale, chosen
 
 
 def apply_penalties(x: mx.array, params, history: mx.array) -> mx.array:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
+from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, LoRA, RopeSpec, Step,
                                    window_mask)
 
 
@@ -72,6 +72,16 @@ class TorchBackend(Backend):
         return w.layout
 
     # -- graph ops -----------------------------------------------------------------------
+    def add_adapter(self, x, y, adapter: list[LoRA] | None):
+        """y + scale * (x A^T) B^T for each pair, on its rows of y: the subclasses' `linear`
+        ends here. Computed in the pairs' dtype (autograd records it for A and B)."""
+        for p in adapter or ():
+            delta = ((x.to(p.a.dtype) @ p.a.T) @ p.b.T * p.scale).to(y.dtype)
+            if p.rows is not None:
+                delta = F.pad(delta, (p.rows[0], y.shape[-1] - p.rows[1]))
+            y = y + delta
+        return y
+
     def rms_norm(self, x, w, eps):
         return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
 
@@ -142,18 +152,33 @@ class TorchBackend(Backend):
             return F.silu(gate) * up
         return F.gelu(gate, approximate="tanh") * up
 
-    def moe(self, x, experts, spec, act):
-        flat = x.reshape(-1, x.shape[-1])
-        logits = self.linear(flat, experts.router).float()
-        weights, chosen = route(logits, spec, experts.score_bias)
-        out = torch.zeros_like(flat)
-        for e in torch.unique(chosen).tolist():  # each expert on its own tokens only
+    def expert_ffn(self, x, experts, chosen, weights, act):
+        """Each expert present in `chosen` on its own tokens only (which ones are present
+        is read on the host)."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(chosen).tolist():
             tok, slot = (chosen == e).nonzero(as_tuple=True)
-            xe = flat[tok]
-            y = self.linear(self.glu(self.linear(xe, experts.gate[e]),
-                                     self.linear(xe, experts.up[e]), act), experts.down[e])
+            y = self.expert(x[tok], experts, e, act)
             out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
-        return out.reshape(x.shape)
+        return out
+
+    def expert(self, x, experts, e: int, act):
+        """Expert e's FFN on x (N, D)."""
+        return self.linear(self.glu(self.linear(x, experts.gate[e]),
+                                    self.linear(x, experts.up[e]), act), experts.down[e])
+
+    def softmax(self, x):
+        return x.softmax(-1, dtype=torch.float32)
+
+    def sigmoid(self, x):
+        return x.float().sigmoid()
+
+    def topk(self, x, k):
+        values, indices = x.topk(k, dim=-1)
+        return values, indices
+
+    def take_along(self, x, index):
+        return x.gather(-1, index)
 
     def head_linear(self, x, w):
         return torch.einsum("bthk,hnk->bthn", x, w)
@@ -195,23 +220,3 @@ class TorchBackend(Backend):
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().to(torch.float32).cpu().numpy()
 
-
-def route(logits: torch.Tensor, spec, score_bias=None):
-    """MoE routing in fp32: (tokens, experts) router logits -> (weights, expert ids), both
-    (tokens, n_used). Softmax or sigmoid scores; an optional selection-only bias; group-
-    limited choice (groups ranked by their best score, or by their top-2 sum with sigmoid
-    scores as DeepSeek-V3 does); renormalisation and scaling of the chosen weights."""
-    scores = logits.softmax(-1) if spec.gating == "softmax" else logits.sigmoid()
-    choice = scores if score_bias is None else scores + score_bias.float()
-    if spec.n_groups > 1:
-        grouped = choice.view(choice.shape[0], spec.n_groups, -1)
-        rank = (grouped.topk(2, dim=-1).values.sum(-1) if spec.gating == "sigmoid"
-                else grouped.amax(-1))
-        keep = torch.zeros_like(rank, dtype=torch.bool)
-        keep.scatter_(1, rank.topk(spec.n_groups_used, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), 0.0)
-    chosen = choice.topk(spec.n_used, dim=-1).indices
-    weights = scores.gather(1, chosen)
-    if spec.norm_topk:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * spec.scale, chosen

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
+from diptych.inference.cache import layer_specs
 
 from .config import ModelConfig
+from .moe import moe_ffn
 from .weights import LayerWeights, ModelWeights
 
 
@@ -49,16 +51,32 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     return logits
 
 
+def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens):
+    """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context: the
+    forward pass training uses (outside `backend.inference()`, autograd records it).
+    Attention runs through a scratch cache of T slots per layer that lives for this call
+    only; no cache an engine holds is written."""
+    batch, n = tokens.shape
+    kv = backend.alloc_kv(layer_specs(cfg, n, n), batch)
+    positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
+    return forward(backend, cfg, w, tokens, kv, Step(positions, 0, n), np.arange(n))
+
+
+def _linear(be, layer: LayerWeights, name: str, x, bias=None):
+    """be.linear on one of the layer's matrices, with the adapter pairs it carries."""
+    return be.linear(x, getattr(layer, name), bias, layer.adapters.get(name))
+
+
 def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step,
                rope: RopeSpec):
     batch, n_tok = step.positions.shape
     if layer.wqkv is not None:
-        qkv = be.linear(h, layer.wqkv, layer.bqkv)
+        qkv = _linear(be, layer, "wqkv", h, layer.bqkv)
         q_end, k_end = cfg.q_dim, cfg.q_dim + cfg.kv_dim
         q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
     else:
-        q, k, v = (be.linear(h, layer.wq, layer.bq), be.linear(h, layer.wk, layer.bk),
-                   be.linear(h, layer.wv, layer.bv))
+        q, k, v = (_linear(be, layer, "wq", h, layer.bq), _linear(be, layer, "wk", h, layer.bk),
+                   _linear(be, layer, "wv", h, layer.bv))
     q = q.reshape(batch, n_tok, cfg.n_heads, cfg.head_dim)
     k = k.reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(batch, n_tok, cfg.n_kv_heads, cfg.head_dim)
@@ -67,7 +85,7 @@ def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: S
         k = be.rms_norm(k, layer.k_norm, cfg.rms_eps)
     q = be.rope(q, step.positions, rope)
     k = be.rope(k, step.positions, rope)
-    return be.linear(be.attention(q, k, v, kv, i, step, cfg.softmax_scale()), layer.wo)
+    return _linear(be, layer, "wo", be.attention(q, k, v, kv, i, step, cfg.softmax_scale()))
 
 
 def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step, rope: RopeSpec):
@@ -77,33 +95,33 @@ def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step, r
     m = cfg.mla
     batch, n_tok = step.positions.shape
     if layer.wq_a is not None:
-        q = be.linear(be.rms_norm(be.linear(h, layer.wq_a), layer.q_a_norm, cfg.rms_eps),
-                      layer.wq_b)
+        q = _linear(be, layer, "wq_b",
+                    be.rms_norm(_linear(be, layer, "wq_a", h), layer.q_a_norm, cfg.rms_eps))
     else:
-        q = be.linear(h, layer.wq)
+        q = _linear(be, layer, "wq", h)
     q = q.reshape(batch, n_tok, cfg.n_heads, m.qk_nope + m.qk_rope)
     q_lat = be.head_linear(q[..., :m.qk_nope], layer.k_b)           # (B, T, H, kv_lora)
     q_pe = be.rope(q[..., m.qk_nope:], step.positions, rope)
-    kv_a = be.linear(h, layer.wkv_a).reshape(batch, n_tok, 1, m.kv_lora_rank + m.qk_rope)
+    kv_a = _linear(be, layer, "wkv_a", h).reshape(batch, n_tok, 1, m.kv_lora_rank + m.qk_rope)
     c_kv = be.rms_norm(kv_a[..., :m.kv_lora_rank], layer.kv_a_norm, cfg.rms_eps)
     k_pe = be.rope(kv_a[..., m.kv_lora_rank:], step.positions, rope)
     out = be.attention(be.concat([q_lat, q_pe]), be.concat([c_kv, k_pe]), None, kv, i, step,
                        cfg.softmax_scale())                              # (B, T, H*kv_lora)
     out = be.head_linear(out.reshape(batch, n_tok, cfg.n_heads, m.kv_lora_rank), layer.v_b)
-    return be.linear(out.reshape(batch, n_tok, cfg.n_heads * m.v_head_dim), layer.wo)
+    return _linear(be, layer, "wo", out.reshape(batch, n_tok, cfg.n_heads * m.v_head_dim))
 
 
 def _ffn(be, cfg: ModelConfig, layer: LayerWeights, h):
     """The dense FFN (in MoE layers: the shared experts, if any) plus the routed experts."""
     out = None
     if layer.w_gate_up is not None:
-        gate_up = be.linear(h, layer.w_gate_up)
+        gate_up = _linear(be, layer, "w_gate_up", h)
         ff = gate_up.shape[-1] // 2
-        out = be.linear(be.glu(gate_up[..., :ff], gate_up[..., ff:], cfg.act), layer.w_down)
+        out = _linear(be, layer, "w_down", be.glu(gate_up[..., :ff], gate_up[..., ff:], cfg.act))
     elif layer.w_gate is not None:
-        out = be.linear(be.glu(be.linear(h, layer.w_gate), be.linear(h, layer.w_up), cfg.act),
-                        layer.w_down)
+        out = _linear(be, layer, "w_down", be.glu(_linear(be, layer, "w_gate", h),
+                                                  _linear(be, layer, "w_up", h), cfg.act))
     if layer.experts is not None:
-        routed = be.moe(h, layer.experts, cfg.moe, cfg.act)
+        routed = moe_ffn(be, cfg.moe, layer.experts, h, cfg.act)
         out = routed if out is None else out + routed
     return out

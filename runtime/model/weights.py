@@ -24,12 +24,14 @@ from .rope import layer_rope
 
 @dataclass
 class Experts:
-    """Routed experts of one MoE layer: a router and one (gate, up, down) per expert."""
+    """Routed experts of one MoE layer: a router and the experts' gate, up and down
+    matrices, each kind as the backend's `prepare_experts` holds it (a list of per-expert
+    matrices, or one stacked weight)."""
 
     router: Any
-    gate: list = field(default_factory=list)
-    up: list = field(default_factory=list)
-    down: list = field(default_factory=list)
+    gate: Any = None
+    up: Any = None
+    down: Any = None
     score_bias: Any = None  # DeepSeek-V3: added to the scores for expert selection only
 
 
@@ -67,6 +69,9 @@ class LayerWeights:
     w_up: Any = None
     w_down: Any = None
     experts: Experts | None = None
+    # trainable LoRA pairs beside the frozen matrices above: matrix name -> [LoRA]
+    # (model/adapters.py puts them there)
+    adapters: dict[str, list] = field(default_factory=dict)
 
 
 _MATRICES = ("wqkv", "wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "w_gate_up", "w_gate",
@@ -95,7 +100,11 @@ class ModelWeights:
                 ex = layer.experts
                 yield f"blk.{i}.router", ex.router
                 for kind in ("gate", "up", "down"):
-                    for e, w in enumerate(getattr(ex, kind)):
+                    held = getattr(ex, kind)
+                    if not isinstance(held, list):
+                        yield f"blk.{i}.experts.{kind}", held
+                        continue
+                    for e, w in enumerate(held):
                         yield f"blk.{i}.expert{e}.{kind}", w
 
 
@@ -251,7 +260,7 @@ def _experts(cfg, p, src: _Source) -> Experts:
     ex = Experts(router=src.matrix(p + "ffn_gate_inp.weight", (n, d)))
     for kind, shape in (("gate", (n, ff, d)), ("up", (n, ff, d)), ("down", (n, d, ff))):
         stacked = src.get(p + f"ffn_{kind}_exps.weight", shape)
-        getattr(ex, kind).extend(src.backend.prepare(stacked.matrix(e)) for e in range(n))
+        setattr(ex, kind, src.backend.prepare_experts(stacked))
     if moe.score_bias:
         ex.score_bias = src.vector(p + "exp_probs_b.bias", n)
     return ex

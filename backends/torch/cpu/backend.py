@@ -25,9 +25,9 @@ class CpuBackend(TorchBackend):
         batch, n = ids.shape
         return table.embed_rows(ids.reshape(-1)).reshape(batch, n, -1)
 
-    def linear(self, x, w: QuantLinear, bias=None):
+    def linear(self, x, w: QuantLinear, bias=None, adapter=None):
         lead = x.shape[:-1]
         y = w.forward(x.reshape(-1, x.shape[-1]))
         if bias is not None:
             y += bias
-        return y.reshape(*lead, y.shape[-1])
+        return self.add_adapter(x, y.reshape(*lead, y.shape[-1]), adapter)

@@ -6,6 +6,8 @@ the GGUF bytes). F32/F16/BF16 weights are stored in the activation dtype. Any ot
 type (Q2_K, Q3_K) has no kernel: that one weight is dequantized to the activation dtype at
 load, with a warning naming it: the slower, larger path is never silent and never applied
 to the whole model.
+Routed experts of a kernel type are stacked (QuantExperts), so MoE decode picks each token's
+experts by id on the device.
 
 Attention: the step's K/V are written into the cache by position (device array), then up to
 DECODE_MAX_T queries use the split-K decode kernels (full cache, ring-buffer window, MLA in
@@ -39,7 +41,7 @@ from .graph_step import GraphStep
 from .kernels import attention as attn
 from .kernels import norm, qmatmul
 from .kernels.layout import KERNEL_TYPES
-from .kernels.weight import QuantWeight
+from .kernels.weight import QuantExperts, QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,11 @@ class CudaBackend(TorchBackend):
         values = torch.from_numpy(qt.dequantize())
         return DenseWeight(qt.name, qt.ggml_type, values.to(self.device, self.dtype))
 
+    def prepare_experts(self, qt: QuantTensor):
+        if qt.ggml_type in KERNEL_TYPES:
+            return QuantExperts.from_quant_tensor(qt, self.device)
+        return super().prepare_experts(qt)
+
     # -- graph ops: Triton kernels; TorchBackend's torch ops while autograd records ----
     def embed(self, table, ids):
         batch, n = ids.shape
@@ -109,7 +116,7 @@ class CudaBackend(TorchBackend):
             rows = qmatmul.dequantize(table, self.dtype, ids=flat)
         return rows.reshape(batch, n, -1)
 
-    def linear(self, x, w, bias=None):
+    def linear(self, x, w, bias=None, adapter=None):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(w, DenseWeight):
@@ -119,7 +126,7 @@ class CudaBackend(TorchBackend):
             y = y if bias is None else y + bias.to(y.dtype)
         else:
             y = qmatmul.qmatmul(x2, w, bias)
-        return y.reshape(*lead, y.shape[-1])
+        return self.add_adapter(x, y.reshape(*lead, y.shape[-1]), adapter)
 
     def rms_norm(self, x, w, eps):
         if _grad(x, w):
@@ -162,6 +169,26 @@ class CudaBackend(TorchBackend):
             out = attn.decode_attention(q, kc, vc, step.positions, scale, window=spec.window,
                                         keys=attn.KEYS_RING if ring else attn.KEYS_FULL)
         return out.reshape(q.shape[0], n, -1)
+
+    def expert_ffn(self, x, experts, chosen, weights, act):
+        """Decode widths (up to DECODE_MAX_T tokens) read nothing on the host, so the step
+        can be captured: quantized experts through the GEMV that picks each pair's expert
+        by id; others run every expert over every token, scaled by its routing weight there
+        (zero where not chosen). Longer chunks run each expert present on its own tokens."""
+        if x.shape[0] > DECODE_MAX_T or _grad(x):
+            return super().expert_ffn(x, experts, chosen, weights, act)
+        kinds = (experts.gate, experts.up, experts.down)
+        if all(isinstance(k, QuantExperts) for k in kinds):
+            ids = chosen.reshape(-1)
+            gate, up = (qmatmul.gemv_id(x, k.stacked, ids, k.rows) for k in kinds[:2])
+            y = qmatmul.gemv_id(self.glu(gate, up, act), experts.down.stacked, ids,
+                                experts.down.rows)
+            return (y.view(*chosen.shape, -1).float() * weights[..., None]).sum(1).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(len(experts.gate)):
+            w = (weights * (chosen == e)).sum(-1, keepdim=True).to(x.dtype)
+            out += self.expert(x, experts, e, act) * w
+        return out
 
     # -- capture -------------------------------------------------------------------------
     def compile_step(self, fn):

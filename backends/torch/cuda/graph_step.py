@@ -54,7 +54,7 @@ class GraphStep:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.fn(*slots)
-        except RuntimeError as e:  # a host sync inside fn, e.g. MoE routing on the host
+        except RuntimeError as e:  # a host sync inside fn
             log.warning("decode step not capturable, running it eagerly: %s",
                         str(e).splitlines()[0])
             return None

@@ -253,3 +253,17 @@ def test_errors():
     with pytest.raises(ValueError):
         QuantLinear.from_quant_tensor(QuantTensor("w", T.Q8_0, (2, 2, 32),
                                                   np.zeros((4, 34), np.uint8)))
+
+
+@pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
+def test_linear_with_adapters_and_gradients(t):
+    """The CPU backend's linear with LoRA pairs (one on a row range, as on a stacked matrix)
+    and its gradients in x, A and B (x's through the quantized weight's tiles) against a
+    dense float64 reference."""
+    from diptych.backends.torch.cpu.backend import CpuBackend
+
+    from ..adapter_reference import check_torch_backend
+
+    n, k = 24, k_for(t)
+    data = random_data(t, n, k, np.random.default_rng(3))
+    check_torch_backend(CpuBackend(), QuantTensor("w", t, (n, k), data), oracle(data, t, n, k))

@@ -12,12 +12,12 @@ from diptych.backends.torch import TorchBackend
 from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cuda.backend import CudaBackend, DenseWeight
 from diptych.backends.torch.cuda.kernels import attention as attn
-from diptych.backends.torch.cuda.kernels.weight import QuantWeight
+from diptych.backends.torch.cuda.kernels.weight import QuantExperts, QuantWeight
 from diptych.errors import BackendUnavailableError, InvalidArgumentError
 from diptych.load_plan import LoadPlan
 
 from ...tiny_models import tiny_hf_model, write_gguf
-from .blocks import make_weight
+from .blocks import KERNEL_TYPES, cols_for, make_weight
 from .conftest import DEVICE
 
 
@@ -140,3 +140,61 @@ def test_gradients_match_cpu_backend(window):
         grads.append((x.grad.cpu(), q.grad.cpu()))
     for ref, got in zip(*grads):
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+# aten ops whose result depends on a tensor's values read on the host: a device sync
+HOST_READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "masked_select",
+              "equal", "is_nonzero"}
+
+
+def _host_reads(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen & HOST_READS
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F32"])
+def test_moe_decode_step_reads_nothing_on_the_host(tmp_path, qtype):
+    """MoE routing stays on the device: the CUDA backend's decode step of an MoE model
+    (sigmoid scores, selection bias, group-limited choice) dispatches no op that reads a
+    value on the host, so it can be captured as a CUDA graph (quantized experts: picked by
+    id in the GEMV; dense ones: every expert, weighted); the CPU backend, which runs only
+    the experts present, does read them."""
+    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf",
+                      qtype)
+    ids = [5, 17, 3, 99, 42]
+    ref_eng, eng = _engines(path, 16, 8)
+    assert isinstance(eng.weights.layers[1].experts.gate, QuantExperts) == (qtype == "Q8_0")
+    logits = {}
+    for e in (ref_eng, eng):
+        e.eval(ids)
+    assert _host_reads(lambda: logits.setdefault("cpu", ref_eng.eval([7])))
+    assert _host_reads(lambda: logits.setdefault("cuda", eng.eval([7]))) == set()
+    ref, got = (e.backend.to_numpy(logits[k]) for e, k in ((ref_eng, "cpu"), (eng, "cuda")))
+    assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", [*KERNEL_TYPES, T.Q3_K, T.F32], ids=lambda t: t.name)
+def test_linear_with_adapters_and_gradients(qtype):
+    """The training branch of linear with LoRA pairs: the kernel types through
+    _QuantLinearFn (grad_x from dequantized tiles), Q3_K and F32 as dense weights; output
+    and gradients in x, A and B against a dense float64 reference."""
+    from diptych.quant import QuantTensor
+
+    from ..adapter_reference import check_torch_backend
+
+    if qtype == T.F32:
+        values = np.random.default_rng(3).standard_normal((24, 96)).astype(np.float32)
+        qt = QuantTensor("w", T.F32, values.shape, values.view(np.uint8))
+    else:
+        qt = make_weight(qtype, 24, cols_for(qtype))
+    check_torch_backend(CudaBackend(DEVICE, dtype=torch.float32), qt, qt.dequantize())

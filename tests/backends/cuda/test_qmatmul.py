@@ -96,3 +96,23 @@ def test_qmatmul_picks_path_by_rows(device, monkeypatch):
     for m in (1, qm.GEMV_MAX_M, qm.GEMV_MAX_M + 1, qm.DEQUANT_MM_MIN_M):
         qm.qmatmul(torch.zeros(m, 32), None)
     assert calls == ["gemv", "gemv", "gemm", "dequant_matmul"]
+
+
+@pytest.mark.parametrize("ggml_type", KERNEL_TYPES, **ids)
+def test_gemv_by_expert_id(ggml_type, device):
+    """Stacked experts (3 of 10 rows: row blocks that straddle two experts): pair p multiplies
+    the expert ids[p] picks by row p // 2 of x, as MoE decode does with two experts a token."""
+    from diptych.backends.torch.cuda.kernels.weight import QuantExperts
+    from diptych.quant import QuantTensor
+
+    qt = make_weight(ggml_type, 30, cols_for(ggml_type))
+    experts = QuantExperts.from_quant_tensor(
+        QuantTensor(qt.name, qt.ggml_type, (3, 10, qt.shape[1]), qt.data), device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, qt.shape[1], generator=g).to(device)
+    chosen = torch.tensor([2, 0, 1, 2, 0, 1], device=device)
+    y = qm.gemv_id(x, experts.stacked, chosen, experts.rows)
+    ref = qt.dequantize().reshape(3, 10, -1)
+    for p, e in enumerate(chosen.tolist()):
+        _check_matmul(y[p:p + 1], x[p // 2:p // 2 + 1], ref[e])
+    np.testing.assert_array_equal(qm.dequantize(experts[1], torch.float32).cpu().numpy(), ref[1])

@@ -6,11 +6,13 @@ tests/runtime/test_graph_oracle.py and tests/runtime/test_sampling.py.
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 from diptych.backends.mlx import MLXBackend, MLXKV  # noqa: E402
+from diptych.backends.mlx.repack import EXACT_BITS, REQUANT_BITS  # noqa: E402
 from diptych.inference.generate import stream_tokens  # noqa: E402
 from diptych.inference.sampling import SamplingParams  # noqa: E402
 from diptych.load_plan import LoadPlan  # noqa: E402
@@ -99,3 +101,70 @@ def test_generation_streams_on_mlx(llama_path):
         seq.append(int(np.argmax(ref.eval(seq, all_logits=True)[-1])))
         ref.cache.rewind(0)
     assert ids == seq[3:]
+
+
+def test_moe_decode_step_compiles_whole(tmp_path):
+    """MoE routing stays on the device: an MoE decode step (sigmoid scores, selection
+    bias, group-limited choice) traces under mx.compile, which refuses any value read on
+    the host, and gives the eager step's logits."""
+    from diptych.backends.base import Step
+    from diptych.model.graph import forward
+
+    path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf")
+    ids = [5, 17, 3, 99, 42]
+    eager, traced = engine_for(path), engine_for(path)
+    for eng in (eager, traced):
+        eng.eval(ids)
+    want = np.array(eager.eval([7]))
+
+    def step(tokens, positions):
+        return forward(traced.backend, traced.cfg, traced.weights, tokens,
+                       traced.cache.storage, Step(positions, len(ids), 1))
+
+    be = traced.backend
+    got = np.array(mx.compile(step)(be.ids([[7]]), be.ids([[len(ids)]]))[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("ggml_type", [*EXACT_BITS, *REQUANT_BITS, T.F32, T.F16],
+                         ids=lambda t: t.name)
+def test_linear_with_adapters_and_gradients(ggml_type):
+    """linear with LoRA pairs (one on a row range, as on a stacked matrix) and its gradients
+    in x, A and B through MLX's autodiff, against a dense float64 reference on the weight
+    the backend holds (the requantized types hold their repacked values)."""
+    from diptych.backends.base import LoRA
+
+    from ..adapter_reference import GRAD_OF, adapter_case, assert_close, reference
+    from .test_mlx_repack import dense_tensor, random_tensor
+
+    be = MLXBackend()
+    qt = (dense_tensor(ggml_type, cols=96) if ggml_type in (T.F32, T.F16)
+          else random_tensor(ggml_type, rows=24, cols=256, scale=0.05))
+    base = be.prepare(qt)
+    case, pairs = adapter_case(*qt.shape)
+    want, want_grads = reference(case, np.array(base.dequantize()), pairs)
+    args = [mx.array(case[name].astype(np.float32)) for name in GRAD_OF]
+    g = mx.array(case["g"].astype(np.float32))
+
+    def loss(x, a1, b1, a2, b2):
+        y = be.linear(x, base, adapter=[LoRA(a1, b1, pairs[0][0]), LoRA(a2, b2, *pairs[1])])
+        return (y * g).sum(), y
+
+    (_, y), grads = mx.value_and_grad(loss, argnums=tuple(range(5)))(*args)
+    assert_close(np.array(y), want)
+    for name, got in zip(GRAD_OF, grads):
+        assert_close(np.array(got), want_grads[name])
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_experts_match_the_torch_backend(tmp_path, qtype):
+    """Stacked quantized experts through mx.gather_qmm (exact repacks of these types) give
+    the torch CPU backend's logits on the same file, prefill and decode."""
+    path = write_gguf(tiny_hf_model("qwen3moe", seed=1), "qwen3moe", tmp_path / "m.gguf", qtype)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 128, 12)]
+    eng, ref = engine_for(path), LoadPlan.open(path, "torch", n_ctx=64).engine()
+    assert eng.weights.layers[0].experts.gate.quantized
+    got = np.concatenate([eng.eval(ids[:9], all_logits=True),
+                          *(np.array(eng.eval([t])) for t in ids[9:])])
+    want = ref.eval(ids, all_logits=True)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

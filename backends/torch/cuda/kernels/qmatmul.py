@@ -4,6 +4,8 @@
 order, with quant/dequant.py's formula per type. On top of it:
   _gemv   M <= GEMV_MAX_M rows of x (decode, speculative verification): x tile times the
           weight tile, summed along K in fp32; each weight byte is read once for all M rows.
+  _gemv_id  the GEMV of stacked routed experts, each row of x times the expert its id
+          picks (ggml's mul_mat_id): MoE decode without reading the ids on the host.
   _gemm   tl.dot on (BM, BK) x tiles and dequantized (BN, BK) weight tiles, fp32 accumulate
           (prefill chunks up to DEQUANT_MM_MIN_M rows).
   _dequant  writes dequantized rows (optionally gathered by id): the embedding lookup, the
@@ -179,6 +181,27 @@ def _gemm(x_ptr, y_ptr, bias_ptr, q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr,
 
 
 @triton.jit
+def _gemv_id(x_ptr, y_ptr, ids_ptr, q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr,
+             N, K, X_PER_ID, stride_xm, stride_ym,
+             TYPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[p] = W_e @ x[p // X_PER_ID] with e = ids[p], W_e rows e*N..e*N+N-1 of a stacked
+    weight: one pair p and one row block per program (ggml's mul_mat_id)."""
+    p = tl.program_id(1)
+    local = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = local < N
+    rows = tl.load(ids_ptr + p).to(tl.int64) * N + local
+    x_row = x_ptr + (p // X_PER_ID).to(tl.int64) * stride_xm
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        w = _tile(q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr, rows, rmask, k0, K, TYPE, BN, BK)
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(y_ptr + p.to(tl.int64) * stride_ym + local, acc.to(y_ptr.dtype.element_ty),
+             mask=rmask)
+
+
+@triton.jit
 def _dequant(out_ptr, ids_ptr, q_ptr, qh_ptr, d_ptr, m_ptr, sc_ptr, lut_ptr,
              R, row0, K, stride_out,
              TYPE: tl.constexpr, GATHER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -227,6 +250,21 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, block_n: int =
         x, y, bias if bias is not None else y, *_plane_args(w), m, n, k, x.stride(0),
         y.stride(0), TYPE=int(w.ggml_type), HAS_BIAS=bias is not None, BM=bm, BN=block_n,
         BK=bk, num_warps=num_warps)
+    return y
+
+
+def gemv_id(x: torch.Tensor, w, ids: torch.Tensor, n_rows: int, *, block_n: int = 16,
+            block_k: int = 256, num_warps: int = 4) -> torch.Tensor:
+    """Stacked weight W (experts of n_rows rows each), ids (P,) expert per pair, x (M, K)
+    with P a multiple of M -> (P, n_rows): pair p multiplies expert ids[p] by x[p // (P/M)]."""
+    m, k = x.shape
+    n_pairs = ids.numel()
+    x = x.contiguous()
+    y = torch.empty((n_pairs, n_rows), dtype=x.dtype, device=x.device)
+    _gemv_id[(triton.cdiv(n_rows, block_n), n_pairs)](
+        x, y, ids.reshape(-1), *_plane_args(w), n_rows, k, n_pairs // m, x.stride(0),
+        y.stride(0), TYPE=int(w.ggml_type), BN=block_n, BK=_block_k(w, block_k),
+        num_warps=num_warps)
     return y
 
 

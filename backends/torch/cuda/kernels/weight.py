@@ -47,3 +47,36 @@ class QuantWeight:
     @property
     def layout(self) -> str:
         return f"{self.ggml_type.name} planes ({'+'.join(self.planes)}), Triton dequant in registers"
+
+
+class QuantExperts:
+    """Routed experts kept quantized as one stacked weight (expert e: rows e*rows to
+    (e+1)*rows), for kernels that pick experts by id; `experts[e]` is expert e's view."""
+
+    def __init__(self, stacked: QuantWeight, n_experts: int):
+        self.stacked = stacked
+        self.n_experts = n_experts
+        self.rows = stacked.out_features // n_experts
+
+    @classmethod
+    def from_quant_tensor(cls, qt: QuantTensor, device) -> "QuantExperts":
+        n, rows, cols = qt.shape
+        flat = QuantTensor(qt.name, qt.ggml_type, (n * rows, cols), qt.data)
+        return cls(QuantWeight.from_quant_tensor(flat, device), n)
+
+    def __len__(self) -> int:
+        return self.n_experts
+
+    def __getitem__(self, e: int) -> QuantWeight:
+        s = self.stacked
+        planes = {k: v[e * self.rows:(e + 1) * self.rows] for k, v in s.planes.items()}
+        return QuantWeight(f"{s.name}[{e}]", s.ggml_type, (self.rows, s.in_features), planes,
+                           s.lut)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stacked.nbytes
+
+    @property
+    def layout(self) -> str:
+        return f"{self.n_experts} experts stacked, {self.stacked.layout}"
