@@ -205,14 +205,56 @@ class Backend(ABC):
         """Host int array -> backend int array."""
 
     @abstractmethod
-    def sample(self, logits: Array, params: Any, history: Array, rng: Any) -> int:
-        """Pick the next token from (1, V) logits on the device; only the id comes back."""
-
-    @abstractmethod
-    def new_rng(self, seed: int | None) -> Any: ...
+    def new_rng(self, seed: int | None) -> Any:
+        """A random generator for `categorical`, seeded (or from the OS with None)."""
 
     @abstractmethod
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    # -- sampling ops: diptych.inference.sampler writes the chain with these -----------
+    # Each works on the last axis of an (R, N) array, row by row, on the device.
+    @abstractmethod
+    def float32(self, x: Array) -> Array:
+        """x as float32 (logits, ids or flags)."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...]) -> Array:
+        """A float32 array of zeros."""
+
+    @abstractmethod
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]:
+        """The k largest values of each row, in descending order, and their indices
+        (1 <= k <= N; k = N sorts the row)."""
+
+    @abstractmethod
+    def softmax(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def log_softmax(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def cumsum(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def finite_rows(self, x: Array) -> Array:
+        """(R,) bool: whether every value of each row is finite."""
+
+    @abstractmethod
+    def gather(self, x: Array, idx: Array) -> Array:
+        """out[r, j] = x[r, idx[r, j]]."""
+
+    @abstractmethod
+    def scatter_add(self, x: Array, idx: Array, values: Array) -> Array:
+        """x with values[r, j] added at x[r, idx[r, j]] (repeated indices add up); x itself
+        may be updated and returned."""
+
+    @abstractmethod
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array: ...
+
+    @abstractmethod
+    def categorical(self, probs: Array, rng: Any) -> Array:
+        """(R,) indices, one draw per row from the row's probabilities (non-negative, not
+        necessarily normalised), with the generator from `new_rng`."""
 
     def inference(self):
         """A context for forward passes no gradient flows through (the backend may then

@@ -30,6 +30,11 @@ class SamplingError(InvalidArgumentError):
     """A sampling or generation parameter is out of range."""
 
 
+class NonFiniteLogitsError(DiptychError):
+    """The model produced NaN or infinite logits (its activations overflowed): generation
+    cannot continue from them."""
+
+
 class ContextOverflowError(DiptychError):
     """A prompt (plus the tokens asked for) does not fit in the context window."""
 

@@ -187,13 +187,44 @@ class TorchBackend(Backend):
             gen.manual_seed(seed)
         return gen
 
-    def sample(self, logits, params, history, rng) -> int:
-        from .sampler import sample
-
-        return sample(logits, params, history, rng)
-
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().to(torch.float32).cpu().numpy()
+
+    # -- sampling ops --------------------------------------------------------------------
+    def float32(self, x):
+        return x.to(torch.float32)
+
+    def zeros(self, shape):
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def topk(self, x, k):
+        if k >= x.shape[-1]:
+            return torch.sort(x, dim=-1, descending=True)
+        return torch.topk(x, k, dim=-1)
+
+    def softmax(self, x):
+        return torch.softmax(x, dim=-1)
+
+    def log_softmax(self, x):
+        return torch.log_softmax(x, dim=-1)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, dim=-1)
+
+    def finite_rows(self, x):
+        return torch.isfinite(x).all(dim=-1)
+
+    def gather(self, x, idx):
+        return torch.gather(x, -1, idx)
+
+    def scatter_add(self, x, idx, values):
+        return x.scatter_add_(-1, idx, values)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def categorical(self, probs, rng):
+        return torch.multinomial(probs, 1, generator=rng)[:, 0]
 
 
 def route(logits: torch.Tensor, spec, score_bias=None):
