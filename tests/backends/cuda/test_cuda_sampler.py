@@ -1,5 +1,6 @@
-"""The runtime's sampler on the CUDA backend's ops (under the interpreter on the CPU);
-tests/runtime/test_sampler*.py run the same checks on the other backends."""
+"""The runtime's sampler on the CUDA backend's ops (under the interpreter on the CPU), against
+llama.cpp's own sampler chain among others; tests/runtime/test_sampler*.py run the same
+checks on the other backends."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 from diptych.backends.torch.cuda.backend import CudaBackend
 from diptych.inference.sampling import SamplingParams
 
-from ...sampler_checks import check_block_rows_equal_single_rows, check_non_finite_rows_are_flagged
+from ...sampler_checks import (check_against_llama_cpp, check_block_rows_equal_single_rows,
+                               check_non_finite_rows_are_flagged, llama_cpp_fixture)
 from .conftest import DEVICE
 
 
@@ -26,3 +28,8 @@ def test_rows_of_a_block_equal_rows_one_by_one(be):
 
 def test_non_finite_logits_are_flagged(be):
     check_non_finite_rows_are_flagged(be)
+
+
+@pytest.mark.parametrize("case", sorted(llama_cpp_fixture()[2]))
+def test_filtered_distribution_equals_llama_cpp(be, case):
+    check_against_llama_cpp(be, case)
