@@ -147,6 +147,9 @@ class Sampler:
         if p.uses_history:
             if history is None:
                 raise SamplingError("the penalties need the token history (Sampler.history)")
+            if history.rows not in (1, rows):
+                raise SamplingError(f"a history of {history.rows} rows for {rows} rows of "
+                                    f"logits")
             x = self._penalize(x, history.counts)
         if p.greedy:
             tokens = be.topk(x, 1)[1]

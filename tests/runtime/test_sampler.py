@@ -104,14 +104,19 @@ def test_new_parameters_are_validated(kwargs, name):
         SamplingParams(**kwargs)
 
 
-def test_logit_bias_is_kept_as_pairs_and_checked_against_the_vocabulary():
+def test_logit_bias_and_histories_are_checked():
     params = SamplingParams(logit_bias={9: -float("inf"), 2: 1})
     assert params.logit_bias == ((2, 1.0), (9, -float("inf")))
     be = select("torch", "cpu")
     with pytest.raises(SamplingError, match="token 9, outside the vocabulary"):
         Sampler(be, params, 9)
+    penalized = Sampler(be, SamplingParams(repetition_penalty=1.1), 9)
     with pytest.raises(SamplingError, match="history"):
-        Sampler(be, SamplingParams(repetition_penalty=1.1), 9).sample(be.zeros((1, 9)))
+        penalized.sample(be.zeros((1, 9)))
+    with pytest.raises(SamplingError, match="2 rows for 3 rows"):
+        penalized.sample(be.zeros((3, 9)), penalized.history([[1], [2]]))
+    with pytest.raises(SamplingError, match="outside the vocabulary"):
+        penalized.history([[1]]).append([9])
 
 
 def test_generation_stops_with_a_clear_error_on_non_finite_logits(tmp_path):
