@@ -18,7 +18,6 @@ from diptych.quant import QuantTensor
 
 Array = Any  # the backend's own array type (torch.Tensor, mx.array)
 
-NON_FINITE = -1  # what `sample` returns when the logits hold NaN or infinity
 
 
 @dataclass(frozen=True)
@@ -201,20 +200,8 @@ class Backend(ABC):
         The routing (diptych.model.moe) is the runtime's; this runs the chosen experts."""
 
     @abstractmethod
-    def softmax(self, x: Array) -> Array:
-        """Softmax over the last axis, computed in and returned as float32."""
-
-    @abstractmethod
     def sigmoid(self, x: Array) -> Array:
         """Elementwise logistic sigmoid, computed in and returned as float32."""
-
-    @abstractmethod
-    def topk(self, x: Array, k: int) -> tuple[Array, Array]:
-        """(values, indices) of the k largest entries along the last axis, largest first."""
-
-    @abstractmethod
-    def take_along(self, x: Array, index: Array) -> Array:
-        """x[..., index] row by row: the entries of x at `index` along the last axis."""
 
     @abstractmethod
     def head_linear(self, x: Array, w: Array) -> Array:
@@ -244,15 +231,57 @@ class Backend(ABC):
         """Host int array -> backend int array."""
 
     @abstractmethod
-    def sample(self, logits: Array, params: Any, history: Array, rng: Any) -> int:
-        """Pick the next token from (1, V) logits on the device; only the id comes back,
-        or NON_FINITE when a logit is NaN or infinite (the runtime then stops)."""
-
-    @abstractmethod
-    def new_rng(self, seed: int | None) -> Any: ...
+    def new_rng(self, seed: int | None) -> Any:
+        """A random generator for `categorical`, seeded (or from the OS with None)."""
 
     @abstractmethod
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    # -- row ops: the sampler (diptych.inference.sampler) and MoE routing (diptych.model.moe)
+    # are written with these. Each works on the last axis, row by row, on the device.
+    @abstractmethod
+    def float32(self, x: Array) -> Array:
+        """x as float32 (logits, ids or flags)."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...]) -> Array:
+        """A float32 array of zeros."""
+
+    @abstractmethod
+    def topk(self, x: Array, k: int) -> tuple[Array, Array]:
+        """The k largest values of each row, in descending order, and their indices
+        (1 <= k <= N; k = N sorts the row)."""
+
+    @abstractmethod
+    def softmax(self, x: Array) -> Array:
+        """Softmax over the last axis, computed in and returned as float32."""
+
+    @abstractmethod
+    def log_softmax(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def cumsum(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def finite_rows(self, x: Array) -> Array:
+        """(R,) bool: whether every value of each row is finite."""
+
+    @abstractmethod
+    def gather(self, x: Array, idx: Array) -> Array:
+        """out[r, j] = x[r, idx[r, j]]."""
+
+    @abstractmethod
+    def scatter_add(self, x: Array, idx: Array, values: Array) -> Array:
+        """x with values[r, j] added at x[r, idx[r, j]] (repeated indices add up); x itself
+        may be updated and returned."""
+
+    @abstractmethod
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array: ...
+
+    @abstractmethod
+    def categorical(self, probs: Array, rng: Any) -> Array:
+        """(R,) indices, one draw per row from the row's probabilities (non-negative, not
+        necessarily normalised), with the generator from `new_rng`."""
 
     def inference(self):
         """A context for forward passes no gradient flows through (the backend may then

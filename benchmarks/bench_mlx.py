@@ -188,6 +188,7 @@ def run_diptych(model: str) -> dict:
     import mlx.core as mx
 
     from diptych.backends.mlx import MLXBackend
+    from diptych.inference.sampler import Sampler
     from diptych.inference.sampling import SamplingParams
     from diptych.load_plan import LoadPlan
 
@@ -195,18 +196,18 @@ def run_diptych(model: str) -> dict:
     eng = LoadPlan.open(model_path(model), MLXBackend(), n_ctx=1024, n_batch=256).engine()
     be, cfg = eng.backend, eng.cfg
     load_s = time.perf_counter() - t0
-    greedy, rng = SamplingParams(temperature=0), be.new_rng(0)
+    greedy = Sampler(be, SamplingParams(temperature=0), cfg.vocab_size)
     ids = prompt_ids(cfg.vocab_size)
-    be.sample(eng.eval(ids[:8]), greedy, None, rng)  # warm-up (compile traces)
-    be.sample(eng.eval([5]), greedy, None, rng)
+    greedy.sample(eng.eval(ids[:8]))  # warm-up (compile traces)
+    greedy.sample(eng.eval([5]))
     eng.cache.rewind(0)
     t0 = time.perf_counter()
-    token = be.sample(eng.prefill(ids), greedy, None, rng)
+    token = greedy.sample(eng.prefill(ids)).tokens[0]
     prefill_s = time.perf_counter() - t0
     out = [token]
     t0 = time.perf_counter()
     for _ in range(GEN_TOKENS):
-        token = be.sample(eng.eval([token]), greedy, None, rng)
+        token = greedy.sample(eng.eval([token])).tokens[0]
         out.append(token)
     decode_s = time.perf_counter() - t0
     weight_bytes = sum(be.weight_bytes(w) for _, w in weights.linears())

@@ -71,8 +71,8 @@ class Model:
 
         `prompt` is text (tokenized with the model's BOS rule) or token ids. Sampling
         keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-        penalty_last_n, seed (see SamplingParams). Ctrl+C (KeyboardInterrupt) stops
-        generation and leaves the model usable.
+        frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams). Ctrl+C
+        (KeyboardInterrupt) stops generation and leaves the model usable.
         """
         params = SamplingParams(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)

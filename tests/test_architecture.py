@@ -1,5 +1,6 @@
 """The architecture's rules, checked on the code: the runtime never imports an array library
-(backends supply the mechanism), and `diptych.load` takes any Backend instance."""
+and backends hold no policy code (backends supply the mechanism), and `diptych.load` takes
+any Backend instance."""
 
 import ast
 import subprocess
@@ -58,6 +59,54 @@ def test_importing_the_runtime_loads_no_array_library():
                          cwd=ROOT / "tests")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def identifiers(path: Path) -> set[str]:
+    """Every name a file defines or uses: functions, classes, arguments, variables,
+    attributes, keywords and imported modules."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.update(node.name.split("."))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(node.module.split("."))
+    return names
+
+
+# Per concern, the names of the runtime's policy code (its parameters, filters, modules):
+# none may appear under backends/, which supplies mechanism only.
+POLICY_NAMES = {
+    "sampling": {"sampling", "sampler", "SamplingParams", "Sampler", "sample",
+                 "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "penalty_last_n", "logit_bias",
+                 "penalties", "apply_penalties", "greedy"},
+}
+
+
+def test_the_name_scan_sees_definitions_uses_and_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from diptych.inference.sampling import X\n"
+                 "def sample(x, top_p=1):\n    return x.min_p + temperature(logit_bias=1)\n")
+    assert {"sampling", "sample", "top_p", "min_p", "temperature", "logit_bias"} <= identifiers(f)
+
+
+@pytest.mark.parametrize("concern", sorted(POLICY_NAMES))
+def test_backends_hold_no_policy_code(concern):
+    files = sorted((ROOT / "backends").rglob("*.py"))
+    assert len(files) > 10
+    found = {str(f.relative_to(ROOT)): sorted(identifiers(f) & POLICY_NAMES[concern])
+             for f in files}
+    assert {f: names for f, names in found.items() if names} == {}
 
 
 @pytest.fixture(scope="module")

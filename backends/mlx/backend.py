@@ -3,11 +3,10 @@
 Weights are repacked once at load into MLX's affine group-32 format (repack.py) and
 multiplied with `mx.quantized_matmul`; norms, RoPE and attention use `mx.fast`. MLX is
 lazy: each op only records a graph node, and the graph runs when a value crosses to the
-host (`sample`, `to_numpy`). Nothing here is Metal-only.
+host (`to_numpy`). Nothing here is Metal-only.
 
 Semantics match the torch backend (backends/torch): NeoX (half-split) RoPE on the first
-`spec.dim` channels, causal attention over the cached prefix with GQA, and llama.cpp's
-sampler order (penalties, top-k, top-p, min-p, temperature, draw).
+`spec.dim` channels, causal attention over the cached prefix with GQA.
 
 Contract notes:
 - `rope` uses `mx.fast.rope` with a per-sequence array offset `positions[:, 0]`: the
@@ -23,8 +22,7 @@ Contract notes:
 Per-token overhead (SmolLM2-135M decode on MLX-CPU, 2 cores): building the step's graph
 takes ~3 ms of a ~140 ms step; the rest is `quantized_matmul` (MLX's CPU kernels run
 ~1 G weights/s whatever the bit width). mx.compile is used where it measurably helps:
-RoPE (shape-specialised; ~17 -> ~7 us per call, ~0.5 ms per step), SwiGLU (shapeless) and
-the sampler (one compiled function per SamplingParams: 0.48 -> 0.34 ms with the defaults).
+RoPE (shape-specialised; ~17 -> ~7 us per call, ~0.5 ms per step) and SwiGLU (shapeless).
 Attention is not compiled: its key length grows every step, so a shape-specialised trace
 would be rebuilt every step.
 """
@@ -38,7 +36,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from diptych.backends.base import (NON_FINITE, Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
+from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
                                    window_mask)
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
@@ -136,7 +134,6 @@ class MLXBackend(Backend):
         self._compile = compile
         self._glu = {name: mx.compile(fn, shapeless=True) if compile else fn
                      for name, fn in (("silu", _silu_mul), ("gelu_tanh", _gelu_tanh_mul))}
-        self._samplers: dict = {}
 
     def describe(self) -> str:
         return (f"{self.name} ({self.device}, {dtype_name(self.dtype)} activations, "
@@ -271,20 +268,8 @@ class MLXBackend(Backend):
             y = mx.gather_mm(x, w.w.swapaxes(-1, -2), rhs_indices=chosen)
         return y.astype(self.dtype)
 
-    def softmax(self, x):
-        return mx.softmax(x.astype(mx.float32), axis=-1)
-
     def sigmoid(self, x):
         return mx.sigmoid(x.astype(mx.float32))
-
-    def topk(self, x, k):
-        idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
-        idx = mx.take_along_axis(idx, mx.argsort(-mx.take_along_axis(x, idx, axis=-1), axis=-1),
-                                 axis=-1)
-        return mx.take_along_axis(x, idx, axis=-1), idx
-
-    def take_along(self, x, index):
-        return mx.take_along_axis(x, index, axis=-1)
 
     def head_linear(self, x, w):
         # (B, T, H, K) -> (B, H, T, K) @ (H, K, N) -> (B, H, T, N) -> (B, T, H, N)
@@ -319,62 +304,48 @@ class MLXBackend(Backend):
     def new_rng(self, seed) -> MLXRng:
         return MLXRng(seed)
 
-    def sample(self, logits, params, history, rng: MLXRng) -> int:
-        x = logits.reshape(-1).astype(mx.float32)
-        if not mx.isfinite(x).all().item():
-            return NON_FINITE
-        if params.uses_history and history is not None:
-            x = apply_penalties(x, params, history)
-        if params.greedy:
-            return int(mx.argmax(x).item())
-        key = (params.top_k, params.top_p, params.min_p, params.temperature)
-        fn = self._samplers.get(key)
-        if fn is None:  # one compiled sampler per filter setting (not per seed)
-            fn = partial(_draw, top_k=params.top_k, top_p=params.top_p,
-                         min_p=params.min_p, temperature=params.temperature)
-            if self._compile:
-                fn = mx.compile(fn)
-            self._samplers[key] = fn
-        return int(fn(x, rng.next()).item())
-
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32))
 
+    # -- sampling ops --------------------------------------------------------------------
+    def float32(self, x):
+        return x.astype(mx.float32)
 
-def apply_penalties(x: mx.array, params, history: mx.array) -> mx.array:
-    """Repetition/presence penalties on the distinct ids among the last penalty_last_n."""
-    recent = history[-params.penalty_last_n:] if params.penalty_last_n else history[:0]
-    if recent.size == 0:
-        return x
-    seen = mx.zeros(x.shape, dtype=mx.bool_)
-    seen[recent] = True
-    rep = params.repetition_penalty
-    pen = mx.where(x > 0, x / rep, x * rep) - params.presence_penalty
-    return mx.where(seen, pen, x)
+    def zeros(self, shape):
+        return mx.zeros(shape, dtype=mx.float32)
+
+    def topk(self, x, k):
+        if k >= x.shape[-1]:
+            idx = mx.argsort(-x, axis=-1)
+        else:  # the k largest in any order, then only those sorted
+            idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
+            idx = mx.take_along_axis(idx, mx.argsort(-mx.take_along_axis(x, idx, axis=-1),
+                                                     axis=-1), axis=-1)
+        return mx.take_along_axis(x, idx, axis=-1), idx
+
+    def softmax(self, x):
+        return mx.softmax(x.astype(mx.float32), axis=-1)
+
+    def log_softmax(self, x):
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    def cumsum(self, x):
+        return mx.cumsum(x, axis=-1)
+
+    def finite_rows(self, x):
+        return mx.isfinite(x).all(axis=-1)
+
+    def gather(self, x, idx):
+        return mx.take_along_axis(x, idx, axis=-1)
+
+    def scatter_add(self, x, idx, values):
+        rows = mx.arange(x.shape[0])[:, None]
+        return x.at[rows, idx].add(values)
+
+    def where(self, cond, a, b):
+        return mx.where(cond, a, b)
+
+    def categorical(self, probs, rng: MLXRng):
+        return mx.random.categorical(mx.log(probs), axis=-1, key=rng.next())
 
 
-def _draw(x: mx.array, key: mx.array, *, top_k: int, top_p: float, min_p: float,
-          temperature: float) -> mx.array:
-    """top-k, top-p, min-p on the untempered distribution, then temperature and a draw."""
-    vocab = x.shape[0]
-    if 0 < top_k < vocab:
-        idx = mx.argpartition(-x, top_k - 1)[:top_k]
-        if top_p < 1.0:  # top-p needs the candidates in descending order
-            idx = idx[mx.argsort(-x[idx])]
-        vals = x[idx]
-    elif top_p < 1.0:
-        idx = mx.argsort(-x)
-        vals = x[idx]
-    else:  # no order needed: min-p and temperature work on any order
-        idx, vals = None, x
-    probs = mx.softmax(vals, axis=-1)
-    keep = None
-    if top_p < 1.0:
-        keep = (mx.cumsum(probs) - probs) < top_p
-    if min_p > 0.0:
-        k2 = probs >= min_p * probs.max()
-        keep = k2 if keep is None else keep & k2
-    if keep is not None:
-        vals = mx.where(keep, vals, -mx.inf)
-    choice = mx.random.categorical(vals / temperature, key=key)
-    return choice if idx is None else idx[choice]

@@ -167,18 +167,8 @@ class TorchBackend(Backend):
         return self.linear(self.glu(self.linear(x, experts.gate[e]),
                                     self.linear(x, experts.up[e]), act), experts.down[e])
 
-    def softmax(self, x):
-        return x.softmax(-1, dtype=torch.float32)
-
     def sigmoid(self, x):
         return x.float().sigmoid()
-
-    def topk(self, x, k):
-        values, indices = x.topk(k, dim=-1)
-        return values, indices
-
-    def take_along(self, x, index):
-        return x.gather(-1, index)
 
     def head_linear(self, x, w):
         return torch.einsum("bthk,hnk->bthn", x, w)
@@ -212,11 +202,42 @@ class TorchBackend(Backend):
             gen.manual_seed(seed)
         return gen
 
-    def sample(self, logits, params, history, rng) -> int:
-        from .sampler import sample
-
-        return sample(logits, params, history, rng)
-
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().to(torch.float32).cpu().numpy()
+
+    # -- sampling ops --------------------------------------------------------------------
+    def float32(self, x):
+        return x.to(torch.float32)
+
+    def zeros(self, shape):
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def topk(self, x, k):
+        if k >= x.shape[-1]:
+            return torch.sort(x, dim=-1, descending=True)
+        return torch.topk(x, k, dim=-1)
+
+    def softmax(self, x):
+        return x.softmax(-1, dtype=torch.float32)
+
+    def log_softmax(self, x):
+        return torch.log_softmax(x, dim=-1)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, dim=-1)
+
+    def finite_rows(self, x):
+        return torch.isfinite(x).all(dim=-1)
+
+    def gather(self, x, idx):
+        return torch.gather(x, -1, idx)
+
+    def scatter_add(self, x, idx, values):
+        return x.scatter_add_(-1, idx, values)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def categorical(self, probs, rng):
+        return torch.multinomial(probs, 1, generator=rng)[:, 0]
 

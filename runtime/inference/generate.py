@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from diptych.backends.base import NON_FINITE
 from diptych.errors import ContextOverflowError, GenerationSuperseded, NumericalError, SamplingError
 from diptych.text.detokenize import StopMatcher, StreamDecoder
+from .sampler import Sampler
 from .sampling import SamplingParams
 
 
@@ -56,11 +56,10 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
             f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
             f"load the model with a larger n_ctx or shorten the prompt")
 
-    be = engine.backend
     timings = Timings(prompt_tokens=len(prompt_ids))
     decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
-    rng = be.new_rng(params.seed)
-    history = list(prompt_ids)
+    sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
+    history = sampler.history([prompt_ids])
 
     t0 = time.perf_counter()
     logits = engine.prefill(prompt_ids)
@@ -68,16 +67,18 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
     t0 = time.perf_counter()
     budget = min(max_tokens, capacity - len(prompt_ids))
     for i in range(budget):
-        hist = be.ids(history) if params.uses_history else None
-        token = be.sample(logits, params, hist, rng)
-        if token == NON_FINITE:
-            raise NumericalError(f"the model computed NaN or infinite logits after {i} "
-                                 "generated tokens: its weights or settings are broken")
+        drawn = sampler.sample(logits, history)
+        if not drawn.finite[0]:
+            raise NumericalError(
+                f"the model computed NaN or infinite logits after {len(prompt_ids) + i} "
+                f"tokens: its weights or settings are broken; generation stopped")
+        token = drawn.tokens[0]
         timings.generated_tokens += 1
         if token in tokenizer.eog_ids:
             yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")
             return
-        history.append(token)
+        if history is not None:
+            history.append([token])
         text, stopped = matcher.feed(decoder.push(token))
         if stopped:
             yield Piece(text, [token], timings, "stop")

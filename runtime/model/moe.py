@@ -29,7 +29,7 @@ def route(be, logits, spec: MoESpec, score_bias=None):
         # experts of the dropped groups score 0, as in the reference implementations
         choice = (grouped * keep[..., None]).reshape(n, -1)
     chosen = be.topk(choice, spec.n_used)[1]
-    weights = be.take_along(scores, chosen)
+    weights = be.gather(scores, chosen)
     if spec.norm_topk:
         weights = weights / (weights.sum(-1)[..., None] + 1e-20)
     return weights * spec.scale, chosen

@@ -1,11 +1,12 @@
-"""Sampling settings, and each backend's sampler filters (torch, and mlx where installed)."""
+"""Sampling settings, and the sampler's filters on each backend (torch, and mlx where
+installed)."""
 
 import numpy as np
 import pytest
 
 from diptych.backends import select
-from diptych.backends.base import NON_FINITE
 from diptych.errors import DiptychError, SamplingError
+from diptych.inference.sampler import Sampler
 from diptych.inference.sampling import SamplingParams
 
 
@@ -24,18 +25,17 @@ def test_invalid_parameters_raise_one_clear_error(kwargs):
 
 @pytest.fixture(params=["torch", "mlx"])
 def draw(request):
-    """draw(logits, n, history, seed, **params) -> counts per token on one backend."""
+    """draw(logits, n, history, seed, **params) -> counts per token on one backend (n rows
+    of the same logits sampled as one block)."""
     if request.param == "mlx":
         pytest.importorskip("mlx.core")
     be = select(request.param)
 
     def run(logits, n=2000, history=(), seed=0, **kw):
-        params = SamplingParams(**kw)
-        rng = be.new_rng(seed)
-        x = be.prepare_vector(np.asarray(logits, np.float32)).reshape(1, -1)
-        hist = be.ids(np.asarray(history, np.int64))
-        return np.bincount([be.sample(x, params, hist, rng) for _ in range(n)],
-                           minlength=len(logits))
+        sampler = Sampler(be, SamplingParams(seed=seed, **kw), len(logits))
+        x = be.prepare_vector(np.tile(np.asarray(logits, np.float32), n)).reshape(n, -1)
+        drawn = sampler.sample(x, sampler.history([list(history)]))
+        return np.bincount(drawn.tokens, minlength=len(logits))
 
     run.backend = be
     return run
@@ -102,23 +102,10 @@ def test_presence_penalty_subtracts(draw):
 
 def test_seed_reproduces_and_differs(draw):
     be = draw.backend
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
     x = be.prepare_vector(np.random.default_rng(1).standard_normal(1000)).reshape(1, -1)
-    hist = be.ids(np.empty(0, np.int64))
     runs = []
     for seed in (7, 7, 8):
-        rng = be.new_rng(seed)
-        runs.append([be.sample(x, params, hist, rng) for _ in range(20)])
+        sampler = Sampler(be, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                             seed=seed), 1000)
+        runs.append([sampler.sample(x).tokens[0] for _ in range(20)])
     assert runs[0] == runs[1] and len(set(runs[0])) > 1 and runs[0] != runs[2]
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.8),
-                                dict(temperature=1.0, repetition_penalty=1.3)])
-def test_non_finite_logits_are_flagged_not_sampled(draw, bad, kw):
-    """Whatever the settings, a NaN or infinite logit gives NON_FINITE, never an id drawn
-    from garbage (nor torch's error from multinomial)."""
-    be = draw.backend
-    x = be.prepare_vector(np.array([0.5, 2.0, bad, 1.0], np.float32)).reshape(1, -1)
-    hist, rng = be.ids(np.array([1], np.int64)), be.new_rng(0)
-    assert [be.sample(x, SamplingParams(**kw), hist, rng) for _ in range(3)] == [NON_FINITE] * 3

@@ -1,0 +1,25 @@
+"""The runtime's sampler against llama.cpp's own sampler chain (the committed fixture
+tests/fixtures/sampler_llama_cpp.npz), on torch's CPU backend and MLX; CUDA:
+tests/backends/cuda/test_cuda_sampler.py."""
+
+import pytest
+
+from diptych.backends import select
+
+from ..sampler_checks import check_against_llama_cpp, llama_cpp_fixture
+
+
+@pytest.fixture(params=["torch", "mlx"])
+def be(request):
+    if request.param == "mlx":
+        pytest.importorskip("mlx.core")
+    return select(request.param, "cpu")
+
+
+@pytest.mark.parametrize("case", sorted(llama_cpp_fixture()[2]))
+def test_filtered_distribution_equals_llama_cpp(be, case):
+    check_against_llama_cpp(be, case)
+
+
+def test_a_token_mask_bans_as_a_minus_inf_bias_does(be):
+    check_against_llama_cpp(be, "logit_bias", as_mask=True)
