@@ -104,23 +104,27 @@ SAMPLING = "tests/runtime/test_sampling.py"
 TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
 
+
+def _sampler(backend: str, path: str, tempered_softmax: tuple, absolute_min_p: tuple) -> list:
+    """top-p on the tempered distribution; min-p as an absolute threshold. Each tuple is
+    (pattern, replacement) in `path`."""
+    return [Mutation(f"sampler ({backend}): top-p on the tempered distribution", path,
+                     *tempered_softmax, (SAMPLING, "-k", f"top_p and {backend}")),
+            Mutation(f"sampler ({backend}): min-p absolute", path, *absolute_min_p,
+                     (SAMPLING, "-k", f"min_p and {backend}"))]
+
+
 MUTATIONS = [
     # sampler order and semantics: top-p and min-p read the distribution before temperature,
     # and min-p is a fraction of the best probability
-    Mutation("sampler (torch): top-p on the tempered distribution", "backends/torch/sampler.py",
-             r"probs = torch\.softmax\(vals, dim=0\)",
-             "probs = torch.softmax(vals / params.temperature, dim=0)",
-             (SAMPLING, "-k", "top_p and torch")),
-    Mutation("sampler (torch): min-p absolute", "backends/torch/sampler.py",
-             r"probs >= params\.min_p \* probs\[0\]", "probs >= params.min_p",
-             (SAMPLING, "-k", "min_p and torch")),
-    Mutation("sampler (mlx): top-p on the tempered distribution", "backends/mlx/backend.py",
-             r"probs = mx\.softmax\(vals, axis=-1\)",
-             "probs = mx.softmax(vals / temperature, axis=-1)",
-             (SAMPLING, "-k", "top_p and mlx")),
-    Mutation("sampler (mlx): min-p absolute", "backends/mlx/backend.py",
-             r"probs >= min_p \* probs\.max\(\)", "probs >= min_p",
-             (SAMPLING, "-k", "min_p and mlx")),
+    *_sampler("torch", "backends/torch/sampler.py",
+              (r"probs = torch\.softmax\(vals, dim=0\)",
+               "probs = torch.softmax(vals / params.temperature, dim=0)"),
+              (r"probs >= params\.min_p \* probs\[0\]", "probs >= params.min_p")),
+    *_sampler("mlx", "backends/mlx/backend.py",
+              (r"probs = mx\.softmax\(vals, axis=-1\)",
+               "probs = mx.softmax(vals / temperature, axis=-1)"),
+              (r"probs >= min_p \* probs\.max\(\)", "probs >= min_p")),
     # each dequantizer's block scale
     _dequant_scale("Q4_0"),
     _dequant_scale("Q4_1"),
