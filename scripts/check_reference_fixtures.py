@@ -194,7 +194,8 @@ def main(argv=None) -> int:
         print(f"  at the {int(dis.sum())} disagreements, llama.cpp's gap between its top and "
               f"ours: max {g.max():.3f}, mean {g.mean():.3f}")
     print(f"  KL(llama.cpp || fp32), top-32 + tail bucket: mean {kl.mean():.5f}, "
-          f"median {np.median(kl):.5f}, p99 {np.quantile(kl, 0.99):.5f}, max {kl.max():.5f} nats")
+          f"median {np.median(kl):.5f}, p95 {np.quantile(kl, 0.95):.5f}, "
+          f"p99 {np.quantile(kl, 0.99):.5f}, max {kl.max():.5f} nats")
     logp_ref = fx["corpus_topk_logits"] - fx["corpus_logsumexp"][:, None]
     logp_ours = np.take_along_axis(log_softmax_rows(ours), fx["corpus_topk_ids"], axis=1)
     d = np.abs(logp_ref[:, :8] - logp_ours[:, :8])

@@ -59,7 +59,9 @@ def test_prompt_longer_than_context_is_a_clear_error(smollm2_path):
         model.logits(list(range(100, 130)))
     # generation stops at the end of the context rather than overflowing
     pieces = list(model.stream("Hi", max_tokens=100, temperature=0))
-    assert pieces[-1].finish_reason in ("length", "stop")
+    used = pieces[-1].timings.prompt_tokens + sum(len(p.token_ids) for p in pieces)
+    assert used <= 16
+    assert pieces[-1].finish_reason == "stop" or used == 16  # "length": the context is full
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 2}, {"max_tokens": 0},
@@ -98,16 +100,23 @@ def test_interrupt_mid_prefill_leaves_model_usable(smollm2, monkeypatch):
     assert smollm2.generate("Once upon a time", max_tokens=6, temperature=0) == expected
 
 
-def test_interrupt_mid_generation_keeps_text_so_far(smollm2):
+def test_interrupt_mid_generation_keeps_text_so_far(smollm2, smollm2_path):
+    def pieces(model, prompt, n):
+        return [(p.text, p.token_ids) for p in model.stream(prompt, max_tokens=n, temperature=0)]
+
+    uninterrupted = pieces(smollm2, "List the planets:", 50)
     got = []
     stream = smollm2.stream("List the planets:", max_tokens=50, temperature=0)
     for i, piece in enumerate(stream):
-        got.append(piece.text)
+        got.append((piece.text, piece.token_ids))
         if i == 5:
             stream.close()  # what a consumer does on Ctrl+C
             break
-    assert len(got) == 6
-    assert smollm2.generate("2 + 2 =", max_tokens=3, temperature=0)
+    assert got == uninterrupted[:6]
+    # the cache holds the interrupted stream's tokens; the next prompt reuses part of them
+    fresh = diptych.load(smollm2_path, n_ctx=2048)
+    for prompt in ("List the planets: Mercury, Venus", "2 + 2 ="):
+        assert pieces(smollm2, prompt, 8) == pieces(fresh, prompt, 8)
 
 
 def test_context_that_does_not_fit_in_memory_is_refused_before_allocating(smollm2_path):

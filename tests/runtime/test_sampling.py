@@ -58,6 +58,16 @@ def test_top_p_cuts_the_tail(draw):
     assert abs(counts[0] / counts.sum() - 0.5 / 0.8) < 0.05
 
 
+def test_top_p_looks_at_the_distribution_before_temperature(draw):
+    # llama.cpp's order: top_p=0.7 on 0.5, 0.3, 0.15, 0.05 keeps two tokens, then
+    # temperature 0.25 sharpens them to 0.885, 0.115. Applied after temperature (0.879,
+    # 0.114, ...), top-p would keep the first token alone.
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    counts = draw(list(logits), temperature=0.25, top_k=0, top_p=0.7, min_p=0.0)
+    assert counts[2:].sum() == 0
+    assert abs(counts[1] / counts.sum() - 0.3**4 / (0.5**4 + 0.3**4)) < 0.03
+
+
 def test_top_k_then_top_p_sees_the_renormalised_top_k(draw):
     # top-k=2 leaves (0.4, 0.35) -> renormalised 0.533, 0.467: top_p=0.5 keeps only the first
     logits = np.log([0.4, 0.35, 0.25])
@@ -69,6 +79,14 @@ def test_min_p_drops_tokens_below_fraction_of_the_best(draw):
     logits = np.log([0.6, 0.3, 0.05, 0.05])
     counts = draw(list(logits), temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)
     assert counts[2:].sum() == 0
+
+
+def test_min_p_is_relative_to_the_best_probability(draw):
+    # min_p=0.3 of the best 0.4 is 0.12: 0.2 stays, 0.1 goes (an absolute 0.3 would drop both)
+    logits = np.log([0.4, 0.3, 0.2, 0.1])
+    counts = draw(list(logits), temperature=1.0, top_k=0, top_p=1.0, min_p=0.3)
+    assert counts[3] == 0
+    assert abs(counts[2] / counts.sum() - 0.2 / 0.9) < 0.03
 
 
 def test_temperature_sharpens_and_flattens(draw):

@@ -5,9 +5,11 @@ model's cache, chats reopen after a restart, and model loading reports errors.""
 import asyncio
 import sqlite3
 import time
+from contextlib import contextmanager
 
 from textual import events
 
+import diptych
 from diptych.backends import available
 
 from diptych.tui.app import DiptychApp
@@ -64,6 +66,22 @@ async def type_keys(app, text):
     return latencies
 
 
+@contextmanager
+def fed_tokens(engine):
+    """The token ids `engine` evaluates (prefill and decode steps) while the block runs."""
+    fed, real = [], engine.eval
+
+    def counting(ids, *args, **kwargs):
+        fed.extend(ids)
+        return real(ids, *args, **kwargs)
+
+    engine.eval = counting
+    try:
+        yield fed
+    finally:
+        del engine.eval
+
+
 def transcript(app):
     return [(v.role, v.content) for v in app.chat.transcript.messages]
 
@@ -91,11 +109,14 @@ def test_reply_streams_into_transcript_and_database(model, data_dir):
     run(body())
 
 
-def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_dir):
+def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_dir,
+                                                                   smollm2_path):
+    story = "Tell me a long story about a dragon and a knight."
+
     async def body():
         app = make_app(model, max_tokens=400)
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.press(*"Tell me a long story about a dragon and a knight.", "enter")
+            await pilot.press(*story, "enter")
             await wait_for(pilot, lambda: len(app.chat.transcript.messages) == 2
                            and len(app.chat.transcript.messages[1].content) > 20)
             reply_view = app.chat.transcript.messages[1]
@@ -116,9 +137,16 @@ def test_keys_are_handled_while_a_reply_streams_and_escape_stops_it(model, data_
             assert rows(data_dir)[-1] == ("assistant", kept)
             assert "stopped" in app.chat.status.text
             assert len(model.tokenize(kept, add_bos=False)) < 300  # well before max_tokens
+            return kept
 
-    run(body())
-    assert greedy(model, [{"role": "user", "content": "Hi"}], 2)  # the model stays usable
+    kept = run(body())
+    fresh = diptych.load(smollm2_path, backend="torch", n_ctx=1024)
+    messages = [{"role": "user", "content": story}]
+    # what was kept is the start of the uninterrupted reply ...
+    assert greedy(fresh, messages, len(model.tokenize(kept, add_bos=False)) + 8).startswith(kept)
+    # ... and the stopped model (its cache holding part of that reply) answers as a fresh one
+    for messages in (messages, [{"role": "user", "content": "Hi"}]):
+        assert greedy(model, messages, 8) == greedy(fresh, messages, 8)
 
 
 def test_quitting_mid_reply_keeps_what_was_generated(model, data_dir):
@@ -144,12 +172,23 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, "Name a color.")
             first = transcript(app)[-1][1]
-            await pilot.press("ctrl+r")
-            await replied(pilot)
+            first_view = app.chat.transcript.messages[-1]
+            with fed_tokens(model.engine) as fed:
+                await pilot.press("ctrl+r")
+                await replied(pilot)
             assert transcript(app) == [("user", "Name a color."), ("assistant", first)]
             assert rows(data_dir) == transcript(app)
-            prompt_ids = model.chat_prompt([{"role": "user", "content": "Name a color."}])
+            # the old reply was removed and a new one written in its place
+            assert app.chat.transcript.messages[-1] is not first_view
+            assert not first_view.is_attached
+            question = [{"role": "user", "content": "Name a color."}]
+            prompt_ids = model.chat_prompt(question)
             assert model.engine.cache.tokens[:len(prompt_ids)] == prompt_ids
+            # the cache was rewound to the prompt: its last token is fed again for its
+            # logits, then each reply token but the last
+            reply_ids = [t for p in model.chat_stream(question, max_tokens=8, temperature=0)
+                         for t in p.token_ids]
+            assert fed == prompt_ids[-1:] + reply_ids[:-1]
 
             await pilot.press("ctrl+l")
             assert app.query_one(PromptArea).text == "Name a color."

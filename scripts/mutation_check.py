@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Targeted mutations that the test suite must catch.
+
+Each mutation is one small, plausible bug (a sampler filter on the wrong distribution, a
+dequantizer scale, a RoPE or YaRN formula, a window mask, a sandbox guard, a no-op TUI
+action, an attention softmax scale off by 5%) applied to a temporary copy of the working
+tree, one at a time; the tests named with it run on that copy and must fail. The script
+prints a table (mutation, tests, caught/survived, seconds) and exits non-zero when a
+mutation survives or its target text is no longer in the source (so the list cannot rot
+silently: update the target when the code it points at moves).
+
+    python scripts/mutation_check.py              # every mutation
+    python scripts/mutation_check.py -k sampler   # those whose name contains "sampler"
+    python scripts/mutation_check.py --baseline   # first check the unmutated copy passes
+    python scripts/mutation_check.py --list
+
+Not part of CI (the real-model and TUI mutations take minutes). Run it before closing work
+that touches these places, and add a mutation when a capability lands.
+
+The copy is imported instead of the installed package: ``PYTHONPATH`` points at a folder
+holding a ``sitecustomize.py`` that maps ``diptych``, ``diptych.backends``, ``diptych.quant``
+and ``diptych.tui`` to the copy's ``runtime/``, ``backends/``, ``quant/`` and ``tui/``
+(child processes inherit it). Before the tests run, a child process checks that each of
+those packages really resolves into the copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"diptych": "runtime", "diptych.backends": "backends", "diptych.quant": "quant",
+            "diptych.tui": "tui"}
+
+SITECUSTOMIZE = '''
+import importlib.machinery, importlib.util, os, sys
+
+_ROOT = os.environ["DIPTYCH_MUTATION_TREE"]
+_PACKAGES = %r
+
+
+class _CopyFinder:
+    """Resolves the diptych packages (and everything under them) inside the copy."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name in _PACKAGES:
+            folder = os.path.join(_ROOT, _PACKAGES[name])
+            return importlib.util.spec_from_file_location(
+                name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+        if name.startswith("diptych."):
+            parent = sys.modules[name.rpartition(".")[0]]
+            return importlib.machinery.PathFinder.find_spec(name, parent.__path__)
+        return None
+
+
+sys.meta_path.insert(0, _CopyFinder)
+''' % (PACKAGES,)
+
+IMPORT_CHECK = """
+import os, sys, diptych, diptych.backends, diptych.quant, diptych.tui
+root = os.path.realpath(os.environ["DIPTYCH_MUTATION_TREE"])
+bad = [m.__name__ for m in (diptych, diptych.backends, diptych.quant, diptych.tui)
+       if not os.path.realpath(m.__file__).startswith(root + os.sep)]
+sys.exit(f"imported from outside the copy: {bad}" if bad else 0)
+"""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str          # file in the tree
+    pattern: str       # regular expression (MULTILINE); must match exactly once
+    replacement: str   # re.sub replacement
+    tests: tuple       # pytest arguments (files, node ids, -k expressions)
+
+
+def _dequant_scale(ggml_type: str, affine_k: bool = False) -> Mutation:
+    """The dequantizer of `ggml_type` with its block scale d off by 1%."""
+    fn, unpack = f"dequantize_{ggml_type.lower()}", f"unpack_{ggml_type.lower()}"
+    head = rf"^(def {fn}\(blocks\):\n)"
+    if affine_k:  # a one-line body: return _affine_k(*unpack_..(blocks))
+        pattern = head + rf"    return _affine_k\(\*{unpack}\(blocks\)\)\n"
+        replacement = (rf"\g<1>    d, *rest = {unpack}(blocks)\n"
+                       r"    return _affine_k(d * 1.01, *rest)\n")
+    else:
+        pattern = head[:-1] + rf"    .*= {unpack}\(blocks\)\n)"
+        replacement = r"\g<1>    d = d * 1.01\n"
+    tests = ("tests/quant/test_dequant.py", "-k", f"bit_exact and {ggml_type}")
+    return Mutation(f"dequant {ggml_type}: scale d x1.01", "quant/dequant.py", pattern,
+                    replacement, tests)
+
+
+SAMPLING = "tests/runtime/test_sampling.py"
+TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
+ORACLE = "tests/runtime/test_graph_oracle.py"
+
+
+def _sampler(backend: str, path: str, tempered_softmax: tuple, absolute_min_p: tuple) -> list:
+    """top-p on the tempered distribution; min-p as an absolute threshold. Each tuple is
+    (pattern, replacement) in `path`."""
+    return [Mutation(f"sampler ({backend}): top-p on the tempered distribution", path,
+                     *tempered_softmax, (SAMPLING, "-k", f"top_p and {backend}")),
+            Mutation(f"sampler ({backend}): min-p absolute", path, *absolute_min_p,
+                     (SAMPLING, "-k", f"min_p and {backend}"))]
+
+
+MUTATIONS = [
+    # sampler order and semantics: top-p and min-p read the distribution before temperature,
+    # and min-p is a fraction of the best probability
+    *_sampler("torch", "backends/torch/sampler.py",
+              (r"probs = torch\.softmax\(vals, dim=0\)",
+               "probs = torch.softmax(vals / params.temperature, dim=0)"),
+              (r"probs >= params\.min_p \* probs\[0\]", "probs >= params.min_p")),
+    *_sampler("mlx", "backends/mlx/backend.py",
+              (r"probs = mx\.softmax\(vals, axis=-1\)",
+               "probs = mx.softmax(vals / temperature, axis=-1)"),
+              (r"probs >= min_p \* probs\.max\(\)", "probs >= min_p")),
+    # each dequantizer's block scale
+    _dequant_scale("Q4_0"),
+    _dequant_scale("Q4_1"),
+    _dequant_scale("Q5_0"),
+    _dequant_scale("Q5_1"),
+    _dequant_scale("Q8_0"),
+    _dequant_scale("IQ4_NL"),
+    _dequant_scale("Q2_K", affine_k=True),
+    _dequant_scale("Q3_K"),
+    _dequant_scale("Q4_K", affine_k=True),
+    _dequant_scale("Q5_K", affine_k=True),
+    _dequant_scale("Q6_K"),
+    # positions and attention
+    Mutation("RoPE: frequency exponent over dim - 2", "backends/base.py",
+             r"np\.arange\(0, self\.dim, 2, dtype=np\.float64\) / self\.dim\)",
+             "np.arange(0, self.dim, 2, dtype=np.float64) / (self.dim - 2))",
+             (ORACLE, "-x", "-k", "full_sequence and llama")),
+    Mutation("YaRN: ramp reversed", "runtime/model/rope.py",
+             r"keep = \(1\.0 - ramp\) \* s\.ext_factor", "keep = ramp * s.ext_factor",
+             ("tests/runtime/test_rope_scaling.py", "-x")),
+    Mutation("YaRN: attention factor 0.1 ln(s) + 1 dropped", "runtime/model/rope.py",
+             r"s\.attn_factor or 0\.1 \* math\.log\(s\.factor\) \+ 1\.0", "s.attn_factor or 1.0",
+             ("tests/runtime/test_rope_scaling.py", "-x")),
+    Mutation("window mask: one key too many", "backends/base.py",
+             r"\(t - pos < spec\.window\)", "(t - pos <= spec.window)",
+             (ORACLE, "-x", "-k", "mistral or gemma3")),
+    Mutation("MLA: softmax scale without the RoPE part", "runtime/model/config.py",
+             r"key_dim = self\.mla\.qk_nope \+ self\.mla\.qk_rope if",
+             "key_dim = self.mla.qk_nope if",
+             (ORACLE, "-x", "-k", "full_sequence and deepseek")),
+    Mutation("attention: softmax scale off by 5%", "runtime/model/graph.py",
+             r"be\.attention\(q, k, v, kv, i, step, cfg\.softmax_scale\(\)\)",
+             "be.attention(q, k, v, kv, i, step, cfg.softmax_scale() * 1.05)",
+             ("tests/real/test_llama_cpp_agreement.py", "-x", "-k", "teacher_forced")),
+    # the chat template sandbox (templates inside model files are untrusted)
+    Mutation("sandbox: exponent guard removed", "runtime/text/chat_template.py",
+             r"^(_MAX_EXPONENT\s*=\s*)[^#\n]*", r"\g<1>10**12 ", TOKENIZER_SANDBOX),
+    Mutation("sandbox: repetition guard removed", "runtime/text/chat_template.py",
+             r"^(_MAX_REPEAT\s*=\s*)[^#\n]*", r"\g<1>10**12 ", TOKENIZER_SANDBOX),
+    Mutation("sandbox: mutable sandbox", "runtime/text/chat_template.py",
+             r"class _Sandbox\(ImmutableSandboxedEnvironment\)",
+             "class _Sandbox(jinja2.sandbox.SandboxedEnvironment)", TOKENIZER_SANDBOX),
+    Mutation("sandbox: unsafe attribute renders empty", "runtime/text/chat_template.py",
+             r"def unsafe_undefined\(", "def _not_unsafe_undefined(", TOKENIZER_SANDBOX),
+    # the TUI
+    Mutation("TUI: regenerate is a no-op", "tui/screens/chat.py",
+             r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",
+             ("tests/tui/test_chat_app.py", "-k", "regenerate")),
+]
+
+
+def tree_files(root: Path) -> list[str]:
+    """The working tree's files: tracked, and untracked ones git does not ignore."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, check=True, capture_output=True).stdout
+    return [f for f in out.decode().split("\0") if f and (root / f).is_file()]
+
+
+def copy_tree(root: Path, dest: Path) -> None:
+    for rel in tree_files(root):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, dest / rel)
+
+
+def apply(mutation: Mutation, tree: Path) -> str | None:
+    """Mutate the file in `tree`; the reason it could not be applied, or None."""
+    path = tree / mutation.path
+    if not path.is_file():
+        return f"{mutation.path} does not exist"
+    text = path.read_text(encoding="utf-8")
+    new, n = re.subn(mutation.pattern, mutation.replacement, text, flags=re.MULTILINE)
+    if n != 1:
+        return f"pattern {mutation.pattern!r} matches {n} times in {mutation.path} (expected 1)"
+    path.write_text(new, encoding="utf-8")
+    return None
+
+
+def environment(tree: Path, boot: Path) -> dict:
+    env = dict(os.environ, DIPTYCH_MUTATION_TREE=str(tree))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH")) if p)
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def run_tests(tests: tuple, tree: Path, env: dict, timeout: float) -> tuple[str, float]:
+    """("failed" | "passed" | "timeout" | "no tests", seconds) for the tests on the copy."""
+    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=tree, env=env,
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SystemExit(f"the copy is not what gets imported: {check.stderr or check.stdout}")
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    if proc.returncode == 5:
+        return "no tests", seconds
+    if proc.returncode not in (0, 1):  # 2, 3, 4: interrupted, internal or usage error
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        raise SystemExit(f"pytest {' '.join(tests)} exited {proc.returncode}:\n{tail}")
+    return ("failed" if proc.returncode == 1 else "passed"), seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-k", default="", help="only mutations whose name contains this text")
+    ap.add_argument("--baseline", action="store_true",
+                    help="first run every selected mutation's tests on the unmutated copy")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.k.lower() in m.name.lower()]
+    if args.list or not chosen:
+        for m in MUTATIONS:
+            print(f"{m.name:55} {m.path}")
+        return 0 if args.list else 2
+
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="diptych-mutation-") as tmp:
+        boot, tree = Path(tmp) / "boot", Path(tmp) / "tree"
+        boot.mkdir()
+        (boot / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+        copy_tree(ROOT, tree)
+        env = environment(tree, boot)
+        if args.baseline:
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                status, seconds = run_tests(tests, tree, env, args.timeout)
+                print(f"baseline {' '.join(tests)}: {status} ({seconds:.0f} s)", flush=True)
+                if status != "passed":
+                    return 1
+        for m in chosen:
+            original = (tree / m.path).read_bytes() if (tree / m.path).is_file() else None
+            error = apply(m, tree)
+            if error:
+                status, seconds = f"TARGET NOT FOUND: {error}", 0.0
+            else:
+                status, seconds = run_tests(m.tests, tree, env, args.timeout)
+                (tree / m.path).write_bytes(original)
+                status = {"failed": "caught"}.get(status, f"SURVIVED ({status})")
+            ok &= status == "caught"
+            rows.append((m.name, " ".join(m.tests), status, seconds))
+            print(f"{m.name}: {status} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+    widths = [max(len(r[i]) for r in rows + [("mutation", "tests", "result")]) for i in range(3)]
+    header = ("mutation", "tests", "result", "seconds")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths + [7])))
+    print("-+-".join("-" * w for w in widths + [7]))
+    for name, tests, status, seconds in rows:
+        print(" | ".join([name.ljust(widths[0]), tests.ljust(widths[1]), status.ljust(widths[2]),
+                          f"{seconds:7.0f}"]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
