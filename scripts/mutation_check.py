@@ -105,26 +105,15 @@ TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
 
 
-def _sampler(backend: str, path: str, tempered_softmax: tuple, absolute_min_p: tuple) -> list:
-    """top-p on the tempered distribution; min-p as an absolute threshold. Each tuple is
-    (pattern, replacement) in `path`."""
-    return [Mutation(f"sampler ({backend}): top-p on the tempered distribution", path,
-                     *tempered_softmax, (SAMPLING, "-k", f"top_p and {backend}")),
-            Mutation(f"sampler ({backend}): min-p absolute", path, *absolute_min_p,
-                     (SAMPLING, "-k", f"min_p and {backend}"))]
-
-
 MUTATIONS = [
     # sampler order and semantics: top-p and min-p read the distribution before temperature,
     # and min-p is a fraction of the best probability
-    *_sampler("torch", "backends/torch/sampler.py",
-              (r"probs = torch\.softmax\(vals, dim=0\)",
-               "probs = torch.softmax(vals / params.temperature, dim=0)"),
-              (r"probs >= params\.min_p \* probs\[0\]", "probs >= params.min_p")),
-    *_sampler("mlx", "backends/mlx/backend.py",
-              (r"probs = mx\.softmax\(vals, axis=-1\)",
-               "probs = mx.softmax(vals / temperature, axis=-1)"),
-              (r"probs >= min_p \* probs\.max\(\)", "probs >= min_p")),
+    Mutation("sampler: top-p on the tempered distribution", "runtime/inference/sampler.py",
+             r"pr = be\.softmax\(vals\)$", "pr = be.softmax(vals / p.temperature)",
+             (SAMPLING, "-k", "top_p")),
+    Mutation("sampler: min-p absolute", "runtime/inference/sampler.py",
+             r"near = vals >= best \+ self\.min_p_offset",
+             "near = be.softmax(vals) >= p.min_p", (SAMPLING, "-k", "min_p")),
     # each dequantizer's block scale
     _dequant_scale("Q4_0"),
     _dequant_scale("Q4_1"),
@@ -160,13 +149,14 @@ MUTATIONS = [
              "be.attention(q, k, v, kv, i, step, cfg.softmax_scale() * 1.05)",
              ("tests/real/test_llama_cpp_agreement.py", "-x", "-k", "teacher_forced")),
     # the chat template sandbox (templates inside model files are untrusted)
-    Mutation("sandbox: exponent guard removed", "runtime/text/chat_template.py",
-             r"^(_MAX_EXPONENT\s*=\s*)[^#\n]*", r"\g<1>10**12 ", TOKENIZER_SANDBOX),
-    Mutation("sandbox: repetition guard removed", "runtime/text/chat_template.py",
-             r"^(_MAX_REPEAT\s*=\s*)[^#\n]*", r"\g<1>10**12 ", TOKENIZER_SANDBOX),
-    Mutation("sandbox: mutable sandbox", "runtime/text/chat_template.py",
-             r"class _Sandbox\(ImmutableSandboxedEnvironment\)",
-             "class _Sandbox(jinja2.sandbox.SandboxedEnvironment)", TOKENIZER_SANDBOX),
+    Mutation("sandbox: integer width unchecked", "runtime/text/template_sandbox.py",
+             r"^MAX_INT_BITS = 4096", "MAX_INT_BITS = 10**12", TOKENIZER_SANDBOX),
+    Mutation("sandbox: one render's step budget removed", "runtime/text/template_sandbox.py",
+             r"^MAX_STEPS = 1_000_000", "MAX_STEPS = 10**12", TOKENIZER_SANDBOX),
+    Mutation("sandbox: mutable sandbox", "runtime/text/template_sandbox.py",
+             r"class BoundedSandbox\(ImmutableSandboxedEnvironment\)",
+             "class BoundedSandbox(__import__('jinja2.sandbox').sandbox.SandboxedEnvironment)",
+             TOKENIZER_SANDBOX),
     Mutation("sandbox: unsafe attribute renders empty", "runtime/text/chat_template.py",
              r"def unsafe_undefined\(", "def _not_unsafe_undefined(", TOKENIZER_SANDBOX),
     # the TUI
