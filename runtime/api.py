@@ -12,7 +12,8 @@ from .inference.engine import Engine
 from .errors import InvalidArgumentError
 from .inference.generate import Piece, stream_tokens
 from .inference.memory import activation_bytes, check_fits, choose_n_ctx
-from .inference.sampling import SamplingParams
+from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
+from .model.display_name import display_name
 from .text.tokenizer import Tokenizer
 
 
@@ -20,7 +21,8 @@ class Model:
     """A loaded model: tokenizer, weights on a backend, and a KV cache of `n_ctx` tokens.
 
     One Model holds one conversation's cache; successive calls reuse the longest common
-    prefix of token ids with what the cache holds.
+    prefix of token ids with what the cache holds. `sampling` holds the model's default
+    sampling settings (see `model_sampling`); keywords of each call override them.
     """
 
     def __init__(self, path: Path, gguf, config, tokenizer: Tokenizer, engine: Engine):
@@ -29,6 +31,8 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer
         self.engine = engine
+        self.name = display_name(path, gguf)
+        self.sampling = model_sampling(gguf.metadata)
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -40,7 +44,7 @@ class Model:
         return self.engine.cache.capacity
 
     def __repr__(self) -> str:
-        return (f"Model({self.config.name!r}, arch={self.config.arch}, "
+        return (f"Model({self.name!r}, arch={self.config.arch}, "
                 f"backend={self.backend.describe()}, n_ctx={self.n_ctx})")
 
     # -- tokens ----------------------------------------------------------------------------
@@ -58,21 +62,23 @@ class Model:
         return self.engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------
-    def stream(self, prompt: str | list[int], max_tokens: int = 256, *, stop=None,
+    def stream(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS, *, stop=None,
                **sampling) -> Iterator[Piece]:
         """Yield `Piece`s (text, token ids, timings) as the model generates.
 
         `prompt` is text (tokenized with the model's BOS rule) or token ids. Sampling
         keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-        penalty_last_n, seed (see SamplingParams). Ctrl+C (KeyboardInterrupt) stops
+        penalty_last_n, seed (see SamplingParams); None or absent: the model's default
+        (`self.sampling`). Ctrl+C (KeyboardInterrupt) stops
         generation and leaves the model usable.
         """
-        params = SamplingParams(**sampling)
+        params = self.sampling.with_overrides(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return stream_tokens(self.engine, self.tokenizer, ids, max_tokens, params, stops)
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS,
+                 **kwargs) -> str:
         return "".join(p.text for p in self.stream(prompt, max_tokens, **kwargs))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -82,10 +88,11 @@ class Model:
                                                   add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_bos=False, parse_special=True)
 
-    def chat_stream(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> Iterator[Piece]:
+    def chat_stream(self, messages: list[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
+                    **kwargs) -> Iterator[Piece]:
         return self.stream(self.chat_prompt(messages), max_tokens, **kwargs)
 
-    def chat(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> str:
+    def chat(self, messages: list[dict], max_tokens: int = DEFAULT_MAX_TOKENS, **kwargs) -> str:
         """The assistant's reply to `messages` (a list of {"role", "content"} dicts)."""
         return "".join(p.text for p in self.chat_stream(messages, max_tokens, **kwargs))
 
