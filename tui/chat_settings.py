@@ -5,22 +5,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from diptych.errors import SamplingError
-from diptych.inference.sampling import SamplingParams
-
-
-_SAMPLING = SamplingParams()  # the runtime's defaults are the app's
+from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 
 
 @dataclass
 class ChatSettings:
+    """A sampling value of None is the loaded model's default (`Model.sampling`)."""
+
     system: str = ""
-    temperature: float = _SAMPLING.temperature
-    top_p: float = _SAMPLING.top_p
-    top_k: int = _SAMPLING.top_k
-    min_p: float = _SAMPLING.min_p
-    repetition_penalty: float = _SAMPLING.repetition_penalty
-    max_tokens: int = 512
-    seed: int | None = _SAMPLING.seed
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +36,7 @@ class ChatSettings:
         max_tokens = kw.pop("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        SamplingParams(**kw)
+        SamplingParams().with_overrides(**kw)
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments for `Model.chat_stream`."""

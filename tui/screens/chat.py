@@ -215,8 +215,8 @@ class ChatScreen(Screen):
                     self.stop()
                     self.app.load_model(self.app.model_source, result.backend)
 
-        self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available()),
-                             saved)
+        self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available(),
+                                            self.app.model), saved)
 
     def action_pick_model(self) -> None:
         def picked(source) -> None:
@@ -365,6 +365,7 @@ class ChatScreen(Screen):
         self.prompt.text = tail[0].content
         self.prompt.move_cursor(self.prompt.document.end)
         self.prompt.focus()
+        self.refresh_status()
 
     async def _forget(self, message_ids: list[int]) -> None:
         self.store.delete_messages(message_ids)
