@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, OptionList
+from textual.widgets import Button, Footer, Header, Input, OptionList
 from textual.worker import Worker, get_current_worker
 
 from diptych.backends import available
@@ -64,6 +64,7 @@ class ChatScreen(Screen):
         Binding("ctrl+g", "copy_reply", "Copy reply"),
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
+        Binding("f3", "find_chat", "Chats"),
         Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
     ]
 
@@ -85,6 +86,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="sidebar"):
                 yield Button("+ New chat", id="new-chat")
+                yield Input(placeholder="search chats (F3)", id="chat-filter", compact=True)
                 yield ChatList(id="chats")
             with Vertical(id="chat-pane"):
                 yield Transcript(id="transcript")
@@ -119,7 +121,8 @@ class ChatScreen(Screen):
         return self.query_one(StatusBar)
 
     def refresh_chat_list(self) -> None:
-        self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None)
+        self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None,
+                                      self.query_one("#chat-filter", Input).value)
         self.sub_title = self.chat.title if self.chat else "new chat"
 
     def refresh_status(self, note: str = "") -> None:
@@ -139,6 +142,20 @@ class ChatScreen(Screen):
     @on(OptionList.OptionSelected, "#chats")
     async def chat_selected(self, event: OptionList.OptionSelected) -> None:
         await self.open_chat(int(event.option.id))
+
+    def action_find_chat(self) -> None:
+        self.query_one("#chat-filter", Input).focus()
+
+    @on(Input.Changed, "#chat-filter")
+    def filter_chats(self) -> None:
+        self.refresh_chat_list()
+
+    @on(Input.Submitted, "#chat-filter")
+    def pick_from_filtered(self) -> None:
+        chats = self.query_one(ChatList)
+        chats.focus()
+        if chats.option_count:
+            chats.highlighted = chats.highlighted or 0
 
     @on(Button.Pressed, "#new-chat")
     async def action_new_chat(self) -> None:
