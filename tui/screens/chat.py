@@ -289,7 +289,7 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="llm")
     def generate(self, model, messages: list[dict], kwargs: dict, view: MessageView) -> None:
         worker = get_current_worker()
-        timings, error, stopped = None, None, False
+        timings, error, stopped, finish = None, None, False, None
         pieces = None
         try:
             messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
@@ -303,6 +303,7 @@ class ChatScreen(Screen):
                     stopped = True
                     break
                 timings = view.timings = piece.timings  # updated in place as tokens come
+                finish = piece.finish_reason
                 if view.pending.add(piece.text):
                     self.post_message(ReplyText(view))
         except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
@@ -312,7 +313,8 @@ class ChatScreen(Screen):
                 pieces.close()
             self.model_free.set()
         try:
-            self.app.call_from_thread(self.finish_reply, view, timings, error, stopped)
+            self.app.call_from_thread(self.finish_reply, view, timings, error,
+                                      "stopped" if stopped else finish)
         except RuntimeError:  # the app has exited
             pass
 
@@ -325,7 +327,8 @@ class ChatScreen(Screen):
             self.store.update_message(view.message_id, view.content)
             self.status.show(self.app.model, view.timings, "generating…")
 
-    async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
+    async def finish_reply(self, view: MessageView, timings, error, finish: str | None) -> None:
+        """`finish`: "stopped" (Escape), "length" (max tokens or a full context), "stop"."""
         self.generating, self.reply_view = False, None
         self.query_one("#stop").display = False
         await view.write(view.pending.take())
@@ -335,11 +338,12 @@ class ChatScreen(Screen):
             self.store.delete_messages([view.message_id])
             await view.remove()
         elif view.is_attached:
-            await view.end_stream("stopped" if stopped else None)
+            await view.end_stream({"stopped": "stopped",
+                                   "length": "length: cut at the token limit"}.get(finish))
         if error is not None:
             self.notify(f"{type(error).__name__}: {error}", title="Generation failed",
                         severity="error", timeout=10)
-        self.refresh_status("stopped" if stopped else "")
+        self.refresh_status("stopped" if finish == "stopped" else "")
         self.refresh_chat_list()
 
     def quit_reply(self) -> None:
