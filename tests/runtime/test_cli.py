@@ -20,7 +20,8 @@ def test_info_describes_the_model():
     out = diptych("info")
     assert out.returncode == 0, out.stderr
     for text in ("llama", "134.5 M", "8192", "Q4_1", "Q8_0", "KV cache", "attn_q.weight",
-                 "layouts on the torch"):
+                 "layouts on the torch", "model           SmolLM2-135M-Instruct.Q4_1",
+                 "Smollm2 135M 8k Lc100K Mix1 Ep2 (from the file's metadata)"):
         assert text in out.stdout
     out = diptych("info", "--backend", "mlx")
     assert out.returncode == 0, out.stderr
@@ -49,6 +50,7 @@ def test_bench_prints_speeds_and_memory():
     out = diptych("bench", "--prompt-tokens", "32", "--gen-tokens", "4")
     assert out.returncode == 0, out.stderr
     assert "prefill" in out.stdout and "decode" in out.stdout and "peak RSS" in out.stdout
+    assert "model    SmolLM2-135M-Instruct.Q4_1 on torch" in out.stdout
 
 
 def no_traceback(out):
