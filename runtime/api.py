@@ -12,8 +12,9 @@ from diptych.backends.base import Backend
 from .errors import InvalidArgumentError
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
-from .inference.sampling import SamplingParams
+from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
 from .load_plan import LoadPlan
+from .model.display_name import display_name
 from .text.chat_prompt import chat_ids
 from .text.tokenizer import Tokenizer
 
@@ -24,7 +25,8 @@ class Model:
     One Model holds one conversation's cache; successive calls reuse the longest common
     prefix of token ids with what the cache holds. It generates one sequence at a time: a
     generation started while another is unfinished (on any thread) replaces it, and the
-    older one raises `GenerationSuperseded` at its next step.
+    older one raises `GenerationSuperseded` at its next step. `sampling` holds the model's
+    default sampling settings (see `model_sampling`); keywords of each call override them.
     """
 
     def __init__(self, path: Path, gguf, config, tokenizer: Tokenizer, engine: Engine):
@@ -33,6 +35,8 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer
         self.engine = engine
+        self.name = display_name(path, gguf)
+        self.sampling = model_sampling(gguf.metadata)
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -44,7 +48,7 @@ class Model:
         return self.engine.cache.capacity
 
     def __repr__(self) -> str:
-        return (f"Model({self.config.name!r}, arch={self.config.arch}, "
+        return (f"Model({self.name!r}, arch={self.config.arch}, "
                 f"backend={self.backend.describe()}, n_ctx={self.n_ctx})")
 
     # -- tokens ----------------------------------------------------------------------------
@@ -65,21 +69,23 @@ class Model:
             return engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------
-    def stream(self, prompt: str | list[int], max_tokens: int = 256, *, stop=None,
+    def stream(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS, *, stop=None,
                **sampling) -> Iterator[Piece]:
         """Yield `Piece`s (text, token ids, timings) as the model generates.
 
         `prompt` is text (tokenized with the model's BOS rule) or token ids. Sampling
         keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-        frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams). Ctrl+C
-        (KeyboardInterrupt) stops generation and leaves the model usable.
+        frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams); None or
+        absent: the model's default (`self.sampling`). Ctrl+C (KeyboardInterrupt) stops
+        generation and leaves the model usable.
         """
-        params = SamplingParams(**sampling)
+        params = self.sampling.with_overrides(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids, max_tokens,
                                                     params, _check_stops(stop)))
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS,
+                 **kwargs) -> str:
         return "".join(p.text for p in self.stream(prompt, max_tokens, **kwargs))
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
@@ -92,10 +98,11 @@ class Model:
         return chat_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
                         special_in_content=special_in_content)
 
-    def chat_stream(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> Iterator[Piece]:
+    def chat_stream(self, messages: list[dict], max_tokens: int = DEFAULT_MAX_TOKENS,
+                    **kwargs) -> Iterator[Piece]:
         return self.stream(self.chat_prompt(messages), max_tokens, **kwargs)
 
-    def chat(self, messages: list[dict], max_tokens: int = 512, **kwargs) -> str:
+    def chat(self, messages: list[dict], max_tokens: int = DEFAULT_MAX_TOKENS, **kwargs) -> str:
         """The assistant's reply to `messages` (a list of {"role", "content"} dicts)."""
         return "".join(p.text for p in self.chat_stream(messages, max_tokens, **kwargs))
 

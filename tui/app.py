@@ -96,7 +96,7 @@ class DiptychApp(App):
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend
         self.chat.refresh_status()
-        self.notify(f"Loaded {model.config.name} ({model.path.name})")
+        self.notify(f"Loaded {model.name}")
 
     def _load_failed(self, name: str, exc: Exception) -> None:
         self.chat.refresh_status()

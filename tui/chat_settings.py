@@ -6,15 +6,13 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from diptych.errors import SamplingError
-from diptych.inference.sampling import SamplingParams
+from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 
-
-_SAMPLING = SamplingParams()  # the runtime's defaults are the app's
-_NUMBER, _INT, _OPTIONAL_INT = (int, float), (int,), (int, type(None))
-_KINDS = {  # the JSON types each stored setting may have
+_NUMBER, _INT = (int, float, type(None)), (int, type(None))
+_KINDS = {  # the JSON types each stored setting may have (null: the model's default)
     "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
-    "min_p": _NUMBER, "repetition_penalty": _NUMBER, "max_tokens": _INT,
-    "seed": _OPTIONAL_INT}
+    "min_p": _NUMBER, "repetition_penalty": _NUMBER, "max_tokens": (int,),
+    "seed": _INT}
 
 
 def _is(value, kinds: tuple) -> bool:
@@ -23,14 +21,16 @@ def _is(value, kinds: tuple) -> bool:
 
 @dataclass
 class ChatSettings:
+    """A sampling value of None is the loaded model's default (`Model.sampling`)."""
+
     system: str = ""
-    temperature: float = _SAMPLING.temperature
-    top_p: float = _SAMPLING.top_p
-    top_k: int = _SAMPLING.top_k
-    min_p: float = _SAMPLING.min_p
-    repetition_penalty: float = _SAMPLING.repetition_penalty
-    max_tokens: int = 512
-    seed: int | None = _SAMPLING.seed
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +61,7 @@ class ChatSettings:
         max_tokens = kw.pop("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        SamplingParams(**kw)
+        SamplingParams().with_overrides(**kw)
 
     def generation_kwargs(self) -> dict:
         """Keyword arguments for `Model.chat_stream`."""

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections import Counter, defaultdict
+from pathlib import Path
 
+from diptych import __version__
 from diptych.errors import DiptychError, ModelFileError
+from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from diptych.model.display_name import display_name
+
+
+class UsageError(Exception):
+    """A command line that cannot mean anything: reported like argparse's errors (exit 2)."""
 
 
 def _load(args):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diptych.api import load
+    from diptych.sources.default_model import default_model_path
 
+    # the default model's first download draws its own bar: finish it before this one
+    source = args.model if args.model is not None else default_model_path()
     with Progress(TextColumn("loading"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("load", total=None)
@@ -21,13 +34,41 @@ def _load(args):
         def progress(done, total):
             bar.update(task, completed=done, total=total)
 
-        return load(args.model, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
+        return load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
                     progress=progress)
 
 
 def _sampling(args) -> dict:
+    """The sampling options given; None (not given) leaves the model's default."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "min_p": args.min_p, "repetition_penalty": args.repeat_penalty, "seed": args.seed}
+
+
+def _looks_like_model(arg: str) -> bool:
+    return arg.endswith(".gguf") or Path(arg).is_dir()
+
+
+def _resolve_prompt(args) -> None:
+    """`run [MODEL] [PROMPT]`: one argument naming a model file or folder is the model; the
+    prompt then comes from a pipe (`echo hi | diptych run`), never from the model's path."""
+    if args.prompt is None and args.model is not None and not _looks_like_model(args.model):
+        args.model, args.prompt = None, args.model
+    if args.prompt is None and not sys.stdin.isatty():
+        args.prompt = sys.stdin.read().rstrip("\n")  # echo ends the line
+    if args.prompt is None or not args.prompt.strip():
+        raise UsageError("no prompt: give one after the model, or pipe it in "
+                         "(echo 'Hi' | diptych run)")
+
+
+def _describe_settings(model, kw: dict) -> str:
+    params = model.sampling.with_overrides(**{k: v for k, v in kw.items()
+                                              if k not in ("max_tokens", "stop")})
+    stop = f", stop {kw['stop']}" if kw.get("stop") else ""
+    return (f"[{model.name} on {model.backend.describe()}, n_ctx {model.n_ctx}; temperature "
+            f"{params.temperature:g}, top-k {params.top_k}, top-p {params.top_p:g}, min-p "
+            f"{params.min_p:g}, repeat penalty {params.repetition_penalty:g}, seed "
+            f"{'random' if params.seed is None else params.seed}, max tokens "
+            f"{kw['max_tokens']}{stop}]")
 
 
 def _print_stream(pieces) -> object:
@@ -49,10 +90,11 @@ def _report(timings) -> None:
 
 
 def cmd_run(args) -> int:
-    if args.prompt is None:
-        args.model, args.prompt = None, args.model
+    _resolve_prompt(args)
     model = _load(args)
     kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+    if args.verbose:
+        print(_describe_settings(model, kw), file=sys.stderr)
     if args.raw or not model.tokenizer.chat_template:
         pieces = model.stream(args.prompt, **kw)
     else:
@@ -68,13 +110,10 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     """The Textual chat app; the model and options are its starting settings."""
-    from pathlib import Path
-
     from diptych.backends import resolve
+    from diptych.sources.default_model import default_model_path
     from diptych.tui import run_app
     from diptych.tui.chat_settings import ChatSettings
-
-    from diptych.sources.default_model import default_model_path
 
     settings = ChatSettings(system=args.system or "", max_tokens=args.max_tokens,
                             **_sampling(args))
@@ -128,7 +167,8 @@ def cmd_info(args) -> int:
     per_token, ring = bytes_per_token(cfg, be.kv_bytes_per_element())
     mib = 1 << 20
     print(f"file            {path}")
-    print(f"name            {cfg.name}")
+    print(f"model           {display_name(Path(path), f)}")
+    print(f"name            {cfg.name} (from the file's metadata)")
     print(f"architecture    {cfg.arch}")
     print(f"parameters      {n_params / 1e6:.1f} M")
     print(f"layers          {cfg.n_layers} (d_model {cfg.d_model}, ffn {cfg.d_ff}, heads "
@@ -156,7 +196,7 @@ def cmd_bench(args) -> int:
     model = _load(args)
     prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
     prefill_tps, decode_tps = measure_speed(model, prompt, args.gen_tokens)
-    print(f"model    {model.config.name} ({model.path.name}) on {model.backend.describe()}")
+    print(f"model    {model.name} on {model.backend.describe()}")
     print(f"prefill  {prefill_tps:8.1f} tok/s ({args.prompt_tokens} tokens)")
     print(f"decode   {decode_tps:8.1f} tok/s ({args.gen_tokens} tokens after the prompt)")
     print(f"peak RSS {peak_rss_bytes() / (1 << 20):8.1f} MiB")
@@ -177,9 +217,29 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
+    p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.",
+                                parents=[common])
+    p.add_argument("--version", action="version", version=f"diptych {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], **kw)
+        sp.set_defaults(parser=sp)  # to report usage errors found after parsing
+        return sp
 
     def model_opts(sp, model_help="a .gguf file or a Hugging Face safetensors folder (default: "
                    "the embedded SmolLM2-135M-Instruct)"):
@@ -187,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="auto",
                         help="auto | torch | mlx (default: auto: mlx on Apple silicon, else "
                              "torch, on CUDA where a GPU is present)")
-        sp.add_argument("--n-ctx", type=int, default=None,
+        sp.add_argument("--n-ctx", type=_positive_int, default=None,
                         help="context size in tokens (default: the model's, capped at 8192)")
 
     def device_opt(sp):
@@ -195,50 +255,74 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the backend runs: cpu | cuda | cuda:N for torch, cpu | gpu "
                              "for mlx (default: the best one present)")
 
+    base = SamplingParams()
+
     def sampling_opts(sp):
-        sp.add_argument("--max-tokens", type=int, default=512)
-        sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-        sp.add_argument("--top-k", type=int, default=40)
-        sp.add_argument("--top-p", type=float, default=0.95)
-        sp.add_argument("--min-p", type=float, default=0.05)
-        sp.add_argument("--repeat-penalty", type=float, default=1.0)
-        sp.add_argument("--seed", type=int, default=None)
+        g = sp.add_argument_group(
+            "sampling", "Defaults: those the model file declares (general.sampling.*), else "
+            "diptych's for a model it knows (the embedded SmolLM2: greedy, repeat penalty 1.1), "
+            "else llama.cpp's (shown). `run --verbose` prints the settings in effect.")
+        g.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
+                       help=f"the longest reply in tokens (default: {DEFAULT_MAX_TOKENS})")
+        g.add_argument("--temperature", type=float, default=None,
+                       help=f"randomness; 0 = greedy (default: {base.temperature})")
+        g.add_argument("--top-k", type=int, default=None,
+                       help=f"keep the k likeliest tokens; 0 = off (default: {base.top_k})")
+        g.add_argument("--top-p", type=float, default=None,
+                       help=f"keep the likeliest tokens up to this total probability "
+                            f"(default: {base.top_p})")
+        g.add_argument("--min-p", type=float, default=None,
+                       help=f"drop tokens less likely than this fraction of the likeliest "
+                            f"(default: {base.min_p})")
+        g.add_argument("--repeat-penalty", type=float, default=None,
+                       help=f"divide the odds of recently seen tokens; 1 = off "
+                            f"(default: {base.repetition_penalty})")
+        g.add_argument("--seed", type=int, default=None,
+                       help="random seed, for reproducible sampling (default: random)")
         sp.add_argument("--system", default=None, help="a system prompt")
 
-    sp = sub.add_parser("chat", help="chat in the terminal (full-screen app)")
+    sp = command("chat", help="chat in the terminal (full-screen app)")
     model_opts(sp)
     sampling_opts(sp)
     sp.set_defaults(func=cmd_chat)
 
-    sp = sub.add_parser("run", help="answer one prompt, streamed to stdout",
-                        usage="diptych run [MODEL] PROMPT [options]")
+    sp = command("run", help="answer one prompt, streamed to stdout",
+                        usage="diptych run [MODEL] PROMPT [options]\n"
+                              "       echo PROMPT | diptych run [MODEL] [options]")
     model_opts(sp)
-    sp.add_argument("prompt", nargs="?", help="the prompt")
+    sp.add_argument("prompt", nargs="?", help="the prompt (default: read from a pipe)")
     sampling_opts(sp)
     sp.add_argument("--raw", action="store_true",
                     help="plain completion of the prompt, without the chat template")
-    sp.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    sp.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="end the reply where this text appears (not printed); repeatable")
+    sp.add_argument("--verbose", "-v", action="store_true",
+                    help="print the model and the sampling settings in effect to stderr")
     device_opt(sp)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("info", help="describe a model file and its memory needs")
+    sp = command("info", help="describe a model file and its memory needs")
     sp.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face folder "
                     "(default: the embedded model)")
-    sp.add_argument("--n-ctx", type=int, default=None)
+    sp.add_argument("--n-ctx", type=_positive_int, default=None,
+                    help="context size for the memory estimate (default: the model's, "
+                         "capped at 8192)")
     sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
     device_opt(sp)
     sp.set_defaults(func=cmd_info)
 
-    sp = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
+    sp = command("bench", help="measure prefill and decode speed and peak memory")
     model_opts(sp)
-    sp.add_argument("--prompt-tokens", type=int, default=256)
-    sp.add_argument("--gen-tokens", type=int, default=128)
+    sp.add_argument("--prompt-tokens", type=_positive_int, default=256,
+                    help="prompt length to time (default: 256)")
+    sp.add_argument("--gen-tokens", type=_positive_int, default=128,
+                    help="tokens to decode after it (default: 128)")
     device_opt(sp)
     sp.set_defaults(func=cmd_bench)
 
     from diptych.sources.convert import CONVERT_TYPES
 
-    sp = sub.add_parser("convert", help="write a Hugging Face safetensors folder as GGUF")
+    sp = command("convert", help="write a Hugging Face safetensors folder as GGUF")
     sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
@@ -248,12 +332,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted (Ctrl+C)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
-    except DiptychError as exc:
-        print(f"diptych: error: {exc}", file=sys.stderr)
-        return 1
+    except UsageError as exc:
+        args.parser.error(str(exc))  # exits with 2
     except KeyboardInterrupt:
         print("\ndiptych: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`diptych run ... | head -c1`): stop quietly; point stdout at
+        # /dev/null so that the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line for the user; --debug shows the rest
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, DiptychError):
+            print(f"diptych: error: {exc}", file=sys.stderr)
+        else:
+            print(f"diptych: internal error: {type(exc).__name__}: {exc} (--debug shows where)",
+                  file=sys.stderr)
+        return 1

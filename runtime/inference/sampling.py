@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
-from diptych.errors import SamplingError
+from diptych.errors import ModelFileError, SamplingError
+
+DEFAULT_MAX_TOKENS = 512  # the longest reply unless asked otherwise
+
+# The sampling defaults a GGUF file may declare, as llama.cpp reads them -> our field names
+FILE_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+    "general.sampling.penalty_last_n": "penalty_last_n",
+}
+
+# Defaults for models we know, by (general.organization, general.basename) lower-cased.
+# SmolLM2-135M: llama.cpp's defaults (0.8, 0.95) ramble off topic, and even its card's
+# temperature 0.2 / top-p 0.9 starts the answer to "What is the capital of France?" in
+# French for 3 of 5 seeds (its first token is a near tie, "The" 0.15 vs "L" 0.14); greedy
+# answers, and a light repetition penalty keeps greedy out of loops.
+KNOWN_MODEL_SAMPLING = {
+    ("huggingfacetb", "smollm2"): {"temperature": 0.0, "repetition_penalty": 1.1},
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,15 @@ class SamplingParams:
               f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
+    def with_overrides(self, **values) -> SamplingParams:
+        """These settings with `values` replacing them; a None value keeps the setting."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SamplingError(f"unknown sampling option {unknown[0]!r} "
+                                f"(known: {', '.join(sorted(names))})")
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -88,3 +118,23 @@ def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
                                 f"{value!r} for token {token}")
         pairs[token] = float(value)
     return tuple(sorted(pairs.items()))
+
+
+def model_sampling(metadata) -> SamplingParams:
+    """The sampling defaults of a model: llama.cpp's, then ours for a model we know, then
+    the `general.sampling.*` values its file declares."""
+    known = (str(metadata.get("general.organization", "")).lower(),
+            str(metadata.get("general.basename", "")).lower())
+    params = SamplingParams(**KNOWN_MODEL_SAMPLING.get(known, {}))
+    for key, name in FILE_KEYS.items():
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        kind = int if name in ("top_k", "penalty_last_n") else float
+        if isinstance(value, (bool, str, list)) or not isinstance(value, (int, float)):
+            raise ModelFileError(f"metadata {key} must be a number, got {value!r}")
+        try:
+            params = params.with_overrides(**{name: kind(value)})
+        except (SamplingError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f"metadata {key}: {exc}") from None
+    return params

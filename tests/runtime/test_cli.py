@@ -20,7 +20,8 @@ def test_info_describes_the_model():
     out = diptych("info")
     assert out.returncode == 0, out.stderr
     for text in ("llama", "134.5 M", "8192", "Q4_1", "Q8_0", "KV cache", "attn_q.weight",
-                 "layouts on the torch"):
+                 "layouts on the torch", "model           SmolLM2-135M-Instruct.Q4_1",
+                 "Smollm2 135M 8k Lc100K Mix1 Ep2 (from the file's metadata)"):
         assert text in out.stdout
     out = diptych("info", "--backend", "mlx")
     assert out.returncode == 0, out.stderr
@@ -54,3 +55,51 @@ def test_bench_prints_speeds_and_memory():
     out = diptych("bench", "--prompt-tokens", "32", "--gen-tokens", "4")
     assert out.returncode == 0, out.stderr
     assert "prefill" in out.stdout and "decode" in out.stdout and "peak RSS" in out.stdout
+    assert "model    SmolLM2-135M-Instruct.Q4_1 on torch" in out.stdout
+
+
+def no_traceback(out):
+    return "Traceback" not in out.stderr and "Traceback" not in out.stdout
+
+
+def test_version_and_bare_command_print_help():
+    from diptych import __version__
+
+    out = diptych("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"diptych {__version__}"
+    out = diptych()
+    assert out.returncode == 0 and "usage: diptych" in out.stdout and "run" in out.stdout
+
+
+def test_help_documents_sampling_defaults_and_stop():
+    out = diptych("run", "--help")
+    assert out.returncode == 0
+    help_text = " ".join(out.stdout.split())
+    for text in ("--stop TEXT", "(default: 512)", "0 = greedy (default: 0.8)", "(default: 40)",
+                 "(default: 0.95)", "general.sampling", "--verbose", "echo PROMPT | diptych run"):
+        assert text in help_text, text
+
+
+@pytest.mark.parametrize("args", [["run"], ["run", "/nowhere/model.gguf"],
+                                  ["bench", "--prompt-tokens", "0"], ["run", "--max-tokens", "0", "hi"],
+                                  ["info", "--n-ctx", "x"], ["frobnicate"]])
+def test_usage_errors_exit_2_without_traceback(args):
+    out = diptych(*args, stdin="")
+    assert out.returncode == 2, (args, out.stderr)
+    assert "error:" in out.stderr and no_traceback(out)
+
+
+def test_piped_prompt_and_verbose_settings():
+    out = diptych("run", "--max-tokens", "16", "--verbose", stdin="What is the capital of France?\n")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    # the embedded model's own defaults are in effect and shown
+    assert "SmolLM2-135M-Instruct.Q4_1" in out.stderr and "temperature 0," in out.stderr
+    assert "repeat penalty 1.1" in out.stderr and "max tokens 16" in out.stderr
+
+
+def test_closed_pipe_ends_quietly():
+    out = subprocess.run(f"{sys.executable} -m diptych.cli run --raw 'Once upon a time' "
+                         "--max-tokens 64 | head -c1", shell=True, capture_output=True, text=True,
+                         timeout=600)
+    assert len(out.stdout) == 1 and no_traceback(out), out.stderr

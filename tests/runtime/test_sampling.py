@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from diptych.backends import select
-from diptych.errors import DiptychError, SamplingError
+from diptych.errors import DiptychError, ModelFileError, SamplingError
 from diptych.inference.sampler import Sampler
-from diptych.inference.sampling import SamplingParams
+from diptych.inference.sampling import SamplingParams, model_sampling
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -21,6 +21,35 @@ def test_invalid_parameters_raise_one_clear_error(kwargs):
         SamplingParams(**kwargs)
     assert isinstance(exc.value, DiptychError)
     assert next(iter(kwargs)) in str(exc.value)
+
+
+def test_model_defaults_come_from_the_file_then_explicit_values_override():
+    # gguf-py's key names (Keys.General.SAMPLING_*), the values llama.cpp applies
+    meta = {"general.sampling.temp": 0.6, "general.sampling.top_k": 20,
+            "general.sampling.top_p": 0.8, "general.sampling.min_p": 0.0,
+            "general.sampling.penalty_repeat": 1.05, "general.sampling.penalty_last_n": 32}
+    params = model_sampling(meta)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p,
+            params.repetition_penalty, params.penalty_last_n) == (0.6, 20, 0.8, 0.0, 1.05, 32)
+    assert model_sampling({}) == SamplingParams()
+    over = params.with_overrides(temperature=0.0, top_k=None, seed=3)
+    assert (over.temperature, over.top_k, over.seed) == (0.0, 20, 3)
+    with pytest.raises(SamplingError, match="tempreature"):
+        params.with_overrides(tempreature=0.1)
+
+
+def test_smollm2_gets_our_default_unless_its_file_says_otherwise():
+    meta = {"general.organization": "HuggingFaceTB", "general.basename": "smollm2"}
+    assert model_sampling(meta).temperature == 0.0
+    assert model_sampling({**meta, "general.sampling.temp": 0.7}).temperature == 0.7
+
+
+@pytest.mark.parametrize("key,value", [("general.sampling.temp", -1.0),
+                                       ("general.sampling.top_p", "high"),
+                                       ("general.sampling.top_k", float("nan"))])
+def test_bad_sampling_metadata_names_the_key(key, value):
+    with pytest.raises(ModelFileError, match=key):
+        model_sampling({key: value})
 
 
 @pytest.fixture(params=["torch", "mlx"])

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, OptionList
+from textual.widgets import Button, Footer, Header, Input, OptionList
 from textual.worker import Worker, get_current_worker
 
 from diptych.backends import available
@@ -64,6 +64,7 @@ class ChatScreen(Screen):
         Binding("ctrl+g", "copy_reply", "Copy reply"),
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
+        Binding("f3", "find_chat", "Chats"),
         Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
     ]
 
@@ -85,6 +86,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="sidebar"):
                 yield Button("+ New chat", id="new-chat")
+                yield Input(placeholder="search chats (F3)", id="chat-filter", compact=True)
                 yield ChatList(id="chats")
             with Vertical(id="chat-pane"):
                 yield Transcript(id="transcript")
@@ -119,7 +121,8 @@ class ChatScreen(Screen):
         return self.query_one(StatusBar)
 
     def refresh_chat_list(self) -> None:
-        self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None)
+        self.query_one(ChatList).show(self.store.chats(), self.chat.id if self.chat else None,
+                                      self.query_one("#chat-filter", Input).value)
         self.sub_title = self.chat.title if self.chat else "new chat"
 
     def refresh_status(self, note: str = "") -> None:
@@ -139,6 +142,20 @@ class ChatScreen(Screen):
     @on(OptionList.OptionSelected, "#chats")
     async def chat_selected(self, event: OptionList.OptionSelected) -> None:
         await self.open_chat(int(event.option.id))
+
+    def action_find_chat(self) -> None:
+        self.query_one("#chat-filter", Input).focus()
+
+    @on(Input.Changed, "#chat-filter")
+    def filter_chats(self) -> None:
+        self.refresh_chat_list()
+
+    @on(Input.Submitted, "#chat-filter")
+    def pick_from_filtered(self) -> None:
+        chats = self.query_one(ChatList)
+        chats.focus()
+        if chats.option_count:
+            chats.highlighted = chats.highlighted or 0
 
     @on(Button.Pressed, "#new-chat")
     async def action_new_chat(self) -> None:
@@ -215,8 +232,8 @@ class ChatScreen(Screen):
                     self.stop()
                     self.app.load_model(self.app.model_source, result.backend)
 
-        self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available()),
-                             saved)
+        self.app.push_screen(SettingsScreen(self.settings, self.app.backend_name, available(),
+                                            self.app.model), saved)
 
     def action_pick_model(self) -> None:
         def picked(source) -> None:
@@ -272,7 +289,7 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="llm")
     def generate(self, model, messages: list[dict], kwargs: dict, view: MessageView) -> None:
         worker = get_current_worker()
-        timings, error, stopped = None, None, False
+        timings, error, stopped, finish = None, None, False, None
         pieces = None
         try:
             messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
@@ -286,6 +303,7 @@ class ChatScreen(Screen):
                     stopped = True
                     break
                 timings = view.timings = piece.timings  # updated in place as tokens come
+                finish = piece.finish_reason
                 if view.pending.add(piece.text):
                     self.post_message(ReplyText(view))
         except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
@@ -295,7 +313,8 @@ class ChatScreen(Screen):
                 pieces.close()
             self.model_free.set()
         try:
-            self.app.call_from_thread(self.finish_reply, view, timings, error, stopped)
+            self.app.call_from_thread(self.finish_reply, view, timings, error,
+                                      "stopped" if stopped else finish)
         except RuntimeError:  # the app has exited
             pass
 
@@ -308,7 +327,8 @@ class ChatScreen(Screen):
             self.store.update_message(view.message_id, view.content)
             self.status.show(self.app.model, view.timings, "generating…")
 
-    async def finish_reply(self, view: MessageView, timings, error, stopped: bool) -> None:
+    async def finish_reply(self, view: MessageView, timings, error, finish: str | None) -> None:
+        """`finish`: "stopped" (Escape), "length" (max tokens or a full context), "stop"."""
         self.generating, self.reply_view = False, None
         self.query_one("#stop").display = False
         await view.write(view.pending.take())
@@ -318,11 +338,12 @@ class ChatScreen(Screen):
             self.store.delete_messages([view.message_id])
             await view.remove()
         elif view.is_attached:
-            await view.end_stream("stopped" if stopped else None)
+            await view.end_stream({"stopped": "stopped",
+                                   "length": "length: cut at the token limit"}.get(finish))
         if error is not None:
             self.notify(f"{type(error).__name__}: {error}", title="Generation failed",
                         severity="error", timeout=10)
-        self.refresh_status("stopped" if stopped else "")
+        self.refresh_status("stopped" if finish == "stopped" else "")
         self.refresh_chat_list()
 
     def quit_reply(self) -> None:
@@ -365,6 +386,7 @@ class ChatScreen(Screen):
         self.prompt.text = tail[0].content
         self.prompt.move_cursor(self.prompt.document.end)
         self.prompt.focus()
+        self.refresh_status()
 
     async def _forget(self, message_ids: list[int]) -> None:
         self.store.delete_messages(message_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Footer, Input, Label
 
 
 class TextPrompt(ModalScreen[str | None]):
@@ -21,13 +21,16 @@ class TextPrompt(ModalScreen[str | None]):
         with Vertical(classes="dialog-body"):
             yield Label(self.title_text, classes="dialog-title")
             yield Input(self.value, placeholder=self.placeholder)
+        yield Footer()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
 
 
 class Confirm(ModalScreen[bool]):
-    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"), Binding("y", "dismiss(True)", "Yes")]
+    AUTO_FOCUS = "#yes"  # Enter presses it
+    BINDINGS = [Binding("escape,n", "dismiss(False)", "Cancel"),
+                Binding("y", "dismiss(True)", "Yes"), Binding("enter", "dismiss(True)", "Yes")]
 
     def __init__(self, question: str):
         super().__init__(classes="dialog")
@@ -39,6 +42,7 @@ class Confirm(ModalScreen[bool]):
             with Horizontal(classes="buttons"):
                 yield Button("Yes", variant="error", id="yes")
                 yield Button("No", id="no")
+        yield Footer()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

@@ -7,7 +7,7 @@ from pathlib import Path
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, OptionList
+from textual.widgets import Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
 from diptych.tui.models import ModelChoice, add_configured_folder, discover
@@ -16,7 +16,9 @@ from diptych.tui.models import ModelChoice, add_configured_folder, discover
 class ModelPicker(ModalScreen[Path | str | None]):
     """Dismisses with a path, "default" for the embedded default, or None on Escape."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    AUTO_FOCUS = "#model-path"  # a path can be typed at once; Tab reaches the list
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"),
+                Binding("tab", "app.focus_next", "List / path")]
 
     def __init__(self):
         super().__init__(classes="dialog")
@@ -29,6 +31,7 @@ class ModelPicker(ModalScreen[Path | str | None]):
             yield Input(placeholder="or a path: a .gguf file, a Hugging Face model folder, "
                                     "a folder to search",
                         id="model-path")
+        yield Footer()
 
     def on_mount(self) -> None:
         self._show_choices()

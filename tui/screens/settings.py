@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, TextArea
+from textual.widgets import Button, Footer, Input, Label, Select, TextArea
 
 from diptych.errors import DiptychError
 
@@ -28,16 +28,20 @@ FIELDS = [
     ("min_p", "Min-p", float),
     ("repetition_penalty", "Repetition penalty", float),
     ("max_tokens", "Max tokens per reply", int),
-    ("seed", "Seed (empty = random)", int),
+    ("seed", "Seed", int),
 ]
 
 
 class SettingsScreen(ModalScreen[SettingsResult | None]):
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    AUTO_FOCUS = "#system"
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "save", "Save"),
+                Binding("enter", "save", "Save")]  # in a field; Ctrl+S saves from anywhere
 
-    def __init__(self, settings: ChatSettings, backend: str, backends: list[str]):
+    def __init__(self, settings: ChatSettings, backend: str, backends: list[str], model=None):
+        """`model`: the loaded Model, whose defaults an empty field stands for."""
         super().__init__(classes="dialog")
         self.settings, self.backend, self.backends = settings, backend, backends
+        self.defaults = model.sampling if model is not None else None
 
     def compose(self):
         with VerticalScroll(classes="dialog-body wide", id="settings-form"):
@@ -48,7 +52,8 @@ class SettingsScreen(ModalScreen[SettingsResult | None]):
                 value = getattr(self.settings, name)
                 with Horizontal(classes="field"):
                     yield Label(label)
-                    yield Input("" if value is None else str(value), id=name, compact=True)
+                    yield Input("" if value is None else str(value), id=name, compact=True,
+                                placeholder=self._default_text(name))
             with Horizontal(classes="field"):
                 yield Label("Backend")
                 if len(self.backends) > 1:
@@ -59,6 +64,18 @@ class SettingsScreen(ModalScreen[SettingsResult | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
+        yield Footer()
+
+    def on_input_submitted(self) -> None:
+        self.action_save()
+
+    def _default_text(self, name: str) -> str:
+        """What an empty field means: the model's value, which is in effect."""
+        if name == "seed":
+            return "random"
+        if self.defaults is None or name == "max_tokens":
+            return "model default"
+        return f"{getattr(self.defaults, name):g} (model default)"
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
@@ -71,7 +88,7 @@ class SettingsScreen(ModalScreen[SettingsResult | None]):
         try:
             for name, label, kind in FIELDS:
                 raw = self.query_one(f"#{name}", Input).value.strip()
-                if name == "seed" and not raw:
+                if not raw and name != "max_tokens":
                     values[name] = None
                     continue
                 try:
