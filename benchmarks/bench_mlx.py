@@ -199,7 +199,7 @@ def run_diptych(model: str) -> dict:
     ids = prompt_ids(cfg.vocab_size)
     be.sample(eng.eval(ids[:8]), greedy, None, rng)  # warm-up (compile traces)
     be.sample(eng.eval([5]), greedy, None, rng)
-    eng.cache.rewind(0)
+    eng.reset()
     t0 = time.perf_counter()
     token = be.sample(eng.prefill(ids), greedy, None, rng)
     prefill_s = time.perf_counter() - t0

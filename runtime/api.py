@@ -38,7 +38,7 @@ class Model:
 
     @property
     def n_ctx(self) -> int:
-        return self.engine.cache.capacity
+        return self.engine.capacity
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name!r}, arch={self.config.arch}, "
@@ -55,7 +55,7 @@ class Model:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits, float32 (len(ids), vocab), for evaluation."""
         ids = self._check_ids(ids)
-        self.engine.cache.rewind(0)
+        self.engine.reset()
         return self.engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------

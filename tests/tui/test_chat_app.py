@@ -83,7 +83,7 @@ def test_reply_streams_into_transcript_and_database(model, data_dir):
                                       ("assistant", reply)]
             status = app.chat.status.text
             for part in ("torch (cpu)", "SmolLM2-135M-Instruct.Q4_1 Q4_1/Q8_0",
-                         f"context {model.engine.cache.length}/1024", "decode", "MiB"):
+                         f"context {model.engine.n_cached}/1024", "decode", "MiB"):
                 assert part in status
             assert app.chat.sub_title == "What is the capital of France?"
         assert reply == greedy(model, [{"role": "user", "content": question}], 24)
@@ -149,7 +149,7 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
             assert transcript(app) == [("user", "Name a color."), ("assistant", first)]
             assert rows(data_dir) == transcript(app)
             prompt_ids = model.chat_prompt([{"role": "user", "content": "Name a color."}])
-            assert model.engine.cache.tokens[:len(prompt_ids)] == prompt_ids
+            assert model.engine.tokens[:len(prompt_ids)] == prompt_ids
 
             await pilot.press("ctrl+l")
             assert app.query_one(PromptArea).text == "Name a color."

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from diptych.backends.base import Step
-from diptych.model.graph import forward
 
 from .blocks import KERNEL_TYPES, make_weight
 from .conftest import gpu_only
@@ -59,15 +57,7 @@ def test_graph_step_replays_eager_results(tmp_path, family):
         be = CudaBackend("cuda", dtype=torch.float32)
         eng = LoadPlan.open(path, be, n_ctx=64, n_batch=16).engine()
         eng.eval(ids[:8])
-        kv = eng.cache.storage
-
-        def step(tok, pos, start):
-            return forward(be, eng.cfg, eng.weights, tok, kv, Step(pos, start, 1))
-
-        run = be.compile_step(step) if captured else step
-        rows = []
-        for p in range(8, len(ids)):
-            out = run(be.ids(np.array([[ids[p]]])), be.ids(np.array([[p]])), p)
-            rows.append(be.to_numpy(out)[0, -1])
+        run = eng.step if captured else eng.forward
+        rows = [be.to_numpy(run([t]))[0, -1] for t in ids[8:]]
         outs.append(np.stack(rows))
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
