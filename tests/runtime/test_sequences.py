@@ -37,9 +37,8 @@ def backend(request):
     return CpuBackend()
 
 
-def _engine(path, backend, **kw) -> Engine:
-    plan = LoadPlan.open(path, backend, n_ctx=64, n_batch=4)
-    return Engine(backend, plan.config, plan.weights(), plan.n_ctx, plan.n_batch, **kw)
+def _engine(path, backend, max_rollback=0) -> Engine:
+    return LoadPlan.open(path, backend, n_ctx=64, n_batch=4, max_rollback=max_rollback).engine()
 
 
 def _rel(ours, ref) -> float:
