@@ -62,12 +62,10 @@ class Step:
     """Where one forward call sits in the sequence.
 
     `positions` is a backend int array (B, T) so a decode step can be captured and replayed;
-    `start`/`n_tokens` are the same facts as host ints for eager backends that slice;
-    `views[i]` is layer i's CacheView.
+    `n_tokens` is T; `views[i]` is layer i's CacheView.
     """
 
     positions: Array
-    start: int
     n_tokens: int
     views: list[CacheView]
 

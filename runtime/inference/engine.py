@@ -53,7 +53,7 @@ class Sequence:
 
     def _graph(self, start: int, tokens, positions, arrays: tuple, logits_at):
         n = tokens.shape[1]
-        step = Step(positions, start, n, self.slots.views(arrays, start, n))
+        step = Step(positions, n, self.slots.views(arrays, start, n))
         e = self.engine
         return run_graph(e.backend, e.cfg, e.weights, tokens, self.cache.storage, step,
                          logits_at)

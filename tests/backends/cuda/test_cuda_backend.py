@@ -137,7 +137,7 @@ def test_gradients_match_cpu_backend(window):
         v = y[..., 8:24].reshape(1, 5, 1, 16).expand(1, 5, 2, 16)
         kv = be.alloc_kv([LayerCacheSpec(8, 2, 16, window=window)], 1)
         slots = SlotPolicy(kv.specs)
-        step = Step(pos, 0, 5, slots.views(slots.arrays(be, 0, 5), 0, 5))
+        step = Step(pos, 5, slots.views(slots.arrays(be, 0, 5), 0, 5))
         out = be.attention(be.rope(q, pos, RopeSpec(16, 1e4)), k, v, kv, 0, step, 0.25)
         (out.float() ** 2).sum().backward()
         grads.append((x.grad.cpu(), q.grad.cpu()))
