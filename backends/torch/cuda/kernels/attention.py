@@ -216,8 +216,8 @@ def _merge(po, pm, pl, out, n_split, n_tok, dim, nx, group, n_heads, rows):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      q_pos: torch.Tensor, scale: float, window: int = 0,
-                     slot_pos: torch.Tensor | None = None, n_split: int | None = None, block_s: int = BLOCK_S,
-                     num_warps: int = 4) -> torch.Tensor:
+                     slot_pos: torch.Tensor | None = None, n_split: int | None = None,
+                     block_s: int = BLOCK_S, num_warps: int = 4) -> torch.Tensor:
     """q (B, T, H, D), caches (B, Hkv, S, D) already holding the step's keys, q_pos (B, T)
     int positions -> (B, T, H, D) in q's dtype. `window` 0 = unlimited; `slot_pos` (B, S)
     says which position each slot holds, None: slot s holds s (module docstring)."""
