@@ -52,16 +52,36 @@ class LoRA:
 
 
 @dataclass
+class CacheView:
+    """Where one step writes in a layer's cache and which keys its queries see, as the
+    runtime's slot policy decides (diptych.inference.slots).
+
+    `slots` (B, T) backend ints: the slot each new token's K/V goes to. `key_pos` (B, slots)
+    backend ints, the position each slot holds after the write (-1: empty), or None when
+    slot s holds position s. A query at t sees keys at positions p <= t (and, in a window
+    layer, p > t - window): that is all a kernel reading positions needs. Attention over a
+    prefix of the slots (eager backends) uses the first `n_keys` slots with `mask`: None
+    (every query sees all of them), "causal" (query i of T sees the first n_keys - T + i + 1)
+    or a (T, n_keys) host bool array.
+    """
+
+    slots: Array
+    key_pos: Array | None
+    n_keys: int
+    mask: np.ndarray | str | None
+
+
+@dataclass
 class Step:
     """Where one forward call sits in the sequence.
 
     `positions` is a backend int array (B, T) so a decode step can be captured and replayed;
-    `start`/`n_tokens` are the same facts as host ints for eager backends that slice.
+    `n_tokens` is T; `views[i]` is layer i's CacheView.
     """
 
     positions: Array
-    start: int
     n_tokens: int
+    views: list[CacheView]
 
 
 @dataclass(frozen=True)
@@ -69,9 +89,8 @@ class LayerCacheSpec:
     """The cache storage of one layer: `slots` token slots, each holding `k_dim` key values
     per KV head and as many value values.
 
-    window > 0: sliding-window attention over a ring buffer; token p lives in slot
-        p % slots and a query at t sees keys at t - window < p <= t. With
-        slots >= window - 1 + n, a chunk of n tokens always sees whole windows.
+    window > 0: sliding-window attention over a ring buffer (the runtime's slot policy:
+        diptych.inference.slots); a query at t sees keys at t - window < p <= t.
     v_from_k > 0: MLA; no V storage: values are the first v_from_k channels of the keys
         (the latent), so one KV head of k_dim = kv_lora + rope values is all a token costs.
     """
@@ -86,21 +105,6 @@ class LayerCacheSpec:
     def values_per_slot(self) -> int:
         v = 0 if self.v_from_k else self.k_dim
         return self.n_kv_heads * (self.k_dim + v)
-
-
-def slot_positions(spec: LayerCacheSpec, end: int) -> np.ndarray:
-    """The token position each slot holds once positions 0..end-1 are written (-1: empty):
-    slot s holds the latest p < end with p % slots == s."""
-    s = np.arange(spec.slots)
-    pos = end - 1 - ((end - 1 - s) % spec.slots)
-    return np.where(pos >= 0, pos, -1)
-
-
-def window_mask(spec: LayerCacheSpec, start: int, end: int, n_keys: int) -> np.ndarray:
-    """(T, n_keys) bool: which of the first n_keys slots queries start..end-1 may see."""
-    pos = slot_positions(spec, end)[:n_keys]
-    t = np.arange(start, end)[:, None]
-    return (pos >= 0) & (pos <= t) & (t - pos < spec.window)
 
 
 class KVStorage(ABC):
@@ -183,9 +187,9 @@ class Backend(ABC):
     @abstractmethod
     def attention(self, q: Array, k: Array, v: Array | None, kv: KVStorage, layer: int,
                   step: Step, scale: float) -> Array:
-        """Write k, v (B, T, Hkv, Dh) into layer `layer` of the cache at the step's
-        positions, then attend causally from q (B, T, H, Dh) over what the cache holds up to
-        them (within the layer's window, if it has one). For an MLA layer v is None and the
+        """Write k, v (B, T, Hkv, Dh) into layer `layer` of the cache at the slots of
+        `step.views[layer]`, then attend from q (B, T, H, Dh) over the keys that view lets
+        each query see. For an MLA layer v is None and the
         values are the first `v_from_k` key channels. -> (B, T, H * value dim)."""
 
     @abstractmethod
@@ -289,8 +293,8 @@ class Backend(ABC):
         return contextlib.nullcontext()
 
     def compile_step(self, fn):
-        """The decode step fn(tokens, positions, start) as the backend runs it best (a CUDA
-        graph replays it); by default fn itself."""
+        """A fixed-width step fn(tokens, positions, *cache view arrays, host facts) as the
+        backend runs it best (a CUDA graph replays it); by default fn itself."""
         return fn
 
     def describe(self) -> str:

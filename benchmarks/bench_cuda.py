@@ -35,14 +35,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from diptych.backends.base import Step
 from diptych.backends.torch.cuda.backend import CudaBackend
 from diptych.backends.torch.cuda.kernels import qmatmul as qm
 from diptych.backends.torch.cuda.kernels.layout import KERNEL_TYPES, plane_shapes
 from diptych.backends.torch.cuda.kernels.weight import QuantWeight
 from diptych.inference.engine import Engine
 from diptych.load_plan import LoadPlan
-from diptych.model.graph import forward
 from diptych.quant import QuantTensor
 from diptych.quant.formats import IQ4_NL_CODEBOOK
 
@@ -181,25 +179,23 @@ def bytes_per_token(eng: Engine) -> int:
 def decode_rate(eng: Engine, n_tokens: int, captured: bool, prompt: int = 16) -> float:
     """Greedy decode tok/s after a `prompt`-token prefill; tokens stay on the device."""
     be, cfg = eng.backend, eng.cfg
-    eng.cache.rewind(0)
+    eng.reset()
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt).tolist()
     eng.eval(ids)
-    kv = eng.cache.storage
-
-    def step(tok, pos, start):
-        return forward(be, cfg, eng.weights, tok, kv, Step(pos, start, 1))
-
-    run = be.compile_step(step) if captured else step
-    tok = be.ids(np.array([[ids[-1]]]))
-    pos = be.ids(np.array([[prompt]]))
+    seq = eng.main
+    run = be.compile_step(seq._run) if captured else seq._run
+    # the step's device inputs: tokens, positions and the full cache's slots (= positions)
+    args = seq._inputs(ids[-1:])
+    _, tok, pos, slots = args[:4]
     for _ in range(3):  # warm-up (and capture)
-        run(tok, pos, prompt)
+        run(*args)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        logits = run(tok, pos, prompt)
-        tok = logits[:, -1].argmax(-1).view(1, 1)
+        logits = run(*args)
+        tok.copy_(logits[:, -1].argmax(-1).view(1, 1))
         pos += 1
+        slots += 1
     torch.cuda.synchronize()
     return n_tokens / (time.perf_counter() - t0)
 
@@ -355,7 +351,7 @@ def section_prefill(models, with_hf: bool) -> None:
             ids = np.random.default_rng(1).integers(0, s.vocab, n).tolist()
 
             def ours():
-                eng.cache.rewind(0)
+                eng.reset()
                 eng.eval(ids)
 
             t = bench(ours, reps=200)

@@ -200,7 +200,7 @@ def run_diptych(model: str) -> dict:
     ids = prompt_ids(cfg.vocab_size)
     greedy.sample(eng.eval(ids[:8]))  # warm-up (compile traces)
     greedy.sample(eng.eval([5]))
-    eng.cache.rewind(0)
+    eng.reset()
     t0 = time.perf_counter()
     token = greedy.sample(eng.prefill(ids)).tokens[0]
     prefill_s = time.perf_counter() - t0

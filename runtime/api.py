@@ -45,7 +45,7 @@ class Model:
 
     @property
     def n_ctx(self) -> int:
-        return self.engine.cache.capacity
+        return self.engine.capacity
 
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, arch={self.config.arch}, "
@@ -65,7 +65,7 @@ class Model:
         engine = self.engine
         with engine.lock:
             engine.release(engine.claim())   # supersedes an unfinished generation
-            engine.cache.rewind(0)
+            engine.reset()
             return engine.eval(ids, all_logits=True)
 
     # -- generation ------------------------------------------------------------------------

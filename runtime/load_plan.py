@@ -30,9 +30,10 @@ def read_config(source) -> ModelConfig:
     return config_from_gguf(source.metadata, {n: t.shape for n, t in source.tensors.items()})
 
 
-def _check_n_batch(n_batch) -> None:
-    if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
-        raise InvalidArgumentError(f"n_batch must be a positive integer, got {n_batch!r}")
+def _check_sizes(n_batch, max_rollback) -> None:
+    for name, value, least in (("n_batch", n_batch, 1), ("max_rollback", max_rollback, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass
@@ -45,34 +46,35 @@ class LoadPlan:
     backend: Backend
     n_ctx: int
     n_batch: int
+    max_rollback: int = 0  # tokens any sequence can roll back in place (a draft's length)
 
     @classmethod
     def open(cls, source: str | Path | None = None, backend: str | Backend = "auto", *,
              device: str | None = None, n_ctx: int | None = None,
-             n_batch: int = 256) -> LoadPlan:
+             n_batch: int = 256, max_rollback: int = 0) -> LoadPlan:
         """Plan loading a .gguf file or a Hugging Face folder (None: the embedded default
         model) on `backend` ("auto" | "torch" | "mlx" | a Backend instance) and `device`."""
         from .sources.default_model import default_model_path
         from .sources.hf_folder import open_source
 
-        _check_n_batch(n_batch)  # before opening: a large vocabulary takes seconds to read
+        _check_sizes(n_batch, max_rollback)  # before opening: a vocabulary takes seconds to read
         path = Path(source) if source is not None else default_model_path()
         # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
         return cls.from_source(open_source(path), backend, device=device, n_ctx=n_ctx,
-                               n_batch=n_batch, path=path)
+                               n_batch=n_batch, max_rollback=max_rollback, path=path)
 
     @classmethod
     def from_source(cls, source, backend: str | Backend = "auto", *,
                     device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
-                    path: Path | None = None) -> LoadPlan:
+                    max_rollback: int = 0, path: Path | None = None) -> LoadPlan:
         """Plan loading an already opened source."""
         from diptych.backends import select
 
-        _check_n_batch(n_batch)
+        _check_sizes(n_batch, max_rollback)
         cfg = read_config(source)
         be = select(backend, device)
         return cls(path, source, cfg, be, choose_n_ctx(cfg, n_ctx, be.kv_bytes_per_element()),
-                   n_batch)
+                   n_batch, max_rollback)
 
     # -- memory ----------------------------------------------------------------------------
     @property
@@ -83,7 +85,7 @@ class LoadPlan:
     @property
     def cache_bytes(self) -> int:
         return KVCache.bytes_needed(self.config, self.n_ctx, self.backend.kv_bytes_per_element(),
-                                    self.n_batch)
+                                    self.n_batch, self.max_rollback)
 
     @property
     def working_bytes(self) -> int:
@@ -116,4 +118,4 @@ class LoadPlan:
         """Check the memory estimate, prepare the weights, allocate the cache."""
         self.check_fits()
         return Engine(self.backend, self.config, self.weights(progress), self.n_ctx,
-                      self.n_batch)
+                      self.n_batch, self.max_rollback)

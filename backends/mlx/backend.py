@@ -36,8 +36,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
-from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, RopeSpec, Step,
-                                   window_mask)
+from diptych.backends.base import Backend, KVStorage, LayerCacheSpec, RopeSpec, Step
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
@@ -227,25 +226,19 @@ class MLXBackend(Backend):
         return out
 
     def attention(self, q, k, v, kv: MLXKV, layer, step: Step, scale):
-        spec = kv.specs[layer]
-        start, n = step.start, step.n_tokens
-        end = start + n
+        spec, view = kv.specs[layer], step.views[layer]
         kc, vc = kv.k[layer], kv.v[layer]
-        wraps = end > spec.slots  # only a sliding-window ring wraps
-        where = mx.array(np.arange(start, end) % spec.slots) if wraps else slice(start, end)
+        where = view.slots[0]
         kc[:, :, where, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
         if vc is not None:
             vc[:, :, where, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
-        n_keys = spec.slots if wraps else end
-        keys = kc[:, :, :n_keys, :]
-        values = vc[:, :, :n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
-        qh = q.transpose(0, 2, 1, 3)
-        if spec.window and end > spec.window:
-            mask = mx.array(window_mask(spec, start, end, n_keys))
-        else:  # MLX's "causal" mask is aligned to the last key: query i sees keys 0..start+i
-            mask = None if n == 1 else "causal"
-        out = mx.fast.scaled_dot_product_attention(qh, keys, values, scale=scale, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], n, -1)
+        keys = kc[:, :, :view.n_keys, :]
+        values = vc[:, :, :view.n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
+        # MLX's "causal" mask is aligned to the last key, as the view's is
+        mask = mx.array(view.mask) if isinstance(view.mask, np.ndarray) else view.mask
+        out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values,
+                                                   scale=scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], step.n_tokens, -1)
 
     def glu(self, gate, up, act):
         return self._glu[act](gate, up)

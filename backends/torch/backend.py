@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diptych.backends.base import (Backend, KVStorage, LayerCacheSpec, LoRA, RopeSpec, Step,
-                                   window_mask)
+from diptych.backends.base import (Backend, CacheView, KVStorage, LayerCacheSpec, LoRA, RopeSpec,
+                                   Step)
 
 
 class TorchKV(KVStorage):
@@ -114,35 +114,27 @@ class TorchBackend(Backend):
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
         """The cache write as torch indexing, then SDPA over the cache (`attend_cache`)."""
-        spec = kv.specs[layer]
-        start, end = step.start, step.start + step.n_tokens
+        view = step.views[layer]
         kc, vc = kv.k[layer], kv.v[layer]
-        # only a sliding-window ring wraps
-        where = (torch.arange(start, end, device=kc.device) % spec.slots if end > spec.slots
-                 else slice(start, end))
+        where = view.slots[0]
         kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
         if vc is not None:
             vc[:, :, where] = v.transpose(1, 2).to(vc.dtype)
-        return self.attend_cache(q, kc, vc, spec, step, scale)
+        return self.attend_cache(q, kc, vc, kv.specs[layer], view, scale)
 
-    def attend_cache(self, q, kc, vc, spec: LayerCacheSpec, step: Step, scale):
+    def attend_cache(self, q, kc, vc, spec: LayerCacheSpec, view: CacheView, scale):
         """SDPA from q (B, T, H, Dh) over one layer's cache, which already holds this step's
-        keys; the mask comes from the step's host ints."""
-        start, n = step.start, step.n_tokens
-        end = start + n
-        n_keys = spec.slots if end > spec.slots else end
+        keys, as the view's host facts say."""
+        n, n_keys = q.shape[1], view.n_keys
         keys = kc[:, :, :n_keys]
         values = vc[:, :, :n_keys] if vc is not None else keys[..., :spec.v_from_k]
-        mask, causal = None, False
-        if spec.window and end > spec.window:
-            mask = torch.from_numpy(window_mask(spec, start, end, n_keys)).to(q.device)
-        elif n == 1:  # one query sees every key written so far
-            pass
-        elif start == 0:  # no mask tensor: lets SDPA pick its flash kernel
-            causal = True
-        else:  # a chunk after a cached prefix: query i sees keys 0..start+i
-            mask = torch.arange(end, device=q.device)[None, :] <= \
-                torch.arange(start, end, device=q.device)[:, None]
+        mask, causal = view.mask, False
+        if isinstance(mask, str):  # no mask tensor when T == n_keys: SDPA's flash kernel
+            causal = n == n_keys
+            mask = None if causal else torch.ones(n, n_keys, dtype=torch.bool,
+                                                  device=q.device).tril(n_keys - n)
+        elif mask is not None:
+            mask = torch.from_numpy(mask).to(q.device)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              is_causal=causal, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], n, -1)

@@ -25,7 +25,7 @@ def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, flo
     engine.prefill(warm)
     engine.eval(warm[:4])
     engine.eval(warm[:1])
-    engine.cache.rewind(0)
+    engine.reset()
     t0 = time.perf_counter()
     logits = engine.prefill(prompt)
     prefill_s = time.perf_counter() - t0

@@ -3,7 +3,9 @@
 Storage is the backend's, allocated once: per layer a full buffer of `capacity` slots, a
 ring buffer for sliding-window layers, or MLA's latent buffer (cache kinds: LayerCacheSpec).
 This object knows the ids whose K/V are stored, so a new prompt reuses the longest common
-prefix of token ids (never re-tokenized text) and rewinds the rest in place.
+prefix of token ids (never re-tokenized text) and drops the rest in place. Which slot each
+position writes and which keys each query sees is slots.py's; when to snapshot and restore
+is the caller's (engine.py).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 from diptych.backends.base import LayerCacheSpec
 
 from diptych.model.config import ModelConfig
-from diptych.errors import ContextOverflowError
+from diptych.errors import ContextOverflowError, InvalidArgumentError
 
 
-def layer_specs(cfg: ModelConfig, capacity: int, n_batch: int) -> list[LayerCacheSpec]:
+def layer_specs(cfg: ModelConfig, capacity: int, n_batch: int,
+                max_rollback: int = 0) -> list[LayerCacheSpec]:
     """Each layer's cache kind and size for a context of `capacity` tokens fed in chunks of
-    at most `n_batch` (a ring holds window - 1 + n_batch slots: whole windows per chunk)."""
+    at most `n_batch`, any of which may be rolled back by up to `max_rollback` tokens (a ring
+    holds window - 1 + n_batch + max_rollback slots: whole windows per chunk, and stale
+    slots after a rollback lie outside every window)."""
     specs = []
     for i in range(cfg.n_layers):
         if cfg.mla:
@@ -25,8 +30,8 @@ def layer_specs(cfg: ModelConfig, capacity: int, n_batch: int) -> list[LayerCach
                                         v_from_k=m.kv_lora_rank))
         elif cfg.is_window_layer(i):
             w = cfg.sliding_window
-            specs.append(LayerCacheSpec(min(capacity, w - 1 + n_batch), cfg.n_kv_heads,
-                                        cfg.head_dim, window=w))
+            specs.append(LayerCacheSpec(min(capacity, w - 1 + n_batch + max_rollback),
+                                        cfg.n_kv_heads, cfg.head_dim, window=w))
         else:
             specs.append(LayerCacheSpec(capacity, cfg.n_kv_heads, cfg.head_dim))
     return specs
@@ -46,22 +51,27 @@ def bytes_per_token(cfg: ModelConfig, bytes_per_element: int) -> tuple[int, int]
 
 
 class KVCache:
-    MAX_SNAPSHOTS = 3  # what a chat needs: regenerate, edit and resend, and the latest
+    """One sequence's cache: the backend storage and the ids it holds.
 
-    def __init__(self, backend, cfg: ModelConfig, capacity: int, n_batch: int, batch: int = 1):
+    `rollback(n)` drops the last n <= max_rollback tokens in place on every cache kind (a
+    speculative step's rejected draft); `truncate(length)` drops more where the rings still
+    hold what the shorter sequence needs (`can_truncate`), and a caller that wants longer
+    rewinds keeps `snapshot()`s of the rings to `restore`."""
+
+    def __init__(self, backend, cfg: ModelConfig, capacity: int, n_batch: int,
+                 max_rollback: int = 0, batch: int = 1):
         self.capacity = capacity
-        self.specs = layer_specs(cfg, capacity, n_batch)
+        self.max_rollback = max_rollback
+        self.specs = layer_specs(cfg, capacity, n_batch, max_rollback)
         self.storage = backend.alloc_kv(self.specs, batch)
         self.tokens: list[int] = []
-        # ring layers can wrap; their state at a few earlier lengths is kept so that a long
-        # rewind (regenerate, edit and resend) need not re-feed the whole conversation
         self.rings = [i for i, s in enumerate(self.specs) if s.window and s.slots < capacity]
-        self.snapshots: list[tuple[list[int], object]] = []
 
     @staticmethod
     def bytes_needed(cfg: ModelConfig, capacity: int, bytes_per_element: int, n_batch: int,
-                     batch: int = 1) -> int:
-        return cache_bytes(layer_specs(cfg, capacity, n_batch), bytes_per_element, batch)
+                     max_rollback: int = 0, batch: int = 1) -> int:
+        return cache_bytes(layer_specs(cfg, capacity, n_batch, max_rollback),
+                           bytes_per_element, batch)
 
     @property
     def length(self) -> int:
@@ -85,39 +95,40 @@ class KVCache:
             n += 1
         return n
 
-    def snapshot(self) -> None:
-        """Keep a copy of the ring layers as they are now (a no-op without rings)."""
-        if not self.rings or not self.tokens:
-            return
-        if any(ids == self.tokens for ids, _ in self.snapshots):
-            return
-        copy = self.storage.snapshot(self.rings)
-        self.snapshots = (self.snapshots + [(list(self.tokens), copy)])[-self.MAX_SNAPSHOTS:]
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens, in place; n <= max_rollback (chosen at allocation)."""
+        if not 0 <= n <= min(self.max_rollback, self.length):
+            raise InvalidArgumentError(
+                f"cannot roll back {n} tokens: the cache holds {self.length} and was "
+                f"allocated for rollbacks of up to {self.max_rollback}")
+        del self.tokens[self.length - n:]
 
-    def rewind(self, length: int) -> int:
-        """Forget everything after the first `length` tokens (their slots are overwritten
-        later); returns the length actually kept, which the caller re-feeds from.
-
-        A ring that has wrapped has overwritten keys a shorter sequence needs again once
-        the rewind goes back further than its spare slots (slots - window + 1). Then the
-        latest snapshot at or before `length` (of this same token sequence) is restored,
-        or the cache restarts empty: never attention over wrong keys."""
-        length = min(length, self.length)
-        if not self._in_place(length):
-            usable = [(len(ids), copy) for ids, copy in self.snapshots
-                      if len(ids) <= length and self.tokens[:len(ids)] == ids]
-            if usable:
-                length, copy = max(usable, key=lambda u: u[0])
-                self.storage.restore(copy)
-            else:
-                length = 0
-        del self.tokens[length:]
-        return length
-
-    def _in_place(self, length: int) -> bool:
+    def can_truncate(self, length: int) -> bool:
+        """Whether dropping everything after `length` tokens leaves every key the shorter
+        sequence sees in place: a ring that has wrapped has overwritten keys it needs again
+        once the drop goes back further than its spare slots (slots - window + 1)."""
         lost = self.length - length
         return all(self.length <= s.slots or lost <= s.slots - s.window + 1
                    for s in (self.specs[i] for i in self.rings))
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (`can_truncate(length)`)."""
+        del self.tokens[length:]
+
+    def snapshot(self):
+        """(ids, copy of the ring layers) as they are now, for `restore`; None without rings
+        or tokens."""
+        if not self.rings or not self.tokens:
+            return None
+        return list(self.tokens), self.storage.snapshot(self.rings)
+
+    def restore(self, snapshot) -> None:
+        ids, copy = snapshot
+        self.storage.restore(copy)
+        self.tokens = list(ids)
+
+    def reset(self) -> None:
+        self.tokens.clear()
 
     def commit(self, ids: list[int]) -> None:
         """Record ids whose K/V a completed forward pass has written."""

@@ -1,4 +1,9 @@
-"""Engine: the model's weights and cache on a backend, and the chunked forward pass."""
+"""Engine: the model's weights on a backend, and the sequences that run through them.
+
+Each sequence (`Sequence`) has its own cache, so several can be interleaved (a server's
+requests, a draft model's own sequence); the engine's first sequence is the batch-1 path
+that `eval`/`prefill` use. Nothing outside this module touches a cache.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,18 @@ import threading
 import numpy as np
 
 from diptych.backends.base import Step
+from diptych.errors import InvalidArgumentError, OutOfMemoryError
+from diptych.model.graph import forward as run_graph
 
 from .cache import KVCache
-from diptych.model.graph import forward
+from .memory import available_bytes
+from .slots import SlotPolicy
+
+MAX_SNAPSHOTS = 3  # what a chat needs: regenerate, edit and resend, and the latest
 
 
-class Engine:
-    """Runs token ids through the graph, keeping the cache's record of ids consistent.
+class Sequence:
+    """One sequence: its cache, the ids that cache holds, its captured steps.
 
     The cache only records a chunk after its forward pass completes, so an interrupt
     (Ctrl+C) mid-pass leaves the cache exactly as it was before that chunk.
@@ -23,13 +33,14 @@ class Engine:
     older one, which must then stop rather than continue from someone else's tokens.
     """
 
-    def __init__(self, backend, cfg, weights, n_ctx: int, n_batch: int = 256):
-        self.backend = backend
-        self.cfg = cfg
-        self.weights = weights
-        self.n_batch = n_batch
-        self.cache = KVCache(backend, cfg, n_ctx, n_batch)
-        self._decode = backend.compile_step(self._decode_step)
+    def __init__(self, engine: Engine, cache: KVCache):
+        self.engine = engine
+        self.cache = cache
+        self.slots = SlotPolicy(cache.specs)
+        # the ring layers at a few earlier lengths, so that a long rewind (regenerate, edit
+        # and resend) need not re-feed the whole conversation
+        self.snapshots: list = []
+        self._step = engine.backend.compile_step(self._run)
         self.lock = threading.RLock()
         self._owner: object | None = None
 
@@ -46,41 +57,81 @@ class Engine:
         if self._owner is ticket:
             self._owner = None
 
-    def _decode_step(self, tokens, positions, start: int):
-        """One token through the graph: the step a backend may capture and replay."""
-        step = Step(positions, start, 1)
-        return forward(self.backend, self.cfg, self.weights, tokens, self.cache.storage, step)
+    @property
+    def n_cached(self) -> int:
+        return self.cache.length
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids whose K/V the cache holds."""
+        return list(self.cache.tokens)
+
+    def _run(self, start: int, tokens, positions, *arrays):
+        """The graph over tokens (1, T) from position `start`, logits at every position:
+        the step a backend may capture (start is then frozen; the capture reads only the
+        device arrays) and replay."""
+        return self._graph(start, tokens, positions, arrays, np.arange(tokens.shape[1]))
+
+    def _graph(self, start: int, tokens, positions, arrays: tuple, logits_at):
+        n = tokens.shape[1]
+        step = Step(positions, n, self.slots.views(arrays, start, n))
+        e = self.engine
+        return run_graph(e.backend, e.cfg, e.weights, tokens, self.cache.storage, step,
+                         logits_at)
+
+    def _inputs(self, ids: list[int]):
+        be, start = self.engine.backend, self.cache.length
+        n = len(ids)
+        return (start, be.ids([ids]), be.ids(np.arange(start, start + n)[None, :]),
+                *self.slots.arrays(be, start, n))
+
+    def step(self, ids: list[int]):
+        """A step of fixed width T = len(ids) (1 to decode, k + 1 to verify a draft), as the
+        backend captures it: device logits (1, T, vocab) at every position."""
+        self.cache.check_fits(len(ids))
+        with self.engine.backend.inference():
+            logits = self._step(*self._inputs(ids))
+        self.cache.commit(ids)
+        return logits
+
+    def forward(self, ids: list[int], logits_at: np.ndarray | None = None):
+        """One pass of at most n_batch ids: device logits (1, len(logits_at), vocab) at those
+        indices into ids (None: the last)."""
+        self.cache.check_fits(len(ids))
+        start, tokens, positions, *arrays = self._inputs(ids)
+        with self.engine.backend.inference():
+            logits = self._graph(start, tokens, positions, tuple(arrays), logits_at)
+        self.cache.commit(ids)
+        return logits
 
     def eval(self, ids: list[int], all_logits: bool = False):
-        """Append `ids` after what the cache holds.
+        """Append `ids` after what the cache holds, in chunks of n_batch.
 
         Returns the last position's logits as a backend (1, vocab) array, or with
         `all_logits` a numpy float32 (len(ids), vocab) array.
         """
-        be = self.backend
+        e = self.engine
         self.cache.check_fits(len(ids))
-        with be.inference():
-            return self._eval(ids, all_logits)
-
-    def _eval(self, ids: list[int], all_logits: bool):
-        be = self.backend
         rows, logits = [], None
-        for lo in range(0, len(ids), self.n_batch):
-            chunk = ids[lo:lo + self.n_batch]
-            start, n = self.cache.length, len(chunk)
-            positions, tokens = be.ids(np.arange(start, start + n)[None, :]), be.ids([chunk])
-            if n == 1 and not all_logits:
-                logits = self._decode(tokens, positions, start)
+        for lo in range(0, len(ids), e.n_batch):
+            chunk = ids[lo:lo + e.n_batch]
+            if len(chunk) == 1 and not all_logits:
+                logits = self.step(chunk)
             else:
-                at = np.arange(n) if all_logits else None
-                logits = forward(be, self.cfg, self.weights, tokens, self.cache.storage,
-                                 Step(positions, start, n), at)
-            self.cache.commit(chunk)
+                logits = self.forward(chunk, np.arange(len(chunk)) if all_logits else None)
             if all_logits:
-                rows.append(be.to_numpy(logits[0]))
+                rows.append(e.backend.to_numpy(logits[0]))
         if all_logits:
-            return np.concatenate(rows) if rows else np.zeros((0, self.cfg.vocab_size), np.float32)
-        return logits[0]
+            return np.concatenate(rows) if rows else np.zeros((0, e.cfg.vocab_size), np.float32)
+        return logits[0, -1:]
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens in place (n <= the engine's max_rollback)."""
+        self.cache.rollback(n)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.snapshots.clear()
 
     def prefill(self, ids: list[int]):
         """Make the cache hold exactly `ids`, reusing the longest common prefix of token ids;
@@ -90,10 +141,140 @@ class Engine:
         will land: the end of the previous exchange (edit and resend) and the prompt
         without its last token (regenerate re-feeds that one token for its logits)."""
         cache = self.cache
-        cache.snapshot()
-        keep = cache.rewind(min(cache.common_prefix(ids), len(ids) - 1))
+        self._snapshot()
+        keep = self._rewind(min(cache.common_prefix(ids), len(ids) - 1))
         if cache.rings and keep < len(ids) - 1:
             self.eval(ids[keep:-1])
-            cache.snapshot()
+            self._snapshot()
             keep = len(ids) - 1
         return self.eval(ids[keep:])
+
+    def _snapshot(self) -> None:
+        if any(ids == self.cache.tokens for ids, _ in self.snapshots):
+            return
+        snap = self.cache.snapshot()
+        if snap is not None:
+            self.snapshots = (self.snapshots + [snap])[-MAX_SNAPSHOTS:]
+
+    def _rewind(self, length: int) -> int:
+        """Keep the first `length` ids; returns the length actually kept, which the caller
+        re-feeds from: in place where the rings allow it, else from the latest snapshot at
+        or before `length` of this same sequence of ids, else from empty. Never attention
+        over wrong keys."""
+        cache = self.cache
+        length = min(length, cache.length)
+        if cache.can_truncate(length):
+            cache.truncate(length)
+            return length
+        usable = [s for s in self.snapshots
+                  if len(s[0]) <= length and cache.tokens[:len(s[0])] == s[0]]
+        if not usable:
+            cache.reset()
+            return 0
+        best = max(usable, key=lambda s: len(s[0]))
+        cache.restore(best)
+        return len(best[0])
+
+
+class Engine:
+    """Runs token ids through the graph, one sequence or several.
+
+    `max_rollback` is how far any sequence can roll back in place (a speculative step's
+    draft length); `cache_budget` bounds the bytes of all sequences' caches together (None:
+    what memory is available when a sequence is opened).
+    """
+
+    def __init__(self, backend, cfg, weights, n_ctx: int, n_batch: int = 256,
+                 max_rollback: int = 0, cache_budget: int | None = None):
+        self.backend = backend
+        self.cfg = cfg
+        self.weights = weights
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.max_rollback = max_rollback
+        self.cache_budget = cache_budget
+        # the first sequence's cache is the one the load plan checked against memory
+        self.main = Sequence(self, self._new_cache())
+        self.sequences: list[Sequence] = [self.main]
+
+    # -- sequences ---------------------------------------------------------------------------
+    @property
+    def sequence_bytes(self) -> int:
+        """Cache bytes each sequence holds."""
+        return KVCache.bytes_needed(self.cfg, self.n_ctx, self.backend.kv_bytes_per_element(),
+                                    self.n_batch, self.max_rollback)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the caches of every open sequence hold."""
+        return sum(s.cache.nbytes for s in self.sequences)
+
+    def open_sequence(self) -> Sequence:
+        """A new sequence with its own empty cache; OutOfMemoryError beyond the budget."""
+        need = self.sequence_bytes
+        if self.cache_budget is not None:
+            room = self.cache_budget - self.cache_bytes
+        else:
+            room = available_bytes()
+        if need > room:
+            mib = 1 << 20
+            raise OutOfMemoryError(
+                f"another sequence's cache needs {need / mib:.1f} MiB but only "
+                f"{max(room, 0) / mib:.1f} MiB is left of the cache budget; close a sequence "
+                f"or load with a smaller n_ctx")
+        seq = Sequence(self, self._new_cache())
+        self.sequences.append(seq)
+        return seq
+
+    def _new_cache(self) -> KVCache:
+        return KVCache(self.backend, self.cfg, self.n_ctx, self.n_batch, self.max_rollback)
+
+    def close_sequence(self, seq: Sequence) -> None:
+        """Free a sequence's cache (not the engine's first sequence)."""
+        if seq is self.main:
+            raise InvalidArgumentError("the engine's first sequence stays open")
+        self.sequences.remove(seq)
+
+    # -- the first sequence: the batch-1 path -------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.n_ctx
+
+    @property
+    def n_cached(self) -> int:
+        return self.main.n_cached
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.main.tokens
+
+    def eval(self, ids: list[int], all_logits: bool = False):
+        return self.main.eval(ids, all_logits)
+
+    def prefill(self, ids: list[int]):
+        return self.main.prefill(ids)
+
+    def step(self, ids: list[int]):
+        return self.main.step(ids)
+
+    def forward(self, ids: list[int], logits_at: np.ndarray | None = None):
+        return self.main.forward(ids, logits_at)
+
+    def rollback(self, n: int) -> None:
+        self.main.rollback(n)
+
+    def reset(self) -> None:
+        self.main.reset()
+
+    @property
+    def lock(self):
+        return self.main.lock
+
+    def claim(self) -> object:
+        return self.main.claim()
+
+    def holds(self, ticket: object) -> bool:
+        return self.main.holds(ticket)
+
+    def release(self, ticket: object) -> None:
+        self.main.release(ticket)

@@ -50,7 +50,7 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
         raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not prompt_ids:
         raise SamplingError("the prompt is empty (no tokens)")
-    capacity = engine.cache.capacity
+    capacity = engine.capacity
     if len(prompt_ids) >= capacity:
         raise ContextOverflowError(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "

@@ -54,7 +54,7 @@ def test_gemma3_past_its_sliding_window_agrees_with_llama_cpp(gemma3_path):
     gemma3 = diptych.load(gemma3_path, n_ctx=1024, n_batch=64)
     tokens = ref["long_tokens"].tolist()
     window = gemma3.config.sliding_window
-    ring = max(s.slots for s in gemma3.engine.cache.specs if s.window)
+    ring = max(s.slots for s in gemma3.engine.main.cache.specs if s.window)
     assert window == 512 and len(tokens) > ring
     ours = gemma3.logits(tokens)
     top = top1_agreement(ours, ref["long_topk_ids"], ref["long_topk_logits"])

@@ -71,7 +71,7 @@ def test_chunked_prefill_and_decode_match_full_forward(tiny, engine_for, family)
     _, path, ref = tiny(family)
     eng = engine_for(path, n_batch=5)
     if family in WINDOWED:
-        assert min(s.slots for s in eng.cache.specs if s.window) == 12 < len(IDS)
+        assert min(s.slots for s in eng.main.cache.specs if s.window) == 12 < len(IDS)
     part = eng.eval(IDS[:23], all_logits=True)
     steps = [eng.backend.to_numpy(eng.eval([t]))[0] for t in IDS[23:]]
     assert _rel(np.concatenate([part, np.stack(steps)]), ref) <= 1e-4
@@ -125,7 +125,7 @@ def test_prefix_reuse_and_rewind_match_a_fresh_cache(tiny, engine_for, family):
                  (IDS[:12], IDS[:12] + IDS[30:34])):  # extend
         eng.prefill(a)
         got = eng.backend.to_numpy(eng.prefill(b))[0]
-        assert eng.cache.tokens == b
+        assert eng.tokens == b
         want = engine_for(path).eval(b, all_logits=True)[-1]
         assert _rel(got, want) <= 1e-5
 
@@ -138,11 +138,11 @@ def test_regenerate_and_resend_on_wrapped_rings_use_snapshots(tiny, engine_for, 
     _, path, _ = tiny(family)
     eng = engine_for(path, n_batch=4)
     fed = []
-    eval_ = eng.eval
-    eng.eval = lambda ids, **kw: (fed.append(len(ids)), eval_(ids, **kw))[1]
+    eval_ = eng.main.eval
+    eng.main.eval = lambda ids, *a: (fed.append(len(ids)), eval_(ids, *a))[1]
 
     def check(got, ids):
-        assert eng.cache.tokens == ids
+        assert eng.tokens == ids
         want = engine_for(path).eval(ids, all_logits=True)[-1]
         assert _rel(eng.backend.to_numpy(got)[0], want) <= 1e-5
 

@@ -35,7 +35,11 @@ def test_planning_builds_nothing_and_the_engine_matches_the_estimate(gemma3):
     built = LoadPlan.open(gemma3, "torch", device="cpu", n_ctx=64, n_batch=8)
     assert built.cache_bytes == plan.cache_bytes
     engine = built.engine()
-    assert engine.cache.nbytes == plan.cache_bytes and engine.cache.capacity == 64
+    assert engine.cache_bytes == plan.cache_bytes and engine.capacity == 64
+    # rings grow by the rollback slots asked for, and the estimate with them
+    spec = LoadPlan.open(gemma3, "torch", device="cpu", n_ctx=64, n_batch=8, max_rollback=5)
+    assert spec.cache_bytes > plan.cache_bytes
+    assert spec.engine().cache_bytes == spec.cache_bytes
 
 
 def test_a_plan_that_does_not_fit_is_refused_before_any_weight(gemma3, monkeypatch):

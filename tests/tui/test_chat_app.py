@@ -69,17 +69,18 @@ async def type_keys(app, text):
 @contextmanager
 def fed_tokens(engine):
     """The token ids `engine` evaluates (prefill and decode steps) while the block runs."""
-    fed, real = [], engine.eval
+    seq = engine.main  # the sequence a Model generates in
+    fed, real = [], seq.eval
 
     def counting(ids, *args, **kwargs):
         fed.extend(ids)
         return real(ids, *args, **kwargs)
 
-    engine.eval = counting
+    seq.eval = counting
     try:
         yield fed
     finally:
-        del engine.eval
+        del seq.eval
 
 
 def transcript(app):
@@ -101,7 +102,7 @@ def test_reply_streams_into_transcript_and_database(model, data_dir):
                                       ("assistant", reply)]
             status = app.chat.status.text
             for part in ("torch (cpu)", "SmolLM2-135M-Instruct.Q4_1 Q4_1/Q8_0",
-                         f"context {model.engine.cache.length}/1024", "decode", "MiB"):
+                         f"context {model.engine.n_cached}/1024", "decode", "MiB"):
                 assert part in status
             assert app.chat.sub_title == "What is the capital of France?"
         assert reply == greedy(model, [{"role": "user", "content": question}], 24)
@@ -183,7 +184,7 @@ def test_regenerate_and_edit_resend_rewind_the_cache(model, data_dir):
             assert not first_view.is_attached
             question = [{"role": "user", "content": "Name a color."}]
             prompt_ids = model.chat_prompt(question)
-            assert model.engine.cache.tokens[:len(prompt_ids)] == prompt_ids
+            assert model.engine.tokens[:len(prompt_ids)] == prompt_ids
             # the cache was rewound to the prompt: its last token is fed again for its
             # logits, then each reply token but the last
             reply_ids = [t for p in model.chat_stream(question, max_tokens=8, temperature=0)

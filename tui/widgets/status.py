@@ -34,7 +34,7 @@ class StatusBar(Horizontal):
         parts = [
             model.backend.describe(),
             f"{model.path.stem} {quant_summary(model)}",
-            f"context {model.engine.cache.length}/{model.n_ctx}",
+            f"context {model.engine.n_cached}/{model.n_ctx}",
         ]
         if timings is not None:
             parts.append(speeds(timings))

@@ -9,9 +9,9 @@ to the whole model.
 Routed experts of a kernel type are stacked (QuantExperts), so MoE decode picks each token's
 experts by id on the device.
 
-Attention: the step's K/V are written into the cache by position (device array), then up to
-DECODE_MAX_T queries use the split-K decode kernels (full cache, ring-buffer window, MLA in
-latent space); longer chunks (prefill, eager) use torch's SDPA over the cache.
+Attention: the step's K/V are written into the slots the runtime chose (device arrays), then
+up to DECODE_MAX_T queries use the split-K decode kernels (full cache, ring-buffer window,
+MLA in latent space); longer chunks (prefill, eager) use torch's SDPA over the cache.
 
 Training (autograd recording, an input requiring grad; LoRA fine-tuning, issue 13, builds on
 it): the linears run the same kernels with grad_x = grad_y @ dequant(W) as their backward;
@@ -154,20 +154,19 @@ class CudaBackend(TorchBackend):
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
         if _grad(q, k, v):
             return super().attention(q, k, v, kv, layer, step, scale)
-        spec = kv.specs[layer]
+        spec, view = kv.specs[layer], step.views[layer]
         kc, vc = kv.k[layer], kv.v[layer]
-        ring = spec.window > 0
         n = q.shape[1]
-        attn.write_kv(k, v, kc, vc, step.positions, ring=ring)
+        attn.write_kv(k, v, kc, vc, view.slots)
         if n > DECODE_MAX_T:
-            return self.attend_cache(q, kc, vc, spec, step, scale)
+            return self.attend_cache(q, kc, vc, spec, view, scale)
         if spec.v_from_k:
             r = spec.v_from_k
             out = attn.mla_decode_attention(q[..., :r], q[..., r:], kc[:, 0, :, :r],
                                             kc[:, 0, :, r:], step.positions, scale)
         else:
             out = attn.decode_attention(q, kc, vc, step.positions, scale, window=spec.window,
-                                        keys=attn.KEYS_RING if ring else attn.KEYS_FULL)
+                                        slot_pos=view.key_pos)
         return out.reshape(q.shape[0], n, -1)
 
     def expert_ffn(self, x, experts, chosen, weights, act):

@@ -17,7 +17,8 @@ class GraphStep:
     replays the graph. Everything else fn touches (weights, the KV cache) must be the same
     persistent tensors on every call, and non-tensor arguments must not change what fn
     computes on this backend (they are frozen at capture: CudaBackend's decode reads
-    positions from the device array, never Step.start). The returned tensor is the graph's
+    positions and cache slots from device arrays, never a CacheView's host facts, for
+    steps of up to DECODE_MAX_T tokens). The returned tensor is the graph's
     static output: overwritten by the next call, so consume (sample) it first.
     """
 

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from diptych.backends.base import LayerCacheSpec
+from diptych.backends.torch.cuda.backend import CudaBackend
 from diptych.backends.torch.cuda.kernels import attention as at
+from diptych.inference.slots import SlotPolicy
 
 from .conftest import DTYPES
 
@@ -58,19 +61,21 @@ def test_full_cache_gqa(dtype, n_tok, window, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ring_buffer_window(dtype, device):
-    # window 8, 2 tokens per step: 8 - 1 + 2 = 9 slots; write 25 positions through the ring
+    # window 8, 2 tokens per step: 8 - 1 + 2 = 9 slots; write 25 positions through the ring,
+    # in the slots the runtime's slot policy gives
     batch, n_heads, hkv, dim, window, n_tok = 1, 4, 1, 16, 8, 2
-    slots = window - 1 + n_tok
-    kc = torch.zeros(batch, hkv, slots, dim, dtype=dtype, device=device)
+    policy = SlotPolicy([LayerCacheSpec(window - 1 + n_tok, hkv, dim, window=window)])
+    kc = torch.zeros(batch, hkv, policy.specs[0].slots, dim, dtype=dtype, device=device)
     vc = torch.zeros_like(kc)
     all_k = _rand(batch, 26, hkv, dim, dtype=dtype, device=device, seed=3)
     all_v = _rand(batch, 26, hkv, dim, dtype=dtype, device=device, seed=4)
+    be = CudaBackend(device, dtype)
     for start in range(0, 26, n_tok):
         pos = torch.arange(start, start + n_tok, device=device)[None, :]
-        at.write_kv(all_k[:, start:start + n_tok], all_v[:, start:start + n_tok], kc, vc, pos,
-                    ring=True)
+        slots, key_pos = policy.arrays(be, start, n_tok)
+        at.write_kv(all_k[:, start:start + n_tok], all_v[:, start:start + n_tok], kc, vc, slots)
         q = _rand(batch, n_tok, n_heads, dim, dtype=dtype, device=device, seed=start)
-        got = at.decode_attention(q, kc, vc, pos, 0.25, window=window, keys=at.KEYS_RING,
+        got = at.decode_attention(q, kc, vc, pos, 0.25, window=window, slot_pos=key_pos,
                                   block_s=16)
         hist = torch.arange(start + n_tok)
         want = _ref(q, all_k[:, :start + n_tok], all_v[:, :start + n_tok], hist[None], pos,
@@ -88,7 +93,7 @@ def test_explicit_slot_positions(device):
     slot_pos[:, :3] = -1  # empty slots
     q_pos = torch.tensor([[15], [19]])
     got = at.decode_attention(q, kc, vc, q_pos.to(device), 0.3, window=6,
-                              keys=at.KEYS_EXPLICIT, slot_pos=slot_pos.to(device, torch.int32),
+                              slot_pos=slot_pos.to(device, torch.int32),
                               block_s=16)
     want = _ref(q, kc.transpose(1, 2), vc.transpose(1, 2), slot_pos, q_pos, 0.3, 6)
     _close(got, want, torch.float32)

@@ -47,17 +47,17 @@ def test_logits_match_cpu_backend(tmp_path, monkeypatch, family, qtype, n_batch,
     split = np.split(ids, np.cumsum(chunks)[:-1])
     ref_eng, eng = _engines(path, 32, n_batch)
     assert any(isinstance(w, QuantWeight) for _, w in eng.weights.linears())
-    used = []  # which decode attention kernels ran, and over which key layout
+    used = []  # which decode attention kernels ran, and whether with explicit key positions
     for name in ("decode_attention", "mla_decode_attention"):
         fn = getattr(attn, name)
         monkeypatch.setattr(attn, name, lambda *a, _f=fn, _n=name, **k: (
-            used.append((_n, k.get("keys"))), _f(*a, **k))[1])
+            used.append((_n, k.get("slot_pos") is not None)), _f(*a, **k))[1])
     ref = _run(ref_eng, [list(c) for c in split])
     got = _run(eng, [list(c) for c in split])
     assert np.abs(got - ref).max() <= 2e-4 * np.abs(ref).max()
-    want = {"mistral": ("decode_attention", attn.KEYS_RING),
-            "deepseek_v2": ("mla_decode_attention", None)}.get(family,
-                                                               ("decode_attention", attn.KEYS_FULL))
+    want = {"mistral": ("decode_attention", True),  # the ring's slots: explicit positions
+            "deepseek_v2": ("mla_decode_attention", False)}.get(family,
+                                                                ("decode_attention", False))
     assert want in used
 
 
@@ -119,6 +119,7 @@ def test_select_refuses_unknown_devices(device):
 def test_gradients_match_cpu_backend(window):
     """Training path: grad_x through a quantized linear, RMSNorm, RoPE and attention."""
     from diptych.backends.base import LayerCacheSpec, RopeSpec, Step
+    from diptych.inference.slots import SlotPolicy
 
     g = torch.Generator().manual_seed(0)
     qt = make_weight(T.Q4_K, 24, 256)
@@ -135,7 +136,9 @@ def test_gradients_match_cpu_backend(window):
         k = be.rope(y[..., :16].reshape(1, 5, 1, 16).expand(1, 5, 2, 16), pos, RopeSpec(16, 1e4))
         v = y[..., 8:24].reshape(1, 5, 1, 16).expand(1, 5, 2, 16)
         kv = be.alloc_kv([LayerCacheSpec(8, 2, 16, window=window)], 1)
-        out = be.attention(be.rope(q, pos, RopeSpec(16, 1e4)), k, v, kv, 0, Step(pos, 0, 5), 0.25)
+        slots = SlotPolicy(kv.specs)
+        step = Step(pos, 5, slots.views(slots.arrays(be, 0, 5), 0, 5))
+        out = be.attention(be.rope(q, pos, RopeSpec(16, 1e4)), k, v, kv, 0, step, 0.25)
         (out.float() ** 2).sum().backward()
         grads.append((x.grad.cpu(), q.grad.cpu()))
     for ref, got in zip(*grads):

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from diptych.backends.base import Step
-from diptych.model.graph import forward
 
 from .blocks import KERNEL_TYPES, make_weight
 from .conftest import gpu_only
@@ -47,30 +45,32 @@ def test_long_context_attention_bf16():
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "deepseek_v2", "deepseek_v3"])
 def test_graph_step_replays_eager_results(tmp_path, caplog, family):
-    """The decode step captured as a CUDA graph (MoE included: routing and expert choice
-    stay on the device) replays the eager step's logits."""
+    """Steps of width 1 and 3 (a decode and a two-token draft's verification), captured
+    once per width, against the same steps run eagerly; rings wrap, drafts roll back; MoE
+    included: routing and expert choice stay on the device."""
     from diptych.backends.torch.cuda.backend import CudaBackend
     from diptych.load_plan import LoadPlan
 
     from ...tiny_models import tiny_hf_model, write_gguf
 
     path = write_gguf(tiny_hf_model(family, seed=2), family, tmp_path / "m.gguf", "Q8_0")
-    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 24)]
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 40)]
     outs = []
     for captured in (False, True):
         be = CudaBackend("cuda", dtype=torch.float32)
-        eng = LoadPlan.open(path, be, n_ctx=64, n_batch=16).engine()
+        eng = LoadPlan.open(path, be, n_ctx=64, n_batch=16, max_rollback=2).engine()
         eng.eval(ids[:8])
-        kv = eng.cache.storage
 
-        def step(tok, pos, start):
-            return forward(be, eng.cfg, eng.weights, tok, kv, Step(pos, start, 1))
+        def run(chunk):
+            if captured:
+                return be.to_numpy(eng.step(chunk))[0]
+            return be.to_numpy(eng.forward(chunk, np.arange(len(chunk))))[0]
 
-        run = be.compile_step(step) if captured else step
         rows = []
-        for p in range(8, len(ids)):
-            out = run(be.ids(np.array([[ids[p]]])), be.ids(np.array([[p]])), p)
-            rows.append(be.to_numpy(out)[0, -1])
+        for p in range(8, len(ids), 2):
+            rows += list(run(ids[p:p + 1]))
+            rows += list(run([ids[p + 1], 5, 6]))  # the last two tokens are rejected
+            eng.rollback(2)
         outs.append(np.stack(rows))
     assert "not capturable" not in caplog.text
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

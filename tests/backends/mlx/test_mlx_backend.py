@@ -45,7 +45,7 @@ def test_bfloat16_path_on_the_cpu(llama_path):
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     be = MLXBackend(dtype="bfloat16", scale_dtype="bfloat16")
     eng = engine_for(llama_path, n_ctx=32, backend=be)
-    assert eng.cache.storage.k[0].dtype == mx.bfloat16 and be.kv_bytes_per_element() == 2
+    assert eng.main.cache.storage.k[0].dtype == mx.bfloat16 and be.kv_bytes_per_element() == 2
     ours = eng.eval(ids, all_logits=True)
     # bf16 keeps 8 significant bits: measured max error ~7% of max|logit|, top-1 ~95%
     assert np.abs(ours - ref).max() <= 0.15 * np.abs(ref).max()
@@ -54,7 +54,7 @@ def test_bfloat16_path_on_the_cpu(llama_path):
 
 def test_kv_storage_reports_its_real_size(llama_path):
     eng = engine_for(llama_path, n_ctx=48)
-    kv = eng.cache.storage
+    kv = eng.main.cache.storage
     assert isinstance(kv, MLXKV)
     cfg = eng.cfg
     assert kv.nbytes == sum(a.size * a.itemsize for a in kv.k + kv.v)
@@ -99,7 +99,7 @@ def test_generation_streams_on_mlx(llama_path):
     seq = [1, 2, 3]
     for _ in range(5):
         seq.append(int(np.argmax(ref.eval(seq, all_logits=True)[-1])))
-        ref.cache.rewind(0)
+        ref.reset()
     assert ids == seq[3:]
 
 

@@ -11,12 +11,9 @@ captured once replays for every position.
 Visibility: query t of sequence b (position qpos[b, t]) sees a key at position p iff
 0 <= p <= qpos[b, t] and, with a window W > 0, p > qpos[b, t] - W. A slot's key position:
   KEYS_FULL      slot s holds position s (a full cache, or a window over a full cache);
-  KEYS_RING      ring buffer of S slots: position p lives in slot p % S, so slot s holds the
-                 latest p <= P with p = s (mod S), P = the sequence's last query position
-                 (negative: never written). Needs S >= W - 1 + T so that writing T new keys
-                 does not evict a key an earlier query of the step still sees;
-  KEYS_EXPLICIT  slot_pos[b, s] gives it (-1: empty).
-The cache write (`write_kv`) is separate, and comes first: slot = position (mod S for a ring).
+  KEYS_EXPLICIT  slot_pos[b, s] gives it (-1: empty): a ring buffer, whose slots the
+                 runtime's slot policy assigns (diptych.inference.slots).
+The cache write (`write_kv`) is separate, and comes first, into the slots the caller gives.
 """
 
 from __future__ import annotations
@@ -26,8 +23,7 @@ import triton
 import triton.language as tl
 
 KEYS_FULL = 0
-KEYS_RING = 1
-KEYS_EXPLICIT = 2
+KEYS_EXPLICIT = 1
 
 LOG2E = 1.4426950408889634
 BLOCK_S = 64  # keys per inner step
@@ -45,10 +41,8 @@ def n_splits(capacity: int, n_groups: int, block_s: int = BLOCK_S,
 
 
 @triton.jit
-def _key_positions(slots, smask, slot_pos_ptr, b, S, last_pos, KEYS: tl.constexpr):
+def _key_positions(slots, smask, slot_pos_ptr, b, S, KEYS: tl.constexpr):
     if KEYS == 1:
-        return last_pos - ((last_pos - slots + S) % S)
-    elif KEYS == 2:
         return tl.load(slot_pos_ptr + b * S + slots, mask=smask, other=-1)
     else:
         return slots
@@ -122,7 +116,7 @@ def _gqa_split(q_ptr, k_ptr, v_ptr, qpos_ptr, slot_pos_ptr, po_ptr, pm_ptr, pl_p
     for s0 in range(start, end, BS):
         slots = s0 + tl.arange(0, BS)
         smask = slots < end
-        kpos = _key_positions(slots, smask, slot_pos_ptr, b, S, last_pos, KEYS)
+        kpos = _key_positions(slots, smask, slot_pos_ptr, b, S, KEYS)
         k = tl.load(k_ptr + b * sk_b + hk * sk_h + slots[:, None] * sk_s + d[None, :],
                     mask=smask[:, None] & kv_mask, other=0.0)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + slots[:, None] * sv_s + d[None, :],
@@ -171,15 +165,14 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, n_split, T, D, so_b, so_t, so_h,
 
 
 @triton.jit
-def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T, S, D,
+def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, T, S, D,
               sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_h, sc_s, svc_b, svc_h, svc_s,
-              HKV: tl.constexpr, RING: tl.constexpr, HAS_V: tl.constexpr, BD: tl.constexpr):
+              HKV: tl.constexpr, HAS_V: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)  # (b, t, kv head)
     hk = pid % HKV
     t = (pid // HKV) % T
     b = pid // (HKV * T)
-    pos = tl.load(pos_ptr + b * T + t)
-    slot = pos % S if RING else pos
+    slot = tl.load(slot_ptr + b * T + t)
     d = tl.arange(0, BD)
     mask = (d < D) & (slot >= 0) & (slot < S)
     k = tl.load(k_ptr + b * sk_b + t * sk_t + hk * sk_h + d, mask=mask, other=0.0)
@@ -192,19 +185,19 @@ def _write_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, T, S, D,
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor,
-             v_cache: torch.Tensor | None, positions: torch.Tensor, ring: bool = False) -> None:
-    """k, v (B, T, Hkv, D) into caches (B, Hkv, S, D) at slot = position (% S with a ring).
+             v_cache: torch.Tensor | None, slots: torch.Tensor) -> None:
+    """k, v (B, T, Hkv, D) into caches (B, Hkv, S, D) at the (B, T) `slots`.
     v None: keys only (MLA, whose values are part of the keys)."""
     batch, n, hkv, dim = k.shape
-    positions = positions.contiguous()
+    slots = slots.contiguous()
     has_v = v is not None
     v, v_cache = (v, v_cache) if has_v else (k, k_cache)
     _write_kv[(batch * n * hkv,)](
-        k, v, k_cache, v_cache, positions, n, k_cache.shape[2], dim,
+        k, v, k_cache, v_cache, slots, n, k_cache.shape[2], dim,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HKV=hkv, RING=ring, HAS_V=has_v, BD=_pow2(dim))
+        HKV=hkv, HAS_V=has_v, BD=_pow2(dim))
 
 
 def _scratch(groups: int, splits: int, rows: int, width: int, device):
@@ -223,12 +216,11 @@ def _merge(po, pm, pl, out, n_split, n_tok, dim, nx, group, n_heads, rows):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      q_pos: torch.Tensor, scale: float, window: int = 0,
-                     keys: int = KEYS_FULL, slot_pos: torch.Tensor | None = None,
-                     n_split: int | None = None, block_s: int = BLOCK_S,
-                     num_warps: int = 4) -> torch.Tensor:
+                     slot_pos: torch.Tensor | None = None, n_split: int | None = None,
+                     block_s: int = BLOCK_S, num_warps: int = 4) -> torch.Tensor:
     """q (B, T, H, D), caches (B, Hkv, S, D) already holding the step's keys, q_pos (B, T)
-    int positions -> (B, T, H, D) in q's dtype. `window` 0 = unlimited; `keys` and
-    `slot_pos` say which position each slot holds (module docstring)."""
+    int positions -> (B, T, H, D) in q's dtype. `window` 0 = unlimited; `slot_pos` (B, S)
+    says which position each slot holds, None: slot s holds s (module docstring)."""
     batch, n_tok, n_heads, dim = q.shape
     hkv, cap = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(3) != 1:
@@ -239,8 +231,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n_split = n_split or n_splits(cap, batch * hkv, block_s)
     po, pm, pl = _scratch(batch * hkv, n_split, br, bd, q.device)
     q_pos = q_pos.to(torch.int32).contiguous()
+    keys = KEYS_FULL if slot_pos is None else KEYS_EXPLICIT
+    slot_pos = q_pos if slot_pos is None else slot_pos.to(torch.int32).contiguous()
     _gqa_split[(batch * hkv, n_split)](
-        q, k_cache, v_cache, q_pos, slot_pos if slot_pos is not None else q_pos, po, pm, pl,
+        q, k_cache, v_cache, q_pos, slot_pos, po, pm, pl,
         n_tok, cap, dim, window, scale * LOG2E, n_split,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
