@@ -227,11 +227,16 @@ class MLXBackend(Backend):
 
     def attention(self, q, k, v, kv: MLXKV, layer, step: Step, scale):
         spec, view = kv.specs[layer], step.views[layer]
-        kc, vc = kv.k[layer], kv.v[layer]
-        where = view.slots[0]
-        kc[:, :, where, :] = k.transpose(0, 2, 1, 3).astype(kc.dtype)
+        # the step's K/V into their slots (put_along_axis: MLX's gradient of an indexed
+        # assignment on a middle axis fails, and training runs through here)
+        kt, where = k.transpose(0, 2, 1, 3), view.slots[0][None, None, :, None]
+        kv.k[layer] = kc = mx.put_along_axis(kv.k[layer], mx.broadcast_to(where, kt.shape),
+                                             kt.astype(kv.k[layer].dtype), axis=2)
+        vc = kv.v[layer]
         if vc is not None:
-            vc[:, :, where, :] = v.transpose(0, 2, 1, 3).astype(vc.dtype)
+            vt = v.transpose(0, 2, 1, 3)
+            kv.v[layer] = vc = mx.put_along_axis(vc, mx.broadcast_to(where, vt.shape),
+                                                 vt.astype(vc.dtype), axis=2)
         keys = kc[:, :, :view.n_keys, :]
         values = vc[:, :, :view.n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
         # MLX's "causal" mask is aligned to the last key, as the view's is

@@ -43,18 +43,21 @@ class SlotPolicy:
         self.specs = specs
         self.kinds = list(dict.fromkeys(specs))
 
-    def arrays(self, backend, start: int, n: int) -> tuple:
-        """Per kind, the slots a step of n tokens from `start` writes (1, n) and, for rings,
-        the position each slot holds after the write (1, slots), as backend arrays: what a
-        captured step takes as inputs (full caches: None, slot s holds position s)."""
+    def arrays(self, backend, start: int, n: int, batch: int = 1) -> tuple:
+        """Per kind, the slots a step of n tokens from `start` writes (batch, n) and, for
+        rings, the position each slot holds after the write (batch, slots), as backend
+        arrays: what a captured step takes as inputs (full caches: None, slot s holds
+        position s). Every row of a batch is at the same positions."""
+        def rows(a):
+            return backend.ids(np.broadcast_to(a, (batch, a.shape[-1])))
+
         out = []
         for spec in self.kinds:
-            pos = np.arange(start, start + n)[None, :]
+            pos = np.arange(start, start + n)
             if spec.window:
-                out += [backend.ids(pos % spec.slots),
-                        backend.ids(slot_positions(spec, start + n)[None, :])]
+                out += [rows(pos % spec.slots), rows(slot_positions(spec, start + n))]
             else:
-                out += [backend.ids(pos), None]
+                out += [rows(pos), None]
         return tuple(out)
 
     def views(self, arrays: tuple, start: int, n: int) -> list[CacheView]:

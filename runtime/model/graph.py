@@ -11,6 +11,7 @@ import numpy as np
 
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
 from diptych.inference.cache import layer_specs
+from diptych.inference.slots import SlotPolicy
 
 from .config import ModelConfig
 from .moe import moe_ffn
@@ -57,9 +58,12 @@ def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens):
     Attention runs through a scratch cache of T slots per layer that lives for this call
     only; no cache an engine holds is written."""
     batch, n = tokens.shape
-    kv = backend.alloc_kv(layer_specs(cfg, n, n), batch)
+    specs = layer_specs(cfg, n, n)
+    kv = backend.alloc_kv(specs, batch)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
-    return forward(backend, cfg, w, tokens, kv, Step(positions, 0, n), np.arange(n))
+    slots = SlotPolicy(specs)
+    step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))
+    return forward(backend, cfg, w, tokens, kv, step, np.arange(n))
 
 
 def _linear(be, layer: LayerWeights, name: str, x, bias=None):

@@ -109,8 +109,8 @@ def test_adapters_and_their_gradients_match_merged_transformers(llama, backend_n
         assert _rel(ga, wa) <= 1e-4 and _rel(gb, wb) <= 1e-4
     # the adapters moved the logits, and the engine's cache was never written
     assert _rel(got, np.stack([hf(torch.tensor(IDS)).logits.detach().numpy()])[0]) > 1e-2
-    assert eng.cache.length == 0
-    assert not np.abs(eng.backend.to_numpy(eng.cache.storage.k[0])).any()
+    assert eng.n_cached == 0
+    assert not np.abs(eng.backend.to_numpy(eng.main.cache.storage.k[0])).any()
 
 
 def test_add_lora_refuses_what_the_layer_lacks(llama):

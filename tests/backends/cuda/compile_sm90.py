@@ -37,7 +37,7 @@ def kernels():
                D=I, window=I, sm_scale="fp32", n_split=I, sq_b=I, sq_t=I, sq_h=I, sk_b=I,
                sk_h=I, sk_s=I, sv_b=I, sv_h=I, sv_s=I, HKV=C, G=C, KEYS=C, IEEE=C, BR=C, BS=C,
                BD=C)
-    for keys in (at.KEYS_FULL, at.KEYS_RING, at.KEYS_EXPLICIT):
+    for keys in (at.KEYS_FULL, at.KEYS_EXPLICIT):
         yield (f"decode attention keys={keys}", at._gqa_split, gqa,
                dict(HKV=8, G=4, KEYS=keys, IEEE=False, BR=16, BS=64, BD=128))
     yield ("combine", at._combine,
@@ -52,10 +52,10 @@ def kernels():
                 IEEE=C, BR=C, BS=C, BL=C, BP=C),
            dict(NHB=8, BH=16, IEEE=False, BR=16, BS=32, BL=512, BP=64))
     yield ("write_kv", at._write_kv,
-           dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", pos_ptr="*i64",
+           dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16", slot_ptr="*i64",
                 T=I, S=I, D=I, sk_b=I, sk_t=I, sk_h=I, sv_b=I, sv_t=I, sv_h=I, sc_b=I, sc_h=I,
-                sc_s=I, svc_b=I, svc_h=I, svc_s=I, HKV=C, RING=C, HAS_V=C, BD=C),
-           dict(HKV=8, RING=True, HAS_V=True, BD=128))
+                sc_s=I, svc_b=I, svc_h=I, svc_s=I, HKV=C, HAS_V=C, BD=C),
+           dict(HKV=8, HAS_V=True, BD=128))
     yield ("rms_norm", norm._rms_norm,
            dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*fp32", y_ptr="*bf16", sum_ptr="*bf16",
                 D=I, eps="fp32", sx=I, sr=I, sy=I, ss=I, RESIDUAL=C, BD=C),

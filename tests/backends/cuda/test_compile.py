@@ -17,4 +17,4 @@ def test_every_kernel_compiles_for_sm90():
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 19
+    assert run.stdout.count("ok ") == 18

@@ -107,22 +107,23 @@ def test_moe_decode_step_compiles_whole(tmp_path):
     """MoE routing stays on the device: an MoE decode step (sigmoid scores, selection
     bias, group-limited choice) traces under mx.compile, which refuses any value read on
     the host, and gives the eager step's logits."""
-    from diptych.backends.base import Step
-    from diptych.model.graph import forward
-
     path = write_gguf(tiny_hf_model("deepseek_v3", seed=1), "deepseek_v3", tmp_path / "m.gguf")
     ids = [5, 17, 3, 99, 42]
     eager, traced = engine_for(path), engine_for(path)
     for eng in (eager, traced):
         eng.eval(ids)
-    want = np.array(eager.eval([7]))
+    want = np.array(eager.eval([7]))[0]
 
-    def step(tokens, positions):
-        return forward(traced.backend, traced.cfg, traced.weights, tokens,
-                       traced.cache.storage, Step(positions, len(ids), 1))
+    seq, be, start = traced.main, traced.backend, len(ids)
+    slot_arrays = seq.slots.arrays(be, start, 1)
 
-    be = traced.backend
-    got = np.array(mx.compile(step)(be.ids([[7]]), be.ids([[len(ids)]]))[0])
+    def step(tokens, positions, *given):  # the sequence's capturable step, slots as inputs
+        rest = iter(given)
+        arrays = [None if a is None else next(rest) for a in slot_arrays]
+        return seq._run(start, tokens, positions, *arrays)
+
+    present = [a for a in slot_arrays if a is not None]
+    got = np.array(mx.compile(step)(be.ids([[7]]), be.ids([[start]]), *present)[0, -1])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
