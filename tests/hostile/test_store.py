@@ -54,8 +54,7 @@ def start_app():
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.pause()
             chats = app.chat.query_one(ChatList)
-            titles = [str(chats.get_option_at_index(i).prompt)
-                      for i in range(chats.option_count)]
+            titles = list(chats.titles)
             notices = [n.message for n in app._notifications]
             await pilot.press("ctrl+t")   # a write (the theme preference) must not fail
         return notices, titles

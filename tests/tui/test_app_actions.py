@@ -89,7 +89,7 @@ def test_rename_export_and_delete_a_chat(tmp_path):
             await pilot.press("f2")
             assert isinstance(app.screen, TextPrompt)
             await pilot.press(*["backspace"] * 6, *"Greetings", "enter")
-            assert app.query_one("#chats").get_option_at_index(0).prompt == "Greetings"
+            assert app.query_one("#chats").titles[0] == "Greetings"
 
             app.query_one("#chats").focus()
             await pilot.press("e")

@@ -239,7 +239,7 @@ def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+o")
             assert isinstance(app.screen, ModelPicker)
-            await pilot.press("tab", *str(broken), "enter")
+            await pilot.press(*str(broken), "enter")  # the path field has the focus
             await app.workers.wait_for_complete()
             await pilot.pause()
             assert app.model is model and app.is_running
@@ -248,7 +248,7 @@ def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
             assert "broken.gguf" in errors[-1].title
 
             await pilot.press("ctrl+o")
-            await pilot.press("enter")  # the first choice: the embedded default
+            await pilot.press("tab", "enter")  # to the list; its first choice: the default
             assert not isinstance(app.screen, ModelPicker)
             await app.workers.wait_for_complete()
             await pilot.pause()

@@ -39,9 +39,10 @@ class ChatList(OptionList):
     def show(self, chats: list[Chat], current: int | None, query: str = "") -> None:
         now = time.time()
         query = query.strip().lower()
+        shown = [c for c in chats if query in c.title.lower()]
+        self.titles = [c.title for c in shown]  # what each line says, in order
         self.clear_options()
-        self.add_options(Option(chat_line(c, now), id=str(c.id)) for c in chats
-                         if query in c.title.lower())
+        self.add_options(Option(chat_line(c, now), id=str(c.id)) for c in shown)
         if current is not None:
             try:
                 self.highlighted = self.get_option_index(str(current))
