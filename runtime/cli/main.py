@@ -187,6 +187,27 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import warnings
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diptych.sources.quantize import quantize
+
+    with Progress(TextColumn("quantizing {task.description:<36}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"diptych: warning: {msg}",
+                                                          file=sys.stderr)
+        task = bar.add_task("", total=None)
+        out = quantize(args.input, args.out, args.type, allow_requantize=args.allow_requantize,
+                       progress=lambda name, done, total: bar.update(
+                           task, description=name, completed=done, total=total))
+    print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -246,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
                     help="type of the weight matrices (default: F16); vectors stay F32")
     sp.set_defaults(func=cmd_convert)
+
+    from diptych.sources.quantize import QUANTIZE_MIXES
+
+    sp = sub.add_parser("quantize", help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
+    sp.add_argument("input", help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("out", help="the .gguf file to write")
+    sp.add_argument("--type", default="Q4_K_M", type=str.upper, choices=QUANTIZE_MIXES,
+                    help="the mix, as llama.cpp names it (default: Q4_K_M)")
+    sp.add_argument("--allow-requantize", action="store_true",
+                    help="accept a quantized input (lossy: both roundings add up)")
+    sp.set_defaults(func=cmd_quantize)
     return p
 
 
