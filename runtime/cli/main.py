@@ -208,6 +208,30 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from diptych.api import load
+    from diptych.inference.perplexity import perplexity
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{args.text}: cannot read the text ({exc})") from None
+    model = load(args.model, backend=args.backend, n_ctx=args.ctx)
+    base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx) \
+        if args.kl_divergence else None
+    with Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("ppl", total=None)
+        result = perplexity(model, model.tokenize(text, special=False), args.ctx, base,
+                            lambda done, total: bar.update(task, completed=done, total=total))
+    print(result.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -278,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-requantize", action="store_true",
                     help="accept a quantized input (lossy: both roundings add up)")
     sp.set_defaults(func=cmd_quantize)
+
+    sp = sub.add_parser("perplexity", help="perplexity of a model on a text (llama-perplexity's "
+                        "chunked method), and KL divergence against a base model")
+    sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("text", help="a UTF-8 text file")
+    sp.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: 512)")
+    sp.add_argument("--kl-divergence", metavar="BASE", default=None,
+                    help="a base model (same vocabulary): also report KL(base || model) and "
+                         "top-1 agreement")
+    sp.add_argument("--backend", default="auto")
+    sp.set_defaults(func=cmd_perplexity)
     return p
 
 
