@@ -116,7 +116,8 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 class _Chooser:
-    """Per-tensor choice in file order (attn_v and ffn_down depend on how many came before)."""
+    """Per-tensor choice in llama.cpp's order (attn_v and ffn_down depend on how many came
+    before)."""
 
     def __init__(self, mix: str, model: ModelShape, names: list[str]):
         self.mix = mix.upper()
@@ -201,8 +202,17 @@ class _Chooser:
 
 def tensor_types(mix: str, model: ModelShape,
                  tensors: Iterable[tuple[str, tuple[int, ...], T]]) -> dict[str, T]:
-    """name -> type for each (name, shape (row-major, in_features last), current type), in
-    file order, as llama.cpp's quantizer chooses for the mix."""
+    """name -> type for each (name, shape (row-major, in_features last), current type), as
+    llama.cpp's quantizer chooses for the mix."""
     tensors = list(tensors)
     chooser = _Chooser(mix, model, [name for name, _, _ in tensors])
-    return {name: chooser.choose(name, tuple(shape), current) for name, shape, current in tensors}
+    chosen = {name: chooser.choose(name, tuple(shape), current)
+              for name, shape, current in sorted(tensors, key=lambda t: _llama_order(t[0]))}
+    return {name: chosen[name] for name, _, _ in tensors}
+
+
+def _llama_order(name: str) -> tuple[int, str]:
+    """llama.cpp visits tensors by layer (non-layer tensors first), then by name: the order
+    its attn_v / ffn_down counters follow."""
+    m = _LAYER.match(name)
+    return (int(m.group(1)) if m else -1, name)

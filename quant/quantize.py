@@ -61,8 +61,8 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep, use_mad):
     minimising sum(w * err) (err squared, or absolute with use_mad).
 
     Starts from the min/max mapping, then for each candidate scale (nmax + rmin + rdelta*k)
-    / (max - min) rounds the codes and solves the weighted least squares for scale and min
-    (min clamped to <= 0 in x's sign), keeping the candidate with the lowest error.
+    / (max - min), min the best so far, rounds the codes and solves the weighted least
+    squares for scale and min (min clamped to <= 0), keeping the candidate of lowest error.
     """
     lo = np.minimum(x.min(axis=1, keepdims=True), 0)
     hi = x.max(axis=1, keepdims=True)
@@ -81,8 +81,10 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep, use_mad):
     sum_w = w.sum(axis=1, keepdims=True)
     sum_x = (w * x).sum(axis=1, keepdims=True)
     for k in range(nstep + 1):
+        # the candidates map from the best min so far, not the first one
+        span = np.where(hi > mn, hi - mn, 1).astype(np.float32)
         iscale = np.float32(rmin + rdelta * k + nmax) / span
-        La = np.clip(_rint(iscale * (x - lo)), 0, nmax).astype(np.float32)
+        La = np.clip(_rint(iscale * (x - mn)), 0, nmax).astype(np.float32)
         wl = w * La
         sum_l = wl.sum(axis=1, keepdims=True)
         sum_l2 = (wl * La).sum(axis=1, keepdims=True)

@@ -25,6 +25,7 @@ class RealCase:
     model: str        # "smollm2" | "qwen2" | "gemma3"
     tensor: str
     rows: int         # how many of the tensor's first rows
+    coarse_for: tuple[str, ...] = ()  # its own type: requantizing to it is near-lossless
 
     @property
     def name(self) -> str:
@@ -43,6 +44,7 @@ class RealCase:
 class SyntheticCase:
     name: str
     seed: int
+    coarse_for = ()
 
     def values(self, paths=None) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
@@ -64,8 +66,8 @@ CASES = (
     RealCase("smollm2", "token_embd.weight", 128),
     RealCase("qwen2", "output.weight", 128),
     RealCase("gemma3", "token_embd.weight", 128),
-    RealCase("qwen2", "blk.0.ffn_down.weight", 24),
-    RealCase("gemma3", "blk.5.ffn_down.weight", 32),
+    RealCase("qwen2", "blk.0.ffn_down.weight", 24, coarse_for=("Q6_K",)),
+    RealCase("gemma3", "blk.0.ffn_down.weight", 32, coarse_for=("Q6_K",)),
     SyntheticCase("student-t3", 1),
     SyntheticCase("laplace-outliers", 2),
     SyntheticCase("shifted-lognormal", 3),

@@ -1,13 +1,36 @@
-"""Per-tensor type choice of each mix: llama.cpp's layer bumps and fallbacks for rows not
-divisible by 256."""
+"""Per-tensor type choice of each mix equals llama.cpp's on the real models (committed fixture
+from scripts/make_quantize_fixtures.py), fallbacks for rows not divisible by 256 included."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from diptych.errors import InvalidArgumentError
-from diptych.quant.mixes import ModelShape, mix_default, tensor_types
+from diptych.quant.gguf_file import GGUFFile
+from diptych.quant.mixes import MIXES, ModelShape, mix_default, tensor_types
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "quantize_llama_cpp.json"
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen2", "gemma3"])
+def test_same_types_as_llama_cpp(model, request):
+    fixture = json.loads(FIXTURE.read_text())["mixes"][model]
+    path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen2": "qwen_path",
+                                    "gemma3": "gemma3_path"}[model])
+    with GGUFFile(path) as f:
+        shape = ModelShape.from_metadata(f.metadata)
+        tensors = [(name, t.shape, t.ggml_type) for name, t in f.tensors.items()]
+    assert sorted(name for name, _, _ in tensors) == sorted(fixture["tensors"])
+    assert set(fixture["types"]) == set(MIXES)
+    for mix, expected in fixture["types"].items():
+        ours = tensor_types(mix, shape, tensors)
+        diff = [(n, ours[n].name, e) for n, e in zip(fixture["tensors"], expected.upper().split())
+                if ours[n].name != e]
+        assert not diff, f"{mix}: (tensor, ours, llama.cpp) {diff[:5]}"
 
 
 def test_fallbacks_and_bumps_on_a_synthetic_model():

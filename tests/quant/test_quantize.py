@@ -1,7 +1,10 @@
 """The numpy quantizers: what they write decodes (gguf-py) to what they meant, their error search
-beats plain min/max rounding."""
+beats plain min/max rounding, and their error is llama.cpp's (committed fixture)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -13,8 +16,9 @@ from diptych.quant.dequant import dequantize_rows
 from diptych.quant.formats import FORMATS
 from diptych.quant.quantize import QUANTIZERS, quantize_rows
 
-from .quantize_cases import SyntheticCase, relative_error
+from .quantize_cases import CASES, COMPARED_TYPES, RealCase, SyntheticCase, digest, relative_error
 
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "quantize_llama_cpp.json"
 K_TYPES = tuple(QUANTIZERS)
 
 
@@ -99,3 +103,26 @@ def test_legacy_types_are_gguf_py():
     x = _inputs()
     np.testing.assert_array_equal(quantize_rows(x, T.Q5_1).reshape(-1),
                                   gguf.quants.quantize(x, T.Q5_1).reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def model_paths(smollm2_path, qwen_path, gemma3_path):
+    return {"smollm2": smollm2_path, "qwen2": qwen_path, "gemma3": gemma3_path}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_error_at_most_llama_cpp(case, request):
+    """Per tensor and type, our relative squared error <= 1.01 x that of ggml's quantizer on
+    the same values (tests/fixtures/quantize_llama_cpp.json); a real tensor is not compared
+    in its own type, which it requantizes to almost exactly."""
+    ref = json.loads(FIXTURE.read_text())["errors"][case.name]
+    paths = request.getfixturevalue("model_paths") if isinstance(case, RealCase) else None
+    x = case.values(paths)
+    assert digest(x) == ref["sha256"], "the input differs from the one the fixture measured"
+    for name in COMPARED_TYPES:
+        if name in case.coarse_for:
+            continue
+        t = T[name]
+        ours = relative_error(x, _decode(quantize_rows(x, t), t, x.shape))
+        theirs = ref["llama_cpp"][name]
+        assert ours <= 1.01 * theirs, f"{name}: ours {ours:.5g} vs llama.cpp {theirs:.5g}"
