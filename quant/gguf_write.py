@@ -2,11 +2,11 @@
 
 Metadata values are typed as llama.cpp's converter types them: int -> u32 (i32 if negative),
 float -> f32, bool, str, list[str], numpy arrays by dtype (token types i32, scores f32, per-layer
-flags bool). Tensors are written as they are, converted to one GGML type (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1) keeping llama.cpp's converter's exceptions (vectors, norms, biases and MoE
-routers stay F32, a matrix whose rows do not divide into the type's blocks falls back to
-F16), or each to the type a mapping names (a quantization mix, quant/mixes.py); conversion
-goes through quant/quantize.py.
+flags bool). Tensors are written as they are, converted to one GGML type (F32, F16,
+BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) keeping llama.cpp's converter's exceptions (vectors,
+norms, biases and MoE routers stay F32, a matrix whose rows do not divide into the type's
+blocks falls back to F16), or each to the type a mapping names (a quantization mix,
+quant/mixes.py); conversion goes through quant/quantize.py.
 
 Tensors are quantized and written one after another, so memory holds one converted tensor
 at a time, never the whole converted model. The file is written under a temporary name in

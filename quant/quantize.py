@@ -225,7 +225,8 @@ def _blocks(fmt, n, **fields):
     """Assemble (n, type_size) blocks from named fields (uint8 arrays or fp16 (n, 1))."""
     out = np.zeros((n, fmt.type_size), dtype=np.uint8)
     for name, value in fields.items():
-        out[:, getattr(fmt, name).slice] = np.ascontiguousarray(value).view(np.uint8).reshape(n, -1)
+        field = getattr(fmt, name)
+        out[:, field.slice] = np.ascontiguousarray(value).view(np.uint8).reshape(n, -1)
     return out
 
 

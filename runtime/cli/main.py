@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from diptych.sources.quantize import QUANTIZE_MIXES
 
-    sp = sub.add_parser("quantize", help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
-    sp.add_argument("input", help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
+    sp = sub.add_parser("quantize",
+                        help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
+    sp.add_argument("input",
+                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="Q4_K_M", type=str.upper, choices=QUANTIZE_MIXES,
                     help="the mix, as llama.cpp names it (default: Q4_K_M)")

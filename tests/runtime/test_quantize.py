@@ -43,13 +43,15 @@ def test_mix_files_load_and_predict_like_the_source(f32_model, tmp_path):
     for mix in ("Q8_0", "Q6_K", "Q4_K_M", "Q4_0"):
         out = diptych.quantize(f32_model, tmp_path / f"{mix}.gguf", mix)
         q = GGUFFile(out)
-        want = tensor_types(mix, shape, [(n, t.shape, t.ggml_type) for n, t in src.tensors.items()])
+        want = tensor_types(mix, shape,
+                            [(n, t.shape, t.ggml_type) for n, t in src.tensors.items()])
         assert {n: t.ggml_type for n, t in q.tensors.items()} == want
         logits = diptych.load(out).logits(ids)
         error[mix] = np.linalg.norm(logits - base) / np.linalg.norm(base)
     assert error["Q8_0"] < error["Q6_K"] < error["Q4_K_M"] < error["Q4_0"], error
-    assert GGUFFile(tmp_path / "Q4_K_M.gguf").metadata["general.file_type"] == 15
-    assert {T.Q4_K, T.Q6_K} <= {t.ggml_type for t in GGUFFile(tmp_path / "Q4_K_M.gguf").tensors.values()}
+    q4 = GGUFFile(tmp_path / "Q4_K_M.gguf")
+    assert q4.metadata["general.file_type"] == 15
+    assert {T.Q4_K, T.Q6_K} <= {t.ggml_type for t in q4.tensors.values()}
     assert _leftovers(tmp_path) == []
 
 
