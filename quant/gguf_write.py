@@ -2,17 +2,21 @@
 
 Metadata values are typed as llama.cpp's converter types them: int -> u32 (i32 if negative),
 float -> f32, bool, str, list[str], numpy arrays by dtype (token types i32, scores f32, per-layer
-flags bool). Tensors are written as they are, or converted to one GGML type with
-`gguf.quants.quantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), keeping llama.cpp's
-exceptions: vectors, norms, biases and MoE routers stay F32, and a matrix whose rows do not
-divide into the type's blocks falls back to F16.
+flags bool). Tensors are written as they are, converted to one GGML type (F32, F16,
+BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) keeping llama.cpp's converter's exceptions (vectors,
+norms, biases and MoE routers stay F32, a matrix whose rows do not divide into the type's
+blocks falls back to F16), or each to the type a mapping names (a quantization mix,
+quant/mixes.py); conversion goes through quant/quantize.py.
 
 Tensors are quantized and written one after another, so memory holds one converted tensor
-at a time, never the whole converted model.
+at a time, never the whole converted model. The file is written under a temporary name in
+the destination folder and renamed when complete: an error, Ctrl+C or a full disk leaves
+no partial file behind.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,10 @@ import numpy as np
 from gguf import GGUFValueType, LlamaFileType
 from gguf import GGMLQuantizationType as T
 
+from diptych.errors import ModelFileError
+
 from .formats import FORMATS, row_bytes
+from .quantize import quantize_rows
 from .tensor import QuantTensor
 
 __all__ = ["WRITE_TYPES", "FILE_TYPES", "write_gguf", "target_type", "keeps_f32"]
@@ -82,7 +89,7 @@ def _converted(t: QuantTensor, to: T) -> np.ndarray:
     """The bytes of `t` in type `to`, one row of blocks per row."""
     if to == t.ggml_type:
         return t.data
-    return gguf.quants.quantize(t.dequantize().reshape(-1, t.shape[-1]), to).view(np.uint8)
+    return quantize_rows(t.dequantize().reshape(-1, t.shape[-1]), to)
 
 
 def _nbytes(shape: tuple[int, ...], to: T) -> int:
@@ -91,24 +98,43 @@ def _nbytes(shape: tuple[int, ...], to: T) -> int:
 
 def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[str, QuantTensor],
                ggml_type: T | None = None,
-               progress: Callable[[int], None] | None = None) -> Path:
+               progress: Callable[[int], None] | None = None, *,
+               types: Mapping[str, T] | None = None,
+               file_type: LlamaFileType | None = None) -> Path:
     """Write `metadata` (which names general.architecture) and `tensors` to `path`.
 
     `ggml_type`: convert the matrices to this type (see `target_type`); None keeps every
-    tensor's type. `progress(n)` is called with each tensor's source size in bytes.
+    tensor's type. `types`: name -> type for each tensor instead (a mix), recorded as
+    `file_type`. `progress(n)` is called with each tensor's source size in bytes.
+    A failed write (disk full, interrupted) raises and leaves no file at `path`.
     """
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        _write(tmp, metadata, tensors, ggml_type, progress, types, file_type)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write(path, metadata, tensors, ggml_type, progress, types, file_type) -> None:
     w = gguf.GGUFWriter(str(path), metadata["general.architecture"])
-    for key, value in metadata.items():
-        if key != "general.architecture":
-            _add_value(w, key, value)
     if ggml_type is not None:
-        w.add_uint32("general.file_type", FILE_TYPES[ggml_type].value)
+        file_type = FILE_TYPES[ggml_type]
+    skip = {"general.architecture"} | ({"general.file_type"} if file_type is not None else set())
+    for key, value in metadata.items():
+        if key not in skip:
+            _add_value(w, key, value)
+    if file_type is not None:
+        w.add_uint32("general.file_type", file_type.value)
     if "general.quantization_version" not in metadata:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    types = {}
+    chosen = {}
     for name, t in tensors.items():  # a Mapping may build each tensor when read: keep none
-        types[name] = to = target_type(t, ggml_type)
+        chosen[name] = to = types[name] if types is not None else target_type(t, ggml_type)
         # an uint8 "tensor" makes GGUFWriter read the shape as bytes of type `to`
         row_bytes = _nbytes((t.shape[-1],), to)
         w.add_tensor_info(name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8),
@@ -117,11 +143,10 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[s
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for name, to in types.items():
+        for name, to in chosen.items():
             t = tensors[name]
             w.write_tensor_data(_converted(t, to))
             if progress:
                 progress(t.nbytes)
     finally:
         w.close()
-    return path

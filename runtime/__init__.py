@@ -4,9 +4,10 @@ from .api import Model, load
 from .errors import (ContextOverflowError, DiptychError, InvalidArgumentError, ModelFileError,
                      OutOfMemoryError, SamplingError, UnsupportedModelError)
 from .inference.sampling import SamplingParams
+from .sources.quantize import quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "SamplingParams", "DiptychError", "ModelFileError",
+__all__ = ["load", "quantize", "Model", "SamplingParams", "DiptychError", "ModelFileError",
            "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
            "ContextOverflowError", "OutOfMemoryError"]

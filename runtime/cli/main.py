@@ -217,6 +217,49 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import warnings
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diptych.sources.quantize import quantize
+
+    with Progress(TextColumn("quantizing {task.description:<36}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"diptych: warning: {msg}",
+                                                          file=sys.stderr)
+        task = bar.add_task("", total=None)
+        out = quantize(args.input, args.out, args.type, allow_requantize=args.allow_requantize,
+                       progress=lambda name, done, total: bar.update(
+                           task, description=name, completed=done, total=total))
+    print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from diptych.api import load
+    from diptych.inference.perplexity import perplexity
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{args.text}: cannot read the text ({exc})") from None
+    model = load(args.model, backend=args.backend, n_ctx=args.ctx)
+    base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx) \
+        if args.kl_divergence else None
+    with Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("ppl", total=None)
+        result = perplexity(model, model.tokenize(text, special=False), args.ctx, base,
+                            lambda done, total: bar.update(task, completed=done, total=total))
+    print(result.describe())
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -328,6 +371,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
                     help="type of the weight matrices (default: F16); vectors stay F32")
     sp.set_defaults(func=cmd_convert)
+
+    from diptych.sources.quantize import QUANTIZE_MIXES
+
+    sp = command("quantize",
+                        help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
+    sp.add_argument("input",
+                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("out", help="the .gguf file to write")
+    sp.add_argument("--type", default="Q4_K_M", type=str.upper, choices=QUANTIZE_MIXES,
+                    help="the mix, as llama.cpp names it (default: Q4_K_M)")
+    sp.add_argument("--allow-requantize", action="store_true",
+                    help="accept a quantized input (lossy: both roundings add up)")
+    sp.set_defaults(func=cmd_quantize)
+
+    sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
+                        "chunked method), and KL divergence against a base model")
+    sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("text", help="a UTF-8 text file")
+    sp.add_argument("--ctx", type=_positive_int, default=512,
+                    help="tokens per chunk (default: 512)")
+    sp.add_argument("--kl-divergence", metavar="BASE", default=None,
+                    help="a base model (same vocabulary): also report KL(base || model) and "
+                         "top-1 agreement")
+    sp.add_argument("--backend", default="auto")
+    sp.set_defaults(func=cmd_perplexity)
     return p
 
 

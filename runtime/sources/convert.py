@@ -1,7 +1,9 @@
 """`diptych convert`: a Hugging Face safetensors folder to a GGUF file llama.cpp loads.
 
 The folder is read by `HFSource` (the tensors and metadata llama.cpp's converter would
-write) and written by `diptych.quant.gguf_write`, converting the matrices to one type.
+write) and written by `diptych.quant.gguf_write`, converting the matrices to one type as
+llama.cpp's converter does, or to a K-quant mix (Q4_K_M, ...) with per-tensor types as
+llama.cpp's quantizer chooses them (`diptych quantize`).
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from diptych.quant.gguf_write import WRITE_TYPES, write_gguf
-
 from diptych.errors import InvalidArgumentError
+from diptych.quant.gguf_write import WRITE_TYPES, write_gguf
+from diptych.quant.mixes import MIXES
+
 from .hf_folder import HFSource
+from .quantize import mix_types_for
 
 __all__ = ["CONVERT_TYPES", "convert"]
 
-CONVERT_TYPES = tuple(t.name for t in WRITE_TYPES)
+_ONE_TYPE = tuple(t.name for t in WRITE_TYPES)
+CONVERT_TYPES = _ONE_TYPE + tuple(m for m in MIXES if m not in _ONE_TYPE)
 
 
 def convert(folder: str | Path, out: str | Path, type: str = "F16",
@@ -38,4 +43,8 @@ def convert(folder: str | Path, out: str | Path, type: str = "F16",
         if progress:
             progress(done, total)
 
-    return write_gguf(out, src.metadata, src.tensors, GGMLQuantizationType[type.upper()], step)
+    type = type.upper()
+    if type in _ONE_TYPE:
+        return write_gguf(out, src.metadata, src.tensors, GGMLQuantizationType[type], step)
+    return write_gguf(out, src.metadata, src.tensors, None, step, file_type=MIXES[type][0],
+                      types=mix_types_for(src.metadata, src.tensors, type))

@@ -103,7 +103,9 @@ def test_types_and_fallbacks(tmp_path):
     assert types["blk.0.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.attn_norm.weight"] == "F32"
     assert f.metadata["general.file_type"] == 3
-    assert set(CONVERT_TYPES) == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+    assert set(CONVERT_TYPES) == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                  "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                                  "Q6_K", "IQ4_NL"}
     with pytest.raises(InvalidArgumentError):
         convert(folder, tmp_path / "x.gguf", "Q4_K")
 
