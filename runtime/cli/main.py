@@ -374,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from diptych.sources.quantize import QUANTIZE_MIXES
 
-    sp = command("quantize",
-                        help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
+    sp = command("quantize", help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
     sp.add_argument("input",
                     help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
     sp.add_argument("out", help="the .gguf file to write")
@@ -386,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_quantize)
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
-                        "chunked method), and KL divergence against a base model")
+                 "chunked method), and KL divergence against a base model")
     sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
     sp.add_argument("text", help="a UTF-8 text file")
     sp.add_argument("--ctx", type=_positive_int, default=512,
