@@ -204,6 +204,11 @@ def greedy_check(ours: Sequence[int], fx: Mapping[str, Any], i: int,
     return out
 
 
+# llama.cpp's greedy reference: argmax with no penalty (the model's own defaults may add one)
+PLAIN_GREEDY = dict(temperature=0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0)
+
+
 def greedy_failures(model, fx: Mapping[str, Any], n_prompts: int | None = None) -> list:
     """Run ``model`` greedily on the fixture's prompts; the (prompt, status, step) of every
     prompt whose tokens part from llama.cpp's other than at a near-tie."""
@@ -211,8 +216,8 @@ def greedy_failures(model, fx: Mapping[str, Any], n_prompts: int | None = None) 
     failures = []
     for i in range(n):
         ids = prompt_tokens(fx, i).tolist()
-        ours = [t for p in model.stream(ids, max_tokens=int(fx["n_greedy"]), temperature=0)
-                for t in p.token_ids]
+        pieces = model.stream(ids, max_tokens=int(fx["n_greedy"]), **PLAIN_GREEDY)
+        ours = [t for p in pieces for t in p.token_ids]
         result = greedy_check(ours, fx, i)
         if result["status"] not in ("match", "tie"):
             failures.append((i, result["status"], result["step"]))
