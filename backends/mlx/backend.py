@@ -19,10 +19,9 @@ Contract notes:
   MLX donates the buffer, so a decode step writes in place (measured: a 32k-token cache
   costs the same per step as a 512-token one, no copy).
 
-Per-token overhead (SmolLM2-135M decode on MLX-CPU, 2 cores): building the step's graph
-takes ~3 ms of a ~140 ms step; the rest is `quantized_matmul` (MLX's CPU kernels run
-~1 G weights/s whatever the bit width). mx.compile is used where it measurably helps:
-RoPE (shape-specialised; ~17 -> ~7 us per call, ~0.5 ms per step) and SwiGLU (shapeless).
+Per-token overhead is small beside `quantized_matmul` (BENCHMARKS.md, MLX section).
+mx.compile is used where it measurably helps: RoPE (shape-specialised) and SwiGLU
+(shapeless).
 Attention is not compiled: its key length grows every step, so a shape-specialised trace
 would be rebuilt every step.
 """

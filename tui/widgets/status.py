@@ -43,7 +43,7 @@ class StatusBar(Horizontal):
 
 
 def speeds(timings) -> str:
-    """'prompt 82 tok/s · decode 14.0 tok/s', leaving out what is not measured yet."""
+    """'prompt N tok/s · decode M tok/s', leaving out what is not measured yet."""
     known = []
     if timings.prefill_s:
         known.append(f"prompt {timings.prefill_tps:.0f} tok/s")
