@@ -303,15 +303,20 @@ def dequantize(w, dtype: torch.dtype, ids: torch.Tensor | None = None, row0: int
     return out
 
 
-def dequant_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Large M: dequantize row tiles of W into one reused buffer, multiply with torch (cuBLAS)."""
+def _row_tiles(w, dtype: torch.dtype, device):
+    """(first row, rows, W[rows] dequantized) over W in row tiles, through one reused buffer."""
     n, k = w.out_features, w.in_features
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     step = max(16, min(n, DEQUANT_TILE_ELEMENTS // k))
-    buf = torch.empty((step, k), dtype=x.dtype, device=x.device)
+    buf = torch.empty((step, k), dtype=dtype, device=device)
     for r0 in range(0, n, step):
         rn = min(step, n - r0)
-        tile = dequantize(w, x.dtype, row0=r0, n_rows=rn, out=buf[:rn])
+        yield r0, rn, dequantize(w, dtype, row0=r0, n_rows=rn, out=buf[:rn])
+
+
+def dequant_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dequantize row tiles of W into one reused buffer, multiply with torch (cuBLAS)."""
+    y = torch.empty((x.shape[0], w.out_features), dtype=x.dtype, device=x.device)
+    for r0, rn, tile in _row_tiles(w, x.dtype, x.device):
         y[:, r0:r0 + rn] = x @ tile.t()
     if bias is not None:
         y += bias.to(y.dtype)
@@ -320,13 +325,9 @@ def dequant_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torc
 
 def grad_input(grad_y: torch.Tensor, w) -> torch.Tensor:
     """grad_y (M, N) @ W -> (M, K): the input gradient of a frozen quantized linear."""
-    n, k = w.out_features, w.in_features
-    gx = torch.zeros((grad_y.shape[0], k), dtype=torch.float32, device=grad_y.device)
-    step = max(16, min(n, DEQUANT_TILE_ELEMENTS // k))
-    buf = torch.empty((step, k), dtype=grad_y.dtype, device=grad_y.device)
-    for r0 in range(0, n, step):
-        rn = min(step, n - r0)
-        tile = dequantize(w, grad_y.dtype, row0=r0, n_rows=rn, out=buf[:rn])
+    gx = torch.zeros((grad_y.shape[0], w.in_features), dtype=torch.float32,
+                     device=grad_y.device)
+    for r0, rn, tile in _row_tiles(w, grad_y.dtype, grad_y.device):
         gx += (grad_y[:, r0:r0 + rn] @ tile).float()
     return gx.to(grad_y.dtype)
 
