@@ -1,8 +1,9 @@
 """diptych: a local LLM runtime. `diptych.load(path)` returns a Model."""
 
 from .api import Model, load
-from .errors import (ContextOverflowError, DiptychError, InvalidArgumentError, ModelFileError,
-                     OutOfMemoryError, SamplingError, UnsupportedModelError)
+from .errors import (ContextOverflowError, DiptychError, GenerationSuperseded,
+                     InvalidArgumentError, ModelFileError, NumericalError, OutOfMemoryError,
+                     SamplingError, UnsupportedModelError)
 from .inference.sampling import SamplingParams
 from .sources.quantize import quantize
 
@@ -10,4 +11,4 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "quantize", "Model", "SamplingParams", "DiptychError", "ModelFileError",
            "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
-           "ContextOverflowError", "OutOfMemoryError"]
+           "ContextOverflowError", "OutOfMemoryError", "NumericalError", "GenerationSuperseded"]

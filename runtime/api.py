@@ -9,7 +9,7 @@ import numpy as np
 
 from diptych.backends.base import Backend
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NumericalError
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
@@ -60,13 +60,22 @@ class Model:
         return self.tokenizer.decode(list(ids))
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """Teacher-forced logits, float32 (len(ids), vocab), for evaluation."""
+        """Teacher-forced logits, float32 (len(ids), vocab), for evaluation.
+
+        NumericalError when any logit is NaN or infinite (broken weights), rather than
+        rows that poison every figure computed from them."""
         ids = self._check_ids(ids)
         engine = self.engine
         with engine.lock:
             engine.release(engine.claim())   # supersedes an unfinished generation
             engine.reset()
-            return engine.eval(ids, all_logits=True)
+            logits = engine.eval(ids, all_logits=True)
+        bad = ~np.isfinite(logits).all(axis=1)
+        if bad.any():
+            raise NumericalError(
+                f"the model computed NaN or infinite logits at position {int(bad.argmax())} of "
+                f"{len(ids)}: its weights or settings are broken")
+        return logits
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS, *, stop=None,

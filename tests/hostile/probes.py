@@ -19,6 +19,13 @@ def generate(path: Path, temperature: float = 0.0, backend: str = "auto") -> str
     return _text(model.generate("hello world", max_tokens=4, temperature=temperature, seed=1))
 
 
+def logits(path: Path) -> str:
+    import diptych
+
+    model = diptych.load(path, n_ctx=64)
+    return repr(model.logits(model.tokenize("hello world")).shape)
+
+
 def chat(path: Path) -> str:
     import diptych
 

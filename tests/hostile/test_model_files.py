@@ -84,6 +84,13 @@ def test_nan_logits_end_generation_with_a_clear_error(isolated, bases, tmp_path,
                    error="NumericalError")
 
 
+def test_nan_logits_are_refused_by_model_logits(isolated, bases, tmp_path):
+    path = variant(bases["llama"], tmp_path / "m.gguf",
+                   tensors={"blk.0.ffn_down.weight": nan_at(5)})
+    assert_refused(isolated(probes.logits, path), "NaN or infinite logits at position",
+                   error="NumericalError")
+
+
 def test_nan_logits_on_mlx(isolated, bases, tmp_path):
     pytest.importorskip("mlx.core")
     path = variant(bases["llama"], tmp_path / "m.gguf",
