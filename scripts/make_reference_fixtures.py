@@ -84,7 +84,8 @@ many steps are meaningful (up to and including the first EOG token; EOG = llama.
 segments joined by blank lines, tokenized, cut to LONG_TOKENS. ``long_tokens`` (L,) and
 ``long_topk_ids``/``long_topk_logits``/``long_logsumexp`` as in (a); then, after its first
 LONG_PROMPT tokens, 16 greedy steps as in (b): ``long_greedy_tokens`` (16,),
-``long_greedy_gap`` (16,).
+``long_greedy_gap`` (16,), ``long_greedy_top_ids``/``long_greedy_top_logits`` (16, 8),
+``long_greedy_n_valid``.
 """
 
 from __future__ import annotations
@@ -191,13 +192,13 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
         lse.append(_logsumexp_rows(logits))
     add_bos = len(tokenize("a")) > len(llm.tokenize(b"a", add_bos=False, special=True))
 
-    # (b) greedy
-    prompt_toks, g_tokens, g_gap, g_ids, g_logits, g_valid = [], [], [], [], [], []
     eog = set(eog_ids)
-    for prompt in read_prompts():
-        toks = tokenize(prompt)
+
+    def greedy(prompt: list[int]):
+        """GREEDY_STEPS of argmax -> eval after `prompt` in a reset context: tokens, top1-top2
+        gaps, top-GREEDY_TOPK ids and logits per step, and the steps up to the first EOG."""
         llm.reset()
-        llm.eval(toks)
+        llm.eval(prompt)
         out, gaps, ids, vals = [], [], [], []
         n_valid = GREEDY_STEPS
         for step in range(GREEDY_STEPS):
@@ -212,11 +213,18 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
             if tok in eog and n_valid == GREEDY_STEPS:
                 n_valid = step + 1
             llm.eval([tok])
+        return out, gaps, np.stack(ids), np.stack(vals), n_valid
+
+    # (b) greedy
+    prompt_toks, g_tokens, g_gap, g_ids, g_logits, g_valid = [], [], [], [], [], []
+    for prompt in read_prompts():
+        toks = tokenize(prompt)
+        out, gaps, ids, vals, n_valid = greedy(toks)
         prompt_toks.append(np.array(toks, np.int32))
         g_tokens.append(out)
         g_gap.append(gaps)
-        g_ids.append(np.stack(ids))
-        g_logits.append(np.stack(vals))
+        g_ids.append(ids)
+        g_logits.append(vals)
         g_valid.append(n_valid)
 
     # (c) one sequence longer than a 512-token sliding window
@@ -224,15 +232,7 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
     assert len(long) == LONG_TOKENS
     long_logits = run(long)
     long_ids, long_vals = _topk_rows(long_logits, topk)
-    llm.reset()
-    llm.eval(long[:LONG_PROMPT])
-    long_greedy, long_gap = [], []
-    for _ in range(GREEDY_STEPS):
-        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        _, v = _topk_rows(row, 2)
-        long_greedy.append(int(np.argmax(row)))
-        long_gap.append(float(v[0] - v[1]))
-        llm.eval([long_greedy[-1]])
+    long_greedy, long_gap, long_g_ids, long_g_vals, long_valid = greedy(long[:LONG_PROMPT])
 
     def offsets(parts):
         return np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
@@ -269,6 +269,9 @@ def generate_one(model_path: Path, out_path: Path, canonical_name: str, topk: in
         long_prompt=np.int32(LONG_PROMPT),
         long_greedy_tokens=np.array(long_greedy, np.int32),
         long_greedy_gap=np.array(long_gap, np.float32),
+        long_greedy_top_ids=long_g_ids.astype(np.int32),
+        long_greedy_top_logits=long_g_vals.astype(np.float32),
+        long_greedy_n_valid=np.int32(long_valid),
     )
 
 

@@ -137,7 +137,7 @@ MUTATIONS = [
     Mutation("YaRN: attention factor 0.1 ln(s) + 1 dropped", "runtime/model/rope.py",
              r"s\.attn_factor or 0\.1 \* math\.log\(s\.factor\) \+ 1\.0", "s.attn_factor or 1.0",
              ("tests/runtime/test_rope_scaling.py", "-x")),
-    Mutation("window mask: one key too many", "backends/base.py",
+    Mutation("window mask: one key too many", "runtime/inference/slots.py",
              r"\(t - pos < spec\.window\)", "(t - pos <= spec.window)",
              (ORACLE, "-x", "-k", "mistral or gemma3")),
     Mutation("MLA: softmax scale without the RoPE part", "runtime/model/config.py",

@@ -163,9 +163,10 @@ def kl_ref_ours(ours: Any, ref_top_ids: np.ndarray, ref_top_logits: np.ndarray,
     return kl + tail, p_tail
 
 
-def greedy_check(ours: Sequence[int], fx: Mapping[str, Any], i: int,
+def greedy_check(ours: Sequence[int], fx: Mapping[str, Any], i: int | None,
                  margin: float = TIE_MARGIN) -> dict[str, Any]:
-    """Compare our greedy tokens for prompt ``i`` with llama.cpp's.
+    """Compare our greedy tokens for prompt ``i`` with llama.cpp's (``i=None``: the long
+    sequence's greedy run, ``long_greedy_*``, after its first ``long_prompt`` tokens).
 
     ``ours``: the tokens we generated (greedy, from ``prompt_tokens(fx, i)``), up to
     ``fx["n_greedy"]`` of them. Only the first ``greedy_n_valid[i]`` steps count (llama.cpp's
@@ -181,21 +182,24 @@ def greedy_check(ours: Sequence[int], fx: Mapping[str, Any], i: int,
     Returned keys: ``status``, ``step`` (first divergent step or None), ``ref_gap`` (llama's
     top1-top2 gap there), ``ref_gap_to_ours`` (inf when our token is not in llama's top-8),
     ``compared`` (steps compared), ``ref_tokens``, ``ours``."""
+    def ref(key):
+        return fx[f"long_{key}"] if i is None else fx[key][i]
+
     ours = [int(t) for t in ours]
-    n_valid = int(fx["greedy_n_valid"][i])
-    ref = [int(t) for t in fx["greedy_tokens"][i][:n_valid]]
+    n_valid = int(ref("greedy_n_valid"))
+    want = [int(t) for t in ref("greedy_tokens")[:n_valid]]
     n = min(len(ours), n_valid)
     out: dict[str, Any] = {"status": "match", "step": None, "ref_gap": None,
-                           "ref_gap_to_ours": None, "compared": n, "ref_tokens": ref,
+                           "ref_gap_to_ours": None, "compared": n, "ref_tokens": want,
                            "ours": ours}
     for t in range(n):
-        if ours[t] == ref[t]:
+        if ours[t] == want[t]:
             continue
-        ids = fx["greedy_top_ids"][i, t]
-        vals = fx["greedy_top_logits"][i, t]
+        ids = ref("greedy_top_ids")[t]
+        vals = ref("greedy_top_logits")[t]
         hit = np.flatnonzero(ids == ours[t])
         gap_to_ours = float(vals[0] - vals[hit[0]]) if hit.size else float("inf")
-        out.update(step=t, compared=t + 1, ref_gap=float(fx["greedy_gap"][i, t]),
+        out.update(step=t, compared=t + 1, ref_gap=float(ref("greedy_gap")[t]),
                    ref_gap_to_ours=gap_to_ours,
                    status="tie" if gap_to_ours < margin else "fail")
         return out
