@@ -51,6 +51,12 @@ class MessageView(Vertical, can_focus=True):
         self.pending = PendingText()
         self.saved_at = 0.0  # monotonic time a streaming reply was last written to the store
         self.timings = None  # a streaming reply's Timings
+        # a reply generated in this session: the prompt's token ids and its own, so that
+        # "continue" feeds the model exactly what its cache holds (never re-tokenized text)
+        self.prompt_ids: list[int] = []
+        self.token_ids: list[int] = []
+        self.model = None  # the Model that generated it
+        self.finish: str | None = None  # how its generation ended (see ChatScreen.finish_reply)
 
     def compose(self):
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
@@ -61,12 +67,20 @@ class MessageView(Vertical, can_focus=True):
         return self.query_one(Markdown)
 
     def begin_stream(self) -> None:
+        """Start (or, after a "length" note, resume) streaming text into the message."""
+        self.query(".note").remove()
         self.add_class("streaming")
         self._stream = Markdown.get_stream(self.body)
 
-    async def write(self, text: str) -> None:
+    def take_pending(self) -> str:
+        """Move the text the worker left in `pending` into `content`; returns it for `draw`.
+        Synchronous, so that what is saved and what is shown never differ by an await."""
+        text = self.pending.take()
         self.content += text
-        if self._stream is not None and self.is_attached:  # the chat may have been closed
+        return text
+
+    async def draw(self, text: str) -> None:
+        if text and self._stream is not None and self.is_attached:  # the chat may be closed
             await self._stream.write(text)
 
     async def end_stream(self, note: str | None = None) -> None:
