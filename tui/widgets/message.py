@@ -7,9 +7,11 @@ import threading
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets.markdown import MarkdownFence, MarkdownStream
 
 from diptych.tui.export import code_blocks
+
+CODE_SCROLL_STEP = 8  # columns a code block moves per ← or →
 
 
 class PendingText:
@@ -39,6 +41,8 @@ class MessageView(Vertical, can_focus=True):
     BINDINGS = [
         Binding("c", "copy", "Copy message"),
         Binding("b", "copy_code", "Copy code block"),
+        Binding("left", "scroll_code(-1)", "Code ←", show=False),
+        Binding("right", "scroll_code(1)", "Code →", show=False),
     ]
 
     def __init__(self, role: str, content: str, message_id: int | None = None):
@@ -92,6 +96,11 @@ class MessageView(Vertical, can_focus=True):
         await self.body.update(self.content)
         if note:
             await self.mount(Label(note, classes="note"))
+
+    def action_scroll_code(self, direction: int) -> None:
+        """Scroll the message's code blocks sideways (their long lines are not wrapped)."""
+        for fence in self.query(MarkdownFence):
+            fence.scroll_relative(x=direction * CODE_SCROLL_STEP, animate=False, immediate=True)
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.content)
