@@ -63,9 +63,13 @@ class DiptychApp(App):
         """Called once the chat screen is mounted: start loading the model."""
         if self.autoload:
             self.load_model(self.model_source, self.backend_name)
+        elif self.model is not None:
+            self.model.backend.on_compile(self.chat.status.compile_listener)
 
     def on_unmount(self) -> None:
         self.chat.quit_reply()
+        if self.model is not None:
+            self.model.backend.on_compile(None)
         self.store.close()
 
     # -- model loading -------------------------------------------------------------------------
@@ -95,6 +99,7 @@ class DiptychApp(App):
 
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend
+        model.backend.on_compile(self.chat.status.compile_listener)
         self.chat.refresh_status()
         self.notify(f"Loaded {model.name}")
 
