@@ -132,6 +132,8 @@ class DiptychApp(App):
                             chat.action_regenerate)
         yield SystemCommand("Edit last message", "Edit and resend your last message",
                             chat.action_edit_last)
+        yield SystemCommand("Continue reply", "Continue a reply cut at the token limit",
+                            chat.action_continue_reply)
         yield SystemCommand("Stop generation", "Keep what was generated so far", chat.action_stop)
         yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard",
                             chat.action_copy_reply)

@@ -177,8 +177,9 @@ def test_palette_theme_and_double_ctrl_c():
             await open_first_chat(pilot)
             titles = [c.title for c in app.get_system_commands(app.screen)]
             for title in ("New chat", "Load model", "Chat settings", "Regenerate reply",
-                          "Edit last message", "Stop generation", "Copy last reply",
-                          "Copy code block", "Rename chat", "Delete chat", "Export chat"):
+                          "Edit last message", "Continue reply", "Stop generation",
+                          "Copy last reply", "Copy code block", "Rename chat", "Delete chat",
+                          "Export chat"):
                 assert title in titles
             await pilot.press("ctrl+p", *"Rename chat")
             await pilot.pause(0.3)
