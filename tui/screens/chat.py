@@ -383,10 +383,12 @@ class ChatScreen(Screen):
         if view is not self.reply_view:  # the app quit first and saved the reply
             return
         self.generating, self.reply_view = False, None
+        # saved first: on a quit, closing this screen cancels the worker, and this can run
+        # before the app's unmount with the screen's widgets already gone
         text = self._save(view)
         view.finish = finish
         self.last_timings = timings or self.last_timings
-        if not self.app.is_running:  # quitting: the reply is saved, nothing more to draw
+        if not self.app.is_running:
             return
         self.query_one("#stop").display = False
         await view.draw(text)
