@@ -4,16 +4,20 @@ thread with the weights' bytes, and a message while the CPU kernels compile on f
 
 import sys
 
+import pytest
+from textual.widgets import ProgressBar
+
 import diptych
 from diptych.backends.torch.cpu import kernel_cache
+from diptych.load_plan import LoadPlan
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
-from textual.widgets import ProgressBar
 
 from .conftest import run
 from .test_chat_app import SIZE, send, wait_for
 
 
+@pytest.mark.real
 def test_the_load_bar_moves_with_the_weights(smollm2_path):
     async def body():
         app = DiptychApp(autoload=False, n_ctx=256)
@@ -32,12 +36,13 @@ def test_the_load_bar_moves_with_the_weights(smollm2_path):
     done = [d for d, _ in seen]
     # the bar got many steps from the loading thread, each further, up to every byte
     assert len(done) > 20 and done == sorted(set(done)) and done[-1] == total
-    assert total == sum(t.nbytes for t in diptych.load_plan.LoadPlan.open(
-        smollm2_path, "torch", n_ctx=256).source.tensors.values())
+    plan = LoadPlan.open(smollm2_path, "torch", n_ctx=256)
+    assert total == sum(t.nbytes for t in plan.source.tensors.values())
     assert all(text.startswith(f"loading {smollm2_path.name}: ") for _, text in seen)
     assert "preparing the weights" in seen[0][1] and "setting up" in seen[-1][1]
 
 
+@pytest.mark.real
 def test_a_cold_kernel_cache_shows_that_kernels_compile(smollm2_path, tmp_path, monkeypatch):
     monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(kernel_cache, "_KERNELS", {})

@@ -1,6 +1,8 @@
 """A reply that ends at max tokens is marked "length" and Ctrl+F continues it from the
 model's cache; one that ends on its own is not marked."""
 
+import pytest
+
 from .conftest import run
 from .test_chat_app import SIZE, fed_tokens, greedy, make_app, replied, rows, send, transcript
 
@@ -18,6 +20,7 @@ def test_a_reply_cut_at_max_tokens_is_marked(model):
     run(body())
 
 
+@pytest.mark.real
 def test_continue_goes_on_from_the_cache_where_the_limit_cut(model, data_dir):
     question = [{"role": "user", "content": "Tell me a long story about the sea."}]
 

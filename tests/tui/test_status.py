@@ -1,6 +1,8 @@
 """The status bar: speed figures labelled with their unit and shown only once measured; the
 context count following every change of the model's cache."""
 
+import pytest
+
 from diptych.inference.generate import Timings
 from diptych.tui.widgets.status import speeds
 
@@ -17,6 +19,7 @@ def test_speeds_are_labelled_and_hidden_until_known():
     assert speeds(timings) == "prompt 82 tok/s · decode 14.0 tok/s"
 
 
+@pytest.mark.real
 def test_the_context_count_follows_an_edit_and_a_new_chat(model):
     first = [{"role": "user", "content": "Name a color."}]
 
