@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from textual import on, work
@@ -54,7 +55,7 @@ class ReplyText(Message):
 
 def context_left(view: MessageView) -> bool:
     """Whether the model's context has room for more of `view`'s reply."""
-    return len(view.prompt_ids) + len(view.token_ids) < view.model.n_ctx
+    return len(view.prompt_ids) + len(view.token_ids) < view.n_ctx
 
 
 def finish_note(view: MessageView, finish: str | None) -> str | None:
@@ -302,7 +303,8 @@ class ChatScreen(Screen):
             return
         views = self.transcript.messages
         view = views[-1] if views else None
-        if view is None or view.finish != "length" or view.model is not self.app.model:
+        if (view is None or view.finish != "length" or view.generated_by is None
+                or view.generated_by() is not self.app.model):
             self.notify("Only a reply cut at the token limit in this session can be continued",
                         severity="warning")
             return
@@ -334,9 +336,11 @@ class ChatScreen(Screen):
                 if dropped:
                     self.app.call_from_thread(
                         self.notify, f"The {dropped} oldest messages no longer fit in the "
-                        f"context of {model.n_ctx} tokens and were left out of this reply's prompt.")
+                        f"context of {model.n_ctx} tokens and were left out of this reply's "
+                        "prompt.")
                 view.prompt_ids, view.token_ids = model.chat_prompt(messages), []
-            view.model = model
+            # weakly: a reply on screen must not keep a replaced model in memory
+            view.generated_by, view.n_ctx = weakref.ref(model), model.n_ctx
             pieces = model.stream(view.prompt_ids + view.token_ids, **kwargs)
             for piece in pieces:
                 if worker.is_cancelled:

@@ -59,7 +59,8 @@ class MessageView(Vertical, can_focus=True):
         # "continue" feeds the model exactly what its cache holds (never re-tokenized text)
         self.prompt_ids: list[int] = []
         self.token_ids: list[int] = []
-        self.model = None  # the Model that generated it
+        self.generated_by = None  # a weak reference to the Model that generated it
+        self.n_ctx = 0  # that model's context
         self.finish: str | None = None  # how its generation ended (see ChatScreen.finish_reply)
 
     def compose(self):
