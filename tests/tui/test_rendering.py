@@ -1,7 +1,8 @@
-"""How replies look: every region of the screen takes its background from the theme (both
-themes Ctrl+T switches between), and a code line wider than the pane scrolls sideways
-with a visible scroll bar instead of being clipped."""
+"""How replies look: every region of the screen and of its dialogs takes its background
+from the theme (both themes Ctrl+T switches between), and a code line wider than the pane
+scrolls sideways with a visible scroll bar instead of being clipped."""
 
+from textual.widgets import Button
 from textual.widgets.markdown import MarkdownFence
 
 from diptych.tui.app import THEMES, DiptychApp
@@ -29,16 +30,28 @@ def with_the_reply_open(check):
 
 
 def test_every_region_takes_the_themes_background():
+    def off_theme(app):
+        """The visible widgets of the screen on top whose background is not the theme's
+        kind (light or dark), and all those shown. Coloured buttons (Save, Stop) are
+        accents in either theme."""
+        shown = [w for w in app.screen.walk_children() if w.region.area
+                 and not (isinstance(w, Button) and w.variant != "default")]
+        dark = app.current_theme.dark
+        return [w for w in shown if (w.background_colors[1].brightness > 0.5) == dark], shown
+
     async def check(app, pilot):
         app.chat.transcript.messages[-1].focus()  # a focused message too
         for theme in THEMES:
             app.theme = theme
             await pilot.pause()
-            dark = app.current_theme.dark
-            shown = [w for w in app.screen.walk_children() if w.region.area]
+            bad, shown = off_theme(app)
             assert len(shown) > 40 and any(isinstance(w, MarkdownFence) for w in shown)
-            wrong = [w for w in shown if (w.background_colors[1].brightness > 0.5) == dark]
-            assert not wrong, (theme, wrong)
+            assert not bad, (theme, bad)
+            for key in ("ctrl+s", "ctrl+o"):  # the settings and the model picker dialogs
+                await pilot.press(key)
+                bad, shown = off_theme(app)
+                assert len(shown) > 5 and not bad, (theme, key, bad)
+                await pilot.press("escape")
 
     with_the_reply_open(check)
 
