@@ -83,13 +83,13 @@ class DiptychApp(App):
         from diptych import load
         from diptych.sources.default_model import default_model_path
 
-        def progress(done: int, total: int, what: str = name) -> None:
-            self.call_from_thread(self.chat.status.loading, what, done, total)
+        def progress(done: int, total: int, phase: str | None = None) -> None:
+            self.call_from_thread(self.chat.status.loading, name, done, total, phase)
 
         try:
             # the default model's first-run download reports to the status bar, not stderr
             path = source if source is not None else default_model_path(
-                lambda done, total: progress(done, total, f"{name} (downloading)"))
+                lambda done, total: progress(done, total, "downloading"))
             model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress)
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)

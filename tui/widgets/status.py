@@ -35,10 +35,12 @@ class StatusBar(Horizontal):
     def text(self) -> str:
         return str(self.query_one("#facts", Static).content)
 
-    def loading(self, what: str, done: int = 0, total: int | None = None) -> None:
-        """`done` of `total` bytes of weights are prepared (total None: not started)."""
-        phase = ("reading the file" if total is None else
-                 "preparing the weights" if done < total else "setting up the cache")
+    def loading(self, what: str, done: int = 0, total: int | None = None,
+                phase: str | None = None) -> None:
+        """`done` of `total` bytes of `phase` are through; by default the phase is the
+        weights' preparation (total None: not started yet)."""
+        phase = phase or ("reading the file" if total is None else
+                          "preparing the weights" if done < total else "setting up the cache")
         self._update(f"loading {what}: {phase}…")
         bar = self.query_one(ProgressBar)
         bar.display = True
