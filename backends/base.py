@@ -297,5 +297,10 @@ class Backend(ABC):
         backend runs it best (a CUDA graph replays it); by default fn itself."""
         return fn
 
+    def on_compile(self, listener) -> None:
+        """Have `listener(what)` called when the backend starts compiling code on first use
+        that the user waits for (`what` says what, briefly), and `listener(None)` when that
+        is done; None removes it. By default nothing is compiled worth saying so."""
+
     def describe(self) -> str:
         return f"{self.name} ({self.device})"

@@ -63,9 +63,13 @@ class DiptychApp(App):
         """Called once the chat screen is mounted: start loading the model."""
         if self.autoload:
             self.load_model(self.model_source, self.backend_name)
+        elif self.model is not None:
+            self.model.backend.on_compile(self.chat.status.compile_listener)
 
     def on_unmount(self) -> None:
         self.chat.quit_reply()
+        if self.model is not None:
+            self.model.backend.on_compile(None)
         self.store.close()
 
     # -- model loading -------------------------------------------------------------------------
@@ -79,13 +83,13 @@ class DiptychApp(App):
         from diptych import load
         from diptych.sources.default_model import default_model_path
 
-        def progress(done: int, total: int, what: str = name) -> None:
-            self.call_from_thread(self.chat.status.loading, what, done, total)
+        def progress(done: int, total: int, phase: str | None = None) -> None:
+            self.call_from_thread(self.chat.status.loading, name, done, total, phase)
 
         try:
             # the default model's first-run download reports to the status bar, not stderr
             path = source if source is not None else default_model_path(
-                lambda done, total: progress(done, total, f"{name} (downloading)"))
+                lambda done, total: progress(done, total, "downloading"))
             model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress)
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)
@@ -95,6 +99,7 @@ class DiptychApp(App):
 
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend
+        model.backend.on_compile(self.chat.status.compile_listener)
         self.chat.refresh_status()
         self.notify(f"Loaded {model.name}")
 
@@ -127,6 +132,8 @@ class DiptychApp(App):
                             chat.action_regenerate)
         yield SystemCommand("Edit last message", "Edit and resend your last message",
                             chat.action_edit_last)
+        yield SystemCommand("Continue reply", "Continue a reply cut at the token limit",
+                            chat.action_continue_reply)
         yield SystemCommand("Stop generation", "Keep what was generated so far", chat.action_stop)
         yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard",
                             chat.action_copy_reply)

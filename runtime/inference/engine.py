@@ -149,6 +149,12 @@ class Sequence:
             keep = len(ids) - 1
         return self.eval(ids[keep:])
 
+    def keep_prefix(self, ids: list[int]) -> int:
+        """Forget what the cache holds past its longest common prefix with `ids` (a chat whose
+        last turn was taken back, or another chat opened); returns the length kept. Computes
+        nothing: the next prefill feeds from there."""
+        return self._rewind(self.cache.common_prefix(ids))
+
     def _snapshot(self) -> None:
         if any(ids == self.cache.tokens for ids, _ in self.snapshots):
             return
@@ -265,6 +271,13 @@ class Engine:
 
     def reset(self) -> None:
         self.main.reset()
+
+    def keep_prefix(self, ids: list[int]) -> int:
+        """`Sequence.keep_prefix` on the first sequence; an unfinished generation there is
+        superseded (its next step raises GenerationSuperseded)."""
+        with self.lock:
+            self.release(self.claim())
+            return self.main.keep_prefix(ids)
 
     @property
     def lock(self):

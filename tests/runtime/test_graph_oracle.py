@@ -130,6 +130,25 @@ def test_prefix_reuse_and_rewind_match_a_fresh_cache(tiny, engine_for, family):
         assert _rel(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_keep_prefix_trims_without_feeding_and_never_keeps_wrong_keys(tiny, engine_for, family):
+    """keep_prefix (a chat's last turn taken back) keeps the common prefix in place where the
+    cache allows it; on a wrapped ring less (a snapshot's length, or nothing). It feeds
+    nothing, and what is fed next gives a fresh cache's logits."""
+    _, path, _ = tiny(family)
+    eng = engine_for(path, n_batch=4)
+    eng.prefill(IDS[:36])
+    fed = []
+    eval_ = eng.main.eval
+    eng.main.eval = lambda ids, *a: (fed.append(len(ids)), eval_(ids, *a))[1]
+    kept = eng.keep_prefix(IDS[:20] + [9, 10])
+    assert fed == [] and eng.n_cached == kept and eng.tokens == IDS[:kept]
+    assert kept == 20 if family not in WINDOWED else kept < 20
+    got = eng.backend.to_numpy(eng.prefill(IDS[:20] + [9, 10]))[0]
+    want = engine_for(path).eval(IDS[:20] + [9, 10], all_logits=True)[-1]
+    assert _rel(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("family", WINDOWED)
 def test_regenerate_and_resend_on_wrapped_rings_use_snapshots(tiny, engine_for, family):
     """Chat turns on a ring of 11 slots: regenerating a 12-token reply re-feeds only the

@@ -14,6 +14,7 @@ from diptych.tui.store import Store
 from diptych.tui.widgets.prompt import PromptArea
 
 from .conftest import run
+from .test_chat_app import wait_for
 
 SIZE = (110, 36)
 REPLY = "Two ways:\n\n```python\nprint('hi')\n```\n\n```sh\necho hi\n```\n"
@@ -35,6 +36,16 @@ async def open_first_chat(pilot):
     await pilot.pause()
 
 
+async def scroll_to_top(pilot, mounted):
+    """Scroll the transcript to its top, where a page of older messages loads; wait until
+    `mounted` messages are there and the view is back where it was (the app scrolls it
+    after the next refresh: until then a new scroll to the top does not move it, and loads
+    nothing)."""
+    transcript = pilot.app.chat.transcript
+    transcript.scroll_home(animate=False, immediate=True)
+    await wait_for(pilot, lambda: len(transcript.messages) == mounted and transcript.scroll_y > 0)
+
+
 def test_a_long_chat_mounts_only_recent_messages():
     saved_chat(n_pairs=50, reply="ok")
 
@@ -46,15 +57,13 @@ def test_a_long_chat_mounts_only_recent_messages():
             assert len(views) == 30 and views[-1].content == "ok"
             button = app.query_one("#load-older")
             assert button.display and "70 in all" in str(button.label)
-            app.chat.transcript.scroll_home(animate=False)  # scrolling to the top loads a page
-            await pilot.pause()
-            assert len(app.chat.transcript.messages) == 60
+            # each page is waited for itself, not for "idle", which a loaded machine reaches
+            # before the page is in place
+            await scroll_to_top(pilot, 60)
             assert app.chat.transcript.messages[0].content == "Say hi (20)"
-            assert app.chat.transcript.scroll_y > 0  # the view stayed where it was
-            for _ in range(2):
-                app.chat.transcript.scroll_home(animate=False)
-                await pilot.pause()
-            assert len(app.chat.transcript.messages) == 100 and not button.display
+            await scroll_to_top(pilot, 90)
+            await scroll_to_top(pilot, 100)
+            assert not button.display
 
     run(body())
 
@@ -168,8 +177,9 @@ def test_palette_theme_and_double_ctrl_c():
             await open_first_chat(pilot)
             titles = [c.title for c in app.get_system_commands(app.screen)]
             for title in ("New chat", "Load model", "Chat settings", "Regenerate reply",
-                          "Edit last message", "Stop generation", "Copy last reply",
-                          "Copy code block", "Rename chat", "Delete chat", "Export chat"):
+                          "Edit last message", "Continue reply", "Stop generation",
+                          "Copy last reply", "Copy code block", "Rename chat", "Delete chat",
+                          "Export chat"):
                 assert title in titles
             await pilot.press("ctrl+p", *"Rename chat")
             await pilot.pause(0.3)

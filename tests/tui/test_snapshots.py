@@ -1,5 +1,6 @@
-"""Snapshots of the main screens (pytest-textual-snapshot), with saved chats and no model
-so that nothing on screen depends on timing. `pytest --snapshot-update` re-records them."""
+"""Snapshots of the main screens (pytest-textual-snapshot) in both themes, with saved chats
+and no model so that nothing on screen depends on timing. `pytest --snapshot-update`
+re-records them."""
 
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
@@ -12,7 +13,7 @@ REPLY = """Use a list comprehension:
 
 ```python
 squares = [n * n for n in range(10)]
-print(squares)
+print(squares)  # a line too long for the pane scrolls sideways, and a scroll bar says so
 ```
 
 It prints the first ten **square numbers**."""

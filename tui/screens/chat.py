@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from textual import on, work
@@ -22,6 +23,7 @@ from textual.widgets import Button, Footer, Header, Input, OptionList
 from textual.worker import Worker, get_current_worker
 
 from diptych.backends import available
+from diptych.errors import DiptychError
 
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.context_window import fit_messages
@@ -51,6 +53,19 @@ class ReplyText(Message):
         self.view = view
 
 
+def context_left(view: MessageView) -> bool:
+    """Whether the model's context has room for more of `view`'s reply."""
+    return len(view.prompt_ids) + len(view.token_ids) < view.n_ctx
+
+
+def finish_note(view: MessageView, finish: str | None) -> str | None:
+    """The note under a reply that did not end on its own."""
+    if finish == "length":
+        return ("length: cut at the token limit (Ctrl+F continues)" if context_left(view)
+                else "length: the context is full")
+    return "stopped" if finish == "stopped" else None
+
+
 class ChatScreen(Screen):
     AUTO_FOCUS = "PromptArea"
 
@@ -61,6 +76,7 @@ class ChatScreen(Screen):
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+l", "edit_last", "Edit last"),
+        Binding("ctrl+f", "continue_reply", "Continue"),
         Binding("ctrl+g", "copy_reply", "Copy reply"),
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
@@ -137,6 +153,7 @@ class ChatScreen(Screen):
         older = self.store.count_messages(chat_id, messages[0].id) if messages else 0
         await self.transcript.show(messages, older)
         self.refresh_chat_list()
+        self.sync_cache()
         self.prompt.focus()
 
     @on(OptionList.OptionSelected, "#chats")
@@ -277,33 +294,61 @@ class ChatScreen(Screen):
         history = [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat.id)]
         row = self.store.add_message(self.chat.id, "assistant", "")
         view = await self.transcript.add("assistant", "", row.id)
+        self._start(view, self.settings.messages(history))
+
+    async def action_continue_reply(self) -> None:
+        """Continue the last reply where the token limit cut it. The model's cache still
+        holds that reply, so only the new tokens are fed."""
+        if self.chat is None or not self.ready():
+            return
+        views = self.transcript.messages
+        view = views[-1] if views else None
+        if (view is None or view.finish != "length" or view.generated_by is None
+                or view.generated_by() is not self.app.model):
+            self.notify("Only a reply cut at the token limit in this session can be continued",
+                        severity="warning")
+            return
+        if not context_left(view):
+            self.notify("The context is full: the reply cannot go on", severity="warning")
+            return
+        self._start(view, None)
+
+    def _start(self, view: MessageView, messages: list[dict] | None) -> None:
         view.begin_stream()
         self.query_one("#stop").display = True
         self.generating = True
         self.model_free.clear()
         self.reply_view = view
         self.refresh_status("generating…")
-        self.worker = self.generate(model, self.settings.messages(history),
-                                    self.settings.generation_kwargs(), view)
+        self.worker = self.generate(self.app.model, messages, self.settings.generation_kwargs(),
+                                    view)
 
     @work(thread=True, exclusive=True, group="llm")
-    def generate(self, model, messages: list[dict], kwargs: dict, view: MessageView) -> None:
+    def generate(self, model, messages: list[dict] | None, kwargs: dict,
+                 view: MessageView) -> None:
+        """Reply to `messages`, or with None, continue `view`'s reply from its token ids."""
         worker = get_current_worker()
         timings, error, stopped, finish = None, None, False, None
         pieces = None
         try:
-            messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
-            if dropped:
-                self.app.call_from_thread(
-                    self.notify, f"The {dropped} oldest messages no longer fit in the context "
-                    f"of {model.n_ctx} tokens and were left out of this reply's prompt.")
-            pieces = model.chat_stream(messages, **kwargs)
+            if messages is not None:
+                messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
+                if dropped:
+                    self.app.call_from_thread(
+                        self.notify, f"The {dropped} oldest messages no longer fit in the "
+                        f"context of {model.n_ctx} tokens and were left out of this reply's "
+                        "prompt.")
+                view.prompt_ids, view.token_ids = model.chat_prompt(messages), []
+            # weakly: a reply on screen must not keep a replaced model in memory
+            view.generated_by, view.n_ctx = weakref.ref(model), model.n_ctx
+            pieces = model.stream(view.prompt_ids + view.token_ids, **kwargs)
             for piece in pieces:
                 if worker.is_cancelled:
                     stopped = True
                     break
                 timings = view.timings = piece.timings  # updated in place as tokens come
                 finish = piece.finish_reason
+                view.token_ids += piece.token_ids
                 if view.pending.add(piece.text):
                     self.post_message(ReplyText(view))
         except Exception as exc:  # a DiptychError or a bug: shown, and the app keeps running
@@ -318,28 +363,44 @@ class ChatScreen(Screen):
         except RuntimeError:  # the app has exited
             pass
 
+    def _save(self, view: MessageView) -> str:
+        """Move the text waiting in `view.pending` into the message and the database at
+        once (no await in between, where a quit could slip in); returns it for drawing."""
+        text = view.take_pending()
+        self.store.update_message(view.message_id, view.content)
+        return text
+
     async def on_reply_text(self, message: ReplyText) -> None:
         view = message.view
-        await view.write(view.pending.take())
+        text = view.take_pending()
+        if not text:  # the reply finished first and drew it
+            return
         now = time.monotonic()
         if now - view.saved_at > SAVE_EVERY_S:
             view.saved_at = now
             self.store.update_message(view.message_id, view.content)
             self.status.show(self.app.model, view.timings, "generating…")
+        await view.draw(text)
 
     async def finish_reply(self, view: MessageView, timings, error, finish: str | None) -> None:
         """`finish`: "stopped" (Escape), "length" (max tokens or a full context), "stop"."""
+        if view is not self.reply_view:  # the app quit first and saved the reply
+            return
         self.generating, self.reply_view = False, None
-        self.query_one("#stop").display = False
-        await view.write(view.pending.take())
-        self.store.update_message(view.message_id, view.content)
+        # saved first: on a quit, closing this screen cancels the worker, and this can run
+        # before the app's unmount with the screen's widgets already gone
+        text = self._save(view)
+        view.finish = finish
         self.last_timings = timings or self.last_timings
+        if not self.app.is_running:
+            return
+        self.query_one("#stop").display = False
+        await view.draw(text)
         if error is not None and not view.content:
             self.store.delete_messages([view.message_id])
             await view.remove()
         elif view.is_attached:
-            await view.end_stream({"stopped": "stopped",
-                                   "length": "length: cut at the token limit"}.get(finish))
+            await view.end_stream(finish_note(view, finish))
         if error is not None:
             self.notify(f"{type(error).__name__}: {error}", title="Generation failed",
                         severity="error", timeout=10)
@@ -351,9 +412,9 @@ class ChatScreen(Screen):
         token at most), and save what has arrived."""
         self.stop()
         self.model_free.wait(timeout=QUIT_WAIT_S)
-        if self.reply_view is not None:
-            view = self.reply_view
-            self.store.update_message(view.message_id, view.content + view.pending.take())
+        if (view := self.reply_view) is not None:
+            self.reply_view = None
+            self._save(view)
 
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:
@@ -386,6 +447,24 @@ class ChatScreen(Screen):
         self.prompt.text = tail[0].content
         self.prompt.move_cursor(self.prompt.document.end)
         self.prompt.focus()
+        self.sync_cache()
+
+    def sync_cache(self) -> None:
+        """Let the model's cache hold no more than the chat on screen (after an edit, or when
+        another chat opens), so that the status bar's context count is this chat's. The next
+        reply still reuses what is kept."""
+        model = self.app.model
+        if model is None or self.generating:  # a reply's end refreshes the status itself
+            self.refresh_status()
+            return
+        history = [{"role": m.role, "content": m.content}
+                   for m in self.store.messages(self.chat.id)] if self.chat else []
+        try:
+            ids = model.chat_prompt(self.settings.messages(history),
+                                    add_generation_prompt=False) if history else []
+        except DiptychError:  # a template that cannot end on the last turn: keep nothing
+            ids = []
+        model.engine.keep_prefix(ids)
         self.refresh_status()
 
     async def _forget(self, message_ids: list[int]) -> None:

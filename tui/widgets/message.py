@@ -7,9 +7,11 @@ import threading
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets.markdown import MarkdownFence, MarkdownStream
 
 from diptych.tui.export import code_blocks
+
+CODE_SCROLL_STEP = 8  # columns a code block moves per ← or →
 
 
 class PendingText:
@@ -39,6 +41,8 @@ class MessageView(Vertical, can_focus=True):
     BINDINGS = [
         Binding("c", "copy", "Copy message"),
         Binding("b", "copy_code", "Copy code block"),
+        Binding("left", "scroll_code(-1)", "Code ←", show=False),
+        Binding("right", "scroll_code(1)", "Code →", show=False),
     ]
 
     def __init__(self, role: str, content: str, message_id: int | None = None):
@@ -51,6 +55,13 @@ class MessageView(Vertical, can_focus=True):
         self.pending = PendingText()
         self.saved_at = 0.0  # monotonic time a streaming reply was last written to the store
         self.timings = None  # a streaming reply's Timings
+        # a reply generated in this session: the prompt's token ids and its own, so that
+        # "continue" feeds the model exactly what its cache holds (never re-tokenized text)
+        self.prompt_ids: list[int] = []
+        self.token_ids: list[int] = []
+        self.generated_by = None  # a weak reference to the Model that generated it
+        self.n_ctx = 0  # that model's context
+        self.finish: str | None = None  # how its generation ended (see ChatScreen.finish_reply)
 
     def compose(self):
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
@@ -61,12 +72,20 @@ class MessageView(Vertical, can_focus=True):
         return self.query_one(Markdown)
 
     def begin_stream(self) -> None:
+        """Start (or, after a "length" note, resume) streaming text into the message."""
+        self.query(".note").remove()
         self.add_class("streaming")
         self._stream = Markdown.get_stream(self.body)
 
-    async def write(self, text: str) -> None:
+    def take_pending(self) -> str:
+        """Move the text the worker left in `pending` into `content`; returns it for `draw`.
+        Synchronous, so that what is saved and what is shown never differ by an await."""
+        text = self.pending.take()
         self.content += text
-        if self._stream is not None and self.is_attached:  # the chat may have been closed
+        return text
+
+    async def draw(self, text: str) -> None:
+        if text and self._stream is not None and self.is_attached:  # the chat may be closed
             await self._stream.write(text)
 
     async def end_stream(self, note: str | None = None) -> None:
@@ -78,6 +97,11 @@ class MessageView(Vertical, can_focus=True):
         await self.body.update(self.content)
         if note:
             await self.mount(Label(note, classes="note"))
+
+    def action_scroll_code(self, direction: int) -> None:
+        """Scroll the message's code blocks sideways (their long lines are not wrapped)."""
+        for fence in self.query(MarkdownFence):
+            fence.scroll_relative(x=direction * CODE_SCROLL_STEP, animate=False, immediate=True)
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.content)

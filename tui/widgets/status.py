@@ -1,16 +1,31 @@
-"""The status bar: backend and device, model and quant, context, speed, memory."""
+"""The status bar: backend and device, model and quant, context, speed, memory; while a
+model loads, what it is doing and a progress bar; while the backend compiles kernels on
+first use, a message saying so."""
 
 from __future__ import annotations
 
 from textual.containers import Horizontal
+from textual.message import Message
+from textual.reactive import reactive
 from textual.widgets import ProgressBar, Static
 
 from diptych.tui.model_facts import memory_in_use, quant_summary
 
 
 class StatusBar(Horizontal):
+    compiling: reactive[str] = reactive("")  # what the backend compiles now, if anything
+
+    class Compiling(Message):
+        def __init__(self, what: str | None):
+            super().__init__()
+            self.what = what
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._facts: str = "no model loaded"
+
     def compose(self):
-        yield Static("no model loaded", id="facts")
+        yield Static(self._facts, id="facts")
         yield ProgressBar(id="load-progress", show_eta=False)
 
     def on_mount(self) -> None:
@@ -20,8 +35,13 @@ class StatusBar(Horizontal):
     def text(self) -> str:
         return str(self.query_one("#facts", Static).content)
 
-    def loading(self, what: str, done: int = 0, total: int | None = None) -> None:
-        self.query_one("#facts", Static).update(f"loading {what}…")
+    def loading(self, what: str, done: int = 0, total: int | None = None,
+                phase: str | None = None) -> None:
+        """`done` of `total` bytes of `phase` are through; by default the phase is the
+        weights' preparation (total None: not started yet)."""
+        phase = phase or ("reading the file" if total is None else
+                          "preparing the weights" if done < total else "setting up the cache")
+        self._update(f"loading {what}: {phase}…")
         bar = self.query_one(ProgressBar)
         bar.display = True
         bar.update(total=total, progress=done)
@@ -29,7 +49,7 @@ class StatusBar(Horizontal):
     def show(self, model, timings=None, note: str = "") -> None:
         self.query_one(ProgressBar).display = False
         if model is None:
-            self.query_one("#facts", Static).update(note or "no model loaded  (Ctrl+O: pick one)")
+            self._update(note or "no model loaded  (Ctrl+O: pick one)")
             return
         parts = [
             model.backend.describe(),
@@ -39,7 +59,24 @@ class StatusBar(Horizontal):
         if timings is not None:
             parts.append(speeds(timings))
         parts.append(f"{memory_in_use() / (1 << 20):.0f} MiB")
-        self.query_one("#facts", Static).update(" │ ".join(p for p in [note] + parts if p))
+        self._update(" │ ".join(p for p in [note] + parts if p))
+
+    def compile_listener(self, what: str | None) -> None:
+        """A `Backend.on_compile` listener; the backend calls it on the thread that
+        compiles, so it only posts a message."""
+        self.post_message(self.Compiling(what))
+
+    def on_status_bar_compiling(self, message: Compiling) -> None:
+        self.compiling = message.what or ""
+
+    def watch_compiling(self) -> None:
+        self._update(self._facts)
+
+    def _update(self, facts: str) -> None:
+        self._facts = facts
+        shown = (f"compiling {self.compiling} (first use only)… │ {facts}" if self.compiling
+                 else facts)
+        self.query_one("#facts", Static).update(shown)
 
 
 def speeds(timings) -> str:

@@ -9,6 +9,7 @@ import torch
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend
+from .kernel_cache import set_compile_listener
 from .qlinear import QuantLinear
 from .threads import configure_threads
 
@@ -17,6 +18,9 @@ class CpuBackend(TorchBackend):
     def __init__(self):
         configure_threads()
         super().__init__("cpu", torch.float32)
+
+    def on_compile(self, listener) -> None:
+        set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
         return QuantLinear.from_quant_tensor(qt)

@@ -82,6 +82,14 @@ def _load_kernel_module(t: QT):
 
 _KERNELS: dict[tuple[str, QT], object] = {}
 _LOCK = threading.Lock()
+_compile_listener = None  # see set_compile_listener
+
+
+def set_compile_listener(listener) -> None:
+    """`listener(what)` is called before a kernel missing from the on-disk cache compiles,
+    `listener(None)` after it; None removes it. One per process, like the kernels."""
+    global _compile_listener
+    _compile_listener = listener
 
 
 def kernel(kind: str, ggml_type):
@@ -99,8 +107,17 @@ def kernel(kind: str, ggml_type):
                 mod = _load_kernel_module(key[1])
                 sig, layout, fast = GUFUNCS[kind]
                 py = getattr(mod, f"{kind}_{key[1].name}")
-                k = guvectorize(sig, layout, target="parallel", nopython=True, fastmath=fast,
-                                cache=True)(py)
+                listener = _compile_listener
+                if listener is not None and not is_cached(kind, key[1]):
+                    listener(f"the {key[1].name} {kind} kernel")
+                else:
+                    listener = None
+                try:
+                    k = guvectorize(sig, layout, target="parallel", nopython=True,
+                                    fastmath=fast, cache=True)(py)
+                finally:
+                    if listener is not None:
+                        listener(None)
                 _KERNELS[key] = k
     return k
 
