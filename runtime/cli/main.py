@@ -24,9 +24,10 @@ def _load(args):
 
     from diptych.api import load
     from diptych.sources.default_model import default_model_path
+    from diptych.sources.hub import local_path
 
-    # the default model's first download draws its own bar: finish it before this one
-    source = args.model if args.model is not None else default_model_path()
+    # a download (a Hub model, the default model) draws its own bar: finish it before this one
+    source = local_path(args.model) if args.model is not None else default_model_path()
     with Progress(TextColumn("loading"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("load", total=None)
@@ -45,7 +46,9 @@ def _sampling(args) -> dict:
 
 
 def _looks_like_model(arg: str) -> bool:
-    return arg.endswith(".gguf") or Path(arg).is_dir()
+    from diptych.sources.hub import parse_hub_id
+
+    return arg.endswith(".gguf") or Path(arg).is_dir() or parse_hub_id(arg) is not None
 
 
 def _resolve_prompt(args) -> None:
@@ -112,6 +115,7 @@ def cmd_chat(args) -> int:
     """The Textual chat app; the model and options are its starting settings."""
     from diptych.backends import resolve
     from diptych.sources.default_model import default_model_path
+    from diptych.sources.hub import local_path
     from diptych.tui import run_app
     from diptych.tui.chat_settings import ChatSettings
 
@@ -119,10 +123,11 @@ def cmd_chat(args) -> int:
                             **_sampling(args))
     settings.validate()
     resolve(args.backend)
-    if args.model is not None and not Path(args.model).exists():
+    # fetch a Hub model or the default model (with its progress on stderr) before the
+    # screen is taken over
+    source = local_path(args.model) if args.model is not None else default_model_path()
+    if not source.exists():
         raise ModelFileError(f"{args.model}: no such file or folder")
-    # fetch the default model (with its progress on stderr) before the screen is taken over
-    source = args.model if args.model is not None else default_model_path()
     run_app(source, backend=args.backend, n_ctx=args.n_ctx, settings=settings)
     return 0
 
@@ -260,6 +265,27 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    from diptych.sources.model_cache import cached_models
+
+    models = cached_models()
+    if not models:
+        print("no downloaded models")
+    for m in models:
+        files = f"  ({', '.join(m.files)})" if m.files else ""
+        print(f"{m.name:48s} {m.size / (1 << 20):9.1f} MiB  {m.where}{files}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from diptych.sources.model_cache import remove
+
+    for name in args.names:
+        for path in remove(name):
+            print(f"removed {name} ({path})")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -284,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(parser=sp)  # to report usage errors found after parsing
         return sp
 
-    def model_opts(sp, model_help="a .gguf file or a Hugging Face safetensors folder (default: "
-                   "the embedded SmolLM2-135M-Instruct)"):
+    def model_opts(sp, model_help="a .gguf file, a Hugging Face safetensors folder, or a model "
+                   "on the Hugging Face Hub: org/repo[:QUANT] (default: the embedded "
+                   "SmolLM2-135M-Instruct)"):
         sp.add_argument("model", nargs="?", help=model_help)
         sp.add_argument("--backend", default="auto",
                         help="auto | torch | mlx (default: auto: mlx on Apple silicon, else "
@@ -345,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_run)
 
     sp = command("info", help="describe a model file and its memory needs")
-    sp.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face folder "
-                    "(default: the embedded model)")
+    sp.add_argument("model", nargs="?", help="a .gguf file, a Hugging Face folder or "
+                    "org/repo[:QUANT] on the Hub (default: the embedded model)")
     sp.add_argument("--n-ctx", type=_positive_int, default=None,
                     help="context size for the memory estimate (default: the model's, "
                          "capped at 8192)")
@@ -395,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "top-1 agreement")
     sp.add_argument("--backend", default="auto")
     sp.set_defaults(func=cmd_perplexity)
+
+    sp = command("list", help="show downloaded models (Hugging Face cache and diptych's)")
+    sp.set_defaults(func=cmd_list)
+
+    sp = command("rm", help="remove downloaded models")
+    sp.add_argument("names", nargs="+", metavar="NAME",
+                    help="org/repo (the whole repository) or a file name from `diptych list`")
+    sp.set_defaults(func=cmd_rm)
     return p
 
 

@@ -46,8 +46,11 @@ _DTYPES = {"F32": (np.float32, T.F32), "F16": (np.float16, T.F16), "BF16": (np.u
 
 
 def open_source(path: str | Path):
-    """A model source: a .gguf file (GGUFFile) or a Hugging Face folder (HFSource)."""
+    """A model source: a .gguf file (GGUFFile), the first part of a split one (SplitGGUF) or
+    a Hugging Face folder (HFSource)."""
     from diptych.quant.gguf_file import GGUFFile
+
+    from .gguf_split import SplitGGUF, split_part
 
     path = Path(path)
     if not path.exists():
@@ -55,7 +58,9 @@ def open_source(path: str | Path):
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
                              "files and Hugging Face safetensors folders")
-    return HFSource(path) if path.is_dir() else GGUFFile(path)
+    if path.is_dir():
+        return HFSource(path)
+    return SplitGGUF(path) if split_part(path.name) else GGUFFile(path)
 
 
 def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:

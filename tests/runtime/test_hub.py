@@ -1,0 +1,192 @@
+"""Models by name from the Hugging Face Hub, against a Hub-compatible server on the loopback
+address (tests/hub_server.py): huggingface_hub's real download code lists the repository,
+fetches with HEAD and GET, resumes an interrupted file with a Range request, and works
+offline from its cache afterwards. Each download runs in a child process started with
+HF_ENDPOINT and HF_HOME set, as a user's would be (huggingface_hub reads them at import)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import gguf
+import numpy as np
+import pytest
+
+from diptych.errors import HubError
+from diptych.quant.gguf_file import GGUFFile
+from diptych.quant.gguf_write import _add_value
+from diptych.sources.hub import HubRef, choose_gguf, parse_hub_id
+
+from ..hub_server import FakeHub
+from ..tiny_models import tiny_hf_model, write_gguf
+
+IDS = [1, 5, 9, 2, 7, 3, 11, 4]
+
+
+# -- choosing the file ---------------------------------------------------------------------
+REPO = ["README.md", "m-Q4_K_S.gguf", "m-Q4_K_M.gguf", "m-q8_0.gguf", "m-IQ4_XS.gguf",
+        "mmproj-m-Q4_K_M.gguf", "BF16/m-BF16-00001-of-00002.gguf",
+        "BF16/m-BF16-00002-of-00002.gguf"]
+
+
+@pytest.mark.parametrize("tag, files", [
+    (None, ["m-Q4_K_M.gguf"]),                      # llama.cpp's default quant
+    ("Q4_K_S", ["m-Q4_K_S.gguf"]),
+    ("Q8_0", ["m-q8_0.gguf"]),                      # case-insensitive
+    ("bf16", ["BF16/m-BF16-00001-of-00002.gguf", "BF16/m-BF16-00002-of-00002.gguf"]),
+])
+def test_a_tag_names_the_file_as_a_word(tag, files):
+    assert choose_gguf(HubRef("org/m-GGUF", tag), REPO) == files
+
+
+def test_without_the_default_quant_the_first_file_and_a_missing_tag_lists_the_quants():
+    assert choose_gguf(HubRef("org/m"), ["b-Q8_0.gguf", "a-F16.gguf"]) == ["a-F16.gguf"]
+    with pytest.raises(HubError, match=r"no GGUF file for quant Q4_K .*BF16, IQ4_XS, Q4_K_M, "
+                                       r"Q4_K_S, Q8_0\)"):
+        choose_gguf(HubRef("org/m-GGUF", "Q4_K"), REPO)   # Q4_K_M does not count as Q4_K
+    with pytest.raises(HubError, match="lacks parts"):
+        choose_gguf(HubRef("org/m-GGUF", "BF16"), REPO[:-1])
+
+
+def test_hub_names_and_paths(tmp_path):
+    assert parse_hub_id("Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M") == HubRef(
+        "Qwen/Qwen2.5-0.5B-Instruct-GGUF", "Q4_K_M")
+    assert parse_hub_id("HuggingFaceTB/SmolLM2-135M") == HubRef("HuggingFaceTB/SmolLM2-135M")
+    (tmp_path / "org" / "repo").mkdir(parents=True)
+    for local in ("models/m.gguf", "m.gguf", "/abs/org/repo", "a/b/c", "one", "a b/c",
+                  str(tmp_path / "org" / "repo")):
+        assert parse_hub_id(local) is None, local
+
+
+# -- downloads from the loopback hub ---------------------------------------------------
+def write_split(src, stem, per_part: int) -> list:
+    """`src` rewritten as a split GGUF model (gguf-py's writer, as llama.cpp's gguf-split)."""
+    f = GGUFFile(src)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(f"{stem}.gguf", f.metadata["general.architecture"],
+                        split_max_tensors=per_part)
+    for key, value in f.metadata.items():
+        if key != "general.architecture":
+            _add_value(w, key, value)
+    for name, t in f.tensors.items():
+        w.add_tensor(name, np.asarray(t.data).reshape(*t.shape[:-1], -1), raw_dtype=t.ggml_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(stem.parent.glob(f"{stem.name}-*-of-*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    single = write_gguf(tiny_hf_model("llama", seed=3), "llama", root / "tiny-Q8_0.gguf", "Q8_0")
+    parts = write_split(single, root / "split" / "tiny-Q8_0", per_part=8)
+    assert len(parts) > 1
+    folder = single.with_suffix(".hf")
+    return {
+        "paths": {"gguf": single, "folder": folder},
+        "org/tiny-GGUF": {"README.md": b"# tiny\n", "tiny-Q8_0.gguf": single.read_bytes()},
+        "org/split-GGUF": {f"Q8_0/{p.name}": p.read_bytes() for p in parts},
+        "org/tiny": {p.name: p.read_bytes() for p in folder.iterdir()},
+    }
+
+
+@pytest.fixture
+def hub(repos):
+    with FakeHub({k: v for k, v in repos.items() if "/" in k}) as server:
+        yield server
+
+
+def child(code: str, env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+DOWNLOAD = """
+    import json, sys
+    from huggingface_hub import constants
+    from diptych.sources.hub import download, parse_hub_id
+    # huggingface_hub keeps what it read of a dropped connection in whole chunks (10 MB):
+    # small ones, so that a small file's interrupted download resumes past its start
+    constants.DOWNLOAD_CHUNK_SIZE = 4096
+    seen = []
+    path = download(parse_hub_id(sys.argv[1]), lambda done, total: seen.append((done, total)))
+    print(json.dumps({"path": str(path), "last": seen[-1] if seen else None}))
+"""
+
+
+def fetch(name: str, env: dict):
+    out = child(DOWNLOAD.replace("sys.argv[1]", repr(name)), env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def hub_env(hub, tmp_path, **more) -> dict:
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1", "DIPTYCH_CACHE": str(tmp_path / "diptych"), **more}
+
+
+def test_download_by_quant_resumes_then_works_offline(hub, repos, tmp_path):
+    env = hub_env(hub, tmp_path)
+    data = repos["org/tiny-GGUF"]["tiny-Q8_0.gguf"]
+    hub.drop_once["tiny-Q8_0.gguf"] = len(data) // 3
+    got = fetch("org/tiny-GGUF:q8_0", env)
+    assert open(got["path"], "rb").read() == data
+    assert got["last"] == [len(data), len(data)]     # the progress reached the whole file
+    ranges = [r for m, p, r in hub.requests if m == "GET" and p.endswith("tiny-Q8_0.gguf")]
+    assert len(ranges) == 2 and ranges[0] is None       # the second asked for the rest only
+    assert 0 < int(ranges[1].removeprefix("bytes=").removesuffix("-")) <= len(data) // 3
+    # offline, the cached file answers and nothing is asked of the hub
+    hub.requests.clear()
+    assert fetch("org/tiny-GGUF:Q8_0", {**env, "HF_HUB_OFFLINE": "1"})["path"] == got["path"]
+    assert hub.requests == []
+    # the hub gone: the cache answers; what is not cached fails with a clear message
+    hub.__exit__()
+    assert fetch("org/tiny-GGUF:Q8_0", env)["path"] == got["path"]
+    out = child(DOWNLOAD.replace("sys.argv[1]", repr("org/tiny")), env)
+    assert out.returncode == 1 and "HubError: cannot fetch org/tiny: the hub at " \
+        f"{hub.url} is unreachable" in out.stderr and "not in the Hugging Face cache" in out.stderr
+
+
+def test_a_model_by_name_runs_like_its_file(hub, repos, tmp_path):
+    """`diptych run org/repo:QUANT` writes the local file's greedy text; a split repository
+    loads with the single file's logits; `list` and `rm` see and delete downloads; a missing
+    quant or repository is a one-line error."""
+    import diptych
+
+    env = hub_env(hub, tmp_path)
+
+    def cli(*args, rc=0):
+        out = subprocess.run([sys.executable, "-m", "diptych.cli", *args], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, **env})
+        assert out.returncode == rc, out.stderr
+        return out.stdout if rc == 0 else out.stderr
+
+    kw = dict(backend="torch", device="cpu", n_ctx=64)
+    local = diptych.load(repos["paths"]["gguf"], **kw)
+    text = local.generate("hello world", 6, temperature=0)
+    assert cli("run", "org/tiny-GGUF:Q8_0", "hello world", "--raw", "--max-tokens", "6",
+               "--temperature", "0", "--backend", "torch", "--device", "cpu") == text + "\n"
+    split = fetch("org/split-GGUF:Q8_0", env)["path"]
+    assert split.endswith("Q8_0/tiny-Q8_0-00001-of-00003.gguf")
+    np.testing.assert_array_equal(diptych.load(split, **kw).logits(IDS), local.logits(IDS))
+    listed = cli("list")
+    assert "org/split-GGUF" in listed and "tiny-Q8_0-00003-of-00003.gguf" in listed
+    assert "removed org/split-GGUF" in cli("rm", "org/split-GGUF")
+    listed = cli("list")
+    assert "org/split-GGUF" not in listed and "org/tiny-GGUF" in listed
+    assert "no GGUF file for quant Q4_0 (it has: Q8_0)" in cli("info", "org/tiny-GGUF:Q4_0", rc=1)
+    assert "org/none: no such model repository" in cli("info", "org/none", rc=1)
+
+
+def test_a_safetensors_repository_downloads_its_folder(hub, repos, tmp_path):
+    import diptych
+
+    got = fetch("org/tiny", hub_env(hub, tmp_path))
+    assert sorted(os.listdir(got["path"])) == sorted(repos["org/tiny"])
+    kw = dict(backend="torch", device="cpu", n_ctx=32)
+    np.testing.assert_array_equal(diptych.load(got["path"], **kw).logits(IDS),
+                                  diptych.load(repos["paths"]["folder"], **kw).logits(IDS))
