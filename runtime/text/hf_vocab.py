@@ -16,6 +16,7 @@ which reads them as llama.cpp's converter does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,33 @@ def vocab_metadata(folder: Path, vocab_size: int, sentencepiece_first: bool) -> 
         md[f"tokenizer.ggml.{_ID_KEYS.get(kind, kind)}_token_id"] = int(token_id)
     for kind, flag in special.add_special_token.items():
         md[f"tokenizer.ggml.add_{kind}_token"] = bool(flag)
-    if isinstance(special.chat_template, str):
-        md["tokenizer.chat_template"] = special.chat_template
+    md.update(chat_template_metadata(special.chat_template))
     return md
+
+
+def chat_template_metadata(template) -> dict[str, Any]:
+    """A chat template as GGUF metadata, as gguf-py's writer stores it: a string is
+    `tokenizer.chat_template`; a list of {name, template} (tokenizer_config.json's named
+    templates) gives the one named "default" there, each other one as
+    `tokenizer.chat_template.<name>` (name characters outside [A-Za-z0-9] as "_"), and
+    their names as `tokenizer.chat_templates`."""
+    if isinstance(template, str):
+        return {"tokenizer.chat_template": template}
+    out: dict[str, Any] = {}
+    names: list[str] = []
+    for choice in template if isinstance(template, list) else ():
+        text = choice.get("template") if isinstance(choice, dict) else None
+        name = re.sub(r"[^A-Za-z0-9]", "_", str(choice.get("name", ""))) if text else ""
+        if not isinstance(text, str) or not name:
+            continue
+        if name == "default":
+            out["tokenizer.chat_template"] = text
+        else:
+            out[f"tokenizer.chat_template.{name}"] = text
+            names += [name] if name not in names else []
+    if names:
+        out["tokenizer.chat_templates"] = names
+    return out
 
 
 _ID_KEYS = {"pad": "padding", "unk": "unknown", "sep": "seperator"}  # gguf-py's key spellings
