@@ -36,3 +36,58 @@ def test_chat_templates_stored_as_a_list_are_written_as_gguf_py_writes_them(tmp_
     assert sorted(want.pop("tokenizer.chat_templates")) == sorted(
         ours.pop("tokenizer.chat_templates")) == ["rag_v2", "tool_use"]
     assert ours == want and ours["tokenizer.chat_template"] == config["chat_template"]
+
+
+def spm_style_tokenizer_json(folder, vocab_size=160):
+    """A tokenizer.json as Llama 2's: BPE over '▁'-marked words with byte fallback, a
+    Prepend/Replace normalizer, no pre-tokenizer (trained on the test corpus, words split
+    while training), and no tokenizer.model beside it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import trainers
+
+    from ..tiny_models import _CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    lines = [line for line in _CORPUS.read_text(encoding="utf-8").splitlines() if line.isascii()]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_tokens([AddedToken("<|im_start|>", special=True, normalized=False),
+                    AddedToken("<|im_end|>", special=True, normalized=False)])
+    tj = json.loads(tok.to_str())
+    vocab = tj["model"]["vocab"]
+    for b in range(256):   # the byte tokens, for characters the pieces do not cover
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t in tj["added_tokens"]:
+        t["id"] += 256 if t["content"].startswith("<|") else 0
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "vocab_size": tok.get_vocab_size(), "bos_token_id": 1,
+         "eos_token_id": 2}))
+    return tok
+
+
+def test_a_sentencepiece_vocabulary_shipped_only_as_tokenizer_json(tmp_path):
+    from diptych.text.tokenizer import Tokenizer
+
+    ref = spm_style_tokenizer_json(tmp_path / "m")
+    n = ref.get_vocab_size()
+    md = vocab_metadata(tmp_path / "m", n, True)
+    assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.add_space_prefix"]
+    ours = Tokenizer.from_gguf_metadata(md)
+    assert (ours.bos_id, ours.eos_id, ours.add_bos) == (1, 2, True)
+    for text in ("Hello world, the cat sat.", "  two  spaces\nand a newline 123 4567 é",
+                 "the theory of the thing", "<|im_start|>user\nhi there<|im_end|>"):
+        want = ref.encode(text).ids
+        assert ours.encode(text, add_bos=False) == want, text
+        if "<|" not in text:
+            assert ours.decode(want) == ref.decode(want)
