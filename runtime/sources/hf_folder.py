@@ -36,7 +36,8 @@ from diptych.quant.gguf_write import keeps_f32
 from diptych.quant.tensor import QuantTensor
 
 from diptych.errors import ModelFileError, UnsupportedModelError
-from diptych.model.families.hf import HFFamily, arch_metadata, hf_family, llama3_rope_factors
+from diptych.model.families.hf import (HFFamily, arch_metadata, hf_family,
+                                       llama3_rope_factors, text_model)
 from diptych.text.hf_vocab import read_json_object, vocab_metadata
 
 __all__ = ["HFSource", "open_source", "read_safetensors"]
@@ -215,13 +216,15 @@ class HFSource:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        self.config: dict[str, Any] = read_json_object(config_path)
+        # a vision-language model's text model (its config and tensors), else the model
+        self.config, text_name = text_model(read_json_object(config_path))
         self.family: HFFamily = hf_family(self.config.get("model_type"))
         _check_config(self.config, self.family, config_path)
         files = _weight_files(folder)
         raw: dict[str, tuple[np.ndarray, T]] = {}
         for f in files:
-            raw.update(read_safetensors(f))
+            raw.update((name, t) for saved, t in read_safetensors(f).items()
+                       if (name := text_name(saved)) is not None)
         _check_against_weights(self.config, raw, config_path)
         try:
             self.metadata: dict[str, Any] = self._metadata()

@@ -1,6 +1,7 @@
 """A Hugging Face tokenizer folder as llama.cpp's `tokenizer.ggml.*` GGUF metadata.
 
-Two kinds, as llama.cpp's converter writes them:
+Three kinds, as llama.cpp's converter writes them (the second with real scores where it writes
+-1000 for every piece):
 * SentencePiece (`tokenizer.model`): model "llama", tokens with scores and types, added and
   special tokens from added_tokens.json / tokenizer_config.json, the vocabulary padded to the
   model's vocab_size with `[PAD{i}]` tokens.

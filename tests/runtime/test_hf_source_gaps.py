@@ -91,3 +91,63 @@ def test_a_sentencepiece_vocabulary_shipped_only_as_tokenizer_json(tmp_path):
         assert ours.encode(text, add_bos=False) == want, text
         if "<|" not in text:
             assert ours.decode(want) == ref.decode(want)
+
+
+def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration's folder: text_config (real ones leave most fields to
+    the config class's defaults) and language_model.* tensors beside the vision tower's;
+    the text model's logits match transformers' on a text-only prompt."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    import diptych
+
+    from ..tiny_models import logits
+
+    torch.manual_seed(4)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                query_pre_attn_scalar=16, initializer_range=0.2, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    hf = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    folder = tmp_path / "m"
+    hf.save_pretrained(folder)
+    tiny_tokenizer(folder, "spm", 300)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gemma3" and "vision_config" in config
+    ids = list(np.random.default_rng(3).integers(3, 290, 20))
+    ours = diptych.load(folder, backend="torch", device="cpu", n_ctx=64)
+    assert ours.config.arch == "gemma3" and ours.config.n_layers == 2
+    ref = logits(hf, ids)
+    assert np.abs(ours.logits(ids) - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_gemma3_text_config_defaults_are_transformers():
+    from transformers import Gemma3TextConfig
+
+    from diptych.model.families.hf import text_model
+
+    config, rename = text_model({"model_type": "gemma3", "tie_word_embeddings": True,
+                                 "text_config": {"hidden_size": 2560, "num_hidden_layers": 34}})
+    ref = Gemma3TextConfig().to_dict()
+    rope = ref["rope_parameters"]
+    ref.update(rope_theta=rope["full_attention"]["rope_theta"],
+               rope_local_base_freq=rope["sliding_attention"]["rope_theta"])
+    defaults = {k: v for k, v in config.items() if k not in (
+        "hidden_size", "num_hidden_layers", "model_type", "tie_word_embeddings")}
+    assert defaults == {k: ref[k] for k in defaults}
+    assert config["model_type"] == "gemma3_text" and config["tie_word_embeddings"]
+    assert rename("language_model.model.layers.3.mlp.up_proj.weight") == \
+        "model.layers.3.mlp.up_proj.weight"
+    assert rename("model.language_model.norm.weight") == "model.norm.weight"
+    assert rename("vision_tower.head.probe") is None
+    assert rename("multi_modal_projector.mm_soft_emb_norm.weight") is None
