@@ -6,6 +6,7 @@ library, transformers)."""
 import json
 
 import gguf
+import pytest
 import numpy as np
 
 from diptych.quant.gguf_file import GGUFFile
@@ -151,3 +152,34 @@ def test_gemma3_text_config_defaults_are_transformers():
     assert rename("model.language_model.norm.weight") == "model.norm.weight"
     assert rename("vision_tower.head.probe") is None
     assert rename("multi_modal_projector.mm_soft_emb_norm.weight") is None
+
+
+@pytest.mark.parametrize("family, transposed", [("qwen3moe", False), ("mixtral", False),
+                                                ("deepseek_v3", False), ("mixtral", True)])
+def test_experts_saved_fused(tmp_path, family, transposed):
+    """A folder holding the model as transformers 5 holds it in memory: each layer's experts
+    as one gate_up_proj (n_expert, 2 * ff, d) and one down_proj (n_expert, d, ff) tensor (or
+    both transposed, as some repositories store them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import diptych
+
+    from ..tiny_models import logits, save_hf_folder, tiny_hf_model
+
+    hf = tiny_hf_model(family, seed=6)
+    folder = save_hf_folder(hf, tmp_path / family)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()
+             if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    if transposed:
+        state = {k: v.transpose(1, 2).contiguous() if ".experts." in k else v
+                 for k, v in state.items()}
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file(state, folder / "model.safetensors")
+    ids = list(np.random.default_rng(5).integers(3, 128, 16))
+    ref = logits(hf, ids)
+    with torch.no_grad():
+        ours = diptych.load(folder, backend="torch", device="cpu", n_ctx=64).logits(ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
