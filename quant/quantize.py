@@ -13,6 +13,11 @@ has the error of one llama.cpp writes:
   while that improves the weighted fit;
 - IQ4_NL: a sweep of candidate scales with nearest-codebook-entry codes, weights x^2.
 
+With an importance matrix (per-column weights: `quantize_rows(..., importance)`), Q4_K and
+Q5_K follow llama.cpp's weighted path (ggml's quantize_row_q4_K_impl/q5_K_impl): element
+weights importance * sqrt(2 * mean(x^2) + x^2), a finer sweep, and the super-scales chosen
+by the weighted error (make_qp_quants). The other types ignore the importance.
+
 The sub-block scales are then quantized against the block's fp16 super-scale(s), and the
 codes recomputed with the scales as stored, so the decoder sees the codes that suit them.
 Byte layouts come from quant/formats.py; the packing of codes into qs/qh is the inverse of
@@ -242,6 +247,48 @@ def _super_scale(values, levels):
     return codes, h, d
 
 
+def _super_scale_weighted(values, levels, w):
+    """ggml's make_qp_quants: per-sub-block values >= 0 (n, k) to 0..levels, the super-scale
+    chosen by the weighted error (weights w (n, k)): nine candidate scales around max/levels,
+    then single codes moved while the weighted fit improves (five passes), the scale the
+    least-squares one for the codes -> (codes uint8, fp16 super-scale (n, 1), its value)."""
+    top = values.max(axis=1, keepdims=True)
+    zero = top < _EPS
+    top = np.where(zero, 1, top).astype(np.float32)
+    nmax = np.float32(levels)
+
+    def codes(iscale):
+        return np.minimum(nmax, _rint(iscale * values)).astype(np.float32)
+
+    def mse(iscale):
+        diff = values - codes(iscale) / iscale
+        return (w * diff * diff).sum(axis=1, keepdims=True)
+
+    iscale = nmax / top
+    best = mse(iscale)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (np.float32(0.1 * k) + nmax) / top
+        cur = mse(cand)
+        iscale = np.where(cur < best, cand, iscale)
+        best = np.minimum(cur, best)
+    L = codes(iscale)
+    sumlx = (w * values * L).sum(axis=1)
+    suml2 = (w * L * L).sum(axis=1)
+    for _ in range(5):   # a row that changed nothing changes nothing in a later pass
+        for i in range(values.shape[1]):
+            wi, xi, li = w[:, i], values[:, i], L[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            new = np.minimum(nmax, _rint(xi * _safe_div(sl2, slx))).astype(np.float32)
+            slx_new, sl2_new = slx + wi * xi * new, sl2 + wi * new * new
+            take = ((slx > 0) & (sl2 > 0) & (new != li)
+                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            L[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx_new, sumlx), np.where(take, sl2_new, suml2)
+    d = np.where(zero[:, 0], 0, _safe_div(sumlx, suml2)).astype(np.float32)[:, None]
+    h, d = _to_f16(d)
+    return np.where(zero, 0, L).astype(np.uint8), h, d
+
+
 def _recode_affine(x, d, dmin, sc, m, L, nmax, unit):
     """Codes for the scales as stored: round((x + dmin*m) / (d*sc)) where d*sc != 0."""
     n = x.shape[0]
@@ -252,15 +299,27 @@ def _recode_affine(x, d, dmin, sc, m, L, nmax, unit):
     return np.where(scale != 0, new, L.reshape(n, -1, unit)).reshape(n, -1).astype(np.uint8)
 
 
-def _quantize_affine_k(x, unit, nmax, scale_levels, search):
-    """Q2_K/Q4_K/Q5_K: per-sub-block (scale, min) search, then the super-block quantization."""
+def _quantize_affine_k(x, unit, nmax, scale_levels, search, qw=None):
+    """Q2_K/Q4_K/Q5_K: per-sub-block (scale, min) search, then the super-block quantization.
+    With importance weights qw (n, QK_K) (an imatrix), llama.cpp's weighted path: element
+    weights qw * sqrt(2 * mean(x^2) + x^2), the search's `imatrix_sweep`, and super-scales
+    by the sub-blocks' summed weights."""
     n = x.shape[0]
     xs = x.reshape(-1, unit)
-    w = search["weights"](xs)
-    scales, mins, L = _fit_scale_min(xs, w, nmax, *search["sweep"])
+    if qw is None:
+        w, sweep = search["weights"](xs), search["sweep"]
+    else:
+        sigma2 = 2 * (x * x).mean(axis=1, keepdims=True, dtype=np.float32)
+        w, sweep = (qw * np.sqrt(sigma2 + x * x)).reshape(-1, unit), search["imatrix_sweep"]
+    scales, mins, L = _fit_scale_min(xs, w, nmax, *sweep)
     scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
-    sc, dh, d = _super_scale(scales, scale_levels)
-    m, mh, dmin = _super_scale(mins, scale_levels)
+    if qw is None:
+        sc, dh, d = _super_scale(scales, scale_levels)
+        m, mh, dmin = _super_scale(mins, scale_levels)
+    else:
+        sw = w.sum(axis=1).reshape(n, -1)
+        sc, dh, d = _super_scale_weighted(scales, scale_levels, sw)
+        m, mh, dmin = _super_scale_weighted(mins, scale_levels, sw)
     L = _recode_affine(x, d, dmin, sc, m, L, nmax, unit)
     return sc, m, dh, mh, L
 
@@ -280,18 +339,20 @@ def quantize_q2_k(x):
     return _blocks(fmt, x.shape[0], scales=sc | (m << 4), qs=_pack_crumbs(L, 32), d=dh, m=mh)
 
 
-def quantize_q4_k(x):
+def quantize_q4_k(x, qw=None):
     fmt = _F[T.Q4_K]
     sc, m, dh, mh, L = _quantize_affine_k(
-        x, fmt.unit, 15, 63, {"weights": _weights_rms, "sweep": (-1.0, 0.1, 20, False)})
+        x, fmt.unit, 15, 63, {"weights": _weights_rms, "sweep": (-1.0, 0.1, 20, False),
+                              "imatrix_sweep": (-0.9, 0.05, 36, False)}, qw)
     return _blocks(fmt, x.shape[0], d=dh, m=mh, scales=_pack_q4_k_scales(sc, m),
                    qs=_pack_nibbles(L, 32))
 
 
-def quantize_q5_k(x):
+def quantize_q5_k(x, qw=None):
     fmt = _F[T.Q5_K]
     sc, m, dh, mh, L = _quantize_affine_k(
-        x, fmt.unit, 31, 63, {"weights": _weights_rms, "sweep": (-0.5, 0.1, 15, False)})
+        x, fmt.unit, 31, 63, {"weights": _weights_rms, "sweep": (-0.5, 0.1, 15, False),
+                              "imatrix_sweep": (-0.9, 0.05, 36, False)}, qw)
     return _blocks(fmt, x.shape[0], d=dh, m=mh, scales=_pack_q4_k_scales(sc, m),
                    qh=_pack_bit_planes(L >> 4), qs=_pack_nibbles(L & 0x0F, 32))
 
@@ -372,14 +433,19 @@ QUANTIZERS = {
     T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl,
 }
+#: the types whose quantizer takes importance weights (an imatrix); the others ignore one
+IMATRIX_TYPES = frozenset((T.Q4_K, T.Q5_K))
 #: gguf-py's quantizers (ggml's reference rounding), for the types it has.
 _GGUF_PY_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
 assert _GGUF_PY_TYPES | QUANTIZERS.keys() == FORMATS.keys()  # every format we read, we write
 
 
-def quantize_rows(values: np.ndarray, ggml_type) -> np.ndarray:
+def quantize_rows(values: np.ndarray, ggml_type, importance: np.ndarray | None = None
+                  ) -> np.ndarray:
     """Float rows (n_rows, n_cols) -> raw rows (n_rows, row_bytes) uint8 in `ggml_type`
-    (any type of quant/formats.py; others raise UnsupportedModelError).
+    (any type of quant/formats.py; others raise UnsupportedModelError). `importance`
+    (n_cols,): each column's mean squared activation (an imatrix), which the IMATRIX_TYPES
+    weigh the rounding error by, as llama.cpp does.
 
     n_cols must be a multiple of the type's block size; the work goes a slice of rows at a
     time, so temporaries stay small.
@@ -398,10 +464,18 @@ def quantize_rows(values: np.ndarray, ggml_type) -> np.ndarray:
         return gguf.quants.quantize(values, fmt.type).view(np.uint8).reshape(n_rows, -1)
     out = np.empty((n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
     fn = QUANTIZERS[fmt.type]
+    if importance is not None and fmt.type in IMATRIX_TYPES:
+        qw = np.asarray(importance, dtype=np.float32).reshape(1, -1, fmt.block_size)
+        if qw.shape[1] * fmt.block_size != n_cols:
+            raise InvalidArgumentError(f"importance of {qw.size} columns for rows of {n_cols}")
+    else:
+        qw = None
     step = max(1, _CHUNK_ELEMENTS // max(n_cols, 1))
     for r in range(0, n_rows, step):
         x = values[r:r + step].reshape(-1, fmt.block_size)
-        out[r:r + step] = fn(x).reshape(-1, out.shape[1])
+        blocks = fn(x) if qw is None else fn(x, np.broadcast_to(
+            qw, (len(x) // qw.shape[1], *qw.shape[1:])).reshape(x.shape))
+        out[r:r + step] = blocks.reshape(-1, out.shape[1])
     return out
 
 

@@ -237,10 +237,37 @@ def cmd_quantize(args) -> int:
                                                           file=sys.stderr)
         task = bar.add_task("", total=None)
         out = quantize(args.input, args.out, args.type, allow_requantize=args.allow_requantize,
+                       imatrix=args.imatrix,
                        progress=lambda name, done, total: bar.update(
                            task, description=name, completed=done, total=total))
     print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
     return 0
+
+
+def cmd_imatrix(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from diptych.api import load
+    from diptych.inference.imatrix import collect_imatrix
+
+    text = _read_text(args.text)
+    model = load(args.model, backend=args.backend, n_ctx=args.ctx)
+    with Progress(TextColumn("collecting"), BarColumn(), MofNCompleteColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("imatrix", total=None)
+        im = collect_imatrix(model, model.tokenize(text, special=False), args.ctx, args.text,
+                             lambda done, total: bar.update(task, completed=done, total=total))
+    out = im.save(args.out, model.config.arch)
+    print(f"wrote {out} ({len(im.entries)} matrices, {im.chunk_count} chunks of {args.ctx} "
+          "tokens)")
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: cannot read the text ({exc})") from None
 
 
 def cmd_perplexity(args) -> int:
@@ -249,10 +276,7 @@ def cmd_perplexity(args) -> int:
     from diptych.api import load
     from diptych.inference.perplexity import perplexity
 
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{args.text}: cannot read the text ({exc})") from None
+    text = _read_text(args.text)
     model = load(args.model, backend=args.backend, n_ctx=args.ctx)
     base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx) \
         if args.kl_divergence else None
@@ -409,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the mix, as llama.cpp names it (default: Q4_K_M)")
     sp.add_argument("--allow-requantize", action="store_true",
                     help="accept a quantized input (lossy: both roundings add up)")
+    sp.add_argument("--imatrix", metavar="FILE", default=None,
+                    help="an importance matrix (diptych imatrix, llama-imatrix .gguf or .dat): "
+                         "weigh the K-quants' rounding by it")
     sp.set_defaults(func=cmd_quantize)
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
@@ -422,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "top-1 agreement")
     sp.add_argument("--backend", default="auto")
     sp.set_defaults(func=cmd_perplexity)
+
+    sp = command("imatrix", help="collect an importance matrix for quantize --imatrix "
+                 "(llama-imatrix's statistics and file)")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face folder or org/repo[:QUANT]")
+    sp.add_argument("text", help="a UTF-8 text file (calibration data)")
+    sp.add_argument("-o", "--out", default="imatrix.gguf",
+                    help="the file to write (default: imatrix.gguf)")
+    sp.add_argument("--ctx", type=_positive_int, default=512,
+                    help="tokens per chunk (default: 512)")
+    sp.add_argument("--backend", default="auto")
+    sp.set_defaults(func=cmd_imatrix)
 
     sp = command("list", help="show downloaded models (Hugging Face cache and diptych's)")
     sp.set_defaults(func=cmd_list)
