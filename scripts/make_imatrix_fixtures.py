@@ -6,8 +6,8 @@ For each input of tests/quant/quantize_cases.py (its sha256 recorded) and each t
 IMATRIX_COMPARED_TYPES: the weighted relative error sum(qw (x - x')^2) / sum(qw x^2) of
 ggml's own quantizer given the importance qw (``ggml_quantize_chunk`` with an imatrix, what
 ``llama-quantize --imatrix`` does), qw being quantize_cases.importance() (its sha256
-recorded), decoded with ``gguf.quants.dequantize``. tests/quant/test_quantize_imatrix.py
-holds ours to at most 1.01 x these.
+recorded), decoded with ``gguf.quants.dequantize``, and the sha256 of ggml's blocks.
+tests/quant/test_quantize_imatrix.py holds ours to at most 1.01 x these errors.
 
 How to regenerate: build llama-cpp-python without AMX (see make_reference_fixtures.py),
 then from the repository root ``python scripts/make_imatrix_fixtures.py``; the models come
@@ -16,6 +16,7 @@ from the diptych model cache. Under a minute.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def main() -> None:
     out = {"importance_sha256": digest(qw), "errors": {}}
     for case in CASES:
         x = np.ascontiguousarray(case.values(paths), dtype=np.float32)
-        errs = {}
+        errs, blocks_sha = {}, {}
         for name in IMATRIX_COMPARED_TYPES:
             t = T[name]
             block, size = GGML_QUANT_SIZES[t]
@@ -58,7 +59,9 @@ def main() -> None:
             assert n == blocks.size, (n, blocks.size)
             y = gguf.quants.dequantize(blocks, t).reshape(x.shape)
             errs[name] = weighted_error(x, y, qw)
-        out["errors"][case.name] = {"sha256": digest(x), "llama_cpp": errs}
+            blocks_sha[name] = hashlib.sha256(blocks.tobytes()).hexdigest()
+        out["errors"][case.name] = {"sha256": digest(x), "llama_cpp": errs,
+                                    "blocks_sha256": blocks_sha}
         print(case.name, errs)
     OUT.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"wrote {OUT}")
