@@ -54,7 +54,7 @@ def local_path(source: str | Path, progress: ProgressFn | None = None) -> Path:
 
 
 # a quant name in a file name, and where a word ends ('Q4_K' is not in 'Q4_K_M')
-_QUANT = re.compile(r"(?<![A-Za-z0-9])(?:I?Q\d(?:_[A-Z0-9]+)*|T?Q\d_\d|MXFP4|BF16|F16|F32)"
+_QUANT = re.compile(r"(?<![A-Za-z0-9])(?:I?Q\d(?:_[A-Z0-9]+)*|T?Q\d_\d|MXFP4|BF16|FP?16|FP?32)"
                     r"(?!_?[A-Za-z0-9])", re.IGNORECASE)
 
 

@@ -190,3 +190,27 @@ def test_a_safetensors_repository_downloads_its_folder(hub, repos, tmp_path):
     kw = dict(backend="torch", device="cpu", n_ctx=32)
     np.testing.assert_array_equal(diptych.load(got["path"], **kw).logits(IDS),
                                   diptych.load(repos["paths"]["folder"], **kw).logits(IDS))
+
+
+def test_list_and_rm_cover_diptychs_own_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from diptych.errors import InvalidArgumentError
+    from diptych.sources.model_cache import cached_models, remove
+    from diptych.sources.pypi_models import MODELS
+
+    monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path / "diptych"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # none there
+    models = tmp_path / "diptych" / "models"
+    models.mkdir(parents=True)
+    name = MODELS["gemma-3-270m"].filename
+    for f in (name, name + ".sha256", name + ".lock", "mine.gguf"):
+        (models / f).write_bytes(b"GGUF" + bytes(60))
+    assert [(m.name, m.where, m.size) for m in cached_models()] == [
+        (name, "diptych", 64), ("mine.gguf", "diptych", 64)]
+    assert remove("gemma-3-270m") == [models / name]     # by its PyPI model name
+    assert sorted(p.name for p in models.iterdir()) == ["mine.gguf"]
+    with pytest.raises(InvalidArgumentError, match=r"downloaded: mine.gguf"):
+        remove("org/none")
+    with pytest.raises(InvalidArgumentError, match="without the :QUANT tag"):
+        remove("org/repo:Q4_K_M")
