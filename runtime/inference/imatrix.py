@@ -4,7 +4,7 @@ number of tokens. `diptych quantize --imatrix` weighs each weight's rounding err
 column's mean squared activation (sum / count), as llama-quantize does.
 
 The text is tokenized whole and cut into chunks of `n_ctx` tokens, each evaluated from an
-empty cache with its first token replaced by BOS where the model adds one (llama-imatrix's
+empty context with its first token replaced by BOS where the model adds one (llama-imatrix's
 procedure). The backend calls the runtime's `linear_observer` with each linear's input;
 a matrix stacked at load (Q, K and V; gate and up) shares its input, so its statistics go
 to each tensor it holds. The output head is skipped (llama-imatrix's default) and so are
@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from diptych.errors import InvalidArgumentError, ModelFileError
+from diptych.model.graph import forward_all
 from diptych.quant.gguf_write import write_atomically
 
 # weight tree attribute -> GGUF tensor names of the matrices it holds (one input for all)
@@ -169,9 +170,9 @@ def observed_tensors(weights) -> dict[int, tuple[str, ...]]:
 def collect_imatrix(model, text_ids: list[int], n_ctx: int = 512, dataset: str = "",
                     progress: Callable[[int, int], None] | None = None) -> Imatrix:
     """The importance matrix of `model` over the token ids of a text, in chunks of `n_ctx`
-    tokens (the model's context must hold one); `progress(done, total)` counts chunks."""
-    if n_ctx < 2 or n_ctx > model.n_ctx:
-        raise InvalidArgumentError(f"chunks of {n_ctx} tokens need a context of 2..{model.n_ctx}")
+    tokens; `progress(done, total)` counts chunks."""
+    if n_ctx < 2:
+        raise InvalidArgumentError(f"chunks must hold at least 2 tokens, not {n_ctx}")
     n_chunks = len(text_ids) // n_ctx
     if n_chunks < 1:
         raise InvalidArgumentError(f"the text has {len(text_ids)} tokens; the importance "
@@ -189,7 +190,7 @@ def collect_imatrix(model, text_ids: list[int], n_ctx: int = 512, dataset: str =
         counts[id(w)] = counts.get(id(w), 0) + a.shape[0]
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    with engine.lock:
+    with engine.lock, be.inference():
         engine.release(engine.claim())   # supersedes an unfinished generation
         be.linear_observer = observe
         try:
@@ -197,13 +198,14 @@ def collect_imatrix(model, text_ids: list[int], n_ctx: int = 512, dataset: str =
                 chunk = list(text_ids[c * n_ctx:(c + 1) * n_ctx])
                 if bos is not None:
                     chunk[0] = bos
-                engine.reset()
-                engine.eval(chunk)
+                # the plain forward, not the engine's steps, which a backend may replay
+                # from a capture (CUDA graphs) without calling the observer
+                forward_all(be, model.config, engine.weights, be.ids(np.array([chunk])),
+                            np.array([n_ctx - 1]))
                 if progress:
                     progress(c + 1, n_chunks)
         finally:
             be.linear_observer = None
-            engine.reset()
     out = Imatrix(datasets=[dataset] if dataset else [], chunk_count=n_chunks,
                   chunk_size=n_ctx)
     for key, tensor_names in names.items():
