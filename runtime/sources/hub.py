@@ -7,7 +7,8 @@ split one (`...-00001-of-00003.gguf`). A repository without GGUF files but with 
 and safetensors weights: the folder (config, weights, tokenizer files), loaded as a Hugging
 Face folder source. huggingface_hub downloads into its cache (`HF_HOME`, `HF_HUB_CACHE`,
 `HF_ENDPOINT` apply); a connection that drops mid-file resumes where it stopped (a Range
-request). Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) the repository's cached
+request), while a process stopped mid-file starts that file over next time (the
+huggingface_hub releases this targets keep no partial file between runs). Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) the repository's cached
 snapshot answers instead, so a model downloaded once loads without a network.
 """
 
@@ -143,7 +144,8 @@ def _repo_files(ref: HubRef) -> list[str]:
         return [s.rfilename for s in HfApi().model_info(ref.repo).siblings or []]
     except NotFound:
         raise HubError(f"{ref.repo}: no such model repository on {_endpoint()} (or it is "
-                       "private: log in with `hf auth login`)") from None
+                       "private or gated: log in with `hf auth login` or set HF_TOKEN)"
+                       ) from None
     except network as exc:  # OfflineModeIsEnabled is a ConnectionError
         return _cached_files(ref, f"the hub at {_endpoint()} is unreachable "
                                   f"({type(exc).__name__}: {exc})")
