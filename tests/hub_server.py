@@ -17,7 +17,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def commit(repo: str) -> str:
+    """A repository's commit hash (each its own, as on the Hub)."""
+    return hashlib.sha1(repo.encode()).hexdigest()
 
 
 class FakeHub:
@@ -58,7 +62,7 @@ class FakeHub:
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path):
             files = self._repo(h, m[1])
             if files is not None:
-                self._json(h, {"id": m[1], "sha": COMMIT,
+                self._json(h, {"id": m[1], "sha": commit(m[1]),
                                "siblings": [{"rfilename": p} for p in files]}, body)
         elif m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+(?:/(.*))?", path):
             files = self._repo(h, m[1])
@@ -70,7 +74,7 @@ class FakeHub:
         elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
             files = self._repo(h, m[1])
             if files is not None:
-                self._file(h, m[2], files, body)
+                self._file(h, m[2], files, body, commit(m[1]))
         else:
             self._error(h, 404, None)
 
@@ -96,7 +100,7 @@ class FakeHub:
         if body:
             h.wfile.write(data)
 
-    def _file(self, h, name: str, files: dict[str, bytes], body: bool) -> None:
+    def _file(self, h, name: str, files: dict[str, bytes], body: bool, sha: str) -> None:
         if name not in files:
             self._error(h, 404, "EntryNotFound")
             return
@@ -106,7 +110,7 @@ class FakeHub:
             start = int(r[1])
         h.send_response(206 if start else 200)
         h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        h.send_header("X-Repo-Commit", COMMIT)
+        h.send_header("X-Repo-Commit", sha)
         h.send_header("Accept-Ranges", "bytes")
         h.send_header("Content-Length", str(len(data) - start))
         if start:

