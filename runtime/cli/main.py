@@ -212,11 +212,13 @@ def cmd_convert(args) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diptych.sources.convert import convert
+    from diptych.sources.hub import local_path
 
+    folder = local_path(args.folder)   # a Hub name downloads first, with its own bar
     with Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("convert", total=None)
-        out = convert(args.folder, args.out, args.type,
+        out = convert(folder, args.out, args.type,
                       lambda done, total: bar.update(task, completed=done, total=total))
     print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
     return 0
@@ -227,8 +229,10 @@ def cmd_quantize(args) -> int:
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from diptych.sources.hub import local_path
     from diptych.sources.quantize import quantize
 
+    source = local_path(args.input)   # a Hub name downloads first, with its own bar
     with Progress(TextColumn("quantizing {task.description:<36}"), BarColumn(), DownloadColumn(),
                   TimeRemainingColumn(), transient=True,
                   disable=not sys.stderr.isatty()) as bar, warnings.catch_warnings():
@@ -236,7 +240,7 @@ def cmd_quantize(args) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"diptych: warning: {msg}",
                                                           file=sys.stderr)
         task = bar.add_task("", total=None)
-        out = quantize(args.input, args.out, args.type, allow_requantize=args.allow_requantize,
+        out = quantize(source, args.out, args.type, allow_requantize=args.allow_requantize,
                        imatrix=args.imatrix,
                        progress=lambda name, done, total: bar.update(
                            task, description=name, completed=done, total=total))
@@ -417,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diptych.sources.convert import CONVERT_TYPES
 
     sp = command("convert", help="write a Hugging Face safetensors folder as GGUF")
-    sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer")
+    sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer, "
+                    "or org/repo on the Hugging Face Hub")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
                     help="type of the weight matrices (default: F16); vectors stay F32")
@@ -427,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("quantize", help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
     sp.add_argument("input",
-                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
+                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder (or "
+                         "org/repo[:QUANT] on the Hub)")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="Q4_K_M", type=str.upper, choices=QUANTIZE_MIXES,
                     help="the mix, as llama.cpp names it (default: Q4_K_M)")

@@ -22,6 +22,7 @@ from diptych.quant.mixes import MIXES, ModelShape, mix_default, tensor_types
 from diptych.quant.quantize import IMATRIX_TYPES
 
 from .hf_folder import open_source
+from .hub import local_path
 
 __all__ = ["QUANTIZE_MIXES", "quantize", "mix_types_for"]
 
@@ -38,7 +39,8 @@ def mix_types_for(metadata, tensors, mix: str) -> dict[str, T]:
 def quantize(src: str | Path, out: str | Path, type: str = "Q4_K_M", *,
              allow_requantize: bool = False, imatrix: str | Path | Imatrix | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write the model at `src` to `out` as GGUF in the mix `type` (QUANTIZE_MIXES).
+    """Write the model at `src` (a path, or a Hub name `org/repo[:QUANT]`) to `out` as GGUF
+    in the mix `type` (QUANTIZE_MIXES).
 
     A source whose matrices are already quantized is refused unless `allow_requantize`
     (then a warning: quantizing dequantized values compounds both roundings).
@@ -47,7 +49,7 @@ def quantize(src: str | Path, out: str | Path, type: str = "Q4_K_M", *,
     `progress(tensor_name, done_bytes, total_bytes)` is called after each tensor.
     """
     file_type, _ = mix_default(type)
-    src, out = Path(src), Path(out)
+    src, out = local_path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InvalidArgumentError(f"{out}: the output would overwrite the input")
     if out.is_dir():

@@ -188,13 +188,25 @@ def test_a_model_by_name_runs_like_its_file(hub, repos, tmp_path):
 
 
 def test_a_safetensors_repository_downloads_its_folder(hub, repos, tmp_path):
+    """`org/repo` of a safetensors model: its folder, which loads like the local one and
+    which `diptych quantize org/repo` writes as the local folder's file (offline, cached)."""
     import diptych
 
-    got = fetch("org/tiny", hub_env(hub, tmp_path))
+    env = hub_env(hub, tmp_path)
+    got = fetch("org/tiny", env)
     assert sorted(os.listdir(got["path"])) == sorted(repos["org/tiny"])
     kw = dict(backend="torch", device="cpu", n_ctx=32)
     np.testing.assert_array_equal(diptych.load(got["path"], **kw).logits(IDS),
                                   diptych.load(repos["paths"]["folder"], **kw).logits(IDS))
+    out = subprocess.run([sys.executable, "-m", "diptych.cli", "quantize", "org/tiny",
+                          str(tmp_path / "hub.gguf"), "--type", "Q8_0"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    local = diptych.quantize(repos["paths"]["folder"], tmp_path / "local.gguf", "Q8_0")
+    ours, theirs = GGUFFile(tmp_path / "hub.gguf"), GGUFFile(local)
+    assert list(ours.tensors) == list(theirs.tensors)
+    for name, t in ours.tensors.items():
+        np.testing.assert_array_equal(t.data, theirs.tensors[name].data)
 
 
 def test_list_and_rm_cover_diptychs_own_cache(tmp_path, monkeypatch):
