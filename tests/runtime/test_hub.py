@@ -19,7 +19,7 @@ from diptych.quant.gguf_file import GGUFFile
 from diptych.quant.gguf_write import _add_value
 from diptych.sources.hub import HubRef, choose_gguf, parse_hub_id
 
-from ..hub_server import FakeHub
+from ..hub_server import FakeHub, commit
 from ..tiny_models import tiny_hf_model, write_gguf
 
 IDS = [1, 5, 9, 2, 7, 3, 11, 4]
@@ -106,22 +106,28 @@ def child(code: str, env: dict, **kw) -> subprocess.CompletedProcess:
 
 
 DOWNLOAD = """
-    import json, sys
+    import json
     from huggingface_hub import constants
+    from diptych.errors import DiptychError
     from diptych.sources.hub import download, parse_hub_id
     # huggingface_hub keeps what it read of a dropped connection in whole chunks (10 MB):
     # small ones, so that a small file's interrupted download resumes past its start
     constants.DOWNLOAD_CHUNK_SIZE = 4096
-    seen = []
-    path = download(parse_hub_id(sys.argv[1]), lambda done, total: seen.append((done, total)))
-    print(json.dumps({"path": str(path), "last": seen[-1] if seen else None}))
+    for name in NAMES:
+        seen = []
+        try:
+            path = download(parse_hub_id(name), lambda done, total: seen.append((done, total)))
+            print(json.dumps({"path": str(path), "last": seen[-1] if seen else None}))
+        except DiptychError as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
 """
 
 
-def fetch(name: str, env: dict):
-    out = child(DOWNLOAD.replace("sys.argv[1]", repr(name)), env)
+def fetch(env: dict, *names: str) -> list[dict]:
+    """download() of each name in one child process: {"path", "last" progress} or {"error"}."""
+    out = child(DOWNLOAD.replace("NAMES", repr(list(names))), env)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(names):]]
 
 
 def hub_env(hub, tmp_path, **more) -> dict:
@@ -133,75 +139,74 @@ def test_download_by_quant_resumes_then_works_offline(hub, repos, tmp_path):
     env = hub_env(hub, tmp_path)
     data = repos["org/tiny-GGUF"]["tiny-Q8_0.gguf"]
     hub.drop_once["tiny-Q8_0.gguf"] = len(data) // 3
-    got = fetch("org/tiny-GGUF:q8_0", env)
+    got, no_repo, no_quant = fetch(env, "org/tiny-GGUF:q8_0", "org/none", "org/tiny-GGUF:Q4_0")
     assert open(got["path"], "rb").read() == data
     assert got["last"] == [len(data), len(data)]     # the progress reached the whole file
     ranges = [r for m, p, r in hub.requests if m == "GET" and p.endswith("tiny-Q8_0.gguf")]
     assert len(ranges) == 2 and ranges[0] is None       # the second asked for the rest only
     assert 0 < int(ranges[1].removeprefix("bytes=").removesuffix("-")) <= len(data) // 3
+    assert no_repo["error"].startswith(f"HubError: org/none: no such model repository on "
+                                       f"{hub.url}")
+    assert no_quant["error"] == ("HubError: org/tiny-GGUF has no GGUF file for quant Q4_0 "
+                                 "(it has: Q8_0)")
     # offline, the cached file answers and nothing is asked of the hub
     hub.requests.clear()
-    assert fetch("org/tiny-GGUF:Q8_0", {**env, "HF_HUB_OFFLINE": "1"})["path"] == got["path"]
+    assert fetch({**env, "HF_HUB_OFFLINE": "1"}, "org/tiny-GGUF:Q8_0")[0]["path"] == got["path"]
     assert hub.requests == []
     # the hub gone: the cache answers; what is not cached fails with a clear message
     hub.__exit__()
-    assert fetch("org/tiny-GGUF:Q8_0", env)["path"] == got["path"]
-    out = child(DOWNLOAD.replace("sys.argv[1]", repr("org/tiny")), env)
-    assert out.returncode == 1 and "HubError: cannot fetch org/tiny: the hub at " \
-        f"{hub.url} is unreachable" in out.stderr and "not in the Hugging Face cache" in out.stderr
+    cached, missing = fetch(env, "org/tiny-GGUF:Q8_0", "org/tiny")
+    assert cached["path"] == got["path"]
+    assert missing["error"].startswith(f"HubError: cannot fetch org/tiny: the hub at {hub.url} "
+                                       "is unreachable")
+    assert missing["error"].endswith("and it is not in the Hugging Face cache")
 
 
 def test_a_model_by_name_runs_like_its_file(hub, repos, tmp_path):
-    """`diptych run org/repo:QUANT` writes the local file's greedy text; a split repository
-    loads with the single file's logits; `list` and `rm` see and delete downloads; a missing
-    quant or repository is a one-line error."""
+    """`diptych run org/repo:QUANT` of a split repository downloads its parts (with a bar
+    each) and writes the single local file's greedy text; `list` and `rm` see and delete
+    downloads."""
     import diptych
 
     env = hub_env(hub, tmp_path)
 
-    def cli(*args, rc=0):
-        nonlocal stderr
+    def cli(*args):
         out = subprocess.run([sys.executable, "-m", "diptych.cli", *args], capture_output=True,
                              text=True, timeout=300, env={**os.environ, **env})
-        assert out.returncode == rc, out.stderr
-        stderr = out.stderr
-        return out.stdout if rc == 0 else out.stderr
+        assert out.returncode == 0, out.stderr
+        return out
 
-    stderr = ""
-
-    kw = dict(backend="torch", device="cpu", n_ctx=64)
-    local = diptych.load(repos["paths"]["gguf"], **kw)
+    local = diptych.load(repos["paths"]["gguf"], backend="torch", device="cpu", n_ctx=64)
     text = local.generate("hello world", 6, temperature=0)
-    assert cli("run", "org/tiny-GGUF:Q8_0", "hello world", "--raw", "--max-tokens", "6",
-               "--temperature", "0", "--backend", "torch", "--device", "cpu") == text + "\n"
-    assert "downloading tiny-Q8_0.gguf" in stderr   # the progress bar, on stderr
-    split = fetch("org/split-GGUF:Q8_0", env)["path"]
-    assert split.endswith("Q8_0/tiny-Q8_0-00001-of-00003.gguf")
-    np.testing.assert_array_equal(diptych.load(split, **kw).logits(IDS), local.logits(IDS))
-    listed = cli("list")
+    out = cli("run", "org/split-GGUF:Q8_0", "hello world", "--raw", "--max-tokens", "6",
+              "--temperature", "0", "--backend", "torch", "--device", "cpu")
+    assert out.stdout == text + "\n"
+    for part in range(1, 4):
+        assert f"downloading tiny-Q8_0-0000{part}-of-00003.gguf" in out.stderr
+    fetch(env, "org/tiny-GGUF:Q8_0")
+    listed = cli("list").stdout
     assert "org/split-GGUF" in listed and "tiny-Q8_0-00003-of-00003.gguf" in listed
-    assert "removed org/split-GGUF" in cli("rm", "org/split-GGUF")
-    listed = cli("list")
-    assert "org/split-GGUF" not in listed and "org/tiny-GGUF" in listed
-    assert "no GGUF file for quant Q4_0 (it has: Q8_0)" in cli("info", "org/tiny-GGUF:Q4_0", rc=1)
-    assert "org/none: no such model repository" in cli("info", "org/none", rc=1)
+    assert "org/tiny-GGUF" in listed
+    assert "removed org/split-GGUF" in cli("rm", "org/split-GGUF").stdout
+    hub_cache = tmp_path / "hf" / "hub"
+    assert not (hub_cache / "models--org--split-GGUF").exists()
+    assert (hub_cache / "models--org--tiny-GGUF").exists()
 
 
 def test_a_safetensors_repository_downloads_its_folder(hub, repos, tmp_path):
-    """`org/repo` of a safetensors model: its folder, which loads like the local one and
-    which `diptych quantize org/repo` writes as the local folder's file (offline, cached)."""
+    """`diptych quantize org/repo` of a safetensors model: it downloads the folder, which
+    loads like the local one, and writes the local folder's file."""
     import diptych
 
-    env = hub_env(hub, tmp_path)
-    got = fetch("org/tiny", env)
-    assert sorted(os.listdir(got["path"])) == sorted(repos["org/tiny"])
-    kw = dict(backend="torch", device="cpu", n_ctx=32)
-    np.testing.assert_array_equal(diptych.load(got["path"], **kw).logits(IDS),
-                                  diptych.load(repos["paths"]["folder"], **kw).logits(IDS))
     out = subprocess.run([sys.executable, "-m", "diptych.cli", "quantize", "org/tiny",
                           str(tmp_path / "hub.gguf"), "--type", "Q8_0"], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
+                         text=True, timeout=300, env={**os.environ, **hub_env(hub, tmp_path)})
     assert out.returncode == 0, out.stderr
+    folder = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / commit("org/tiny")
+    assert sorted(os.listdir(folder)) == sorted(repos["org/tiny"])
+    kw = dict(backend="torch", device="cpu", n_ctx=32)
+    np.testing.assert_array_equal(diptych.load(folder, **kw).logits(IDS),
+                                  diptych.load(repos["paths"]["folder"], **kw).logits(IDS))
     local = diptych.quantize(repos["paths"]["folder"], tmp_path / "local.gguf", "Q8_0")
     ours, theirs = GGUFFile(tmp_path / "hub.gguf"), GGUFFile(local)
     assert list(ours.tensors) == list(theirs.tensors)

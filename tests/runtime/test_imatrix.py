@@ -111,7 +111,7 @@ def test_files_llama_cpp_reads(tiny, tmp_path):
 
 def test_quantize_with_an_imatrix_from_the_command_line(tmp_path):
     """`diptych imatrix` then `diptych quantize --imatrix`: the K-quant matrices differ from
-    a plain quantization, the file loads, and an imatrix of another model is refused."""
+    a plain quantization, and an imatrix of another model is refused."""
     # rows of 256 and 512 values, so that the mix has K-quant matrices
     hf = tiny_hf_model("llama", seed=9, hidden_size=256, intermediate_size=512)
     path = write_gguf(hf, "llama", tmp_path / "m.gguf", "F32")
@@ -132,8 +132,6 @@ def test_quantize_with_an_imatrix_from_the_command_line(tmp_path):
     plain, weighted = GGUFFile(tmp_path / "plain.gguf"), GGUFFile(tmp_path / "weighted.gguf")
     k = [n for n, t in weighted.tensors.items() if t.type_name in ("Q4_K", "Q5_K")]
     assert k and any((weighted.tensors[n].data != plain.tensors[n].data).any() for n in k)
-    model = diptych.load(tmp_path / "weighted.gguf", backend="torch", device="cpu", n_ctx=32)
-    assert np.isfinite(model.logits([1, 5, 9])).all()
     other = Imatrix(entries={"blk.0.ffn_down.weight": (np.ones((1, 7)), np.ones(1))})
     with pytest.raises(ModelFileError, match="another model"):
         diptych.quantize(path, tmp_path / "x.gguf", "Q4_K_M", imatrix=other)
