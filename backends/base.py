@@ -134,6 +134,10 @@ class Backend(ABC):
 
     name: str
     device: str
+    #: Set by the runtime while it collects activation statistics (inference/imatrix.py),
+    #: else None: called as `linear_observer(x, w)` with each `linear`'s input and weight.
+    #: Steps replayed from a capture (CUDA graphs) do not call it.
+    linear_observer: Any = None
 
     # -- weights -------------------------------------------------------------------------
     @abstractmethod

@@ -85,11 +85,11 @@ def target_type(t: QuantTensor, want: T | None) -> T:
     return want
 
 
-def _converted(t: QuantTensor, to: T) -> np.ndarray:
+def _converted(t: QuantTensor, to: T, importance: np.ndarray | None = None) -> np.ndarray:
     """The bytes of `t` in type `to`, one row of blocks per row."""
     if to == t.ggml_type:
         return t.data
-    return quantize_rows(t.dequantize().reshape(-1, t.shape[-1]), to)
+    return quantize_rows(t.dequantize().reshape(-1, t.shape[-1]), to, importance)
 
 
 def _nbytes(shape: tuple[int, ...], to: T) -> int:
@@ -100,18 +100,27 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[s
                ggml_type: T | None = None,
                progress: Callable[[int], None] | None = None, *,
                types: Mapping[str, T] | None = None,
-               file_type: LlamaFileType | None = None) -> Path:
+               file_type: LlamaFileType | None = None,
+               importance: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write `metadata` (which names general.architecture) and `tensors` to `path`.
 
     `ggml_type`: convert the matrices to this type (see `target_type`); None keeps every
     tensor's type. `types`: name -> type for each tensor instead (a mix), recorded as
     `file_type`. `progress(n)` is called with each tensor's source size in bytes.
+    `importance`: name -> per-column importance (an imatrix) for the quantizers that use it.
     A failed write (disk full, interrupted) raises and leaves no file at `path`.
     """
+    return write_atomically(path, lambda tmp: _write(
+        tmp, metadata, tensors, ggml_type, progress, types, file_type, importance or {}))
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` a file under a temporary name beside `path`, renamed to `path` when
+    complete; a failure (disk full, interrupted) leaves no file at `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        _write(tmp, metadata, tensors, ggml_type, progress, types, file_type)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise ModelFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -120,7 +129,7 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[s
     return path
 
 
-def _write(path, metadata, tensors, ggml_type, progress, types, file_type) -> None:
+def _write(path, metadata, tensors, ggml_type, progress, types, file_type, importance) -> None:
     w = gguf.GGUFWriter(str(path), metadata["general.architecture"])
     if ggml_type is not None:
         file_type = FILE_TYPES[ggml_type]
@@ -145,7 +154,7 @@ def _write(path, metadata, tensors, ggml_type, progress, types, file_type) -> No
         w.write_ti_data_to_file()
         for name, to in chosen.items():
             t = tensors[name]
-            w.write_tensor_data(_converted(t, to))
+            w.write_tensor_data(_converted(t, to, importance.get(name)))
             if progress:
                 progress(t.nbytes)
     finally:

@@ -13,6 +13,14 @@ has the error of one llama.cpp writes:
   while that improves the weighted fit;
 - IQ4_NL: a sweep of candidate scales with nearest-codebook-entry codes, weights x^2.
 
+With an importance matrix (per-column weights: `quantize_rows(..., importance)`), these
+types follow llama.cpp's weighted paths (ggml's quantize_row_*_impl): element weights
+importance * sqrt(sigma * mean(x^2) + x^2) (Q6_K: the importance alone), for Q2_K/Q4_K/Q5_K
+a finer sweep and super-scales chosen by the weighted error (make_qp_quants), for Q3_K
+make_qx_quants on the sub-blocks and on their scales. The legacy types ignore it (gguf-py's
+quantizers take none). The searches' sums run in ggml's order, so that with an importance
+matrix the blocks are ggml's byte for byte (tests/quant/test_quantize_imatrix.py).
+
 The sub-block scales are then quantized against the block's fp16 super-scale(s), and the
 codes recomputed with the scales as stored, so the decoder sees the codes that suit them.
 Byte layouts come from quant/formats.py; the packing of codes into qs/qh is the inverse of
@@ -63,6 +71,7 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep, use_mad):
     Starts from the min/max mapping, then for each candidate scale (nmax + rmin + rdelta*k)
     / (max - min), min the best so far, rounds the codes and solves the weighted least
     squares for scale and min (min clamped to <= 0), keeping the candidate of lowest error.
+    Sums run in ggml's order (see `_sequential_sum`).
     """
     lo = np.minimum(x.min(axis=1, keepdims=True), 0)
     hi = x.max(axis=1, keepdims=True)
@@ -71,24 +80,25 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep, use_mad):
 
     def error(scale, mn, L):
         diff = scale * L + mn - x
-        return (w * (np.abs(diff) if use_mad else diff * diff)).sum(axis=1, keepdims=True)
+        return _sequential_sum(w * (np.abs(diff) if use_mad else diff * diff))
 
     iscale = np.float32(nmax) / span
     scale = np.where(flat, 0, 1 / iscale).astype(np.float32)
     L = np.clip(_rint(iscale * (x - lo)), 0, nmax).astype(np.float32)
     best = error(scale, lo, L)
     mn = lo
-    sum_w = w.sum(axis=1, keepdims=True)
-    sum_x = (w * x).sum(axis=1, keepdims=True)
+    sum_w = _sequential_sum(w)
+    sum_x = _sequential_sum(w * x)
     for k in range(nstep + 1):
         # the candidates map from the best min so far, not the first one
         span = np.where(hi > mn, hi - mn, 1).astype(np.float32)
-        iscale = np.float32(rmin + rdelta * k + nmax) / span
+        step = np.float32(rmin) + np.float32(rdelta) * np.float32(k)  # float32, as ggml
+        iscale = (step + np.float32(nmax)) / span
         La = np.clip(_rint(iscale * (x - mn)), 0, nmax).astype(np.float32)
         wl = w * La
-        sum_l = wl.sum(axis=1, keepdims=True)
-        sum_l2 = (wl * La).sum(axis=1, keepdims=True)
-        sum_xl = (wl * x).sum(axis=1, keepdims=True)
+        sum_l = _sequential_sum(wl)
+        sum_l2 = _sequential_sum(wl * La)
+        sum_xl = _sequential_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = _safe_div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = _safe_div(sum_l2 * sum_x - sum_l * sum_xl, D)
@@ -104,6 +114,17 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep, use_mad):
     return scale[:, 0], -mn[:, 0], L.astype(np.uint8)
 
 
+def _sequential_sum(a):
+    """Row sums (n, 1) of a float32 (n, u), added left to right as ggml's C loops add them
+    (numpy's sum adds pairwise): the searches compare candidates that often tie (a lone
+    outlier fits several codes), and the rounding of the sums decides which one wins."""
+    cols = np.ascontiguousarray(a.T, dtype=np.float32)
+    acc = cols[0].copy()
+    for col in cols[1:]:
+        acc += col
+    return acc[:, None]
+
+
 def _signed_max(x):
     """The element of largest magnitude of each row (its sign kept), and that magnitude."""
     i = np.abs(x).argmax(axis=1)
@@ -111,10 +132,11 @@ def _signed_max(x):
     return mx, np.abs(mx)
 
 
-def _fit_signed_scale(x, nmax):
-    """Q6_K's search per row of x (n, u): codes in -nmax..nmax-1 and a signed scale, weights
-    x^2; candidate scales -(nmax + k/10)/max for k in -9..9, best weighted fit kept."""
-    w = x * x
+def _fit_signed_scale(x, nmax, w=None):
+    """ggml's make_qx_quants per row of x (n, u): codes in -nmax..nmax-1 and a signed scale,
+    weights w (default x^2); candidate scales -(nmax + k/10)/max for k in -9..9, best
+    weighted fit kept."""
+    w = x * x if w is None else w
     mx, amax = _signed_max(x)
     zero = amax < _EPS
     mx = np.where(zero, 1, mx)
@@ -123,8 +145,7 @@ def _fit_signed_scale(x, nmax):
         return np.clip(_rint(iscale * x), -nmax, nmax - 1).astype(np.float32)
 
     def fit(L):
-        wl = w * L
-        return (wl * x).sum(axis=1, keepdims=True), (wl * L).sum(axis=1, keepdims=True)
+        return _sequential_sum(w * x * L), _sequential_sum(w * L * L)
 
     L = codes(-np.float32(nmax) / mx)
     sumlx, suml2 = fit(L)
@@ -242,6 +263,48 @@ def _super_scale(values, levels):
     return codes, h, d
 
 
+def _super_scale_weighted(values, levels, w):
+    """ggml's make_qp_quants: per-sub-block values >= 0 (n, k) to 0..levels, the super-scale
+    chosen by the weighted error (weights w (n, k)): nine candidate scales around max/levels,
+    then single codes moved while the weighted fit improves (five passes), the scale the
+    least-squares one for the codes -> (codes uint8, fp16 super-scale (n, 1), its value)."""
+    top = values.max(axis=1, keepdims=True)
+    zero = top < _EPS
+    top = np.where(zero, 1, top).astype(np.float32)
+    nmax = np.float32(levels)
+
+    def codes(iscale):
+        return np.minimum(nmax, _rint(iscale * values)).astype(np.float32)
+
+    def mse(iscale):
+        diff = values - (np.float32(1) / iscale) * codes(iscale)
+        return _sequential_sum(w * diff * diff)
+
+    iscale = nmax / top
+    best = mse(iscale)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (np.float32(0.1) * np.float32(k) + nmax) / top
+        cur = mse(cand)
+        iscale = np.where(cur < best, cand, iscale)
+        best = np.minimum(cur, best)
+    L = codes(iscale)
+    sumlx = _sequential_sum(w * values * L)[:, 0]
+    suml2 = _sequential_sum(w * L * L)[:, 0]
+    for _ in range(5):   # a row that changed nothing changes nothing in a later pass
+        for i in range(values.shape[1]):
+            wi, xi, li = w[:, i], values[:, i], L[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            new = np.minimum(nmax, _rint(xi * _safe_div(sl2, slx))).astype(np.float32)
+            slx_new, sl2_new = slx + wi * xi * new, sl2 + wi * new * new
+            take = ((slx > 0) & (sl2 > 0) & (new != li)
+                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            L[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx_new, sumlx), np.where(take, sl2_new, suml2)
+    d = np.where(zero[:, 0], 0, _safe_div(sumlx, suml2)).astype(np.float32)[:, None]
+    h, d = _to_f16(d)
+    return np.where(zero, 0, L).astype(np.uint8), h, d
+
+
 def _recode_affine(x, d, dmin, sc, m, L, nmax, unit):
     """Codes for the scales as stored: round((x + dmin*m) / (d*sc)) where d*sc != 0."""
     n = x.shape[0]
@@ -252,17 +315,36 @@ def _recode_affine(x, d, dmin, sc, m, L, nmax, unit):
     return np.where(scale != 0, new, L.reshape(n, -1, unit)).reshape(n, -1).astype(np.uint8)
 
 
-def _quantize_affine_k(x, unit, nmax, scale_levels, search):
-    """Q2_K/Q4_K/Q5_K: per-sub-block (scale, min) search, then the super-block quantization."""
+def _quantize_affine_k(x, unit, nmax, scale_levels, search, qw=None):
+    """Q2_K/Q4_K/Q5_K: per-sub-block (scale, min) search, then the super-block quantization.
+    With importance weights qw (n, QK_K) (an imatrix), llama.cpp's weighted path: element
+    weights from `_importance_weights`, the search's `imatrix_sweep`, and super-scales by
+    the sub-blocks' summed weights."""
     n = x.shape[0]
     xs = x.reshape(-1, unit)
-    w = search["weights"](xs)
-    scales, mins, L = _fit_scale_min(xs, w, nmax, *search["sweep"])
+    if qw is None:
+        w, sweep = search["weights"](xs), search["sweep"]
+    else:
+        w, sweep = _importance_weights(x, qw, search["sigma"]).reshape(-1, unit), \
+            search["imatrix_sweep"]
+    scales, mins, L = _fit_scale_min(xs, w, nmax, *sweep)
     scales, mins = scales.reshape(n, -1), mins.reshape(n, -1)
-    sc, dh, d = _super_scale(scales, scale_levels)
-    m, mh, dmin = _super_scale(mins, scale_levels)
+    if qw is None:
+        sc, dh, d = _super_scale(scales, scale_levels)
+        m, mh, dmin = _super_scale(mins, scale_levels)
+    else:
+        sw = _sequential_sum(w).reshape(n, -1)
+        sc, dh, d = _super_scale_weighted(scales, scale_levels, sw)
+        m, mh, dmin = _super_scale_weighted(mins, scale_levels, sw)
     L = _recode_affine(x, d, dmin, sc, m, L, nmax, unit)
     return sc, m, dh, mh, L
+
+
+def _importance_weights(x, qw, sigma):
+    """ggml's element weights under an imatrix: qw * sqrt(sigma * mean(x^2) + x^2), the
+    mean over each row of x (a super-block; a block for IQ4_NL)."""
+    sigma2 = np.float32(sigma) * _sequential_sum(x * x) / np.float32(x.shape[1])
+    return qw * np.sqrt(sigma2 + x * x)
 
 
 def _weights_q2(xs):
@@ -273,25 +355,28 @@ def _weights_rms(xs):
     return np.sqrt((xs * xs).mean(axis=1, keepdims=True)) + np.abs(xs)
 
 
-def quantize_q2_k(x):
+def quantize_q2_k(x, qw=None):
     fmt = _F[T.Q2_K]
     sc, m, dh, mh, L = _quantize_affine_k(
-        x, fmt.unit, 3, 15, {"weights": _weights_q2, "sweep": (-0.5, 0.1, 15, True)})
+        x, fmt.unit, 3, 15, {"weights": _weights_q2, "sweep": (-0.5, 0.1, 15, True),
+                             "imatrix_sweep": (-0.9, 0.05, 36, False), "sigma": 1}, qw)
     return _blocks(fmt, x.shape[0], scales=sc | (m << 4), qs=_pack_crumbs(L, 32), d=dh, m=mh)
 
 
-def quantize_q4_k(x):
+def quantize_q4_k(x, qw=None):
     fmt = _F[T.Q4_K]
     sc, m, dh, mh, L = _quantize_affine_k(
-        x, fmt.unit, 15, 63, {"weights": _weights_rms, "sweep": (-1.0, 0.1, 20, False)})
+        x, fmt.unit, 15, 63, {"weights": _weights_rms, "sweep": (-1.0, 0.1, 20, False),
+                              "imatrix_sweep": (-0.9, 0.05, 36, False), "sigma": 2}, qw)
     return _blocks(fmt, x.shape[0], d=dh, m=mh, scales=_pack_q4_k_scales(sc, m),
                    qs=_pack_nibbles(L, 32))
 
 
-def quantize_q5_k(x):
+def quantize_q5_k(x, qw=None):
     fmt = _F[T.Q5_K]
     sc, m, dh, mh, L = _quantize_affine_k(
-        x, fmt.unit, 31, 63, {"weights": _weights_rms, "sweep": (-0.5, 0.1, 15, False)})
+        x, fmt.unit, 31, 63, {"weights": _weights_rms, "sweep": (-0.5, 0.1, 15, False),
+                              "imatrix_sweep": (-0.9, 0.05, 36, False), "sigma": 2}, qw)
     return _blocks(fmt, x.shape[0], d=dh, m=mh, scales=_pack_q4_k_scales(sc, m),
                    qh=_pack_bit_planes(L >> 4), qs=_pack_nibbles(L & 0x0F, 32))
 
@@ -314,23 +399,35 @@ def _recode_signed(x, d, sc, L, nmax, unit):
     return np.where(scale != 0, new + nmax, L.reshape(n, -1, unit)).reshape(n, -1)
 
 
-def quantize_q3_k(x):
+def quantize_q3_k(x, qw=None):
+    """Without an imatrix ggml's reference search (make_q3_quants, max-based super-scale);
+    with one its weighted path: make_qx_quants on the sub-blocks and on their scales."""
     fmt = _F[T.Q3_K]
     n = x.shape[0]
-    scales, L = _fit_q3(x.reshape(-1, fmt.unit))
-    scales = scales.reshape(n, -1)
-    iscale, dh, d = _signed_super_scale(scales, 32)
-    sc = np.where(iscale != 0, np.clip(_rint(iscale * scales), -32, 31), -32)
+    if qw is None:
+        scales, L = _fit_q3(x.reshape(-1, fmt.unit))
+        scales = scales.reshape(n, -1)
+        iscale, dh, d = _signed_super_scale(scales, 32)
+        sc = np.where(iscale != 0, np.clip(_rint(iscale * scales), -32, 31), -32)
+    else:
+        w = _importance_weights(x, qw, 2).reshape(-1, fmt.unit)
+        scales, L = _fit_signed_scale(x.reshape(-1, fmt.unit), 4, w)
+        scales = scales.reshape(n, -1)
+        d, sc = _fit_signed_scale(scales, 32, _sequential_sum(w).reshape(n, -1))
+        dh, d = _to_f16(d[:, None])
+        sc = np.where(np.abs(scales).max(axis=1, keepdims=True) < _EPS, -32, sc).astype(int)
     L = _recode_signed(x, d, sc, L + 4, 4, fmt.unit).astype(np.uint8)
     high = L > 3
     return _blocks(fmt, n, qh=_pack_bit_planes(high), qs=_pack_crumbs(L & 0x03, 32),
                    scales=_pack_q3_k_scales(sc), d=dh)
 
 
-def quantize_q6_k(x):
+def quantize_q6_k(x, qw=None):
     fmt = _F[T.Q6_K]
     n = x.shape[0]
-    scales, L = _fit_signed_scale(x.reshape(-1, fmt.unit), 32)
+    # with an imatrix ggml weighs each value by its column's importance alone
+    scales, L = _fit_signed_scale(x.reshape(-1, fmt.unit), 32,
+                                  None if qw is None else qw.reshape(-1, fmt.unit))
     scales = scales.reshape(n, -1)
     iscale, dh, d = _signed_super_scale(scales, 128)
     sc = np.minimum(127, _rint(iscale * scales)).astype(np.int8)
@@ -340,12 +437,13 @@ def quantize_q6_k(x):
                    scales=sc, d=dh)
 
 
-def quantize_iq4_nl(x):
+def quantize_iq4_nl(x, qw=None):
     """One scale per 32 values into the 16-entry codebook: candidate scales from the block
-    maximum mapped to each codebook end and 7 steps either side, best fit (weights x^2)."""
+    maximum mapped to each codebook end and 7 steps either side, best fit (weights x^2, or
+    under an imatrix ggml's importance weights)."""
     fmt = _F[T.IQ4_NL]
     values = IQ4_NL_CODEBOOK.astype(np.float32)
-    w = x * x
+    w = x * x if qw is None else _importance_weights(x, qw, 2)
     mx, amax = _signed_max(x)
     zero = amax < _EPS
     mx = np.where(zero, 1, mx)
@@ -353,9 +451,10 @@ def quantize_iq4_nl(x):
     def fit(idx):
         q = values[idx]
         wq = w * q
-        return (wq * x).sum(axis=1, keepdims=True), (wq * q).sum(axis=1, keepdims=True)
+        return _sequential_sum(wq * x), _sequential_sum(wq * q)
 
-    sumqx, sumq2 = fit(_nearest_codebook(x * (values[0] / -mx), IQ4_NL_CODEBOOK))
+    first = np.float32(1) / (-mx / values[0])  # ggml's 1/d for d = -max/values[0]
+    sumqx, sumq2 = fit(_nearest_codebook(x * first, IQ4_NL_CODEBOOK))
     d = _safe_div(sumqx, sumq2)
     best = d * sumqx
     for k in range(-7, 8):
@@ -372,14 +471,19 @@ QUANTIZERS = {
     T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl,
 }
+#: the types whose quantizer takes importance weights (an imatrix); the legacy ones ignore it
+IMATRIX_TYPES = frozenset(QUANTIZERS)
 #: gguf-py's quantizers (ggml's reference rounding), for the types it has.
 _GGUF_PY_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
 assert _GGUF_PY_TYPES | QUANTIZERS.keys() == FORMATS.keys()  # every format we read, we write
 
 
-def quantize_rows(values: np.ndarray, ggml_type) -> np.ndarray:
+def quantize_rows(values: np.ndarray, ggml_type, importance: np.ndarray | None = None
+                  ) -> np.ndarray:
     """Float rows (n_rows, n_cols) -> raw rows (n_rows, row_bytes) uint8 in `ggml_type`
-    (any type of quant/formats.py; others raise UnsupportedModelError).
+    (any type of quant/formats.py; others raise UnsupportedModelError). `importance`
+    (n_cols,): each column's mean squared activation (an imatrix), which the IMATRIX_TYPES
+    weigh the rounding error by, as llama.cpp does.
 
     n_cols must be a multiple of the type's block size; the work goes a slice of rows at a
     time, so temporaries stay small.
@@ -398,10 +502,18 @@ def quantize_rows(values: np.ndarray, ggml_type) -> np.ndarray:
         return gguf.quants.quantize(values, fmt.type).view(np.uint8).reshape(n_rows, -1)
     out = np.empty((n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
     fn = QUANTIZERS[fmt.type]
+    if importance is not None and fmt.type in IMATRIX_TYPES:
+        qw = np.asarray(importance, dtype=np.float32).reshape(1, -1, fmt.block_size)
+        if qw.shape[1] * fmt.block_size != n_cols:
+            raise InvalidArgumentError(f"importance of {qw.size} columns for rows of {n_cols}")
+    else:
+        qw = None
     step = max(1, _CHUNK_ELEMENTS // max(n_cols, 1))
     for r in range(0, n_rows, step):
         x = values[r:r + step].reshape(-1, fmt.block_size)
-        out[r:r + step] = fn(x).reshape(-1, out.shape[1])
+        blocks = fn(x) if qw is None else fn(x, np.broadcast_to(
+            qw, (len(x) // qw.shape[1], *qw.shape[1:])).reshape(x.shape))
+        out[r:r + step] = blocks.reshape(-1, out.shape[1])
     return out
 
 

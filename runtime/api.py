@@ -151,7 +151,9 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
          progress: Callable[[int, int], None] | None = None) -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
-    tokenizer); with no source, the embedded default (SmolLM2-135M-Instruct Q4_1).
+    tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
+    see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
+    Q4_1).
 
     `backend` is "auto" (MLX on Apple silicon, else torch), "torch", "mlx" or a Backend
     instance; `device` chooses where a named backend runs ("cpu", "cuda", "cuda:N" for

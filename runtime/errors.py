@@ -61,3 +61,8 @@ class GenerationSuperseded(DiptychError):
 
 class NumericalError(DiptychError):
     """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
+
+
+class HubError(ModelFileError):
+    """A model named on the Hugging Face Hub (`org/repo[:QUANT]`) cannot be found, listed or
+    downloaded, and is not in the cache."""

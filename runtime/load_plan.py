@@ -52,13 +52,15 @@ class LoadPlan:
     def open(cls, source: str | Path | None = None, backend: str | Backend = "auto", *,
              device: str | None = None, n_ctx: int | None = None,
              n_batch: int = 256, max_rollback: int = 0) -> LoadPlan:
-        """Plan loading a .gguf file or a Hugging Face folder (None: the embedded default
-        model) on `backend` ("auto" | "torch" | "mlx" | a Backend instance) and `device`."""
+        """Plan loading a .gguf file, a Hugging Face folder or a Hub name (`org/repo[:QUANT]`,
+        downloaded once; None: the embedded default model) on `backend` ("auto" | "torch" |
+        "mlx" | a Backend instance) and `device`."""
         from .sources.default_model import default_model_path
         from .sources.hf_folder import open_source
+        from .sources.hub import local_path
 
         _check_sizes(n_batch, max_rollback)  # before opening: a vocabulary takes seconds to read
-        path = Path(source) if source is not None else default_model_path()
+        path = local_path(source) if source is not None else default_model_path()
         # a Hugging Face folder reads as the GGUF file llama.cpp's converter would write
         return cls.from_source(open_source(path), backend, device=device, n_ctx=n_ctx,
                                n_batch=n_batch, max_rollback=max_rollback, path=path)

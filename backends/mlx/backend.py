@@ -180,6 +180,8 @@ class MLXBackend(Backend):
         return rows.reshape(*ids.shape, -1)
 
     def linear(self, x, w: MLXWeight, bias=None, adapter=None):
+        if self.linear_observer is not None:
+            self.linear_observer(x, w)
         if w.quantized:
             y = mx.quantized_matmul(x, w.w, w.scales, w.biases, transpose=True,
                                     group_size=w.group_size, bits=w.bits)

@@ -24,9 +24,10 @@ def _load(args):
 
     from diptych.api import load
     from diptych.sources.default_model import default_model_path
+    from diptych.sources.hub import local_path
 
-    # the default model's first download draws its own bar: finish it before this one
-    source = args.model if args.model is not None else default_model_path()
+    # a download (a Hub model, the default model) draws its own bar: finish it before this one
+    source = local_path(args.model) if args.model is not None else default_model_path()
     with Progress(TextColumn("loading"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("load", total=None)
@@ -45,7 +46,9 @@ def _sampling(args) -> dict:
 
 
 def _looks_like_model(arg: str) -> bool:
-    return arg.endswith(".gguf") or Path(arg).is_dir()
+    from diptych.sources.hub import parse_hub_id
+
+    return arg.endswith(".gguf") or Path(arg).is_dir() or parse_hub_id(arg) is not None
 
 
 def _resolve_prompt(args) -> None:
@@ -112,6 +115,7 @@ def cmd_chat(args) -> int:
     """The Textual chat app; the model and options are its starting settings."""
     from diptych.backends import resolve
     from diptych.sources.default_model import default_model_path
+    from diptych.sources.hub import local_path
     from diptych.tui import run_app
     from diptych.tui.chat_settings import ChatSettings
 
@@ -119,10 +123,11 @@ def cmd_chat(args) -> int:
                             **_sampling(args))
     settings.validate()
     resolve(args.backend)
-    if args.model is not None and not Path(args.model).exists():
+    # fetch a Hub model or the default model (with its progress on stderr) before the
+    # screen is taken over
+    source = local_path(args.model) if args.model is not None else default_model_path()
+    if not source.exists():
         raise ModelFileError(f"{args.model}: no such file or folder")
-    # fetch the default model (with its progress on stderr) before the screen is taken over
-    source = args.model if args.model is not None else default_model_path()
     run_app(source, backend=args.backend, n_ctx=args.n_ctx, settings=settings)
     return 0
 
@@ -207,11 +212,13 @@ def cmd_convert(args) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from diptych.sources.convert import convert
+    from diptych.sources.hub import local_path
 
+    folder = local_path(args.folder)   # a Hub name downloads first, with its own bar
     with Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("convert", total=None)
-        out = convert(args.folder, args.out, args.type,
+        out = convert(folder, args.out, args.type,
                       lambda done, total: bar.update(task, completed=done, total=total))
     print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
     return 0
@@ -222,8 +229,10 @@ def cmd_quantize(args) -> int:
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from diptych.sources.hub import local_path
     from diptych.sources.quantize import quantize
 
+    source = local_path(args.input)   # a Hub name downloads first, with its own bar
     with Progress(TextColumn("quantizing {task.description:<36}"), BarColumn(), DownloadColumn(),
                   TimeRemainingColumn(), transient=True,
                   disable=not sys.stderr.isatty()) as bar, warnings.catch_warnings():
@@ -231,11 +240,38 @@ def cmd_quantize(args) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"diptych: warning: {msg}",
                                                           file=sys.stderr)
         task = bar.add_task("", total=None)
-        out = quantize(args.input, args.out, args.type, allow_requantize=args.allow_requantize,
+        out = quantize(source, args.out, args.type, allow_requantize=args.allow_requantize,
+                       imatrix=args.imatrix,
                        progress=lambda name, done, total: bar.update(
                            task, description=name, completed=done, total=total))
     print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {args.type.upper()})")
     return 0
+
+
+def cmd_imatrix(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from diptych.api import load
+    from diptych.inference.imatrix import collect_imatrix
+
+    text = _read_text(args.text)
+    model = load(args.model, backend=args.backend, n_ctx=args.ctx)
+    with Progress(TextColumn("collecting"), BarColumn(), MofNCompleteColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("imatrix", total=None)
+        im = collect_imatrix(model, model.tokenize(text, special=False), args.ctx, args.text,
+                             lambda done, total: bar.update(task, completed=done, total=total))
+    out = im.save(args.out, model.config.arch)
+    print(f"wrote {out} ({len(im.entries)} matrices, {im.chunk_count} chunks of {args.ctx} "
+          "tokens)")
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: cannot read the text ({exc})") from None
 
 
 def cmd_perplexity(args) -> int:
@@ -244,10 +280,7 @@ def cmd_perplexity(args) -> int:
     from diptych.api import load
     from diptych.inference.perplexity import perplexity
 
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{args.text}: cannot read the text ({exc})") from None
+    text = _read_text(args.text)
     model = load(args.model, backend=args.backend, n_ctx=args.ctx)
     base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx) \
         if args.kl_divergence else None
@@ -257,6 +290,27 @@ def cmd_perplexity(args) -> int:
         result = perplexity(model, model.tokenize(text, special=False), args.ctx, base,
                             lambda done, total: bar.update(task, completed=done, total=total))
     print(result.describe())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from diptych.sources.model_cache import cached_models
+
+    models = cached_models()
+    if not models:
+        print("no downloaded models")
+    for m in models:
+        files = f"  ({', '.join(m.files)})" if m.files else ""
+        print(f"{m.name:48s} {m.size / (1 << 20):9.1f} MiB  {m.where}{files}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from diptych.sources.model_cache import remove
+
+    for name in args.names:
+        for path in remove(name):
+            print(f"removed {name} ({path})")
     return 0
 
 
@@ -284,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(parser=sp)  # to report usage errors found after parsing
         return sp
 
-    def model_opts(sp, model_help="a .gguf file or a Hugging Face safetensors folder (default: "
-                   "the embedded SmolLM2-135M-Instruct)"):
+    def model_opts(sp, model_help="a .gguf file, a Hugging Face safetensors folder, or a model "
+                   "on the Hugging Face Hub: org/repo[:QUANT] (default: the embedded "
+                   "SmolLM2-135M-Instruct)"):
         sp.add_argument("model", nargs="?", help=model_help)
         sp.add_argument("--backend", default="auto",
                         help="auto | torch | mlx (default: auto: mlx on Apple silicon, else "
@@ -345,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_run)
 
     sp = command("info", help="describe a model file and its memory needs")
-    sp.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face folder "
-                    "(default: the embedded model)")
+    sp.add_argument("model", nargs="?", help="a .gguf file, a Hugging Face folder or "
+                    "org/repo[:QUANT] on the Hub (default: the embedded model)")
     sp.add_argument("--n-ctx", type=_positive_int, default=None,
                     help="context size for the memory estimate (default: the model's, "
                          "capped at 8192)")
@@ -366,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diptych.sources.convert import CONVERT_TYPES
 
     sp = command("convert", help="write a Hugging Face safetensors folder as GGUF")
-    sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer")
+    sp.add_argument("folder", help="a folder with config.json, *.safetensors and the tokenizer, "
+                    "or org/repo on the Hugging Face Hub")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="F16", type=str.upper, choices=CONVERT_TYPES,
                     help="type of the weight matrices (default: F16); vectors stay F32")
@@ -376,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("quantize", help="write a model as GGUF in a quantization mix (Q4_K_M, ...)")
     sp.add_argument("input",
-                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder")
+                    help="an F32/F16/BF16 .gguf file or a Hugging Face safetensors folder (or "
+                         "org/repo[:QUANT] on the Hub)")
     sp.add_argument("out", help="the .gguf file to write")
     sp.add_argument("--type", default="Q4_K_M", type=str.upper, choices=QUANTIZE_MIXES,
                     help="the mix, as llama.cpp names it (default: Q4_K_M)")
     sp.add_argument("--allow-requantize", action="store_true",
                     help="accept a quantized input (lossy: both roundings add up)")
+    sp.add_argument("--imatrix", metavar="FILE", default=None,
+                    help="an importance matrix (diptych imatrix, llama-imatrix .gguf or .dat): "
+                         "weigh the K-quants' rounding by it")
     sp.set_defaults(func=cmd_quantize)
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
@@ -395,6 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "top-1 agreement")
     sp.add_argument("--backend", default="auto")
     sp.set_defaults(func=cmd_perplexity)
+
+    sp = command("imatrix", help="collect an importance matrix for quantize --imatrix "
+                 "(llama-imatrix's statistics and file)")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face folder or org/repo[:QUANT]")
+    sp.add_argument("text", help="a UTF-8 text file (calibration data)")
+    sp.add_argument("-o", "--out", default="imatrix.gguf",
+                    help="the file to write (default: imatrix.gguf)")
+    sp.add_argument("--ctx", type=_positive_int, default=512,
+                    help="tokens per chunk (default: 512)")
+    sp.add_argument("--backend", default="auto")
+    sp.set_defaults(func=cmd_imatrix)
+
+    sp = command("list", help="show downloaded models (Hugging Face cache and diptych's)")
+    sp.set_defaults(func=cmd_list)
+
+    sp = command("rm", help="remove downloaded models")
+    sp.add_argument("names", nargs="+", metavar="NAME",
+                    help="org/repo (the whole repository) or a file name from `diptych list`")
+    sp.set_defaults(func=cmd_rm)
     return p
 
 

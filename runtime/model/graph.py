@@ -52,18 +52,20 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     return logits
 
 
-def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens):
-    """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context: the
-    forward pass training uses (outside `backend.inference()`, autograd records it).
-    Attention runs through a scratch cache of T slots per layer that lives for this call
-    only; no cache an engine holds is written."""
+def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
+                logits_at: np.ndarray | None = None):
+    """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context (or
+    at the positions `logits_at` picks): the forward pass training uses (outside
+    `backend.inference()`, autograd records it). Attention runs through a scratch cache of
+    T slots per layer that lives for this call only; no cache an engine holds is written."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
     kv = backend.alloc_kv(specs, batch)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))
-    return forward(backend, cfg, w, tokens, kv, step, np.arange(n))
+    return forward(backend, cfg, w, tokens, kv, step,
+                   np.arange(n) if logits_at is None else logits_at)
 
 
 def _linear(be, layer: LayerWeights, name: str, x, bias=None):

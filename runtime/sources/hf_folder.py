@@ -8,10 +8,12 @@ and the converter writes exactly these to a file.
 The weights get the transforms llama.cpp's `convert_hf_to_gguf.py` applies (they belong to
 the weight source, not the family: a GGUF file already holds them): Q/K rows (and biases) permuted for the
 `llama` arch, Gemma's norm weights +1, per-expert matrices stacked into one 3-D tensor per
-layer (n_expert, rows, cols), DeepSeek's kv_b_proj split into attn_k_b (transposed per head)
+layer (n_expert, rows, cols) (experts saved fused, transformers 5's gate_up_proj and
+down_proj, are split into those stacks instead), DeepSeek's kv_b_proj split into attn_k_b (transposed per head)
 and attn_v_b. Vectors, norms and MoE routers become F32, as llama.cpp stores them; the other
 matrices keep the file's dtype and, where no transform touches them, stay memory-mapped.
-Transformed tensors are built when read and not kept (see `_Tensors`).
+Transformed tensors are built when read and not kept (see `_Tensors`). A vision-language
+folder (Gemma 3) is read as its text model (`model.families.hf.text_model`).
 
 Safetensors files are parsed here (an 8-byte header length, a JSON header, raw little-endian
 data) rather than with the `safetensors` package: its numpy API has no bfloat16 and reads
@@ -36,7 +38,8 @@ from diptych.quant.gguf_write import keeps_f32
 from diptych.quant.tensor import QuantTensor
 
 from diptych.errors import ModelFileError, UnsupportedModelError
-from diptych.model.families.hf import HFFamily, arch_metadata, hf_family, llama3_rope_factors
+from diptych.model.families.hf import (HFFamily, arch_metadata, hf_family,
+                                       llama3_rope_factors, text_model)
 from diptych.text.hf_vocab import read_json_object, vocab_metadata
 
 __all__ = ["HFSource", "open_source", "read_safetensors"]
@@ -46,8 +49,11 @@ _DTYPES = {"F32": (np.float32, T.F32), "F16": (np.float16, T.F16), "BF16": (np.u
 
 
 def open_source(path: str | Path):
-    """A model source: a .gguf file (GGUFFile) or a Hugging Face folder (HFSource)."""
+    """A model source: a .gguf file (GGUFFile), the first part of a split one (SplitGGUF) or
+    a Hugging Face folder (HFSource)."""
     from diptych.quant.gguf_file import GGUFFile
+
+    from .gguf_split import SplitGGUF, split_part
 
     path = Path(path)
     if not path.exists():
@@ -55,7 +61,9 @@ def open_source(path: str | Path):
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
                              "files and Hugging Face safetensors folders")
-    return HFSource(path) if path.is_dir() else GGUFFile(path)
+    if path.is_dir():
+        return HFSource(path)
+    return SplitGGUF(path) if split_part(path.name) else GGUFFile(path)
 
 
 def read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, T]]:
@@ -198,6 +206,27 @@ class _Tensors(Mapping):
 
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")
+# all experts in one tensor, as transformers 5 holds them: gate_up_proj (n_expert, 2 * ff, d)
+# with gate rows first, down_proj (n_expert, d, ff); some repositories store both transposed
+_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+def _unfused(kind: str, arr: np.ndarray, ggml_type: T, d_model: int, name: str):
+    """(projection, builder) of the stacked per-expert matrices in one fused expert tensor
+    (n_expert, rows, d_model), in transformers' layout where a square one leaves a doubt."""
+    if kind == "down_proj":
+        if arr.shape[1] != d_model and arr.shape[2] == d_model:
+            arr = arr.transpose(0, 2, 1)
+        if arr.shape[1] != d_model:
+            raise ModelFileError(f"{name}: shape {arr.shape} holds no ({d_model}, ff) matrices")
+        return [("down_proj", lambda: (arr, ggml_type))]
+    if arr.shape[2] != d_model and arr.shape[1] == d_model:
+        arr = arr.transpose(0, 2, 1)
+    if arr.shape[2] != d_model or arr.shape[1] % 2:
+        raise ModelFileError(f"{name}: shape {arr.shape} holds no (2 * ff, {d_model}) matrices")
+    ff = arr.shape[1] // 2
+    return [("gate_proj", lambda: (arr[:, :ff], ggml_type)),
+            ("up_proj", lambda: (arr[:, ff:], ggml_type))]
 
 
 class HFSource:
@@ -210,13 +239,15 @@ class HFSource:
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ModelFileError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        self.config: dict[str, Any] = read_json_object(config_path)
+        # a vision-language model's text model (its config and tensors), else the model
+        self.config, text_name = text_model(read_json_object(config_path))
         self.family: HFFamily = hf_family(self.config.get("model_type"))
         _check_config(self.config, self.family, config_path)
         files = _weight_files(folder)
         raw: dict[str, tuple[np.ndarray, T]] = {}
         for f in files:
-            raw.update(read_safetensors(f))
+            raw.update((name, t) for saved, t in read_safetensors(f).items()
+                       if (name := text_name(saved)) is not None)
         _check_against_weights(self.config, raw, config_path)
         try:
             self.metadata: dict[str, Any] = self._metadata()
@@ -277,6 +308,9 @@ class HFSource:
                 arr = arr[:n_vocab]  # llama.cpp drops rows past the tokenizer's vocabulary
             if expert := _EXPERT.match(hf_name):
                 experts[f"{expert[1]}.{expert[3]}"][int(expert[2])] = (arr, ggml_type)
+            elif (fused := _FUSED_EXPERTS.match(hf_name)) and arr.ndim == 3:
+                for proj, make in _unfused(fused[2], arr, ggml_type, c["hidden_size"], hf_name):
+                    put(f"{fused[1]}.{proj}.weight", make)
             elif fam.split_kv_b and hf_name.endswith("kv_b_proj.weight"):
                 h, nope, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
                 kv_b = arr.reshape(h, nope + v, arr.shape[-1])

@@ -2,7 +2,8 @@
 `allow_requantize` a quantized GGUF) written as GGUF in a quantization mix (Q4_K_M, ...).
 
 Per-tensor types follow llama.cpp's rules for the mix (diptych.quant.mixes); the values go
-through diptych.quant.quantize; the file is written under a temporary name and renamed when
+through diptych.quant.quantize (weighted by an importance matrix where one is given:
+diptych.inference.imatrix); the file is written under a temporary name and renamed when
 complete (diptych.quant.gguf_write).
 """
 
@@ -16,9 +17,12 @@ from gguf import GGMLQuantizationType as T
 
 from diptych.errors import InvalidArgumentError, ModelFileError
 from diptych.quant.gguf_write import write_gguf
+from diptych.inference.imatrix import Imatrix
 from diptych.quant.mixes import MIXES, ModelShape, mix_default, tensor_types
+from diptych.quant.quantize import IMATRIX_TYPES
 
 from .hf_folder import open_source
+from .hub import local_path
 
 __all__ = ["QUANTIZE_MIXES", "quantize", "mix_types_for"]
 
@@ -33,16 +37,19 @@ def mix_types_for(metadata, tensors, mix: str) -> dict[str, T]:
 
 
 def quantize(src: str | Path, out: str | Path, type: str = "Q4_K_M", *,
-             allow_requantize: bool = False,
+             allow_requantize: bool = False, imatrix: str | Path | Imatrix | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write the model at `src` to `out` as GGUF in the mix `type` (QUANTIZE_MIXES).
+    """Write the model at `src` (a path, or a Hub name `org/repo[:QUANT]`) to `out` as GGUF
+    in the mix `type` (QUANTIZE_MIXES).
 
     A source whose matrices are already quantized is refused unless `allow_requantize`
     (then a warning: quantizing dequantized values compounds both roundings).
+    `imatrix`: an importance matrix (a file `diptych imatrix` or llama-imatrix wrote, or an
+    Imatrix) whose column weights the K-quant quantizers that take one use (IMATRIX_TYPES).
     `progress(tensor_name, done_bytes, total_bytes)` is called after each tensor.
     """
     file_type, _ = mix_default(type)
-    src, out = Path(src), Path(out)
+    src, out = local_path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InvalidArgumentError(f"{out}: the output would overwrite the input")
     if out.is_dir():
@@ -69,5 +76,30 @@ def quantize(src: str | Path, out: str | Path, type: str = "Q4_K_M", *,
         if progress:
             progress(next(names), done, total)
 
+    importance = _importance(imatrix, tensors, types) if imatrix is not None else None
     return write_gguf(out, dict(source.metadata.items()), tensors, None, step,
-                      types=types, file_type=file_type)
+                      types=types, file_type=file_type, importance=importance)
+
+
+def _importance(imatrix, tensors, types) -> dict:
+    """name -> column importance of each matrix the imatrix covers and a quantizer weighs;
+    a warning for those it leaves out, an error for an imatrix of another model."""
+    im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+    wanted = [n for n, t in types.items() if t in IMATRIX_TYPES and len(tensors[n].shape) >= 2]
+    out = {}
+    for name in wanted:
+        values = im.importance(name)
+        if values is None:
+            continue
+        cols = tensors[name].shape[-1]
+        if values.shape != (1, cols):
+            raise ModelFileError(f"the imatrix holds {values.shape} values for {name}, whose "
+                                 f"matrix has {cols} columns: it is another model's")
+        out[name] = values[0]
+    if wanted and not out:
+        raise ModelFileError("the imatrix covers none of this model's matrices: it is another "
+                             "model's")
+    if missed := [n for n in wanted if n not in out]:
+        warnings.warn(f"the imatrix has no entry for {len(missed)} of {len(wanted)} matrices "
+                      f"({missed[0]}, ...): quantized without it", stacklevel=3)
+    return out

@@ -83,3 +83,19 @@ def relative_error(x: np.ndarray, y: np.ndarray) -> float:
     """sum((x - y)^2) / sum(x^2), in float64."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     return float(((x - y) ** 2).sum() / (x * x).sum())
+
+
+#: the types whose quantizer takes an importance matrix, compared with llama.cpp's
+IMATRIX_COMPARED_TYPES = COMPARED_TYPES
+
+
+def importance(seed: int = 11) -> np.ndarray:
+    """A heavy-tailed column importance (what an imatrix holds: mean squared activations)
+    for rows of ROW values."""
+    return np.random.default_rng(seed).lognormal(0, 1.5, ROW).astype(np.float32)
+
+
+def weighted_error(x: np.ndarray, y: np.ndarray, qw: np.ndarray) -> float:
+    """sum(qw * (x - y)^2) / sum(qw * x^2) over columns weighted by qw, in float64."""
+    x, y, qw = x.astype(np.float64), y.astype(np.float64), qw.astype(np.float64)
+    return float((qw * (x - y) ** 2).sum() / (qw * x * x).sum())

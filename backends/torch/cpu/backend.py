@@ -30,6 +30,8 @@ class CpuBackend(TorchBackend):
         return table.embed_rows(ids.reshape(-1)).reshape(batch, n, -1)
 
     def linear(self, x, w: QuantLinear, bias=None, adapter=None):
+        if self.linear_observer is not None:
+            self.linear_observer(x, w)
         lead = x.shape[:-1]
         y = w.forward(x.reshape(-1, x.shape[-1]))
         if bias is not None:

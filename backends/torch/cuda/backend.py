@@ -117,6 +117,8 @@ class CudaBackend(TorchBackend):
         return rows.reshape(batch, n, -1)
 
     def linear(self, x, w, bias=None, adapter=None):
+        if self.linear_observer is not None:
+            self.linear_observer(x, w)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(w, DenseWeight):

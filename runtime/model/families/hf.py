@@ -201,13 +201,54 @@ HF_FAMILIES: dict[str, HFFamily] = {
 }
 
 
+@dataclass(frozen=True)
+class Multimodal:
+    """A vision-language config.json whose text model diptych runs: its `text_config` under
+    `text_type` (with the defaults its config class gives the fields real files leave out),
+    its language model's tensors under `prefixes`, the other towers' dropped."""
+    text_type: str
+    defaults: Config
+    prefixes: tuple[tuple[str, str], ...]   # (saved prefix, text model prefix)
+
+
+MULTIMODAL = {
+    # Gemma3ForConditionalGeneration; transformers' Gemma3TextConfig defaults (4-27B files'
+    # text_config leaves most of them out)
+    "gemma3": Multimodal("gemma3_text", dict(
+        vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        rms_norm_eps=1e-6, max_position_embeddings=131072, query_pre_attn_scalar=256,
+        sliding_window=4096, rope_theta=1e6, rope_local_base_freq=10000.0), (
+        ("language_model.model.", "model."), ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."))),
+}
+
+
+def text_model(c: Config) -> tuple[Config, Callable[[str], str | None]]:
+    """The text model's config of a config.json, and the map from its saved tensor names to
+    the text model's (None: a tensor of another tower). Text-only configs pass through."""
+    mm = MULTIMODAL.get(c.get("model_type"))
+    if mm is None:
+        return c, lambda name: name
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise UnsupportedModelError(f"a {c['model_type']!r} config.json without text_config")
+    tied = {"tie_word_embeddings": c["tie_word_embeddings"]} if "tie_word_embeddings" in c else {}
+    config = {**mm.defaults, **tied, **text, "model_type": mm.text_type}
+
+    def rename(name: str) -> str | None:
+        return next((new + name[len(old):] for old, new in mm.prefixes
+                     if name.startswith(old)), None)
+    return config, rename
+
+
 def hf_family(model_type: str | None) -> HFFamily:
     try:
         return HF_FAMILIES[model_type]
     except KeyError:
         raise UnsupportedModelError(
             f"config.json model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(sorted(HF_FAMILIES))}") from None
+            f"{', '.join(sorted(HF_FAMILIES))} (and the text model of {', '.join(MULTIMODAL)})"
+        ) from None
 
 
 def arch_metadata(family: HFFamily, c: Config) -> dict[str, Any]:
