@@ -61,3 +61,8 @@ class GenerationSuperseded(DiptychError):
 
 class NumericalError(DiptychError):
     """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
+
+
+class MissingDependencyError(DiptychError):
+    """A feature's optional dependencies (an extra, such as `diptych[server]`) are not
+    installed."""

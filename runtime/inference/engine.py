@@ -43,6 +43,7 @@ class Sequence:
         self._step = engine.backend.compile_step(self._run)
         self.lock = threading.RLock()
         self._owner: object | None = None
+        self.reused = 0
 
     def claim(self) -> object:
         """Take the cache for a new user (call with `lock` held); returns its ticket."""
@@ -56,6 +57,19 @@ class Sequence:
     def release(self, ticket: object) -> None:
         if self._owner is ticket:
             self._owner = None
+
+    # what `generate.stream_tokens` reads of whatever it runs on: an engine or a sequence
+    @property
+    def backend(self):
+        return self.engine.backend
+
+    @property
+    def cfg(self):
+        return self.engine.cfg
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.n_ctx
 
     @property
     def n_cached(self) -> int:
@@ -143,6 +157,7 @@ class Sequence:
         cache = self.cache
         self._snapshot()
         keep = self._rewind(min(cache.common_prefix(ids), len(ids) - 1))
+        self.reused = keep  # prompt tokens whose K/V this prefill did not recompute
         if cache.rings and keep < len(ids) - 1:
             self.eval(ids[keep:-1])
             self._snapshot()

@@ -31,21 +31,36 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A drawn token's log-probability under the model's own distribution (the log-softmax
+    of its raw logits, before any filter), and the `top` likeliest (id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Piece:
     """One streamed piece: new text, the token ids it came from, and the running timings.
 
     The last piece has `finish_reason` set: "stop" (end-of-generation token or stop
-    string) or "length" (max_tokens reached, or the context filled up).
+    string) or "length" (max_tokens reached, or the context filled up). `logprobs` holds
+    one `TokenLogprob` per token id when they were asked for.
     """
 
     text: str
     token_ids: list[int]
     timings: Timings
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
-                  params: SamplingParams, stop: list[str] | None = None) -> Iterator[Piece]:
+                  params: SamplingParams, stop: list[str] | None = None,
+                  logprobs: int | None = None) -> Iterator[Piece]:
+    """Generate after `prompt_ids` on `engine` (an Engine, or one of its Sequences).
+    `logprobs`: None, or n >= 0 to give each piece its token's logprob and the top n."""
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not prompt_ids:
@@ -67,26 +82,30 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
     t0 = time.perf_counter()
     budget = min(max_tokens, capacity - len(prompt_ids))
     for i in range(budget):
-        drawn = sampler.sample(logits, history)
+        drawn = sampler.sample(logits, history, logprobs=logprobs)
         if not drawn.finite[0]:
             raise NumericalError(
                 f"the model computed NaN or infinite logits after {len(prompt_ids) + i} "
                 f"tokens: its weights or settings are broken; generation stopped")
         token = drawn.tokens[0]
         timings.generated_tokens += 1
+        lp = None if logprobs is None else [TokenLogprob(
+            token, float(drawn.logprob[0]),
+            [(int(t), float(v)) for t, v in zip(drawn.top_ids[0], drawn.top_logprobs[0])])]
         if token in tokenizer.eog_ids:
-            yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")
+            yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop", lp)
             return
         if history is not None:
             history.append([token])
         text, stopped = matcher.feed(decoder.push(token))
         if stopped:
-            yield Piece(text, [token], timings, "stop")
+            yield Piece(text, [token], timings, "stop", lp)
             return
         if i == budget - 1:
-            yield Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length")
+            yield Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length",
+                        lp)
             return
-        yield Piece(text, [token], timings)
+        yield Piece(text, [token], timings, logprobs=lp)
         logits = engine.eval([token])
         timings.decode_s = time.perf_counter() - t0
 
