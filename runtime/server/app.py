@@ -234,7 +234,8 @@ class _Reply:
 
     def __init__(self, model, req: GenerationRequest, job: Job, envelope: Envelope):
         self.model, self.req, self.job, self.envelope = model, req, job, envelope
-        self.tools = ToolCallParser() if req.tools else None
+        self.tools = ToolCallParser({t["function"]["name"] for t in req.tools}) \
+            if req.tools else None
         self.generated = 0
         self.text_offset = 0
 

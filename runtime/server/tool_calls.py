@@ -5,6 +5,10 @@ Qwen2.5, Qwen3 and other Hermes-style templates have the model write each call a
 text as it streams: text outside the tags is content (a possible start of a tag is held
 back until it is decided), each closed tag becomes a call. A tag whose body is not a call
 (not JSON, no name) stays in the content, so nothing the model wrote is lost.
+
+Small models (Qwen2.5-Coder-0.5B) often write the call's JSON without the tags; a reply
+that is one such object (or one in a ```json fence) naming a tool of the request is a call
+too. A reply that starts like one is held back until it ends, to tell which it is.
 """
 
 from __future__ import annotations
@@ -22,24 +26,37 @@ def tool_call(name: str, arguments) -> dict:
             "function": {"name": name, "arguments": arguments}}
 
 
-def _parse_call(body: str) -> dict | None:
+def _parse_call(body: str, names: set[str] | None = None) -> dict | None:
+    """The call `body` spells, if any (with `names`: only a call of one of them)."""
     try:
         call = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+            or (names is not None and call["name"] not in names):
         return None
     return tool_call(call["name"], call.get("arguments", {}))
 
 
 class ToolCallParser:
-    def __init__(self):
+    """Splits a reply into content and calls; `names` are the request's tools."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
         self._pending = ""
         self._inside = False
+        self._bare: bool | None = None   # whether the reply may be an untagged call
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """(content that is certain now, calls completed now)."""
         self._pending += text
+        if self._bare is None:
+            start = self._pending.lstrip()
+            if not start or (len(start) < 3 and "```".startswith(start)):
+                return "", []
+            self._bare = start[0] == "{" or start.startswith("```")
+        if self._bare:
+            return "", []
         content, calls = [], []
         while True:
             if not self._inside:
@@ -66,12 +83,22 @@ class ToolCallParser:
     def finish(self) -> tuple[str, list[dict]]:
         """What is left at the end: an unclosed tag is a call if its body is one."""
         rest, self._pending = self._pending, ""
+        if self._bare:
+            call = _parse_call(_unfence(rest), self.names)
+            return ("", [call]) if call is not None else (rest, [])
         if self._inside:
             self._inside = False
             call = _parse_call(rest[len(OPEN):])
             if call is not None:
                 return "", [call]
         return rest, []
+
+
+def _unfence(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.removeprefix("```json").removeprefix("```").removesuffix("```")
+    return text
 
 
 def _partial_suffix(text: str, tag: str) -> int:
