@@ -58,9 +58,10 @@ class Piece:
 
 def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
                   params: SamplingParams, stop: list[str] | None = None,
-                  logprobs: int | None = None) -> Iterator[Piece]:
+                  logprobs: int | None = None, constraint=None) -> Iterator[Piece]:
     """Generate after `prompt_ids` on `engine` (an Engine, or one of its Sequences).
-    `logprobs`: None, or n >= 0 to give each piece its token's logprob and the top n."""
+    `logprobs`: None, or n >= 0 to give each piece its token's logprob and the top n.
+    `constraint`: None, or a grammar (constraint.JsonConstraint) every token must follow."""
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not prompt_ids:
@@ -82,7 +83,8 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
     t0 = time.perf_counter()
     budget = min(max_tokens, capacity - len(prompt_ids))
     for i in range(budget):
-        drawn = sampler.sample(logits, history, logprobs=logprobs)
+        mask = None if constraint is None else constraint.mask(engine.backend)
+        drawn = sampler.sample(logits, history, mask=mask, logprobs=logprobs)
         if not drawn.finite[0]:
             raise NumericalError(
                 f"the model computed NaN or infinite logits after {len(prompt_ids) + i} "
@@ -95,6 +97,8 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
         if token in tokenizer.eog_ids:
             yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop", lp)
             return
+        if constraint is not None:
+            constraint.advance(token)
         if history is not None:
             history.append([token])
         text, stopped = matcher.feed(decoder.push(token))

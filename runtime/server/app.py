@@ -20,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from diptych.errors import ContextOverflowError, DiptychError, NumericalError
+from diptych.errors import (ContextOverflowError, DiptychError, InvalidArgumentError,
+                            NumericalError)
+from diptych.inference.constraint import JsonConstraint
 from diptych.inference.generate import Piece
 from diptych.text.chat_prompt import chat_ids
 
@@ -189,21 +191,28 @@ class Server:
                                                                  self.model.n_ctx))
 
     # -- generation ----------------------------------------------------------------------------
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], JsonConstraint | None]:
+        """The prompt's token ids and the output's grammar (slow work: off the event loop)."""
         m = self.model
+        constraint = None
+        if req.json_schema is not None:
+            try:
+                constraint = JsonConstraint(m.tokenizer, m.config.vocab_size, req.json_schema)
+            except InvalidArgumentError as exc:
+                raise invalid(str(exc), "response_format") from None
         if req.chat:
-            return chat_ids(m.tokenizer, req.messages, tools=req.tools)
+            return chat_ids(m.tokenizer, req.messages, tools=req.tools), constraint
         if isinstance(req.prompt, str):
-            return m.tokenize(req.prompt)
+            return m.tokenize(req.prompt), constraint
         bad = [t for t in req.prompt if not 0 <= t < m.config.vocab_size]
         if bad:
             raise invalid(f"token id {bad[0]} is outside the vocabulary "
                           f"(0..{m.config.vocab_size - 1})", "prompt")
-        return req.prompt
+        return req.prompt, constraint
 
     async def _generate(self, request: Request, req: GenerationRequest):
         try:
-            ids = await run_in_threadpool(self._prompt_ids, req)
+            ids, constraint = await run_in_threadpool(self._prepare, req)
             if len(ids) >= self.model.n_ctx:
                 raise invalid(f"the prompt has {len(ids)} tokens but the context holds "
                               f"{self.model.n_ctx}", "messages" if req.chat else "prompt",
@@ -211,7 +220,8 @@ class Server:
             params = self.model.sampling.with_overrides(**req.sampling)
         except DiptychError as exc:
             raise api_error(exc) from None
-        job = Job(ids, params, req.max_tokens or self.model.n_ctx, req.stop, req.logprobs)
+        job = Job(ids, params, req.max_tokens or self.model.n_ctx, req.stop, req.logprobs,
+                  constraint)
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         self.scheduler.submit(job)
         first = await job.next()

@@ -31,9 +31,9 @@ class Job:
     or an exception, then `END`."""
 
     def __init__(self, ids: list[int], params: SamplingParams, max_tokens: int,
-                 stop: list[str], logprobs: int | None):
+                 stop: list[str], logprobs: int | None, constraint=None):
         self.ids, self.params, self.max_tokens = ids, params, max_tokens
-        self.stop, self.logprobs = stop, logprobs
+        self.stop, self.logprobs, self.constraint = stop, logprobs, constraint
         self.cached_tokens = 0      # prompt tokens the slot's cache already held
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
@@ -107,7 +107,7 @@ class Scheduler:
             self._waiting.popleft()
             m = self.model
             pieces = stream_tokens(slot.sequence, m.tokenizer, job.ids, job.max_tokens,
-                                   job.params, job.stop, job.logprobs)
+                                   job.params, job.stop, job.logprobs, job.constraint)
             self._running.append((job, slot, pieces))
 
     def _step(self, job: Job, slot: Slot, pieces: Iterator[Piece]) -> None:

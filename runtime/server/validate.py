@@ -42,6 +42,7 @@ class GenerationRequest:
     logprobs: int | None = None     # None: off; n: the chosen token's and the top n
     tools: list[dict] | None = None
     tool_choice: str = "none"
+    json_schema: dict | bool | None = None   # response_format: what the output must follow
 
 
 def parse_body(raw: bytes) -> dict:
@@ -78,7 +79,7 @@ def chat_request(body: dict, served: str, max_tokens_limit: int) -> GenerationRe
         req.logprobs = top or 0
     elif top is not None:
         raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
-    _response_format(body.get("response_format"))
+    req.json_schema = _response_format(body.get("response_format"))
     req.tools, req.tool_choice = _tools(body.get("tools"), body.get("tool_choice"))
     return req
 
@@ -290,15 +291,25 @@ def _past_calls(calls, where: str) -> list[dict]:
     return out
 
 
-def _response_format(value) -> None:
+def _response_format(value) -> dict | bool | None:
+    """The JSON schema `response_format` asks for: json_object is any object."""
     if value is None:
-        return
+        return None
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise invalid(f"response_format {kind!r} is not supported by this server yet",
-                      "response_format", "unsupported_value")
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise invalid("'response_format.json_schema' must be an object with a 'name' and "
+                          "a 'schema'", "response_format.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise invalid("'response_format.json_schema.schema' must be a JSON schema object",
+                          "response_format.json_schema.schema")
+        return schema
     raise invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
                   "response_format")
 

@@ -44,7 +44,11 @@ CHAT_ONLY = {
     "logprobs": ["yes", 1],
     "top_logprobs": [3, 21, "x"],
     "max_completion_tokens": [0, "x"],
-    "response_format": [{"type": "xml"}, "json", {}],
+    "response_format": [{"type": "xml"}, "json", {}, {"type": "json_schema"},
+                        {"type": "json_schema", "json_schema": {"schema": {}}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}},
+                        {"type": "json_schema",
+                         "json_schema": {"name": "x", "schema": {"minimum": "x"}}}],
     "tools": ["x", [{"type": "function"}], [{"type": "retrieval"}], [5]],
     "tool_choice": ["sometimes", 5],
 }
