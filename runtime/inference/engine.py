@@ -13,6 +13,7 @@ import numpy as np
 
 from diptych.backends.base import Step
 from diptych.errors import InvalidArgumentError, OutOfMemoryError
+from diptych.model.graph import RowCaches, forward_rows
 from diptych.model.graph import forward as run_graph
 
 from .cache import KVCache
@@ -240,6 +241,29 @@ class Engine:
         seq = Sequence(self, self._new_cache())
         self.sequences.append(seq)
         return seq
+
+    def decode_rows(self, seqs: list[Sequence], tokens: list[int]):
+        """One decode step of several sequences at once: tokens[b] after what seqs[b]
+        holds, each at its own position and in its own cache (graph.forward_rows: the
+        weights read once for all rows). Returns device logits (B, vocab)."""
+        if len(seqs) != len(tokens) or len({id(s) for s in seqs}) != len(seqs):
+            raise InvalidArgumentError("decode_rows takes one token per distinct sequence")
+        if len(seqs) == 1:
+            return seqs[0].eval(tokens)   # the captured batch-1 step
+        be, steps, positions = self.backend, [], []
+        for seq in seqs:
+            seq.cache.check_fits(1)
+            start = seq.cache.length
+            arrays = seq.slots.arrays(be, start, 1)
+            steps.append(Step(be.ids([[start]]), 1, seq.slots.views(arrays, start, 1)))
+            positions.append([start])
+        with be.inference():
+            logits = forward_rows(be, self.cfg, self.weights, be.ids([[t] for t in tokens]),
+                                  be.ids(positions),
+                                  RowCaches([s.cache.storage for s in seqs], steps))
+        for seq, token in zip(seqs, tokens):
+            seq.cache.commit([token])
+        return logits[:, -1]
 
     def _new_cache(self) -> KVCache:
         return KVCache(self.backend, self.cfg, self.n_ctx, self.n_batch, self.max_rollback)
