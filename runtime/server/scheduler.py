@@ -1,10 +1,11 @@
 """The worker thread that runs every generation, so the event loop never waits on the model.
 
-Requests queue as `Job`s. The thread gives each waiting job a free slot (`SlotPool`) and
-then steps the running jobs in turn, one token each, so concurrent clients all make
-progress and `/health` answers meanwhile. A job that its client gave up on (`cancel`) is
-dropped before its next step, which frees its slot: a disconnect costs at most the token
-being computed.
+Requests queue as `Job`s. The thread gives each waiting job a free slot (`SlotPool`),
+prefills its prompt there, and then decodes every running job together: one batched
+forward per step (`Engine.decode_rows`) gives each its next token (continuous batching: a
+job joins the batch after its prefill and leaves it when it ends). `/health` answers
+meanwhile. A job that its client gave up on (`cancel`) is dropped before the next step,
+which frees its slot: a disconnect costs at most the token being computed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 from diptych.errors import DiptychError
-from diptych.inference.generate import Piece, stream_tokens
+from diptych.inference.generate import Generation, Piece
 from diptych.inference.sampling import SamplingParams
 
 from .slots import Slot, SlotPool
@@ -50,13 +51,21 @@ class Job:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
 
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    slot: Slot
+    gen: Generation | None = None
+    token: int = -1          # the last token drawn, fed at the next step
+
+
 class Scheduler:
     """Owns the slots and the thread that runs the model."""
 
     def __init__(self, model, slots: SlotPool):
         self.model, self.slots = model, slots
         self._waiting: deque[Job] = deque()
-        self._running: list[tuple[Job, Slot, Iterator[Piece]]] = []
+        self._running: list[_Running] = []
         self._wake = threading.Condition()
         self._stopping = False
         self.tokens_generated = 0
@@ -87,14 +96,16 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                self._admit()
-            for entry in list(self._running):
-                self._step(*entry)
-        for job, slot, _ in self._running:
-            job.put(END)
+                started = self._admit()
+            for run in started:
+                self._start(run)
+            self._decode()
+        for run in list(self._running):
+            self._finish(run)
 
-    def _admit(self) -> None:
-        """Start waiting jobs, oldest first, while slots are free (called holding _wake)."""
+    def _admit(self) -> list[_Running]:
+        """Give waiting jobs, oldest first, the free slots (called holding _wake)."""
+        started = []
         while self._waiting:
             job = self._waiting[0]
             if job.cancelled:
@@ -103,33 +114,62 @@ class Scheduler:
                 continue
             slot = self.slots.acquire(job.ids)
             if slot is None:
-                return
+                break
             self._waiting.popleft()
-            m = self.model
-            pieces = stream_tokens(slot.sequence, m.tokenizer, job.ids, job.max_tokens,
-                                   job.params, job.stop, job.logprobs, job.constraint)
-            self._running.append((job, slot, pieces))
+            run = _Running(job, slot)
+            self._running.append(run)
+            started.append(run)
+        return started
 
-    def _step(self, job: Job, slot: Slot, pieces: Iterator[Piece]) -> None:
+    def _start(self, run: _Running) -> None:
+        """Prefill a job's prompt in its slot (reusing what the slot holds) and draw its
+        first token."""
+        job, m = run.job, self.model
         try:
-            piece = None if job.cancelled else next(pieces, None)
-        except DiptychError as exc:
-            piece, failure = None, exc
-        except Exception as exc:  # noqa: BLE001 - the client gets a 500, the log the rest
-            log.exception("generation failed")
-            piece, failure = None, exc
+            run.gen = Generation(run.slot.sequence, m.tokenizer, job.ids, job.max_tokens,
+                                 job.params, job.stop, job.logprobs, job.constraint)
+            piece = run.gen.take(run.gen.prefill())
+        except Exception as exc:  # noqa: BLE001 - reported to its client
+            self._finish(run, exc)
+            return
+        job.cached_tokens = run.slot.sequence.reused
+        self._publish(run, piece)
+
+    def _decode(self) -> None:
+        """One step of every running generation, as one batched forward."""
+        for run in [r for r in self._running if r.job.cancelled]:
+            self._finish(run)
+        if not self._running:
+            return
+        rows = list(self._running)
+        try:
+            logits = self.model.engine.decode_rows([r.slot.sequence for r in rows],
+                                                   [r.token for r in rows])
+        except Exception as exc:  # noqa: BLE001
+            for run in rows:
+                self._finish(run, exc)
+            return
+        for b, run in enumerate(rows):
+            try:
+                piece = run.gen.take(logits[b:b + 1])
+            except Exception as exc:  # noqa: BLE001
+                self._finish(run, exc)
+            else:
+                self._publish(run, piece)
+
+    def _publish(self, run: _Running, piece: Piece) -> None:
+        self.tokens_generated += len(piece.token_ids)
+        run.job.put(piece)
+        if piece.finish_reason is not None:
+            self._finish(run)
         else:
-            failure = None
-        if piece is not None:
-            self.tokens_generated += len(piece.token_ids)
-            if piece.timings.generated_tokens == 1:
-                job.cached_tokens = slot.sequence.reused
-            job.put(piece)
-            if piece.finish_reason is None:
-                return
-        elif failure is not None:
-            job.put(failure)
-        pieces.close()
-        self._running.remove((job, slot, pieces))
-        self.slots.release(slot)
-        job.put(END)
+            run.token = piece.token_ids[-1]
+
+    def _finish(self, run: _Running, failure: BaseException | None = None) -> None:
+        if failure is not None:
+            if not isinstance(failure, DiptychError):
+                log.error("generation failed", exc_info=failure)
+            run.job.put(failure)
+        self._running.remove(run)
+        self.slots.release(run.slot)
+        run.job.put(END)
