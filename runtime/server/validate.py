@@ -41,7 +41,6 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None     # None: off; n: the chosen token's and the top n
     tools: list[dict] | None = None
-    tool_choice: str = "none"
     json_schema: dict | bool | None = None   # response_format: what the output must follow
 
 
@@ -80,7 +79,12 @@ def chat_request(body: dict, served: str, max_tokens_limit: int) -> GenerationRe
     elif top is not None:
         raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     req.json_schema = _response_format(body.get("response_format"))
-    req.tools, req.tool_choice = _tools(body.get("tools"), body.get("tool_choice"))
+    req.tools, forced = _tools(body.get("tools"), body.get("tool_choice"))
+    if forced is not None:
+        if req.json_schema is not None:
+            raise invalid("'tool_choice' that forces a call and 'response_format' conflict",
+                          "tool_choice")
+        req.json_schema = forced
     return req
 
 
@@ -314,11 +318,13 @@ def _response_format(value) -> dict | bool | None:
                   "response_format")
 
 
-def _tools(tools, choice) -> tuple[list[dict] | None, str]:
+def _tools(tools, choice) -> tuple[list[dict] | None, dict | None]:
+    """(the tools the template shows, or None; the schema of the call the reply must be
+    when `tool_choice` forces one: "required", or a named function)."""
     if tools is None:
         if choice not in (None, "none", "auto"):
             raise invalid("'tool_choice' needs 'tools'", "tool_choice")
-        return None, "none"
+        return None, None
     if not isinstance(tools, list):
         raise invalid("'tools' must be an array", "tools")
     for j, tool in enumerate(tools):
@@ -328,10 +334,32 @@ def _tools(tools, choice) -> tuple[list[dict] | None, str]:
                 or not fn["name"] or not isinstance(fn.get("parameters", {}), dict):
             raise invalid(f"'tools[{j}]' must be {{\"type\": \"function\", \"function\": "
                           f"{{\"name\": ..., \"parameters\": {{...}}}}}}", f"tools[{j}]")
-    if choice is None:
-        choice = "auto"
-    if choice not in ("none", "auto"):
-        # forcing a call needs constrained decoding, which this server does not do yet
-        raise invalid("'tool_choice' must be 'none' or 'auto' on this server",
-                      "tool_choice", "unsupported_value")
-    return (tools if choice == "auto" else None), choice
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        return tools, _call_schema(tools)
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not isinstance(choice, dict) or choice.get("type") != "function" \
+            or not isinstance(name, str):
+        raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": "
+                      "\"function\", \"function\": {\"name\": <one of the tools>}}",
+                      "tool_choice")
+    if not chosen:
+        raise invalid(f"'tool_choice' names {name!r}, which is not among the tools",
+                      "tool_choice")
+    return tools, _call_schema(chosen)
+
+
+def _call_schema(tools: list[dict]) -> dict:
+    """A call of one of `tools` as JSON, its arguments following the tool's parameters:
+    the reply's schema when a call is forced (tool_calls.py reads such a reply as a call)."""
+    options = [{"type": "object",
+                "properties": {"name": {"const": t["function"]["name"]},
+                               "arguments": t["function"].get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"], "additionalProperties": False}
+               for t in tools]
+    return options[0] if len(options) == 1 else {"anyOf": options}

@@ -50,7 +50,7 @@ CHAT_ONLY = {
                         {"type": "json_schema",
                          "json_schema": {"name": "x", "schema": {"minimum": "x"}}}],
     "tools": ["x", [{"type": "function"}], [{"type": "retrieval"}], [5]],
-    "tool_choice": ["sometimes", 5],
+    "tool_choice": ["sometimes", 5, "required"],     # without tools
 }
 TEXT_ONLY = {
     "prompt": [None, "", [], ["a", "b"], [1.5], [-1], [10**9], {"a": 1}, [[]]],
@@ -121,6 +121,17 @@ def test_api_key_is_required(smol_server):
     status, reply = Raw(smol_server.base, None).call(
         "GET", "/v1/models", headers={"Authorization": "Basic dGVzdA=="}, prefix=False)
     assert status == 401
+
+
+@pytest.mark.parametrize("choice", ["sometimes", {"type": "function"},
+                                    {"type": "function", "function": {"name": "nope"}},
+                                    {"type": "code", "function": {"name": "f"}}])
+def test_tool_choice_must_name_a_tool(raw, choice):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, reply = raw.call("POST", "/chat/completions",
+                             dict(CHAT, tools=tools, tool_choice=choice))
+    check_error(status, reply)
+    assert status == 400 and reply["error"]["param"] == "tool_choice"
 
 
 def test_unknown_routes_and_methods(raw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 
@@ -107,3 +108,27 @@ def test_tool_call_round_trip(qwen_client):
     assert final.choices[0].finish_reason in ("stop", "length")
     assert not final.choices[0].message.tool_calls
     assert "31" in final.choices[0].message.content
+
+
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "enum": ["UTC", "CET", "JST"]},
+        "format": {"type": "string", "enum": ["12h", "24h"]}},
+        "required": ["zone", "format"], "additionalProperties": False}}}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_time"}}])
+def test_a_forced_call_follows_the_tools_schema(qwen_client, choice):
+    model = qwen_client.models.list().data[0].id
+    reply = qwen_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
+        tools=[WEATHER, TIME], tool_choice=choice, max_tokens=40, temperature=0.8, seed=3)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    call = reply.choices[0].message.tool_calls[0].function
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.name]
+    if choice != "required":
+        assert call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), tool["function"]["parameters"])
