@@ -225,13 +225,16 @@ class Engine:
         """Bytes the caches of every open sequence hold."""
         return sum(s.cache.nbytes for s in self.sequences)
 
+    def cache_room(self) -> int:
+        """Bytes left for more sequences' caches: the budget's rest, else what memory is
+        available now."""
+        if self.cache_budget is not None:
+            return self.cache_budget - self.cache_bytes
+        return available_bytes()
+
     def open_sequence(self) -> Sequence:
         """A new sequence with its own empty cache; OutOfMemoryError beyond the budget."""
-        need = self.sequence_bytes
-        if self.cache_budget is not None:
-            room = self.cache_budget - self.cache_bytes
-        else:
-            room = available_bytes()
+        need, room = self.sequence_bytes, self.cache_room()
         if need > room:
             mib = 1 << 20
             raise OutOfMemoryError(

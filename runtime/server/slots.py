@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from diptych.errors import OutOfMemoryError
 from diptych.inference.engine import Engine, Sequence
 
 
@@ -28,6 +29,12 @@ class SlotPool:
     Used from the scheduler's thread only."""
 
     def __init__(self, engine: Engine, n: int):
+        need, room, mib = (n - 1) * engine.sequence_bytes, engine.cache_room(), 1 << 20
+        if need > room:
+            raise OutOfMemoryError(
+                f"{n} slots need {n - 1} more caches of {engine.sequence_bytes / mib:.1f} MiB "
+                f"each ({need / mib:.0f} MiB) but {max(room, 0) / mib:.0f} MiB is available; "
+                f"serve with a smaller --parallel or --n-ctx")
         sequences = [engine.main] + [engine.open_sequence() for _ in range(n - 1)]
         self.slots = [Slot(i, s) for i, s in enumerate(sequences)]
         self._clock = itertools.count(1)
