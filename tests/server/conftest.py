@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
@@ -57,12 +59,33 @@ def smol_server(smollm2_path):
     server.close()
 
 
+class InWorker:
+    """A model whose calls run in one worker thread (a generator's pieces come back as a
+    list): the torch CPU backend decodes many times faster there than in the main thread
+    (BENCHMARKS.md, the `diptych serve` section)."""
+
+    def __init__(self, model):
+        self._model, self._pool = model, ThreadPoolExecutor(1)
+
+    def __getattr__(self, name):
+        attr = getattr(self._model, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            def run():
+                out = attr(*args, **kwargs)
+                return list(out) if isinstance(out, Iterator) else out
+            return self._pool.submit(run).result()
+        return call
+
+
 @pytest.fixture(scope="session")
 def smol_model(smollm2_path):
     """The same model in-process: the reference the server's answers must equal."""
     import diptych
 
-    return diptych.load(smollm2_path, n_ctx=1024)
+    return InWorker(diptych.load(smollm2_path, n_ctx=1024))
 
 
 class Raw:
