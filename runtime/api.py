@@ -10,6 +10,7 @@ import numpy as np
 from diptych.backends.base import Backend
 
 from .errors import InvalidArgumentError, NumericalError
+from .inference.constraint import JsonConstraint
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
@@ -79,19 +80,24 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS, *, stop=None,
-               **sampling) -> Iterator[Piece]:
+               json_schema: dict | None = None, **sampling) -> Iterator[Piece]:
         """Yield `Piece`s (text, token ids, timings) as the model generates.
 
         `prompt` is text (tokenized with the model's BOS rule) or token ids. Sampling
         keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams); None or
-        absent: the model's default (`self.sampling`). Ctrl+C (KeyboardInterrupt) stops
+        absent: the model's default (`self.sampling`). `json_schema`: a JSON schema the
+        output must follow (it parses and validates; {"type": "object"}: any JSON object),
+        through llguidance (the `[server]` extra). Ctrl+C (KeyboardInterrupt) stops
         generation and leaves the model usable.
         """
         params = self.sampling.with_overrides(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        constraint = None if json_schema is None else JsonConstraint(
+            self.tokenizer, self.config.vocab_size, json_schema)
         return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids, max_tokens,
-                                                    params, _check_stops(stop)))
+                                                    params, _check_stops(stop),
+                                                    constraint=constraint))
 
     def generate(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS,
                  **kwargs) -> str:

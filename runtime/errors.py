@@ -66,3 +66,8 @@ class NumericalError(DiptychError):
 class HubError(ModelFileError):
     """A model named on the Hugging Face Hub (`org/repo[:QUANT]`) cannot be found, listed or
     downloaded, and is not in the cache."""
+
+
+class MissingDependencyError(DiptychError):
+    """A feature's optional dependencies (an extra, such as `diptych[server]`) are not
+    installed."""

@@ -132,6 +132,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server (the `[server]` extra)."""
+    try:
+        from diptych.server.app import serve
+    except ImportError as exc:
+        from diptych.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"the server needs its extra: pip install "
+                                     f"'diptych[server]' ({exc})") from None
+    model = _load(args)
+    serve(model, host=args.host, port=args.port, parallel=args.parallel,
+          api_key=args.api_key or os.environ.get("DIPTYCH_API_KEY") or None, cors=args.cors,
+          announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def tensor_kind(name: str) -> str:
     """'blk.3.attn_q.weight' -> 'attn_q.weight'."""
     parts = name.split(".")
@@ -417,6 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens to decode after it (default: 128)")
     device_opt(sp)
     sp.set_defaults(func=cmd_bench)
+
+    # the model options are `run`'s (model_opts): options added there reach serve as well
+    sp = command("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    model_opts(sp)
+    device_opt(sp)
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only)")
+    sp.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free)")
+    sp.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on every request (default: "
+                         "$DIPTYCH_API_KEY if set, else no key)")
+    sp.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
+                    help="requests served at once, each in its own cache slot of n_ctx "
+                         "tokens (default: 1)")
+    sp.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                    help="let web pages from ORIGIN call the server ('*': any); repeatable")
+    sp.set_defaults(func=cmd_serve)
 
     from diptych.sources.convert import CONVERT_TYPES
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from diptych.backends.base import Step
 from diptych.errors import InvalidArgumentError, OutOfMemoryError
+from diptych.model.graph import RowCaches, forward_rows
 from diptych.model.graph import forward as run_graph
 
 from .cache import KVCache
@@ -43,6 +44,7 @@ class Sequence:
         self._step = engine.backend.compile_step(self._run)
         self.lock = threading.RLock()
         self._owner: object | None = None
+        self.reused = 0
 
     def claim(self) -> object:
         """Take the cache for a new user (call with `lock` held); returns its ticket."""
@@ -56,6 +58,19 @@ class Sequence:
     def release(self, ticket: object) -> None:
         if self._owner is ticket:
             self._owner = None
+
+    # what `generate.stream_tokens` reads of whatever it runs on: an engine or a sequence
+    @property
+    def backend(self):
+        return self.engine.backend
+
+    @property
+    def cfg(self):
+        return self.engine.cfg
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.n_ctx
 
     @property
     def n_cached(self) -> int:
@@ -143,6 +158,7 @@ class Sequence:
         cache = self.cache
         self._snapshot()
         keep = self._rewind(min(cache.common_prefix(ids), len(ids) - 1))
+        self.reused = keep  # prompt tokens whose K/V this prefill did not recompute
         if cache.rings and keep < len(ids) - 1:
             self.eval(ids[keep:-1])
             self._snapshot()
@@ -215,13 +231,16 @@ class Engine:
         """Bytes the caches of every open sequence hold."""
         return sum(s.cache.nbytes for s in self.sequences)
 
+    def cache_room(self) -> int:
+        """Bytes left for more sequences' caches: the budget's rest, else what memory is
+        available now."""
+        if self.cache_budget is not None:
+            return self.cache_budget - self.cache_bytes
+        return available_bytes()
+
     def open_sequence(self) -> Sequence:
         """A new sequence with its own empty cache; OutOfMemoryError beyond the budget."""
-        need = self.sequence_bytes
-        if self.cache_budget is not None:
-            room = self.cache_budget - self.cache_bytes
-        else:
-            room = available_bytes()
+        need, room = self.sequence_bytes, self.cache_room()
         if need > room:
             mib = 1 << 20
             raise OutOfMemoryError(
@@ -231,6 +250,29 @@ class Engine:
         seq = Sequence(self, self._new_cache())
         self.sequences.append(seq)
         return seq
+
+    def decode_rows(self, seqs: list[Sequence], tokens: list[int]):
+        """One decode step of several sequences at once: tokens[b] after what seqs[b]
+        holds, each at its own position and in its own cache (graph.forward_rows: the
+        weights read once for all rows). Returns device logits (B, vocab)."""
+        if len(seqs) != len(tokens) or len({id(s) for s in seqs}) != len(seqs):
+            raise InvalidArgumentError("decode_rows takes one token per distinct sequence")
+        if len(seqs) == 1:
+            return seqs[0].eval(tokens)   # the captured batch-1 step
+        be, steps, positions = self.backend, [], []
+        for seq in seqs:
+            seq.cache.check_fits(1)
+            start = seq.cache.length
+            arrays = seq.slots.arrays(be, start, 1)
+            steps.append(Step(be.ids([[start]]), 1, seq.slots.views(arrays, start, 1)))
+            positions.append([start])
+        with be.inference():
+            logits = forward_rows(be, self.cfg, self.weights, be.ids([[t] for t in tokens]),
+                                  be.ids(positions),
+                                  RowCaches([s.cache.storage for s in seqs], steps))
+        for seq, token in zip(seqs, tokens):
+            seq.cache.commit([token])
+        return logits[:, -1]
 
     def _new_cache(self) -> KVCache:
         return KVCache(self.backend, self.cfg, self.n_ctx, self.n_batch, self.max_rollback)

@@ -31,64 +31,118 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A drawn token's log-probability under the model's own distribution (the log-softmax
+    of its raw logits, before any filter), and the `top` likeliest (id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Piece:
     """One streamed piece: new text, the token ids it came from, and the running timings.
 
     The last piece has `finish_reason` set: "stop" (end-of-generation token or stop
-    string) or "length" (max_tokens reached, or the context filled up).
+    string) or "length" (max_tokens reached, or the context filled up). `logprobs` holds
+    one `TokenLogprob` per token id when they were asked for.
     """
 
     text: str
     token_ids: list[int]
     timings: Timings
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
-                  params: SamplingParams, stop: list[str] | None = None) -> Iterator[Piece]:
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if not prompt_ids:
-        raise SamplingError("the prompt is empty (no tokens)")
-    capacity = engine.capacity
-    if len(prompt_ids) >= capacity:
-        raise ContextOverflowError(
-            f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
-            f"load the model with a larger n_ctx or shorten the prompt")
+                  params: SamplingParams, stop: list[str] | None = None,
+                  logprobs: int | None = None, constraint=None) -> Iterator[Piece]:
+    """Generate after `prompt_ids` on `engine` (an Engine, or one of its Sequences); see
+    `Generation` for the arguments."""
+    gen = Generation(engine, tokenizer, prompt_ids, max_tokens, params, stop, logprobs,
+                     constraint)
+    logits = gen.prefill()
+    while True:
+        piece = gen.take(logits)
+        yield piece
+        if piece.finish_reason is not None:
+            return
+        logits = engine.eval(piece.token_ids)
 
-    timings = Timings(prompt_tokens=len(prompt_ids))
-    decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
-    sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
-    history = sampler.history([prompt_ids])
 
-    t0 = time.perf_counter()
-    logits = engine.prefill(prompt_ids)
-    timings.prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    budget = min(max_tokens, capacity - len(prompt_ids))
-    for i in range(budget):
-        drawn = sampler.sample(logits, history)
+class Generation:
+    """One generation's policy, a token at a time; whoever drives it runs the model.
+
+    `prefill()` feeds the prompt and returns its logits; `take(logits)` draws the next token
+    from a (1, vocab) logits row and returns its Piece; until a piece has a finish_reason,
+    the driver feeds that piece's token and passes the resulting logits to `take` again
+    (`stream_tokens` does so one sequence at a time; a server may batch several
+    generations' steps with `Engine.decode_rows`).
+
+    `logprobs`: None, or n >= 0 to give each piece its token's logprob and the top n.
+    `constraint`: None, or a grammar (constraint.JsonConstraint) every token must follow.
+    """
+
+    def __init__(self, engine, tokenizer, prompt_ids: list[int], max_tokens: int,
+                 params: SamplingParams, stop: list[str] | None = None,
+                 logprobs: int | None = None, constraint=None):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not prompt_ids:
+            raise SamplingError("the prompt is empty (no tokens)")
+        capacity = engine.capacity
+        if len(prompt_ids) >= capacity:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
+                f"load the model with a larger n_ctx or shorten the prompt")
+        self.engine, self.tokenizer, self.prompt_ids = engine, tokenizer, prompt_ids
+        self.logprobs, self.constraint = logprobs, constraint
+        self.timings = Timings(prompt_tokens=len(prompt_ids))
+        self.decoder, self.matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
+        self.sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
+        self.history = self.sampler.history([prompt_ids])
+        self.budget = min(max_tokens, capacity - len(prompt_ids))
+        self._t0 = 0.0
+
+    def prefill(self):
+        t0 = time.perf_counter()
+        logits = self.engine.prefill(self.prompt_ids)
+        self.timings.prefill_s = time.perf_counter() - t0
+        self._t0 = time.perf_counter()
+        return logits
+
+    def take(self, logits) -> Piece:
+        timings, constraint, logprobs = self.timings, self.constraint, self.logprobs
+        i = timings.generated_tokens
+        if i:
+            timings.decode_s = time.perf_counter() - self._t0
+        mask = None if constraint is None else constraint.mask(self.engine.backend)
+        drawn = self.sampler.sample(logits, self.history, mask=mask, logprobs=logprobs)
         if not drawn.finite[0]:
             raise NumericalError(
-                f"the model computed NaN or infinite logits after {len(prompt_ids) + i} "
+                f"the model computed NaN or infinite logits after {len(self.prompt_ids) + i} "
                 f"tokens: its weights or settings are broken; generation stopped")
         token = drawn.tokens[0]
         timings.generated_tokens += 1
-        if token in tokenizer.eog_ids:
-            yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")
-            return
-        if history is not None:
-            history.append([token])
+        lp = None if logprobs is None else [TokenLogprob(
+            token, float(drawn.logprob[0]),
+            [(int(t), float(v)) for t, v in zip(drawn.top_ids[0], drawn.top_logprobs[0])])]
+        decoder, matcher = self.decoder, self.matcher
+        if token in self.tokenizer.eog_ids:
+            return Piece(matcher.flush() + decoder.flush(), [token], timings, "stop", lp)
+        if constraint is not None:
+            constraint.advance(token)
+        if self.history is not None:
+            self.history.append([token])
         text, stopped = matcher.feed(decoder.push(token))
         if stopped:
-            yield Piece(text, [token], timings, "stop")
-            return
-        if i == budget - 1:
-            yield Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length")
-            return
-        yield Piece(text, [token], timings)
-        logits = engine.eval([token])
-        timings.decode_s = time.perf_counter() - t0
+            return Piece(text, [token], timings, "stop", lp)
+        if i == self.budget - 1:
+            return Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length",
+                         lp)
+        return Piece(text, [token], timings, logprobs=lp)
 
 
 def exclusive(engine, pieces: Iterator[Piece]) -> Iterator[Piece]:

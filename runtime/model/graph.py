@@ -7,6 +7,8 @@ the ModelConfig switches read here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
@@ -18,9 +20,10 @@ from .moe import moe_ffn
 from .weights import LayerWeights, ModelWeights
 
 
-def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVStorage,
-            step: Step, logits_at: np.ndarray | None = None):
-    """Run `tokens` (B, T) through the model, writing their K/V into `kv` at `step`.
+def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
+            kv: KVStorage | RowCaches, step: Step, logits_at: np.ndarray | None = None):
+    """Run `tokens` (B, T) through the model, writing their K/V into `kv` at `step` (or, for
+    `forward_rows`, into each row's own cache).
 
     `logits_at` picks the positions (indices into T) whose logits are computed; None means
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
@@ -50,6 +53,34 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     if cfg.final_softcap:
         logits = be.softcap(logits, cfg.final_softcap)
     return logits
+
+
+@dataclass
+class RowCaches:
+    """Several sequences' decode steps run as one forward: row b of the tokens (B, 1) is the
+    next token of the sequence whose cache is `storages[b]`, at `steps[b]`. Everything but
+    attention runs over the B rows together (each weight read once for all of them);
+    attention runs row by row over each row's own cache."""
+
+    storages: list[KVStorage]
+    steps: list[Step]
+
+
+def forward_rows(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, positions,
+                 rows: RowCaches):
+    """One decode step of B sequences: tokens and positions (B, 1) -> logits (B, 1, vocab)."""
+    return forward(backend, cfg, w, tokens, rows, Step(positions, 1, []))
+
+
+def _attend(be, q, k, v, kv, i: int, step: Step, scale: float):
+    """be.attention over one cache, or row by row over RowCaches (decode: T = 1)."""
+    if not isinstance(kv, RowCaches):
+        return be.attention(q, k, v, kv, i, step, scale)
+    outs = [be.attention(q[b:b + 1], k[b:b + 1], None if v is None else v[b:b + 1], storage, i,
+                         row_step, scale)
+            for b, (storage, row_step) in enumerate(zip(kv.storages, kv.steps))]
+    # (1, 1, D) rows side by side on the last axis are the (B, 1, D) rows in memory order
+    return be.concat(outs).reshape(len(outs), 1, -1)
 
 
 def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
@@ -91,7 +122,7 @@ def _attention(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: S
         k = be.rms_norm(k, layer.k_norm, cfg.rms_eps)
     q = be.rope(q, step.positions, rope)
     k = be.rope(k, step.positions, rope)
-    return _linear(be, layer, "wo", be.attention(q, k, v, kv, i, step, cfg.softmax_scale()))
+    return _linear(be, layer, "wo", _attend(be, q, k, v, kv, i, step, cfg.softmax_scale()))
 
 
 def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step, rope: RopeSpec):
@@ -111,8 +142,8 @@ def _mla(be, cfg: ModelConfig, layer: LayerWeights, h, kv, i: int, step: Step, r
     kv_a = _linear(be, layer, "wkv_a", h).reshape(batch, n_tok, 1, m.kv_lora_rank + m.qk_rope)
     c_kv = be.rms_norm(kv_a[..., :m.kv_lora_rank], layer.kv_a_norm, cfg.rms_eps)
     k_pe = be.rope(kv_a[..., m.kv_lora_rank:], step.positions, rope)
-    out = be.attention(be.concat([q_lat, q_pe]), be.concat([c_kv, k_pe]), None, kv, i, step,
-                       cfg.softmax_scale())                              # (B, T, H*kv_lora)
+    out = _attend(be, be.concat([q_lat, q_pe]), be.concat([c_kv, k_pe]), None, kv, i, step,
+                  cfg.softmax_scale())                                   # (B, T, H*kv_lora)
     out = be.head_linear(out.reshape(batch, n_tok, cfg.n_heads, m.kv_lora_rank), layer.v_b)
     return _linear(be, layer, "wo", out.reshape(batch, n_tok, cfg.n_heads * m.v_head_dim))
 

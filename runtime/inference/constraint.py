@@ -1,0 +1,87 @@
+"""Constrained decoding: output that always parses as JSON and validates against a schema.
+
+The grammar engine is llguidance (the `[server]` extra): it compiles a JSON schema to a
+grammar over the model's own vocabulary and, at each step, says which tokens may come next.
+That set reaches the sampler as its `mask` (applied on the device before anything else sees
+the logits); the drawn token advances the grammar. Once the value is complete only the
+end-of-generation tokens are allowed, so generation ends there.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+
+from diptych.errors import InvalidArgumentError, MissingDependencyError
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise MissingDependencyError("constrained decoding (json_schema) needs llguidance: "
+                                     "pip install 'diptych[server]'") from None
+    return llguidance
+
+
+class _Vocabulary:
+    """llguidance's view of a diptych tokenizer (its `TokenizerWrapper` protocol): each id's
+    bytes, control tokens marked with a 0xff prefix so no grammar spells them, and the
+    tokenizer itself for the strings llguidance needs tokenized."""
+
+    def __init__(self, tokenizer, n_vocab: int):
+        self._tok = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = [i for i in range(tokenizer.vocab_size)
+                                  if tokenizer.is_special(i)]
+        special = set(self.special_token_ids)
+        self.tokens = [b"\xff" + tokenizer.token_bytes(i) if i in special
+                       else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.tokens += [b""] * (n_vocab - len(self.tokens))   # ids the model has, unnamed
+        self.is_tokenizer_wrapper = True
+
+    def __call__(self, text) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tok.encode(text, add_bos=False, parse_special=False)
+
+
+@lru_cache(maxsize=4)
+def _lltokenizer(tokenizer, n_vocab: int):
+    llg = _llguidance()
+    return llg.LLTokenizer(llg.TokenizerWrapper(_Vocabulary(tokenizer, n_vocab)),
+                           n_vocab=n_vocab, eos_token=sorted(tokenizer.eog_ids))
+
+
+class JsonConstraint:
+    """The grammar state of one generation: `mask(backend)` before each draw, `advance`
+    with the drawn token."""
+
+    def __init__(self, tokenizer, n_vocab: int, schema: dict | bool):
+        llg = _llguidance()
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgumentError(f"json_schema must be a JSON schema (a dict), not "
+                                       f"{type(schema).__name__}")
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"json_schema is not usable: {exc}") from None
+        self.n_vocab = n_vocab
+        self.matcher = llg.LLMatcher(_lltokenizer(tokenizer, n_vocab), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise InvalidArgumentError(f"json_schema is not usable: "
+                                       f"{self.matcher.get_error()}")
+
+    def mask(self, backend):
+        """The tokens allowed next, as a device bool array (1, n_vocab)."""
+        packed = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(packed, bitorder="little")[:self.n_vocab]
+        return backend.ids(allowed.reshape(1, -1)) > 0
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):   # the mask allowed it: a bug, not input
+            raise RuntimeError(f"the grammar refused token {token} that its mask allowed: "
+                               f"{self.matcher.get_error()}")

@@ -1,0 +1,134 @@
+"""Tool calls: the parser on streamed text, and a round trip through the real server with
+Qwen2.5-Coder-0.5B and the openai client's types."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from diptych.server.tool_calls import ToolCallParser
+
+from .conftest import ServerProcess
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def parse_in_pieces(text: str, size: int) -> tuple[str, list[dict]]:
+    parser, content, calls = ToolCallParser({"get_weather"}), [], []
+    for i in range(0, len(text), size):
+        c, k = parser.feed(text[i:i + size])
+        content.append(c)
+        calls += k
+    c, k = parser.finish()
+    return "".join(content) + c, calls + k
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_calls_are_found_however_the_text_is_split(size):
+    content, calls = parse_in_pieces("Let me check.\n" + CALL + "\n" + CALL.replace(
+        "Paris", "Oslo"), size)
+    assert content == "Let me check.\n\n"
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_weather"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"},
+                                                                       {"city": "Oslo"}]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+@pytest.mark.parametrize("text", ["a < b and <tool", "<tool_call>not json</tool_call> after",
+                                  "<tool_call>[1, 2]</tool_call>", "plain <tool_calls> text"])
+def test_text_that_is_not_a_call_stays_content(text):
+    for size in (1, 1000):
+        assert parse_in_pieces(text, size) == (text, [])
+
+
+@pytest.mark.parametrize("text", ['{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                                  '```json\n{"name": "get_weather", "arguments": '
+                                  '{"city": "Paris"}}\n```'])
+def test_a_reply_that_is_only_a_call_is_a_call(text):
+    for size in (1, 1000):
+        content, calls = parse_in_pieces(text, size)
+        assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {
+            "city": "Paris"}
+
+
+@pytest.mark.parametrize("text", ['{"name": "send_mail", "arguments": {}}', '{"a": 1}',
+                                  "```python\nprint(1)\n```"])
+def test_json_that_calls_no_tool_of_the_request_is_content(text):
+    assert parse_in_pieces(text, 2) == (text, [])
+
+
+def test_an_unclosed_call_at_the_end_still_counts():
+    content, calls = parse_in_pieces(CALL.removesuffix("</tool_call>"), 2)
+    assert content == "" and calls[0]["function"]["name"] == "get_weather"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def qwen_client(qwen_path):
+    server = ServerProcess(qwen_path, "--n-ctx", "1024")
+    yield openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=300)
+    server.close()
+
+
+@pytest.mark.real
+def test_tool_call_round_trip(qwen_client):
+    model = qwen_client.models.list().data[0].id
+    messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    reply = qwen_client.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
+                                                max_tokens=40, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    # the same, streamed: the call arrives as a delta
+    chunks = list(qwen_client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], max_tokens=40, temperature=0,
+        stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, "get_weather", {"city": "Paris"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    messages += [choice.message,
+                 {"role": "tool", "tool_call_id": call.id,
+                  "content": json.dumps({"temperature_celsius": 31, "sky": "clear"})}]
+    final = qwen_client.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
+                                                max_tokens=40, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert not final.choices[0].message.tool_calls
+    assert "31" in final.choices[0].message.content
+
+
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "enum": ["UTC", "CET", "JST"]},
+        "format": {"type": "string", "enum": ["12h", "24h"]}},
+        "required": ["zone", "format"], "additionalProperties": False}}}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_time"}}])
+def test_a_forced_call_follows_the_tools_schema(qwen_client, choice):
+    model = qwen_client.models.list().data[0].id
+    reply = qwen_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
+        tools=[WEATHER, TIME], tool_choice=choice, max_tokens=40, temperature=0.8, seed=3)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    call = reply.choices[0].message.tool_calls[0].function
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.name]
+    if choice != "required":
+        assert call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), tool["function"]["parameters"])
