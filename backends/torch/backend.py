@@ -219,7 +219,9 @@ class TorchBackend(Backend):
         return torch.cumsum(x, dim=-1)
 
     def finite_rows(self, x):
-        return torch.isfinite(x).all(dim=-1)
+        # x * 0 is 0 where x is finite and NaN elsewhere: one reduction, no boolean copy of
+        # the row (which costs more than the rest of a sampling step at 262k tokens)
+        return torch.isfinite((x * 0).sum(dim=-1))
 
     def gather(self, x, idx):
         return torch.gather(x, -1, idx)
