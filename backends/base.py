@@ -229,7 +229,11 @@ class Backend(ABC):
 
     # -- cache, sampling, transfers ------------------------------------------------------
     @abstractmethod
-    def alloc_kv(self, specs: list[LayerCacheSpec], batch: int) -> KVStorage: ...
+    def alloc_kv(self, specs: list[LayerCacheSpec], batch: int, scratch: bool = False
+                 ) -> KVStorage:
+        """Zeroed storage for the layers' caches. `scratch`: a cache that lives for one
+        call which autograd records through (`graph.forward_all`): it keeps the
+        activations' precision, so gradients are not rounded to a smaller cache type."""
 
     @abstractmethod
     def kv_bytes_per_element(self) -> int: ...

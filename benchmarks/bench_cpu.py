@@ -1,7 +1,10 @@
 """diptych vs llama.cpp (llama-cpp-python) on the CPU, same model, same threads, one run.
 
 Each (runtime, model) pair runs in its own process so that load time and peak RSS are its
-own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it.
+own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it. Load: the constructor
+(`diptych.load` / `Llama(...)`), and "first" the constructor plus the first token of an
+8-token prompt (after imports). "run": the whole process of `diptych run MODEL "hi"
+--max-tokens 1` beside llama-cpp-python's equivalent (imports included), wall time.
 
     python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2]
 
@@ -42,9 +45,12 @@ def run_diptych(path: str, threads: int) -> dict:
     t0 = time.perf_counter()
     model = diptych.load(path, n_ctx=1024)
     load_s = time.perf_counter() - t0
-    prefill_tps, decode_tps = measure_speed(model, random_prompt(model.config.vocab_size,
-                                                                 PROMPT_TOKENS), GEN_TOKENS)
-    return dict(load_s=load_s, prefill_tps=prefill_tps, decode_tps=decode_tps)
+    prompt = random_prompt(model.config.vocab_size, PROMPT_TOKENS)
+    model.engine.backend.to_numpy(model.engine.eval(prompt[:8])).argmax()
+    first_s = time.perf_counter() - t0
+    model.engine.reset()
+    prefill_tps, decode_tps = measure_speed(model, prompt, GEN_TOKENS)
+    return dict(load_s=load_s, first_s=first_s, prefill_tps=prefill_tps, decode_tps=decode_tps)
 
 
 def run_llama_cpp(path: str, threads: int) -> dict:
@@ -57,6 +63,8 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     load_s = time.perf_counter() - t0
     ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    first_s = time.perf_counter() - t0
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
@@ -66,7 +74,25 @@ def run_llama_cpp(path: str, threads: int) -> dict:
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([token])
     decode_s = time.perf_counter() - t0
-    return dict(load_s=load_s, prefill_tps=PROMPT_TOKENS / prefill_s, decode_tps=GEN_TOKENS / decode_s)
+    return dict(load_s=load_s, first_s=first_s, prefill_tps=PROMPT_TOKENS / prefill_s,
+                decode_tps=GEN_TOKENS / decode_s)
+
+
+LLAMA_CPP_RUN = ("import sys; from llama_cpp import Llama; "
+                 "Llama(sys.argv[1], n_threads=int(sys.argv[2]), verbose=False)"
+                 ".create_completion('hi', max_tokens=1)")
+
+
+def whole_process_s(runtime: str, path: str, threads: int) -> float:
+    """Wall time of one process that loads the model and answers "hi" with one token."""
+    if runtime == "diptych":
+        cmd = [sys.executable, "-m", "diptych.cli", "run", path, "hi", "--max-tokens", "1"]
+    else:
+        cmd = [sys.executable, "-c", LLAMA_CPP_RUN, path, str(threads)]
+    env = dict(os.environ, DIPTYCH_THREADS=str(threads))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def child(runtime: str, model: str, threads: int) -> None:
@@ -86,8 +112,8 @@ def main() -> None:
         child(*args.child, args.threads)
         return
     print(f"threads={args.threads}, prompt {PROMPT_TOKENS} tokens, decode {GEN_TOKENS} tokens")
-    print(f"{'model':8s} {'runtime':10s} {'load s':>7s} {'prefill t/s':>12s} {'decode t/s':>11s} "
-          f"{'peak RSS MiB':>13s}")
+    print(f"{'model':8s} {'runtime':10s} {'load s':>7s} {'first s':>8s} {'run s':>6s} "
+          f"{'prefill t/s':>12s} {'decode t/s':>11s} {'peak RSS MiB':>13s}")
     for model in args.models:
         res = {}
         for runtime in ("llama.cpp", "diptych"):
@@ -96,12 +122,16 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{runtime} on {model} failed:\n{proc.stderr[-2000:]}")
             res[runtime] = r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{model:8s} {runtime:10s} {r['load_s']:7.2f} {r['prefill_tps']:12.1f} "
-                  f"{r['decode_tps']:11.1f} {r['peak_rss_mib']:13.0f}")
+            r["run_s"] = whole_process_s(runtime, model_path(model), args.threads)
+            print(f"{model:8s} {runtime:10s} {r['load_s']:7.2f} {r['first_s']:8.2f} "
+                  f"{r['run_s']:6.2f} {r['prefill_tps']:12.1f} {r['decode_tps']:11.1f} "
+                  f"{r['peak_rss_mib']:13.0f}")
         d, l = res["diptych"], res["llama.cpp"]
         print(f"{model:8s} {'ratio':10s} {l['load_s'] / d['load_s']:7.2f} "
+              f"{l['first_s'] / d['first_s']:8.2f} {l['run_s'] / d['run_s']:6.2f} "
               f"{d['prefill_tps'] / l['prefill_tps']:12.2f} {d['decode_tps'] / l['decode_tps']:11.2f} "
-              f"{d['peak_rss_mib'] / l['peak_rss_mib']:13.2f}   (diptych / llama.cpp; load: speed)")
+              f"{d['peak_rss_mib'] / l['peak_rss_mib']:13.2f}   "
+              f"(diptych / llama.cpp; load, first, run: speed)")
 
 
 if __name__ == "__main__":

@@ -274,6 +274,13 @@ class GGUFFile:
             raise self._error("metadata has no general.architecture string")
         return arch
 
+    def release_pages(self) -> None:
+        """Let the OS take back the mapped pages this process has read (the page cache
+        keeps them; a later read maps them again). Loading calls it as tensors are
+        repacked, so the repacked copy and the mapped file are not both resident."""
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         """Release this object's mapping (views already handed out stay valid)."""
         mm, self._mm = self._mm, None

@@ -107,10 +107,13 @@ class LoadPlan:
         """Every tensor the graph needs, prepared on the backend; `progress(done, total)`
         receives bytes."""
         total, done = self.weight_bytes, 0
+        release = getattr(self.source, "release_pages", None)  # a GGUFFile's mapped pages
 
         def step(n):
             nonlocal done
             done += n
+            if release:
+                release()
             if progress:
                 progress(done, total)
 

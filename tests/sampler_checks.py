@@ -41,13 +41,14 @@ def check_block_rows_equal_single_rows(be, logits: np.ndarray, histories: list[l
 
 def check_non_finite_rows_are_flagged(be) -> None:
     """NaN, +inf and -inf rows are flagged and still yield in-range tokens (the draw does not
-    fail on them); the finite row is not flagged."""
-    rows = np.tile(np.random.default_rng(0).standard_normal((1, 300)), (4, 1))
+    fail on them); the finite rows are not flagged, even one whose sum overflows."""
+    rows = np.tile(np.random.default_rng(0).standard_normal((1, 300)), (5, 1))
     rows[0, 3], rows[1, 5], rows[2, 7] = np.nan, np.inf, -np.inf
+    rows[4] *= 1e37
     for params in (SamplingParams(seed=0), SamplingParams(temperature=0),
                    SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=0)):
         out = Sampler(be, params, 300).sample(device_logits(be, rows), probs=True, logprobs=2)
-        assert out.finite == [False, False, False, True]
+        assert out.finite == [False, False, False, True, True]
         assert all(0 <= t < 300 for t in out.tokens)
 
 

@@ -291,7 +291,7 @@ class MLXBackend(Backend):
         return x[:, mx.array(index.astype(np.int32))]
 
     # -- cache, sampling, transfers ------------------------------------------------------
-    def alloc_kv(self, specs, batch) -> MLXKV:
+    def alloc_kv(self, specs, batch, scratch=False) -> MLXKV:
         return MLXKV(specs, batch, self.dtype)
 
     def kv_bytes_per_element(self) -> int:

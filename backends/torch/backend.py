@@ -16,6 +16,17 @@ from diptych.backends.base import (Backend, CacheView, KVStorage, LayerCacheSpec
                                    Step)
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    """A zeroed cache buffer. On the CPU numpy's calloc maps zero pages that the kernel
+    fills on first write, so a large cache costs neither load time nor memory until used."""
+    if device == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class TorchKV(KVStorage):
     """Per layer a (B, Hkv, slots, k_dim) key buffer and a value buffer like it (none for
     MLA, whose values are a view of the keys)."""
@@ -25,8 +36,8 @@ class TorchKV(KVStorage):
         self.k, self.v = [], []
         for s in specs:
             shape = (batch, s.n_kv_heads, s.slots, s.k_dim)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(None if s.v_from_k else torch.zeros(shape, dtype=dtype, device=device))
+            self.k.append(_zeros(shape, dtype, device))
+            self.v.append(None if s.v_from_k else _zeros(shape, dtype, device))
 
     @property
     def nbytes(self) -> int:
@@ -49,9 +60,10 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, device: str, dtype: torch.dtype):
+    def __init__(self, device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # what the cache stores; attention reads it as dtype
         self._rope_cache: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step_rope: dict[RopeSpec, tuple] = {}
 
@@ -126,8 +138,8 @@ class TorchBackend(Backend):
         """SDPA from q (B, T, H, Dh) over one layer's cache, which already holds this step's
         keys, as the view's host facts say."""
         n, n_keys = q.shape[1], view.n_keys
-        keys = kc[:, :, :n_keys]
-        values = vc[:, :, :n_keys] if vc is not None else keys[..., :spec.v_from_k]
+        keys = kc[:, :, :n_keys].to(q.dtype)
+        values = vc[:, :, :n_keys].to(q.dtype) if vc is not None else keys[..., :spec.v_from_k]
         mask, causal = view.mask, False
         if isinstance(mask, str):  # no mask tensor when T == n_keys: SDPA's flash kernel
             causal = n == n_keys
@@ -177,11 +189,11 @@ class TorchBackend(Backend):
         return x[:, torch.as_tensor(np.asarray(index, dtype=np.int64), device=x.device)]
 
     # -- cache, sampling, transfers ------------------------------------------------------
-    def alloc_kv(self, specs, batch) -> TorchKV:
-        return TorchKV(specs, batch, self.dtype, self.device)
+    def alloc_kv(self, specs, batch, scratch=False) -> TorchKV:
+        return TorchKV(specs, batch, self.dtype if scratch else self.kv_dtype, self.device)
 
     def kv_bytes_per_element(self) -> int:
-        return torch.finfo(self.dtype).bits // 8
+        return torch.finfo(self.kv_dtype).bits // 8
 
     def ids(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
@@ -219,7 +231,9 @@ class TorchBackend(Backend):
         return torch.cumsum(x, dim=-1)
 
     def finite_rows(self, x):
-        return torch.isfinite(x).all(dim=-1)
+        # x * 0 is 0 where x is finite and NaN elsewhere: one reduction, no boolean copy of
+        # the row (which costs more than the rest of a sampling step at 262k tokens)
+        return torch.isfinite((x * 0).sum(dim=-1))
 
     def gather(self, x, idx):
         return torch.gather(x, -1, idx)

@@ -91,7 +91,7 @@ def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
     T slots per layer that lives for this call only; no cache an engine holds is written."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
-    kv = backend.alloc_kv(specs, batch)
+    kv = backend.alloc_kv(specs, batch, scratch=True)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))

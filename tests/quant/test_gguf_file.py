@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 import gguf
 import numpy as np
+import psutil
 import pytest
 from gguf import GGML_QUANT_SIZES, GGUFValueType as V
 from gguf import GGMLQuantizationType as T
@@ -208,6 +210,30 @@ def test_close_keeps_views_valid_and_rejects_late_array_reads(tmp_path):
     with pytest.raises(ModelFileError, match="closed"):
         md["a.u8"]
     f.close()  # idempotent
+
+
+@pytest.mark.skipif(not hasattr(mmap.mmap, "madvise"), reason="no madvise on this platform")
+def test_release_pages_drops_the_mapping_from_memory_and_keeps_the_data(tmp_path):
+    path = tmp_path / "big.gguf"
+    values = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tensor("big.w", values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def mapped_rss() -> int:
+        return sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
+
+    with GGUFFile(path) as f:
+        data = f.tensors["big.w"].data
+        assert data.view(np.float32).sum() == values.sum()  # every page read
+        assert mapped_rss() >= values.nbytes
+        f.release_pages()
+        assert mapped_rss() < values.nbytes // 8
+        assert np.array_equal(data.view(np.float32).reshape(values.shape), values)
+    f.release_pages()  # closed: nothing to release
 
 
 # -- hand-built files for targeted corruptions -------------------------------------------

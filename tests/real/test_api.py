@@ -126,8 +126,12 @@ def test_context_that_does_not_fit_in_memory_is_refused_before_allocating(smollm
 
 def test_cache_memory_is_what_the_storage_holds(smollm2):
     cfg = smollm2.config
-    expected = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * smollm2.n_ctx * 4
+    el = smollm2.backend.kv_bytes_per_element()
+    if smollm2.backend.name == "torch":
+        assert el == 2  # fp16 on the CPU, bf16 on CUDA
+    expected = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * smollm2.n_ctx * el
     assert smollm2.engine.cache_bytes == expected
+    assert smollm2.engine.main.cache.storage.nbytes == expected
 
 
 def test_weights_stay_quantized(smollm2):

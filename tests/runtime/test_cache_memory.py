@@ -59,13 +59,15 @@ def test_mla_cache_holds_the_latent_and_rope_key_only(backend, tmp_path):
     assert cache.nbytes * 4 == c.num_hidden_layers * 1024 * full * el
 
 
-def test_info_reports_the_cache_kind_and_bytes_per_token(tmp_path, capsys):
+def test_info_reports_the_cache_kind_and_bytes_per_token(tmp_path, capsys, monkeypatch):
     from diptych.cli.main import main
+
+    monkeypatch.delenv("DIPTYCH_KV_TYPE")  # the default cache users get
 
     hf = tiny_hf_model("deepseek_v3")
     path = write_gguf(hf, "deepseek_v3", tmp_path / "m.gguf")
     assert main(["info", str(path), "--backend", "torch", "--n-ctx", "1024"]) == 0
     c = hf.config
-    per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # fp32
+    per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2  # fp16
     out = capsys.readouterr().out
     assert f"MLA latent cache, 32 + 8 values per token and layer: {per_token} bytes/token" in out

@@ -77,6 +77,33 @@ def test_chunked_prefill_and_decode_match_full_forward(tiny, engine_for, family)
     assert _rel(np.concatenate([part, np.stack(steps)]), ref) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "deepseek_v3"])
+def test_fp16_cache_stores_half_the_bytes_within_its_rounding(tiny, family, monkeypatch):
+    """The torch CPU default (the other tests here run an fp32 cache: tests/conftest.py): K/V
+    rounded to fp16 (2^-11 relative) in the cache, attention in fp32. Full, sliding-window
+    and MLA caches."""
+    monkeypatch.delenv("DIPTYCH_KV_TYPE")
+    _, path, ref = tiny(family)
+    eng = LoadPlan.open(path, "torch", device="cpu", n_ctx=64, n_batch=5).engine()
+    assert eng.backend.kv_bytes_per_element() == 2
+    assert eng.main.cache.storage.k[0].dtype == torch.float16
+    part = eng.eval(IDS[:23], all_logits=True)
+    steps = [eng.backend.to_numpy(eng.eval([t]))[0] for t in IDS[23:]]
+    err = _rel(np.concatenate([part, np.stack(steps)]), ref)
+    assert 1e-6 < err <= 5e-3
+
+
+def test_kv_type_is_checked(monkeypatch):
+    from diptych.backends import select
+    from diptych.errors import InvalidArgumentError
+
+    monkeypatch.setenv("DIPTYCH_KV_TYPE", "q4")
+    with pytest.raises(InvalidArgumentError, match="DIPTYCH_KV_TYPE"):
+        select("torch", "cpu")
+    monkeypatch.setenv("DIPTYCH_KV_TYPE", "F32")
+    assert select("torch", "cpu").kv_bytes_per_element() == 4
+
+
 @pytest.mark.parametrize("family", MOE)
 def test_router_choices_are_not_near_ties(tiny, family):
     """The MoE oracles are only meaningful if no token's top-k experts are a near-tie: a

@@ -1,11 +1,14 @@
 """The torch backend on the CPU: quantized linears and embeddings from qlinear.py (numba
 kernels over the repacked GGUF blocks), the other ops from TorchBackend, fp32 activations,
-and one thread budget for torch and numba."""
+an fp16 KV cache, and one thread budget for torch and numba."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend
@@ -14,10 +17,23 @@ from .qlinear import QuantLinear
 from .threads import configure_threads
 
 
+# $DIPTYCH_KV_TYPE -> what the KV cache stores. fp16 by default, as llama.cpp keeps it: half
+# the memory of fp32, and attention reads it back in fp32; f32 computes exactly in fp32.
+KV_TYPES = {"f16": torch.float16, "f32": torch.float32}
+
+
+def kv_type_from_env() -> torch.dtype:
+    name = os.environ.get("DIPTYCH_KV_TYPE", "f16").strip().lower()
+    if name not in KV_TYPES:
+        raise InvalidArgumentError(f"DIPTYCH_KV_TYPE={name!r}: expected one of "
+                                   f"{', '.join(KV_TYPES)}")
+    return KV_TYPES[name]
+
+
 class CpuBackend(TorchBackend):
     def __init__(self):
         configure_threads()
-        super().__init__("cpu", torch.float32)
+        super().__init__("cpu", torch.float32, kv_type_from_env())
 
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)

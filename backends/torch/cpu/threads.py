@@ -6,6 +6,8 @@ import os
 
 import psutil
 
+from diptych.errors import InvalidArgumentError
+
 _done = False
 
 
@@ -13,16 +15,29 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def requested_threads() -> int:
+    """$DIPTYCH_THREADS (unset, empty or 0: the physical core count)."""
+    raw = os.environ.get("DIPTYCH_THREADS", "").strip()
+    try:
+        n = int(raw or 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InvalidArgumentError(f"DIPTYCH_THREADS={raw!r}: expected a number of threads "
+                                   f"(0 or unset: one per physical core)")
+    return n or physical_cores()
+
+
 def configure_threads() -> None:
-    """torch and numba both use the physical core count (or $DIPTYCH_THREADS)."""
+    """torch and numba both use the physical core count (or $DIPTYCH_THREADS), once per
+    process: libgomp keeps the team size of its first parallel region."""
     global _done
     if _done:
         return
     import numba
     import torch
 
-    n = int(os.environ.get("DIPTYCH_THREADS", 0)) or physical_cores()
-    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    n = min(requested_threads(), numba.config.NUMBA_NUM_THREADS)
     torch.set_num_threads(n)
     numba.set_num_threads(n)
     _done = True
