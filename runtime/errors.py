@@ -61,3 +61,7 @@ class GenerationSuperseded(DiptychError):
 
 class NumericalError(DiptychError):
     """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
+
+
+class DatasetError(InvalidArgumentError):
+    """Training data is missing or malformed; the message names the file and line."""
