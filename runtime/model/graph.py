@@ -7,6 +7,8 @@ the ModelConfig switches read here.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
@@ -19,30 +21,25 @@ from .weights import LayerWeights, ModelWeights
 
 
 def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVStorage,
-            step: Step, logits_at: np.ndarray | None = None):
+            step: Step, logits_at: np.ndarray | None = None, recompute: bool = False):
     """Run `tokens` (B, T) through the model, writing their K/V into `kv` at `step`.
 
     `logits_at` picks the positions (indices into T) whose logits are computed; None means
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
+    `recompute`: each layer through `backend.checkpoint` (training keeps only the layers'
+    inputs and recomputes the rest in the backward pass).
     """
-    be, eps = backend, cfg.rms_eps
+    be = backend
     x = be.embed(w.tok_embd, tokens)
     if cfg.embed_scale != 1.0:
         x = x * cfg.embed_scale
-    h = be.rms_norm(x, w.layers[0].attn_norm, eps)
-    attend = _mla if cfg.mla else _attention
+    h = be.rms_norm(x, w.layers[0].attn_norm, cfg.rms_eps)
     # each residual add is fused with the norm that follows it (the next layer's, or the
     # output norm after the last layer)
     next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]
     for i, layer in enumerate(w.layers):
-        a = attend(be, cfg, layer, h, kv, i, step, w.ropes[i])
-        if layer.post_attn_norm is not None:
-            a = be.rms_norm(a, layer.post_attn_norm, eps)
-        x, h = be.add_rms_norm(a, x, layer.ffn_norm, eps)
-        f = _ffn(be, cfg, layer, h)
-        if layer.post_ffn_norm is not None:
-            f = be.rms_norm(f, layer.post_ffn_norm, eps)
-        x, h = be.add_rms_norm(f, x, next_norms[i], eps)
+        block = partial(_block, be, cfg, layer, kv, i, step, w.ropes[i], next_norms[i])
+        x, h = (be.checkpoint(block) if recompute else block)(x, h)
 
     if logits_at is None:
         logits_at = np.array([step.n_tokens - 1])
@@ -52,18 +49,33 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
     return logits
 
 
-def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens):
+def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
+                recompute: bool = False):
     """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context: the
     forward pass training uses (outside `backend.inference()`, autograd records it).
     Attention runs through a scratch cache of T slots per layer that lives for this call
-    only; no cache an engine holds is written."""
+    only; no cache an engine holds is written. `recompute`: see `forward`."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
     kv = backend.alloc_kv(specs, batch)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))
-    return forward(backend, cfg, w, tokens, kv, step, np.arange(n))
+    return forward(backend, cfg, w, tokens, kv, step, np.arange(n), recompute)
+
+
+def _block(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step, rope: RopeSpec,
+           next_norm, x, h):
+    """One layer: the residual stream x and its normed h in, the next x and h out."""
+    eps = cfg.rms_eps
+    a = (_mla if cfg.mla else _attention)(be, cfg, layer, h, kv, i, step, rope)
+    if layer.post_attn_norm is not None:
+        a = be.rms_norm(a, layer.post_attn_norm, eps)
+    x, h = be.add_rms_norm(a, x, layer.ffn_norm, eps)
+    f = _ffn(be, cfg, layer, h)
+    if layer.post_ffn_norm is not None:
+        f = be.rms_norm(f, layer.post_ffn_norm, eps)
+    return be.add_rms_norm(f, x, next_norm, eps)
 
 
 def _linear(be, layer: LayerWeights, name: str, x, bias=None):
