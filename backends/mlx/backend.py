@@ -325,8 +325,10 @@ class MLXBackend(Backend):
         mx.eval(new_params, new_moments)
         return new_params, new_moments
 
-    def checkpoint(self, fn):
-        return mx.checkpoint(fn)
+    # `checkpoint` stays the base's fn itself: mx.checkpoint differentiates only the
+    # function's explicit inputs, and the adapter arrays reach a layer through the weight
+    # tree, so their gradients would be lost.
+
 
     # -- sampling ops --------------------------------------------------------------------
     def float32(self, x):

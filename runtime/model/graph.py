@@ -21,13 +21,15 @@ from .weights import LayerWeights, ModelWeights
 
 
 def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVStorage,
-            step: Step, logits_at: np.ndarray | None = None, recompute: bool = False):
+            step: Step, logits_at: np.ndarray | None = None, recompute: bool = False,
+            hidden_only: bool = False):
     """Run `tokens` (B, T) through the model, writing their K/V into `kv` at `step`.
 
     `logits_at` picks the positions (indices into T) whose logits are computed; None means
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
     `recompute`: each layer through `backend.checkpoint` (training keeps only the layers'
-    inputs and recomputes the rest in the backward pass).
+    inputs and recomputes the rest in the backward pass). `hidden_only`: return the final
+    normed hidden states (B, T, D) instead, for `head` to take in pieces.
     """
     be = backend
     x = be.embed(w.tok_embd, tokens)
@@ -41,27 +43,34 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens, kv: KVS
         block = partial(_block, be, cfg, layer, kv, i, step, w.ropes[i], next_norms[i])
         x, h = (be.checkpoint(block) if recompute else block)(x, h)
 
+    if hidden_only:
+        return h
     if logits_at is None:
         logits_at = np.array([step.n_tokens - 1])
-    logits = be.linear(be.take_positions(h, logits_at), w.output)
+    return head(be, cfg, w, be.take_positions(h, logits_at))
+
+
+def head(backend: Backend, cfg: ModelConfig, w: ModelWeights, h):
+    """Logits of final hidden states h (B, T, D) (normed, as `forward` leaves them)."""
+    logits = backend.linear(h, w.output)
     if cfg.final_softcap:
-        logits = be.softcap(logits, cfg.final_softcap)
+        logits = backend.softcap(logits, cfg.final_softcap)
     return logits
 
 
 def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
-                recompute: bool = False):
+                recompute: bool = False, hidden_only: bool = False):
     """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context: the
     forward pass training uses (outside `backend.inference()`, autograd records it).
     Attention runs through a scratch cache of T slots per layer that lives for this call
-    only; no cache an engine holds is written. `recompute`: see `forward`."""
+    only; no cache an engine holds is written. `recompute`, `hidden_only`: see `forward`."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
     kv = backend.alloc_kv(specs, batch)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))
-    return forward(backend, cfg, w, tokens, kv, step, np.arange(n), recompute)
+    return forward(backend, cfg, w, tokens, kv, step, np.arange(n), recompute, hidden_only)
 
 
 def _block(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step, rope: RopeSpec,

@@ -26,19 +26,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from diptych.errors import InvalidArgumentError
 from diptych.model.adapter_files import LoraAdapter, write_adapter
-from diptych.model.graph import forward_all
+from diptych.model.graph import forward_all, head
 
 from . import checkpoint
 from .data import Example
 from .lora import attach, choose_targets, initial_pairs
 from .options import TrainOptions
 from .schedule import learning_rate
+
+# positions whose logits one piece of the checkpointed head holds (of every row of a batch)
+HEAD_POSITIONS = 256
 
 
 @dataclass
@@ -67,8 +71,8 @@ class FinetuneResult:
 
 
 class _Batch:
-    """Micro-batch arrays on the device: inputs (B, T-1), targets (B*(T-1), 1) and their
-    float mask (B*(T-1),); `count` masked targets and `tokens` real input tokens."""
+    """Micro-batch arrays on the device: inputs, targets and the targets' float mask, each
+    (B, T-1); `count` masked targets and `tokens` real input tokens."""
 
     def __init__(self, be, examples: list[Example], max_len: int):
         rows = [(e.ids[:max_len], e.mask[:max_len]) for e in examples]
@@ -79,10 +83,9 @@ class _Batch:
             ids[r, :len(i)], mask[r, :len(m)] = i, m
         self.shape = (len(rows), width - 1)
         self.inputs = be.ids(ids[:, :-1])
-        self.targets = be.ids(ids[:, 1:].reshape(-1, 1))
-        weights = mask[:, 1:].reshape(-1)
-        self.weights = be.tensor(weights)
-        self.count = int(weights.sum())
+        self.targets = be.ids(ids[:, 1:])
+        self.weights = be.tensor(mask[:, 1:])
+        self.count = int(mask[:, 1:].sum())
         self.tokens = sum(len(i) - 1 for i, _ in rows)
 
 
@@ -131,15 +134,33 @@ class Trainer:
 
     # -- loss ------------------------------------------------------------------------------
     def _loss(self, params, batch: _Batch, denominator: float):
-        """The summed masked negative log-likelihood of `batch` over `denominator`."""
+        """The summed masked negative log-likelihood of `batch` over `denominator`.
+
+        With gradient checkpointing the output head and the loss run over pieces of
+        HEAD_POSITIONS positions, each recomputed in the backward pass, so that no more than
+        one piece's (positions, vocab) logits is ever held."""
+        be, cfg, o = self.be, self.cfg, self.options
+        attach(cfg, self.weights, self.keys, params, o.scale)
+        h = forward_all(be, cfg, self.weights, batch.inputs, o.grad_checkpointing,
+                        hidden_only=True)
+        rows, width = batch.shape
+        step = max(1, HEAD_POSITIONS // rows) if o.grad_checkpointing else width
+        total = None
+        for a in range(0, width, step):
+            b = min(width, a + step)
+            piece = partial(self._head_loss, a, b, batch)
+            part = (be.checkpoint(piece) if o.grad_checkpointing else piece)(h[:, a:b])
+            total = part if total is None else total + part
+        return total * (-1.0 / denominator)
+
+    def _head_loss(self, a: int, b: int, batch: _Batch, h):
+        """Summed masked log-likelihood of positions a:b, whose hidden states are h."""
         be = self.be
-        attach(self.cfg, self.weights, self.keys, params, self.options.scale)
-        logits = forward_all(be, self.cfg, self.weights, batch.inputs,
-                             self.options.grad_checkpointing)
-        n = batch.shape[0] * batch.shape[1]
+        logits = head(be, self.cfg, self.weights, h)
+        n = logits.shape[0] * logits.shape[1]
         logp = be.log_softmax(logits.reshape(n, logits.shape[-1]))
-        picked = be.gather(logp, batch.targets).reshape(n)
-        return (picked * batch.weights).sum() * (-1.0 / denominator)
+        picked = be.gather(logp, batch.targets[:, a:b].reshape(n, 1)).reshape(n)
+        return (picked * batch.weights[:, a:b].reshape(n)).sum()
 
     def evaluate(self, examples: list[Example]) -> float:
         """Mean loss per masked token over `examples`, with the current adapter."""
