@@ -42,7 +42,7 @@ from .options import TrainOptions
 from .schedule import learning_rate
 
 # positions whose logits one piece of the checkpointed head holds (of every row of a batch)
-HEAD_POSITIONS = 256
+HEAD_POSITIONS = 128
 
 
 @dataclass
@@ -243,6 +243,11 @@ class Trainer:
             self.history["valid"][-1][1] if self.history["valid"] else None,
             interrupted=interrupted, history=self.history)
 
+    def stop(self) -> None:
+        """Ask `run` to stop after the current micro-batch and save (what Ctrl+C does; safe
+        from another thread)."""
+        self._stop = True
+
     def save(self) -> None:
         """The checkpoint and both adapter files, in the run's folder."""
         to_np = self.be.to_numpy
@@ -273,7 +278,7 @@ class Trainer:
                     self.old = signal.signal(signal.SIGINT, self.handle)
 
             def handle(self, signum, frame):
-                trainer._stop = True
+                trainer.stop()
                 signal.signal(signal.SIGINT, self.old)
 
             def __exit__(self, *exc):

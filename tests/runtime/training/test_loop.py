@@ -38,7 +38,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_pa
 
         def stop(report):
             if report.step == stop_at:
-                trainer._stop = True   # what Ctrl+C sets
+                trainer.stop()   # what Ctrl+C does
         return trainer.run(stop)
 
     whole = run(tmp_path / "whole")
