@@ -295,6 +295,31 @@ class Backend(ABC):
         """(R,) indices, one draw per row from the row's probabilities (non-negative, not
         necessarily normalised), with the generator from `new_rng`."""
 
+    # -- training: the runtime's loop (diptych.training) differentiates and updates through
+    # these; data order, masks, loss, schedule and checkpoints are the runtime's.
+    def tensor(self, values: np.ndarray) -> Array:
+        """A float32 array on the device holding host `values` (adapter weights, optimizer
+        state, loss masks)."""
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def value_and_grad(self, fn, params: list[Array]) -> tuple[float, list[Array]]:
+        """fn(params) -> a scalar loss array; its value and its gradient in each of `params`
+        (float32 arrays from `tensor`)."""
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def adamw(self, params: list[Array], grads: list[Array], moments: list[tuple[Array, Array]],
+              step: int, lr: float, betas: tuple[float, float], eps: float,
+              weight_decay: float) -> tuple[list[Array], list[tuple[Array, Array]]]:
+        """One AdamW update (decoupled weight decay, bias-corrected moments) of each param
+        with its gradient; `step` counts from 1. Returns the new params and moments (a
+        backend may update them in place and return them)."""
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def checkpoint(self, fn):
+        """fn as autograd sees it, with its activations recomputed in the backward pass
+        instead of kept (gradient checkpointing); by default fn itself."""
+        return fn
+
     def inference(self):
         """A context for forward passes no gradient flows through (the backend may then
         skip autograd bookkeeping)."""

@@ -6,9 +6,10 @@ from .errors import (ContextOverflowError, DiptychError, GenerationSuperseded,
                      SamplingError, UnsupportedModelError)
 from .inference.sampling import SamplingParams
 from .sources.quantize import quantize
+from .training.finetune import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "quantize", "Model", "SamplingParams", "DiptychError", "ModelFileError",
+__all__ = ["load", "quantize", "finetune", "Model", "SamplingParams", "DiptychError", "ModelFileError",
            "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
            "ContextOverflowError", "OutOfMemoryError", "NumericalError", "GenerationSuperseded"]

@@ -38,6 +38,7 @@ class Model:
         self.engine = engine
         self.name = display_name(path, gguf)
         self.sampling = model_sampling(gguf.metadata)
+        self.adapter: str | None = None   # the LoRA adapter in use (its path), if any
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -51,6 +52,25 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, arch={self.config.arch}, "
                 f"backend={self.backend.describe()}, n_ctx={self.n_ctx})")
+
+    def set_adapter(self, adapter: str | Path | None, scale: float = 1.0) -> None:
+        """Use the LoRA adapter at `adapter` (a PEFT folder, a GGUF LoRA file, or a
+        fine-tuning run's folder) at `scale` times its own scaling, replacing any other; None
+        removes it. The base weights are not reloaded; cached keys and values (computed
+        under the old adapter) are dropped and an unfinished generation is superseded."""
+        from .model.adapter_files import read_adapter
+        from .model.adapters import apply_adapter
+
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise InvalidArgumentError(f"scale must be a number, got {scale!r}")
+        pairs, factor = {}, 0.0
+        if adapter is not None:
+            lora = read_adapter(adapter, self.config)
+            pairs, factor = lora.pairs, lora.scale * scale
+        layers = self.engine.weights.layers
+        self.engine.set_adapters(
+            lambda: apply_adapter(self.backend, self.config, layers, pairs, factor))
+        self.adapter = None if adapter is None else str(adapter)
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
@@ -155,7 +175,8 @@ def _check_stops(stop) -> list[str]:
 
 def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
-         progress: Callable[[int, int], None] | None = None) -> Model:
+         progress: Callable[[int, int], None] | None = None,
+         adapter: str | Path | None = None) -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
     see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
@@ -165,8 +186,12 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     instance; `device` chooses where a named backend runs ("cpu", "cuda", "cuda:N" for
     torch; "cpu", "gpu" for MLX; default: the best one present). `n_ctx` is the context (KV
     cache) size in tokens: by default the model's own, capped at 8192 and at a quarter of
-    available memory. `progress(done, total)` receives bytes.
+    available memory. `progress(done, total)` receives bytes. `adapter`: a LoRA adapter to
+    use (see `Model.set_adapter`).
     """
     plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch)
     tokenizer = plan.tokenizer()
-    return Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
+    model = Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
+    if adapter is not None:
+        model.set_adapter(adapter)
+    return model

@@ -71,3 +71,7 @@ class HubError(ModelFileError):
 class MissingDependencyError(DiptychError):
     """A feature's optional dependencies (an extra, such as `diptych[server]`) are not
     installed."""
+
+
+class DatasetError(InvalidArgumentError):
+    """Training data is missing or malformed; the message names the file and line."""

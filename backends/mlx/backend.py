@@ -306,6 +306,32 @@ class MLXBackend(Backend):
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32))
 
+    # -- training ------------------------------------------------------------------------
+    def tensor(self, values) -> mx.array:
+        return mx.array(np.asarray(values, dtype=np.float32))
+
+    def value_and_grad(self, fn, params):
+        loss, grads = mx.value_and_grad(fn)(list(params))
+        mx.eval(loss, grads)
+        return float(loss), grads
+
+    def adamw(self, params, grads, moments, step, lr, betas, eps, weight_decay):
+        (b1, b2), new_params, new_moments = betas, [], []
+        for p, g, (m, v) in zip(params, grads, moments):
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p * (1 - lr * weight_decay) - (lr / (1 - b1 ** step)) * m / (
+                mx.sqrt(v / (1 - b2 ** step)) + eps)
+            new_params.append(p)
+            new_moments.append((m, v))
+        mx.eval(new_params, new_moments)
+        return new_params, new_moments
+
+    # `checkpoint` stays the base's fn itself: mx.checkpoint differentiates only the
+    # function's explicit inputs, and the adapter arrays reach a layer through the weight
+    # tree, so their gradients would be lost.
+
+
     # -- sampling ops --------------------------------------------------------------------
     def float32(self, x):
         return x.astype(mx.float32)

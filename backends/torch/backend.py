@@ -70,6 +70,33 @@ class TorchBackend(Backend):
     def inference(self):
         return torch.inference_mode()
 
+    # -- training ------------------------------------------------------------------------
+    def tensor(self, values):
+        return torch.tensor(np.asarray(values, dtype=np.float32), device=self.device)
+
+    def value_and_grad(self, fn, params):
+        leaves = [p.detach().requires_grad_() for p in params]
+        loss = fn(leaves)
+        loss.backward()
+        return float(loss.detach()), [p.grad for p in leaves]
+
+    @torch.no_grad()
+    def adamw(self, params, grads, moments, step, lr, betas, eps, weight_decay):
+        (b1, b2), out = betas, []
+        for p, g, (m, v) in zip(params, grads, moments):
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2 ** step)).sqrt_().add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+            out.append((m, v))
+        return params, out
+
+    def checkpoint(self, fn):
+        from torch.utils.checkpoint import checkpoint
+
+        return lambda *args: checkpoint(fn, *args, use_reentrant=False)
+
     # -- weights -------------------------------------------------------------------------
     def prepare_vector(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.device)

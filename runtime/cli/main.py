@@ -36,7 +36,7 @@ def _load(args):
             bar.update(task, completed=done, total=total)
 
         return load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
-                    progress=progress)
+                    progress=progress, adapter=getattr(args, "adapter", None))
 
 
 def _sampling(args) -> dict:
@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end the reply where this text appears (not printed); repeatable")
     sp.add_argument("--verbose", "-v", action="store_true",
                     help="print the model and the sampling settings in effect to stderr")
+    sp.add_argument("--adapter", default=None, metavar="PATH",
+                    help="a LoRA adapter: a PEFT folder, a GGUF LoRA file, or a finetune run's "
+                         "folder")
     device_opt(sp)
     sp.set_defaults(func=cmd_run)
 
@@ -476,6 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an importance matrix (diptych imatrix, llama-imatrix .gguf or .dat): "
                          "weigh the K-quants' rounding by it")
     sp.set_defaults(func=cmd_quantize)
+
+    from .finetune import add_options, cmd_finetune
+
+    sp = command("finetune", help="train a LoRA adapter on the model as its file stores it")
+    sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("--data", required=True,
+                    help="a JSONL file ({\"text\"}, {\"prompt\", \"completion\"} or "
+                         "{\"messages\"} per line) or a folder with train/valid/test.jsonl")
+    sp.add_argument("--out", default=None,
+                    help="the adapter's folder (PEFT files, adapter.gguf, checkpoint)")
+    sp.add_argument("--valid", default=None, help="a validation JSONL file")
+    sp.add_argument("--test", nargs="?", const=True, default=None, metavar="FILE",
+                    help="report test loss and perplexity (of FILE, or the data folder's "
+                         "test.jsonl)")
+    sp.add_argument("--resume", default=None, metavar="DIR",
+                    help="continue the run saved in DIR (Ctrl+C saves one)")
+    sp.add_argument("--config", default=None, help="a YAML or TOML file of training options")
+    sp.add_argument("--backend", default="auto")
+    device_opt(sp)
+    add_options(sp)
+    sp.set_defaults(func=cmd_finetune)
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
                  "chunked method), and KL divergence against a base model")

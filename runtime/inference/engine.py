@@ -7,6 +7,7 @@ that `eval`/`prefill` use. Nothing outside this module touches a cache.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -148,6 +149,13 @@ class Sequence:
         self.cache.reset()
         self.snapshots.clear()
 
+    def weights_changed(self) -> None:
+        """The weights (their adapters) changed: supersede the cache's user, forget what
+        the cache holds and any captured step (call with `lock` held)."""
+        self.release(self.claim())
+        self.reset()
+        self._step = self.engine.backend.compile_step(self._run)
+
     def prefill(self, ids: list[int]):
         """Make the cache hold exactly `ids`, reusing the longest common prefix of token ids;
         returns the last position's logits.
@@ -282,6 +290,16 @@ class Engine:
         if seq is self.main:
             raise InvalidArgumentError("the engine's first sequence stays open")
         self.sequences.remove(seq)
+
+    def set_adapters(self, change) -> None:
+        """Run `change()` (which edits the weights' adapters) with every sequence locked,
+        then invalidate each sequence's cache: its K/V came from the old weights."""
+        with contextlib.ExitStack() as locks:
+            for seq in self.sequences:
+                locks.enter_context(seq.lock)
+            change()
+            for seq in self.sequences:
+                seq.weights_changed()
 
     # -- the first sequence: the batch-1 path -------------------------------------------
     @property

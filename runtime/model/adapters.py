@@ -30,6 +30,29 @@ TARGETS = {
 }
 
 
+def has_target(layer: LayerWeights, target: str) -> bool:
+    """Whether `layer` holds the projection `target` (alone or in a stacked matrix)."""
+    own, stacked, _ = TARGETS[target]
+    return getattr(layer, own) is not None or (stacked is not None
+                                               and getattr(layer, stacked) is not None)
+
+
+def target_shape(cfg: ModelConfig, index: int, target: str) -> tuple[int, int]:
+    """(out, in) of projection `target` in layer `index`: B is (out, r), A (r, in)."""
+    d, m = cfg.d_model, cfg.mla
+    ffn = cfg.d_ff
+    if cfg.moe and cfg.moe.is_moe_layer(index):  # the shared experts' FFN
+        ffn = cfg.moe.d_ff * cfg.moe.n_shared
+    q_out = cfg.n_heads * (m.qk_nope + m.qk_rope) if m else cfg.q_dim
+    shapes = {"q_proj": (q_out, d), "k_proj": (cfg.kv_dim, d), "v_proj": (cfg.kv_dim, d),
+              "o_proj": (d, cfg.n_heads * m.v_head_dim if m else cfg.q_dim),
+              "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+    if m:
+        shapes.update(q_a_proj=(m.q_lora_rank, d), q_b_proj=(q_out, m.q_lora_rank),
+                      kv_a_proj_with_mqa=(m.kv_lora_rank + m.qk_rope, d))
+    return shapes[target]
+
+
 def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float) -> LoRA:
     """Put the pair A (r, in), B (out, r) (backend arrays) on `target` of `layer`, scaled
     by `scale` (alpha / r, or alpha / sqrt(r) for rsLoRA: the caller's choice)."""
@@ -49,3 +72,27 @@ def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: fl
         raise InvalidArgumentError(f"this model's layer has no {target}")
     layer.adapters.setdefault(name, []).append(pair)
     return pair
+
+
+def apply_adapter(backend, cfg: ModelConfig, layers: list[LayerWeights], pairs: dict,
+                  scale: float) -> None:
+    """Replace every layer's adapters with `pairs` ((layer, module) -> host A (r, in),
+    B (out, r), Hugging Face row order) at `scale`, checking each against the model."""
+    for layer in layers:
+        layer.adapters.clear()
+    try:
+        for (i, module), (a, b) in sorted(pairs.items()):
+            if not 0 <= i < cfg.n_layers or module not in TARGETS:
+                raise InvalidArgumentError(f"the adapter has {module} in layer {i}, which "
+                                           f"this model lacks")
+            n_out, n_in = target_shape(cfg, i, module)
+            if a.shape[1] != n_in or b.shape[0] != n_out:
+                raise InvalidArgumentError(
+                    f"layer {i} {module}: the adapter's pair is {b.shape[0]}x{a.shape[1]}, "
+                    f"the model's projection {n_out}x{n_in}: an adapter for another model?")
+            add_lora(cfg, layers[i], module, backend.prepare_dense(a), backend.prepare_dense(b),
+                     scale)
+    except InvalidArgumentError:
+        for layer in layers:
+            layer.adapters.clear()
+        raise

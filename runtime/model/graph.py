@@ -8,6 +8,7 @@ the ModelConfig switches read here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -21,37 +22,41 @@ from .weights import LayerWeights, ModelWeights
 
 
 def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
-            kv: KVStorage | RowCaches, step: Step, logits_at: np.ndarray | None = None):
+            kv: KVStorage | RowCaches, step: Step, logits_at: np.ndarray | None = None,
+            recompute: bool = False, hidden_only: bool = False):
     """Run `tokens` (B, T) through the model, writing their K/V into `kv` at `step` (or, for
     `forward_rows`, into each row's own cache).
 
     `logits_at` picks the positions (indices into T) whose logits are computed; None means
     only the last one. Returns (B, len(logits_at), vocab) logits as a backend array.
+    `recompute`: each layer through `backend.checkpoint` (training keeps only the layers'
+    inputs and recomputes the rest in the backward pass). `hidden_only`: return the final
+    normed hidden states (B, T, D) instead, for `head` to take in pieces.
     """
-    be, eps = backend, cfg.rms_eps
+    be = backend
     x = be.embed(w.tok_embd, tokens)
     if cfg.embed_scale != 1.0:
         x = x * cfg.embed_scale
-    h = be.rms_norm(x, w.layers[0].attn_norm, eps)
-    attend = _mla if cfg.mla else _attention
+    h = be.rms_norm(x, w.layers[0].attn_norm, cfg.rms_eps)
     # each residual add is fused with the norm that follows it (the next layer's, or the
     # output norm after the last layer)
     next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]
     for i, layer in enumerate(w.layers):
-        a = attend(be, cfg, layer, h, kv, i, step, w.ropes[i])
-        if layer.post_attn_norm is not None:
-            a = be.rms_norm(a, layer.post_attn_norm, eps)
-        x, h = be.add_rms_norm(a, x, layer.ffn_norm, eps)
-        f = _ffn(be, cfg, layer, h)
-        if layer.post_ffn_norm is not None:
-            f = be.rms_norm(f, layer.post_ffn_norm, eps)
-        x, h = be.add_rms_norm(f, x, next_norms[i], eps)
+        block = partial(_block, be, cfg, layer, kv, i, step, w.ropes[i], next_norms[i])
+        x, h = (be.checkpoint(block) if recompute else block)(x, h)
 
+    if hidden_only:
+        return h
     if logits_at is None:
         logits_at = np.array([step.n_tokens - 1])
-    logits = be.linear(be.take_positions(h, logits_at), w.output)
+    return head(be, cfg, w, be.take_positions(h, logits_at))
+
+
+def head(backend: Backend, cfg: ModelConfig, w: ModelWeights, h):
+    """Logits of final hidden states h (B, T, D) (normed, as `forward` leaves them)."""
+    logits = backend.linear(h, w.output)
     if cfg.final_softcap:
-        logits = be.softcap(logits, cfg.final_softcap)
+        logits = backend.softcap(logits, cfg.final_softcap)
     return logits
 
 
@@ -84,11 +89,13 @@ def _attend(be, q, k, v, kv, i: int, step: Step, scale: float):
 
 
 def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
-                logits_at: np.ndarray | None = None):
+                logits_at: np.ndarray | None = None, recompute: bool = False,
+                hidden_only: bool = False):
     """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context (or
     at the positions `logits_at` picks): the forward pass training uses (outside
     `backend.inference()`, autograd records it). Attention runs through a scratch cache of
-    T slots per layer that lives for this call only; no cache an engine holds is written."""
+    T slots per layer that lives for this call only; no cache an engine holds is written.
+    `recompute`, `hidden_only`: see `forward`."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
     kv = backend.alloc_kv(specs, batch, scratch=True)
@@ -96,7 +103,21 @@ def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))
     return forward(backend, cfg, w, tokens, kv, step,
-                   np.arange(n) if logits_at is None else logits_at)
+                   np.arange(n) if logits_at is None else logits_at, recompute, hidden_only)
+
+
+def _block(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step, rope: RopeSpec,
+           next_norm, x, h):
+    """One layer: the residual stream x and its normed h in, the next x and h out."""
+    eps = cfg.rms_eps
+    a = (_mla if cfg.mla else _attention)(be, cfg, layer, h, kv, i, step, rope)
+    if layer.post_attn_norm is not None:
+        a = be.rms_norm(a, layer.post_attn_norm, eps)
+    x, h = be.add_rms_norm(a, x, layer.ffn_norm, eps)
+    f = _ffn(be, cfg, layer, h)
+    if layer.post_ffn_norm is not None:
+        f = be.rms_norm(f, layer.post_ffn_norm, eps)
+    return be.add_rms_norm(f, x, next_norm, eps)
 
 
 def _linear(be, layer: LayerWeights, name: str, x, bias=None):

@@ -8,7 +8,8 @@ access raises at once instead of rendering as an empty string.
 
 The environment matches transformers' `apply_chat_template`: `trim_blocks` and `lstrip_blocks`,
 the `loopcontrols` extension ({% break %}/{% continue %}), a `{% generation %}` block (rendered
-as its body), the globals `raise_exception(msg)` and `strftime_now(fmt)`, and a `tojson` filter
+as its body; `render_chat_spans` also returns where each one's text landed, the assistant text
+training learns from), the globals `raise_exception(msg)` and `strftime_now(fmt)`, and a `tojson` filter
 that writes JSON without HTML escaping (`ensure_ascii=False`, optional `indent`, `separators`,
 `sort_keys`). The variables are `messages`, `add_generation_prompt`, `bos_token`, `eos_token`,
 `tools` and any extra keyword given to `render_chat`.
@@ -26,19 +27,22 @@ only a reasonable plain-text framing.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import SecurityError
 
 from diptych.errors import ChatTemplateError, InvalidArgumentError
 from .template_sandbox import BoundedSandbox, bounded_render
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "render_chat", "validate_messages", "compile_template"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "render_chat", "render_chat_spans", "validate_messages",
+           "compile_template"]
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -53,15 +57,24 @@ class _RaisedByTemplate(Exception):
     """What `raise_exception` raises inside the template (turned into ChatTemplateError)."""
 
 
+# what a marking environment writes around each {% generation %} body (private-use
+# characters, refused in messages by `render_chat_spans`)
+_GEN_START, _GEN_END = "\ue000gen\ue001", "\ue001gen\ue000"
+
+
 class _GenerationBlock(Extension):
     """transformers' `{% generation %}...{% endgeneration %}` (marks assistant text for
-    training masks); here it renders its body unchanged."""
+    training masks): its body, between markers when the environment marks them."""
 
     tags = {"generation"}
 
     def parse(self, parser):
         next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        if not self.environment.mark_generation:
+            return body
+        return ([nodes.Output([nodes.TemplateData(_GEN_START)])] + body
+                + [nodes.Output([nodes.TemplateData(_GEN_END)])])
 
 
 class _Sandbox(BoundedSandbox):
@@ -84,10 +97,11 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = N
                       sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=1)
-def _environment() -> _Sandbox:
+@lru_cache(maxsize=2)
+def _environment(mark_generation: bool = False) -> _Sandbox:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
                    extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.extend(mark_generation=mark_generation)
     env.add_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -95,12 +109,12 @@ def _environment() -> _Sandbox:
 
 
 @lru_cache(maxsize=32)
-def compile_template(template: str) -> jinja2.Template:
+def compile_template(template: str, mark_generation: bool = False) -> jinja2.Template:
     """The compiled template (cached); a syntax error is a ChatTemplateError."""
     if not isinstance(template, str):
         raise ChatTemplateError(f"a chat template must be a str, not {type(template).__name__}")
     try:
-        return _environment().from_string(template)
+        return _environment(mark_generation).from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"malformed chat template (line {e.lineno}): {e.message}") from e
     except (jinja2.TemplateError, SecurityError) as e:
@@ -144,8 +158,41 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
     tools: a list of tool (function) descriptions, for templates that support them.
     extra: further template variables (e.g. `date_string`, `enable_thinking`).
     """
+    return _render(template, messages, False, add_generation_prompt=add_generation_prompt,
+                   bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
+
+
+def render_chat_spans(template: str | None, messages: list[dict], **kwargs
+                      ) -> tuple[str, list[tuple[int, int]]] | None:
+    """`render_chat`'s text and the character ranges of it that `{% generation %}` blocks
+    wrote, or None when the template has no such block."""
+    if not re.search(r"\{%-?\s*generation\b", template or ""):
+        return None
+    for i, m in enumerate(messages):
+        if isinstance(m, Mapping) and any(c in str(m.get("content") or "")
+                                          for c in "\ue000\ue001"):
+            raise InvalidArgumentError(f"messages[{i}] contains a private-use character "
+                                       f"(U+E000 or U+E001) the renderer reserves")
+    marked = _render(template, messages, True, **kwargs)
+    text, spans, pos = [], [], 0
+    for m in re.finditer(f"{_GEN_START}|{_GEN_END}", marked):
+        text.append(marked[pos:m.start()])
+        at = sum(map(len, text))
+        if m.group() == _GEN_START:
+            spans.append([at, None])
+        elif spans and spans[-1][1] is None:
+            spans[-1][1] = at
+        pos = m.end()
+    text.append(marked[pos:])
+    return "".join(text), [(a, b) for a, b in spans if b is not None and b > a]
+
+
+def _render(template: str | None, messages: list[dict], mark_generation: bool, *,
+            add_generation_prompt: bool = True, bos_token: str = "", eos_token: str = "",
+            tools: list[dict] | None = None, **extra: Any) -> str:
     validate_messages(messages)
-    compiled = compile_template(DEFAULT_CHAT_TEMPLATE if template is None else template)
+    compiled = compile_template(DEFAULT_CHAT_TEMPLATE if template is None else template,
+                                mark_generation)
     try:
         return bounded_render(compiled, messages=messages,
                               add_generation_prompt=add_generation_prompt, bos_token=bos_token,

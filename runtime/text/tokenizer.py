@@ -511,6 +511,12 @@ class Tokenizer:
             finally:
                 self.backend.encode_special_tokens = False
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a rendered template (control tokens recognised, no BOS added) and
+        each token's character range in `text`."""
+        enc = self._encode(text, True)
+        return list(enc.ids), list(enc.offsets)
+
     def has_special(self, text: str) -> bool:
         """True when `text` spells a control or unknown token (e.g. "<|im_start|>")."""
         return any(self._types[i] in (CONTROL, UNKNOWN) for i in self._encode(text, True).ids)

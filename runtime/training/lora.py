@@ -1,0 +1,56 @@
+"""The LoRA pairs a run trains: which projections of which layers, their initial values,
+and putting them in the weight tree before each forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diptych.errors import InvalidArgumentError
+from diptych.model.adapters import TARGETS, add_lora, has_target, target_shape
+from diptych.model.config import ModelConfig
+from diptych.model.weights import ModelWeights
+
+
+def choose_targets(cfg: ModelConfig, weights: ModelWeights, modules: tuple[str, ...] | None,
+                   layers: tuple[int, ...] | None) -> list[tuple[int, str]]:
+    """(layer, module) pairs: `modules` (None: every projection a layer holds) on `layers`
+    (None: all). A module named explicitly that a chosen layer lacks is an error."""
+    chosen = range(cfg.n_layers) if layers is None else sorted(set(layers))
+    bad = [i for i in chosen if i >= cfg.n_layers]
+    if bad:
+        raise InvalidArgumentError(f"layer {bad[0]} does not exist (the model has "
+                                   f"{cfg.n_layers} layers)")
+    keys = []
+    for i in chosen:
+        layer = weights.layers[i]
+        for module in (modules or TARGETS):
+            if has_target(layer, module):
+                keys.append((i, module))
+            elif modules:
+                raise InvalidArgumentError(f"layer {i} of this model has no {module}")
+    if not keys:
+        raise InvalidArgumentError("no projection to put an adapter on")
+    return keys
+
+
+def initial_pairs(cfg: ModelConfig, keys: list[tuple[int, str]], rank: int,
+                  seed: int) -> list[np.ndarray]:
+    """[A0, B0, A1, B1, ...] as PEFT starts them: A uniform in +-1/sqrt(in) (its
+    kaiming-uniform with a = sqrt(5)), B zero, so training starts at the base model."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, module in keys:
+        n_out, n_in = target_shape(cfg, i, module)
+        bound = 1.0 / np.sqrt(n_in)
+        out.append(rng.uniform(-bound, bound, (rank, n_in)).astype(np.float32))
+        out.append(np.zeros((n_out, rank), np.float32))
+    return out
+
+
+def attach(cfg: ModelConfig, weights: ModelWeights, keys: list[tuple[int, str]], params,
+           scale: float) -> None:
+    """Replace every layer's adapters with the pairs params = [A0, B0, ...] on `keys`."""
+    for layer in weights.layers:
+        layer.adapters.clear()
+    for (i, module), a, b in zip(keys, params[::2], params[1::2]):
+        add_lora(cfg, weights.layers[i], module, a, b, scale)

@@ -1,0 +1,100 @@
+"""Adapter files: ours loaded by PEFT, PEFT's loaded by diptych, the GGUF LoRA form (llama's
+Q/K row order, rsLoRA scaling), hot-swapping on a loaded model, and refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+import diptych
+from diptych.errors import InvalidArgumentError, ModelFileError
+from diptych.model.adapter_files import LoraAdapter, read_adapter, write_adapter
+from diptych.model.adapters import target_shape
+from diptych.training.lora import choose_targets
+
+from ...tiny_models import tiny_hf_model, write_gguf
+
+IDS = [1, 5, 9, 22, 7, 40, 3, 17, 60, 2]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    hf = tiny_hf_model("llama", seed=6)
+    path = write_gguf(hf, "llama", tmp_path_factory.mktemp("adapters") / "m.gguf")
+    return hf, path, diptych.load(path, backend="torch", n_ctx=64)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+def _close(got, want):
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def _random_adapter(model, rslora):
+    rng = np.random.default_rng(1)
+    pairs = {}
+    for i, module in choose_targets(model.config, model.engine.weights, None, None):
+        n_out, n_in = target_shape(model.config, i, module)
+        pairs[i, module] = (rng.standard_normal((4, n_in)).astype(np.float32) * 0.2,
+                            rng.standard_normal((n_out, 4)).astype(np.float32) * 0.2)
+    return LoraAdapter(pairs, alpha=6.0, rank=4, rslora=rslora, base_model="tiny-llama")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_adapter_in_peft_and_as_gguf_gives_our_logits(llama, tmp_path, rslora):
+    from peft import PeftModel
+
+    hf, _, model = llama
+    adapter = _random_adapter(model, rslora)
+    write_adapter(adapter, model.config, tmp_path)
+    model.set_adapter(tmp_path)
+    ours = model.logits(IDS)
+    want = _logits(PeftModel.from_pretrained(tiny_hf_model("llama", seed=6), tmp_path))
+    _close(ours, want)
+    assert np.abs(want - _logits(hf)).max() > 1e-2 * np.abs(want).max()  # it changed them
+    model.set_adapter(tmp_path / "adapter.gguf")   # Q/K rows permuted in the file, alpha scaled
+    _close(model.logits(IDS), want)
+    back = read_adapter(tmp_path / "adapter.gguf", model.config)
+    for key, (a, b) in adapter.pairs.items():
+        assert np.array_equal(back.pairs[key][0], a) and np.array_equal(back.pairs[key][1], b)
+    assert back.scale == pytest.approx(adapter.scale)
+    model.set_adapter(None)
+    _close(model.logits(IDS), _logits(hf))
+
+
+def test_a_peft_made_adapter_hot_swaps_in(llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    hf, path, model = llama
+    peft = get_peft_model(tiny_hf_model("llama", seed=6), LoraConfig(
+        r=4, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "v_proj",
+                                                                     "down_proj"],
+        layers_to_transform=[1]))
+    peft.save_pretrained(tmp_path)
+    model.generate(IDS, max_tokens=3, temperature=0)
+    assert model.engine.n_cached > 0
+    model.set_adapter(tmp_path)
+    assert model.engine.n_cached == 0      # K/V of the old weights are gone
+    _close(model.logits(IDS), _logits(peft))
+    model.set_adapter(tmp_path, scale=0.0)
+    _close(model.logits(IDS), _logits(hf))
+    loaded = diptych.load(path, backend="torch", n_ctx=64, adapter=tmp_path)
+    assert loaded.adapter == str(tmp_path)
+    _close(loaded.logits(IDS), _logits(peft))
+    model.set_adapter(None)
+
+
+def test_adapters_that_do_not_fit_are_refused(llama, tmp_path):
+    hf, path, model = llama
+    other = LoraAdapter({(0, "q_proj"): (np.ones((4, 32), np.float32),
+                                         np.ones((64, 4), np.float32))}, 8.0, 4)
+    write_adapter(other, model.config, tmp_path)
+    with pytest.raises(InvalidArgumentError, match="another model"):
+        model.set_adapter(tmp_path)
+    assert all(not layer.adapters for layer in model.engine.weights.layers)
+    with pytest.raises(ModelFileError, match="not a GGUF LoRA adapter"):
+        model.set_adapter(path)
+    with pytest.raises(ModelFileError, match="no adapter at"):
+        model.set_adapter(tmp_path / "missing.gguf")
