@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ def gemma3_path() -> Path:
     return fetch("gemma-3-270m")
 
 
-@pytest.fixture(autouse=True)
-def _exact_kv_cache(request, monkeypatch):
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
     """Oracle tests compare the graph with fp32 references at 1e-4: they run the torch CPU
-    cache in fp32. Real-model tests keep its default, fp16, as users get it."""
-    if request.node.get_closest_marker("real") is None and request.path.parent.name != "real":
-        monkeypatch.setenv("DIPTYCH_KV_TYPE", "f32")
+    cache in fp32. Real-model tests keep its default, fp16, as users get it. Set before any
+    of the test's fixtures run, module- and session-scoped models included."""
+    real = item.get_closest_marker("real") is not None or item.path.parent.name == "real"
+    os.environ["DIPTYCH_KV_TYPE"] = "f16" if real else "f32"
