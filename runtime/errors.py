@@ -61,3 +61,8 @@ class GenerationSuperseded(DiptychError):
 
 class NumericalError(DiptychError):
     """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
+
+
+class IncompatibleDraftError(InvalidArgumentError):
+    """A draft model whose tokenizer differs from the target's: its tokens would not mean the
+    same text."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from diptych.errors import ContextOverflowError, GenerationSuperseded, NumericalError, SamplingError
 from diptych.text.detokenize import StopMatcher, StreamDecoder
-from .sampler import Sampler
+from .sampler import Sampler, TokenHistory
 from .sampling import SamplingParams
 
 
@@ -18,6 +18,10 @@ class Timings:
     prefill_s: float = 0.0
     generated_tokens: int = 0
     decode_s: float = 0.0
+    # speculative decoding: tokens drafted, drafts the target accepted, target verify passes
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -28,6 +32,16 @@ class Timings:
         # the first token comes from the prefill logits; decode makes the others
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens each verify pass emitted (its accepted drafts and the target's own)."""
+        return (self.accepted + self.verify_passes) / self.verify_passes if self.verify_passes \
+            else 0.0
 
 
 @dataclass
@@ -44,8 +58,8 @@ class Piece:
     finish_reason: str | None = None
 
 
-def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
-                  params: SamplingParams, stop: list[str] | None = None) -> Iterator[Piece]:
+def check_request(engine, prompt_ids: list[int], max_tokens: int) -> int:
+    """The number of tokens a generation may emit: max_tokens, less where the context ends."""
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not prompt_ids:
@@ -55,39 +69,63 @@ def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
         raise ContextOverflowError(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
             f"load the model with a larger n_ctx or shorten the prompt")
+    return min(max_tokens, capacity - len(prompt_ids))
 
+
+def check_finite(finite: list[bool], n_tokens: int) -> None:
+    """NumericalError unless every row the generation used had finite logits."""
+    if not all(finite):
+        raise NumericalError(
+            f"the model computed NaN or infinite logits after {n_tokens} tokens: its weights "
+            f"or settings are broken; generation stopped")
+
+
+class Emitter:
+    """What happens to each token a generation chose, plain or speculative alike: it counts,
+    joins the penalty history, ends generation (end-of-generation token, stop string,
+    `budget` reached) or becomes text. The last piece has its finish_reason set."""
+
+    def __init__(self, tokenizer, stop: list[str] | None, budget: int,
+                 history: TokenHistory | None, timings: Timings):
+        self.eog_ids = tokenizer.eog_ids
+        self.decoder, self.matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
+        self.budget, self.history, self.timings = budget, history, timings
+
+    def emit(self, token: int) -> Piece:
+        t = self.timings
+        t.generated_tokens += 1
+        if token in self.eog_ids:
+            return Piece(self.matcher.flush() + self.decoder.flush(), [token], t, "stop")
+        if self.history is not None:
+            self.history.append([token])
+        text, stopped = self.matcher.feed(self.decoder.push(token))
+        if stopped:
+            return Piece(text, [token], t, "stop")
+        if t.generated_tokens == self.budget:
+            return Piece(text + self.matcher.flush() + self.decoder.flush(), [token], t,
+                         "length")
+        return Piece(text, [token], t)
+
+
+def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
+                  params: SamplingParams, stop: list[str] | None = None) -> Iterator[Piece]:
+    budget = check_request(engine, prompt_ids, max_tokens)
     timings = Timings(prompt_tokens=len(prompt_ids))
-    decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
     sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
-    history = sampler.history([prompt_ids])
+    out = Emitter(tokenizer, stop, budget, sampler.history([prompt_ids]), timings)
 
     t0 = time.perf_counter()
     logits = engine.prefill(prompt_ids)
     timings.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    budget = min(max_tokens, capacity - len(prompt_ids))
-    for i in range(budget):
-        drawn = sampler.sample(logits, history)
-        if not drawn.finite[0]:
-            raise NumericalError(
-                f"the model computed NaN or infinite logits after {len(prompt_ids) + i} "
-                f"tokens: its weights or settings are broken; generation stopped")
-        token = drawn.tokens[0]
-        timings.generated_tokens += 1
-        if token in tokenizer.eog_ids:
-            yield Piece(matcher.flush() + decoder.flush(), [token], timings, "stop")
+    while True:
+        drawn = sampler.sample(logits, out.history)
+        check_finite(drawn.finite, len(prompt_ids) + timings.generated_tokens)
+        piece = out.emit(drawn.tokens[0])
+        yield piece
+        if piece.finish_reason:
             return
-        if history is not None:
-            history.append([token])
-        text, stopped = matcher.feed(decoder.push(token))
-        if stopped:
-            yield Piece(text, [token], timings, "stop")
-            return
-        if i == budget - 1:
-            yield Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length")
-            return
-        yield Piece(text, [token], timings)
-        logits = engine.eval([token])
+        logits = engine.eval(piece.token_ids)
         timings.decode_s = time.perf_counter() - t0
 
 
