@@ -159,6 +159,14 @@ MUTATIONS = [
              TOKENIZER_SANDBOX),
     Mutation("sandbox: unsafe attribute renders empty", "runtime/text/chat_template.py",
              r"def unsafe_undefined\(", "def _not_unsafe_undefined(", TOKENIZER_SANDBOX),
+    # speculative decoding's acceptance rule
+    Mutation("speculative: residual = p", "runtime/inference/speculative.py",
+             r"return np\.maximum\(p - q, 0\.0\)", "return p",
+             ("tests/runtime/test_speculative_lossless.py", "-k", "exact")),
+    Mutation("speculative: no bonus token", "runtime/inference/speculative.py",
+             r"return list\(drafts\[:n\]\) \+ \[token\]",
+             "return list(drafts[:n]) + ([token] if n < len(drafts) else [])",
+             ("tests/runtime/test_speculative_lossless.py", "-k", "exact")),
     # the TUI
     Mutation("TUI: regenerate is a no-op", "tui/screens/chat.py",
              r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",
