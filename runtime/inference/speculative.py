@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,6 +43,13 @@ P_MIN = 0.75              # a draft model stops drafting below this confidence i
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often
 DECAY = 0.9               # weight of older passes in the acceptance estimate
 COST_STEP = 0.05          # measured cost ratios are rounded to this, for reproducibility
+
+
+def _seed(seed: int | None, stream: int) -> int | None:
+    """An independent seed for one of a generation's random streams (None: from the OS)."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # -- the acceptance rule --------------------------------------------------------------------
@@ -193,7 +200,10 @@ class ModelDraft:
 
     def __init__(self, seq, params: SamplingParams, target_vocab: int):
         self.seq, self.params, self.target_vocab = seq, params, target_vocab
-        self.sampler = Sampler(seq.engine.backend, params, seq.engine.cfg.vocab_size)
+        # its own random stream: drafts drawn with the target's uniforms would be correlated
+        # with the target's tokens
+        self.sampler = Sampler(seq.engine.backend, replace(params, seed=_seed(params.seed, 1)),
+                               seq.engine.cfg.vocab_size)
 
     def _sync(self, ctx: list[int]):
         """The draft cache holding ctx; the logits after it (None for an empty ctx)."""
@@ -303,7 +313,7 @@ def stream_speculative(engine, tokenizer, prompt_ids: list[int], max_tokens: int
     sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
     out = Emitter(tokenizer, stop, budget, sampler.history([prompt_ids]), timings)
     # the acceptance and residual draws; the sampler's generator draws the rest
-    rng = np.random.default_rng(params.seed)
+    rng = np.random.default_rng(_seed(params.seed, 2))
 
     t0 = time.perf_counter()
     logits = seq.prefill(prompt_ids)
