@@ -171,7 +171,8 @@ def cmd_info(args) -> int:
     from diptych.inference.cache import bytes_per_token
     from diptych.load_plan import LoadPlan
 
-    plan = LoadPlan.open(args.model, args.backend, device=args.device, n_ctx=args.n_ctx)
+    plan = LoadPlan.open(args.model, args.backend, device=args.device, n_ctx=args.n_ctx,
+                         max_rollback=args.draft_max)
     path, f, cfg, be, n_ctx = plan.path, plan.source, plan.config, plan.backend, plan.n_ctx
     n_params = sum(t.n_elements for t in f.tensors.values())
     weight_bytes, kv, working = plan.weight_bytes, plan.cache_bytes, plan.working_bytes
@@ -200,7 +201,13 @@ def cmd_info(args) -> int:
     print(f"  KV cache      {kv / mib:9.1f} MiB ({cache_kind(cfg)}: {per_token} bytes/token"
           + (f", plus {ring / mib:.1f} MiB of sliding-window rings" if ring else "") + ")")
     print(f"  working       {working / mib:9.1f} MiB")
-    print(f"  total         {(weight_bytes + kv + working) / mib:9.1f} MiB")
+    total = weight_bytes + kv + working
+    if args.draft:   # the draft's weights and its own cache, beside the target's
+        draft = LoadPlan.open(args.draft, be, n_ctx=n_ctx, max_rollback=args.draft_max)
+        print(f"  draft weights {draft.weight_bytes / mib:9.1f} MiB ({Path(args.draft).name})")
+        print(f"  draft KV      {draft.cache_bytes / mib:9.1f} MiB")
+        total += draft.weight_bytes + draft.cache_bytes
+    print(f"  total         {total / mib:9.1f} MiB")
     return 0
 
 
@@ -383,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context size for the memory estimate (default: the model's, "
                          "capped at 8192)")
     sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
+    sp.add_argument("--draft", metavar="SMALL.gguf", default=None,
+                    help="count a speculative draft model's weights and cache too")
+    sp.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
+                    help="tokens the caches can roll back (as load's draft_max)")
     device_opt(sp)
     sp.set_defaults(func=cmd_info)
 

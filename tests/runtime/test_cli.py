@@ -58,8 +58,9 @@ def test_bench_prints_speeds_and_memory():
     assert "model    SmolLM2-135M-Instruct.Q4_1 on torch" in out.stdout
 
 
-def test_speculative_run_and_bench_report_acceptance():
-    """Prompt lookup: the same greedy text as plain decoding, and the drafts' acceptance."""
+def test_speculative_run_and_bench_report_acceptance(default_model):
+    """Prompt lookup: the same greedy text as plain decoding, and the drafts' acceptance;
+    `info --draft` counts the draft's weights and cache."""
     prompt = "a b c d e f g h a b c d e f g h a b c d"
     plain = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0")
     looked = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0",
@@ -71,6 +72,9 @@ def test_speculative_run_and_bench_report_acceptance():
     assert "tok/s plain" in out.stdout and "tok/s lookup" in out.stdout
     out = diptych("run", "hi", "--lookup", "--draft", "x.gguf")
     assert out.returncode == 2 and "not allowed with" in out.stderr
+    out = diptych("info", "--draft", str(default_model))
+    assert out.returncode == 0, out.stderr
+    assert "draft weights" in out.stdout and "draft KV" in out.stdout
 
 
 def no_traceback(out):
