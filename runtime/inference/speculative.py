@@ -15,8 +15,9 @@ p and q are the *filtered* distributions the sampler draws from (penalties over 
 including the earlier drafts, top-k, top-p, min-p, temperature), so the emitted tokens
 follow the target's own sampling distribution. Prompt lookup's q is one-hot.
 
-Draft length: the draft model stops where its confidence in its own token falls below
-`P_MIN` (llama.cpp's p_min), and `DraftLength` picks k for each pass from the acceptance
+Draft length: the draft model stops where its most likely token's probability falls below
+`P_MIN` (llama.cpp's p_min; read from the distribution, never from the token drawn, which
+would skew the drafts verified), and `DraftLength` picks k for each pass from the acceptance
 counts so far and the costs of a draft step and of a wider verify step relative to a plain
 target step, measured once per model pair (`measure_costs`): with a seed, the lengths then
 depend only on the tokens, and so does the output.
@@ -39,7 +40,7 @@ from .sampling import SamplingParams
 
 DEFAULT_DRAFT_MAX = 8     # most tokens drafted per pass (the caches roll back this far)
 DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
-P_MIN = 0.75              # a draft model stops drafting below this confidence in its token
+P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often
 DECAY = 0.9               # weight of older passes in the acceptance estimate
 COST_STEP = 0.05          # measured cost ratios are rounded to this, for reproducibility
@@ -101,6 +102,13 @@ def greedy_block(target_tokens: list[int], drafts: list[int]) -> tuple[int, int]
     while n < len(drafts) and drafts[n] == target_tokens[n]:
         n += 1
     return n, target_tokens[n]
+
+
+def row_histories(history, drafts: list[int]) -> list[list[int]]:
+    """The penalty history of each verified row: row j counts drafts 0..j-1, as plain decoding
+    would have once they were emitted."""
+    window = list(history.windows[0])
+    return [window + drafts[:j] for j in range(len(drafts) + 1)]
 
 
 def emitted_tokens(drafts: list[int], n: int, token: int) -> list[int]:
@@ -202,8 +210,13 @@ class ModelDraft:
         self.seq, self.params, self.target_vocab = seq, params, target_vocab
         # its own random stream: drafts drawn with the target's uniforms would be correlated
         # with the target's tokens
-        self.sampler = Sampler(seq.engine.backend, replace(params, seed=_seed(params.seed, 1)),
-                               seq.engine.cfg.vocab_size)
+        be, vocab = seq.engine.backend, seq.engine.cfg.vocab_size
+        self.sampler = Sampler(be, replace(params, seed=_seed(params.seed, 1)), vocab)
+        # a draft vocabulary padded past the target's drafts only ids the target has
+        self.mask = None
+        if vocab > target_vocab:
+            self.mask = be.prepare_vector((np.arange(vocab) < target_vocab).astype(
+                np.float32)).reshape(1, vocab) > 0
 
     def _sync(self, ctx: list[int]):
         """The draft cache holding ctx; the logits after it (None for an empty ctx)."""
@@ -223,10 +236,12 @@ class ModelDraft:
             logits = self._sync(ctx)
             history = self.sampler.history([ctx])
             for i in range(k):
-                drawn = self.sampler.sample(logits, history, probs=not greedy, logprobs=0)
+                drawn = self.sampler.sample(logits, history, mask=self.mask,
+                                            probs=not greedy, logprobs=1)
                 token = drawn.tokens[0]
-                if (not drawn.finite[0] or token >= self.target_vocab
-                        or math.exp(drawn.logprob[0]) < P_MIN):
+                # the cut-off reads the distribution, never the token drawn from it: stopping
+                # on the token would skew which drafts reach verification
+                if not drawn.finite[0] or math.exp(drawn.top_logprobs[0, 0]) < P_MIN:
                     break
                 drafts.append(token)
                 if not greedy:
@@ -287,10 +302,7 @@ def _verify(sampler: Sampler, logits, history, drafts: list[int], q, rng):
     """The target's rows for one pass -> (drafts accepted, the target's token, finite flags
     of the rows used)."""
     k, vocab = len(drafts), sampler.vocab_size
-    rows = None
-    if history is not None:   # row j's penalties count drafts 0..j-1 as plain decode would
-        window = list(history.windows[0])
-        rows = sampler.history([window + drafts[:j] for j in range(k + 1)])
+    rows = None if history is None else sampler.history(row_histories(history, drafts))
     drawn = sampler.sample(logits, rows, probs=not sampler.params.greedy)
     if sampler.params.greedy:
         n, token = greedy_block(drawn.tokens, drafts)

@@ -43,7 +43,7 @@ def _blocks(rule: str, one_hot: bool, monkeypatch):
         monkeypatch.setattr(speculative, "residual", lambda p_, q_: p_)
     if rule == "no bonus token":
         monkeypatch.setattr(speculative, "emitted_tokens",
-                            lambda d, n, t: list(d[:n]) + ([t] if n < len(d) else []))
+                            lambda d, n, t: list(d[:n]) + ([t] if n < len(d) or not d else []))
     given_q = q_raw if rule == "unfiltered q" else q
     n, token = speculative.verify_block(rows, np.repeat(given_q[None], N, 0), x, draws)
     emitted = [speculative.emitted_tokens(list(x[i]), int(n[i]), int(token[i]))
