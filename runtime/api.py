@@ -13,10 +13,14 @@ from .errors import InvalidArgumentError, NumericalError
 from .inference.constraint import JsonConstraint
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
+from .inference.speculative import (DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM, DraftLength,
+                                    LookupDraft, ModelDraft, check_draft_max, measure_costs,
+                                    stream_speculative)
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
 from .load_plan import LoadPlan
 from .model.display_name import display_name
 from .text.chat_prompt import chat_ids
+from .text.draft_vocab import check_compatible
 from .text.tokenizer import Tokenizer
 
 
@@ -39,6 +43,9 @@ class Model:
         self.name = display_name(path, gguf)
         self.sampling = model_sampling(gguf.metadata)
         self.adapter: str | None = None   # the LoRA adapter in use (its path), if any
+        self.draft: Model | None = None   # the draft model of speculative decoding
+        self._draft_seq = None            # the draft's Sequence drafting for this model
+        self._spec_costs: dict = {}       # (mode, draft_max) -> Costs, measured once
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -100,7 +107,9 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS, *, stop=None,
-               json_schema: dict | None = None, **sampling) -> Iterator[Piece]:
+               json_schema: dict | None = None,
+               speculative: str | None = "auto", draft_max: int | None = None,
+               lookup_ngram: int = DEFAULT_LOOKUP_NGRAM, **sampling) -> Iterator[Piece]:
         """Yield `Piece`s (text, token ids, timings) as the model generates.
 
         `prompt` is text (tokenized with the model's BOS rule) or token ids. Sampling
@@ -110,14 +119,85 @@ class Model:
         output must follow (it parses and validates; {"type": "object"}: any JSON object),
         through llguidance (the `[server]` extra). Ctrl+C (KeyboardInterrupt) stops
         generation and leaves the model usable.
+
+        `speculative`: "draft" (the draft model given to `load`), "lookup" (prompt lookup:
+        drafts copied from the context after its last `lookup_ngram`-gram), None (plain
+        decoding) or "auto" ("draft" when a draft is loaded, else None). Either way the
+        output is the target's: greedy, its argmax; sampling, its distribution. `draft_max`
+        bounds the tokens drafted per pass (default, and at most: the `draft_max` given to
+        `load`). Each Piece's timings count drafted and accepted tokens and verify passes.
         """
         params = self.sampling.with_overrides(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
-        constraint = None if json_schema is None else JsonConstraint(
-            self.tokenizer, self.config.vocab_size, json_schema)
-        return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids, max_tokens,
-                                                    params, _check_stops(stop),
-                                                    constraint=constraint))
+        stops = _check_stops(stop)
+        mode = self._speculative_mode(speculative, json_schema)
+        if mode is None:
+            constraint = None if json_schema is None else JsonConstraint(
+                self.tokenizer, self.config.vocab_size, json_schema)
+            return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids,
+                                                        max_tokens, params, stops,
+                                                        constraint=constraint))
+        draft_max = self.engine.max_rollback if draft_max is None else draft_max
+        if mode == "draft":
+            check_draft_max(draft_max, self.engine.main, self._draft_seq)
+            drafter = ModelDraft(self._draft_seq, params, self.config.vocab_size)
+        else:
+            check_draft_max(draft_max, self.engine.main)
+            if not isinstance(lookup_ngram, int) or isinstance(lookup_ngram, bool) \
+                    or lookup_ngram < 1:
+                raise InvalidArgumentError(f"lookup_ngram must be a positive integer, got "
+                                           f"{lookup_ngram!r}")
+            drafter = LookupDraft(lookup_ngram)
+
+        def run():
+            length = DraftLength(draft_max, self._costs(mode, draft_max, ids[-1]))
+            yield from stream_speculative(self.engine, self.tokenizer, ids, max_tokens, params,
+                                          stops, drafter, length)
+
+        return exclusive(self.engine, run())
+
+    def _speculative_mode(self, speculative, json_schema) -> str | None:
+        if speculative == "auto":
+            return "draft" if self.draft is not None and json_schema is None else None
+        if speculative not in ("draft", "lookup", None):
+            raise InvalidArgumentError(f"speculative must be 'draft', 'lookup', None or "
+                                       f"'auto', got {speculative!r}")
+        if speculative is not None and json_schema is not None:
+            raise InvalidArgumentError("json_schema does not combine with speculative "
+                                       "decoding yet: pass speculative=None")
+        if speculative == "draft" and self.draft is None:
+            raise InvalidArgumentError("speculative='draft' needs a draft model: "
+                                       "load(target, draft=...)")
+        return speculative
+
+    def _costs(self, mode: str, draft_max: int, token: int):
+        """The costs of drafting in `mode` (measured on first use, then kept)."""
+        key = (mode, draft_max)
+        if key not in self._spec_costs:
+            seq = self.engine.main
+            if seq.n_cached + draft_max > self.n_ctx:
+                seq.reset()   # no room to measure in; the next prompt is prefilled anew
+            draft = self._draft_seq if mode == "draft" else None
+            self._spec_costs[key] = measure_costs(seq, draft, draft_max, token)
+        return self._spec_costs[key]
+
+    def attach_draft(self, draft: Model, own: bool = False) -> None:
+        """Draft for this model with `draft` (a Model with the same tokenizer). It drafts in
+        its own cache: its first one when `own` (nobody else uses the Model), else a new
+        one opened beside its first."""
+        if not isinstance(draft, Model):
+            raise InvalidArgumentError(f"a draft is a path or a loaded Model, not "
+                                       f"{type(draft).__name__}")
+        if draft is self:
+            raise InvalidArgumentError("a model cannot be its own draft")
+        check_compatible(self.tokenizer, draft.tokenizer)
+        rollback = self.engine.max_rollback
+        if own and draft.engine.max_rollback >= rollback:
+            seq = draft.engine.main
+        else:
+            seq = draft.engine.open_sequence(max_rollback=rollback)
+        self.draft, self._draft_seq = draft, seq
+        self._spec_costs.clear()
 
     def generate(self, prompt: str | list[int], max_tokens: int = DEFAULT_MAX_TOKENS,
                  **kwargs) -> str:
@@ -176,7 +256,9 @@ def _check_stops(stop) -> list[str]:
 def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          device: str | None = None, n_ctx: int | None = None, n_batch: int = 256,
          progress: Callable[[int, int], None] | None = None,
-         adapter: str | Path | None = None) -> Model:
+         adapter: str | Path | None = None,
+         draft: str | Path | Model | None = None,
+         draft_max: int = DEFAULT_DRAFT_MAX) -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
     see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
@@ -188,10 +270,25 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     cache) size in tokens: by default the model's own, capped at 8192 and at a quarter of
     available memory. `progress(done, total)` receives bytes. `adapter`: a LoRA adapter to
     use (see `Model.set_adapter`).
+
+    `draft`: a draft model for speculative decoding (a path, loaded on the same backend with
+    the same n_ctx, or a loaded Model, whose weights are then shared and which drafts in a
+    cache of its own); its tokenizer must be the target's (IncompatibleDraftError names the
+    first difference). `draft_max`: the most tokens a speculative pass drafts; the caches
+    are sized to roll that many back.
     """
-    plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch)
+    if not isinstance(draft_max, int) or isinstance(draft_max, bool) or draft_max < 0:
+        raise InvalidArgumentError(f"draft_max must be an integer >= 0, got {draft_max!r}")
+    plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch,
+                         max_rollback=draft_max)
     tokenizer = plan.tokenizer()
     model = Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
     if adapter is not None:
         model.set_adapter(adapter)
+    if draft is not None:
+        own = not isinstance(draft, Model)
+        if own:
+            draft = load(draft, backend=model.backend, n_ctx=model.n_ctx, n_batch=n_batch,
+                         draft_max=draft_max)
+        model.attach_draft(draft, own=own)
     return model

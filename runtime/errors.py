@@ -75,3 +75,8 @@ class MissingDependencyError(DiptychError):
 
 class DatasetError(InvalidArgumentError):
     """Training data is missing or malformed; the message names the file and line."""
+
+
+class IncompatibleDraftError(InvalidArgumentError):
+    """A draft model whose tokenizer differs from the target's: its tokens would not mean the
+    same text."""

@@ -39,6 +39,14 @@ def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, flo
     return len(prompt) / prefill_s, gen_tokens / decode_s
 
 
+def measure_stream(model, prompt: list[int], gen_tokens: int, speculative: str | None):
+    """The Timings of a greedy generation of up to `gen_tokens` after `prompt`, plain
+    (None) or speculative ("draft", "lookup"), from an empty cache."""
+    model.engine.reset()
+    pieces = list(model.stream(prompt, gen_tokens, temperature=0, speculative=speculative))
+    return pieces[-1].timings
+
+
 def peak_rss_bytes() -> int:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

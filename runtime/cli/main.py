@@ -12,6 +12,7 @@ from pathlib import Path
 from diptych import __version__
 from diptych.errors import DiptychError, ModelFileError
 from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from diptych.inference.speculative import DEFAULT_DRAFT_MAX
 from diptych.model.display_name import display_name
 
 
@@ -36,7 +37,9 @@ def _load(args):
             bar.update(task, completed=done, total=total)
 
         return load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
-                    progress=progress, adapter=getattr(args, "adapter", None))
+                    progress=progress, adapter=getattr(args, "adapter", None),
+                    draft=getattr(args, "draft", None),
+                    draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX))
 
 
 def _sampling(args) -> dict:
@@ -65,7 +68,8 @@ def _resolve_prompt(args) -> None:
 
 def _describe_settings(model, kw: dict) -> str:
     params = model.sampling.with_overrides(**{k: v for k, v in kw.items()
-                                              if k not in ("max_tokens", "stop")})
+                                              if k not in ("max_tokens", "stop",
+                                                           "speculative")})
     stop = f", stop {kw['stop']}" if kw.get("stop") else ""
     return (f"[{model.name} on {model.backend.describe()}, n_ctx {model.n_ctx}; temperature "
             f"{params.temperature:g}, top-k {params.top_k}, top-p {params.top_p:g}, min-p "
@@ -88,14 +92,26 @@ def _print_stream(pieces) -> object:
 def _report(timings) -> None:
     if timings:
         print(f"[{timings.prompt_tokens} prompt tokens, {timings.prefill_tps:.1f} tok/s; "
-              f"{timings.generated_tokens} generated, {timings.decode_tps:.1f} tok/s]",
-              file=sys.stderr)
+              f"{timings.generated_tokens} generated, {timings.decode_tps:.1f} tok/s"
+              f"{_acceptance(timings)}]", file=sys.stderr)
+
+
+def _acceptance(timings) -> str:
+    if not timings.verify_passes:
+        return ""
+    return (f"; {timings.acceptance_rate:.0%} of {timings.drafted} drafts accepted, "
+            f"{timings.tokens_per_pass:.2f} tokens per pass")
+
+
+def _speculative(args) -> str:
+    return "lookup" if args.lookup else "auto"
 
 
 def cmd_run(args) -> int:
     _resolve_prompt(args)
     model = _load(args)
     kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+    kw["speculative"] = _speculative(args)
     if args.verbose:
         print(_describe_settings(model, kw), file=sys.stderr)
     if args.raw or not model.tokenizer.chat_template:
@@ -178,7 +194,8 @@ def cmd_info(args) -> int:
     from diptych.inference.cache import bytes_per_token
     from diptych.load_plan import LoadPlan
 
-    plan = LoadPlan.open(args.model, args.backend, device=args.device, n_ctx=args.n_ctx)
+    plan = LoadPlan.open(args.model, args.backend, device=args.device, n_ctx=args.n_ctx,
+                         max_rollback=args.draft_max)
     path, f, cfg, be, n_ctx = plan.path, plan.source, plan.config, plan.backend, plan.n_ctx
     n_params = sum(t.n_elements for t in f.tensors.values())
     weight_bytes, kv, working = plan.weight_bytes, plan.cache_bytes, plan.working_bytes
@@ -207,12 +224,18 @@ def cmd_info(args) -> int:
     print(f"  KV cache      {kv / mib:9.1f} MiB ({cache_kind(cfg)}: {per_token} bytes/token"
           + (f", plus {ring / mib:.1f} MiB of sliding-window rings" if ring else "") + ")")
     print(f"  working       {working / mib:9.1f} MiB")
-    print(f"  total         {(weight_bytes + kv + working) / mib:9.1f} MiB")
+    total = weight_bytes + kv + working
+    if args.draft:   # the draft's weights and its own cache, beside the target's
+        draft = LoadPlan.open(args.draft, be, n_ctx=n_ctx, max_rollback=args.draft_max)
+        print(f"  draft weights {draft.weight_bytes / mib:9.1f} MiB ({Path(args.draft).name})")
+        print(f"  draft KV      {draft.cache_bytes / mib:9.1f} MiB")
+        total += draft.weight_bytes + draft.cache_bytes
+    print(f"  total         {total / mib:9.1f} MiB")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import measure_speed, peak_rss_bytes, random_prompt
+    from .bench import measure_speed, measure_stream, peak_rss_bytes, random_prompt
 
     model = _load(args)
     prompt = random_prompt(model.config.vocab_size, args.prompt_tokens)
@@ -220,6 +243,13 @@ def cmd_bench(args) -> int:
     print(f"model    {model.name} on {model.backend.describe()}")
     print(f"prefill  {prefill_tps:8.1f} tok/s ({args.prompt_tokens} tokens)")
     print(f"decode   {decode_tps:8.1f} tok/s ({args.gen_tokens} tokens after the prompt)")
+    mode = "lookup" if args.lookup else "draft" if args.draft else None
+    if mode:   # the same greedy generation, plain and speculative, side by side
+        plain = measure_stream(model, prompt, args.gen_tokens, None)
+        spec = measure_stream(model, prompt, args.gen_tokens, mode)
+        ratio = spec.decode_tps / plain.decode_tps if plain.decode_tps else 0.0
+        print(f"generate {plain.decode_tps:8.1f} tok/s plain, {spec.decode_tps:.1f} tok/s "
+              f"{mode} ({ratio:.2f}x){_acceptance(spec)}")
     print(f"peak RSS {peak_rss_bytes() / (1 << 20):8.1f} MiB")
     return 0
 
@@ -395,6 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random seed, for reproducible sampling (default: random)")
         sp.add_argument("--system", default=None, help="a system prompt")
 
+    def speculative_opts(sp):
+        g = sp.add_argument_group("speculative decoding (output unchanged, sooner)")
+        way = g.add_mutually_exclusive_group()
+        way.add_argument("--draft", metavar="SMALL.gguf", default=None,
+                         help="a small model with the same tokenizer drafts tokens")
+        way.add_argument("--lookup", action="store_true",
+                         help="drafts copied from the prompt (prompt lookup)")
+        g.add_argument("--draft-max", type=_positive_int, default=DEFAULT_DRAFT_MAX,
+                       help=f"most tokens drafted per step (default: {DEFAULT_DRAFT_MAX})")
+
     sp = command("chat", help="chat in the terminal (full-screen app)")
     model_opts(sp)
     sampling_opts(sp)
@@ -406,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(sp)
     sp.add_argument("prompt", nargs="?", help="the prompt (default: read from a pipe)")
     sampling_opts(sp)
+    speculative_opts(sp)
     sp.add_argument("--raw", action="store_true",
                     help="plain completion of the prompt, without the chat template")
     sp.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -425,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context size for the memory estimate (default: the model's, "
                          "capped at 8192)")
     sp.add_argument("--backend", default="auto", help="whose weight layouts to show")
+    sp.add_argument("--draft", metavar="SMALL.gguf", default=None,
+                    help="count a speculative draft model's weights and cache too")
+    sp.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
+                    help="tokens the caches can roll back (as load's draft_max)")
     device_opt(sp)
     sp.set_defaults(func=cmd_info)
 
@@ -434,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt length to time (default: 256)")
     sp.add_argument("--gen-tokens", type=_positive_int, default=128,
                     help="tokens to decode after it (default: 128)")
+    speculative_opts(sp)
     device_opt(sp)
     sp.set_defaults(func=cmd_bench)
 

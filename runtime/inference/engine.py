@@ -231,8 +231,11 @@ class Engine:
     @property
     def sequence_bytes(self) -> int:
         """Cache bytes each sequence holds."""
+        return self._sequence_bytes(self.max_rollback)
+
+    def _sequence_bytes(self, max_rollback: int) -> int:
         return KVCache.bytes_needed(self.cfg, self.n_ctx, self.backend.kv_bytes_per_element(),
-                                    self.n_batch, self.max_rollback)
+                                    self.n_batch, max_rollback)
 
     @property
     def cache_bytes(self) -> int:
@@ -246,16 +249,18 @@ class Engine:
             return self.cache_budget - self.cache_bytes
         return available_bytes()
 
-    def open_sequence(self) -> Sequence:
-        """A new sequence with its own empty cache; OutOfMemoryError beyond the budget."""
-        need, room = self.sequence_bytes, self.cache_room()
+    def open_sequence(self, max_rollback: int | None = None) -> Sequence:
+        """A new sequence with its own empty cache, which rolls back up to `max_rollback`
+        tokens (None: the engine's); OutOfMemoryError beyond the budget."""
+        max_rollback = self.max_rollback if max_rollback is None else max_rollback
+        need, room = self._sequence_bytes(max_rollback), self.cache_room()
         if need > room:
             mib = 1 << 20
             raise OutOfMemoryError(
                 f"another sequence's cache needs {need / mib:.1f} MiB but only "
                 f"{max(room, 0) / mib:.1f} MiB is left of the cache budget; close a sequence "
                 f"or load with a smaller n_ctx")
-        seq = Sequence(self, self._new_cache())
+        seq = Sequence(self, self._new_cache(max_rollback))
         self.sequences.append(seq)
         return seq
 
@@ -282,8 +287,9 @@ class Engine:
             seq.cache.commit([token])
         return logits[:, -1]
 
-    def _new_cache(self) -> KVCache:
-        return KVCache(self.backend, self.cfg, self.n_ctx, self.n_batch, self.max_rollback)
+    def _new_cache(self, max_rollback: int | None = None) -> KVCache:
+        return KVCache(self.backend, self.cfg, self.n_ctx, self.n_batch,
+                       self.max_rollback if max_rollback is None else max_rollback)
 
     def close_sequence(self, seq: Sequence) -> None:
         """Free a sequence's cache (not the engine's first sequence)."""

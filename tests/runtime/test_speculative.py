@@ -1,0 +1,231 @@
+"""Speculative decoding on tiny random models of every family (full, ring and MLA caches, MoE)
+with a draft that is a perturbed copy of the target, on every backend (torch on the CPU, the
+CUDA backend under the Triton interpreter, MLX): greedy output equals plain greedy, each
+prompt goes through rejections and a fully accepted block with its bonus token, and after
+generation both caches hold exactly the emitted tokens, with the K/V a fresh forward gives."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before the Triton kernels are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import diptych
+from diptych.errors import IncompatibleDraftError, InvalidArgumentError
+from diptych.inference import speculative
+from diptych.inference.speculative import Costs
+
+from diptych.sources.convert import convert
+
+from ..tiny_models import FAMILIES, logits, save_hf_folder, tiny_hf_model, write_gguf
+
+PROMPT = [int(i) for i in np.random.default_rng(1).integers(3, 128, 12)]
+N_NEW = 40   # past the ring of window 8 several times
+NEAR_TIE = 1e-3  # fp32: a batched verify step rounds differently from a one-token step
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """family -> (target model, draft model (its weights perturbed by 5% of each tensor's
+    spread), their F32 GGUF files), built once."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family)
+            target = tiny_hf_model(family, seed=1)
+            draft = copy.deepcopy(target)
+            gen = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for p in draft.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std().clamp_min(1e-3))
+            made[family] = (target, draft, write_gguf(target, family, folder / "t.gguf"),
+                            write_gguf(draft, family, folder / "d.gguf"))
+        return made[family]
+
+    return get
+
+
+def _backend(name):
+    if name == "mlx":
+        pytest.importorskip("mlx.core")
+        from diptych.backends.mlx.backend import MLXBackend
+
+        return MLXBackend("cpu")
+    if name == "cuda":
+        pytest.importorskip("triton")
+        from diptych.backends.torch.cuda.backend import CudaBackend
+
+        return CudaBackend("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+    from diptych.backends.torch.cpu.backend import CpuBackend
+
+    return CpuBackend()
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """(drafted, accepted) of every verify pass, read where a pass emits its tokens."""
+    seen = []
+    emitted = speculative.emitted_tokens
+
+    def spy(drafts, n, token):
+        seen.append((len(drafts), n))
+        return emitted(drafts, n, token)
+
+    monkeypatch.setattr(speculative, "emitted_tokens", spy)
+    # tiny random models are unsure of every token: draft whatever their confidence
+    monkeypatch.setattr(speculative, "P_MIN", 0.0)
+    return seen
+
+
+def _greedy_ids(model, prompt, **kw):
+    return [t for p in model.stream(prompt, N_NEW, temperature=0, repetition_penalty=1.0, **kw)
+            for t in p.token_ids]
+
+
+def _assert_same_up_to_near_tie(spec, plain, target_logits):
+    """spec equals plain, or they part where the target's top-2 gap is below NEAR_TIE."""
+    for i, (a, b) in enumerate(zip(spec, plain)):
+        if a != b:
+            top2 = np.sort(target_logits[len(PROMPT) + i - 1])[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE, (i, a, b)
+            return
+    assert len(spec) == len(plain)
+
+
+def _check_cache(seq, backend, hf, ids):
+    """The sequence holds ids[:-1], and its next logits are transformers' on ids."""
+    assert seq.tokens == ids[:-1]
+    ref = logits(hf, ids)[-1]
+    got = backend.to_numpy(seq.eval([ids[-1]]))[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    seq.rollback(1)
+
+
+CACHE_KINDS = ("llama", "mistral", "deepseek_v2", "qwen3moe")  # full, ring, MLA, MoE
+
+
+# the Triton interpreter takes minutes per model: the wrapping ring, the hardest rollback
+@pytest.mark.parametrize("backend_name,family",
+                         [("torch", f) for f in FAMILIES] + [("mlx", f) for f in CACHE_KINDS]
+                         + [("cuda", "mistral")])
+def test_draft_greedy_equals_plain_and_leaves_both_caches_exact(tiny_pair, passes,
+                                                                backend_name, family):
+    target_hf, draft_hf, target_path, draft_path = tiny_pair(family)
+    backend = _backend(backend_name)
+    model = diptych.load(target_path, backend=backend, n_ctx=96, draft=draft_path)
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    plain = _greedy_ids(model, PROMPT, speculative=None)
+    spec = _greedy_ids(model, PROMPT)
+    _assert_same_up_to_near_tie(spec, plain, logits(target_hf, PROMPT + plain))
+    rejections = sum(n < k for k, n in passes)
+    full = sum(n == k > 0 for k, n in passes)
+    assert rejections >= 3 and full >= 1, passes
+    ids = PROMPT + spec
+    _check_cache(model.engine.main, backend, target_hf, ids)
+    _check_cache(model._draft_seq, model.draft.backend, draft_hf, ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "deepseek_v3"])
+def test_lookup_greedy_equals_plain(tiny_pair, passes, family):
+    """A prompt that repeats itself, so that lookup finds drafts; a shared draft Model
+    drafts in a cache of its own (its first one keeps what it held)."""
+    target_hf, _, target_path, _ = tiny_pair(family)
+    model = diptych.load(target_path, backend="torch", n_ctx=96)
+    model._spec_costs[("lookup", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.0, 0.0)
+    prompt = PROMPT + PROMPT[:8] + PROMPT
+    plain = _greedy_ids(model, prompt, speculative=None)
+    spec = _greedy_ids(model, prompt, speculative="lookup", lookup_ngram=2)
+    full_logits = logits(target_hf, prompt + plain)
+    for i, (a, b) in enumerate(zip(spec, plain)):
+        if a != b:
+            top2 = np.sort(full_logits[len(prompt) + i - 1])[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE
+            break
+    assert sum(k for k, _ in passes) > 0
+    _check_cache(model.engine.main, model.backend, target_hf, prompt + spec)
+
+
+def test_shared_draft_model_keeps_its_own_cache(tiny_pair, passes):
+    target_hf, draft_hf, target_path, draft_path = tiny_pair("mistral")
+    draft = diptych.load(draft_path, backend="torch", n_ctx=96)
+    alone = draft.generate(PROMPT, 5, temperature=0)
+    held = draft.engine.tokens
+    model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft)
+    assert model._draft_seq is not draft.engine.main
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    spec = _greedy_ids(model, PROMPT)
+    assert draft.engine.tokens == held
+    assert draft.generate(PROMPT, 5, temperature=0) == alone
+    _check_cache(model._draft_seq, draft.backend, draft_hf, PROMPT + spec)
+
+
+def test_stop_inside_an_accepted_block_ends_there(tiny_pair, passes):
+    """max_tokens and an end-of-generation id inside a block: nothing after it is emitted,
+    and the target's cache holds exactly what was."""
+    _, _, target_path, draft_path = tiny_pair("llama")
+    model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft_path)
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    plain = _greedy_ids(model, PROMPT, speculative=None)
+    for n in (1, 2, 7, 13):
+        pieces = list(model.stream(PROMPT, n, temperature=0, repetition_penalty=1.0))
+        ids = [t for p in pieces for t in p.token_ids]
+        assert ids == plain[:n] and pieces[-1].finish_reason == "length"
+        assert model.engine.tokens == PROMPT + ids[:-1]
+    # an end-of-generation token: the 9th token of the plain output made one
+    model.tokenizer.eog_ids = frozenset({plain[8]})
+    first = plain.index(plain[8])
+    pieces = list(model.stream(PROMPT, N_NEW, temperature=0, repetition_penalty=1.0))
+    ids = [t for p in pieces for t in p.token_ids]
+    assert ids == plain[:first + 1] and pieces[-1].finish_reason == "stop"
+    assert model.engine.tokens == PROMPT + ids[:-1]
+    t = pieces[-1].timings
+    assert t.generated_tokens == len(ids)
+    assert t.verify_passes and t.accepted <= t.drafted
+
+
+def test_interrupt_mid_verify_leaves_both_models_usable(tiny_pair, passes, monkeypatch):
+    target_hf, draft_hf, target_path, draft_path = tiny_pair("mistral")
+    model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft_path)
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    expected = _greedy_ids(model, PROMPT)
+    seq = model.engine.main
+    step, calls = seq.step, []
+
+    def interrupted(ids):
+        calls.append(len(ids))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(ids)
+
+    monkeypatch.setattr(seq, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _greedy_ids(model, PROMPT + [5])
+    monkeypatch.setattr(seq, "step", step)
+    assert _greedy_ids(model, PROMPT) == expected
+    _check_cache(model.engine.main, model.backend, target_hf, PROMPT + expected)
+    _check_cache(model._draft_seq, model.backend, draft_hf, PROMPT + expected)
+
+
+def test_bad_requests_are_clear_errors(tiny_pair, tmp_path):
+    _, _, target_path, draft_path = tiny_pair("llama")
+    model = diptych.load(target_path, backend="torch", n_ctx=96)
+    with pytest.raises(InvalidArgumentError, match="needs a draft model"):
+        model.stream(PROMPT, 4, speculative="draft")
+    with pytest.raises(InvalidArgumentError, match="speculative must be"):
+        model.stream(PROMPT, 4, speculative="medusa")
+    with pytest.raises(InvalidArgumentError, match="exceeds the 8 tokens"):
+        model.stream(PROMPT, 4, speculative="lookup", draft_max=9)
+    with pytest.raises(InvalidArgumentError, match="draft_max must be"):
+        diptych.load(target_path, backend="torch", draft_max=-1)
+    # a draft with another tokenizer: the first differing token is named
+    folder = save_hf_folder(tiny_hf_model("llama", seed=1, vocab_size=320), tmp_path / "hf",
+                            tokenizer="bpe")
+    bpe = tmp_path / "bpe.gguf"
+    convert(folder, bpe, "F32")
+    with pytest.raises(IncompatibleDraftError, match="tokenizer kind 'bpe'"):
+        diptych.load(target_path, backend="torch", n_ctx=96, draft=bpe)
