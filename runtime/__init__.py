@@ -1,8 +1,9 @@
 """diptych: a local LLM runtime. `diptych.load(path)` returns a Model."""
 
 from .api import Model, load
-from .errors import (ContextOverflowError, DiptychError, GenerationSuperseded,
-                     InvalidArgumentError, ModelFileError, NumericalError, OutOfMemoryError,
+from .errors import (ContextOverflowError, DatasetError, DiptychError, GenerationSuperseded,
+                     HubError, IncompatibleDraftError, InvalidArgumentError,
+                     MissingDependencyError, ModelFileError, NumericalError, OutOfMemoryError,
                      SamplingError, UnsupportedModelError)
 from .inference.sampling import SamplingParams
 from .sources.quantize import quantize
@@ -10,6 +11,7 @@ from .training.finetune import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "quantize", "finetune", "Model", "SamplingParams", "DiptychError", "ModelFileError",
-           "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
-           "ContextOverflowError", "OutOfMemoryError", "NumericalError", "GenerationSuperseded"]
+__all__ = ["load", "quantize", "finetune", "Model", "SamplingParams", "DiptychError",
+           "ModelFileError", "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
+           "ContextOverflowError", "OutOfMemoryError", "NumericalError", "GenerationSuperseded",
+           "IncompatibleDraftError", "HubError", "DatasetError", "MissingDependencyError"]
