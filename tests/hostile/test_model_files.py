@@ -74,29 +74,30 @@ def test_nan_in_a_norm_weight_is_refused_at_load(isolated, bases, tmp_path):
                    error="ModelFileError")
 
 
+@pytest.fixture
+def nan_matrix_model(bases, tmp_path):
+    """The llama model with a NaN inside a matrix (not scanned at load)."""
+    return variant(bases["llama"], tmp_path / "m.gguf",
+                   tensors={"blk.0.ffn_down.weight": nan_at(5)})
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_nan_logits_end_generation_with_a_clear_error(isolated, bases, tmp_path, temperature):
+def test_nan_logits_end_generation_with_a_clear_error(isolated, nan_matrix_model, temperature):
     """A NaN inside a matrix (not scanned at load) poisons the logits: generation stops
     with NumericalError, greedy and sampled, instead of '' or junk text."""
-    path = variant(bases["llama"], tmp_path / "m.gguf",
-                   tensors={"blk.0.ffn_down.weight": nan_at(5)})
-    assert_refused(isolated(probes.generate, path, temperature), "NaN or infinite logits",
-                   error="NumericalError")
+    assert_refused(isolated(probes.generate, nan_matrix_model, temperature),
+                   "NaN or infinite logits", error="NumericalError")
 
 
-def test_nan_logits_are_refused_by_model_logits(isolated, bases, tmp_path):
-    path = variant(bases["llama"], tmp_path / "m.gguf",
-                   tensors={"blk.0.ffn_down.weight": nan_at(5)})
-    assert_refused(isolated(probes.logits, path), "NaN or infinite logits at position",
-                   error="NumericalError")
+def test_nan_logits_are_refused_by_model_logits(isolated, nan_matrix_model):
+    assert_refused(isolated(probes.logits, nan_matrix_model),
+                   "NaN or infinite logits at position", error="NumericalError")
 
 
-def test_nan_logits_on_mlx(isolated, bases, tmp_path):
+def test_nan_logits_on_mlx(isolated, nan_matrix_model):
     pytest.importorskip("mlx.core")
-    path = variant(bases["llama"], tmp_path / "m.gguf",
-                   tensors={"blk.0.ffn_down.weight": nan_at(5)})
-    assert_refused(isolated(probes.generate, path, 0.8, "mlx"), "NaN or infinite logits",
-                   error="NumericalError")
+    assert_refused(isolated(probes.generate, nan_matrix_model, 0.8, "mlx"),
+                   "NaN or infinite logits", error="NumericalError")
 
 
 def test_a_template_in_the_file_cannot_hang_chat(isolated, bases, tmp_path):
