@@ -11,6 +11,7 @@ from textual.app import App, InvalidThemeError, SystemCommand
 from textual.binding import Binding
 
 from diptych.backends import resolve
+from diptych.inference.speculative import DEFAULT_DRAFT_MAX
 
 from .chat_settings import ChatSettings
 from .models import read_settings
@@ -29,13 +30,18 @@ class DiptychApp(App):
 
     def __init__(self, source: str | Path | None = None, *, model=None, backend: str = "auto",
                  n_ctx: int | None = None, settings: ChatSettings | None = None,
-                 autoload: bool = True):
+                 autoload: bool = True, adapter: str | Path | None = None,
+                 draft_max: int = DEFAULT_DRAFT_MAX):
         """`source`: a .gguf path, or None for the embedded default. `model`: an already
         loaded Model to use instead (loading is then skipped). `autoload=False` starts
-        with no model."""
+        with no model. `adapter`: a LoRA adapter to load with the model; `draft_max`: the
+        most tokens a speculative pass may draft (what the caches are sized to roll back).
+        A chat's draft model (`ChatSettings.draft`) loads with its first speculative reply."""
         super().__init__()
         self.model = model
         self.model_source = source if model is None else model.path
+        self.adapter = adapter if model is None else model.adapter
+        self.draft_max = draft_max
         self.backend_name = model.backend.name if model is not None else resolve(backend)
         self.n_ctx = model.n_ctx if model is not None and n_ctx is None else n_ctx
         self.default_settings = settings or ChatSettings()
@@ -62,7 +68,7 @@ class DiptychApp(App):
     def chat_screen_ready(self) -> None:
         """Called once the chat screen is mounted: start loading the model."""
         if self.autoload:
-            self.load_model(self.model_source, self.backend_name)
+            self.load_model(self.model_source, self.backend_name, self.adapter)
         elif self.model is not None:
             self.model.backend.on_compile(self.chat.status.compile_listener)
 
@@ -73,13 +79,30 @@ class DiptychApp(App):
         self.store.close()
 
     # -- model loading -------------------------------------------------------------------------
-    def load_model(self, source: str | Path | None, backend: str) -> None:
+    def load_model(self, source: str | Path | None, backend: str,
+                   adapter: str | Path | None = None) -> None:
+        """Load `source` with `adapter`; when `source` is the model already loaded on
+        `backend`, only its adapter changes (the weights are not read again)."""
+        model = self.model
+        if (model is not None and source is not None and backend == self.backend_name
+                and Path(source) == Path(self.model_source or "")):
+            self._swap_adapter(model, adapter)
+            return
         name = Path(source).name if source is not None else "the default model"
         self.chat.status.loading(name)
-        self._load(source, backend, name)
+        self._load(source, backend, name, adapter)
 
     @work(thread=True, exclusive=True, group="load")
-    def _load(self, source, backend: str, name: str) -> None:
+    def _swap_adapter(self, model, adapter) -> None:
+        try:
+            model.set_adapter(adapter)
+        except Exception as exc:  # a DiptychError: an unreadable or mismatched adapter
+            self.call_from_thread(self._load_failed, f"the adapter {Path(adapter).name}", exc)
+            return
+        self.call_from_thread(self._loaded, self.model_source, self.backend_name, model)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load(self, source, backend: str, name: str, adapter=None) -> None:
         from diptych import load
         from diptych.sources.default_model import default_model_path
 
@@ -90,7 +113,8 @@ class DiptychApp(App):
             # the default model's first-run download reports to the status bar, not stderr
             path = source if source is not None else default_model_path(
                 lambda done, total: progress(done, total, "downloading"))
-            model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress)
+            model = load(path, backend=backend, n_ctx=self.n_ctx, progress=progress,
+                         adapter=adapter, draft_max=self.draft_max)
         except Exception as exc:  # a DiptychError, or a file that breaks the reader
             self.call_from_thread(self._load_failed, name, exc)
             return
@@ -99,9 +123,11 @@ class DiptychApp(App):
 
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend
+        self.adapter = model.adapter
         model.backend.on_compile(self.chat.status.compile_listener)
         self.chat.refresh_status()
-        self.notify(f"Loaded {model.name}")
+        with_adapter = f" with the adapter {Path(model.adapter).name}" if model.adapter else ""
+        self.notify(f"Loaded {model.name}{with_adapter}")
 
     def _load_failed(self, name: str, exc: Exception) -> None:
         self.chat.refresh_status()

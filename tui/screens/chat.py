@@ -27,6 +27,7 @@ from diptych.errors import DiptychError
 
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.context_window import fit_messages
+from diptych.tui.draft import attach_draft
 from diptych.tui.export import chat_to_markdown, code_blocks, export_filename
 from diptych.tui.store import Chat
 from diptych.tui.widgets.message import MessageView
@@ -321,16 +322,23 @@ class ChatScreen(Screen):
         self.reply_view = view
         self.refresh_status("generating…")
         self.worker = self.generate(self.app.model, messages, self.settings.generation_kwargs(),
-                                    view)
+                                    view, self.settings.draft)
 
     @work(thread=True, exclusive=True, group="llm")
     def generate(self, model, messages: list[dict] | None, kwargs: dict,
-                 view: MessageView) -> None:
-        """Reply to `messages`, or with None, continue `view`'s reply from its token ids."""
+                 view: MessageView, draft: str | None = None) -> None:
+        """Reply to `messages`, or with None, continue `view`'s reply from its token ids.
+        With kwargs' speculative="draft", `draft` (a path) drafts; it loads first if the
+        model does not draft with it yet."""
         worker = get_current_worker()
         timings, error, stopped, finish = None, None, False, None
         pieces = None
         try:
+            if kwargs["speculative"] == "draft":
+                name = f"the draft {Path(draft).name}"
+                if attach_draft(model, draft, lambda done, total: self.app.call_from_thread(
+                        self.status.loading, name, done, total)):
+                    self.app.call_from_thread(self.refresh_status, "generating…")
             if messages is not None:
                 messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
                 if dropped:
