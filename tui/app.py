@@ -153,7 +153,8 @@ class DiptychApp(App):
         chat = self.chat
         yield SystemCommand("New chat", "Start a new conversation", chat.action_new_chat)
         yield SystemCommand("Load model", "Pick a GGUF model or type a path", chat.action_pick_model)
-        yield SystemCommand("Chat settings", "System prompt, sampling, backend", chat.action_settings)
+        yield SystemCommand("Chat settings", "System prompt, sampling, speculative decoding, "
+                            "backend", chat.action_settings)
         yield SystemCommand("Regenerate reply", "Generate the last reply again",
                             chat.action_regenerate)
         yield SystemCommand("Edit last message", "Edit and resend your last message",

@@ -1,20 +1,15 @@
-"""`diptych chat` with speculative decoding and an adapter: the command line's options reach
-the real app (Textual's Pilot, the real default model), and bad ones are one-line errors."""
+"""`diptych chat` with speculative decoding and an adapter: the options become the app's
+(test_speculative_settings runs the app from them), and bad ones are one-line errors."""
 
 import numpy as np
 import pytest
 
 from diptych.cli.chat import app_options
 from diptych.cli.main import build_parser, main
+from diptych.inference.speculative import DEFAULT_DRAFT_MAX
 from diptych.load_plan import read_config
 from diptych.model.adapter_files import LoraAdapter, write_adapter
 from diptych.quant.gguf_file import GGUFFile
-from diptych.tui.app import DiptychApp
-
-from .conftest import run
-from .test_chat_app import SIZE, send, transcript
-
-PROMPT = "Repeat: one two three four one two three four"
 
 
 def small_adapter(model_path, folder):
@@ -39,24 +34,15 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, smollm2_path):
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-@pytest.mark.real
-def test_lookup_and_adapter_from_the_command_line(smollm2_path, tmp_path):
-    adapter = small_adapter(smollm2_path, tmp_path / "adapter")
-    args = build_parser().parse_args(
-        ["chat", str(smollm2_path), "--lookup", "--draft-max", "3", "--adapter", str(adapter),
-         "--temperature", "0", "--max-tokens", "12", "--n-ctx", "256", "--backend", "torch"])
-    options = app_options(args)
-    assert options["settings"].speculative == "lookup" and options["draft_max"] == 3
-
-    async def body():
-        app = DiptychApp(options.pop("source"), **options)
-        async with app.run_test(size=SIZE) as pilot:
-            while app.model is None:
-                await pilot.pause(0.1)
-            await send(pilot, PROMPT)
-            return app.model, transcript(app)[-1][1], app.chat.status.text
-
-    model, reply, status = run(body())
-    assert model.adapter == str(adapter) and model.engine.max_rollback == 3
-    assert reply and f"+ {adapter.name}" in status
-    assert "accepted" in status and "tok/pass" in status
+def test_options_become_the_apps(smollm2_path, tmp_path):
+    parse = build_parser().parse_args
+    options = app_options(parse(["chat", str(smollm2_path), "--lookup", "--draft-max", "3",
+                                 "--adapter", str(tmp_path), "--temperature", "0"]))
+    assert (options["source"], options["adapter"], options["draft_max"]) == (
+        smollm2_path, str(tmp_path), 3)
+    settings = options["settings"]
+    assert (settings.speculative, settings.draft, settings.temperature) == ("lookup", None, 0)
+    options = app_options(parse(["chat", "--draft", str(smollm2_path)]))
+    assert options["settings"].speculative == "draft"
+    assert options["settings"].draft == str(smollm2_path)
+    assert options["draft_max"] == DEFAULT_DRAFT_MAX and options["adapter"] is None

@@ -27,7 +27,7 @@ from diptych.errors import DiptychError
 
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.context_window import fit_messages
-from diptych.tui.draft import attach_draft
+from diptych.tui.draft import DEFAULT, attach_draft
 from diptych.tui.export import chat_to_markdown, code_blocks, export_filename
 from diptych.tui.store import Chat
 from diptych.tui.widgets.message import MessageView
@@ -36,7 +36,7 @@ from diptych.tui.widgets.sidebar import ChatList
 from diptych.tui.widgets.status import StatusBar
 from diptych.tui.widgets.transcript import PAGE, Transcript
 from .dialogs import Confirm, TextPrompt
-from .model_picker import ModelPicker
+from .model_picker import ModelPicker, Picked
 from .settings import SettingsResult, SettingsScreen
 
 SAVE_EVERY_S = 0.5  # how often a streaming reply is written to the database
@@ -254,13 +254,13 @@ class ChatScreen(Screen):
                                             self.app.model), saved)
 
     def action_pick_model(self) -> None:
-        def picked(source) -> None:
-            if source is not None:
+        def picked(choice: Picked | None) -> None:
+            if choice is not None:
                 self.stop()
-                self.app.load_model(None if source == "default" else source,
-                                    self.app.backend_name)
+                self.app.load_model(None if choice.source == DEFAULT else choice.source,
+                                    self.app.backend_name, choice.adapter)
 
-        self.app.push_screen(ModelPicker(), picked)
+        self.app.push_screen(ModelPicker(adapter=self.app.adapter), picked)
 
     # -- sending and generating ----------------------------------------------------------------
     def ready(self) -> bool:
