@@ -17,7 +17,10 @@ from .chat_settings import ChatSettings
 from .models import read_settings
 from .paths import database_path
 from .screens.chat import ChatScreen
+from .screens.chat_picker import ChatPicker
+from .screens.finetune import FinetuneScreen
 from .store_recovery import open_store
+from .training_data import export_chats, export_path
 
 QUIT_WINDOW_S = 1.5  # a second Ctrl+C within this many seconds quits
 THEMES = ("textual-dark", "textual-light")
@@ -51,12 +54,14 @@ class DiptychApp(App):
             self.startup_notices.append(problem)
         self.autoload = autoload and model is None
         self.chat = ChatScreen()
+        self.finetune_screen = FinetuneScreen()  # installed: a run goes on behind the chat
         self._last_ctrl_c = 0.0
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat
 
     def on_mount(self) -> None:
+        self.install_screen(self.finetune_screen, "finetune")
         theme = self.store.preference("theme", THEMES[0])
         try:
             self.theme = theme
@@ -74,6 +79,7 @@ class DiptychApp(App):
 
     def on_unmount(self) -> None:
         self.chat.quit_reply()
+        self.finetune_screen.stop()
         if self.model is not None:
             self.model.backend.on_compile(None)
         self.store.close()
@@ -143,6 +149,36 @@ class DiptychApp(App):
         self._last_ctrl_c = now
         self.notify("Press Ctrl+C again to quit", timeout=QUIT_WINDOW_S)
 
+    def action_finetune(self) -> None:
+        if self.screen is not self.finetune_screen:
+            self.push_screen(self.finetune_screen)
+
+    def action_finetune_chats(self) -> None:
+        """Export the chats the user ticks as training data, and start a run on them."""
+        chats = self.store.chats()
+        if not chats:
+            self.notify("There are no saved chats yet", severity="warning")
+            return
+
+        async def picked(ids: list[int] | None) -> None:
+            if not ids:
+                return
+            path = export_path()
+            try:
+                written, skipped = export_chats(self.store, ids, path)
+            except OSError as exc:
+                self.notify(str(exc), title="Export failed", severity="error")
+                return
+            if skipped:
+                self.notify(f"{skipped} of the chats have no reply to learn from; left out",
+                            severity="warning")
+            if written:
+                self.notify(f"{written} chats written to {path}")
+                await self.push_screen(self.finetune_screen)
+                self.finetune_screen.start_on(path)
+
+        self.push_screen(ChatPicker(chats), picked)
+
     def action_toggle_theme(self) -> None:
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
 
@@ -170,6 +206,10 @@ class DiptychApp(App):
                             chat.action_delete_chat)
         yield SystemCommand("Export chat", "Save this chat as a Markdown file",
                             chat.action_export_chat)
+        yield SystemCommand("Fine-tune", "Train a LoRA adapter for this model on a data file",
+                            self.action_finetune)
+        yield SystemCommand("Fine-tune from saved chats", "Train on chats you tick "
+                            "(exported as JSONL)", self.action_finetune_chats)
         yield SystemCommand("Toggle light/dark theme", "Switch between light and dark",
                             self.action_toggle_theme)
         yield from super().get_system_commands(screen)

@@ -82,6 +82,7 @@ class ChatScreen(Screen):
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f3", "find_chat", "Chats"),
+        Binding("f4", "app.finetune", "Fine-tune"),
         Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
     ]
 
