@@ -12,12 +12,16 @@ from textual.widgets import Button, Select
 import diptych.tui.screens.chat as chat_screen
 from diptych.cli.chat import app_options
 from diptych.cli.main import build_parser
+from diptych.errors import DiptychError
+from diptych.inference.generate import Timings
 from diptych.tui.adapters import adapters_dir
 from diptych.tui.app import DiptychApp
+from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.paths import database_path
 from diptych.tui.screens.model_picker import ModelPicker
 from diptych.tui.screens.settings import SettingsScreen
 from diptych.tui.store import Store
+from diptych.tui.widgets.status import speeds
 
 from .conftest import run
 from .test_app_actions import SIZE, open_first_chat, saved_chat
@@ -136,3 +140,15 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
     assert f"+ {adapter.name}" in status and "accepted" in status and "tok/pass" in status
     assert any("generating…" in text and "accepted" in text for text in seen)
     assert Store(database_path()).chat(chat_id).settings.speculative == "lookup"
+
+
+def test_acceptance_in_the_status_bar_and_settings_read_back():
+    timings = Timings(prompt_tokens=10, prefill_s=1.0, generated_tokens=7, decode_s=1.0,
+                      drafted=8, accepted=4, verify_passes=2)
+    assert speeds(timings).endswith("accepted 50% · 3.00 tok/pass")
+    settings, wrong = ChatSettings.from_json(
+        '{"speculative": "warp", "draft": "d.gguf", "draft_max": 4, "temperature": 0}')
+    assert wrong == ["speculative='warp'"]
+    assert (settings.speculative, settings.draft, settings.draft_max) == (None, "d.gguf", 4)
+    with pytest.raises(DiptychError, match="needs a draft model"):
+        ChatSettings(speculative="draft").validate()
