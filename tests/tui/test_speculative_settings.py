@@ -5,6 +5,7 @@ choosing lookup makes the next reply speculative, its acceptance in the status b
 it streams."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from textual.widgets import Button, Select
@@ -17,11 +18,12 @@ from diptych.inference.generate import Timings
 from diptych.tui.adapters import adapters_dir
 from diptych.tui.app import DiptychApp
 from diptych.tui.chat_settings import ChatSettings
+from diptych.tui.draft import attach_draft, cache_bytes
 from diptych.tui.paths import database_path
 from diptych.tui.screens.model_picker import ModelPicker
 from diptych.tui.screens.settings import SettingsScreen
 from diptych.tui.store import Store
-from diptych.tui.widgets.status import speeds
+from diptych.tui.widgets.status import MIB, speeds
 
 from .conftest import run
 from .test_app_actions import SIZE, open_first_chat, saved_chat
@@ -105,7 +107,8 @@ def test_the_model_picker_offers_trained_adapters(tmp_path):
 def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path, monkeypatch):
     """The app as `diptych chat MODEL --adapter A --draft-max 3` starts it: a plain reply,
     then prompt lookup chosen in the settings, and the next reply drafts; the status bar
-    shows its acceptance while it streams (refreshed with every drawn piece here)."""
+    shows its acceptance while it streams (refreshed with every drawn piece here). Then a
+    draft model: it loads with the next reply, and both caches are counted."""
     monkeypatch.setattr(chat_screen, "SAVE_EVERY_S", 0.0)
     adapter = small_adapter(smollm2_path, tmp_path / "adapter")
     options = app_options(build_parser().parse_args(
@@ -133,13 +136,25 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
                     seen.add(app.chat.status.text)
                 await pilot.pause(0.01)
             await pilot.pause()
-            return app.model, app.chat.chat.id, seen, app.chat.status.text
+            status = app.chat.status.text
+            chat_id = app.chat.chat.id
+            # a draft model (the same file: it has the model's tokenizer) loads with the next
+            # reply, and the status bar counts its cache beside the model's
+            app.chat.settings = replace(app.chat.settings, speculative="draft",
+                                        draft=str(smollm2_path))
+            await send(pilot, "Repeat: five six seven eight")
+            return app.model, chat_id, seen, status, app.chat.status.text
 
-    model, chat_id, seen, status = run(body())
+    model, chat_id, seen, status, drafted = run(body())
     assert model.adapter == str(adapter) and model.engine.max_rollback == 3
     assert f"+ {adapter.name}" in status and "accepted" in status and "tok/pass" in status
     assert any("generating…" in text and "accepted" in text for text in seen)
     assert Store(database_path()).chat(chat_id).settings.speculative == "lookup"
+    assert model.draft.path == smollm2_path and "accepted" in drafted
+    target, draft = cache_bytes(model)
+    assert 0 < draft == model.draft.engine.cache_bytes and target == model.engine.cache_bytes
+    assert f"KV {target / MIB:.0f} MiB + draft {draft / MIB:.0f} MiB" in drafted
+    assert not attach_draft(model, str(smollm2_path))  # kept, not loaded again
 
 
 def test_acceptance_in_the_status_bar_and_settings_read_back():

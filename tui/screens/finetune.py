@@ -234,6 +234,7 @@ class FinetuneScreen(Screen):
         if model is not None and model.path == model_path:
             def use(yes: bool | None) -> None:
                 if yes:
+                    self.app.chat.stop()
                     self.app.load_model(self.app.model_source, self.app.backend_name,
                                         str(result.out))
 
