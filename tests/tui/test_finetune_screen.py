@@ -51,7 +51,7 @@ def test_a_run_shows_losses_stops_resumes_and_its_adapter_is_used(model, tmp_pat
             assert isinstance(screen, FinetuneScreen)
             # the last layer only, so that each step is short
             fill(screen, data=str(data), valid=str(valid), **{"run-name": "facts"}, steps="2",
-                 rank="4", learning_rate="0.01", batch_size="2", last_layers="1")
+                 rank="4", learning_rate="0.01", batch_size="1", last_layers="1")
             screen.query_one("#start").press()
             await wait_for(pilot, lambda: screen.losses, timeout=120)
             screen.query_one("#stop-training").press()

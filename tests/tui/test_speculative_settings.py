@@ -113,7 +113,7 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
     adapter = small_adapter(smollm2_path, tmp_path / "adapter")
     options = app_options(build_parser().parse_args(
         ["chat", str(smollm2_path), "--adapter", str(adapter), "--draft-max", "3",
-         "--temperature", "0", "--max-tokens", "12", "--n-ctx", "256", "--backend", "torch"]))
+         "--temperature", "0", "--max-tokens", "8", "--n-ctx", "256", "--backend", "torch"]))
 
     async def body():
         app = DiptychApp(options.pop("source"), **options)
