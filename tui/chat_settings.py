@@ -1,18 +1,21 @@
-"""Per-chat settings: the system prompt and the sampling parameters of every reply."""
+"""Per-chat settings: the system prompt, the sampling parameters of every reply, and how
+replies decode (plainly, or speculatively with a draft model or prompt lookup)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 
-from diptych.errors import SamplingError
+from diptych.errors import InvalidArgumentError, SamplingError
 from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 
 _NUMBER, _INT = (int, float, type(None)), (int, type(None))
 _KINDS = {  # the JSON types each stored setting may have (null: the model's default)
     "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
     "min_p": _NUMBER, "repetition_penalty": _NUMBER, "max_tokens": (int,),
-    "seed": _INT}
+    "seed": _INT, "speculative": (str, type(None)), "draft": (str, type(None)),
+    "draft_max": _INT}
+SPECULATIVE = (None, "lookup", "draft")  # plain decoding, prompt lookup, a draft model
 
 
 def _is(value, kinds: tuple) -> bool:
@@ -31,6 +34,10 @@ class ChatSettings:
     repetition_penalty: float | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int | None = None
+    speculative: str | None = None  # one of SPECULATIVE
+    draft: str | None = None        # the draft model's path, for speculative="draft"
+    draft_max: int | None = None    # most tokens drafted per pass (None: as many as the model
+                                    # was loaded to roll back)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,22 +58,33 @@ class ChatSettings:
             return cls(), ["not valid JSON"]
         if not isinstance(data, dict):
             return cls(), [f"a JSON {type(data).__name__} instead of an object"]
-        good = {k: v for k, v in data.items() if k in _KINDS and _is(v, _KINDS[k])}
+        good = {k: v for k, v in data.items() if k in _KINDS and _is(v, _KINDS[k])
+                and (k != "speculative" or v in SPECULATIVE)}
         wrong = [f"{k}={v!r}" for k, v in data.items() if k in _KINDS and k not in good]
         return cls.from_dict(good), wrong
 
     def validate(self) -> None:
-        """Raise SamplingError (a DiptychError) for an out-of-range value."""
+        """Raise SamplingError or InvalidArgumentError (DiptychErrors) for an out-of-range
+        value."""
         kw = self.generation_kwargs()
-        max_tokens = kw.pop("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        for name in ("max_tokens", "draft_max"):
+            value = kw.pop(name)
+            if (value is not None or name == "max_tokens") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SamplingError(f"{name} must be a positive integer, got {value!r}")
+        if kw.pop("speculative") not in SPECULATIVE:
+            raise InvalidArgumentError(f"speculative must be one of {SPECULATIVE}, got "
+                                       f"{self.speculative!r}")
+        if self.speculative == "draft" and not self.draft:
+            raise InvalidArgumentError("speculative decoding with a draft model needs a "
+                                       "draft model: choose one")
         SamplingParams().with_overrides(**kw)
 
     def generation_kwargs(self) -> dict:
-        """Keyword arguments for `Model.chat_stream`."""
+        """Keyword arguments for `Model.stream` (the draft model itself is the loaded
+        model's: see `ChatScreen`)."""
         kw = asdict(self)
-        del kw["system"]
+        del kw["system"], kw["draft"]
         return kw
 
     def messages(self, history: list[dict]) -> list[dict]:

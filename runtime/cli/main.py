@@ -127,27 +127,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    """The Textual chat app; the model and options are its starting settings."""
-    from diptych.backends import resolve
-    from diptych.sources.default_model import default_model_path
-    from diptych.sources.hub import local_path
-    from diptych.tui import run_app
-    from diptych.tui.chat_settings import ChatSettings
-
-    settings = ChatSettings(system=args.system or "", max_tokens=args.max_tokens,
-                            **_sampling(args))
-    settings.validate()
-    resolve(args.backend)
-    # fetch a Hub model or the default model (with its progress on stderr) before the
-    # screen is taken over
-    source = local_path(args.model) if args.model is not None else default_model_path()
-    if not source.exists():
-        raise ModelFileError(f"{args.model}: no such file or folder")
-    run_app(source, backend=args.backend, n_ctx=args.n_ctx, settings=settings)
-    return 0
-
-
 def cmd_serve(args) -> int:
     """An OpenAI-compatible HTTP server (the `[server]` extra)."""
     try:
@@ -435,9 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--draft-max", type=_positive_int, default=DEFAULT_DRAFT_MAX,
                        help=f"most tokens drafted per step (default: {DEFAULT_DRAFT_MAX})")
 
+    from .chat import cmd_chat
+
+    def adapter_opt(sp):
+        sp.add_argument("--adapter", default=None, metavar="PATH",
+                        help="a LoRA adapter: a PEFT folder, a GGUF LoRA file, or a finetune "
+                             "run's folder")
+
     sp = command("chat", help="chat in the terminal (full-screen app)")
     model_opts(sp)
     sampling_opts(sp)
+    speculative_opts(sp)
+    adapter_opt(sp)
     sp.set_defaults(func=cmd_chat)
 
     sp = command("run", help="answer one prompt, streamed to stdout",
@@ -453,9 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end the reply where this text appears (not printed); repeatable")
     sp.add_argument("--verbose", "-v", action="store_true",
                     help="print the model and the sampling settings in effect to stderr")
-    sp.add_argument("--adapter", default=None, metavar="PATH",
-                    help="a LoRA adapter: a PEFT folder, a GGUF LoRA file, or a finetune run's "
-                         "folder")
+    adapter_opt(sp)
     device_opt(sp)
     sp.set_defaults(func=cmd_run)
 

@@ -9,6 +9,7 @@ change (to train further), any other option given must match.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
              test=None, resume: str | Path | None = None, config: str | Path | None = None,
              backend: str = "auto", device: str | None = None,
              progress: Callable[[StepReport], None] | None = None,
-             **options) -> FinetuneResult:
+             stop: threading.Event | None = None, **options) -> FinetuneResult:
     """Train a LoRA adapter on `model` (a loaded `diptych.Model`, which then uses the
     adapter, or a model path) and write it to `out`.
 
@@ -39,8 +40,9 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
     Options: see `TrainOptions` (rank, alpha, rslora, modules, layers, learning_rate,
     warmup_steps, weight_decay, batch_size, grad_accumulation, max_seq_len,
     grad_checkpointing, seed, steps, epochs, eval_every, save_every, ...). `progress`
-    receives a StepReport after each update. Returns the losses, steps and the folder; the
-    test loss and perplexity when there is a test set.
+    receives a StepReport after each update. `stop`: set it (from any thread) to end the
+    run after the current micro-batch with a checkpoint saved, as Ctrl+C does. Returns the
+    losses, steps and the folder; the test loss and perplexity when there is a test set.
     """
     given = {**(read_config(config) if config else {}), **options}
     saved = checkpoint.load(Path(resume)) if resume is not None else None
@@ -54,7 +56,7 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
     if loaded is not None:  # the model's cached K/V and generation give way to training
         engine.set_adapters(lambda: None)
     trainer = Trainer(engine.backend, engine.cfg, engine.weights, splits["train"], opts, out,
-                      valid=splits.get("valid"), resume=saved, base_model=name)
+                      valid=splits.get("valid"), resume=saved, base_model=name, stop=stop)
     result = trainer.run(progress)
     if splits.get("test") and not result.interrupted:
         result.test_loss = trainer.evaluate(splits["test"])

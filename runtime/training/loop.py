@@ -94,7 +94,9 @@ class Trainer:
 
     def __init__(self, backend, cfg, weights, train: list[Example], options: TrainOptions,
                  out: str | Path, valid: list[Example] | None = None,
-                 resume: checkpoint.Checkpoint | None = None, base_model: str | None = None):
+                 resume: checkpoint.Checkpoint | None = None, base_model: str | None = None,
+                 stop: threading.Event | None = None):
+        """`stop`: an Event that, once set, ends the run as `stop()` does."""
         if not train:
             raise InvalidArgumentError("no training examples")
         self.be, self.cfg, self.weights = backend, cfg, weights
@@ -115,7 +117,7 @@ class Trainer:
             self.keys, self.step, self.history = resume.keys, resume.step, resume.history
             self.params = [backend.tensor(p) for p in resume.params]
             self.moments = [(backend.tensor(m), backend.tensor(v)) for m, v in resume.moments]
-        self._stop = False
+        self._stop = stop if stop is not None else threading.Event()
 
     # -- data ------------------------------------------------------------------------------
     def _example(self, position: int) -> Example:
@@ -188,7 +190,7 @@ class Trainer:
                                               self.params)
             loss += value
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
-            if self._stop:
+            if self._stop.is_set():
                 return None
         return loss, grads, sum(b.tokens for b in batches)
 
@@ -214,7 +216,7 @@ class Trainer:
         interrupted = False
         with self._sigint():
             while self.step < self.total:
-                result = None if self._stop else self._update()
+                result = None if self._stop.is_set() else self._update()
                 if result is None:
                     interrupted = True
                     break
@@ -246,7 +248,7 @@ class Trainer:
     def stop(self) -> None:
         """Ask `run` to stop after the current micro-batch and save (what Ctrl+C does; safe
         from another thread)."""
-        self._stop = True
+        self._stop.set()
 
     def save(self) -> None:
         """The checkpoint and both adapter files, in the run's folder."""

@@ -51,7 +51,7 @@ def test_model_picker_takes_a_path_typed_at_once():
     async def body():
         app = DiptychApp(autoload=False)
         loads = []
-        app.load_model = lambda source, backend: loads.append(source)
+        app.load_model = lambda source, backend, adapter=None: loads.append(source)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+o")
             assert isinstance(app.screen, ModelPicker)

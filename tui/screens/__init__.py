@@ -1,7 +1,9 @@
-"""Screens of the chat app. The main one is `ChatScreen`; the others are dialogs over it.
+"""Screens of the chat app. The main one is `ChatScreen`; `FinetuneScreen` is the other
+top-level one (installed by `DiptychApp`, so that a run goes on behind the chat); the
+others are dialogs over them.
 
-New top-level screens (fine-tuning with a live loss curve) are pushed from `DiptychApp`
-beside `ChatScreen`, with a key binding and an entry in `DiptychApp.get_system_commands`;
-new per-chat generation options (speculative decoding) are fields of `ChatSettings` plus one
-row in `settings.FIELDS`.
+A new top-level screen is pushed from `DiptychApp`, with a key binding and an entry in
+`DiptychApp.get_system_commands`; a new per-chat generation option is a field of
+`ChatSettings` plus one row in `settings.FIELDS` (or its own widget, as speculative
+decoding's mode and draft model have).
 """

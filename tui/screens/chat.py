@@ -27,6 +27,7 @@ from diptych.errors import DiptychError
 
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.context_window import fit_messages
+from diptych.tui.draft import DEFAULT, attach_draft
 from diptych.tui.export import chat_to_markdown, code_blocks, export_filename
 from diptych.tui.store import Chat
 from diptych.tui.widgets.message import MessageView
@@ -35,7 +36,7 @@ from diptych.tui.widgets.sidebar import ChatList
 from diptych.tui.widgets.status import StatusBar
 from diptych.tui.widgets.transcript import PAGE, Transcript
 from .dialogs import Confirm, TextPrompt
-from .model_picker import ModelPicker
+from .model_picker import ModelPicker, Picked
 from .settings import SettingsResult, SettingsScreen
 
 SAVE_EVERY_S = 0.5  # how often a streaming reply is written to the database
@@ -81,6 +82,7 @@ class ChatScreen(Screen):
         Binding("ctrl+b", "copy_code", "Copy code"),
         Binding("f2", "rename_chat", "Rename", show=False),
         Binding("f3", "find_chat", "Chats"),
+        Binding("f4", "app.finetune", "Fine-tune"),
         Binding("ctrl+t", "app.toggle_theme", "Theme", show=False),
     ]
 
@@ -253,13 +255,13 @@ class ChatScreen(Screen):
                                             self.app.model), saved)
 
     def action_pick_model(self) -> None:
-        def picked(source) -> None:
-            if source is not None:
+        def picked(choice: Picked | None) -> None:
+            if choice is not None:
                 self.stop()
-                self.app.load_model(None if source == "default" else source,
-                                    self.app.backend_name)
+                self.app.load_model(None if choice.source == DEFAULT else choice.source,
+                                    self.app.backend_name, choice.adapter)
 
-        self.app.push_screen(ModelPicker(), picked)
+        self.app.push_screen(ModelPicker(adapter=self.app.adapter), picked)
 
     # -- sending and generating ----------------------------------------------------------------
     def ready(self) -> bool:
@@ -321,16 +323,23 @@ class ChatScreen(Screen):
         self.reply_view = view
         self.refresh_status("generating…")
         self.worker = self.generate(self.app.model, messages, self.settings.generation_kwargs(),
-                                    view)
+                                    view, self.settings.draft)
 
     @work(thread=True, exclusive=True, group="llm")
     def generate(self, model, messages: list[dict] | None, kwargs: dict,
-                 view: MessageView) -> None:
-        """Reply to `messages`, or with None, continue `view`'s reply from its token ids."""
+                 view: MessageView, draft: str | None = None) -> None:
+        """Reply to `messages`, or with None, continue `view`'s reply from its token ids.
+        With kwargs' speculative="draft", `draft` (a path) drafts; it loads first if the
+        model does not draft with it yet."""
         worker = get_current_worker()
         timings, error, stopped, finish = None, None, False, None
         pieces = None
         try:
+            if kwargs["speculative"] == "draft":
+                name = f"the draft {Path(draft).name}"
+                if attach_draft(model, draft, lambda done, total: self.app.call_from_thread(
+                        self.status.loading, name, done, total)):
+                    self.app.call_from_thread(self.refresh_status, "generating…")
             if messages is not None:
                 messages, dropped = fit_messages(model, messages, kwargs["max_tokens"])
                 if dropped:

@@ -1,15 +1,21 @@
-"""The status bar: backend and device, model and quant, context, speed, memory; while a
-model loads, what it is doing and a progress bar; while the backend compiles kernels on
-first use, a message saying so."""
+"""The status bar: backend and device, model and quant (and adapter), context, speed (and
+speculative decoding's acceptance), the KV caches' memory (the model's and its draft's) and
+the process's; while a model loads, what it is doing and a progress bar; while the backend
+compiles kernels on first use, a message saying so."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import ProgressBar, Static
 
+from diptych.tui.draft import cache_bytes
 from diptych.tui.model_facts import memory_in_use, quant_summary
+
+MIB = 1 << 20
 
 
 class StatusBar(Horizontal):
@@ -51,14 +57,18 @@ class StatusBar(Horizontal):
         if model is None:
             self._update(note or "no model loaded  (Ctrl+O: pick one)")
             return
+        adapter = f" + {Path(model.adapter).name}" if model.adapter else ""
         parts = [
             model.backend.describe(),
-            f"{model.path.stem} {quant_summary(model)}",
+            f"{model.path.stem} {quant_summary(model)}{adapter}",
             f"context {model.engine.n_cached}/{model.n_ctx}",
         ]
         if timings is not None:
             parts.append(speeds(timings))
-        parts.append(f"{memory_in_use() / (1 << 20):.0f} MiB")
+        target, draft = cache_bytes(model)
+        parts.append(f"KV {target / MIB:.0f} MiB"
+                     + (f" + draft {draft / MIB:.0f} MiB" if draft else ""))
+        parts.append(f"{memory_in_use() / MIB:.0f} MiB")
         self._update(" │ ".join(p for p in [note] + parts if p))
 
     def compile_listener(self, what: str | None) -> None:
@@ -86,4 +96,7 @@ def speeds(timings) -> str:
         known.append(f"prompt {timings.prefill_tps:.0f} tok/s")
     if timings.decode_tps:
         known.append(f"decode {timings.decode_tps:.1f} tok/s")
+    if timings.verify_passes:
+        known.append(f"accepted {timings.acceptance_rate:.0%} · "
+                     f"{timings.tokens_per_pass:.2f} tok/pass")
     return " · ".join(known)
