@@ -62,6 +62,7 @@ def select(name: str | Backend = "auto", device: str | None = None) -> Backend:
         from .mlx import MLXBackend
 
         return MLXBackend(device)
+    from . import torch as _  # noqa: F401  (first: it sets the OpenMP wait policy torch reads)
     import torch
 
     triton = importlib.util.find_spec("triton") is not None

@@ -7,6 +7,11 @@ own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it. Load: the 
 --max-tokens 1` beside llama-cpp-python's equivalent (imports included), wall time.
 
     python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2]
+    python benchmarks/bench_cpu.py --jitter [--models smollm2]
+
+--jitter: diptych alone, decoding on the main thread at 1 and 2 threads while one other
+process keeps a core busy; per-token median, worst token, and how many tokens took more
+than 3x the median.
 
 Needs llama-cpp-python (not a diptych dependency; see scripts/make_reference_fixtures.py
 for the build flags this machine needs).
@@ -95,8 +100,48 @@ def whole_process_s(runtime: str, path: str, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+JITTER_TOKENS = 64
+
+
+def run_jitter(path: str, threads: int) -> dict:
+    import statistics
+
+    os.environ["DIPTYCH_THREADS"] = str(threads)
+    import diptych
+
+    model = diptych.load(path, n_ctx=1024)
+    engine, to_numpy = model.engine, model.engine.backend.to_numpy
+    token = int(to_numpy(engine.eval(random_prompt(model.config.vocab_size, 8))).argmax())
+    times = []
+    for _ in range(JITTER_TOKENS):
+        t0 = time.perf_counter()
+        token = int(to_numpy(engine.eval([token])).argmax())
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times[8:])
+    return dict(median_ms=med * 1e3, max_ms=max(times[8:]) * 1e3,
+                over_3x=sum(t > 3 * med for t in times[8:]))
+
+
+def jitter(models: list[str]) -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for model in models:
+            for threads in (1, 2):
+                proc = subprocess.run([sys.executable, __file__, "--threads", str(threads),
+                                       "--child", "jitter", model], capture_output=True,
+                                      text=True)
+                if proc.returncode:
+                    sys.exit(f"jitter on {model} failed:\n{proc.stderr[-2000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{model:8s} threads={threads}: median {r['median_ms']:.1f} ms, worst "
+                      f"{r['max_ms']:.1f} ms, {r['over_3x']} of {JITTER_TOKENS - 8} tokens "
+                      f"over 3x the median (one busy competing process)")
+    finally:
+        busy.kill()
+
+
 def child(runtime: str, model: str, threads: int) -> None:
-    fn = run_diptych if runtime == "diptych" else run_llama_cpp
+    fn = {"diptych": run_diptych, "llama.cpp": run_llama_cpp, "jitter": run_jitter}[runtime]
     out = fn(model_path(model), threads)
     out["peak_rss_mib"] = peak_rss_bytes() / (1 << 20)
     print(json.dumps(out))
@@ -106,10 +151,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
+    ap.add_argument("--jitter", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child, args.threads)
+        return
+    if args.jitter:
+        jitter(args.models)
         return
     print(f"threads={args.threads}, prompt {PROMPT_TOKENS} tokens, decode {GEN_TOKENS} tokens")
     print(f"{'model':8s} {'runtime':10s} {'load s':>7s} {'first s':>8s} {'run s':>6s} "

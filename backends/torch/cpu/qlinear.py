@@ -22,12 +22,9 @@ dequantize() and embed_rows() are bit-exact with gguf.quants.dequantize.
 
 Threads: numba runs the kernels on its own OpenMP pool (a second libgomp next to torch's).
 Numba's thread count is per calling thread; every call sets it to torch.get_num_threads().
-Two pools must not hand the cores back and forth in large parallel regions (their idle
-workers spin for milliseconds): the tile path therefore dequantizes on the calling thread
-only and leaves the cores to MKL. Decode interleaves numba kernels with small torch ops that
-torch runs single-threaded, which is fine. On a machine where other processes keep the
-cores busy, DIPTYCH_THREADS=1 (set before the first call: libgomp keeps its team) avoids
-stalls in every 2-thread fork-join.
+Idle workers of both pools sleep at once (threads.quiet_idle_workers): spinning ones took
+the cores from the other pool and from the calling thread's serial work. The tile path
+dequantizes on the calling thread only and leaves the cores to MKL.
 Compile: numba compiles 4 kernels per type on first use and caches them on disk
 (kernel_cache.py; kernel_cache.precompile() compiles them in parallel processes).
 """

@@ -11,6 +11,18 @@ from diptych.errors import InvalidArgumentError
 _done = False
 
 
+def quiet_idle_workers() -> None:
+    """Idle OpenMP workers sleep at once (OMP_WAIT_POLICY=PASSIVE) unless the user chose a
+    wait policy or spin count. libgomp's default spins them for milliseconds after each
+    parallel region; torch and numba each bring a libgomp, and decode alternates small
+    kernels with serial work, so on 2 cores shared with any other busy process the spinning
+    workers took the cores from the thread with work and decode stalled for scheduler
+    slices (a bounded spin did not help; BENCHMARKS.md). Must run before torch or numba
+    load their OpenMP runtime, which reads it once."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 

@@ -65,3 +65,33 @@ def test_the_thread_count_is_read_and_checked(monkeypatch):
         monkeypatch.setenv("DIPTYCH_THREADS", bad)
         with pytest.raises(InvalidArgumentError, match="DIPTYCH_THREADS"):
             requested_threads()
+
+
+# The OpenMP wait policy in the environment when torch is imported (what torch's and numba's
+# libgomp read once), through select() as load() goes.
+SPIN_PROBE = """
+import os, sys
+seen = []
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+
+sys.meta_path.insert(0, Watch())
+from diptych.backends import select
+select("torch", "cpu")
+print(seen[-1])
+"""
+
+
+@pytest.mark.parametrize("user, expected", [({}, "PASSIVE"),
+                                            ({"OMP_WAIT_POLICY": "active"}, "active"),
+                                            ({"GOMP_SPINCOUNT": "5"}, "None")])
+def test_idle_openmp_workers_sleep_unless_the_user_chose(user, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user)
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected]
