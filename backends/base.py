@@ -135,7 +135,10 @@ class Backend(ABC):
     name: str
     device: str
     #: Set by the runtime while it collects activation statistics (inference/imatrix.py),
-    #: else None: called as `linear_observer(x, w)` with each `linear`'s input and weight.
+    #: else None: called as `linear_observer(x, w)` with each `linear`'s input and weight,
+    #: and by `expert_ffn` as `linear_observer(x, stacked, chosen)` for each of the routed
+    #: experts' gate, up and down (`experts.gate`, ...): row n of x (N, D) or (N, k, D)
+    #: goes through experts chosen[n] (N, k ints; a host array or the backend's).
     #: Steps replayed from a capture (CUDA graphs) do not call it.
     linear_observer: Any = None
 

@@ -86,10 +86,15 @@ def target_type(t: QuantTensor, want: T | None) -> T:
 
 
 def _converted(t: QuantTensor, to: T, importance: np.ndarray | None = None) -> np.ndarray:
-    """The bytes of `t` in type `to`, one row of blocks per row."""
+    """The bytes of `t` in type `to`, one row of blocks per row. `importance`: per-column
+    weights (n_cols,), or one row of them per matrix of a 3-D tensor (routed experts)."""
     if to == t.ggml_type:
         return t.data
-    return quantize_rows(t.dequantize().reshape(-1, t.shape[-1]), to, importance)
+    values = t.dequantize()
+    if importance is not None and np.ndim(importance) == 2:
+        return np.concatenate([quantize_rows(values[e], to, qw)
+                               for e, qw in enumerate(importance)])
+    return quantize_rows(values.reshape(-1, t.shape[-1]), to, importance)
 
 
 def _nbytes(shape: tuple[int, ...], to: T) -> int:
@@ -107,7 +112,8 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any], tensors: Mapping[s
     `ggml_type`: convert the matrices to this type (see `target_type`); None keeps every
     tensor's type. `types`: name -> type for each tensor instead (a mix), recorded as
     `file_type`. `progress(n)` is called with each tensor's source size in bytes.
-    `importance`: name -> per-column importance (an imatrix) for the quantizers that use it.
+    `importance`: name -> per-column importance (an imatrix) for the quantizers that use it
+    ((n_expert, n_cols) for stacked routed experts).
     A failed write (disk full, interrupted) raises and leaves no file at `path`.
     """
     return write_atomically(path, lambda tmp: _write(

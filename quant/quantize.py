@@ -17,9 +17,11 @@ With an importance matrix (per-column weights: `quantize_rows(..., importance)`)
 types follow llama.cpp's weighted paths (ggml's quantize_row_*_impl): element weights
 importance * sqrt(sigma * mean(x^2) + x^2) (Q6_K: the importance alone), for Q2_K/Q4_K/Q5_K
 a finer sweep and super-scales chosen by the weighted error (make_qp_quants), for Q3_K
-make_qx_quants on the sub-blocks and on their scales. The legacy types ignore it (gguf-py's
-quantizers take none). The searches' sums run in ggml's order, so that with an importance
-matrix the blocks are ggml's byte for byte (tests/quant/test_quantize_imatrix.py).
+make_qx_quants on the sub-blocks and on their scales. Q4_0/Q5_0 (make_qx_quants) and
+Q4_1/Q5_1 (make_qkx3_quants) take it too, with the mean of x^2 over the whole row, which
+gguf-py's quantizers cannot; Q8_0 ignores it, as ggml's does. The searches' sums run in
+ggml's order, so that with an importance matrix the blocks are ggml's byte for byte
+(tests/quant/test_quantize_imatrix.py).
 
 The sub-block scales are then quantized against the block's fp16 super-scale(s), and the
 codes recomputed with the scales as stored, so the decoder sees the codes that suit them.
@@ -467,12 +469,53 @@ def quantize_iq4_nl(x, qw=None):
     return _blocks(fmt, x.shape[0], d=d.astype(np.float16), qs=_pack_nibbles(idx, 16))
 
 
+# -- the legacy types under an importance matrix (ggml's quantize_row_q4_0_impl, ...) ----------
+
+def _legacy_signed(x, w, nmax):
+    """Q4_0/Q5_0: make_qx_quants with the importance weights -> (fp16 d (n, 1), codes
+    0..2*nmax-1; an all-zero block stores codes 0, as ggml does)."""
+    scale, L = _fit_signed_scale(x, nmax, w)
+    zero = np.abs(x).max(axis=1, keepdims=True) < _EPS
+    return scale.astype(np.float16)[:, None], np.where(zero, 0, L + nmax).astype(np.uint8)
+
+
+def _legacy_affine(x, w, nmax):
+    """Q4_1/Q5_1: make_qkx3_quants with the importance weights -> (fp16 d, fp16 m (n, 1),
+    codes 0..nmax); the codes are the search's, not recomputed for the fp16 scales."""
+    scale, neg_min, L = _fit_scale_min(x, w, nmax, -0.9, 0.05, 36, False)
+    return (scale.astype(np.float16)[:, None], (-neg_min).astype(np.float16)[:, None], L)
+
+
+def _high_bits(L):
+    """Bit 4 of each of a block's 32 codes -> the 4 bytes of qh (element j: bit j)."""
+    return np.packbits((L >> 4) & 1, axis=1, bitorder="little")
+
+
+def _legacy_weighted(values, fmt, qw):
+    """Rows (n, n_cols) of a legacy type under column importance qw (n_cols,): element
+    weights qw * sqrt(mean(x^2) + x^2), the mean over the whole row (not the block)."""
+    w = _importance_weights(values, qw[None, :], 1).reshape(-1, 32)
+    x = values.reshape(-1, 32)
+    n = x.shape[0]
+    if fmt.type == T.Q4_0:
+        d, L = _legacy_signed(x, w, 8)
+        return _blocks(fmt, n, d=d, qs=_pack_nibbles(L, 16))
+    if fmt.type == T.Q5_0:
+        d, L = _legacy_signed(x, w, 16)
+        return _blocks(fmt, n, d=d, qh=_high_bits(L), qs=_pack_nibbles(L & 0x0F, 16))
+    d, m, L = _legacy_affine(x, w, 15 if fmt.type == T.Q4_1 else 31)
+    if fmt.type == T.Q4_1:
+        return _blocks(fmt, n, d=d, m=m, qs=_pack_nibbles(L, 16))
+    return _blocks(fmt, n, d=d, m=m, qh=_high_bits(L), qs=_pack_nibbles(L & 0x0F, 16))
+
+
 QUANTIZERS = {
     T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl,
 }
-#: the types whose quantizer takes importance weights (an imatrix); the legacy ones ignore it
-IMATRIX_TYPES = frozenset(QUANTIZERS)
+_LEGACY_WEIGHTED = frozenset((T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
+#: the types whose quantizer takes importance weights (an imatrix); Q8_0 ignores it, as in ggml
+IMATRIX_TYPES = frozenset(QUANTIZERS) | _LEGACY_WEIGHTED
 #: gguf-py's quantizers (ggml's reference rounding), for the types it has.
 _GGUF_PY_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1))
 assert _GGUF_PY_TYPES | QUANTIZERS.keys() == FORMATS.keys()  # every format we read, we write
@@ -498,17 +541,22 @@ def quantize_rows(values: np.ndarray, ggml_type, importance: np.ndarray | None =
             f"{fmt.name} needs rows of a multiple of {fmt.block_size} values, not {n_cols}")
     if not np.isfinite(values).all():
         raise InvalidArgumentError(f"cannot quantize to {fmt.name}: the values hold NaN or inf")
-    if fmt.type in _GGUF_PY_TYPES:
-        return gguf.quants.quantize(values, fmt.type).view(np.uint8).reshape(n_rows, -1)
-    out = np.empty((n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
-    fn = QUANTIZERS[fmt.type]
     if importance is not None and fmt.type in IMATRIX_TYPES:
         qw = np.asarray(importance, dtype=np.float32).reshape(1, -1, fmt.block_size)
         if qw.shape[1] * fmt.block_size != n_cols:
             raise InvalidArgumentError(f"importance of {qw.size} columns for rows of {n_cols}")
     else:
         qw = None
+    if fmt.type in _GGUF_PY_TYPES and qw is None:
+        return gguf.quants.quantize(values, fmt.type).view(np.uint8).reshape(n_rows, -1)
+    out = np.empty((n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(n_cols, 1))
+    if fmt.type in _LEGACY_WEIGHTED:
+        for r in range(0, n_rows, step):
+            out[r:r + step] = _legacy_weighted(values[r:r + step], fmt,
+                                               qw.reshape(-1)).reshape(-1, out.shape[1])
+        return out
+    fn = QUANTIZERS[fmt.type]
     for r in range(0, n_rows, step):
         x = values[r:r + step].reshape(-1, fmt.block_size)
         blocks = fn(x) if qw is None else fn(x, np.broadcast_to(

@@ -25,3 +25,17 @@ def open_llama(path: Path, **kwargs):
         return llama_cpp.Llama(str(path), **kwargs)
     finally:
         low.llama_model_default_params = default_params
+
+
+def smollm2_from_args(description: str) -> Path:
+    """A fixture script's `--smollm2 PATH` argument, else diptych's default model file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smollm2")
+    args = ap.parse_args()
+    if args.smollm2:
+        return Path(args.smollm2)
+    from diptych.sources.default_model import default_model_path
+
+    return default_model_path()

@@ -5,7 +5,10 @@ ETag / X-Repo-Commit / Content-Length headers the client reads. Unknown reposito
 files answer 404 with the hub's X-Error-Code, so the client raises its own errors.
 
 `drop_once[path] = n` makes the next full GET of that file send n bytes and close the
-connection (an interrupted download); `requests` records (method, path, Range) of each call.
+connection (an interrupted download); `stall[path] = n` makes each full GET of it send n
+bytes and then wait, the connection open, until the hub stops (a download that a test
+kills mid-file). `requests` records (method, path, Range) of each call, `sent` (path,
+Range, bytes of the body written) of each file GET.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ class FakeHub:
     def __init__(self, repos: dict[str, dict[str, bytes]]):
         self.repos = repos
         self.drop_once: dict[str, int] = {}
+        self.stall: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.sent: list[tuple[str, str | None, int]] = []
+        self.stopping = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,6 +58,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -119,10 +126,15 @@ class FakeHub:
         if not body:
             return
         cut = self.drop_once.pop(name, None) if not start else None
-        if cut is not None:
-            h.wfile.write(data[:cut])
+        stall = self.stall.get(name) if not start else None
+        if cut is not None or stall is not None:
+            h.wfile.write(data[:cut if cut is not None else stall])
             h.wfile.flush()
+            self.sent.append((name, None, cut if cut is not None else stall))
+            if stall is not None:
+                self.stopping.wait()
             h.close_connection = True
             h.connection.shutdown(2)
             return
         h.wfile.write(data[start:])
+        self.sent.append((name, h.headers.get("Range"), len(data) - start))

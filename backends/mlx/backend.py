@@ -255,6 +255,9 @@ class MLXBackend(Backend):
         xs = x[:, None, None, :]  # (N, 1, 1, D): one row per token, batched by expert
         h = self.glu(self._gather_linear(xs, experts.gate, chosen),
                      self._gather_linear(xs, experts.up, chosen), act)  # (N, k, 1, ff)
+        if self.linear_observer is not None:
+            for stacked, rows in ((experts.gate, x), (experts.up, x), (experts.down, h[:, :, 0])):
+                self.linear_observer(rows, stacked, chosen)
         y = self._gather_linear(h, experts.down, chosen)[:, :, 0, :]  # (N, k, D)
         return (y * weights[..., None].astype(y.dtype)).sum(1)
 

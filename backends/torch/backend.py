@@ -195,8 +195,12 @@ class TorchBackend(Backend):
 
     def expert(self, x, experts, e: int, act):
         """Expert e's FFN on x (N, D)."""
-        return self.linear(self.glu(self.linear(x, experts.gate[e]),
-                                    self.linear(x, experts.up[e]), act), experts.down[e])
+        h = self.glu(self.linear(x, experts.gate[e]), self.linear(x, experts.up[e]), act)
+        if self.linear_observer is not None:
+            chosen = np.full((x.shape[0], 1), e)
+            for stacked, rows in ((experts.gate, x), (experts.up, x), (experts.down, h)):
+                self.linear_observer(rows, stacked, chosen)
+        return self.linear(h, experts.down[e])
 
     def sigmoid(self, x):
         return x.float().sigmoid()

@@ -7,8 +7,10 @@ The text is tokenized whole and cut into chunks of `n_ctx` tokens, each evaluate
 empty context with its first token replaced by BOS where the model adds one (llama-imatrix's
 procedure). The backend calls the runtime's `linear_observer` with each linear's input;
 a matrix stacked at load (Q, K and V; gate and up) shares its input, so its statistics go
-to each tensor it holds. The output head is skipped (llama-imatrix's default) and so are
-routed experts, which run through `expert_ffn`, not `linear`: their tensors get no entry.
+to each tensor it holds. The output head is skipped (llama-imatrix's default). Routed
+experts (`ffn_{gate,up,down}_exps`) get one row of sums per expert, counting the
+(token, expert) pairs routed to it, as llama-imatrix records `mul_mat_id`: `expert_ffn`
+calls the observer with the rows and the experts chosen for them.
 
 Files: llama.cpp's GGUF layout (`general.type = "imatrix"`, `imatrix.datasets`,
 `imatrix.chunk_count`, `imatrix.chunk_size`; per matrix `<tensor>.in_sum2` F32 (n_mat,
@@ -153,9 +155,10 @@ class Imatrix:
         return out
 
 
-def observed_tensors(weights) -> dict[int, tuple[str, ...]]:
-    """id(prepared matrix) -> the GGUF names of the matrices it holds, for every matrix of
-    the layers that runs through `linear` (routed experts and the output head do not)."""
+def observed_tensors(cfg, weights) -> dict[int, tuple[tuple[str, ...], int]]:
+    """id(prepared matrix) -> (the GGUF names of the matrices it holds, how many matrices
+    each holds: 1, or the expert count of stacked routed experts), for every matrix of the
+    layers (the output head is not observed)."""
     out = {}
     for i, layer in enumerate(weights.layers):
         shared = "_shexp" if layer.experts is not None else ""  # an MoE layer's dense FFN
@@ -163,7 +166,11 @@ def observed_tensors(weights) -> dict[int, tuple[str, ...]]:
             w = getattr(layer, attr)
             if w is not None:
                 suffix = shared if attr.startswith("w_") else ""
-                out[id(w)] = tuple(f"blk.{i}.{k}{suffix}.weight" for k in kinds)
+                out[id(w)] = (tuple(f"blk.{i}.{k}{suffix}.weight" for k in kinds), 1)
+        if layer.experts is not None:
+            for kind in ("gate", "up", "down"):
+                stacked = getattr(layer.experts, kind)
+                out[id(stacked)] = ((f"blk.{i}.ffn_{kind}_exps.weight",), cfg.moe.n_experts)
     return out
 
 
@@ -178,16 +185,32 @@ def collect_imatrix(model, text_ids: list[int], n_ctx: int = 512, dataset: str =
         raise InvalidArgumentError(f"the text has {len(text_ids)} tokens; the importance "
                                    f"matrix needs at least one chunk of {n_ctx}")
     engine, be = model.engine, model.backend
-    names = observed_tensors(engine.weights)
+    names = observed_tensors(model.config, engine.weights)
     sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
+    counts: dict[int, np.ndarray] = {}
 
-    def observe(x, w) -> None:
+    def observe(x, w, chosen=None) -> None:
         if id(w) not in names:
             return
-        a = be.to_numpy(x).astype(np.float64).reshape(-1, x.shape[-1])
-        sums[id(w)] = sums.get(id(w), 0) + np.einsum("ij,ij->j", a, a)
-        counts[id(w)] = counts.get(id(w), 0) + a.shape[0]
+        n_mat = names[id(w)][1]
+        a = be.to_numpy(x).astype(np.float64)
+        if id(w) not in sums:
+            sums[id(w)], counts[id(w)] = np.zeros((n_mat, a.shape[-1])), np.zeros(n_mat)
+        if chosen is None:
+            a = a.reshape(-1, a.shape[-1])
+            sums[id(w)][0] += np.einsum("ij,ij->j", a, a)
+            counts[id(w)][0] += a.shape[0]
+            return
+        ids = np.asarray(chosen if isinstance(chosen, np.ndarray) else be.to_numpy(chosen))
+        ids = ids.astype(np.int64)
+        if a.ndim == ids.ndim:   # one input row for all of a token's experts
+            a = a[..., None, :]
+        a = np.broadcast_to(a, ids.shape + a.shape[-1:]).reshape(-1, a.shape[-1])
+        ids = ids.reshape(-1)
+        for e in np.unique(ids):
+            rows = a[ids == e]
+            sums[id(w)][e] += np.einsum("ij,ij->j", rows, rows)
+        counts[id(w)] += np.bincount(ids, minlength=n_mat)
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
     with engine.lock, be.inference():
@@ -208,8 +231,8 @@ def collect_imatrix(model, text_ids: list[int], n_ctx: int = 512, dataset: str =
             be.linear_observer = None
     out = Imatrix(datasets=[dataset] if dataset else [], chunk_count=n_chunks,
                   chunk_size=n_ctx)
-    for key, tensor_names in names.items():
+    for key, (tensor_names, _) in names.items():
         if key in sums:
             for name in tensor_names:
-                out.entries[name] = (sums[key][None, :], np.array([float(counts[key])]))
+                out.entries[name] = (sums[key], counts[key])
     return out

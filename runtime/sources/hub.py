@@ -7,9 +7,10 @@ split one (`...-00001-of-00003.gguf`). A repository without GGUF files but with 
 and safetensors weights: the folder (config, weights, tokenizer files), loaded as a Hugging
 Face folder source. huggingface_hub downloads into its cache (`HF_HOME`, `HF_HUB_CACHE`,
 `HF_ENDPOINT` apply); a connection that drops mid-file resumes where it stopped (a Range
-request), while a process stopped mid-file starts that file over next time (the
-huggingface_hub releases this targets keep no partial file between runs). Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) the repository's cached
-snapshot answers instead, so a model downloaded once loads without a network.
+request), and a GGUF file that a stopped process left half-downloaded resumes in the next
+one (hub_resume.py). Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) the
+repository's cached snapshot answers instead, so a model downloaded once loads without a
+network.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from diptych.errors import HubError
 from .download_progress import download_bar, reporting_tqdm
 from .gguf_split import part_names, split_part
+from .hub_resume import fetch_blob
 from .pypi_fetch import ProgressFn
 
 DEFAULT_QUANT = "Q4_K_M"
@@ -190,8 +192,10 @@ def _fetch(what: str, label: str, progress: ProgressFn | None, get) -> Path:
 def _file(ref: HubRef, name: str, progress: ProgressFn | None) -> Path:
     from huggingface_hub import hf_hub_download
 
-    return _fetch(f"{name} of {ref.repo}", PurePosixPath(name).name, progress,
-                  lambda tqdm_class: hf_hub_download(ref.repo, name, tqdm_class=tqdm_class))
+    def get(tqdm_class):
+        fetch_blob(ref.repo, name, tqdm_class)   # resumable across processes
+        return hf_hub_download(ref.repo, name, tqdm_class=tqdm_class)
+    return _fetch(f"{name} of {ref.repo}", PurePosixPath(name).name, progress, get)
 
 
 def _folder(ref: HubRef, progress: ProgressFn | None) -> Path:

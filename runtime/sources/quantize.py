@@ -28,6 +28,7 @@ __all__ = ["QUANTIZE_MIXES", "quantize", "mix_types_for"]
 
 QUANTIZE_MIXES = tuple(MIXES)
 _FLOATS = (T.F32, T.F16, T.BF16)
+_NOT_RECORDED = ("token_embd.weight", "output.weight")
 
 
 def mix_types_for(metadata, tensors, mix: str) -> dict[str, T]:
@@ -91,15 +92,18 @@ def _importance(imatrix, tensors, types) -> dict:
         values = im.importance(name)
         if values is None:
             continue
-        cols = tensors[name].shape[-1]
-        if values.shape != (1, cols):
+        shape = tensors[name].shape
+        # one row per matrix: routed experts (n_expert, out, in) have one per expert
+        want = (shape[0] if len(shape) == 3 else 1, shape[-1])
+        if values.shape != want:
             raise ModelFileError(f"the imatrix holds {values.shape} values for {name}, whose "
-                                 f"matrix has {cols} columns: it is another model's")
-        out[name] = values[0]
+                                 f"matrices want {want}: it is another model's")
+        out[name] = values if len(shape) == 3 else values[0]
     if wanted and not out:
         raise ModelFileError("the imatrix covers none of this model's matrices: it is another "
                              "model's")
-    if missed := [n for n in wanted if n not in out]:
+    # llama-imatrix records neither the embedding (a row lookup) nor, by default, the output
+    if missed := [n for n in wanted if n not in out and n not in _NOT_RECORDED]:
         warnings.warn(f"the imatrix has no entry for {len(missed)} of {len(wanted)} matrices "
                       f"({missed[0]}, ...): quantized without it", stacklevel=3)
     return out

@@ -86,7 +86,7 @@ def relative_error(x: np.ndarray, y: np.ndarray) -> float:
 
 
 #: the types whose quantizer takes an importance matrix, compared with llama.cpp's
-IMATRIX_COMPARED_TYPES = COMPARED_TYPES
+IMATRIX_COMPARED_TYPES = COMPARED_TYPES + ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def importance(seed: int = 11) -> np.ndarray:

@@ -47,7 +47,11 @@ def test_same_blocks_as_llama_cpp_and_the_weighted_error_falls(case, request):
         assert error(ours) < error(quantize_rows(x, t)), name
 
 
-def test_legacy_types_ignore_an_importance():
+def test_q8_0_ignores_an_importance_and_all_zero_blocks_stay_zero():
     x = np.random.default_rng(0).standard_t(3, (8, 1024)).astype(np.float32)
-    for t in (T.Q4_0, T.Q8_0):
-        np.testing.assert_array_equal(quantize_rows(x, t, importance()), quantize_rows(x, t))
+    np.testing.assert_array_equal(quantize_rows(x, T.Q8_0, importance()),
+                                  quantize_rows(x, T.Q8_0))
+    x[:, :64] = 0
+    for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        y = gguf.quants.dequantize(quantize_rows(x, t, importance()), t).reshape(x.shape)
+        assert (y[:, :64] == 0).all() and np.isfinite(y).all(), t.name

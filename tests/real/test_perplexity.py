@@ -1,9 +1,13 @@
-"""diptych's perplexity of SmolLM2 on llama.cpp's tokens of the eval corpus, by the chunked
-method (tests/fixtures/perplexity_smollm2.json, from scripts/make_perplexity_fixture.py).
+"""diptych's perplexity of SmolLM2 against llama.cpp's own `llama-perplexity` on the same
+text (tests/fixtures/perplexity_smollm2.json, from scripts/make_perplexity_fixture.py).
 
-It equals the method over an exact fp32 evaluation (transformers on the dequantized weights)
-to 1e-5; llama.cpp's own figure is about 1.2% higher on this Q4_1 model, because it rounds
-activations to 8 bits in its quantized dot products."""
+We dequantize the Q4_1 weights exactly, so our figure on the Q4_1 file is the figure of an
+F32 file holding the same weights; llama-perplexity on that F32 file, whose matrix products
+take fp32 activations, gives 13.5546 with an f16 or an f32 KV cache, ours 13.5547: the
+method, the chunks, the tokens and the model agree (the issue's bar is 0.5%; we hold them
+to 0.1%). On the Q4_1 file itself llama.cpp gives 13.706, 1.1% higher: the weights' values
+are the same, so the difference is its quantized matrix products, which round every input
+to 8 bits per 32 values (q8_1 / q8_0 blocks) and add in integers and fp16 block sums."""
 
 from __future__ import annotations
 
@@ -15,19 +19,23 @@ import pytest
 import diptych
 from diptych.inference.perplexity import perplexity
 
+pytestmark = pytest.mark.real
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "perplexity_smollm2.json"
 
 
-def test_perplexity_matches_the_references(smollm2_path, monkeypatch):
-    # the exact-fp32 comparison needs an fp32 KV cache (the CPU default stores fp16, which
-    # moves this perplexity by 2e-4 relative)
-    monkeypatch.setenv("DIPTYCH_KV_TYPE", "f32")
-    smollm2 = diptych.load(smollm2_path, backend="torch", n_ctx=2048)
+def test_perplexity_equals_llama_perplexity_on_the_same_weights(smollm2_path, monkeypatch):
+    """With an fp32 KV cache (the CPU default, fp16, moves ours by 2e-4): transformers'
+    exact fp32 figure to 1e-5, and llama-perplexity's on the F32 file to 0.1%, with its
+    default f16 KV cache and with an f32 one."""
     ref = json.loads(FIXTURE.read_text())
-    assert ref["model_file"] == smollm2.path.name
-    assert smollm2.tokenize((FIXTURE.parent / "eval_corpus.txt").read_text(encoding="utf-8"),
-                            special=False) == ref["tokens"]
-    result = perplexity(smollm2, ref["tokens"], ref["ctx"])
+    assert ref["model_file"] == Path(smollm2_path).name
+    monkeypatch.setenv("DIPTYCH_KV_TYPE", "f32")
+    model = diptych.load(smollm2_path, backend="torch", n_ctx=ref["ctx"])
+    assert model.tokenize((FIXTURE.parent / "eval_corpus.txt").read_text(encoding="utf-8"),
+                          special=False) == ref["tokens"]
+    result = perplexity(model, ref["tokens"], ref["ctx"])
     assert result.n_scored == ref["n_scored"]
     assert result.ppl == pytest.approx(ref["fp32_ppl"], rel=1e-5)
-    assert result.ppl == pytest.approx(ref["ppl"], rel=0.015)
+    assert result.ppl == pytest.approx(ref["f32_file_f32_kv_ppl"], rel=1e-3)
+    assert result.ppl == pytest.approx(ref["f32_file_ppl"], rel=1e-3)

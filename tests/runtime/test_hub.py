@@ -4,11 +4,14 @@ fetches with HEAD and GET, resumes an interrupted file with a Range request, and
 offline from its cache afterwards. Each download runs in a child process started with
 HF_ENDPOINT and HF_HOME set, as a user's would be (huggingface_hub reads them at import)."""
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import gguf
 import numpy as np
@@ -160,6 +163,35 @@ def test_download_by_quant_resumes_then_works_offline(hub, repos, tmp_path):
     assert missing["error"].startswith(f"HubError: cannot fetch org/tiny: the hub at {hub.url} "
                                        "is unreachable")
     assert missing["error"].endswith("and it is not in the Hugging Face cache")
+
+
+def test_a_download_killed_mid_file_resumes_in_the_next_process(hub, repos, tmp_path):
+    """A child process downloading a GGUF file is killed (SIGKILL) mid-file; the next
+    process asks only for the rest (Range) and the file's sha256 is the hub's."""
+    env = hub_env(hub, tmp_path)
+    data = repos["org/tiny-GGUF"]["tiny-Q8_0.gguf"]
+    half = len(data) // 2
+    hub.stall["tiny-Q8_0.gguf"] = half
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(
+        DOWNLOAD.replace("NAMES", repr(["org/tiny-GGUF:Q8_0"])))], env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blobs = tmp_path / "hf" / "hub" / "models--org--tiny-GGUF" / "blobs"
+    deadline = time.monotonic() + 120
+    while not [p for p in blobs.glob("*.incomplete") if p.stat().st_size >= half - 8192]:
+        assert proc.poll() is None and time.monotonic() < deadline, "no partial file came"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (partial,) = blobs.glob("*.incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept <= half
+    del hub.stall["tiny-Q8_0.gguf"]
+    hub.sent.clear()
+    got = fetch(env, "org/tiny-GGUF:Q8_0")[0]
+    assert hashlib.sha256(open(got["path"], "rb").read()).digest() \
+        == hashlib.sha256(data).digest()
+    assert hub.sent == [("tiny-Q8_0.gguf", f"bytes={kept}-", len(data) - kept)]
+    assert not list(blobs.glob("*.incomplete"))
 
 
 def test_a_model_by_name_runs_like_its_file(hub, repos, tmp_path):

@@ -135,3 +135,75 @@ def test_quantize_with_an_imatrix_from_the_command_line(tmp_path):
     other = Imatrix(entries={"blk.0.ffn_down.weight": (np.ones((1, 7)), np.ones(1))})
     with pytest.raises(ModelFileError, match="another model"):
         diptych.quantize(path, tmp_path / "x.gguf", "Q4_K_M", imatrix=other)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    hf = tiny_hf_model("qwen3moe", seed=5)
+    path = write_gguf(hf, "qwen3moe", tmp_path_factory.mktemp("moe") / "moe.gguf", "F32")
+    ids = [int(i) for i in np.random.default_rng(4).integers(3, 128, 2 * N_CTX)]
+    im = collect_imatrix(diptych.load(path, backend="torch", device="cpu", n_ctx=64), ids,
+                         N_CTX)
+    return hf, path, ids, im
+
+
+def test_routed_experts_get_per_expert_statistics(moe, tmp_path):
+    """A Qwen3-MoE model: each expert's row sums the squared inputs of the (token, expert)
+    pairs routed to it and counts them, as llama-imatrix records mul_mat_id (checked against
+    transformers' routing and expert activations); `quantize --imatrix` weighs each
+    expert's matrix by its own row."""
+    hf, path, ids, im = moe
+    model = diptych.load(path, backend="torch", device="cpu", n_ctx=64)
+    chunks = [[model.tokenizer.bos_id] + ids[c * N_CTX + 1:(c + 1) * N_CTX] for c in range(2)]
+    want = {}
+
+    def record(layer):
+        def hook(module, args):
+            x, chosen = args[0].detach().double(), args[1]
+            for e in range(module.num_experts):
+                tok = (chosen == e).any(-1)
+                gate, up = torch.nn.functional.linear(
+                    x[tok], module.gate_up_proj[e].double()).chunk(2, dim=-1)
+                h = module.act_fn(gate) * up
+                for kind, rows in (("gate", x[tok]), ("up", x[tok]), ("down", h)):
+                    s, n = want.setdefault((layer, kind), ([0] * module.num_experts,
+                                                           [0] * module.num_experts))
+                    s[e] = s[e] + (rows * rows).sum(0).numpy()
+                    n[e] += int(tok.sum())
+        return hook
+    handles = [layer.mlp.experts.register_forward_pre_hook(record(i))
+               for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        for chunk in chunks:
+            hf(torch.tensor([chunk]))
+    for h in handles:
+        h.remove()
+    for (layer, kind), (s, n) in want.items():
+        sums, counts = im.entries[f"blk.{layer}.ffn_{kind}_exps.weight"]
+        assert counts.tolist() == n and sum(n) == 2 * 2 * N_CTX   # 2 experts per token
+        np.testing.assert_allclose(sums, np.stack(s), rtol=1e-4)
+    im.save(tmp_path / "im.gguf", "qwen3moe")
+    back = Imatrix.load(tmp_path / "im.gguf")
+    assert back.entries["blk.1.ffn_down_exps.weight"][0].shape == (4, 32)
+    diptych.quantize(path, tmp_path / "q.gguf", "Q4_0", imatrix=tmp_path / "im.gguf")
+    from diptych.quant.gguf_file import GGUFFile
+    from diptych.quant.quantize import quantize_rows
+
+    src = GGUFFile(path).tensors["blk.0.ffn_up_exps.weight"].dequantize()
+    got = GGUFFile(tmp_path / "q.gguf").tensors["blk.0.ffn_up_exps.weight"]
+    qw = back.importance("blk.0.ffn_up_exps.weight")
+    for e in range(4):
+        np.testing.assert_array_equal(got.data.reshape(4, -1)[e],
+                                      quantize_rows(src[e], got.ggml_type, qw[e]).reshape(-1))
+    assert (got.data.reshape(4, -1)[1] != quantize_rows(src[1], got.ggml_type, qw[0])
+            .reshape(-1)).any()
+
+
+def test_mlx_observes_the_experts_as_torch_does(moe):
+    pytest.importorskip("mlx.core")
+    _, path, ids, im = moe
+    other = collect_imatrix(diptych.load(path, backend="mlx", n_ctx=64), ids, N_CTX)
+    assert sorted(other.entries) == sorted(im.entries)
+    for name, (sums, counts) in im.entries.items():
+        assert other.entries[name][1].tolist() == counts.tolist(), name
+        np.testing.assert_allclose(other.entries[name][0], sums, rtol=1e-3)

@@ -176,7 +176,7 @@ class CudaBackend(TorchBackend):
         can be captured: quantized experts through the GEMV that picks each pair's expert
         by id; others run every expert over every token, scaled by its routing weight there
         (zero where not chosen). Longer chunks run each expert present on its own tokens."""
-        if x.shape[0] > DECODE_MAX_T or _grad(x):
+        if x.shape[0] > DECODE_MAX_T or _grad(x) or self.linear_observer is not None:
             return super().expert_ffn(x, experts, chosen, weights, act)
         kinds = (experts.gate, experts.up, experts.down)
         if all(isinstance(k, QuantExperts) for k in kinds):
