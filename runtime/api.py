@@ -100,9 +100,7 @@ class Model:
             logits = engine.eval(ids, all_logits=True)
         bad = ~np.isfinite(logits).all(axis=1)
         if bad.any():
-            raise NumericalError(
-                f"the model computed NaN or infinite logits at position {int(bad.argmax())} of "
-                f"{len(ids)}: its weights or settings are broken")
+            raise NumericalError.logits(f"at position {int(bad.argmax())} of {len(ids)}")
         return logits
 
     # -- generation ------------------------------------------------------------------------

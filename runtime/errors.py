@@ -62,6 +62,12 @@ class GenerationSuperseded(DiptychError):
 class NumericalError(DiptychError):
     """The model computed NaN or infinite values: its weights or hyper-parameters are broken."""
 
+    @classmethod
+    def logits(cls, where: str) -> "NumericalError":
+        """The one wording for non-finite logits; `where` says at which position or token."""
+        return cls(f"the model computed NaN or infinite logits {where}: its weights or "
+                   f"settings are broken")
+
 
 class HubError(ModelFileError):
     """A model named on the Hugging Face Hub (`org/repo[:QUANT]`) cannot be found, listed or

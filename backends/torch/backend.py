@@ -227,7 +227,8 @@ class TorchBackend(Backend):
         return torch.finfo(self.kv_dtype).bits // 8
 
     def ids(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
+        # a copy: token ids often come from read-only arrays, which torch would share
+        return torch.tensor(np.asarray(ids, dtype=np.int64), device=self.device)
 
     def new_rng(self, seed):
         gen = torch.Generator(device=self.device)

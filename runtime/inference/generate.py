@@ -87,9 +87,7 @@ def check_request(engine, prompt_ids: list[int], max_tokens: int) -> int:
 def check_finite(finite: list[bool], n_tokens: int) -> None:
     """NumericalError unless every row the generation used had finite logits."""
     if not all(finite):
-        raise NumericalError(
-            f"the model computed NaN or infinite logits after {n_tokens} tokens: its weights "
-            f"or settings are broken; generation stopped")
+        raise NumericalError.logits(f"after {n_tokens} generated tokens")
 
 
 class Emitter:
