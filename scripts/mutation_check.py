@@ -176,6 +176,17 @@ MUTATIONS = [
              r"be\.to_numpy\(drawn\.probs\)\[0\]",
              "be.to_numpy(be.softmax(be.float32(logits)))[0]",
              ("tests/runtime/test_speculative_distribution.py", "-k", "follow and temperature")),
+    # constrained decoding with speculation
+    Mutation("constrained speculation: draft q not masked", "runtime/inference/speculative.py",
+             r"mask = self\.mask if grammar is None else device_mask\(",
+             "mask = self.mask if True else device_mask(",
+             ("tests/runtime/test_constrained_speculative.py", "-k", "masked")),
+    Mutation("constrained speculation: target p not masked", "runtime/inference/speculative.py",
+             r"mask = device_mask\(seq\.backend, grammar\.rows\(len\(drafts\)\)\)",
+             "mask = None", ("tests/runtime/test_constrained_speculative.py", "-k", "greedy")),
+    Mutation("constrained speculation: grammar not rolled back",
+             "runtime/inference/speculative.py", r"self\.constraint\.rollback\(self\.fed\)",
+             "None", ("tests/runtime/test_constrained_speculative.py", "-k", "fresh_one")),
     # the TUI
     Mutation("TUI: regenerate is a no-op", "tui/screens/chat.py",
              r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",
