@@ -187,6 +187,13 @@ MUTATIONS = [
     Mutation("constrained speculation: grammar not rolled back",
              "runtime/inference/speculative.py", r"self\.constraint\.rollback\(self\.fed\)",
              "None", ("tests/runtime/test_constrained_speculative.py", "-k", "fresh_one")),
+    # the server's scheduler
+    Mutation("server: a long prompt prefilled in one go", "runtime/server/scheduler.py",
+             r"^PREFILL_CHUNK = 64", "PREFILL_CHUNK = 1 << 30",
+             ("tests/server/test_openai_server.py", "-k", "long_prompt")),
+    Mutation("server: a cancelled job runs on", "runtime/server/scheduler.py",
+             r"for run in \[r for r in self\._running if r\.job\.cancelled\]:",
+             "for run in []:", ("tests/server/test_openai_server.py", "-k", "disconnect")),
     # the TUI
     Mutation("TUI: regenerate is a no-op", "tui/screens/chat.py",
              r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",
