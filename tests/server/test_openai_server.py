@@ -185,8 +185,8 @@ def test_a_disconnect_stops_generation_within_two_tokens_and_frees_the_slot(raw)
 
 
 def test_a_long_prompt_does_not_stall_another_stream(raw, smol_model):
-    """While a 900-token prompt is prefilled (a chunk at a time, between decode steps), a
-    running stream keeps receiving tokens."""
+    """While a 640-token prompt is prefilled (10 chunks, between decode steps), a running
+    stream keeps receiving tokens."""
     never_ends = {str(t): -100 for t in smol_model.tokenizer.eog_ids}
     conn, response = raw.open("POST", "/completions", {
         "model": MODEL, "prompt": "Count from one to a thousand:", "max_tokens": 600,
@@ -208,7 +208,7 @@ def test_a_long_prompt_does_not_stall_another_stream(raw, smol_model):
     try:
         assert started.wait(120)
         long_prompt = (smol_model.tokenize("the quick brown fox jumps over the lazy dog " * 100,
-                                           add_bos=False))[:900]
+                                           add_bos=False))[:640]
         with lock:
             seen.append("sent")
         raw.post("/completions", {"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
@@ -219,7 +219,7 @@ def test_a_long_prompt_does_not_stall_another_stream(raw, smol_model):
         conn.close()
         reader.join(30)
     during = seen[seen.index("sent"):seen.index("answered")].count("token")
-    assert during >= 5, seen
+    assert during >= 4, seen
 
 
 def test_models_and_health(raw, client):

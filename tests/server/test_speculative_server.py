@@ -82,7 +82,8 @@ def test_draft_by_default_and_lookup_on_request_equal_plain_greedy(drafted, smol
     assert drafted.health()["verify_passes"] == before["verify_passes"]
 
 
-@pytest.mark.parametrize("mode", ["draft", "lookup"])
+# the draft model under a grammar: tests/server/test_json_output.py, in-process
+@pytest.mark.parametrize("mode", ["lookup"])
 def test_constrained_reply_with_speculation_validates_and_equals_plain(drafted, smol_model, mode):
     ask = [{"role": "user", "content": "Which city has the most people? Answer as JSON."}]
     prompt = smol_model.chat_prompt(ask)
