@@ -14,7 +14,7 @@ from .inference.constraint import JsonConstraint
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
 from .inference.speculative import (DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM, DraftLength,
-                                    LookupDraft, ModelDraft, check_draft_max, measure_costs,
+                                    LookupDraft, ModelDraft, check_draft_max, pass_costs,
                                     stream_speculative)
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
 from .load_plan import LoadPlan
@@ -115,7 +115,8 @@ class Model:
         frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams); None or
         absent: the model's default (`self.sampling`). `json_schema`: a JSON schema the
         output must follow (it parses and validates; {"type": "object"}: any JSON object),
-        through llguidance (the `[server]` extra). Ctrl+C (KeyboardInterrupt) stops
+        through llguidance (the `[server]` extra); speculative decoding follows it too (the
+        draft's and the target's distributions both masked). Ctrl+C (KeyboardInterrupt) stops
         generation and leaves the model usable.
 
         `speculative`: "draft" (the draft model given to `load`), "lookup" (prompt lookup:
@@ -128,10 +129,10 @@ class Model:
         params = self.sampling.with_overrides(**sampling)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         stops = _check_stops(stop)
-        mode = self._speculative_mode(speculative, json_schema)
+        mode = self._speculative_mode(speculative)
+        constraint = None if json_schema is None else JsonConstraint(
+            self.tokenizer, self.config.vocab_size, json_schema)
         if mode is None:
-            constraint = None if json_schema is None else JsonConstraint(
-                self.tokenizer, self.config.vocab_size, json_schema)
             return exclusive(self.engine, stream_tokens(self.engine, self.tokenizer, ids,
                                                         max_tokens, params, stops,
                                                         constraint=constraint))
@@ -150,19 +151,16 @@ class Model:
         def run():
             length = DraftLength(draft_max, self._costs(mode, draft_max, ids[-1]))
             yield from stream_speculative(self.engine, self.tokenizer, ids, max_tokens, params,
-                                          stops, drafter, length)
+                                          stops, drafter, length, constraint)
 
         return exclusive(self.engine, run())
 
-    def _speculative_mode(self, speculative, json_schema) -> str | None:
+    def _speculative_mode(self, speculative) -> str | None:
         if speculative == "auto":
-            return "draft" if self.draft is not None and json_schema is None else None
+            return "draft" if self.draft is not None else None
         if speculative not in ("draft", "lookup", None):
             raise InvalidArgumentError(f"speculative must be 'draft', 'lookup', None or "
                                        f"'auto', got {speculative!r}")
-        if speculative is not None and json_schema is not None:
-            raise InvalidArgumentError("json_schema does not combine with speculative "
-                                       "decoding yet: pass speculative=None")
         if speculative == "draft" and self.draft is None:
             raise InvalidArgumentError("speculative='draft' needs a draft model: "
                                        "load(target, draft=...)")
@@ -172,11 +170,8 @@ class Model:
         """The costs of drafting in `mode` (measured on first use, then kept)."""
         key = (mode, draft_max)
         if key not in self._spec_costs:
-            seq = self.engine.main
-            if seq.n_cached + draft_max > self.n_ctx:
-                seq.reset()   # no room to measure in; the next prompt is prefilled anew
             draft = self._draft_seq if mode == "draft" else None
-            self._spec_costs[key] = measure_costs(seq, draft, draft_max, token)
+            self._spec_costs[key] = pass_costs(self.engine.main, draft, draft_max, token)
         return self._spec_costs[key]
 
     def attach_draft(self, draft: Model, own: bool = False) -> None:

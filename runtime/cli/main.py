@@ -139,6 +139,7 @@ def cmd_serve(args) -> int:
     model = _load(args)
     serve(model, host=args.host, port=args.port, parallel=args.parallel,
           api_key=args.api_key or os.environ.get("DIPTYCH_API_KEY") or None, cors=args.cors,
+          speculative="lookup" if args.lookup else "draft" if args.draft else None,
           announce=lambda line: print(line, flush=True))
     return 0
 
@@ -484,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokens (default: 1)")
     sp.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                     help="let web pages from ORIGIN call the server ('*': any); repeatable")
+    speculative_opts(sp)
     sp.set_defaults(func=cmd_serve)
 
     from diptych.sources.convert import CONVERT_TYPES

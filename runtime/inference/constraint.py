@@ -75,13 +75,27 @@ class JsonConstraint:
             raise InvalidArgumentError(f"json_schema is not usable: "
                                        f"{self.matcher.get_error()}")
 
+    def allowed(self) -> np.ndarray:
+        """The tokens allowed next, as a bool array (n_vocab,)."""
+        packed = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(packed, bitorder="little")[:self.n_vocab].astype(bool)
+
     def mask(self, backend):
         """The tokens allowed next, as a device bool array (1, n_vocab)."""
-        packed = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(packed, bitorder="little")[:self.n_vocab]
-        return backend.ids(allowed.reshape(1, -1)) > 0
+        return device_mask(backend, self.allowed()[None])
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):   # the mask allowed it: a bug, not input
             raise RuntimeError(f"the grammar refused token {token} that its mask allowed: "
                                f"{self.matcher.get_error()}")
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens advanced through."""
+        if n and not self.matcher.rollback(n):
+            raise RuntimeError(f"the grammar could not roll back {n} tokens: "
+                               f"{self.matcher.get_error()}")
+
+
+def device_mask(backend, allowed: np.ndarray):
+    """Rows of allowed tokens (R, V) as the sampler's device bool mask."""
+    return backend.ids(allowed.astype(np.uint8)) > 0

@@ -15,6 +15,12 @@ p and q are the *filtered* distributions the sampler draws from (penalties over 
 including the earlier drafts, top-k, top-p, min-p, temperature), so the emitted tokens
 follow the target's own sampling distribution. Prompt lookup's q is one-hot.
 
+With a grammar (constraint.JsonConstraint), `DraftGrammar` follows it along each draft: the
+draft model samples under the grammar's mask at every drafted position (q is masked), the
+target's verify row j under the mask after the first j drafts (p is masked), a lookup draft
+is cut before the first token the grammar refuses; then the grammar rolls back to where the
+pass began, and the emitted tokens advance it, as the caches keep only what was emitted.
+
 Draft length: the draft model stops where its most likely token's probability falls below
 `P_MIN` (llama.cpp's p_min; read from the distribution, never from the token drawn, which
 would skew the drafts verified), and `DraftLength` picks k for each pass from the acceptance
@@ -25,6 +31,7 @@ depend only on the tokens, and so does the output.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -34,6 +41,7 @@ import numpy as np
 
 from diptych.errors import InvalidArgumentError
 
+from .constraint import device_mask
 from .generate import Emitter, Piece, Timings, check_finite, check_request
 from .sampler import Sampler
 from .sampling import SamplingParams
@@ -202,6 +210,50 @@ def measure_costs(target, draft, width: int, token: int) -> Costs:
     return Costs(rounded(drafted / one), rounded((wide - one) / one / max(width - 1, 1)))
 
 
+def pass_costs(seq, draft, draft_max: int, token: int) -> Costs:
+    """`measure_costs` for a target Sequence about to start a generation (its cache is reset
+    first when a step of draft_max would not fit; the prompt is then prefilled anew)."""
+    if seq.n_cached + draft_max > seq.capacity:
+        seq.reset()
+    return measure_costs(seq, draft, draft_max, token)
+
+
+# -- grammars -------------------------------------------------------------------------------
+class DraftGrammar:
+    """A grammar followed along one pass's draft. `allowed[j]` is what it allows at verify
+    row j (after the first j drafts); `push` a drafted token; `release` rolls the grammar
+    back to where the pass began."""
+
+    def __init__(self, constraint, eog_ids):
+        self.constraint, self.eog_ids = constraint, eog_ids
+        self.allowed = [constraint.allowed()]
+        self.fed = 0
+        self.ended = False
+
+    def push(self, token: int) -> bool:
+        """Follow a drafted token; False when the draft must end before it (the grammar
+        refuses it, or an end-of-generation token came first)."""
+        if self.ended or not self.allowed[-1][token]:
+            return False
+        if token in self.eog_ids:
+            # generation ends at it if accepted: no row after it is ever drawn from
+            self.ended = True
+            self.allowed.append(self.allowed[-1])
+        else:
+            self.constraint.advance(token)
+            self.fed += 1
+            self.allowed.append(self.constraint.allowed())
+        return True
+
+    def rows(self, n_drafts: int) -> np.ndarray:
+        """The allowed tokens of the n_drafts + 1 verify rows, (n_drafts + 1, V)."""
+        return np.stack(self.allowed[:n_drafts + 1])
+
+    def release(self) -> None:
+        self.constraint.rollback(self.fed)
+        self.fed = 0
+
+
 # -- drafters -------------------------------------------------------------------------------
 class ModelDraft:
     """A draft model's Sequence, drafting with the user's sampling parameters."""
@@ -227,25 +279,32 @@ class ModelDraft:
             return seq.eval(ctx[keep:]) if ctx[keep:] else None
         return seq.prefill(ctx)
 
-    def propose(self, ctx: list[int], k: int) -> tuple[list[int], np.ndarray | None]:
+    def propose(self, ctx: list[int], k: int,
+                grammar: DraftGrammar | None = None) -> tuple[list[int], np.ndarray | None]:
         """Up to k drafted tokens after ctx, and the (len, target vocab) q they were drawn
-        from (None when greedy)."""
+        from (None when greedy); with a `grammar`, each drawn under its mask and pushed."""
         be, greedy = self.seq.engine.backend, self.params.greedy
         drafts, q = [], []
         with self.seq.lock:
             logits = self._sync(ctx)
             history = self.sampler.history([ctx])
             for i in range(k):
-                drawn = self.sampler.sample(logits, history, mask=self.mask,
+                mask = self.mask if grammar is None else device_mask(
+                    be, self._draft_width(grammar.allowed[-1])[None])
+                drawn = self.sampler.sample(logits, history, mask=mask,
                                             probs=not greedy, logprobs=1)
                 token = drawn.tokens[0]
                 # the cut-off reads the distribution, never the token drawn from it: stopping
                 # on the token would skew which drafts reach verification
                 if not drawn.finite[0] or math.exp(drawn.top_logprobs[0, 0]) < P_MIN:
                     break
+                if grammar is not None and not grammar.push(token):
+                    break
                 drafts.append(token)
                 if not greedy:
                     q.append(self._target_width(be.to_numpy(drawn.probs)[0]))
+                if grammar is not None and grammar.ended:
+                    break
                 if i + 1 < k:
                     if history is not None:
                         history.append([token])
@@ -257,6 +316,13 @@ class ModelDraft:
         out = np.zeros(self.target_vocab, np.float32)
         n = min(len(row), self.target_vocab)
         out[:n] = row[:n]
+        return out
+
+    def _draft_width(self, allowed: np.ndarray) -> np.ndarray:
+        """A grammar's allowed target ids as a mask over the draft's vocabulary."""
+        out = np.zeros(self.seq.engine.cfg.vocab_size, bool)
+        n = min(len(out), len(allowed))
+        out[:n] = allowed[:n]
         return out
 
     def settle(self, ctx: list[int]) -> None:
@@ -272,15 +338,22 @@ class LookupDraft:
     def __init__(self, ngram: int):
         self.ngram = ngram
 
-    def propose(self, ctx: list[int], k: int) -> tuple[list[int], None]:
-        ids = np.asarray(ctx)
+    def propose(self, ctx: list[int], k: int,
+                grammar: DraftGrammar | None = None) -> tuple[list[int], None]:
+        """Up to k tokens; with a `grammar`, cut before the first it refuses."""
+        drafts = self._found(np.asarray(ctx), k)
+        if grammar is not None:
+            drafts = list(itertools.takewhile(grammar.push, drafts))
+        return drafts, None
+
+    def _found(self, ids: np.ndarray, k: int) -> list[int]:
         for n in range(min(self.ngram, len(ids) - 1), 0, -1):
             windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
             hits = np.flatnonzero((windows == ids[-n:]).all(1))
             if len(hits):
                 start = int(hits[-1]) + n
-                return ids[start:start + k].tolist(), None
-        return [], None
+                return ids[start:start + k].tolist()
+        return []
 
     def settle(self, ctx: list[int]) -> None:
         pass
@@ -298,12 +371,12 @@ def check_draft_max(draft_max, *sequences) -> int:
 
 
 # -- the decode loop ------------------------------------------------------------------------
-def _verify(sampler: Sampler, logits, history, drafts: list[int], q, rng):
+def _verify(sampler: Sampler, logits, history, drafts: list[int], q, rng, mask=None):
     """The target's rows for one pass -> (drafts accepted, the target's token, finite flags
     of the rows used)."""
     k, vocab = len(drafts), sampler.vocab_size
     rows = None if history is None else sampler.history(row_histories(history, drafts))
-    drawn = sampler.sample(logits, rows, probs=not sampler.params.greedy)
+    drawn = sampler.sample(logits, rows, mask=mask, probs=not sampler.params.greedy)
     if sampler.params.greedy:
         n, token = greedy_block(drawn.tokens, drafts)
     else:
@@ -315,48 +388,84 @@ def _verify(sampler: Sampler, logits, history, drafts: list[int], q, rng):
     return n, token, drawn.finite[:n + 1]
 
 
-def stream_speculative(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
-                       params: SamplingParams, stop: list[str] | None, drafter,
-                       length: DraftLength) -> Iterator[Piece]:
-    """`stream_tokens` with speculative passes on the engine's first sequence."""
-    budget = check_request(engine, prompt_ids, max_tokens)
-    seq = engine.main
-    timings = Timings(prompt_tokens=len(prompt_ids))
-    sampler = Sampler(engine.backend, params, engine.cfg.vocab_size)
-    out = Emitter(tokenizer, stop, budget, sampler.history([prompt_ids]), timings)
-    # the acceptance and residual draws; the sampler's generator draws the rest
-    rng = np.random.default_rng(_seed(params.seed, 2))
+class SpeculativeGeneration:
+    """One speculative generation on a target Sequence, a pass at a time (as
+    generate.Generation is a token at a time): `start()` prefills and returns the first
+    token's pieces, each `step()` one pass's; the generation has ended once a piece has a
+    finish_reason. `constraint`: None, or a grammar every token must follow."""
 
-    t0 = time.perf_counter()
-    logits = seq.prefill(prompt_ids)
-    timings.prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    drawn = sampler.sample(logits, out.history)
-    check_finite(drawn.finite, len(prompt_ids))
-    ctx = list(prompt_ids)
-    pieces = [out.emit(drawn.tokens[0])]
-    ctx.append(drawn.tokens[0])
-    while True:
-        yield from pieces
-        if pieces[-1].finish_reason:
-            drafter.settle(ctx)
-            return
-        left = budget - timings.generated_tokens
-        k = length.choose(min(left - 1, engine.capacity - len(ctx)))
-        drafts, q = drafter.propose(ctx, k) if k else ([], None)
+    def __init__(self, seq, tokenizer, prompt_ids: list[int], max_tokens: int,
+                 params: SamplingParams, stop: list[str] | None, drafter, length: DraftLength,
+                 constraint=None):
+        self.budget = check_request(seq, prompt_ids, max_tokens)
+        self.seq, self.drafter, self.length = seq, drafter, length
+        self.prompt_ids, self.constraint = prompt_ids, constraint
+        self.eog_ids = tokenizer.eog_ids
+        self.timings = Timings(prompt_tokens=len(prompt_ids))
+        self.sampler = Sampler(seq.backend, params, seq.cfg.vocab_size)
+        self.out = Emitter(tokenizer, stop, self.budget, self.sampler.history([prompt_ids]),
+                           self.timings, constraint)
+        # the acceptance and residual draws; the sampler's generator draws the rest
+        self.rng = np.random.default_rng(_seed(params.seed, 2))
+        self.ctx = list(prompt_ids)
+        self._t0 = 0.0
+
+    def start(self) -> list[Piece]:
+        t0 = time.perf_counter()
+        logits = self.seq.prefill(self.prompt_ids)
+        self.timings.prefill_s = time.perf_counter() - t0
+        self._t0 = time.perf_counter()
+        mask = None if self.constraint is None else self.constraint.mask(self.seq.backend)
+        drawn = self.sampler.sample(logits, self.out.history, mask=mask)
+        check_finite(drawn.finite, len(self.prompt_ids))
+        return self._emit([drawn.tokens[0]])
+
+    def step(self) -> list[Piece]:
+        """One pass: draft, verify, emit, roll back what was not emitted."""
+        seq, ctx, timings = self.seq, self.ctx, self.timings
+        left = self.budget - timings.generated_tokens
+        k = self.length.choose(min(left - 1, seq.capacity - len(ctx)))
+        grammar = None if self.constraint is None else DraftGrammar(self.constraint,
+                                                                    self.eog_ids)
+        drafts, q = self.drafter.propose(ctx, k, grammar) if k else ([], None)
+        mask = None
+        if grammar is not None:
+            mask = device_mask(seq.backend, grammar.rows(len(drafts)))
+            grammar.release()   # the emitted tokens advance it again
         logits = seq.step([ctx[-1]] + drafts)[0]
-        n, token, finite = _verify(sampler, logits, out.history, drafts, q, rng)
+        n, token, finite = _verify(self.sampler, logits, self.out.history, drafts, q,
+                                   self.rng, mask)
         check_finite(finite, len(ctx))
         timings.drafted += len(drafts)
         timings.accepted += n
         timings.verify_passes += 1
-        length.record(len(drafts), n)
-        pieces = []
-        for t in emitted_tokens(drafts, n, token):
-            pieces.append(out.emit(t))
-            ctx.append(t)
-            if pieces[-1].finish_reason:
-                break
+        self.length.record(len(drafts), n)
+        pieces = self._emit(emitted_tokens(drafts, n, token))
         # the target now holds the old ctx[:-1] and the k + 1 tokens fed: keep the new ctx[:-1]
         seq.rollback(seq.n_cached - (len(ctx) - 1))
-        timings.decode_s = time.perf_counter() - t0
+        timings.decode_s = time.perf_counter() - self._t0
+        return pieces
+
+    def _emit(self, tokens: list[int]) -> list[Piece]:
+        pieces = []
+        for t in tokens:
+            pieces.append(self.out.emit(t))
+            self.ctx.append(t)
+            if pieces[-1].finish_reason:
+                self.drafter.settle(self.ctx)
+                break
+        return pieces
+
+
+def stream_speculative(engine, tokenizer, prompt_ids: list[int], max_tokens: int,
+                       params: SamplingParams, stop: list[str] | None, drafter,
+                       length: DraftLength, constraint=None) -> Iterator[Piece]:
+    """`stream_tokens` with speculative passes on the engine's first sequence."""
+    gen = SpeculativeGeneration(engine.main, tokenizer, prompt_ids, max_tokens, params, stop,
+                                drafter, length, constraint)
+    pieces = gen.start()
+    while True:
+        yield from pieces
+        if pieces[-1].finish_reason:
+            return
+        pieces = gen.step()

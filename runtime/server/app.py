@@ -24,11 +24,12 @@ from diptych.errors import (ContextOverflowError, DiptychError, InvalidArgumentE
                             NumericalError)
 from diptych.inference.constraint import JsonConstraint
 from diptych.inference.generate import Piece
+from diptych.inference.speculative import DEFAULT_LOOKUP_NGRAM
 from diptych.text.chat_prompt import chat_ids
 
 from .errors import APIError, invalid
 from .responses import DONE, Envelope, chat_logprobs, sse, text_logprobs, usage
-from .scheduler import END, Job, Scheduler
+from .scheduler import END, Job, Scheduler, Speculation
 from .slots import SlotPool
 from .tool_calls import ToolCallParser
 from .validate import GenerationRequest, chat_request, completion_request, parse_body
@@ -119,12 +120,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 class Server:
-    """The server for one loaded model: `parallel` cache slots, the worker thread, the app."""
+    """The server for one loaded model: `parallel` cache slots, the worker thread, the app.
+    `speculative`: how requests decode unless they say otherwise ("draft": the model's draft,
+    "lookup", or None)."""
 
     def __init__(self, model, *, parallel: int = 1, api_key: str | None = None,
-                 cors: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+                 cors: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 speculative: str | None = None):
         self.model = model
-        self.slots = SlotPool(model.engine, parallel)
+        self.speculative = speculative
+        self.slots = SlotPool(model.engine, parallel,
+                              model.draft.engine if model.draft is not None else None)
         self.scheduler = Scheduler(model, self.slots)
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
@@ -164,7 +170,11 @@ class Server:
         return JSONResponse({"status": "ok", "slots_idle": len(self.slots) - busy,
                              "slots_processing": busy,
                              "requests_waiting": self.scheduler.waiting,
-                             "tokens_generated": self.scheduler.tokens_generated})
+                             "tokens_generated": self.scheduler.tokens_generated,
+                             "verify_passes": self.scheduler.verify_passes,
+                             "tokens_drafted": self.scheduler.tokens_drafted,
+                             "drafts_accepted": self.scheduler.drafts_accepted,
+                             "tokens_after_cancel": self.scheduler.tokens_after_cancel})
 
     def _model_card(self) -> dict:
         return {"id": self.model.name, "object": "model", "created": self.created,
@@ -210,6 +220,32 @@ class Server:
                           f"(0..{m.config.vocab_size - 1})", "prompt")
         return req.prompt, constraint
 
+    def _speculation(self, req: GenerationRequest) -> Speculation | None:
+        """How the request decodes: its own speculative options, else the server's (plain
+        where it asks for logprobs, which only plain decoding gives)."""
+        asked = req.speculative != "default"
+        mode = req.speculative if asked else self.speculative
+        if mode is not None and req.logprobs is not None:
+            if asked:
+                raise invalid("'logprobs' are not available with speculative decoding: "
+                              "send 'speculative': 'none'", "speculative")
+            mode = None
+        if mode is None:
+            for name in ("draft_max", "lookup_ngram"):
+                if getattr(req, name) is not None:
+                    raise invalid(f"'{name}' is an option of speculative decoding, which this "
+                                  f"request does not use", name)
+            return None
+        if mode == "draft" and self.model.draft is None:
+            raise invalid("'speculative': 'draft' needs a server started with a draft model "
+                          "(--draft SMALL.gguf)", "speculative")
+        room = self.model.engine.max_rollback
+        draft_max = room if req.draft_max is None else req.draft_max
+        if not 1 <= draft_max <= room:
+            raise invalid(f"'draft_max' is at most {room} here (the server's --draft-max)",
+                          "draft_max")
+        return Speculation(mode, draft_max, req.lookup_ngram or DEFAULT_LOOKUP_NGRAM)
+
     async def _generate(self, request: Request, req: GenerationRequest):
         try:
             ids, constraint = await run_in_threadpool(self._prepare, req)
@@ -221,7 +257,7 @@ class Server:
         except DiptychError as exc:
             raise api_error(exc) from None
         job = Job(ids, params, req.max_tokens or self.model.n_ctx, req.stop, req.logprobs,
-                  constraint)
+                  constraint, self._speculation(req))
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         self.scheduler.submit(job)
         first = await job.next()
@@ -322,7 +358,8 @@ class _Reply:
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1,
-          api_key: str | None = None, cors: list[str] | None = None, announce=print) -> None:
+          api_key: str | None = None, cors: list[str] | None = None,
+          speculative: str | None = None, announce=print) -> None:
     """Serve `model` until interrupted. The socket is bound before anything is announced,
     so a port in use is an error here, not a line in a log."""
     import socket
@@ -331,7 +368,8 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1
 
     from diptych.errors import InvalidArgumentError
 
-    server = Server(model, parallel=parallel, api_key=api_key, cors=cors)
+    server = Server(model, parallel=parallel, api_key=api_key, cors=cors,
+                    speculative=speculative)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family)
@@ -342,8 +380,10 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     base = f"http://{shown}:{bound}/v1"
     auth = " -H 'Authorization: Bearer $DIPTYCH_API_KEY'" if api_key else ""
+    drafts = {"draft": f", drafted by {model.draft.name if model.draft else ''}",
+              "lookup": ", prompt lookup drafts", None: ""}[speculative]
     announce(f"serving {model.name} at {base} ({parallel} slot{'s' * (parallel > 1)}, "
-             f"n_ctx {model.n_ctx}); Ctrl+C stops")
+             f"n_ctx {model.n_ctx}{drafts}); Ctrl+C stops")
     announce(f"try: curl {base}/chat/completions -H 'Content-Type: application/json'{auth} "
              f"-d '{{\"model\": \"{model.name}\", \"messages\": [{{\"role\": \"user\", "
              f"\"content\": \"Hello\"}}]}}'")

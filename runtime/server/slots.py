@@ -3,7 +3,8 @@
 OpenAI requests carry no conversation id, so a request goes to the free slot whose cache
 holds the longest common prefix of its token ids (the second turn of a chat finds its first
 turn there and prefills only the new tail); among equals, and when nothing matches, the
-least recently used slot is taken, which is the one whose cache is overwritten.
+least recently used slot is taken, which is the one whose cache is overwritten. With a
+draft model, each slot has a draft Sequence of its own too.
 """
 
 from __future__ import annotations
@@ -19,24 +20,32 @@ from diptych.inference.engine import Engine, Sequence
 class Slot:
     index: int
     sequence: Sequence
+    draft: Sequence | None = None   # the draft model's cache for this slot
     busy: bool = False
     last_used: int = 0
 
 
+def _sequences(engine: Engine, n: int, what: str) -> list[Sequence]:
+    """The engine's first sequence and n - 1 more, after checking they fit."""
+    need, room, mib = (n - 1) * engine.sequence_bytes, engine.cache_room(), 1 << 20
+    if need > room:
+        raise OutOfMemoryError(
+            f"{n} slots need {n - 1} more {what}caches of "
+            f"{engine.sequence_bytes / mib:.1f} MiB each ({need / mib:.0f} MiB) but "
+            f"{max(room, 0) / mib:.0f} MiB is available; serve with a smaller --parallel or "
+            f"--n-ctx")
+    return [engine.main] + [engine.open_sequence() for _ in range(n - 1)]
+
+
 class SlotPool:
     """`n` slots over `engine`: its first sequence and n - 1 more, each with a cache of the
-    engine's n_ctx (opening them checks the memory: OutOfMemoryError when they do not fit).
-    Used from the scheduler's thread only."""
+    engine's n_ctx (opening them checks the memory: OutOfMemoryError when they do not fit),
+    and as many over a `draft` model's engine. Used from the scheduler's thread only."""
 
-    def __init__(self, engine: Engine, n: int):
-        need, room, mib = (n - 1) * engine.sequence_bytes, engine.cache_room(), 1 << 20
-        if need > room:
-            raise OutOfMemoryError(
-                f"{n} slots need {n - 1} more caches of {engine.sequence_bytes / mib:.1f} MiB "
-                f"each ({need / mib:.0f} MiB) but {max(room, 0) / mib:.0f} MiB is available; "
-                f"serve with a smaller --parallel or --n-ctx")
-        sequences = [engine.main] + [engine.open_sequence() for _ in range(n - 1)]
-        self.slots = [Slot(i, s) for i, s in enumerate(sequences)]
+    def __init__(self, engine: Engine, n: int, draft: Engine | None = None):
+        sequences = _sequences(engine, n, "")
+        drafts = _sequences(draft, n, "draft ") if draft is not None else [None] * n
+        self.slots = [Slot(i, s, d) for i, (s, d) in enumerate(zip(sequences, drafts))]
         self._clock = itertools.count(1)
 
     def acquire(self, ids: list[int]) -> Slot | None:

@@ -1,7 +1,8 @@
 """A request's JSON body -> `GenerationRequest`, or an `APIError` naming the field.
 
 Fields follow OpenAI's API (plus top_k, min_p and repetition_penalty, as llama-server and
-vLLM take them); a field the server does not know is refused rather than ignored, so a
+vLLM take them, and diptych's speculative decoding options: speculative, draft_max,
+lookup_ngram, as `Model.stream` names them); a field the server does not know is refused rather than ignored, so a
 client never believes an option took effect when it did not. Sampling fields that are
 absent or null keep the model's defaults (`Model.sampling`), as `diptych run` does.
 """
@@ -20,7 +21,9 @@ MAX_STOPS = 16
 IGNORED = {"user", "store", "metadata", "parallel_tool_calls", "service_tier"}
 SAMPLING = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty", "seed", "logit_bias"}
-COMMON = SAMPLING | IGNORED | {"model", "max_tokens", "stop", "n", "stream", "stream_options"}
+SPECULATIVE = {"speculative", "draft_max", "lookup_ngram"}
+COMMON = SAMPLING | IGNORED | SPECULATIVE | {"model", "max_tokens", "stop", "n", "stream",
+                                            "stream_options"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
                         "response_format", "tools", "tool_choice"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
@@ -42,6 +45,10 @@ class GenerationRequest:
     logprobs: int | None = None     # None: off; n: the chosen token's and the top n
     tools: list[dict] | None = None
     json_schema: dict | bool | None = None   # response_format: what the output must follow
+    # speculative decoding: "draft", "lookup", None (plain), or absent: the server's choice
+    speculative: str | None = "default"
+    draft_max: int | None = None
+    lookup_ngram: int | None = None
 
 
 def parse_body(raw: bytes) -> dict:
@@ -128,6 +135,13 @@ def _common(body: dict, req: GenerationRequest, max_tokens_limit: int) -> None:
     s["frequency_penalty"] = _number(body, "frequency_penalty", -2.0, 2.0)
     s["seed"] = _integer(body, "seed", 0, 2**63 - 1)
     s["logit_bias"] = _logit_bias(body.get("logit_bias"))
+    if "speculative" in body:
+        mode = body["speculative"]
+        if mode not in ("draft", "lookup", "none", None):
+            raise invalid("'speculative' must be 'draft', 'lookup' or 'none'", "speculative")
+        req.speculative = None if mode in ("none", None) else mode
+    req.draft_max = _integer(body, "draft_max", 1, 1 << 10)
+    req.lookup_ngram = _integer(body, "lookup_ngram", 1, 16)
 
 
 def _known(body: dict, allowed: set[str]) -> None:

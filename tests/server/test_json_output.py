@@ -1,16 +1,19 @@
 """Constrained decoding: JSON mode and JSON schemas, through the Python API and the server;
-the output always parses and validates (jsonschema)."""
+the output always parses and validates (jsonschema), with speculative decoding too."""
 
 from __future__ import annotations
 
 import json
 
 import jsonschema
+import numpy as np
 import pytest
 
 from diptych.errors import InvalidArgumentError
+from diptych.inference.constraint import JsonConstraint
+from diptych.inference.speculative import DEFAULT_DRAFT_MAX, Costs
 
-from .conftest import Raw
+from .conftest import InWorker, Raw
 
 pytestmark = pytest.mark.real
 
@@ -28,6 +31,48 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 def test_model_stream_follows_the_schema_when_sampling(smol_model, seed):
     text = smol_model.chat(ASK, max_tokens=60, json_schema=PERSON, temperature=1.0, seed=seed)
     jsonschema.validate(json.loads(text), PERSON)
+
+
+NEAR_TIE = 1e-3   # fp32 activations: a wide verify step rounds differently
+
+
+@pytest.fixture(scope="module")
+def smol_drafted(smollm2_path):
+    """SmolLM2 drafting for itself (a second copy: every draft the same model's guess)."""
+    import diptych
+
+    model = diptych.load(smollm2_path, n_ctx=512, draft=smollm2_path)
+    for mode in ("draft", "lookup"):   # draft whatever the measured costs say
+        model._spec_costs[(mode, DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    return InWorker(model)
+
+
+@pytest.mark.parametrize("mode", ["draft", "lookup"])
+def test_speculative_json_schema_equals_plain_greedy(smol_drafted, mode):
+    """Greedy, up to the first near-tie among the tokens the grammar allows there."""
+    m = smol_drafted
+    prompt = m.chat_prompt([{"role": "user", "content": "Describe a person as JSON, like "
+                             '{"name": "Ann", "age": 30, "pets": ["cat"]}.'}])
+
+    def run(speculative):
+        pieces = m.stream(prompt, 60, json_schema=PERSON, temperature=0, speculative=speculative)
+        return [t for p in pieces for t in p.token_ids], pieces[-1]
+
+    plain, last = run(None)
+    spec, spec_last = run(mode)
+    assert last.finish_reason == "stop"
+    jsonschema.validate(json.loads(m.detokenize(plain[:-1])), PERSON)
+    assert spec_last.timings.accepted > 0
+    for i, (a, b) in enumerate(zip(spec, plain)):
+        if a != b:
+            grammar = JsonConstraint(m.tokenizer, m.config.vocab_size, PERSON)
+            for t in plain[:i]:
+                grammar.advance(t)
+            row = m.logits(prompt + plain[:i])[-1][grammar.allowed()]
+            top2 = np.sort(row)[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE, (i, a, b)
+            return
+    assert spec == plain
 
 
 def test_model_stream_refuses_a_broken_schema(smol_model):
