@@ -42,11 +42,39 @@ class _Vocabulary:
                        else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self.tokens += [b""] * (n_vocab - len(self.tokens))   # ids the model has, unnamed
         self.is_tokenizer_wrapper = True
+        self._by_bytes: dict[bytes, int] | None = None   # token bytes -> id, built on first need
 
     def __call__(self, text) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tok.encode(text, add_bos=False, parse_special=False)
+        if not self._tok.strips_leading_space:
+            return self._tok.encode(text, add_bos=False, parse_special=False)
+        # SentencePiece with add_space_prefix puts a space before the text, and llguidance needs
+        # tokens that spell exactly `text`: drop that space from the first token and spell the
+        # rest of that token from the vocabulary (longest match first).
+        ids = self._tok.encode(text, add_bos=False, parse_special=False)
+        first = self._tok.token_bytes(ids[0]) if ids else b""
+        if not first.startswith(b" "):
+            return ids
+        return self._spell(first[1:]) + ids[1:]
+
+    def _spell(self, data: bytes) -> list[int]:
+        if self._by_bytes is None:
+            self._by_bytes = {}
+            for i, b in enumerate(self.tokens):
+                if b and not b.startswith(b"\xff"):
+                    self._by_bytes.setdefault(b, i)
+        longest = max(map(len, self._by_bytes))
+        out, pos = [], 0
+        while pos < len(data):
+            for end in range(min(len(data), pos + longest), pos, -1):
+                if data[pos:end] in self._by_bytes:
+                    out.append(self._by_bytes[data[pos:end]])
+                    pos = end
+                    break
+            else:
+                raise InvalidArgumentError(f"the vocabulary cannot spell {data!r}")
+        return out
 
 
 @lru_cache(maxsize=4)
