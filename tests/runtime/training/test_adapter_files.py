@@ -8,10 +8,9 @@ import torch
 import diptych
 from diptych.errors import InvalidArgumentError, ModelFileError
 from diptych.model.adapter_files import LoraAdapter, read_adapter, write_adapter
-from diptych.model.adapters import target_shape
-from diptych.training.lora import choose_targets
 
 from ...tiny_models import tiny_hf_model, write_gguf
+from .random_adapter import random_adapter
 
 IDS = [1, 5, 9, 22, 7, 40, 3, 17, 60, 2]
 
@@ -32,22 +31,12 @@ def _close(got, want):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def _random_adapter(model, rslora):
-    rng = np.random.default_rng(1)
-    pairs = {}
-    for i, module in choose_targets(model.config, model.engine.weights, None, None):
-        n_out, n_in = target_shape(model.config, i, module)
-        pairs[i, module] = (rng.standard_normal((4, n_in)).astype(np.float32) * 0.2,
-                            rng.standard_normal((n_out, 4)).astype(np.float32) * 0.2)
-    return LoraAdapter(pairs, alpha=6.0, rank=4, rslora=rslora, base_model="tiny-llama")
-
-
 @pytest.mark.parametrize("rslora", [False, True])
 def test_our_adapter_in_peft_and_as_gguf_gives_our_logits(llama, tmp_path, rslora):
     from peft import PeftModel
 
     hf, _, model = llama
-    adapter = _random_adapter(model, rslora)
+    adapter = random_adapter(model, 1, rslora)
     write_adapter(adapter, model.config, tmp_path)
     model.set_adapter(tmp_path)
     ours = model.logits(IDS)
