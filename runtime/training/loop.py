@@ -35,7 +35,7 @@ from diptych.errors import InvalidArgumentError
 from diptych.model.adapter_files import LoraAdapter, write_adapter
 from diptych.model.graph import forward_all, head
 
-from . import checkpoint
+from . import allocator, checkpoint
 from .data import Example
 from .lora import attach, choose_targets, initial_pairs
 from .options import TrainOptions
@@ -208,8 +208,10 @@ class Trainer:
 
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> FinetuneResult:
         """Train to the last update (or Ctrl+C), checkpointing as the options ask; the
-        adapter and a checkpoint are saved at the end either way."""
+        adapter and a checkpoint are saved at the end either way. Sets the C allocator to
+        hand freed memory back (`allocator`: process-wide, and it stays so)."""
         o = self.options
+        allocator.hand_back_freed_memory()
         started, tokens, done_here = time.monotonic(), 0, 0
         interrupted = False
         with self._sigint():
@@ -219,6 +221,7 @@ class Trainer:
                     interrupted = True
                     break
                 loss, n = result
+                allocator.trim()
                 self.step += 1
                 done_here, tokens = done_here + 1, tokens + n
                 self.history["train"].append(loss)
