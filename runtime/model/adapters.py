@@ -53,21 +53,23 @@ def target_shape(cfg: ModelConfig, index: int, target: str) -> tuple[int, int]:
     return shapes[target]
 
 
-def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float) -> LoRA:
+def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float,
+             dropout: float = 0.0, seed: int = 0) -> LoRA:
     """Put the pair A (r, in), B (out, r) (backend arrays) on `target` of `layer`, scaled
-    by `scale` (alpha / r, or alpha / sqrt(r) for rsLoRA: the caller's choice)."""
+    by `scale` (alpha / r, or alpha / sqrt(r) for rsLoRA: the caller's choice); `dropout`
+    on its input with the mask of `seed` (training only)."""
     if target not in TARGETS:
         raise InvalidArgumentError(f"no LoRA target {target!r}; targets: {', '.join(TARGETS)}")
     own, stacked, part = TARGETS[target]
     if getattr(layer, own) is not None:
-        name, pair = own, LoRA(a, b, scale)
+        name, pair = own, LoRA(a, b, scale, None, dropout, seed)
     elif stacked is not None and getattr(layer, stacked) is not None:
         sizes = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim) if stacked == "wqkv" else (cfg.d_ff,) * 2
         if b.shape[0] != sizes[part]:
             raise InvalidArgumentError(f"{target}: B has {b.shape[0]} rows, the projection "
                                        f"{sizes[part]}")
         start = sum(sizes[:part])
-        name, pair = stacked, LoRA(a, b, scale, (start, start + sizes[part]))
+        name, pair = stacked, LoRA(a, b, scale, (start, start + sizes[part]), dropout, seed)
     else:
         raise InvalidArgumentError(f"this model's layer has no {target}")
     layer.adapters.setdefault(name, []).append(pair)

@@ -37,7 +37,7 @@ from diptych.model.graph import forward_all, head
 
 from . import allocator, checkpoint
 from .data import Example
-from .lora import attach, choose_targets, initial_pairs
+from .lora import attach, choose_targets, dropout_seeds, initial_pairs
 from .options import TrainOptions
 from .schedule import learning_rate
 
@@ -133,14 +133,15 @@ class Trainer:
                 for k in range(o.grad_accumulation)]
 
     # -- loss ------------------------------------------------------------------------------
-    def _loss(self, params, batch: _Batch, denominator: float):
-        """The summed masked negative log-likelihood of `batch` over `denominator`.
+    def _loss(self, params, batch: _Batch, denominator: float, seeds: list[int] | None = None):
+        """The summed masked negative log-likelihood of `batch` over `denominator`; with
+        `seeds` (training), the pairs' inputs go through dropout with those masks.
 
         With gradient checkpointing the output head and the loss run over pieces of
         HEAD_POSITIONS positions, each recomputed in the backward pass, so that no more than
         one piece's (positions, vocab) logits is ever held."""
         be, cfg, o = self.be, self.cfg, self.options
-        attach(cfg, self.weights, self.keys, params, o.scale)
+        attach(cfg, self.weights, self.keys, params, o.scale, o.dropout, seeds)
         h = forward_all(be, cfg, self.weights, batch.inputs, recompute=o.grad_checkpointing,
                         hidden_only=True)
         rows, width = batch.shape
@@ -183,9 +184,11 @@ class Trainer:
         batches = self._micro_batches(update)
         denominator = max(1, sum(b.count for b in batches))
         loss, grads = 0.0, None
-        for batch in batches:
-            value, g = self.be.value_and_grad(lambda p: self._loss(p, batch, denominator),
-                                              self.params)
+        for k, batch in enumerate(batches):
+            seeds = dropout_seeds(self.options.seed, update, k, len(self.keys)) \
+                if self.options.dropout else None
+            value, g = self.be.value_and_grad(
+                lambda p: self._loss(p, batch, denominator, seeds), self.params)
             loss += value
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
             if self._stop:

@@ -1,5 +1,7 @@
 """The training loop: exact resume from a checkpoint, the schedule, accumulation, options."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -31,9 +33,12 @@ OPTIONS = TrainOptions(rank=2, alpha=4, batch_size=2, grad_accumulation=2, steps
                        warmup_steps=2, learning_rate=1e-2, weight_decay=0.01, seed=3)
 
 
-def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_path, dropout):
+    options = dataclasses.replace(OPTIONS, dropout=dropout)
+
     def run(out, stop_at=None, resume=None):
-        trainer = Trainer(engine.backend, engine.cfg, engine.weights, _examples(), OPTIONS, out,
+        trainer = Trainer(engine.backend, engine.cfg, engine.weights, _examples(), options, out,
                           valid=_examples(2), resume=resume)
 
         def stop(report):
