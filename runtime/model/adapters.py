@@ -6,9 +6,12 @@ passes to `linear`. Where the base holds the projection inside a stacked matrix 
 as one `wqkv`; gate and up as one `w_gate_up`), the pair goes on the stacked matrix with
 `rows` set to the projection's rows there, so its output lands on those rows only.
 
-B's rows are in Hugging Face order, the order of the base after load (llama-family Q/K
-rows are un-permuted at load, so a GGUF LoRA's B, permuted like its base, needs the same
-row order applied on its way in).
+Adapter files hold B's rows in Hugging Face order. That is the order of the base after
+load (llama-family Q/K rows are un-permuted at load, so a GGUF LoRA's B, permuted like its
+base, needs the same row order applied on its way in), except in MLA layers: there the
+RoPE rows of q / q_b and kv_a_proj_with_mqa are put from DeepSeek's interleaved pairs into
+NeoX halves at load, so B's rows move the same way on the way in and back on the way out
+(`graph_rows`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 from diptych.backends.base import LoRA
 from diptych.errors import InvalidArgumentError
 
+import numpy as np
+
 from .config import ModelConfig
-from .weights import LayerWeights
+from .weights import LayerWeights, deinterleave_rope_rows
 
 # module name -> (the matrix holding it alone, the stacked matrix holding it, its place there)
 TARGETS = {
@@ -51,6 +56,19 @@ def target_shape(cfg: ModelConfig, index: int, target: str) -> tuple[int, int]:
         shapes.update(q_a_proj=(m.q_lora_rank, d), q_b_proj=(q_out, m.q_lora_rank),
                       kv_a_proj_with_mqa=(m.kv_lora_rank + m.qk_rope, d))
     return shapes[target]
+
+
+def graph_rows(cfg: ModelConfig, target: str) -> np.ndarray | None:
+    """The order that takes B's rows of `target` from Hugging Face order to the order of the
+    loaded base (None: the same): MLA's RoPE rows, deinterleaved at load."""
+    m = cfg.mla
+    if m is None:
+        return None
+    if target in ("q_proj", "q_b_proj"):
+        return deinterleave_rope_rows(cfg.n_heads, m.qk_nope + m.qk_rope, m.qk_rope)
+    if target == "kv_a_proj_with_mqa":
+        return deinterleave_rope_rows(1, m.kv_lora_rank + m.qk_rope, m.qk_rope)
+    return None
 
 
 def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float,
@@ -92,6 +110,9 @@ def apply_adapter(backend, cfg: ModelConfig, layers: list[LayerWeights], pairs: 
                 raise InvalidArgumentError(
                     f"layer {i} {module}: the adapter's pair is {b.shape[0]}x{a.shape[1]}, "
                     f"the model's projection {n_out}x{n_in}: an adapter for another model?")
+            order = graph_rows(cfg, module)
+            if order is not None:
+                b = b[order]
             add_lora(cfg, layers[i], module, backend.prepare_dense(a), backend.prepare_dense(b),
                      scale)
     except InvalidArgumentError:

@@ -33,6 +33,7 @@ import numpy as np
 
 from diptych.errors import InvalidArgumentError
 from diptych.model.adapter_files import LoraAdapter, write_adapter
+from diptych.model.adapters import graph_rows
 from diptych.model.graph import forward_all, head
 
 from . import allocator, checkpoint
@@ -268,8 +269,12 @@ class Trainer:
         return self._adapter([self.be.to_numpy(p) for p in self.params])
 
     def _adapter(self, params: list[np.ndarray]) -> LoraAdapter:
+        """The pairs as adapter files hold them: B's rows back in Hugging Face order."""
         o = self.options
-        pairs = {key: (params[2 * k], params[2 * k + 1]) for k, key in enumerate(self.keys)}
+        pairs = {}
+        for k, (i, module) in enumerate(self.keys):
+            b, order = params[2 * k + 1], graph_rows(self.cfg, module)
+            pairs[i, module] = (params[2 * k], b if order is None else b[np.argsort(order)])
         return LoraAdapter(pairs, o.alpha, o.rank, o.rslora, self.base_model)
 
     def _sigint(self):
