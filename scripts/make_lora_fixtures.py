@@ -16,12 +16,20 @@ under tests/fixtures/lora_smollm2/:
   with ``Llama(..., lora_path=adapter.gguf)``, stored as scripts/make_reference_fixtures.py
   stores its corpus part (``corpus_tokens``, ``corpus_offsets``, ``corpus_topk_ids``,
   ``corpus_topk_logits``, ``corpus_logsumexp``), plus ``llama_cpp_version`` and
-  ``adapter_sha256``.
+  ``adapter_sha256``;
+- ``converted.gguf``: llama.cpp's ``convert_lora_to_gguf.py`` (from llama-cpp-python's
+  source distribution, vendor/llama.cpp) run on the same PEFT folder (``--outtype f32``,
+  ``--base`` a folder holding only the config.json of SmolLM2, written here from the GGUF
+  file's hyper-parameters), and ``converted_reference.npz``: llama.cpp's logits with it, as
+  above.
 
 How to regenerate (llama-cpp-python 0.3.36 built without AMX, as in
 make_reference_fixtures.py), from the repository root::
 
-    python scripts/make_lora_fixtures.py [--smollm2 PATH]
+    pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps   # the sdist
+    tar xzf llama_cpp_python-0.3.36.tar.gz
+    python scripts/make_lora_fixtures.py --llama-cpp-src \
+        llama_cpp_python-0.3.36/vendor/llama.cpp [--smollm2 PATH]
 
 The model defaults to the diptych model cache. llama.cpp runs in a child process.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +80,34 @@ def write_adapter_files(model_path: Path) -> str:
     return digest
 
 
-def llama_cpp_logits(model_path: Path, out: Path) -> None:
-    """llama.cpp with the GGUF LoRA over the corpus (run in a child process)."""
+def convert_with_llama_cpp(model_path: Path, src: Path) -> None:
+    """OUT/converted.gguf by llama.cpp's convert_lora_to_gguf.py from the PEFT folder."""
+    import tempfile
+
+    from diptych.load_plan import LoadPlan
+
+    cfg = LoadPlan.open(model_path, "torch", n_ctx=16).config
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+              "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+              "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
+              "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+              "max_position_embeddings": cfg.context_length,
+              "tie_word_embeddings": cfg.tied_output, "hidden_act": "silu"}
+    with tempfile.TemporaryDirectory() as base:
+        (Path(base) / "config.json").write_text(json.dumps(config))
+        subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", base,
+                        "--outtype", "f32", "--outfile", str(OUT / "converted.gguf"),
+                        str(OUT)], check=True, cwd=src,
+                       env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+
+
+def llama_cpp_logits(model_path: Path, lora: Path, out: Path) -> None:
+    """llama.cpp with the GGUF LoRA `lora` over the corpus (run in a child process)."""
     import llama_cpp
     from llama_cpp_model import open_llama
 
-    llm = open_llama(model_path, lora_path=str(OUT / "adapter.gguf"), **LLAMA_KWARGS)
+    llm = open_llama(model_path, lora_path=str(lora), **LLAMA_KWARGS)
     tokens, ids, logits, lse = [], [], [], []
     for seg in read_corpus():
         toks = llm.tokenize(seg.encode("utf-8"), add_bos=True, special=True)
@@ -99,21 +130,26 @@ def llama_cpp_logits(model_path: Path, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smollm2", type=Path, default=None)
-    p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--llama-cpp-src", type=Path, required=True,
+                   help="vendor/llama.cpp of llama-cpp-python's source distribution")
+    p.add_argument("--child", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     model_path = args.smollm2 or default_model_path("smollm2")
     if args.child is not None:
-        llama_cpp_logits(model_path, args.child)
+        llama_cpp_logits(model_path, *args.child)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     digest = write_adapter_files(model_path)
-    out = OUT / "reference.npz"
-    subprocess.run([sys.executable, __file__, "--smollm2", str(model_path), "--child",
-                    str(out)], check=True)
-    with np.load(out) as f:
+    convert_with_llama_cpp(model_path, args.llama_cpp_src.resolve())
+    for lora, out in ((OUT / "adapter.gguf", OUT / "reference.npz"),
+                      (OUT / "converted.gguf", OUT / "converted_reference.npz")):
+        subprocess.run([sys.executable, __file__, "--smollm2", str(model_path),
+                        "--llama-cpp-src", str(args.llama_cpp_src), "--child", str(lora),
+                        str(out)], check=True)
+    with np.load(OUT / "reference.npz") as f:
         ref = dict(f)
     ref["adapter_sha256"] = np.array(digest)
-    np.savez_compressed(out, **ref)
+    np.savez_compressed(OUT / "reference.npz", **ref)
     print(json.dumps({"adapter_sha256": digest, "positions": int(len(ref["corpus_tokens"]))}))
 
 
