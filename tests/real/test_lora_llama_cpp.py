@@ -44,7 +44,7 @@ def test_with_the_gguf_lora_our_logits_agree_with_llama_cpp(smollm2_path):
     # the adapter matters: llama.cpp's top-1 moved at a good share of the positions
     moved = ref["corpus_topk_ids"][:, 0] != base["corpus_topk_ids"][:, 0]
     assert moved.mean() > 0.15   # 0.22
-    _agrees(smollm2_path, LORA / "adapter.gguf", ref, 3)   # 1412 positions
+    _agrees(smollm2_path, LORA / "adapter.gguf", ref, 2)   # 772 positions
 
 
 def test_llama_cpp_s_conversion_of_the_peft_adapter_loads_and_agrees(smollm2, smollm2_path):
@@ -54,4 +54,6 @@ def test_llama_cpp_s_conversion_of_the_peft_adapter_loads_and_agrees(smollm2, sm
     for key, (a, b) in peft.pairs.items():   # lora_b of attn_q/attn_k un-permuted on the way in
         assert np.array_equal(converted.pairs[key][0], a)
         assert np.array_equal(converted.pairs[key][1], b)
-    _agrees(smollm2_path, LORA / "converted.gguf", _reference("converted_reference.npz"), 2)
+    # the pairs are the PEFT adapter's exactly: one segment (391 positions) for the file's
+    # scaling and names as llama.cpp reads them
+    _agrees(smollm2_path, LORA / "converted.gguf", _reference("converted_reference.npz"), 1)

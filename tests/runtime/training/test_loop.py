@@ -33,9 +33,8 @@ OPTIONS = TrainOptions(rank=2, alpha=4, batch_size=2, grad_accumulation=2, steps
                        warmup_steps=2, learning_rate=1e-2, weight_decay=0.01, seed=3)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_path, dropout):
-    options = dataclasses.replace(OPTIONS, dropout=dropout)
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_path):
+    options = dataclasses.replace(OPTIONS, dropout=0.2)   # its masks are redrawn alike too
 
     def run(out, stop_at=None, resume=None):
         trainer = Trainer(engine.backend, engine.cfg, engine.weights, _examples(), options, out,
