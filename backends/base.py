@@ -43,12 +43,16 @@ class LoRA:
     """A low-rank pair beside a frozen base matrix W (N, K): `linear` adds
     scale * (x A^T) B^T, with A (r, K) and B (n, r) backend arrays in PEFT's shapes. `rows`
     (start, stop) places the n outputs on those rows of a stacked matrix (an adapter on q
-    within Q, K and V stored as one), all N rows when None (then n == N)."""
+    within Q, K and V stored as one), all N rows when None (then n == N). With `dropout`
+    > 0 (training), x goes through `Backend.dropout(x, dropout, seed)` before A, as PEFT's
+    lora_dropout does."""
 
     a: Array
     b: Array
     scale: float
     rows: tuple[int, int] | None = None
+    dropout: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -316,6 +320,12 @@ class Backend(ABC):
         """One AdamW update (decoupled weight decay, bias-corrected moments) of each param
         with its gradient; `step` counts from 1. Returns the new params and moments (a
         backend may update them in place and return them)."""
+        raise NotImplementedError(f"{self.name} does not train")
+
+    def dropout(self, x: Array, p: float, seed: int) -> Array:
+        """x with each element zeroed with probability p and the others divided by 1 - p.
+        The mask depends on (seed, x's shape) alone, so a recomputed layer (`checkpoint`)
+        draws the one its forward pass drew."""
         raise NotImplementedError(f"{self.name} does not train")
 
     def checkpoint(self, fn):

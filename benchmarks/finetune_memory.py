@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--no-checkpointing", action="store_true")
     args = p.parse_args()
     from diptych.load_plan import LoadPlan
+    from diptych.training import allocator
     from diptych.training.data import Example
     from diptych.training.loop import Trainer
     from diptych.training.options import TrainOptions
@@ -43,6 +44,7 @@ def main() -> None:
     opts = TrainOptions(rank=args.rank, batch_size=args.batch, max_seq_len=args.seq,
                         grad_checkpointing=not args.no_checkpointing, steps=1)
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples, opts, "/tmp/finetune-memory")
+    allocator.hand_back_freed_memory()   # as Trainer.run does
     trainer.gradients(0)
     print("step    ", mib())
 

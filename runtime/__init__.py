@@ -8,10 +8,11 @@ from .errors import (ContextOverflowError, DatasetError, DiptychError, Generatio
 from .inference.sampling import SamplingParams
 from .sources.quantize import quantize
 from .training.finetune import finetune
+from .training.fuse import fuse
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "quantize", "finetune", "Model", "SamplingParams", "DiptychError",
+__all__ = ["load", "quantize", "finetune", "fuse", "Model", "SamplingParams", "DiptychError",
            "ModelFileError", "UnsupportedModelError", "SamplingError", "InvalidArgumentError",
            "ContextOverflowError", "OutOfMemoryError", "NumericalError", "GenerationSuperseded",
            "IncompatibleDraftError", "HubError", "DatasetError", "MissingDependencyError"]

@@ -48,6 +48,7 @@ KL_BOUNDS = {
 __all__ = [
     "TIE_MARGIN", "KL_BOUNDS", "load_reference", "corpus_segments", "prompt_tokens",
     "log_softmax_rows", "ref_gap_to_tokens", "top1_agreement", "kl_ref_ours", "greedy_check",
+    "corpus_agreement",
 ]
 
 
@@ -226,3 +227,19 @@ def greedy_failures(model, fx: Mapping[str, Any], n_prompts: int | None = None) 
         if result["status"] not in ("match", "tie"):
             failures.append((i, result["status"], result["step"]))
     return failures
+
+
+def corpus_agreement(model, fx: Mapping[str, Any],
+                     n_segments: int | None = None) -> tuple[float, np.ndarray]:
+    """``model``'s logits over the fixture's corpus segments (the first ``n_segments``): the
+    share of top-1 agreement outside near-ties, and the KL of every position."""
+    agree, n_out, kls = 0, 0, []
+    for seg in corpus_segments(fx)[:n_segments]:
+        ours = model.logits(fx["corpus_tokens"][seg].tolist())
+        top = top1_agreement(ours, fx["corpus_topk_ids"][seg], fx["corpus_topk_logits"][seg])
+        agree += top["n_outside_ties"] - len(top["mismatches"])
+        n_out += top["n_outside_ties"]
+        kl, _ = kl_ref_ours(ours, fx["corpus_topk_ids"][seg], fx["corpus_topk_logits"][seg],
+                            fx["corpus_logsumexp"][seg])
+        kls.append(kl)
+    return agree / n_out, np.concatenate(kls)

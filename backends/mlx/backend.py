@@ -191,7 +191,8 @@ class MLXBackend(Backend):
             y = y.astype(self.dtype)
         y = y if bias is None else y + bias
         for p in adapter or ():  # beside the base: y + scale * (x A^T) B^T on the pair's rows
-            delta = ((x @ p.a.T) @ p.b.T * p.scale).astype(y.dtype)
+            xa = self.dropout(x, p.dropout, p.seed) if p.dropout else x
+            delta = ((xa @ p.a.T) @ p.b.T * p.scale).astype(y.dtype)
             if p.rows is not None:
                 pad = [(0, 0)] * (delta.ndim - 1) + [(p.rows[0], y.shape[-1] - p.rows[1])]
                 delta = mx.pad(delta, pad)
@@ -329,6 +330,10 @@ class MLXBackend(Backend):
             new_moments.append((m, v))
         mx.eval(new_params, new_moments)
         return new_params, new_moments
+
+    def dropout(self, x, p, seed):
+        keep = mx.random.bernoulli(1 - p, x.shape, key=mx.random.key(seed))
+        return mx.where(keep, x / (1 - p), mx.zeros_like(x))
 
     # `checkpoint` stays the base's fn itself: mx.checkpoint differentiates only the
     # function's explicit inputs, and the adapter arrays reach a layer through the weight

@@ -92,6 +92,11 @@ class TorchBackend(Backend):
             out.append((m, v))
         return params, out
 
+    def dropout(self, x, p, seed):
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+        return x * keep / (1 - p)
+
     def checkpoint(self, fn):
         from torch.utils.checkpoint import checkpoint
 
@@ -115,7 +120,8 @@ class TorchBackend(Backend):
         """y + scale * (x A^T) B^T for each pair, on its rows of y: the subclasses' `linear`
         ends here. Computed in the pairs' dtype (autograd records it for A and B)."""
         for p in adapter or ():
-            delta = ((x.to(p.a.dtype) @ p.a.T) @ p.b.T * p.scale).to(y.dtype)
+            xa = self.dropout(x, p.dropout, p.seed) if p.dropout else x
+            delta = ((xa.to(p.a.dtype) @ p.a.T) @ p.b.T * p.scale).to(y.dtype)
             if p.rows is not None:
                 delta = F.pad(delta, (p.rows[0], y.shape[-1] - p.rows[1]))
             y = y + delta

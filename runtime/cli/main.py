@@ -274,6 +274,24 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_fuse(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from diptych.training.fuse import fuse
+
+    with Progress(TextColumn("fusing {task.description:<36}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("", total=None)
+        result = fuse(args.model, args.adapter, args.out, args.type, scale=args.scale,
+                      progress=lambda name, done, total: bar.update(
+                          task, description=name, completed=done, total=total))
+    out = result.path
+    print(f"wrote {out} ({out.stat().st_size / (1 << 20):.1f} MiB, {len(result.fused)} "
+          f"matrices merged)")
+    print(result.summary())
+    return 0
+
+
 def cmd_imatrix(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -534,6 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     device_opt(sp)
     add_options(sp)
     sp.set_defaults(func=cmd_finetune)
+
+    from diptych.training.fuse import FUSE_TYPES
+
+    sp = command("fuse", help="merge a LoRA adapter into a model's weights, written as GGUF")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face folder or org/repo[:QUANT]")
+    sp.add_argument("adapter", help="a PEFT folder, a GGUF LoRA file or a finetune run's folder")
+    sp.add_argument("out", help="the .gguf file to write")
+    sp.add_argument("--type", default=None, type=str.upper, choices=FUSE_TYPES,
+                    help="F32, F16, BF16 or a quantization mix (default: each tensor keeps "
+                         "its type; a merged matrix written quantized is rounded again)")
+    sp.add_argument("--scale", type=float, default=1.0,
+                    help="multiply the adapter's scaling by this (default: 1)")
+    sp.set_defaults(func=cmd_fuse)
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
                  "chunked method), and KL divergence against a base model")

@@ -83,6 +83,15 @@ def _qk_heads(cfg: ModelConfig, module: str) -> int | None:
     return {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(module)
 
 
+def gguf_placement(cfg: ModelConfig, i: int, module: str,
+                   n_rows: int) -> tuple[str, np.ndarray | None]:
+    """The GGUF tensor that holds projection `module` of layer `i`, and the order that puts
+    B's `n_rows` rows (Hugging Face order) into that tensor's row order (None: the same)."""
+    heads = _qk_heads(cfg, module)
+    order = np.argsort(unpermute_rows(n_rows, heads)) if heads else None
+    return _gguf_name(cfg, i, module), order
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
@@ -170,10 +179,9 @@ def write_gguf_lora(adapter: LoraAdapter, cfg: ModelConfig, path: Path) -> None:
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(alpha))
         for (i, module), (a, b) in sorted(adapter.pairs.items()):
-            heads = _qk_heads(cfg, module)
-            if heads:  # back to the file's order: the inverse of the load-time reorder
-                b = b[np.argsort(unpermute_rows(b.shape[0], heads))]
-            name = _gguf_name(cfg, i, module)
+            name, order = gguf_placement(cfg, i, module, b.shape[0])
+            if order is not None:  # back to the file's order: the inverse of the load's
+                b = b[order]
             w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, np.float32))
             w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, np.float32))
         w.write_header_to_file()

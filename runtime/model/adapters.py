@@ -6,9 +6,12 @@ passes to `linear`. Where the base holds the projection inside a stacked matrix 
 as one `wqkv`; gate and up as one `w_gate_up`), the pair goes on the stacked matrix with
 `rows` set to the projection's rows there, so its output lands on those rows only.
 
-B's rows are in Hugging Face order, the order of the base after load (llama-family Q/K
-rows are un-permuted at load, so a GGUF LoRA's B, permuted like its base, needs the same
-row order applied on its way in).
+Adapter files hold B's rows in Hugging Face order. That is the order of the base after
+load (llama-family Q/K rows are un-permuted at load, so a GGUF LoRA's B, permuted like its
+base, needs the same row order applied on its way in), except in MLA layers: there the
+RoPE rows of q / q_b and kv_a_proj_with_mqa are put from DeepSeek's interleaved pairs into
+NeoX halves at load, so B's rows move the same way on the way in and back on the way out
+(`graph_rows`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 from diptych.backends.base import LoRA
 from diptych.errors import InvalidArgumentError
 
+import numpy as np
+
 from .config import ModelConfig
-from .weights import LayerWeights
+from .weights import LayerWeights, deinterleave_rope_rows
 
 # module name -> (the matrix holding it alone, the stacked matrix holding it, its place there)
 TARGETS = {
@@ -53,21 +58,36 @@ def target_shape(cfg: ModelConfig, index: int, target: str) -> tuple[int, int]:
     return shapes[target]
 
 
-def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float) -> LoRA:
+def graph_rows(cfg: ModelConfig, target: str) -> np.ndarray | None:
+    """The order that takes B's rows of `target` from Hugging Face order to the order of the
+    loaded base (None: the same): MLA's RoPE rows, deinterleaved at load."""
+    m = cfg.mla
+    if m is None:
+        return None
+    if target in ("q_proj", "q_b_proj"):
+        return deinterleave_rope_rows(cfg.n_heads, m.qk_nope + m.qk_rope, m.qk_rope)
+    if target == "kv_a_proj_with_mqa":
+        return deinterleave_rope_rows(1, m.kv_lora_rank + m.qk_rope, m.qk_rope)
+    return None
+
+
+def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: float,
+             dropout: float = 0.0, seed: int = 0) -> LoRA:
     """Put the pair A (r, in), B (out, r) (backend arrays) on `target` of `layer`, scaled
-    by `scale` (alpha / r, or alpha / sqrt(r) for rsLoRA: the caller's choice)."""
+    by `scale` (alpha / r, or alpha / sqrt(r) for rsLoRA: the caller's choice); `dropout`
+    on its input with the mask of `seed` (training only)."""
     if target not in TARGETS:
         raise InvalidArgumentError(f"no LoRA target {target!r}; targets: {', '.join(TARGETS)}")
     own, stacked, part = TARGETS[target]
     if getattr(layer, own) is not None:
-        name, pair = own, LoRA(a, b, scale)
+        name, pair = own, LoRA(a, b, scale, None, dropout, seed)
     elif stacked is not None and getattr(layer, stacked) is not None:
         sizes = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim) if stacked == "wqkv" else (cfg.d_ff,) * 2
         if b.shape[0] != sizes[part]:
             raise InvalidArgumentError(f"{target}: B has {b.shape[0]} rows, the projection "
                                        f"{sizes[part]}")
         start = sum(sizes[:part])
-        name, pair = stacked, LoRA(a, b, scale, (start, start + sizes[part]))
+        name, pair = stacked, LoRA(a, b, scale, (start, start + sizes[part]), dropout, seed)
     else:
         raise InvalidArgumentError(f"this model's layer has no {target}")
     layer.adapters.setdefault(name, []).append(pair)
@@ -90,6 +110,9 @@ def apply_adapter(backend, cfg: ModelConfig, layers: list[LayerWeights], pairs: 
                 raise InvalidArgumentError(
                     f"layer {i} {module}: the adapter's pair is {b.shape[0]}x{a.shape[1]}, "
                     f"the model's projection {n_out}x{n_in}: an adapter for another model?")
+            order = graph_rows(cfg, module)
+            if order is not None:
+                b = b[order]
             add_lora(cfg, layers[i], module, backend.prepare_dense(a), backend.prepare_dense(b),
                      scale)
     except InvalidArgumentError:

@@ -37,13 +37,18 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
     x = be.embed(w.tok_embd, tokens)
     if cfg.embed_scale != 1.0:
         x = x * cfg.embed_scale
-    h = be.rms_norm(x, w.layers[0].attn_norm, cfg.rms_eps)
     # each residual add is fused with the norm that follows it (the next layer's, or the
     # output norm after the last layer)
     next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]
-    for i, layer in enumerate(w.layers):
-        block = partial(_block, be, cfg, layer, kv, i, step, w.ropes[i], next_norms[i])
-        x, h = (be.checkpoint(block) if recompute else block)(x, h)
+    if recompute:  # a checkpointed layer keeps only x (B, T, D): h = norm(x) comes back with it
+        for i, layer in enumerate(w.layers):
+            x = be.checkpoint(partial(_block_from_residual, be, cfg, layer, kv, i, step,
+                                      w.ropes[i], next_norms[i]))(x)
+        h = be.rms_norm(x, w.output_norm, cfg.rms_eps)
+    else:
+        h = be.rms_norm(x, w.layers[0].attn_norm, cfg.rms_eps)
+        for i, layer in enumerate(w.layers):
+            x, h = _block(be, cfg, layer, kv, i, step, w.ropes[i], next_norms[i], x, h)
 
     if hidden_only:
         return h
@@ -118,6 +123,13 @@ def _block(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step, ro
     if layer.post_ffn_norm is not None:
         f = be.rms_norm(f, layer.post_ffn_norm, eps)
     return be.add_rms_norm(f, x, next_norm, eps)
+
+
+def _block_from_residual(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step,
+                         rope: RopeSpec, next_norm, x):
+    """`_block` from the residual stream alone (its normed h recomputed): the next x."""
+    h = be.rms_norm(x, layer.attn_norm, cfg.rms_eps)
+    return _block(be, cfg, layer, kv, i, step, rope, next_norm, x, h)[0]
 
 
 def _linear(be, layer: LayerWeights, name: str, x, bias=None):

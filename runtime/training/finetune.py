@@ -37,7 +37,7 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
     {"prompt", "completion"} or {"messages"}); `test=True` takes the directory's test.jsonl.
     Test loss and perplexity are computed only when there is a test set. `resume`: a run's folder to continue (`out`
     defaults to it). `config`: a YAML or TOML file of options; keyword options override it.
-    Options: see `TrainOptions` (rank, alpha, rslora, modules, layers, learning_rate,
+    Options: see `TrainOptions` (rank, alpha, rslora, dropout, modules, layers, learning_rate,
     warmup_steps, weight_decay, batch_size, grad_accumulation, max_seq_len,
     grad_checkpointing, seed, steps, epochs, eval_every, save_every, ...). `progress`
     receives a StepReport after each update. `stop`: set it (from any thread) to end the

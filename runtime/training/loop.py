@@ -33,11 +33,12 @@ import numpy as np
 
 from diptych.errors import InvalidArgumentError
 from diptych.model.adapter_files import LoraAdapter, write_adapter
+from diptych.model.adapters import graph_rows
 from diptych.model.graph import forward_all, head
 
-from . import checkpoint
+from . import allocator, checkpoint
 from .data import Example
-from .lora import attach, choose_targets, initial_pairs
+from .lora import attach, choose_targets, dropout_seeds, initial_pairs
 from .options import TrainOptions
 from .schedule import learning_rate
 
@@ -135,14 +136,15 @@ class Trainer:
                 for k in range(o.grad_accumulation)]
 
     # -- loss ------------------------------------------------------------------------------
-    def _loss(self, params, batch: _Batch, denominator: float):
-        """The summed masked negative log-likelihood of `batch` over `denominator`.
+    def _loss(self, params, batch: _Batch, denominator: float, seeds: list[int] | None = None):
+        """The summed masked negative log-likelihood of `batch` over `denominator`; with
+        `seeds` (training), the pairs' inputs go through dropout with those masks.
 
         With gradient checkpointing the output head and the loss run over pieces of
         HEAD_POSITIONS positions, each recomputed in the backward pass, so that no more than
         one piece's (positions, vocab) logits is ever held."""
         be, cfg, o = self.be, self.cfg, self.options
-        attach(cfg, self.weights, self.keys, params, o.scale)
+        attach(cfg, self.weights, self.keys, params, o.scale, o.dropout, seeds)
         h = forward_all(be, cfg, self.weights, batch.inputs, recompute=o.grad_checkpointing,
                         hidden_only=True)
         rows, width = batch.shape
@@ -185,9 +187,11 @@ class Trainer:
         batches = self._micro_batches(update)
         denominator = max(1, sum(b.count for b in batches))
         loss, grads = 0.0, None
-        for batch in batches:
-            value, g = self.be.value_and_grad(lambda p: self._loss(p, batch, denominator),
-                                              self.params)
+        for k, batch in enumerate(batches):
+            seeds = dropout_seeds(self.options.seed, update, k, len(self.keys)) \
+                if self.options.dropout else None
+            value, g = self.be.value_and_grad(
+                lambda p: self._loss(p, batch, denominator, seeds), self.params)
             loss += value
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
             if self._stop.is_set():
@@ -210,8 +214,10 @@ class Trainer:
 
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> FinetuneResult:
         """Train to the last update (or Ctrl+C), checkpointing as the options ask; the
-        adapter and a checkpoint are saved at the end either way."""
+        adapter and a checkpoint are saved at the end either way. Sets the C allocator to
+        hand freed memory back (`allocator`: process-wide, and it stays so)."""
         o = self.options
+        allocator.hand_back_freed_memory()
         started, tokens, done_here = time.monotonic(), 0, 0
         interrupted = False
         with self._sigint():
@@ -221,6 +227,7 @@ class Trainer:
                     interrupted = True
                     break
                 loss, n = result
+                allocator.trim()
                 self.step += 1
                 done_here, tokens = done_here + 1, tokens + n
                 self.history["train"].append(loss)
@@ -264,8 +271,12 @@ class Trainer:
         return self._adapter([self.be.to_numpy(p) for p in self.params])
 
     def _adapter(self, params: list[np.ndarray]) -> LoraAdapter:
+        """The pairs as adapter files hold them: B's rows back in Hugging Face order."""
         o = self.options
-        pairs = {key: (params[2 * k], params[2 * k + 1]) for k, key in enumerate(self.keys)}
+        pairs = {}
+        for k, (i, module) in enumerate(self.keys):
+            b, order = params[2 * k + 1], graph_rows(self.cfg, module)
+            pairs[i, module] = (params[2 * k], b if order is None else b[np.argsort(order)])
         return LoraAdapter(pairs, o.alpha, o.rank, o.rslora, self.base_model)
 
     def _sigint(self):

@@ -48,9 +48,22 @@ def initial_pairs(cfg: ModelConfig, keys: list[tuple[int, str]], rank: int,
 
 
 def attach(cfg: ModelConfig, weights: ModelWeights, keys: list[tuple[int, str]], params,
-           scale: float) -> None:
-    """Replace every layer's adapters with the pairs params = [A0, B0, ...] on `keys`."""
+           scale: float, dropout: float = 0.0, seeds: list[int] | None = None) -> None:
+    """Replace every layer's adapters with the pairs params = [A0, B0, ...] on `keys`;
+    with `dropout`, pair j's input mask is drawn from seeds[j]."""
     for layer in weights.layers:
         layer.adapters.clear()
-    for (i, module), a, b in zip(keys, params[::2], params[1::2]):
-        add_lora(cfg, weights.layers[i], module, a, b, scale)
+    for j, ((i, module), a, b) in enumerate(zip(keys, params[::2], params[1::2])):
+        if seeds is None:
+            add_lora(cfg, weights.layers[i], module, a, b, scale)
+        else:
+            add_lora(cfg, weights.layers[i], module, a, b, scale, dropout, seeds[j])
+
+
+def dropout_seeds(seed: int, update: int, micro_batch: int, n_pairs: int) -> list[int]:
+    """The dropout mask seed of each pair for one micro-batch of one update: a function of
+    the run's seed and the data position alone, so a resumed run draws the masks an
+    uninterrupted one would (and a recomputed layer the ones its forward pass drew)."""
+    state = np.random.SeedSequence([seed, update, micro_batch]).generate_state(2 * n_pairs,
+                                                                               np.uint32)
+    return [int(hi) << 31 | int(lo) >> 1 for hi, lo in zip(state[::2], state[1::2])]

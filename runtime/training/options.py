@@ -18,6 +18,7 @@ class TrainOptions:
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False            # scale alpha / sqrt(rank) instead of alpha / rank
+    dropout: float = 0.0            # on each pair's input, while training (PEFT's lora_dropout)
     modules: tuple[str, ...] | None = None  # None: every attention and MLP projection
     layers: tuple[int, ...] | None = None   # None: every layer
     learning_rate: float = 1e-4
@@ -47,6 +48,9 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InvalidArgumentError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0 <= self.dropout < 1:
+            raise InvalidArgumentError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(
                 self.epochs, (int, float)) or self.epochs <= 0):
             raise InvalidArgumentError(f"epochs must be a number > 0, got {self.epochs!r}")

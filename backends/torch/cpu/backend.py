@@ -4,8 +4,6 @@ an fp16 KV cache, and one thread budget for torch and numba."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 
 import torch
@@ -32,20 +30,6 @@ def kv_type_from_env() -> torch.dtype:
     return KV_TYPES[name]
 
 
-@functools.cache
-def _return_freed_buffers() -> None:
-    """glibc keeps large freed blocks in its heaps (its mmap threshold rises with each big
-    block freed, and threads get arenas of their own), so a training step's transient
-    activations, tiles and gradients pile up as resident memory. A fixed 1 MiB mmap
-    threshold and two arenas hand them back to the system when freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)         # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass                        # not glibc: its allocator, its rules
-
-
 class CpuBackend(TorchBackend):
     def __init__(self):
         configure_threads()
@@ -53,10 +37,6 @@ class CpuBackend(TorchBackend):
 
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)
-
-    def value_and_grad(self, fn, params):
-        _return_freed_buffers()
-        return super().value_and_grad(fn, params)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
         return QuantLinear.from_quant_tensor(qt)

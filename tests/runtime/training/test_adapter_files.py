@@ -8,10 +8,9 @@ import torch
 import diptych
 from diptych.errors import InvalidArgumentError, ModelFileError
 from diptych.model.adapter_files import LoraAdapter, read_adapter, write_adapter
-from diptych.model.adapters import target_shape
-from diptych.training.lora import choose_targets
 
 from ...tiny_models import tiny_hf_model, write_gguf
+from .random_adapter import random_adapter
 
 IDS = [1, 5, 9, 22, 7, 40, 3, 17, 60, 2]
 
@@ -32,22 +31,12 @@ def _close(got, want):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def _random_adapter(model, rslora):
-    rng = np.random.default_rng(1)
-    pairs = {}
-    for i, module in choose_targets(model.config, model.engine.weights, None, None):
-        n_out, n_in = target_shape(model.config, i, module)
-        pairs[i, module] = (rng.standard_normal((4, n_in)).astype(np.float32) * 0.2,
-                            rng.standard_normal((n_out, 4)).astype(np.float32) * 0.2)
-    return LoraAdapter(pairs, alpha=6.0, rank=4, rslora=rslora, base_model="tiny-llama")
-
-
 @pytest.mark.parametrize("rslora", [False, True])
 def test_our_adapter_in_peft_and_as_gguf_gives_our_logits(llama, tmp_path, rslora):
     from peft import PeftModel
 
     hf, _, model = llama
-    adapter = _random_adapter(model, rslora)
+    adapter = random_adapter(model, 1, rslora)
     write_adapter(adapter, model.config, tmp_path)
     model.set_adapter(tmp_path)
     ours = model.logits(IDS)
@@ -98,3 +87,56 @@ def test_adapters_that_do_not_fit_are_refused(llama, tmp_path):
         model.set_adapter(path)
     with pytest.raises(ModelFileError, match="no adapter at"):
         model.set_adapter(tmp_path / "missing.gguf")
+
+
+# Attention only: PEFT 0.21 on transformers 5 targets these models' MLPs through their
+# fused expert parameters (target_parameters, rank_pattern), which diptych does not read.
+@pytest.mark.parametrize("family, targets", [
+    ("deepseek_v2", ["q_proj", "kv_a_proj_with_mqa", "o_proj"]),
+    ("deepseek_v3", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]),
+    ("qwen3moe", ["q_proj", "k_proj", "v_proj", "o_proj"])])
+def test_peft_adapters_on_mla_and_moe_attention_give_peft_logits(tmp_path, family, targets):
+    """MLA layers' RoPE rows are put into NeoX halves at load, so B's rows of q / q_b and
+    kv_a_proj_with_mqa must follow them (they did not: a relative error of 0.95)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ...tiny_models import logits
+
+    hf = tiny_hf_model(family, seed=2)
+    path = write_gguf(hf, family, tmp_path / "m.gguf")
+    model = diptych.load(path, backend="torch", n_ctx=64)
+    base_err = np.abs(model.logits(IDS) - logits(hf, IDS)).max()   # MoE routing's rounding
+    peft = get_peft_model(tiny_hf_model(family, seed=2), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    peft.save_pretrained(tmp_path / "adapter")
+    want = logits(peft, IDS)
+    model.set_adapter(tmp_path / "adapter")
+    assert np.abs(want - logits(hf, IDS)).max() > 0.3 * np.abs(want).max()   # it matters
+    assert np.abs(model.logits(IDS) - want).max() <= 2 * base_err + 1e-4 * np.abs(want).max()
+
+
+def test_a_trained_mla_adapter_is_written_in_hugging_face_row_order(tmp_path):
+    """What the trainer holds (B in the loaded base's row order) is written back in Hugging
+    Face order: loaded from the files, it gives the logits training saw."""
+    from diptych.load_plan import LoadPlan
+    from diptych.model.graph import forward_all
+    from diptych.training.data import Example
+    from diptych.training.lora import attach
+    from diptych.training.loop import Trainer
+    from diptych.training.options import TrainOptions
+
+    path = write_gguf(tiny_hf_model("deepseek_v2", seed=2), "deepseek_v2", tmp_path / "m.gguf")
+    eng = LoadPlan.open(path, "torch", n_ctx=64).engine()
+    options = TrainOptions(rank=4, modules=("q_proj", "kv_a_proj_with_mqa"), steps=1)
+    trainer = Trainer(eng.backend, eng.cfg, eng.weights, [Example(tuple(IDS), (True,) * 10)],
+                      options, tmp_path / "run")
+    rng = np.random.default_rng(3)
+    trainer.params = [eng.backend.tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3)
+                      for p in trainer.params]
+    attach(eng.cfg, eng.weights, trainer.keys, trainer.params, options.scale)
+    with eng.backend.inference():
+        seen = eng.backend.to_numpy(forward_all(eng.backend, eng.cfg, eng.weights,
+                                                eng.backend.ids([IDS])))[0]
+    trainer.save()
+    loaded = diptych.load(path, backend="torch", n_ctx=64, adapter=tmp_path / "run")
+    _close(loaded.logits(IDS), seen)

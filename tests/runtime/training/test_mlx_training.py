@@ -44,3 +44,18 @@ def test_mlx_training_steps_equal_torch(path, tmp_path, monkeypatch):
     for a, b in zip(ours.params, ref.params):
         a, b = ours.be.to_numpy(a), ref.be.to_numpy(b)
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_mlx_dropout_mask_is_the_seed_s_and_scales_what_it_keeps():
+    import mlx.core as mx
+
+    from diptych.backends import select
+
+    be = select("mlx", "cpu")
+    x = mx.array(np.random.default_rng(0).standard_normal((4, 64, 96)).astype(np.float32))
+    out = np.array(be.dropout(x, 0.25, 7))
+    kept = out != 0
+    assert np.array_equal(out[kept], (np.array(x) / 0.75)[kept])
+    assert abs(kept.mean() - 0.75) < 0.01   # of 24576 draws
+    assert np.array_equal(np.array(be.dropout(x, 0.25, 7)), out)
+    assert not np.array_equal(np.array(be.dropout(x, 0.25, 8)) != 0, kept)

@@ -19,6 +19,7 @@ from diptych.load_plan import LoadPlan
 from diptych.training.data import Example
 from diptych.training import loop
 from diptych.training.loop import Trainer
+from diptych.training.lora import dropout_seeds
 from diptych.training.options import TrainOptions
 
 from ...tiny_models import tiny_hf_model, write_gguf
@@ -70,8 +71,6 @@ def _rel(got, want) -> float:
 @pytest.mark.parametrize("family, qtype", CASES)
 def test_loss_and_gradients_equal_peft_for_three_sgd_steps(tmp_path, monkeypatch, family,
                                                            qtype):
-    from peft import LoraConfig, get_peft_model
-
     # with gradient checkpointing (the F32 cases), the head in pieces of 3 positions
     monkeypatch.setattr(loop, "HEAD_POSITIONS", 6)
 
@@ -82,34 +81,116 @@ def test_loss_and_gradients_equal_peft_for_three_sgd_steps(tmp_path, monkeypatch
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
                       TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, steps=3,
                                    grad_checkpointing=qtype == "F32"), tmp_path / "run")
-    peft = get_peft_model(_reference(family, path), LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=[
+    peft = _peft(family, path)
+    _, leaves = _same_start(trainer, peft, eng.backend)
+    for step in range(3):
+        _compare_step(trainer, peft, leaves, step)
+
+
+def _peft(family, path, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_reference(family, path), LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    modules = dict(peft.named_modules())
-    leaves = []
+
+
+def _same_start(trainer, peft, backend):
+    """Both sides' pairs set to the same random values: (PEFT's LoRA modules, their A and B
+    parameters), in the trainer's order."""
+    named = dict(peft.named_modules())
+    modules, leaves = [], []
     rng = np.random.default_rng(11)
     for k, (layer, name) in enumerate(trainer.keys):
         block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        lora = modules[f"base_model.model.model.layers.{layer}.{block}.{name}"]
+        lora = named[f"base_model.model.model.layers.{layer}.{block}.{name}"]
+        modules.append(lora)
         a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
         for j, param in enumerate((a, b)):
             value = rng.standard_normal(tuple(param.shape)).astype(np.float32) * 0.2
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value))
-            trainer.params[2 * k + j] = eng.backend.tensor(value)
+            trainer.params[2 * k + j] = backend.tensor(value)
             leaves.append(param)
     assert len(leaves) == 2 * 7 * 2
-    for step in range(3):
-        loss, grads, _ = trainer.gradients(step)
+    return modules, leaves
+
+
+def _compare_step(trainer, peft, leaves, step):
+    """Update `step`'s loss and gradients on both sides (its batch in the trainer's order),
+    then the same SGD step on both, so that each step compares at the same point."""
+    backend, n = trainer.be, trainer.options.batch_size
+    loss, grads, _ = trainer.gradients(step)
+    for p in leaves:
+        p.grad = None
+    want = _peft_loss(peft, [trainer._example(step * n + j) for j in range(n)])
+    want.backward()
+    assert abs(loss - float(want)) <= 1e-4 * abs(float(want))
+    for g, p in zip(grads, leaves):
+        assert _rel(backend.to_numpy(g), p.grad.numpy()) <= 1e-4
+    with torch.no_grad():
         for p in leaves:
-            p.grad = None
-        want = _peft_loss(peft, examples)
-        want.backward()
-        assert abs(loss - float(want)) <= 1e-4 * abs(float(want))
-        for g, p in zip(grads, leaves):
-            assert _rel(eng.backend.to_numpy(g), p.grad.numpy()) <= 1e-4
-        # one SGD step, the same on both sides, so each step compares at the same point
-        with torch.no_grad():
-            for p in leaves:
-                p -= LR * p.grad
-        trainer.params = [eng.backend.tensor(p.detach().numpy()) for p in leaves]
+            p -= LR * p.grad
+    trainer.params = [backend.tensor(p.detach().numpy()) for p in leaves]
+
+
+class _Mask(torch.nn.Module):
+    """PEFT's lora_dropout with a given mask instead of a fresh draw."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep / (1 - self.p)
+
+
+def test_dropout_on_the_lora_input_equals_peft_with_the_same_masks(tmp_path, monkeypatch):
+    """Dropout 0.3, the llama layers recomputed: each pair's mask (recorded as our backend
+    draws it) put into PEFT's lora_dropout gives PEFT's loss and gradients, each update
+    draws new masks, a recomputed layer the same ones, and evaluation none."""
+    monkeypatch.setattr(loop, "HEAD_POSITIONS", 6)
+    p = 0.3
+    hf = tiny_hf_model("llama", seed=1, **DIMS)
+    path = write_gguf(hf, "llama", tmp_path / "m.gguf")
+    eng = LoadPlan.open(path, "torch", n_ctx=64).engine()
+    drawn, draw = {}, eng.backend.dropout
+
+    def recorded(x, rate, seed):
+        out = draw(x, rate, seed)
+        drawn.setdefault(seed, []).append(out != 0)
+        return out
+
+    monkeypatch.setattr(eng.backend, "dropout", recorded)
+    examples = _batch()
+    trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
+                      TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, steps=2, dropout=p,
+                                   grad_checkpointing=True, seed=5), tmp_path / "run")
+    peft = _peft("llama", path, p)
+    modules, leaves = _same_start(trainer, peft, eng.backend)
+    before = None
+    for step in range(2):
+        drawn.clear()
+        seeds = dropout_seeds(5, step, 0, len(trainer.keys))
+        # PEFT's forward runs after ours in _compare_step: give it our masks as they come
+        real_gradients = trainer.gradients
+
+        def gradients(update, seeds=seeds):
+            out = real_gradients(update)
+            for lora, seed in zip(modules, seeds):
+                assert len(drawn[seed]) == 2 and torch.equal(*drawn[seed])  # recomputed
+                lora.lora_dropout["default"] = _Mask(drawn[seed][0], p)
+            return out
+
+        trainer.gradients = gradients
+        _compare_step(trainer, peft, leaves, step)
+        del trainer.gradients
+        keep = torch.cat([drawn[s][0].reshape(-1) for s in seeds]).float()
+        assert abs(float(keep.mean()) - (1 - p)) < 0.01   # of ~1e5 draws
+        first = drawn[seeds[0]][0]
+        assert not torch.equal(first, drawn[seeds[1]][0])
+        assert before is None or not torch.equal(first, before)
+        before = first
+    drawn.clear()
+    trainer.evaluate(examples)
+    assert drawn == {}
