@@ -129,12 +129,13 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
             app.screen.query_one("#draft_max").value = ""
             await pilot.press("ctrl+s")
             assert not isinstance(app.screen, SettingsScreen)
-            seen = set()
+            # every text the status bar shows, however fast the reply streams
+            seen, bar = [], app.chat.status
+            shown = bar._update
+            bar._update = lambda facts: (shown(facts), seen.append(facts))
             await pilot.press(*"Repeat: one two three four one two three four", "enter")
-            while not seen or app.chat.generating:
-                if app.chat.generating:
-                    seen.add(app.chat.status.text)
-                await pilot.pause(0.01)
+            await wait_for(pilot, lambda: any("accepted" in text for text in seen)
+                           and not app.chat.generating)
             await pilot.pause()
             status = app.chat.status.text
             chat_id = app.chat.chat.id
