@@ -1,6 +1,11 @@
 """Peak resident memory of QLoRA training of SmolLM2-135M (Q4_1 kept quantized) on the CPU:
 rank 8 on every projection, batch 4 x 256 tokens, gradient checkpointing. One optimizer
-update through `diptych.finetune`, in a fresh process whose peak is its own."""
+update through `diptych.finetune`, in a fresh process whose peak is its own.
+
+The bound is on what training adds to the process after the libraries are imported: the
+imports' own resident size (torch, numba: 290-410 MiB) depends on how much of their shared
+libraries the page cache lets the loader map, and varied by 118 MiB between two identical
+environments on one machine."""
 
 import json
 import subprocess
@@ -11,18 +16,24 @@ import pytest
 pytestmark = pytest.mark.real
 
 _RUN = """
-import json, resource, sys
+import json, sys
 import numpy as np
 import diptych
+from diptych.backends.torch.cpu import backend  # torch and numba, imported as training does
+
+def rss(field):
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    return int(status[field].split()[0])
+
+base = rss("VmRSS")
 rng = np.random.default_rng(0)
 vocab = [str(t) for t in range(100, 2000)]
 records = [{"text": " ".join(rng.choice(vocab, 400))} for _ in range(4)]
 result = diptych.finetune(sys.argv[1], train=records, out=sys.argv[2], backend="torch",
                           device="cpu", steps=1, rank=8, batch_size=4, max_seq_len=256,
                           grad_checkpointing=True)
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 print(json.dumps({"steps": result.steps, "loss": result.train_loss,
-                  "peak_kib": int(status["VmHWM"].split()[0])}))
+                  "base_kib": base, "peak_kib": rss("VmHWM")}))
 """
 
 
@@ -32,4 +43,7 @@ def test_qlora_training_peak_rss_stays_below_one_gib(smollm2_path, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["steps"] == 1 and 0 < report["loss"] < 20
-    assert report["peak_kib"] < 1 << 20, f"peak RSS {report['peak_kib'] >> 10} MiB"
+    added = report["peak_kib"] - report["base_kib"]
+    # 1 GiB less 300 MiB: what the imports take where their libraries are mapped lazily
+    assert added < (1024 - 300) << 10, (f"training raised RSS by {added >> 10} MiB, to a peak of "
+                               f"{report['peak_kib'] >> 10} MiB")
