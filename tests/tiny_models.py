@@ -80,6 +80,19 @@ def tiny_hf_model(family: str, seed: int = 0, tied: bool = False, **config):
     return model.eval()
 
 
+def perturbed_copy(model, scale: float, seed: int = 5):
+    """A copy of `model` with seeded noise of `scale` times each tensor's spread added to
+    every weight: a draft that agrees with its target often, but not always."""
+    import copy
+
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))
+    return out
+
+
 def tiny_tokenizer(folder: Path, kind: str = "spm", vocab_size: int = 128) -> None:
     """A tokenizer trained on the test corpus: SentencePiece (`tokenizer.model`, BOS <s>, EOS
     </s>) or byte-level BPE (`tokenizer.json` with the qwen2 pre-tokenizer, BOS/EOS

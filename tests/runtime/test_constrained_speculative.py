@@ -4,7 +4,6 @@ target's p, follows each draft and rolls back with the caches. Greedy output equ
 constrained greedy, sampled output always validates, and after every pass the grammar is in
 the state of a fresh one fed the emitted tokens."""
 
-import copy
 import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import numpy as np
 import pytest
-import torch
 
 import diptych
 from diptych.inference import speculative
 from diptych.inference.constraint import JsonConstraint
 from diptych.inference.speculative import Costs, DraftGrammar, DraftLength
 
-from ..tiny_models import logits, save_hf_folder, tiny_hf_model
+from ..tiny_models import logits, perturbed_copy, save_hf_folder, tiny_hf_model
 from .test_speculative import passes  # noqa: F401 - a fixture: (drafted, accepted) per pass
 
 pytest.importorskip("llguidance")
@@ -55,11 +53,7 @@ def pair(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bpe_pair")
     target = tiny_hf_model("qwen2", seed=1, vocab_size=320)
-    draft = copy.deepcopy(target)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std().clamp_min(1e-3))
+    draft = perturbed_copy(target, 0.05)
     paths = []
     for name, model in (("t", target), ("d", draft)):
         path = folder / f"{name}.gguf"

@@ -4,7 +4,6 @@ CUDA backend under the Triton interpreter, MLX): greedy output equals plain gree
 prompt goes through rejections and a fully accepted block with its bonus token, and after
 generation both caches hold exactly the emitted tokens, with the K/V a fresh forward gives."""
 
-import copy
 import os
 
 import numpy as np
@@ -21,7 +20,8 @@ from diptych.inference.speculative import Costs
 
 from diptych.sources.convert import convert
 
-from ..tiny_models import FAMILIES, logits, save_hf_folder, tiny_hf_model, write_gguf
+from ..tiny_models import (FAMILIES, logits, perturbed_copy, save_hf_folder, tiny_hf_model,
+                          write_gguf)
 
 PROMPT = [int(i) for i in np.random.default_rng(1).integers(3, 128, 12)]
 N_NEW = 40   # past the ring of window 8 several times
@@ -38,11 +38,7 @@ def tiny_pair(tmp_path_factory):
         if family not in made:
             folder = tmp_path_factory.mktemp(family)
             target = tiny_hf_model(family, seed=1)
-            draft = copy.deepcopy(target)
-            gen = torch.Generator().manual_seed(5)
-            with torch.no_grad():
-                for p in draft.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std().clamp_min(1e-3))
+            draft = perturbed_copy(target, 0.05)
             made[family] = (target, draft, write_gguf(target, family, folder / "t.gguf"),
                             write_gguf(draft, family, folder / "d.gguf"))
         return made[family]

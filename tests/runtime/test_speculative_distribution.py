@@ -1,13 +1,11 @@
 """Speculative sampling on a tiny model with an 8-token vocabulary: the first 3 tokens it
 generates follow the exact joint distribution enumerated from the target."""
 
-import copy
 import itertools
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from diptych.inference import engine as engine_module
 from diptych.inference import speculative
@@ -17,7 +15,7 @@ from diptych.load_plan import LoadPlan
 from diptych.sources.convert import convert
 
 from ..speculative_stats import chi_square, power, threshold
-from ..tiny_models import tiny_hf_model, tiny_tokenizer
+from ..tiny_models import perturbed_copy, tiny_hf_model, tiny_tokenizer
 
 V, NEW = 8, 3
 PROMPT = [1, 3, 4, 3, 6]
@@ -58,11 +56,7 @@ def pair(tmp_path_factory):
     to 2 tokens more, computed by the real engine."""
     folder = tmp_path_factory.mktemp("v8")
     target = tiny_hf_model("llama", seed=3, vocab_size=V)
-    draft = copy.deepcopy(target)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 1.0 * p.std().clamp_min(1e-3))
+    draft = perturbed_copy(target, 1.0)
     out = []
     for hf, name in ((target, "t"), (draft, "d")):
         path = _gguf(hf, folder / f"{name}.gguf")
