@@ -1,11 +1,14 @@
 """`diptych serve` vs in-process `Model.stream` vs llama-cpp-python's `llama_cpp.server`,
 same model, same requests, one run; everything on the loopback address.
 
-For each: time to first token (TTFT) and decode tokens/s of one streamed completion
-(medians over --rounds), then the aggregate tokens/s of 4 clients at once against one.
-Each runtime runs in its own process, one after the other.
+The overhead of the server: a streamed completion through `diptych serve` and the same
+completion from `Model.stream` in a process of its own, alternated request by request so
+that a change in the machine's load hits both alike; time to first token (TTFT), decode
+tokens/s and the CPU seconds per token of the generating process, medians over --rounds,
+and the median of the per-pair ratios. Then the aggregate tokens/s of 4 clients at once
+against one, for `diptych serve` and for `llama_cpp.server`.
 
-    python benchmarks/bench_server.py [--model smollm2] [--rounds 3] [--tokens 64]
+    python benchmarks/bench_server.py [--model smollm2] [--rounds 5] [--tokens 64]
 
 Needs the `[server]` extra, and for the peer llama-cpp-python with its server extra
 (`fastapi`, `sse-starlette`, `starlette-context`, `pydantic-settings`).
@@ -23,6 +26,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import psutil
 
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. "
           "Describe the sea, the weather, the keeper's daily work and the message itself.")
@@ -90,63 +95,105 @@ def aggregate(port: int, model: str, tokens: int, clients: int, first_seed: int)
     return sum(counts) / (time.perf_counter() - t0)
 
 
-def measure_server(cmd: list[str], port: int, model_id: str | None, rounds: int,
-                   tokens: int) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, proc)
-        if model_id is None:
+class Server:
+    """A server subprocess on a free port; `cpu()` is its CPU seconds so far."""
+
+    def __init__(self, cmd: list[str], port: int):
+        self.port = port
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(port, self.proc)
             conn = http.client.HTTPConnection("127.0.0.1", port)
             conn.request("GET", "/v1/models")
-            model_id = json.loads(conn.getresponse().read())["data"][0]["id"]
-        stream_once(port, model_id, 8, 0)   # warm up
-        runs = [stream_once(port, model_id, tokens, 1 + r) for r in range(rounds)]
-        one = statistics.median(aggregate(port, model_id, tokens, 1, 100 + 10 * r)
+            self.model_id = json.loads(conn.getresponse().read())["data"][0]["id"]
+            stream_once(port, self.model_id, 8, 0)   # warm up
+        except BaseException:
+            self.close()
+            raise
+
+    def cpu(self) -> float:
+        proc = psutil.Process(self.proc.pid)
+        times = [proc.cpu_times()] + [c.cpu_times() for c in proc.children(recursive=True)]
+        return sum(t.user + t.system for t in times)
+
+    def request(self, tokens: int, seed: int) -> dict:
+        cpu = self.cpu()
+        ttft, tps, n = stream_once(self.port, self.model_id, tokens, seed)
+        return dict(ttft_s=ttft, decode_tps=tps, cpu_per_token=(self.cpu() - cpu) / n)
+
+    def throughput(self, tokens: int, rounds: int) -> dict:
+        one = statistics.median(aggregate(self.port, self.model_id, tokens, 1, 100 + 10 * r)
                                 for r in range(rounds))
-        four = statistics.median(aggregate(port, model_id, tokens, 4, 200 + 10 * r)
+        four = statistics.median(aggregate(self.port, self.model_id, tokens, 4, 200 + 10 * r)
                                  for r in range(rounds))
-        return dict(ttft_s=statistics.median(r[0] for r in runs),
-                    decode_tps=statistics.median(r[1] for r in runs),
-                    one_client_tps=one, four_clients_tps=four)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        return dict(one_client_tps=one, four_clients_tps=four)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
-def measure_in_process(path: str, rounds: int, tokens: int, thread: bool) -> dict:
-    """Model.stream on the same prompts, in a process of its own; in the main thread, or
-    in a worker thread as the server and the chat app run it (the two differ: see
-    BENCHMARKS.md)."""
-    code = f"""
-import json, statistics, threading, time, diptych
-m = diptych.load({path!r}, n_ctx=1024)
-bias = {{int(k): v for k, v in {NO_EOS!r}.items()}}
-def measure():
-    list(m.stream({prompt(0)!r}, 8, temperature=0.7, seed=0, logit_bias=bias))
-    runs = []
-    for r in range(1, {rounds} + 1):
-        t0 = time.perf_counter(); stamps = []
-        for p in m.stream("Story %d. " % r + {PROMPT!r}, {tokens}, temperature=0.7, seed=r,
-                          logit_bias=bias):
-            if p.text:
-                stamps.append(time.perf_counter())
-        runs.append((stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])))
-    print(json.dumps(dict(ttft_s=statistics.median(r[0] for r in runs),
-                          decode_tps=statistics.median(r[1] for r in runs))))
-if {thread!r}:
-    t = threading.Thread(target=measure); t.start(); t.join()
-else:
-    measure()
+IN_PROCESS = """
+import json, sys, time, diptych
+m = diptych.load(sys.argv[1], n_ctx=1024)
+bias = {int(k): v for k, v in json.loads(sys.argv[2]).items()}
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    cpu, t0, stamps = time.process_time(), time.perf_counter(), []
+    for p in m.stream(job["prompt"], job["tokens"], temperature=0.7, seed=job["seed"],
+                      logit_bias=bias):
+        if p.text:
+            stamps.append(time.perf_counter())
+    print(json.dumps(dict(ttft_s=stamps[0] - t0,
+                          decode_tps=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                          cpu_per_token=(time.process_time() - cpu) / len(stamps))), flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+
+
+class InProcess:
+    """`Model.stream` in a process of its own, one request per line on its stdin."""
+
+    def __init__(self, path: str):
+        self.proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS, path, json.dumps(NO_EOS)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.request(8, 0)   # warm up
+
+    def request(self, tokens: int, seed: int) -> dict:
+        self.proc.stdin.write(json.dumps(dict(prompt=prompt(seed), tokens=tokens,
+                                              seed=seed)) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+KEYS = ("ttft_s", "decode_tps", "cpu_per_token")
+
+
+def overhead(server: Server, local: InProcess, rounds: int, tokens: int) -> dict:
+    """Alternating requests (the same prompt and seed to both): medians of each figure and
+    of the server / in-process ratio of each pair."""
+    pairs = []
+    for r in range(1, rounds + 1):
+        a, b = (server, local) if r % 2 else (local, server)
+        first, second = a.request(tokens, r), b.request(tokens, r)
+        pairs.append((first, second) if a is server else (second, first))
+    out = {}
+    for key in KEYS:
+        out[key] = dict(server=statistics.median(p[0][key] for p in pairs),
+                        in_process=statistics.median(p[1][key] for p in pairs),
+                        ratio=statistics.median(p[0][key] / p[1][key] for p in pairs))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=sorted(REGISTRY_NAMES))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -157,26 +204,34 @@ def main() -> None:
     path = str(fetch(REGISTRY_NAMES[args.model]))
     NO_EOS.update({str(t): -100.0 for t in LoadPlan.open(path, "torch").tokenizer().eog_ids})
     os.environ["DIPTYCH_THREADS"] = str(args.threads)
-    results = {
-        "Model.stream, main thread": measure_in_process(path, args.rounds, args.tokens, False),
-        "Model.stream, worker thread": measure_in_process(path, args.rounds, args.tokens, True)}
-    port = free_port()
-    results["diptych serve --parallel 4"] = measure_server(
-        [sys.executable, "-m", "diptych.cli", "serve", path, "--port", str(port), "--n-ctx",
-         "1024", "--parallel", "4"], port, None, args.rounds, args.tokens)
-    port = free_port()
-    results["llama_cpp.server"] = measure_server(
-        [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
-         "--n_ctx", "1024", "--n_threads", str(args.threads)], port, None, args.rounds,
-        args.tokens)
-    print(f"{'runtime':28s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'1 client':>9s} "
-          f"{'4 clients':>10s} {'4/1':>5s}")
-    for name, r in results.items():
-        one, four = r.get("one_client_tps"), r.get("four_clients_tps")
-        extra = (f"{one:9.1f} {four:10.1f} {four / one:5.2f}" if one else "")
-        print(f"{name:28s} {r['ttft_s'] * 1000:8.0f} {r['decode_tps']:13.1f} {extra}")
-    print(json.dumps(results))
-
+    server = Server([sys.executable, "-m", "diptych.cli", "serve", path, "--port",
+                     str(port := free_port()), "--n-ctx", "1024", "--parallel", "4"], port)
+    local = InProcess(path)
+    try:
+        over = overhead(server, local, args.rounds, args.tokens)
+    finally:
+        local.close()
+    try:
+        ours = server.throughput(args.tokens, args.rounds)
+    finally:
+        server.close()
+    print(json.dumps(dict(overhead=over, serve=ours)), flush=True)
+    peer = Server([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port",
+                   str(port := free_port()), "--n_ctx", "1024", "--n_threads",
+                   str(args.threads)], port)
+    try:
+        theirs = dict(peer.request(args.tokens, 1), **peer.throughput(args.tokens, args.rounds))
+    finally:
+        peer.close()
+    print(f"{'':14s} {'server':>10s} {'in-process':>11s} {'ratio':>7s}")
+    for key in KEYS:
+        row = over[key]
+        print(f"{key:14s} {row['server']:10.4f} {row['in_process']:11.4f} {row['ratio']:7.3f}")
+    print(f"{'runtime':18s} {'1 client tok/s':>15s} {'4 clients tok/s':>16s} {'4/1':>5s}")
+    for name, r in (("diptych serve", ours), ("llama_cpp.server", theirs)):
+        print(f"{name:18s} {r['one_client_tps']:15.1f} {r['four_clients_tps']:16.1f} "
+              f"{r['four_clients_tps'] / r['one_client_tps']:5.2f}")
+    print(json.dumps(dict(llama_cpp_server=theirs)))
 
 if __name__ == "__main__":
     main()
