@@ -14,7 +14,7 @@ _KINDS = {  # the JSON types each stored setting may have (null: the model's def
     "system": (str,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
     "min_p": _NUMBER, "repetition_penalty": _NUMBER, "max_tokens": (int,),
     "seed": _INT, "speculative": (str, type(None)), "draft": (str, type(None)),
-    "draft_max": _INT}
+    "draft_max": _INT, "lookup_ngram": _INT}
 SPECULATIVE = (None, "lookup", "draft")  # plain decoding, prompt lookup, a draft model
 
 
@@ -38,6 +38,8 @@ class ChatSettings:
     draft: str | None = None        # the draft model's path, for speculative="draft"
     draft_max: int | None = None    # most tokens drafted per pass (None: as many as the model
                                     # was loaded to roll back)
+    lookup_ngram: int | None = None  # prompt lookup matches the last n tokens, then fewer
+                                     # (None: Model.stream's default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,8 +69,8 @@ class ChatSettings:
         """Raise SamplingError or InvalidArgumentError (DiptychErrors) for an out-of-range
         value."""
         kw = self.generation_kwargs()
-        for name in ("max_tokens", "draft_max"):
-            value = kw.pop(name)
+        for name in ("max_tokens", "draft_max", "lookup_ngram"):
+            value = kw.pop(name, None)
             if (value is not None or name == "max_tokens") and (
                     not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise SamplingError(f"{name} must be a positive integer, got {value!r}")
@@ -85,6 +87,8 @@ class ChatSettings:
         model's: see `ChatScreen`)."""
         kw = asdict(self)
         del kw["system"], kw["draft"]
+        if kw["lookup_ngram"] is None:
+            del kw["lookup_ngram"]
         return kw
 
     def messages(self, history: list[dict]) -> list[dict]:

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from diptych.inference.speculative import DEFAULT_LOOKUP_NGRAM
+
 
 def random_prompt(vocab_size: int, n_tokens: int) -> list[int]:
     """A fixed (seed 0) prompt of ordinary token ids, the same for every runtime compared."""
@@ -39,11 +41,13 @@ def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, flo
     return len(prompt) / prefill_s, gen_tokens / decode_s
 
 
-def measure_stream(model, prompt: list[int], gen_tokens: int, speculative: str | None):
+def measure_stream(model, prompt: list[int], gen_tokens: int, speculative: str | None,
+                   lookup_ngram: int = DEFAULT_LOOKUP_NGRAM):
     """The Timings of a greedy generation of up to `gen_tokens` after `prompt`, plain
     (None) or speculative ("draft", "lookup"), from an empty cache."""
     model.engine.reset()
-    pieces = list(model.stream(prompt, gen_tokens, temperature=0, speculative=speculative))
+    pieces = list(model.stream(prompt, gen_tokens, temperature=0, speculative=speculative,
+                               lookup_ngram=lookup_ngram))
     return pieces[-1].timings
 
 

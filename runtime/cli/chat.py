@@ -22,7 +22,7 @@ def app_options(args) -> dict:
     draft = str(local_path(args.draft)) if args.draft is not None else None
     settings = ChatSettings(system=args.system or "", max_tokens=args.max_tokens,
                             speculative="lookup" if args.lookup else "draft" if draft else None,
-                            draft=draft, **_sampling(args))
+                            draft=draft, lookup_ngram=args.lookup_ngram, **_sampling(args))
     settings.validate()
     resolve(args.backend)
     source = local_path(args.model) if args.model is not None else default_model_path()

@@ -12,7 +12,7 @@ from pathlib import Path
 from diptych import __version__
 from diptych.errors import DiptychError, ModelFileError
 from diptych.inference.sampling import DEFAULT_MAX_TOKENS, SamplingParams
-from diptych.inference.speculative import DEFAULT_DRAFT_MAX
+from diptych.inference.speculative import DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM
 from diptych.model.display_name import display_name
 
 
@@ -112,6 +112,8 @@ def cmd_run(args) -> int:
     model = _load(args)
     kw = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
     kw["speculative"] = _speculative(args)
+    if args.lookup:
+        kw["lookup_ngram"] = args.lookup_ngram
     if args.verbose:
         print(_describe_settings(model, kw), file=sys.stderr)
     if args.raw or not model.tokenizer.chat_template:
@@ -226,7 +228,7 @@ def cmd_bench(args) -> int:
     mode = "lookup" if args.lookup else "draft" if args.draft else None
     if mode:   # the same greedy generation, plain and speculative, side by side
         plain = measure_stream(model, prompt, args.gen_tokens, None)
-        spec = measure_stream(model, prompt, args.gen_tokens, mode)
+        spec = measure_stream(model, prompt, args.gen_tokens, mode, args.lookup_ngram)
         ratio = spec.decode_tps / plain.decode_tps if plain.decode_tps else 0.0
         print(f"generate {plain.decode_tps:8.1f} tok/s plain, {spec.decode_tps:.1f} tok/s "
               f"{mode} ({ratio:.2f}x){_acceptance(spec)}")
@@ -432,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drafts copied from the prompt (prompt lookup)")
         g.add_argument("--draft-max", type=_positive_int, default=DEFAULT_DRAFT_MAX,
                        help=f"most tokens drafted per step (default: {DEFAULT_DRAFT_MAX})")
+        g.add_argument("--lookup-ngram", type=_positive_int, default=DEFAULT_LOOKUP_NGRAM,
+                       metavar="N", help=f"prompt lookup drafts what followed the context's "
+                                         f"last N tokens, else fewer (default: "
+                                         f"{DEFAULT_LOOKUP_NGRAM})")
 
     from .chat import cmd_chat
 

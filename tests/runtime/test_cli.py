@@ -64,7 +64,7 @@ def test_speculative_run_and_bench_report_acceptance(default_model):
     prompt = "a b c d e f g h a b c d e f g h a b c d"
     plain = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0")
     looked = diptych("run", "--raw", prompt, "--max-tokens", "12", "--temperature", "0",
-                     "--lookup", "--draft-max", "4")
+                     "--lookup", "--draft-max", "4", "--lookup-ngram", "2")
     assert looked.returncode == 0, looked.stderr
     assert looked.stdout == plain.stdout and "drafts accepted" in looked.stderr
     out = diptych("bench", "--prompt-tokens", "16", "--gen-tokens", "8", "--lookup")
@@ -72,6 +72,8 @@ def test_speculative_run_and_bench_report_acceptance(default_model):
     assert "tok/s plain" in out.stdout and "tok/s lookup" in out.stdout
     out = diptych("run", "hi", "--lookup", "--draft", "x.gguf")
     assert out.returncode == 2 and "not allowed with" in out.stderr
+    out = diptych("run", "hi", "--lookup", "--lookup-ngram", "0")
+    assert out.returncode == 2 and "--lookup-ngram" in out.stderr
     out = diptych("info", "--draft", str(default_model))
     assert out.returncode == 0, out.stderr
     assert "draft weights" in out.stdout and "draft KV" in out.stdout

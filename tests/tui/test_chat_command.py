@@ -37,11 +37,13 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, smollm2_path):
 def test_options_become_the_apps(smollm2_path, tmp_path):
     parse = build_parser().parse_args
     options = app_options(parse(["chat", str(smollm2_path), "--lookup", "--draft-max", "3",
-                                 "--adapter", str(tmp_path), "--temperature", "0"]))
+                                 "--lookup-ngram", "2", "--adapter", str(tmp_path),
+                                 "--temperature", "0"]))
     assert (options["source"], options["adapter"], options["draft_max"]) == (
         smollm2_path, str(tmp_path), 3)
     settings = options["settings"]
     assert (settings.speculative, settings.draft, settings.temperature) == ("lookup", None, 0)
+    assert settings.generation_kwargs()["lookup_ngram"] == 2
     options = app_options(parse(["chat", "--draft", str(smollm2_path)]))
     assert options["settings"].speculative == "draft"
     assert options["settings"].draft == str(smollm2_path)

@@ -67,12 +67,14 @@ def test_lookup_and_a_draft_model_are_chosen_and_kept_per_chat(tmp_path):
             assert str(screen.query_one("#draft", Button).label) == "small.gguf"
             assert screen.query_one("#speculative", Select).value == "draft"
             screen.query_one("#draft_max").value = "4"
+            screen.query_one("#lookup_ngram").value = "2"
             await pilot.press("ctrl+s")
             assert not isinstance(app.screen, SettingsScreen)
 
     run(body())
     saved = Store(database_path()).chat(chat.id).settings
     assert (saved.speculative, saved.draft, saved.draft_max) == ("draft", str(draft), 4)
+    assert saved.lookup_ngram == 2
 
 
 def test_the_model_picker_offers_trained_adapters(tmp_path):
@@ -168,3 +170,9 @@ def test_acceptance_in_the_status_bar_and_settings_read_back():
     assert (settings.speculative, settings.draft, settings.draft_max) == (None, "d.gguf", 4)
     with pytest.raises(DiptychError, match="needs a draft model"):
         ChatSettings(speculative="draft").validate()
+    with pytest.raises(DiptychError, match="lookup_ngram must be a positive integer"):
+        ChatSettings(speculative="lookup", lookup_ngram=0).validate()
+    # unset, the n-gram is Model.stream's default; set, it reaches Model.stream
+    assert "lookup_ngram" not in ChatSettings(speculative="lookup").generation_kwargs()
+    assert ChatSettings(speculative="lookup", lookup_ngram=2).generation_kwargs()[
+        "lookup_ngram"] == 2

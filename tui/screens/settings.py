@@ -12,6 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Select, TextArea
 
 from diptych.errors import DiptychError
+from diptych.inference.speculative import DEFAULT_LOOKUP_NGRAM
 
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.draft import DEFAULT
@@ -35,7 +36,8 @@ FIELDS = [
     ("max_tokens", "Max tokens per reply", int),
     ("seed", "Seed", int),
 ]
-DRAFT_FIELDS = [("draft_max", "Most tokens drafted per pass", int)]  # below the mode's rows
+DRAFT_FIELDS = [("draft_max", "Most tokens drafted per pass", int),  # below the mode's rows
+                ("lookup_ngram", "Prompt lookup n-gram", int)]
 SPECULATIVE = [("off", "off"), ("prompt lookup", "lookup"), ("draft model", "draft")]
 
 
@@ -96,6 +98,8 @@ class SettingsScreen(ModalScreen[SettingsResult | None]):
         if name == "draft_max":
             return "as many as the model allows" if self.rollback is None else \
                 f"{self.rollback} (the most the model allows)"
+        if name == "lookup_ngram":
+            return f"{DEFAULT_LOOKUP_NGRAM} tokens, then fewer"
         if self.defaults is None or name == "max_tokens":
             return "model default"
         return f"{getattr(self.defaults, name):g} (model default)"
