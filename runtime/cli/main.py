@@ -142,7 +142,7 @@ def cmd_serve(args) -> int:
     serve(model, host=args.host, port=args.port, parallel=args.parallel,
           api_key=args.api_key or os.environ.get("DIPTYCH_API_KEY") or None, cors=args.cors,
           speculative="lookup" if args.lookup else "draft" if args.draft else None,
-          announce=lambda line: print(line, flush=True))
+          lookup_ngram=args.lookup_ngram, announce=lambda line: print(line, flush=True))
     return 0
 
 

@@ -122,13 +122,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class Server:
     """The server for one loaded model: `parallel` cache slots, the worker thread, the app.
     `speculative`: how requests decode unless they say otherwise ("draft": the model's draft,
-    "lookup", or None)."""
+    "lookup", or None); `lookup_ngram`: prompt lookup's n-gram unless a request gives one."""
 
     def __init__(self, model, *, parallel: int = 1, api_key: str | None = None,
                  cors: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-                 speculative: str | None = None):
+                 speculative: str | None = None, lookup_ngram: int = DEFAULT_LOOKUP_NGRAM):
         self.model = model
-        self.speculative = speculative
+        self.speculative, self.lookup_ngram = speculative, lookup_ngram
         self.slots = SlotPool(model.engine, parallel,
                               model.draft.engine if model.draft is not None else None)
         self.scheduler = Scheduler(model, self.slots)
@@ -244,7 +244,7 @@ class Server:
         if not 1 <= draft_max <= room:
             raise invalid(f"'draft_max' is at most {room} here (the server's --draft-max)",
                           "draft_max")
-        return Speculation(mode, draft_max, req.lookup_ngram or DEFAULT_LOOKUP_NGRAM)
+        return Speculation(mode, draft_max, req.lookup_ngram or self.lookup_ngram)
 
     async def _generate(self, request: Request, req: GenerationRequest):
         try:
@@ -359,7 +359,8 @@ class _Reply:
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1,
           api_key: str | None = None, cors: list[str] | None = None,
-          speculative: str | None = None, announce=print) -> None:
+          speculative: str | None = None, lookup_ngram: int = DEFAULT_LOOKUP_NGRAM,
+          announce=print) -> None:
     """Serve `model` until interrupted. The socket is bound before anything is announced,
     so a port in use is an error here, not a line in a log."""
     import socket
@@ -369,7 +370,7 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1
     from diptych.errors import InvalidArgumentError
 
     server = Server(model, parallel=parallel, api_key=api_key, cors=cors,
-                    speculative=speculative)
+                    speculative=speculative, lookup_ngram=lookup_ngram)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server((host, port), family=family)

@@ -125,3 +125,17 @@ def test_draft_on_a_server_without_a_draft_is_a_400(smol_server):
     status, reply = Raw(smol_server.base).call("POST", "/chat/completions", {
         "model": MODEL, "messages": ASK, "max_tokens": 4, "speculative": "draft"})
     assert status == 400 and "--draft" in reply["error"]["message"]
+
+
+def test_the_servers_lookup_ngram_is_what_requests_get_unless_they_ask(smollm2_path):
+    """`serve --lookup --lookup-ngram N`: N for requests without their own lookup_ngram."""
+    import diptych
+    from diptych.server.app import Server
+    from diptych.server.validate import chat_request
+
+    server = Server(diptych.load(smollm2_path, n_ctx=64, draft_max=4), speculative="lookup",
+                    lookup_ngram=2)
+    body = {"model": MODEL, "messages": ASK}
+    plain = server._speculation(chat_request(body, MODEL, 16))
+    own = server._speculation(chat_request(dict(body, lookup_ngram=5), MODEL, 16))
+    assert (plain.mode, plain.lookup_ngram, own.lookup_ngram) == ("lookup", 2, 5)
