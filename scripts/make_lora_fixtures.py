@@ -21,7 +21,11 @@ under tests/fixtures/lora_smollm2/:
   source distribution, vendor/llama.cpp) run on the same PEFT folder (``--outtype f32``,
   ``--base`` a folder holding only the config.json of SmolLM2, written here from the GGUF
   file's hyper-parameters), and ``converted_reference.npz``: llama.cpp's logits with it, as
-  above.
+  above;
+- ``fused_reference.npz``: llama.cpp's logits on the file ``diptych.fuse`` writes from the
+  model and the PEFT folder (each tensor in its input type: the merged matrices requantized
+  to Q4_1), as above, plus ``fused_sha256``: the file is not committed (it is the model's
+  size); the test writes it again and checks that it is the same file.
 
 How to regenerate (llama-cpp-python 0.3.36 built without AMX, as in
 make_reference_fixtures.py), from the repository root::
@@ -102,12 +106,22 @@ def convert_with_llama_cpp(model_path: Path, src: Path) -> None:
                        env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
 
 
-def llama_cpp_logits(model_path: Path, lora: Path, out: Path) -> None:
-    """llama.cpp with the GGUF LoRA `lora` over the corpus (run in a child process)."""
+def fuse_with_diptych(model_path: Path, out: Path) -> str:
+    """`diptych.fuse` of the model and the PEFT folder in OUT into `out`; its sha256."""
+    import diptych
+
+    diptych.fuse(model_path, OUT, out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def llama_cpp_logits(model_path: Path, lora: Path | None, out: Path) -> None:
+    """llama.cpp (with the GGUF LoRA `lora`, if any) over the corpus (run in a child
+    process)."""
     import llama_cpp
     from llama_cpp_model import open_llama
 
-    llm = open_llama(model_path, lora_path=str(lora), **LLAMA_KWARGS)
+    extra = {} if lora is None else {"lora_path": str(lora)}
+    llm = open_llama(model_path, **extra, **LLAMA_KWARGS)
     tokens, ids, logits, lse = [], [], [], []
     for seg in read_corpus():
         toks = llm.tokenize(seg.encode("utf-8"), add_bos=True, special=True)
@@ -132,25 +146,36 @@ def main() -> None:
     p.add_argument("--smollm2", type=Path, default=None)
     p.add_argument("--llama-cpp-src", type=Path, required=True,
                    help="vendor/llama.cpp of llama-cpp-python's source distribution")
-    p.add_argument("--child", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     model_path = args.smollm2 or default_model_path("smollm2")
-    if args.child is not None:
-        llama_cpp_logits(model_path, *args.child)
+    if args.child is not None:   # MODEL LORA|- OUT
+        model, lora, out = args.child
+        llama_cpp_logits(model, None if str(lora) == "-" else lora, out)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     digest = write_adapter_files(model_path)
     convert_with_llama_cpp(model_path, args.llama_cpp_src.resolve())
-    for lora, out in ((OUT / "adapter.gguf", OUT / "reference.npz"),
-                      (OUT / "converted.gguf", OUT / "converted_reference.npz")):
-        subprocess.run([sys.executable, __file__, "--smollm2", str(model_path),
-                        "--llama-cpp-src", str(args.llama_cpp_src), "--child", str(lora),
-                        str(out)], check=True)
-    with np.load(OUT / "reference.npz") as f:
-        ref = dict(f)
-    ref["adapter_sha256"] = np.array(digest)
-    np.savez_compressed(OUT / "reference.npz", **ref)
-    print(json.dumps({"adapter_sha256": digest, "positions": int(len(ref["corpus_tokens"]))}))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fused = Path(tmp) / "fused.gguf"
+        fused_digest = fuse_with_diptych(model_path, fused)
+        for model, lora, out in (
+                (model_path, OUT / "adapter.gguf", OUT / "reference.npz"),
+                (model_path, OUT / "converted.gguf", OUT / "converted_reference.npz"),
+                (fused, "-", OUT / "fused_reference.npz")):
+            subprocess.run([sys.executable, __file__, "--llama-cpp-src",
+                            str(args.llama_cpp_src), "--child", str(model), str(lora),
+                            str(out)], check=True)
+    for name, key, value in (("reference.npz", "adapter_sha256", digest),
+                             ("fused_reference.npz", "fused_sha256", fused_digest)):
+        with np.load(OUT / name) as f:
+            ref = dict(f)
+        ref[key] = np.array(value)
+        np.savez_compressed(OUT / name, **ref)
+    print(json.dumps({"adapter_sha256": digest, "fused_sha256": fused_digest,
+                      "positions": int(len(ref["corpus_tokens"]))}))
 
 
 if __name__ == "__main__":

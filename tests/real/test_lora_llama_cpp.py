@@ -2,7 +2,8 @@
 fixtures, made by scripts/make_lora_fixtures.py): diptych's export of the committed PEFT
 adapter is the committed adapter.gguf byte for byte, and with it loaded diptych's logits
 meet the real-model bar against llama.cpp's; likewise with the GGUF LoRA llama.cpp's
-convert_lora_to_gguf.py made from the same PEFT adapter."""
+convert_lora_to_gguf.py made from the same PEFT adapter, and on the file `diptych.fuse`
+writes from the model and that adapter."""
 
 import hashlib
 
@@ -57,3 +58,16 @@ def test_llama_cpp_s_conversion_of_the_peft_adapter_loads_and_agrees(smollm2, sm
     # the pairs are the PEFT adapter's exactly: one segment (391 positions) for the file's
     # scaling and names as llama.cpp reads them
     _agrees(smollm2_path, LORA / "converted.gguf", _reference("converted_reference.npz"), 1)
+
+
+def test_our_fused_file_loads_in_llama_cpp_and_agrees(smollm2_path, tmp_path):
+    """`diptych.fuse` writes the file the fixture script gave llama.cpp (same sha256; each
+    tensor in its input type, the merged ones requantized to Q4_1), and on it diptych's
+    logits meet the bar against llama.cpp's."""
+    ref, base = _reference("fused_reference.npz"), load_reference("smollm2")
+    fused = tmp_path / "fused.gguf"
+    diptych.fuse(smollm2_path, LORA, fused)
+    assert hashlib.sha256(fused.read_bytes()).hexdigest() == ref["fused_sha256"]
+    moved = ref["corpus_topk_ids"][:, 0] != base["corpus_topk_ids"][:, 0]
+    assert moved.mean() > 0.15   # 0.24: the adapter is in the file
+    _agrees(fused, None, ref, 1)   # 391 positions
