@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from diptych.errors import (ContextOverflowError, DiptychError, InvalidArgumentError,
                             NumericalError)
-from diptych.inference.constraint import JsonConstraint
+from diptych.inference.constraint import GrammarConstraint, JsonConstraint
 from diptych.inference.generate import Piece
 from diptych.inference.speculative import DEFAULT_LOOKUP_NGRAM
 from diptych.text.chat_prompt import chat_ids
@@ -32,6 +32,7 @@ from .responses import DONE, Envelope, chat_logprobs, sse, text_logprobs, usage
 from .scheduler import END, Job, Scheduler, Speculation
 from .slots import SlotPool
 from .tool_calls import ToolCallParser
+from .tool_grammar import tool_constraint
 from .validate import GenerationRequest, chat_request, completion_request, parse_body
 
 log = logging.getLogger("diptych.server")
@@ -201,11 +202,16 @@ class Server:
                                                                  self.model.n_ctx))
 
     # -- generation ----------------------------------------------------------------------------
-    def _prepare(self, req: GenerationRequest) -> tuple[list[int], JsonConstraint | None]:
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], GrammarConstraint | None]:
         """The prompt's token ids and the output's grammar (slow work: off the event loop)."""
         m = self.model
-        constraint = None
-        if req.json_schema is not None:
+        try:
+            constraint = None if req.tools is None else tool_constraint(
+                m.tokenizer, m.config.vocab_size, req.tools, req.tool_choice, req.strict,
+                req.json_schema)
+        except InvalidArgumentError as exc:
+            raise invalid(str(exc), "tools") from None
+        if constraint is None and req.json_schema is not None:
             try:
                 constraint = JsonConstraint(m.tokenizer, m.config.vocab_size, req.json_schema)
             except InvalidArgumentError as exc:

@@ -11,7 +11,7 @@ import pytest
 
 from diptych.server.tool_calls import ToolCallParser
 
-from .conftest import ServerProcess
+from .conftest import Raw, ServerProcess
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -132,3 +132,53 @@ def test_a_forced_call_follows_the_tools_schema(qwen_client, choice):
     if choice != "required":
         assert call.name == "get_time"
     jsonschema.validate(json.loads(call.arguments), tool["function"]["parameters"])
+
+
+STRICT_TIME = {"type": "function", "function": dict(TIME["function"], strict=True)}
+ASK_TIME = [{"role": "user", "content": "What time is it in Tokyo?"}]
+
+
+@pytest.mark.real
+def test_strict_arguments_follow_the_schema_when_sampling(qwen_client):
+    """Without the grammar the model names zones the enum does not hold ("Tokyo"); with
+    `strict` every call it makes validates, sampled or speculative."""
+    model = qwen_client.models.list().data[0].id
+
+    def calls(tool, seed, **extra):
+        reply = qwen_client.chat.completions.create(
+            model=model, messages=ASK_TIME, tools=[tool], max_tokens=48, temperature=0.8,
+            seed=seed, **extra)
+        return [json.loads(c.function.arguments) for c in reply.choices[0].message.tool_calls
+                or []]
+
+    def valid(arguments) -> bool:
+        return jsonschema.Draft202012Validator(TIME["function"]["parameters"]).is_valid(
+            arguments)
+
+    assert not all(valid(a) for a in calls(TIME, 1))
+    strict = [a for seed in (1, 2) for a in calls(STRICT_TIME, seed)]
+    strict += calls(STRICT_TIME, 3, extra_body={"speculative": "lookup"})
+    assert len(strict) == 3 and all(valid(a) for a in strict), strict
+
+
+@pytest.mark.real
+def test_a_plain_reply_is_the_same_with_strict_tools(qwen_client):
+    model = qwen_client.models.list().data[0].id
+    ask = [{"role": "user", "content": "Write a haiku about the sea."}]
+    replies = [qwen_client.chat.completions.create(
+        model=model, messages=ask, tools=[tool], max_tokens=24, temperature=0).choices[0]
+        for tool in (TIME, STRICT_TIME)]
+    assert not any(r.message.tool_calls for r in replies)
+    assert replies[0].message.content and replies[1].message.content == \
+        replies[0].message.content
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("function,param", [
+    ({"name": "f", "strict": "yes"}, "tools[0].function.strict"),
+    ({"name": "f", "strict": True, "parameters": {"type": "nonsense"}}, "tools")])
+def test_strict_must_be_a_boolean_and_its_schema_usable(smol_server, function, param):
+    status, reply = Raw(smol_server.base).call("POST", "/chat/completions", {
+        "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1, "tools": [{"type": "function", "function": function}]})
+    assert status == 400 and reply["error"]["param"] == param, reply
