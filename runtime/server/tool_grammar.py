@@ -59,17 +59,23 @@ def call_schema(name: str, arguments: dict) -> dict:
             "x-guidance": CALL_JSON}
 
 
+def constrains(choice: str | dict, strict: set[str]) -> bool:
+    """Whether a reply to tools with `tool_choice` `choice` and `strict` ones follows a
+    grammar."""
+    return choice != "auto" or bool(strict)
+
+
 def tool_grammar(tools: list[dict], choice: str | dict, strict: set[str],
                  reply_schema: dict | bool | None = None) -> str | None:
     """The lark grammar of a reply to a request with `tools` and `tool_choice` `choice`
     ("auto", "required", or {"name": ...} of the function named); None where the reply is
     free (auto, no strict tool). `strict`: the names of the strict tools; `reply_schema`:
     the response_format's schema."""
+    if not constrains(choice, strict):
+        return None
     forced = choice != "auto"
     if isinstance(choice, dict):
         tools = [t for t in tools if t["function"]["name"] == choice["name"]]
-    elif not forced and not strict:
-        return None
     fns = []
     for t in tools:
         fn = t["function"]
