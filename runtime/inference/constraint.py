@@ -133,8 +133,24 @@ class GrammarConstraint:
                                f"{self.matcher.get_error()}")
 
 
+# JSON without whitespace between tokens, as OpenAI's structured outputs are: llguidance's
+# default admits any run of whitespace there, which a weak model can pad until max_tokens
+COMPACT = {"whitespace_flexible": False}
+
+
+def compact(schema: dict | bool) -> dict | bool:
+    """`schema` with compact JSON as its default layout (its own "x-guidance" wins)."""
+    if schema is True:
+        schema = {}
+    guidance = schema.get("x-guidance", {}) if isinstance(schema, dict) else None
+    if not isinstance(guidance, dict):
+        return schema   # false, or options llguidance will refuse
+    return {**schema, "x-guidance": {**COMPACT, **guidance}}
+
+
 class JsonConstraint(GrammarConstraint):
-    """Output that is one JSON value following `schema`."""
+    """Output that is one JSON value following `schema`, compact unless the schema's
+    "x-guidance" says otherwise."""
 
     def __init__(self, tokenizer, n_vocab: int, schema: dict | bool):
         llg = _llguidance()
@@ -142,7 +158,7 @@ class JsonConstraint(GrammarConstraint):
             raise InvalidArgumentError(f"json_schema must be a JSON schema (a dict), not "
                                        f"{type(schema).__name__}")
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(compact(schema)))
         except (ValueError, TypeError) as exc:
             raise InvalidArgumentError(f"json_schema is not usable: {exc}") from None
         super().__init__(tokenizer, n_vocab, grammar, "json_schema")

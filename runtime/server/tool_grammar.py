@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 
-from diptych.inference.constraint import GrammarConstraint, lark_grammar
+from diptych.inference.constraint import GrammarConstraint, compact, lark_grammar
 
 from .tool_calls import CLOSE, OPEN
 
@@ -88,7 +88,7 @@ def tool_grammar(tools: list[dict], choice: str | dict, strict: set[str],
     elif forced:
         start = "bare | calls"
     elif reply_schema is not None:
-        start = f"calls | reply\nreply: %json {json.dumps(reply_schema)}"
+        start = f"calls | reply\nreply: %json {json.dumps(compact(reply_schema))}"
     else:
         start = "bare | OPENING | opening_call text_call* TEXT"
     return "\n".join(["%llguidance {}", f"start: {start}", RULES.strip(),
