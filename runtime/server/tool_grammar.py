@@ -8,14 +8,14 @@ write. Qwen's vocabularies hold ``<tool_call>`` as one token whose bytes are tha
 (user-defined, not a control token), so the grammar's string admits that token as well as
 the same text written in pieces.
 
-- `tool_choice` "required": the reply is one or more calls; a named function: one call of
-  it. The arguments follow each tool's parameters, strict or not.
-- "auto" with a strict tool (`function.strict: true` in the request): free text with call blocks anywhere
-  in it, or a bare call. The text is a lazy lexeme that ends at the first ``<tool_call>``,
-  so until then the mask admits every text token and the end-of-generation tokens:
-  ordinary replies are not steered. Only a reply that opens with a JSON object (what the
-  parser would read as a bare call) must be a call. A call names one of the tools; a
-  strict tool's arguments follow its parameters, another's are any object. With a
+- `tool_choice` "required": the reply is one or more call blocks, or a bare call; a named
+  function: one call of it. The arguments follow each tool's parameters, strict or not.
+- "auto" with a strict tool (`function.strict: true` in the request): free text with call
+  blocks anywhere in it, or a bare call. The text is a lazy lexeme that ends at the first
+  ``<tool_call>``, so until then the mask admits every text token and the end-of-generation
+  tokens: ordinary replies are not steered. Only a reply that opens with a JSON object
+  (what the parser would read as a bare call) must be a call. A call names one of the
+  tools; a strict tool's arguments follow its parameters, another's are any object. With a
   `response_format` schema as well, the reply is either call blocks or that JSON value.
 - "auto" without strict tools: no grammar; the reply is parsed as it comes.
 """
