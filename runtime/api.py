@@ -114,7 +114,8 @@ class Model:
         keywords: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, penalty_last_n, logit_bias, seed (see SamplingParams); None or
         absent: the model's default (`self.sampling`). `json_schema`: a JSON schema the
-        output must follow (it parses and validates; {"type": "object"}: any JSON object),
+        output must follow (it parses and validates, written compactly unless the schema's
+        "x-guidance" asks otherwise; {"type": "object"}: any JSON object),
         through llguidance (the `[server]` extra); speculative decoding follows it too (the
         draft's and the target's distributions both masked). Ctrl+C (KeyboardInterrupt) stops
         generation and leaves the model usable.

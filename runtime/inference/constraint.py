@@ -1,7 +1,10 @@
-"""Constrained decoding: output that always parses as JSON and validates against a schema.
+"""Constrained decoding: output that always parses as JSON and validates against a schema
+(`JsonConstraint`), or follows any llguidance grammar (`GrammarConstraint`; the server's
+tool calls, server/tool_grammar.py).
 
-The grammar engine is llguidance (the `[server]` extra): it compiles a JSON schema to a
-grammar over the model's own vocabulary and, at each step, says which tokens may come next.
+The grammar engine is llguidance (the `[server]` extra): it compiles a JSON schema (or a
+lark grammar) to a grammar over the model's own vocabulary and, at each step, says which
+tokens may come next.
 That set reaches the sampler as its `mask` (applied on the device before anything else sees
 the logits); the drawn token advances the grammar. Once the value is complete only the
 end-of-generation tokens are allowed, so generation ends there.
@@ -84,33 +87,39 @@ def _lltokenizer(tokenizer, n_vocab: int):
                            n_vocab=n_vocab, eos_token=sorted(tokenizer.eog_ids))
 
 
-class JsonConstraint:
-    """The grammar state of one generation: `mask(backend)` before each draw, `advance`
-    with the drawn token."""
+def lark_grammar(text: str) -> str:
+    """An llguidance grammar from lark syntax (checked when a GrammarConstraint is built)."""
+    return _llguidance().LLMatcher.grammar_from_lark(text)
 
-    def __init__(self, tokenizer, n_vocab: int, schema: dict | bool):
+
+class GrammarConstraint:
+    """The state of one generation in an llguidance grammar (`grammar`: what
+    `LLMatcher.grammar_from_*` gives): `mask(backend)` before each draw, `advance` with the
+    drawn token. `what` names the grammar's source in errors."""
+
+    def __init__(self, tokenizer, n_vocab: int, grammar: str, what: str):
         llg = _llguidance()
-        if not isinstance(schema, (dict, bool)):
-            raise InvalidArgumentError(f"json_schema must be a JSON schema (a dict), not "
-                                       f"{type(schema).__name__}")
-        try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgumentError(f"json_schema is not usable: {exc}") from None
         self.n_vocab = n_vocab
+        self._last: tuple[bytes, object] = (b"", None)   # the last mask: packed, on the device
         self.matcher = llg.LLMatcher(_lltokenizer(tokenizer, n_vocab), grammar, log_level=0)
         if self.matcher.is_error():
-            raise InvalidArgumentError(f"json_schema is not usable: "
-                                       f"{self.matcher.get_error()}")
+            raise InvalidArgumentError(f"{what} is not usable: {self.matcher.get_error()}")
 
     def allowed(self) -> np.ndarray:
         """The tokens allowed next, as a bool array (n_vocab,)."""
-        packed = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        return np.unpackbits(packed, bitorder="little")[:self.n_vocab].astype(bool)
+        return self._unpack(self.matcher.compute_bitmask())
+
+    def _unpack(self, packed: bytes) -> np.ndarray:
+        bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")
+        return bits[:self.n_vocab].astype(bool)
 
     def mask(self, backend):
-        """The tokens allowed next, as a device bool array (1, n_vocab)."""
-        return device_mask(backend, self.allowed()[None])
+        """The tokens allowed next, as a device bool array (1, n_vocab). A mask the same as
+        the last one (free text under a tool grammar: every step) is not sent again."""
+        packed = self.matcher.compute_bitmask()
+        if packed != self._last[0]:
+            self._last = (packed, device_mask(backend, self._unpack(packed)[None]))
+        return self._last[1]
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):   # the mask allowed it: a bug, not input
@@ -122,6 +131,37 @@ class JsonConstraint:
         if n and not self.matcher.rollback(n):
             raise RuntimeError(f"the grammar could not roll back {n} tokens: "
                                f"{self.matcher.get_error()}")
+
+
+# JSON without whitespace between tokens, as OpenAI's structured outputs are: llguidance's
+# default admits any run of whitespace there, which a weak model can pad until max_tokens
+COMPACT = {"whitespace_flexible": False}
+
+
+def compact(schema: dict | bool) -> dict | bool:
+    """`schema` with compact JSON as its default layout (its own "x-guidance" wins)."""
+    if schema is True:
+        schema = {}
+    guidance = schema.get("x-guidance", {}) if isinstance(schema, dict) else None
+    if not isinstance(guidance, dict):
+        return schema   # false, or options llguidance will refuse
+    return {**schema, "x-guidance": {**COMPACT, **guidance}}
+
+
+class JsonConstraint(GrammarConstraint):
+    """Output that is one JSON value following `schema`, compact unless the schema's
+    "x-guidance" says otherwise."""
+
+    def __init__(self, tokenizer, n_vocab: int, schema: dict | bool):
+        llg = _llguidance()
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgumentError(f"json_schema must be a JSON schema (a dict), not "
+                                       f"{type(schema).__name__}")
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(compact(schema)))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"json_schema is not usable: {exc}") from None
+        super().__init__(tokenizer, n_vocab, grammar, "json_schema")
 
 
 def device_mask(backend, allowed: np.ndarray):

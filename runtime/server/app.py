@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from diptych.errors import (ContextOverflowError, DiptychError, InvalidArgumentError,
                             NumericalError)
-from diptych.inference.constraint import JsonConstraint
+from diptych.inference.constraint import GrammarConstraint, JsonConstraint
 from diptych.inference.generate import Piece
 from diptych.inference.speculative import DEFAULT_LOOKUP_NGRAM
 from diptych.text.chat_prompt import chat_ids
@@ -31,7 +31,8 @@ from .errors import APIError, invalid
 from .responses import DONE, Envelope, chat_logprobs, sse, text_logprobs, usage
 from .scheduler import END, Job, Scheduler, Speculation
 from .slots import SlotPool
-from .tool_calls import ToolCallParser
+from .tool_calls import ToolCallParser, collect
+from .tool_grammar import constrains, tool_constraint
 from .validate import GenerationRequest, chat_request, completion_request, parse_body
 
 log = logging.getLogger("diptych.server")
@@ -201,11 +202,16 @@ class Server:
                                                                  self.model.n_ctx))
 
     # -- generation ----------------------------------------------------------------------------
-    def _prepare(self, req: GenerationRequest) -> tuple[list[int], JsonConstraint | None]:
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], GrammarConstraint | None]:
         """The prompt's token ids and the output's grammar (slow work: off the event loop)."""
         m = self.model
-        constraint = None
-        if req.json_schema is not None:
+        try:
+            constraint = None if req.tools is None else tool_constraint(
+                m.tokenizer, m.config.vocab_size, req.tools, req.tool_choice, req.strict,
+                req.json_schema)
+        except InvalidArgumentError as exc:
+            raise invalid(str(exc), "tools") from None
+        if constraint is None and req.json_schema is not None:
             try:
                 constraint = JsonConstraint(m.tokenizer, m.config.vocab_size, req.json_schema)
             except InvalidArgumentError as exc:
@@ -280,7 +286,8 @@ class _Reply:
 
     def __init__(self, model, req: GenerationRequest, job: Job, envelope: Envelope):
         self.model, self.req, self.job, self.envelope = model, req, job, envelope
-        self.tools = ToolCallParser({t["function"]["name"] for t in req.tools}) \
+        self.tools = ToolCallParser({t["function"]["name"] for t in req.tools},
+                                    constrains(req.tool_choice, req.strict)) \
             if req.tools else None
         self.generated = 0
         self.text_offset = 0
@@ -315,9 +322,9 @@ class _Reply:
             finish = piece.finish_reason or finish
         text, calls = "".join(texts), []
         if self.tools is not None:
-            content, calls = self.tools.feed(text)
+            content, deltas = self.tools.feed(text)
             rest, more = self.tools.finish()
-            text, calls = content + rest, calls + more
+            text, calls = content + rest, collect(deltas + more)
             if calls:
                 finish, text = "tool_calls", text if text.strip() else None
         logprobs = self._logprobs(lps) if self.req.logprobs is not None else None
@@ -329,25 +336,23 @@ class _Reply:
         try:
             if req.chat:
                 yield env.chunk({"role": "assistant", "content": ""}, with_usage=with_usage)
-            finish, n_calls = None, 0
+            finish = None
             async for piece in self._pieces(first):
-                text, calls = piece.text, []
+                text, deltas = piece.text, []
                 if self.tools is not None:
-                    text, calls = self.tools.feed(text)
+                    text, deltas = self.tools.feed(text)
                     if piece.finish_reason:
                         rest, more = self.tools.finish()
-                        text, calls = text + rest, calls + more
-                for call in calls:
-                    yield env.chunk({"tool_calls": [dict(call, index=n_calls)]},
-                                    with_usage=with_usage)
-                    n_calls += 1
+                        text, deltas = text + rest, deltas + more
+                for delta in deltas:
+                    yield env.chunk({"tool_calls": [delta]}, with_usage=with_usage)
                 lp = self._logprobs(piece.logprobs)
                 self.text_offset += len(piece.text)
                 if text or (lp and any(lp.values())):
                     delta = {"content": text} if req.chat else {"text": text}
                     yield env.chunk(delta, logprobs=lp, with_usage=with_usage)
                 finish = piece.finish_reason or finish
-            if n_calls:
+            if self.tools is not None and self.tools.calls:
                 finish = "tool_calls"
             yield env.chunk({} if req.chat else {"text": ""}, finish, with_usage=with_usage)
             if with_usage:

@@ -44,6 +44,9 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None     # None: off; n: the chosen token's and the top n
     tools: list[dict] | None = None
+    # with tools: "auto", "required", or {"name": ...} of the function a call must be
+    tool_choice: str | dict = "auto"
+    strict: set[str] = field(default_factory=set)   # tools whose calls follow their schema
     json_schema: dict | bool | None = None   # response_format: what the output must follow
     # speculative decoding: "draft", "lookup", None (plain), or absent: the server's choice
     speculative: str | None = "default"
@@ -86,12 +89,10 @@ def chat_request(body: dict, served: str, max_tokens_limit: int) -> GenerationRe
     elif top is not None:
         raise invalid("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
     req.json_schema = _response_format(body.get("response_format"))
-    req.tools, forced = _tools(body.get("tools"), body.get("tool_choice"))
-    if forced is not None:
-        if req.json_schema is not None:
-            raise invalid("'tool_choice' that forces a call and 'response_format' conflict",
-                          "tool_choice")
-        req.json_schema = forced
+    req.tools, req.tool_choice, req.strict = _tools(body.get("tools"), body.get("tool_choice"))
+    if req.tool_choice != "auto" and req.json_schema is not None:
+        raise invalid("'tool_choice' that forces a call and 'response_format' conflict",
+                      "tool_choice")
     return req
 
 
@@ -332,13 +333,14 @@ def _response_format(value) -> dict | bool | None:
                   "response_format")
 
 
-def _tools(tools, choice) -> tuple[list[dict] | None, dict | None]:
-    """(the tools the template shows, or None; the schema of the call the reply must be
-    when `tool_choice` forces one: "required", or a named function)."""
+def _tools(tools, choice) -> tuple[list[dict] | None, str | dict, set[str]]:
+    """(the tools the template shows, or None; "auto", "required", or {"name": ...} of the
+    function `tool_choice` names; the names of the strict tools). `strict` is the server's
+    business, not the model's: the template does not show it."""
     if tools is None:
         if choice not in (None, "none", "auto"):
             raise invalid("'tool_choice' needs 'tools'", "tool_choice")
-        return None, None
+        return None, "auto", set()
     if not isinstance(tools, list):
         raise invalid("'tools' must be an array", "tools")
     for j, tool in enumerate(tools):
@@ -348,32 +350,22 @@ def _tools(tools, choice) -> tuple[list[dict] | None, dict | None]:
                 or not fn["name"] or not isinstance(fn.get("parameters", {}), dict):
             raise invalid(f"'tools[{j}]' must be {{\"type\": \"function\", \"function\": "
                           f"{{\"name\": ..., \"parameters\": {{...}}}}}}", f"tools[{j}]")
-    if choice in (None, "auto"):
-        return tools, None
+        _boolean(fn, "strict", f"tools[{j}].function.")
+    strict = {t["function"]["name"] for t in tools if t["function"].get("strict")}
+    tools = [dict(t, function={k: v for k, v in t["function"].items() if k != "strict"})
+             for t in tools]
+    if choice in (None, "auto", "required"):
+        return tools, choice or "auto", strict
     if choice == "none":
-        return None, None
-    if choice == "required":
-        return tools, _call_schema(tools)
+        return None, "auto", set()
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
-    chosen = [t for t in tools if t["function"]["name"] == name]
     if not isinstance(choice, dict) or choice.get("type") != "function" \
             or not isinstance(name, str):
         raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": "
                       "\"function\", \"function\": {\"name\": <one of the tools>}}",
                       "tool_choice")
-    if not chosen:
+    if not any(t["function"]["name"] == name for t in tools):
         raise invalid(f"'tool_choice' names {name!r}, which is not among the tools",
                       "tool_choice")
-    return tools, _call_schema(chosen)
-
-
-def _call_schema(tools: list[dict]) -> dict:
-    """A call of one of `tools` as JSON, its arguments following the tool's parameters:
-    the reply's schema when a call is forced (tool_calls.py reads such a reply as a call)."""
-    options = [{"type": "object",
-                "properties": {"name": {"const": t["function"]["name"]},
-                               "arguments": t["function"].get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False}
-               for t in tools]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    return tools, {"name": name}, strict
