@@ -325,8 +325,9 @@ class _Reply:
             content, deltas = self.tools.feed(text)
             rest, more = self.tools.finish()
             text, calls = content + rest, collect(deltas + more)
-            if calls:
-                finish, text = "tool_calls", text if text.strip() else None
+            if calls:   # a reply cut by max_tokens stays "length", as OpenAI's does
+                finish = "tool_calls" if finish != "length" else finish
+                text = text if text.strip() else None
         logprobs = self._logprobs(lps) if self.req.logprobs is not None else None
         return self.envelope.whole(text, finish, self._usage(), logprobs, calls)
 
@@ -352,7 +353,7 @@ class _Reply:
                     delta = {"content": text} if req.chat else {"text": text}
                     yield env.chunk(delta, logprobs=lp, with_usage=with_usage)
                 finish = piece.finish_reason or finish
-            if self.tools is not None and self.tools.calls:
+            if self.tools is not None and self.tools.calls and finish != "length":
                 finish = "tool_calls"
             yield env.chunk({} if req.chat else {"text": ""}, finish, with_usage=with_usage)
             if with_usage:

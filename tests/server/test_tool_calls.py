@@ -166,6 +166,21 @@ def test_tool_call_round_trip(qwen_client):
     assert "31" in final.choices[0].message.content
 
 
+@pytest.mark.real
+def test_a_call_cut_by_max_tokens_finishes_with_length(qwen_client):
+    """As OpenAI's API: the call's tokens all came, but the reply ended at max_tokens."""
+    model = qwen_client.models.list().data[0].id
+    ask = dict(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+               tools=[WEATHER], tool_choice="required", temperature=0)
+    whole = qwen_client.chat.completions.create(max_tokens=40, **ask)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    n = whole.usage.completion_tokens   # the call, then the end-of-generation token
+    cut = qwen_client.chat.completions.create(max_tokens=n - 1, **ask)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.tool_calls[0].function.arguments == \
+        whole.choices[0].message.tool_calls[0].function.arguments
+
+
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The local time in a time zone",
     "parameters": {"type": "object", "properties": {
