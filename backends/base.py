@@ -330,7 +330,9 @@ class Backend(ABC):
 
     def checkpoint(self, fn):
         """fn as autograd sees it, with its activations recomputed in the backward pass
-        instead of kept (gradient checkpointing); by default fn itself."""
+        instead of kept (gradient checkpointing); by default fn itself. fn takes arrays
+        only, and every array the gradient must reach is one of its arguments (MLX
+        differentiates a checkpointed function in its arguments alone)."""
         return fn
 
     def inference(self):

@@ -1,18 +1,29 @@
-"""LoRA training speed and peak memory: diptych (the base kept quantized, torch CPU) beside
-transformers + PEFT (the same GGUF dequantized to fp32), same random data, sequence length,
-batch, rank and target modules (all seven linears), AdamW, gradient checkpointing on both.
+"""LoRA training speed and peak memory: diptych (the base kept quantized) beside a peer,
+same random data, sequence length, batch, rank and target modules (all seven linears),
+AdamW, gradient checkpointing on both.
 
     python benchmarks/bench_training.py [MODEL] [--steps 3] [--batch 4] [--seq 256]
+                                        [--repeats 2] [--peer peft|mlx-lm]
 
-Each side runs in its own process (its peak RSS is its own), one after the other; the
-first update of each is a warm-up and is not timed. Prints training tokens/s and peak RSS.
+--peer peft (default): diptych on torch's CPU backend beside transformers + PEFT on the
+same GGUF dequantized to fp32 by transformers. --peer mlx-lm: diptych on MLX beside
+`mlx_lm`'s LoRA (its LoRA layers, gradient checkpointing and compiled step, as
+`mlx_lm.lora` trains) on an mlx-lm checkpoint holding diptych's own repacked arrays
+(benchmarks/bench_mlx.py's "same-w"): the same weights on both sides.
+
+Each side runs in its own process (its peak RSS is its own); the sides alternate, each
+repeat in the other order, so that a changing load on the machine falls on both alike.
+The first update of each process is a warm-up and is not timed. Prints every run's
+training tokens/s and peak RSS, then each side's median and the ratios.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 _OURS = """
 import json, sys, time
@@ -23,7 +34,7 @@ from diptych.training.data import Example
 from diptych.training.loop import Trainer
 from diptych.training.options import TrainOptions
 path, steps, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-eng = LoadPlan.open(path, "torch", device="cpu", n_ctx=16, n_batch=16).engine()
+eng = LoadPlan.open(path, sys.argv[5], device="cpu", n_ctx=16, n_batch=16).engine()
 rng = np.random.default_rng(0)
 data = [Example(tuple(int(i) for i in rng.integers(100, 40000, seq)), (True,) * seq)
         for _ in range(batch * (steps + 1))]
@@ -74,6 +85,45 @@ print(json.dumps({"tokens_per_s": steps * batch * (seq - 1) / elapsed,
                   "peak_mib": int(status["VmHWM"].split()[0]) >> 10}))
 """
 
+_MLX_LM = """
+import json, sys, time
+from functools import partial
+import numpy as np
+import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
+from mlx_lm import load
+from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+from mlx_lm.tuner.utils import linear_to_lora_layers
+path, steps, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model, _ = load(path)
+model.freeze()
+keys = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+linear_to_lora_layers(model, len(model.layers),
+                      {"rank": 8, "scale": 16 / 8, "dropout": 0.0, "keys": keys})
+grad_checkpoint(model.layers[0])
+opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.0)
+loss_and_grad = nn.value_and_grad(model, default_loss)
+state = [model.state, opt.state]
+
+@partial(mx.compile, inputs=state, outputs=state)
+def step(ids, lengths):
+    (loss, _), grad = loss_and_grad(model, ids, lengths)
+    opt.update(model, grad)
+    return loss
+
+model.train()
+rng = np.random.default_rng(0)
+lengths = mx.array([[0, seq]] * batch)   # every target counts
+for update in range(steps + 1):
+    if update == 1:
+        start = time.perf_counter()
+    mx.eval(step(mx.array(rng.integers(100, 40000, (batch, seq))), lengths), state)
+elapsed = time.perf_counter() - start
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+print(json.dumps({"tokens_per_s": steps * batch * (seq - 1) / elapsed,
+                  "peak_mib": int(status["VmHWM"].split()[0]) >> 10}))
+"""
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -81,19 +131,44 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--peer", choices=("peft", "mlx-lm"), default="peft")
+    p.add_argument("--work", default="/tmp/bench-training",
+                   help="where --peer mlx-lm writes its checkpoint")
     args = p.parse_args()
     if args.model is None:
         from diptych.sources.default_model import default_model_path
 
         args.model = str(default_model_path())
-    rest = [args.model, str(args.steps), str(args.batch), str(args.seq)]
-    for name, code in (("diptych", _OURS), ("transformers+peft", _PEFT)):
-        t = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", code, *rest], capture_output=True,
-                              text=True, check=True)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name:18s} {result['tokens_per_s']:7.1f} tok/s  peak {result['peak_mib']} MiB"
-              f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    rest = [str(args.steps), str(args.batch), str(args.seq)]
+    if args.peer == "peft":
+        sides = [("diptych", _OURS, [args.model, *rest, "torch"]),
+                 ("transformers+peft", _PEFT, [args.model, *rest])]
+    else:
+        from bench_mlx import write_same_weights
+
+        ckpt = Path(args.work) / (Path(args.model).stem + "-mlx-same")
+        if not (ckpt / "config.json").exists():
+            write_same_weights(Path(args.model), ckpt)
+        sides = [("diptych", _OURS, [args.model, *rest, "mlx"]),
+                 ("mlx_lm", _MLX_LM, [str(ckpt), *rest])]
+    runs = {name: [] for name, _, _ in sides}
+    for r in range(args.repeats):
+        for name, code, argv in (sides if r % 2 == 0 else sides[::-1]):
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                                  text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(f"{name:18s} {result['tokens_per_s']:7.1f} tok/s  peak {result['peak_mib']} "
+                  f"MiB  ({time.perf_counter() - t:.0f} s)", flush=True)
+    medians = {name: (statistics.median(x["tokens_per_s"] for x in rs),
+                      statistics.median(x["peak_mib"] for x in rs)) for name, rs in runs.items()}
+    for name, (speed, peak) in medians.items():
+        print(f"median {name:18s} {speed:7.1f} tok/s  peak {peak:.0f} MiB")
+    (ours, our_peak), (peer, peer_peak) = medians["diptych"], medians[sides[1][0]]
+    print(f"diptych / {sides[1][0]}: {ours / peer:.2f}x tokens/s at {our_peak / peer_peak:.2f}x "
+          f"peak RSS")
 
 
 if __name__ == "__main__":

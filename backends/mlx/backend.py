@@ -335,10 +335,8 @@ class MLXBackend(Backend):
         keep = mx.random.bernoulli(1 - p, x.shape, key=mx.random.key(seed))
         return mx.where(keep, x / (1 - p), mx.zeros_like(x))
 
-    # `checkpoint` stays the base's fn itself: mx.checkpoint differentiates only the
-    # function's explicit inputs, and the adapter arrays reach a layer through the weight
-    # tree, so their gradients would be lost.
-
+    def checkpoint(self, fn):
+        return mx.checkpoint(fn)
 
     # -- sampling ops --------------------------------------------------------------------
     def float32(self, x):

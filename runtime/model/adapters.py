@@ -16,6 +16,8 @@ NeoX halves at load, so B's rows move the same way on the way in and back on the
 
 from __future__ import annotations
 
+import dataclasses
+
 from diptych.backends.base import LoRA
 from diptych.errors import InvalidArgumentError
 
@@ -92,6 +94,20 @@ def add_lora(cfg: ModelConfig, layer: LayerWeights, target: str, a, b, scale: fl
         raise InvalidArgumentError(f"this model's layer has no {target}")
     layer.adapters.setdefault(name, []).append(pair)
     return pair
+
+
+def pair_arrays(layer: LayerWeights) -> list:
+    """A and B of every pair on `layer`, in the order `with_pair_arrays` reads them."""
+    return [t for pairs in layer.adapters.values() for p in pairs for t in (p.a, p.b)]
+
+
+def with_pair_arrays(layer: LayerWeights, arrays) -> LayerWeights:
+    """A copy of `layer` whose pairs hold `arrays` (`pair_arrays` order) as A and B: a
+    checkpointed layer reads its adapters from its arguments (`Backend.checkpoint`)."""
+    it = iter(arrays)
+    return dataclasses.replace(layer, adapters={
+        name: [dataclasses.replace(p, a=next(it), b=next(it)) for p in pairs]
+        for name, pairs in layer.adapters.items()})
 
 
 def apply_adapter(backend, cfg: ModelConfig, layers: list[LayerWeights], pairs: dict,

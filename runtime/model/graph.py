@@ -16,6 +16,7 @@ from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
 from diptych.inference.cache import layer_specs
 from diptych.inference.slots import SlotPolicy
 
+from .adapters import pair_arrays, with_pair_arrays
 from .config import ModelConfig
 from .moe import moe_ffn
 from .weights import LayerWeights, ModelWeights
@@ -42,8 +43,9 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
     next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]
     if recompute:  # a checkpointed layer keeps only x (B, T, D): h = norm(x) comes back with it
         for i, layer in enumerate(w.layers):
+            # its adapters' arrays go in as arguments: what the gradient must reach
             x = be.checkpoint(partial(_block_from_residual, be, cfg, layer, kv, i, step,
-                                      w.ropes[i], next_norms[i]))(x)
+                                      w.ropes[i], next_norms[i]))(x, *pair_arrays(layer))
         h = be.rms_norm(x, w.output_norm, cfg.rms_eps)
     else:
         h = be.rms_norm(x, w.layers[0].attn_norm, cfg.rms_eps)
@@ -126,8 +128,10 @@ def _block(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step, ro
 
 
 def _block_from_residual(be, cfg: ModelConfig, layer: LayerWeights, kv, i: int, step: Step,
-                         rope: RopeSpec, next_norm, x):
-    """`_block` from the residual stream alone (its normed h recomputed): the next x."""
+                         rope: RopeSpec, next_norm, x, *pairs):
+    """`_block` from the residual stream alone (its normed h recomputed), the layer's
+    adapters holding `pairs` (`pair_arrays` order): the next x."""
+    layer = with_pair_arrays(layer, pairs)
     h = be.rms_norm(x, layer.attn_norm, cfg.rms_eps)
     return _block(be, cfg, layer, kv, i, step, rope, next_norm, x, h)[0]
 

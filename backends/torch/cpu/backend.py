@@ -13,6 +13,7 @@ from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend
 from .kernel_cache import set_compile_listener
+from .lora_linear import lora_linear
 from .qlinear import QuantLinear
 from .threads import configure_threads
 
@@ -48,8 +49,11 @@ class CpuBackend(TorchBackend):
     def linear(self, x, w: QuantLinear, bias=None, adapter=None):
         if self.linear_observer is not None:
             self.linear_observer(x, w)
-        lead = x.shape[:-1]
-        y = w.forward(x.reshape(-1, x.shape[-1]))
-        if bias is not None:
-            y += bias
-        return self.add_adapter(x, y.reshape(*lead, y.shape[-1]), adapter)
+        lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if adapter:
+            y = lora_linear(self, flat, w, bias, adapter)
+        else:
+            y = w.forward(flat)
+            if bias is not None:
+                y += bias
+        return y.reshape(*lead, y.shape[-1])

@@ -226,23 +226,22 @@ class QuantLinear:
             set_numba_threads(prev)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        y = torch.empty((m, self.shape[0]), dtype=torch.float32)
-        tmp = torch.empty((m, self._rows_per_tile), dtype=torch.float32)
+        y = torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32)
         for row0, row1, wt in self._tiles():
-            out = tmp[:, :row1 - row0]
-            torch.mm(x, wt, out=out)
-            y[:, row0:row1] = out
+            torch.mm(x, wt, out=y[:, row0:row1])  # BLAS writes the columns in place
         return y
 
     def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y (M, N) @ W (N, K) -> (M, K), tile by tile (never the whole W in fp32)."""
-        grad_y = grad_y.detach().to(torch.float32).contiguous()
+        grad_y = grad_y.detach().to(torch.float32)
         if self.ggml_type == QT.F32:
             return grad_y @ self._w
-        gx = torch.zeros((grad_y.shape[0], self.shape[1]), dtype=torch.float32)
+        gx = torch.empty((grad_y.shape[0], self.shape[1]), dtype=torch.float32)
         for row0, row1, wt in self._tiles():
-            gx.addmm_(grad_y[:, row0:row1], wt.T)
+            if row0 == 0:
+                torch.mm(grad_y[:, :row1], wt.T, out=gx)
+            else:
+                gx.addmm_(grad_y[:, row0:row1], wt.T)
         return gx
 
     def dequantize(self) -> torch.Tensor:

@@ -21,14 +21,14 @@ def path(tmp_path_factory):
                       tmp_path_factory.mktemp("mlx") / "m.gguf", "Q8_0")
 
 
-def _trainer(path, backend, out):
+def _trainer(path, backend, out, checkpointing=True, dropout=0.0):
     eng = LoadPlan.open(path, backend, n_ctx=32).engine()
     rng = np.random.default_rng(4)
     examples = [Example(tuple(int(i) for i in rng.integers(3, 128, n)),
                         (False,) * 3 + (True,) * (n - 3)) for n in (9, 12)]
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples, TrainOptions(
-        rank=4, batch_size=2, steps=2, learning_rate=0.05, weight_decay=0.1,
-        grad_checkpointing=True), out)   # on MLX: no recompute, the same gradients
+        rank=4, batch_size=2, steps=2, learning_rate=0.05, weight_decay=0.1, dropout=dropout,
+        grad_checkpointing=checkpointing), out)
     values = np.random.default_rng(5)
     trainer.params = [eng.backend.tensor(values.standard_normal(
         eng.backend.to_numpy(p).shape).astype(np.float32) * 0.2) for p in trainer.params]
@@ -44,6 +44,37 @@ def test_mlx_training_steps_equal_torch(path, tmp_path, monkeypatch):
     for a, b in zip(ours.params, ref.params):
         a, b = ours.be.to_numpy(a), ref.be.to_numpy(b)
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_mlx_checkpointing_recomputes_each_layer_and_keeps_the_gradients(path, tmp_path,
+                                                                        monkeypatch):
+    """With checkpointing every layer runs again in the backward pass (the adapters are the
+    checkpointed function's inputs, so their gradients survive), and the loss and every
+    gradient equal those of the run that keeps its activations (dropout on: a recomputed
+    layer draws its forward pass's masks)."""
+    from diptych.model import graph
+
+    monkeypatch.setattr(loop, "HEAD_POSITIONS", 6)
+    runs, block = [], graph._block
+
+    def counted(*args):
+        runs.append(args[4])   # the layer's index
+        return block(*args)
+
+    monkeypatch.setattr(graph, "_block", counted)
+    results = {}
+    for checkpointing in (False, True):
+        trainer = _trainer(path, "mlx", tmp_path / str(checkpointing), checkpointing, 0.2)
+        runs.clear()
+        loss, grads, _ = trainer.gradients(0)
+        layers = trainer.cfg.n_layers
+        assert sorted(runs) == sorted(list(range(layers)) * (2 if checkpointing else 1))
+        results[checkpointing] = loss, [trainer.be.to_numpy(g) for g in grads]
+    (plain, plain_grads), (ck, ck_grads) = results[False], results[True]
+    assert ck == pytest.approx(plain, rel=1e-6)
+    assert all(np.abs(g).max() > 0 for g in plain_grads)
+    for a, b in zip(ck_grads, plain_grads):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def test_mlx_dropout_mask_is_the_seed_s_and_scales_what_it_keeps():

@@ -142,7 +142,7 @@ class _Mask(torch.nn.Module):
         self.keep, self.p = keep, p
 
     def forward(self, x):
-        return x * self.keep / (1 - self.p)
+        return x * self.keep.reshape(x.shape) / (1 - self.p)
 
 
 def test_dropout_on_the_lora_input_equals_peft_with_the_same_masks(tmp_path, monkeypatch):
@@ -178,7 +178,9 @@ def test_dropout_on_the_lora_input_equals_peft_with_the_same_masks(tmp_path, mon
         def gradients(update, seeds=seeds):
             out = real_gradients(update)
             for lora, seed in zip(modules, seeds):
-                assert len(drawn[seed]) == 2 and torch.equal(*drawn[seed])  # recomputed
+                # drawn again by the recompute (a backward pass may draw it once more for
+                # the input's gradient, zero at the positions no loss reads: not compared)
+                assert len(drawn[seed]) >= 2 and torch.equal(*drawn[seed][:2])
                 lora.lora_dropout["default"] = _Mask(drawn[seed][0], p)
             return out
 
