@@ -37,7 +37,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from diptych.quant import QuantTensor
-from diptych.quant.formats import FLOAT_TYPES, FORMATS, QK_K
+from diptych.quant.formats import FLOAT_TYPES, FORMATS
 
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
@@ -45,10 +45,20 @@ from .repack import R, n_groups, repack
 from .threads import numba_threads, set_numba_threads
 
 # The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
-# at or below M applies. From the crossovers measured in BENCHMARKS.md.
+# at or below M applies. M = 1..32: the fastest path on the real models' FFN shapes, one
+# thread, by the calling thread's CPU time (`python benchmarks/bench_qlinear.py --crossover
+# --threads 1`, BENCHMARKS.md); the 32-element types' switch to tiles at 64 comes from the
+# M = 1..256 crossovers there.
+_GEMV1_TO_2 = ((1, "gemv1"), (3, "gemm_s"), (64, "tiles"))
+_BLOCK32 = ((1, "gemv1"), (2, "gemm_s"), (64, "tiles"))
+_K_LIGHT = ((1, "gemv1"), (2, "gemm_s"), (16, "tiles"))
+_K_HEAVY = ((1, "gemv1"), (2, "gemm_s"), (32, "tiles"))
 DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
-    t: ((1, "gemv1"), (2, "gemm_s"), (32 if FORMATS[t].block_size == QK_K else 64, "tiles"))
-    for t in QUANT_TYPES}
+    QT.Q4_0: _GEMV1_TO_2, QT.Q4_1: _GEMV1_TO_2,
+    QT.Q5_0: _BLOCK32, QT.Q5_1: _BLOCK32, QT.Q8_0: _BLOCK32, QT.IQ4_NL: _BLOCK32,
+    QT.Q4_K: _K_LIGHT, QT.Q5_K: _K_LIGHT,
+    QT.Q2_K: _K_HEAVY, QT.Q3_K: _K_HEAVY, QT.Q6_K: _K_HEAVY,
+}
 PATHS = ("gemv1", "gemm_s", "tiles")
 
 

@@ -140,6 +140,7 @@ def test_every_path_and_thread_count(t, monkeypatch):
 @pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
 def test_each_dispatch_range(t):
     """Every (first M, path) step of the dispatch table, at both ends of its range."""
+    assert set(qlm.DISPATCH) == set(QUANT)
     steps = qlm.DISPATCH[t]
     assert steps[0][0] == 1 and all(a[0] < b[0] for a, b in zip(steps, steps[1:]))
     k = k_for(t)
