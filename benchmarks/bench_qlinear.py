@@ -9,6 +9,7 @@ M = 1 the kernel reads each byte once, so this is the effective memory bandwidth
     python benchmarks/bench_qlinear.py                       # all types, default shapes, M=1,256
     python benchmarks/bench_qlinear.py --types Q4_1,Q8_0 --m 1,4,16,64,256
     python benchmarks/bench_qlinear.py --smollm2             # one SmolLM2-135M decode step
+    python benchmarks/bench_qlinear.py --crossover --threads 2   # each path per (type, M)
 
 Weights are random GGML blocks with finite fp16 scales (throughput does not depend on values).
 Times are the minimum over repetitions (median in brackets) of each configuration run in its
@@ -81,11 +82,7 @@ def timeit(fn, budget: float, max_reps: int = 1000) -> tuple[float, float]:
 
 
 def path_name(ql: QuantLinear, m: int) -> str:
-    if not ql.quantized:
-        return "torch"
-    if m >= qlm.GEMM_MIN_M[ql.ggml_type]:
-        return "tiles+mm"
-    return "gemv1" if m == 1 else "gemm_s"
+    return qlm.path_for(ql.ggml_type, m) if ql.quantized else "torch"
 
 
 def bench_shapes(args) -> None:
@@ -116,6 +113,72 @@ def bench_shapes(args) -> None:
                     line += f" | {tf * 1e6:>14.1f} {flops / tf / 1e9:>8.1f} {tf / tq:>6.2f}x"
                 print(line, flush=True)
             del w32, ql, qt
+
+
+# The real models' linear shapes, both orientations: SmolLM2-135M FFN, Qwen2.5-0.5B FFN,
+# Qwen2.5-1.5B FFN (K-quants only where K is a multiple of 256)
+CROSSOVER_SHAPES = [(1536, 576), (576, 1536), (4864, 896), (896, 4864), (8960, 1536), (1536, 8960)]
+CROSSOVER_M = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 17, 20, 24, 32]
+
+
+def bench_crossover(args) -> None:
+    """Each path of qlinear.PATHS (gemv1 once per row, gemm_s, tiles + torch.mm) per type,
+    shape and M, timed in rounds that alternate the paths (so the machine's load hits all
+    alike); min (median) over the rounds. Then, per type and M, each path's cost relative to
+    the best path of each shape, averaged over the shapes, and the dispatch that follows.
+    On one thread every path runs on the calling thread, so the clock is that thread's CPU
+    time, which other processes on the cores do not inflate; on more, wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    print(f"# clock: {clock.__name__}")
+    rng = np.random.default_rng(0)
+    ms = args.m if args.m != [1, 256] else CROSSOVER_M
+    shapes = args.shapes if args.shapes_given else CROSSOVER_SHAPES
+    paths = qlm.PATHS
+    print(f"{'type':7s} {'N x K':>13s} {'M':>3s} " + " ".join(f"{p + ' us':>19s}" for p in paths)
+          + "  best   (min [median] over alternating rounds)")
+    summary = {}
+    for tname in args.types:
+        t = QT[tname]
+        if t in (QT.F32, QT.F16, QT.BF16):
+            continue
+        rel = {m: {p: [] for p in paths} for m in ms}
+        for n, k in shapes:
+            if k % GGML_QUANT_SIZES[t][0]:
+                continue
+            ql = QuantLinear.from_quant_tensor(random_tensor(t, n, k, rng))
+            for m in ms:
+                xn = rng.standard_normal((m, k), dtype=np.float32)
+                for p in paths:
+                    ql._run(p, xn)  # warm up (kernel lookup, buffers)
+                ts = {p: [] for p in paths}
+                t_end = time.perf_counter() + args.budget
+                while len(ts[paths[0]]) < args.rounds or (
+                        time.perf_counter() < t_end and len(ts[paths[0]]) < 10 * args.rounds):
+                    for p in paths:
+                        t0 = clock()
+                        ql._run(p, xn)
+                        ts[p].append(clock() - t0)
+                best_t = min(min(v) for v in ts.values())
+                cells = []
+                for p in paths:
+                    rel[m][p].append(min(ts[p]) / best_t)
+                    cells.append(f"{min(ts[p]) * 1e6:>9.0f} [{np.median(ts[p]) * 1e6:>7.0f}]")
+                best = min(paths, key=lambda p: min(ts[p]))
+                print(f"{tname:7s} {n:>6d} x {k:<5d} {m:>3d} " + " ".join(cells) + f"  {best}",
+                      flush=True)
+            del ql
+        summary[tname] = {m: {p: float(np.mean(v)) for p, v in rel[m].items()} for m in ms}
+    print("\n# mean cost relative to the best path per shape (1.00 = always the best)")
+    print(f"{'type':7s} {'M':>3s} " + " ".join(f"{p:>7s}" for p in paths) + "  choice")
+    for tname, by_m in summary.items():
+        steps = []
+        for m in ms:
+            choice = min(paths, key=lambda p: by_m[m][p])
+            if not steps or steps[-1][1] != choice:
+                steps.append((m, choice))
+            print(f"{tname:7s} {m:>3d} " + " ".join(f"{by_m[m][p]:>7.2f}" for p in paths)
+                  + f"  {choice}")
+        print(f"# {tname}: {tuple(steps)}", flush=True)
 
 
 SMOLLM2 = dict(layers=30, hidden=576, ffn=1536, q=576, kv=192, vocab=49152)
@@ -186,13 +249,19 @@ def main(argv=None) -> None:
     p.add_argument("--no-fp32", dest="fp32", action="store_false",
                    help="skip the dequantized fp32 torch baseline")
     p.add_argument("--smollm2", action="store_true", help="time a SmolLM2-135M decode step instead")
+    p.add_argument("--crossover", action="store_true",
+                   help="time every path per type, real model shape and M = 1..32 instead")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--crossover: least rounds of alternating paths per (shape, M)")
     args = p.parse_args(argv)
     args.types = [s.strip() for s in args.types.split(",") if s.strip()]
+    args.shapes_given = any(a.startswith("--shapes") for a in (argv or sys.argv[1:]))
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     args.m = [int(v) for v in args.m.split(",")]
+    # numba first: starting its OpenMP layer here resets torch's thread count
+    set_numba_threads(args.threads or torch.get_num_threads())
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_numba_threads(torch.get_num_threads())
     print(f"# diptych bench_qlinear  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}"
           f"  cpus={os.cpu_count()}  torch threads={torch.get_num_threads()}  torch {torch.__version__}"
           f"  TILE_BYTES={qlm.TILE_BYTES}")
@@ -203,6 +272,8 @@ def main(argv=None) -> None:
         print(f"# compiled {n} numba kernels in {time.perf_counter() - t0:.1f} s (cached from now on)")
     if args.smollm2:
         bench_smollm2(args)
+    elif args.crossover:
+        bench_crossover(args)
     else:
         bench_shapes(args)
 

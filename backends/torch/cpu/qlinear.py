@@ -6,15 +6,14 @@ consecutive rows' blocks is contiguous, so a kernel unpacks 16 rows per AVX-512 
 and multiplies by a broadcast activation (no horizontal sums, no shuffles). fp16 scales
 stay fp16 (converted in the kernel with vcvtph2ps).
 
-Paths, per call (M = rows of x; kernels in kernel_source.py):
-  M = 1          numba fused GEMV ("gemv1"): integer codes x activation, fp32 accumulation,
-                 scale (and the min/offset term, via per-unit sums of x) once per 16/32
-                 elements. Reads every weight byte once.
-  2 <= M < T     numba "gemm_s": each 32x64 unit is dequantized (exactly) into an L1-resident
-                 fp32 tile that all M rows read: weight bytes read once for all M rows.
-  M >= T         dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
+Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISPATCH:
+  "gemv1"        numba fused GEMV, once per row of x: integer codes x activation, fp32
+                 accumulation, scale (and the min/offset term, via per-unit sums of x) once
+                 per 16/32 elements. Reads every weight byte once per row.
+  "gemm_s"       each 32x64 unit is dequantized (exactly) into an L1-resident fp32 tile that
+                 all M rows read: weight bytes read once for all M rows.
+  "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
                  calling thread) and multiply with torch.mm (MKL).
-  T = GEMM_MIN_M, per type (the crossovers are in BENCHMARKS.md).
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
 Exactness: activations stay fp32 (never quantized to 8 bits as llama.cpp does); outputs are
 within a few fp32 ulps of x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|);
@@ -38,17 +37,38 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from diptych.quant import QuantTensor
-from diptych.quant.formats import FLOAT_TYPES, FORMATS, QK_K
+from diptych.quant.formats import FLOAT_TYPES, FORMATS
 
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
 from .threads import numba_threads, set_numba_threads
 
-# Rows of x from which the quantized path switches from the numba kernels (each weight byte
-# read once for all rows) to "dequantize a tile of weight rows into a reused fp32 buffer, then
-# torch.mm" (MKL), per type. Chosen from the crossovers measured in BENCHMARKS.md.
-GEMM_MIN_M = {t: (32 if FORMATS[t].block_size == QK_K else 64) for t in QUANT_TYPES}
+# The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
+# at or below M applies. M = 1..32: the fastest path on the real models' FFN shapes, one
+# thread, by the calling thread's CPU time (`python benchmarks/bench_qlinear.py --crossover
+# --threads 1`, BENCHMARKS.md); the 32-element types' switch to tiles at 64 comes from the
+# M = 1..256 crossovers there.
+_GEMV1_TO_2 = ((1, "gemv1"), (3, "gemm_s"), (64, "tiles"))
+_BLOCK32 = ((1, "gemv1"), (2, "gemm_s"), (64, "tiles"))
+_K_LIGHT = ((1, "gemv1"), (2, "gemm_s"), (16, "tiles"))
+_K_HEAVY = ((1, "gemv1"), (2, "gemm_s"), (32, "tiles"))
+DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
+    QT.Q4_0: _GEMV1_TO_2, QT.Q4_1: _GEMV1_TO_2,
+    QT.Q5_0: _BLOCK32, QT.Q5_1: _BLOCK32, QT.Q8_0: _BLOCK32, QT.IQ4_NL: _BLOCK32,
+    QT.Q4_K: _K_LIGHT, QT.Q5_K: _K_LIGHT,
+    QT.Q2_K: _K_HEAVY, QT.Q3_K: _K_HEAVY, QT.Q6_K: _K_HEAVY,
+}
+PATHS = ("gemv1", "gemm_s", "tiles")
+
+
+def path_for(ggml_type: QT, m: int) -> str:
+    """The path DISPATCH chooses for m >= 1 rows of x on a quantized type."""
+    steps = DISPATCH[ggml_type]
+    i = len(steps) - 1
+    while steps[i][0] > m:
+        i -= 1
+    return steps[i][1]
 # fp32 bytes of one dequantized tile on the torch.mm path (stays in the 32 MB L3)
 TILE_BYTES = 4 << 20
 # numba threads dequantizing tiles for torch.mm (0: torch's thread count)
@@ -151,9 +171,8 @@ class QuantLinear:
             return "F32 -> fp32 tensor, torch.mm"
         if not self.quantized:
             return f"{t} -> {t.lower()} tensor, fp32 tiles + torch.mm"
-        gm = GEMM_MIN_M[self.ggml_type]
-        return (f"{t} -> GGML blocks interleaved by {R} rows (fp16 scales kept), numba fused "
-                f"GEMV (M=1) / L1 dequant-GEMM (M<{gm}), fp32 tiles + torch.mm (M>={gm})")
+        steps = ", ".join(f"{p} (M>={m0})" for m0, p in DISPATCH[self.ggml_type])
+        return f"{t} -> GGML blocks interleaved by {R} rows (fp16 scales kept): {steps}"
 
     def __repr__(self) -> str:
         return (f"QuantLinear({self.name!r}, {self.ggml_type.name}, shape={self.shape}, "
@@ -182,16 +201,23 @@ class QuantLinear:
             return torch.from_numpy(xn) @ self._w.T
         if m == 0:
             return torch.empty((0, self.shape[0]), dtype=torch.float32)
-        if not self.quantized or m >= GEMM_MIN_M[self.ggml_type]:
+        if not self.quantized:
+            return self._tiled(torch.from_numpy(xn))
+        return self._run(path_for(self.ggml_type, m), xn)
+
+    def _run(self, path: str, xn: np.ndarray) -> torch.Tensor:
+        """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
+        if path == "tiles":
             return self._tiled(torch.from_numpy(xn))
         _sync_threads()
-        y = np.empty((m, self.shape[0]), np.float32)
-        if m == 1:
+        y = np.empty((xn.shape[0], self.shape[0]), np.float32)
+        if path == "gemv1":
             if self._gemv1 is None:
                 self._gemv1 = kernel("gemv1", self.ggml_type)
-            self._gemv1(self._gidx, self._P, self._Pt, xn[0], y[0])
+            for i in range(xn.shape[0]):
+                self._gemv1(self._gidx, self._P, self._Pt, xn[i], y[i])
         else:
-            kernel("gemm_s", self.ggml_type)(self._gidx, self._P, self._Pt, xn, y)
+            kernel(path, self.ggml_type)(self._gidx, self._P, self._Pt, xn, y)
         return torch.from_numpy(y)
 
     def _tiles(self):

@@ -1,8 +1,8 @@
 """QuantLinear (backends/torch/qlinear.py): the CPU quantized linear against gguf-py's oracle.
 
 Every block type, shapes that are not multiples of the 64-row groups (a tail group, and a
-weight with only a tail), every compute path (fused GEMV for M=1, the L1 dequant-GEMM for small
-M, fp32 tiles + torch.mm for large M), bit-exact dequantization and row lookup, memory held.
+weight with only a tail), every compute path (fused GEMV per row, the L1 dequant-GEMM, fp32
+tiles + torch.mm) for any M, each range of the dispatch table, bit-exact dequantization and row lookup, memory held.
 
 Accuracy bound. Each output is a dot product of K fp32 products accumulated in fp32 (in blocks
 of 16-32 terms, then unit by unit; or by MKL). The standard bound for such a sum is
@@ -129,12 +129,30 @@ def test_every_path_and_thread_count(t, monkeypatch):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for gemm_min in (10**9, 2):  # numba kernels only / tiles + torch.mm for M >= 2
-                monkeypatch.setitem(qlm.GEMM_MIN_M, t, gemm_min)
+            for path in qlm.PATHS:  # each path for every M
+                monkeypatch.setitem(qlm.DISPATCH, t, ((1, path),))
                 assert_close(ql.forward(torch.from_numpy(x[:1])), x[:1], w)
                 assert_close(ql.forward(torch.from_numpy(x)), x, w)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
+def test_each_dispatch_range(t):
+    """Every (first M, path) step of the dispatch table, at both ends of its range."""
+    assert set(qlm.DISPATCH) == set(QUANT)
+    steps = qlm.DISPATCH[t]
+    assert steps[0][0] == 1 and all(a[0] < b[0] for a, b in zip(steps, steps[1:]))
+    k = k_for(t)
+    ql, w = make(t, 70, k, seed=11)
+    rng = np.random.default_rng(12)
+    for i, (m0, path) in enumerate(steps):
+        assert path in qlm.PATHS
+        last = steps[i + 1][0] - 1 if i + 1 < len(steps) else m0 + 7
+        for m in sorted({m0, last}):
+            assert qlm.path_for(t, m) == path
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            assert_close(ql.forward(torch.from_numpy(x)), x, w)
 
 
 def test_forward_from_another_thread():
@@ -159,9 +177,10 @@ def test_forward_from_another_thread():
 def test_small_tiles(monkeypatch):
     """Several tiles, the last one partial (the tile buffer is reused)."""
     monkeypatch.setattr(qlm, "TILE_BYTES", 4 * 160 * 64)  # 64 rows per tile at K=160
+    monkeypatch.setitem(qlm.DISPATCH, T.Q5_1, ((1, "tiles"),))
     ql, w = make(T.Q5_1, 300, 160, seed=5)
     assert ql._rows_per_tile == 64
-    x = np.random.default_rng(6).standard_normal((qlm.GEMM_MIN_M[T.Q5_1], 160), dtype=np.float32)
+    x = np.random.default_rng(6).standard_normal((20, 160), dtype=np.float32)
     assert_close(ql.forward(torch.from_numpy(x)), x, w)
     assert torch.equal(ql.dequantize(), torch.from_numpy(w))
 
