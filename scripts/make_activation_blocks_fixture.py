@@ -4,8 +4,8 @@ tests/fixtures/ggml_activation_blocks.json, for tests/backends/cpu/test_llama_ro
 
 ggml's CPU backend quantizes a matrix product's activations to the weight type's
 `vec_dot_type` before multiplying; gguf-py reproduces only q8_0 of those. This calls ggml's
-reference quantizers (`quantize_row_q8_1_ref`, `quantize_row_q8_K_ref`, exported by the
-libggml-base that llama-cpp-python ships) on 8 rows of 512 heavy-tailed values (Student-t
+reference quantizers (`quantize_row_q8_1_ref`, `quantize_row_q8_K_ref`, from the libggml that
+llama-cpp-python ships) on 8 rows of 512 heavy-tailed values (Student-t
 with 3 degrees of freedom, one row scaled by 1e4 so that its fp16 sums round coarsely, one
 row of zeros, one an evenly spaced ramp) and stores input and blocks as base64.
 
@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from make_quantize_fixtures import ggml_library
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures" / "ggml_activation_blocks.json"
@@ -37,14 +38,7 @@ def activations() -> np.ndarray:
     return x
 
 
-def ggml_base() -> ctypes.CDLL:
-    import llama_cpp
-
-    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    return ctypes.CDLL(str(lib))
-
-
-def quantize(lib: ctypes.CDLL, x: np.ndarray, kind: str) -> bytes:
+def quantize(lib, x: np.ndarray, kind: str) -> bytes:
     fn = getattr(lib, f"quantize_row_{kind}_ref")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn.restype = None
@@ -58,7 +52,7 @@ def quantize(lib: ctypes.CDLL, x: np.ndarray, kind: str) -> bytes:
 def main() -> None:
     import llama_cpp
 
-    lib = ggml_base()
+    lib = ggml_library()
     x = activations()
     b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
     fixture = {"llama_cpp_version": llama_cpp.__version__, "shape": [ROWS, K],

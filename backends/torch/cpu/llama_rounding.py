@@ -14,10 +14,14 @@ row of activations to the weight type's `vec_dot_type` and multiplies in that fo
   magnitude (d = max / -127), codes rounded half to even;
 - F16 and BF16 weights take the activations rounded to fp16 / bf16; F32 weights fp32.
 
+q8_0 and q8_1 follow ggml's reference quantizer; its x86 kernels multiply by 127 / amax
+instead of dividing by d and round halves to even, which changes a code only where x / d
+lies within an ulp of a half.
+
 Integer block sums are exact, so apart from the order of fp32 additions the product equals
 the exact weights times the rounded activations (plus, for q8_1, the s correction):
-`RoundingQuantLinear` rounds and then runs QuantLinear's own product. The loss this
-rounding costs is measured in BENCHMARKS.md ("diptych perplexity vs llama-perplexity").
+`RoundingQuantLinear` rounds and then runs QuantLinear's own product. What the rounding
+does to perplexity is measured in BENCHMARKS.md ("diptych perplexity vs llama-perplexity").
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from gguf import GGMLQuantizationType as QT
 from diptych.errors import UnsupportedModelError
 from diptych.quant import QuantTensor
 from diptych.quant.dequant import as_blocks, unpack_q4_1, unpack_q5_1
+from diptych.quant.formats import QK_K
 
 from .qlinear import QuantLinear
 
-QK8 = 32    # q8_0 / q8_1 block
-QK_K = 256  # q8_K block
+QK8 = 32  # values per q8_0 / q8_1 block (q8_K: QK_K)
 
 # weight type -> the form ggml's CPU backend gives its activations
 VEC_DOT_TYPE = {
@@ -64,12 +68,6 @@ def q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = x.reshape(*x.shape[:-1], -1, QK8)
     d = b.abs().amax(-1, keepdim=True) / 127
     return roundf(b * _divide(1, d)), d, d.to(torch.float16).to(torch.float32)
-
-
-def q8_0_values(x: torch.Tensor) -> torch.Tensor:
-    """x as ggml's q8_0 rows hold it: codes times the fp16 scale."""
-    q, _, d16 = q8_0(x)
-    return (q * d16).reshape(x.shape)
 
 
 def q8_1_sums(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
