@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 Array = Any  # the backend's own array type (torch.Tensor, mx.array)
@@ -349,6 +350,14 @@ class Backend(ABC):
         """Have `listener(what)` called when the backend starts compiling code on first use
         that the user waits for (`what` says what, briefly), and `listener(None)` when that
         is done; None removes it. By default nothing is compiled worth saying so."""
+
+    def use_llama_cpp_rounding(self) -> None:
+        """Round as llama.cpp's CPU backend does around the products of weights prepared
+        from now on (each activation row in the form the weight type multiplies: q8_0,
+        q8_1, q8_K blocks or fp16), so figures compare with llama.cpp's; `load(numerics=
+        "llama.cpp")` sets it. Not by default: backends compute the exact products."""
+        raise InvalidArgumentError(f"llama.cpp's CPU rounding is reproduced by the torch "
+                                   f"backend on the CPU only, not by {self.describe()}")
 
     def describe(self) -> str:
         return f"{self.name} ({self.device})"

@@ -19,6 +19,7 @@ from .inference.speculative import (DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM, Dra
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
 from .load_plan import LoadPlan
 from .model.display_name import display_name
+from .numerics import apply_numerics, backend_for, check_numerics
 from .text.chat_prompt import chat_ids
 from .text.draft_vocab import check_compatible
 from .text.tokenizer import Tokenizer
@@ -252,7 +253,7 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          progress: Callable[[int, int], None] | None = None,
          adapter: str | Path | None = None,
          draft: str | Path | Model | None = None,
-         draft_max: int = DEFAULT_DRAFT_MAX) -> Model:
+         draft_max: int = DEFAULT_DRAFT_MAX, numerics: str = "exact") -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
     see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
@@ -263,7 +264,9 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     torch; "cpu", "gpu" for MLX; default: the best one present). `n_ctx` is the context (KV
     cache) size in tokens: by default the model's own, capped at 8192 and at a quarter of
     available memory. `progress(done, total)` receives bytes. `adapter`: a LoRA adapter to
-    use (see `Model.set_adapter`).
+    use (see `Model.set_adapter`). `numerics`: "exact" (default) or "llama.cpp", products
+    rounded as llama.cpp's CPU backend rounds them, to compare figures with llama.cpp's
+    (the torch backend on the CPU; see `diptych.numerics`).
 
     `draft`: a draft model for speculative decoding (a path, loaded on the same backend with
     the same n_ctx, or a loaded Model, whose weights are then shared and which drafts in a
@@ -273,8 +276,11 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     """
     if not isinstance(draft_max, int) or isinstance(draft_max, bool) or draft_max < 0:
         raise InvalidArgumentError(f"draft_max must be an integer >= 0, got {draft_max!r}")
+    check_numerics(numerics)
+    backend, device = backend_for(numerics, backend, device)
     plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch,
                          max_rollback=draft_max)
+    apply_numerics(plan.backend, numerics)
     tokenizer = plan.tokenizer()
     model = Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
     if adapter is not None:

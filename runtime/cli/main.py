@@ -327,8 +327,9 @@ def cmd_perplexity(args) -> int:
     from diptych.inference.perplexity import perplexity
 
     text = _read_text(args.text)
-    model = load(args.model, backend=args.backend, n_ctx=args.ctx)
-    base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx) \
+    numerics = "llama.cpp" if args.llama_cpp_numerics else "exact"
+    model = load(args.model, backend=args.backend, n_ctx=args.ctx, numerics=numerics)
+    base = load(args.kl_divergence, backend=args.backend, n_ctx=args.ctx, numerics=numerics) \
         if args.kl_divergence else None
     with Progress(TextColumn("scoring chunks"), BarColumn(), MofNCompleteColumn(),
                   transient=True, disable=not sys.stderr.isatty()) as bar:
@@ -581,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kl-divergence", metavar="BASE", default=None,
                     help="a base model (same vocabulary): also report KL(base || model) and "
                          "top-1 agreement")
+    sp.add_argument("--llama-cpp-numerics", action="store_true",
+                    help="round each product's input as llama.cpp's CPU backend does (8-bit "
+                         "blocks before quantized weights), to compare with llama.cpp's "
+                         "figures (torch backend on the CPU)")
     sp.add_argument("--backend", default="auto")
     sp.set_defaults(func=cmd_perplexity)
 

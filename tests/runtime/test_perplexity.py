@@ -74,3 +74,9 @@ def test_cli(models, tmp_path, capsys):
     assert "perplexity" in out and "KL divergence" in out and "same top-1 token" in out
     assert main(["perplexity", str(other_path), str(tmp_path / "none.txt")]) == 1
     assert "cannot read the text" in capsys.readouterr().err
+    # F32 weights: llama.cpp multiplies them by fp32 inputs, so its numerics change nothing
+    args = ["perplexity", str(other_path), str(text), "--ctx", "32", "--backend", "torch"]
+    assert main(args) == 0
+    exact = capsys.readouterr().out
+    assert main(args + ["--llama-cpp-numerics"]) == 0
+    assert capsys.readouterr().out == exact

@@ -13,6 +13,7 @@ from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend
 from .kernel_cache import set_compile_listener
+from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
 from .qlinear import QuantLinear
 from .threads import configure_threads
@@ -35,12 +36,16 @@ class CpuBackend(TorchBackend):
     def __init__(self):
         configure_threads()
         super().__init__("cpu", torch.float32, kv_type_from_env())
+        self._linear_type = QuantLinear
+
+    def use_llama_cpp_rounding(self) -> None:
+        self._linear_type = RoundingQuantLinear
 
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
-        return QuantLinear.from_quant_tensor(qt)
+        return self._linear_type.from_quant_tensor(qt)
 
     def embed(self, table: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
         batch, n = ids.shape
