@@ -1,12 +1,24 @@
-"""Our Q4_K_M file of SmolLM2 loads in llama.cpp, and llama.cpp's logits on it agree with
-ours (tests/fixtures/llama_cpp_on_our_q4_k_m.npz, from scripts/make_our_quant_fixture.py,
-which recorded the file's sha256: the test rebuilds the same file), at the bar our fp32
-path meets against llama.cpp on the original file (reference_metrics.KL_BOUNDS): top-1
-agreement wherever llama.cpp's own top two are not a near-tie, and the KL bounds. Measured
-(2026-11-30): 122 positions outside near-ties, all agreeing; KL(llama.cpp || ours) mean
-0.0043 nats, 95th percentile 0.0124. Against the Q4_1 file both were made from, our file's
-KL is at most 1.02x that of llama.cpp's own Q4_K_M file (the fixture's, diptych
-evaluating both)."""
+"""Our Q4_K_M and Q5_K_M files of SmolLM2, quantized from the F16 base llama.cpp makes of
+the Q4_1 file (rebuilt here, tests/real/f16_base.py), are at most 1.02x as far from that
+base as llama.cpp's own files of those mixes, and they load in llama.cpp with logits that
+agree with ours.
+
+tests/fixtures/llama_cpp_on_our_quants.npz (scripts/make_our_quant_fixture.py) holds the
+sha256 of the base and of each of our files (the test rebuilds the same ones), llama.cpp's
+logits on each of our files over the first 256 tokens of the perplexity text, and, for
+llama.cpp's own file of each mix, its mean KL(F16 || file) over those positions (diptych
+evaluating both) and the agreement diptych and llama.cpp reach on it.
+
+The KL ratio is over all 256 positions: the two files' KL is compared position by position
+on the same text, and the standard error of that paired difference (1.5e-5 nats, against
+means of 0.057 and 0.070) is under 2% of the 2% margin, so 256 positions resolve a
+quantizer 2% worse than llama.cpp's. The agreement is held at the bar KL_BOUNDS sets (1.5x
+what a correct implementation measures against llama.cpp), measured on llama.cpp's own file
+of the same mix: llama.cpp rounds activations to 8 bits in a way that depends on the weight
+types, and its own Q5_K_M file measures a mean of 0.0051 and a 95th percentile of 0.0140
+against diptych, above the Q4_1 file's calibration; top-1 must agree wherever llama.cpp's
+own top two are not a near-tie.
+"""
 
 from __future__ import annotations
 
@@ -19,28 +31,48 @@ import pytest
 import diptych
 from diptych.inference.perplexity import log_softmax
 
-from ..reference_metrics import KL_BOUNDS, kl_ref_ours, top1_agreement
+from ..reference_metrics import kl_ref_ours, top1_agreement
+from .f16_base import kl_from_base, log_probs, write_f16_base
 
 pytestmark = pytest.mark.real
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llama_cpp_on_our_q4_k_m.npz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llama_cpp_on_our_quants.npz"
 
 
-def test_our_q4_k_m_file_agrees_with_llama_cpp(smollm2_path, tmp_path):
-    ref = dict(np.load(FIXTURE))
-    with pytest.warns(UserWarning, match="requantizing"):
-        path = diptych.quantize(smollm2_path, tmp_path / "ours-Q4_K_M.gguf", "Q4_K_M",
-                                allow_requantize=True)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == str(ref["file_sha256"]), \
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return dict(np.load(FIXTURE))
+
+
+@pytest.fixture(scope="module")
+def f16_base(smollm2_path, tmp_path_factory, ref):
+    """(path, log-probabilities over the fixture's tokens) of the F16 base."""
+    path = write_f16_base(smollm2_path, tmp_path_factory.mktemp("f16") / "F16.gguf")
+    assert sha256(path) == str(ref["base_sha256"]), \
+        "not the F16 base the fixture compared with llama.cpp's: regenerate the fixture"
+    return path, log_probs(path, ref["tokens"].tolist())
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M"])
+def test_our_file_is_as_close_to_f16_and_agrees_with_llama_cpp(mix, f16_base, ref, tmp_path):
+    base, base_logp = f16_base
+    key = mix.lower()
+    path = diptych.quantize(base, tmp_path / f"ours-{mix}.gguf", mix)
+    assert sha256(path) == str(ref[f"{key}_file_sha256"]), \
         "not the file the fixture's llama.cpp run evaluated: regenerate the fixture"
-    model = diptych.load(path, backend="torch", n_ctx=len(ref["tokens"]))
-    ours = model.logits(ref["tokens"].tolist())
-    top = top1_agreement(ours, ref["topk_ids"], ref["topk_logits"])
+    ours = diptych.load(path, backend="torch", n_ctx=len(ref["tokens"])).logits(
+        ref["tokens"].tolist())
+    top_ids, top_logits = ref[f"{key}_topk_ids"], ref[f"{key}_topk_logits"]
+    top = top1_agreement(ours, top_ids, top_logits)
     assert top["n_outside_ties"] > 100 and len(top["mismatches"]) == 0, top["mismatches"]
-    kl, _ = kl_ref_ours(ours, ref["topk_ids"], ref["topk_logits"], ref["logsumexp"])
-    mean_bound, p95_bound = KL_BOUNDS["smollm2"]
-    assert kl.mean() <= mean_bound and np.quantile(kl, 0.95) <= p95_bound, kl.mean()
-    base = log_softmax(diptych.load(smollm2_path, backend="torch", n_ctx=len(ref["tokens"]))
-                       .logits(ref["tokens"].tolist()))
-    ours_kl = (np.exp(base) * (base - log_softmax(ours))).sum(axis=1).mean()
-    assert ours_kl <= 1.02 * float(ref["llama_file_kl"]), (ours_kl, ref["llama_file_kl"])
+    kl, _ = kl_ref_ours(ours, top_ids, top_logits, ref[f"{key}_logsumexp"])
+    mean_bound, p95_bound = 1.5 * ref[f"{key}_llama_file_agreement"]
+    assert kl.mean() <= mean_bound and np.quantile(kl, 0.95) <= p95_bound, \
+        (kl.mean(), np.quantile(kl, 0.95))
+    ours_kl = kl_from_base(base_logp, log_softmax(ours)).mean()
+    assert ours_kl <= 1.02 * float(ref[f"{key}_llama_file_kl"]), \
+        (ours_kl, ref[f"{key}_llama_file_kl"])
