@@ -49,10 +49,12 @@ def test_q8_0_is_gguf_py_q8_0_byte_for_byte(ggml):
 def test_q8_1_is_ggml_q8_1_byte_for_byte(ggml):
     x, blocks = ggml
     q, d, d16 = q8_0(torch.from_numpy(x))
-    fields = np.stack([d16.squeeze(-1).numpy(), q8_1_sums(q, d).numpy()], -1)
-    ours = np.concatenate([fields.astype(np.float16).view(np.uint8),
-                           q.numpy().astype(np.int8).view(np.uint8)], -1)
-    assert ours.tobytes() == blocks["q8_1"]
+    raw = np.frombuffer(blocks["q8_1"], np.uint8).reshape(*q.shape[:-1], 36)
+    fields = raw[..., :4].copy().view(np.float16).astype(np.float32)   # d, s
+    # the values the product uses, compared as they are (not rounded again on the way)
+    assert np.array_equal(d16.squeeze(-1).numpy(), fields[..., 0])
+    assert np.array_equal(q8_1_sums(q, d).numpy(), fields[..., 1])
+    assert np.array_equal(q.numpy().astype(np.int8), raw[..., 4:].view(np.int8))
 
 
 def test_q8_K_values_are_ggml_q8_K(ggml):
