@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from quantize_table import llama_quantize  # noqa: E402
-from tests.real.f16_base import kl_from_base, log_probs, write_f16_base  # noqa: E402
+
+from diptych.inference.perplexity import kl_divergence  # noqa: E402
+from tests.real.f16_base import log_probs, write_f16_base  # noqa: E402
 from tests.reference_metrics import kl_ref_ours  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -98,14 +100,14 @@ def main() -> None:
             fx |= {f"{key}_{k}": v for k, v in llama_cpp_top(ours, tokens).items()}
             fx[f"{key}_file_sha256"] = sha256(ours)
             theirs_logp = log_probs(theirs, tokens)
-            kl_theirs = kl_from_base(base_logp, theirs_logp)
+            kl_theirs = kl_divergence(base_logp, theirs_logp)
             fx[f"{key}_llama_file_kl"] = kl_theirs.mean()
             ref = llama_cpp_top(theirs, tokens)
             agree, _ = kl_ref_ours(theirs_logp, ref["topk_ids"], ref["topk_logits"],
                                    ref["logsumexp"])
             fx[f"{key}_llama_file_agreement"] = np.array([agree.mean(),
                                                           np.quantile(agree, 0.95)])
-            diff = kl_from_base(base_logp, log_probs(ours, tokens)) - kl_theirs
+            diff = kl_divergence(base_logp, log_probs(ours, tokens)) - kl_theirs
             print(f"{mix}: KL(F16 || file) llama.cpp's {kl_theirs.mean():.6f}, diptych's "
                   f"{kl_theirs.mean() + diff.mean():.6f} (standard error of the paired "
                   f"difference {diff.std(ddof=1) / len(diff) ** 0.5:.6f}); llama.cpp vs "

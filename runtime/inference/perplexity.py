@@ -60,6 +60,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def kl_divergence(base_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """KL(base || model) at each position, from both rows of log-probabilities."""
+    return (np.exp(base_logp) * (base_logp - logp)).sum(axis=-1)
+
+
 def _scored(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities at the scored positions n_ctx/2 .. n_ctx-2 of a chunk's logits."""
     n = logits.shape[0]
@@ -84,7 +89,7 @@ def perplexity(model, tokens: list[int], n_ctx: int = 512, base=None,
             base_logp = _scored(base.logits(chunk))
             if base_logp.shape != logp.shape:
                 raise InvalidArgumentError("the base model's vocabulary differs from the model's")
-            kl += float((np.exp(base_logp) * (base_logp - logp)).sum())
+            kl += float(kl_divergence(base_logp, logp).sum())
             same += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
         if progress:
             progress(i + 1, len(chunks))

@@ -1,7 +1,7 @@
 """The F16 base of the whole-model quantizer checks: llama.cpp's F16 file of SmolLM2 (made by
 `llama_model_quantize` from the Q4_1 file, too large to commit), which diptych rebuilds
 tensor for tensor (scripts/make_our_quant_fixture.py compares the two and records the
-sha256 of diptych's file), and the KL of a quantized file against it."""
+sha256 of diptych's file), and the log-probabilities the KL against it is taken from."""
 
 from __future__ import annotations
 
@@ -27,8 +27,3 @@ def write_f16_base(src: Path, out: Path) -> Path:
 def log_probs(path: Path, tokens: list[int]) -> np.ndarray:
     """diptych's next-token log-probabilities at every position of `tokens` (torch, CPU)."""
     return log_softmax(diptych.load(path, backend="torch", n_ctx=len(tokens)).logits(tokens))
-
-
-def kl_from_base(base: np.ndarray, logp: np.ndarray) -> np.ndarray:
-    """KL(base || model) per position, from both log-probability rows."""
-    return (np.exp(base) * (base - logp)).sum(axis=1)
