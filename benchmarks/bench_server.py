@@ -4,11 +4,14 @@ same model, same requests, one run; everything on the loopback address.
 The overhead of the server: a streamed completion through `diptych serve` and the same
 completion from `Model.stream` in a process of its own, alternated request by request so
 that a change in the machine's load hits both alike; time to first token (TTFT), decode
-tokens/s and the CPU seconds per token of the generating process, medians over --rounds,
-and the median of the per-pair ratios. Then the aggregate tokens/s of 4 clients at once
-against one, for `diptych serve` and for `llama_cpp.server`.
+tokens/s, the CPU seconds per token of the generating process, and the CPU seconds a
+one-token request costs it (the first token's work, whatever the threads' placement),
+medians over --rounds and the median of the per-pair ratios. This runs for --pairs fresh
+server and in-process processes, since how fast a process runs its two threads can differ
+from one process to the next (BENCHMARKS.md). Then the aggregate tokens/s of 4 clients at
+once against one, for `diptych serve` and for `llama_cpp.server`.
 
-    python benchmarks/bench_server.py [--model smollm2] [--rounds 5] [--tokens 64]
+    python benchmarks/bench_server.py [--model smollm2] [--pairs 3] [--rounds 5] [--tokens 64]
 
 Needs the `[server]` extra, and for the peer llama-cpp-python with its server extra
 (`fastapi`, `sse-starlette`, `starlette-context`, `pydantic-settings`).
@@ -17,6 +20,7 @@ Needs the `[server]` extra, and for the peer llama-cpp-python with its server ex
 from __future__ import annotations
 
 import argparse
+import glob
 import http.client
 import json
 import os
@@ -27,7 +31,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. "
           "Describe the sea, the weather, the keeper's daily work and the message itself.")
@@ -112,14 +115,25 @@ class Server:
             raise
 
     def cpu(self) -> float:
-        proc = psutil.Process(self.proc.pid)
-        times = [proc.cpu_times()] + [c.cpu_times() for c in proc.children(recursive=True)]
-        return sum(t.user + t.system for t in times)
+        """CPU seconds of the server's threads, to the nanosecond (Linux's schedstat;
+        psutil's process times count in 10 ms ticks)."""
+        total = 0
+        for task in glob.glob(f"/proc/{self.proc.pid}/task/*/schedstat"):
+            try:
+                total += int(open(task).read().split()[0])
+            except (OSError, IndexError):
+                pass  # a thread that ended meanwhile
+        return total / 1e9
 
     def request(self, tokens: int, seed: int) -> dict:
         cpu = self.cpu()
         ttft, tps, n = stream_once(self.port, self.model_id, tokens, seed)
         return dict(ttft_s=ttft, decode_tps=tps, cpu_per_token=(self.cpu() - cpu) / n)
+
+    def first_token_cpu(self, seed: int) -> float:
+        cpu = self.cpu()
+        stream_once(self.port, self.model_id, 1, seed)
+        return self.cpu() - cpu
 
     def throughput(self, tokens: int, rounds: int) -> dict:
         one = statistics.median(aggregate(self.port, self.model_id, tokens, 1, 100 + 10 * r)
@@ -145,9 +159,11 @@ for line in sys.stdin:
                       logit_bias=bias):
         if p.text:
             stamps.append(time.perf_counter())
-    print(json.dumps(dict(ttft_s=stamps[0] - t0,
-                          decode_tps=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                          cpu_per_token=(time.process_time() - cpu) / len(stamps))), flush=True)
+    cpu = time.process_time() - cpu
+    n = len(stamps)
+    print(json.dumps(dict(ttft_s=stamps[0] - t0, cpu_s=cpu, cpu_per_token=cpu / n,
+                          decode_tps=(n - 1) / (stamps[-1] - stamps[0]) if n > 1 else 0.0)),
+          flush=True)
 """
 
 
@@ -166,12 +182,15 @@ class InProcess:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
+    def first_token_cpu(self, seed: int) -> float:
+        return self.request(1, seed)["cpu_s"]
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(30)
 
 
-KEYS = ("ttft_s", "decode_tps", "cpu_per_token")
+KEYS = ("ttft_s", "decode_tps", "cpu_per_token", "first_token_cpu_s")
 
 
 def overhead(server: Server, local: InProcess, rounds: int, tokens: int) -> dict:
@@ -180,7 +199,8 @@ def overhead(server: Server, local: InProcess, rounds: int, tokens: int) -> dict
     pairs = []
     for r in range(1, rounds + 1):
         a, b = (server, local) if r % 2 else (local, server)
-        first, second = a.request(tokens, r), b.request(tokens, r)
+        first, second = (dict(x.request(tokens, r), first_token_cpu_s=x.first_token_cpu(1000 + r))
+                         for x in (a, b))
         pairs.append((first, second) if a is server else (second, first))
     out = {}
     for key in KEYS:
@@ -193,6 +213,8 @@ def overhead(server: Server, local: InProcess, rounds: int, tokens: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=sorted(REGISTRY_NAMES))
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="fresh server and in-process processes compared, one pair at a time")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -204,18 +226,25 @@ def main() -> None:
     path = str(fetch(REGISTRY_NAMES[args.model]))
     NO_EOS.update({str(t): -100.0 for t in LoadPlan.open(path, "torch").tokenizer().eog_ids})
     os.environ["DIPTYCH_THREADS"] = str(args.threads)
-    server = Server([sys.executable, "-m", "diptych.cli", "serve", path, "--port",
-                     str(port := free_port()), "--n-ctx", "1024", "--parallel", "4"], port)
-    local = InProcess(path)
-    try:
-        over = overhead(server, local, args.rounds, args.tokens)
-    finally:
-        local.close()
+    def serve() -> Server:
+        return Server([sys.executable, "-m", "diptych.cli", "serve", path, "--port",
+                       str(port := free_port()), "--n-ctx", "1024", "--parallel", "4"], port)
+
+    overs = []
+    for _ in range(args.pairs):
+        server, local = serve(), InProcess(path)
+        try:
+            overs.append(overhead(server, local, args.rounds, args.tokens))
+        finally:
+            local.close()
+            server.close()
+        print(json.dumps(dict(overhead=overs[-1])), flush=True)
+    server = serve()
     try:
         ours = server.throughput(args.tokens, args.rounds)
     finally:
         server.close()
-    print(json.dumps(dict(overhead=over, serve=ours)), flush=True)
+    print(json.dumps(dict(serve=ours)), flush=True)
     peer = Server([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port",
                    str(port := free_port()), "--n_ctx", "1024", "--n_threads",
                    str(args.threads)], port)
@@ -223,10 +252,12 @@ def main() -> None:
         theirs = dict(peer.request(args.tokens, 1), **peer.throughput(args.tokens, args.rounds))
     finally:
         peer.close()
-    print(f"{'':14s} {'server':>10s} {'in-process':>11s} {'ratio':>7s}")
+    print(f"{'':18s} {'server':>10s} {'in-process':>11s}  ratio per process pair")
     for key in KEYS:
-        row = over[key]
-        print(f"{key:14s} {row['server']:10.4f} {row['in_process']:11.4f} {row['ratio']:7.3f}")
+        rows = [o[key] for o in overs]
+        print(f"{key:18s} {statistics.median(r['server'] for r in rows):10.4f} "
+              f"{statistics.median(r['in_process'] for r in rows):11.4f}  "
+              + " ".join(f"{r['ratio']:.3f}" for r in rows))
     print(f"{'runtime':18s} {'1 client tok/s':>15s} {'4 clients tok/s':>16s} {'4/1':>5s}")
     for name, r in (("diptych serve", ours), ("llama_cpp.server", theirs)):
         print(f"{name:18s} {r['one_client_tps']:15.1f} {r['four_clients_tps']:16.1f} "
