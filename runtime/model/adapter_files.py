@@ -64,7 +64,9 @@ def _moe_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.moe is not None and cfg.moe.is_moe_layer(i)
 
 
-def _peft_name(cfg: ModelConfig, i: int, module: str) -> str:
+def peft_module_name(cfg: ModelConfig, i: int, module: str) -> str:
+    """The PEFT model's name of projection `module` of layer `i` (an MoE layer's MLP
+    projections are its shared experts')."""
     block = "self_attn"
     if module in _FFN:
         block = "mlp.shared_experts" if _moe_layer(cfg, i) else "mlp"
@@ -108,7 +110,7 @@ def write_peft(adapter: LoraAdapter, cfg: ModelConfig, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for (i, module), (a, b) in sorted(adapter.pairs.items()):
-        name = _peft_name(cfg, i, module)
+        name = peft_module_name(cfg, i, module)
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a, np.float32)
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b, np.float32)
     layers = sorted({i for i, _ in adapter.pairs})
@@ -135,6 +137,13 @@ def read_peft(folder: Path) -> LoraAdapter:
         raise ModelFileError(f"cannot read the PEFT adapter in {folder}: {e}") from e
     if config.get("peft_type", "LORA") != "LORA":
         raise UnsupportedModelError(f"{folder}: a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("target_parameters"):
+        # PEFT on transformers 5 targets gate/up/down_proj of MoE models through the routed
+        # experts' stacked parameters (their ranks in rank_pattern); routed experts take none
+        raise UnsupportedModelError(
+            f"{folder}: LoRA on parameters {sorted(config['target_parameters'])} (routed "
+            f"experts' stacked matrices) is not supported; adapters go on attention and on "
+            f"dense or shared-expert MLP projections")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise UnsupportedModelError(f"{folder}: per-module ranks or alphas ({key}) are "

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from diptych.load_plan import LoadPlan
+from diptych.model.adapter_files import peft_module_name
+from diptych.model.adapters import graph_rows
 from diptych.training.data import Example
 from diptych.training import loop
 from diptych.training.loop import Trainer
@@ -81,6 +83,7 @@ def test_loss_and_gradients_equal_peft_for_three_sgd_steps(tmp_path, monkeypatch
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
                       TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, steps=3,
                                    grad_checkpointing=qtype == "F32"), tmp_path / "run")
+    assert len(trainer.keys) == 7 * 2
     peft = _peft(family, path)
     _, leaves = _same_start(trainer, peft, eng.backend)
     for step in range(3):
@@ -95,24 +98,34 @@ def _peft(family, path, dropout=0.0):
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 
 
+def _graph_order(trainer, leaves):
+    """Each leaf's value (PEFT's, Hugging Face row order) in the row order the trainer holds
+    it: B of MLA's q / kv_a pairs follows the RoPE rows deinterleaved at load."""
+    orders = (graph_rows(trainer.cfg, m) if j else None for _, m in trainer.keys for j in (0, 1))
+    return [v if o is None else v[o] for v, o in zip(leaves, orders)]
+
+
 def _same_start(trainer, peft, backend):
     """Both sides' pairs set to the same random values: (PEFT's LoRA modules, their A and B
     parameters), in the trainer's order."""
+    from peft.tuners.lora import LoraLayer
+
     named = dict(peft.named_modules())
+    names = [peft_module_name(trainer.cfg, layer, name) for layer, name in trainer.keys]
+    assert {n for n, m in named.items() if isinstance(m, LoraLayer)} == set(names)
     modules, leaves = [], []
     rng = np.random.default_rng(11)
-    for k, (layer, name) in enumerate(trainer.keys):
-        block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        lora = named[f"base_model.model.model.layers.{layer}.{block}.{name}"]
+    for k, name in enumerate(names):
+        lora = named[name]
         modules.append(lora)
         a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
         for j, param in enumerate((a, b)):
             value = rng.standard_normal(tuple(param.shape)).astype(np.float32) * 0.2
             with torch.no_grad():
                 param.copy_(torch.from_numpy(value))
-            trainer.params[2 * k + j] = backend.tensor(value)
             leaves.append(param)
-    assert len(leaves) == 2 * 7 * 2
+    trainer.params = [backend.tensor(v) for v in _graph_order(
+        trainer, [p.detach().numpy() for p in leaves])]
     return modules, leaves
 
 
@@ -126,12 +139,13 @@ def _compare_step(trainer, peft, leaves, step):
     want = _peft_loss(peft, [trainer._example(step * n + j) for j in range(n)])
     want.backward()
     assert abs(loss - float(want)) <= 1e-4 * abs(float(want))
-    for g, p in zip(grads, leaves):
-        assert _rel(backend.to_numpy(g), p.grad.numpy()) <= 1e-4
+    for g, w in zip(grads, _graph_order(trainer, [p.grad.numpy() for p in leaves])):
+        assert _rel(backend.to_numpy(g), w) <= 1e-4
     with torch.no_grad():
         for p in leaves:
             p -= LR * p.grad
-    trainer.params = [backend.tensor(p.detach().numpy()) for p in leaves]
+    trainer.params = [backend.tensor(v) for v in _graph_order(
+        trainer, [p.detach().numpy() for p in leaves])]
 
 
 class _Mask(torch.nn.Module):
