@@ -89,8 +89,7 @@ def test_adapters_that_do_not_fit_are_refused(llama, tmp_path):
         model.set_adapter(tmp_path / "missing.gguf")
 
 
-# Attention only: PEFT 0.21 on transformers 5 targets these models' MLPs through their
-# fused expert parameters (target_parameters, rank_pattern), which diptych does not read.
+# Attention only: the dense and shared-expert MLPs are test_moe_adapters.py's.
 @pytest.mark.parametrize("family, targets", [
     ("deepseek_v2", ["q_proj", "kv_a_proj_with_mqa", "o_proj"]),
     ("deepseek_v3", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]),
