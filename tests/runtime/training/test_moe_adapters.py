@@ -16,6 +16,7 @@ import pytest
 import diptych
 from diptych.errors import UnsupportedModelError
 from diptych.load_plan import LoadPlan
+from diptych.quant.gguf_file import GGUFFile
 from diptych.training import loop
 from diptych.training.loop import Trainer
 from diptych.training.options import TrainOptions
@@ -104,11 +105,13 @@ def test_peft_adapters_on_the_routed_experts_are_refused_by_name(tmp_path, loade
 def test_our_adapter_on_attention_and_mlps_loads_in_peft_with_our_logits(tmp_path, loaded,
                                                                           peft_modules):
     """Pairs on every projection diptych targets (dense MLP in layer 0, shared experts in
-    layer 1), from a trainer's folder: PEFT gives our logits, and so does adapter.gguf
-    (its ffn_*_shexp names)."""
+    layer 1), from a trainer's folder: PEFT gives our logits, and so does adapter.gguf,
+    whose tensors are named as gguf-py maps the PEFT modules (ffn_*_shexp in layer 1)."""
+    import gguf
     from peft import PeftModel
+    from safetensors import safe_open
 
-    _, model, base_err = loaded("deepseek_v2")
+    hf, model, base_err = loaded("deepseek_v2")
     eng = model.engine
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, _batch(),
                       TrainOptions(rank=4, steps=1), tmp_path / "run")
@@ -120,7 +123,16 @@ def test_our_adapter_on_attention_and_mlps_loads_in_peft_with_our_logits(tmp_pat
     ours = model.logits(IDS)
     peft = PeftModel.from_pretrained(tiny_hf_model("deepseek_v2", seed=2), tmp_path / "run")
     assert len(_lora_modules(peft)) == len(trainer.keys)
-    _agrees(ours, logits(peft, IDS), base_err)
+    want = logits(peft, IDS)
+    assert np.abs(want - logits(hf, IDS)).max() > 0.3 * np.abs(want).max()   # it matters
+    _agrees(ours, want, base_err)
+    names, gguf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, 2), set()
+    with safe_open(tmp_path / "run" / "adapter_model.safetensors", "np") as f:
+        for key in f.keys():   # base_model.model.<module>.lora_A.weight
+            module, half = key.removeprefix("base_model.model.").split(".lora_")
+            gguf_names.add(f"{names.get_name(module)}.weight.lora_{half[0].lower()}")
+    assert set(GGUFFile(tmp_path / "run" / "adapter.gguf").tensors) == gguf_names
+    assert {"blk.1.ffn_gate_shexp.weight.lora_a", "blk.0.ffn_down.weight.lora_b"} <= gguf_names
     model.set_adapter(tmp_path / "run" / "adapter.gguf")
     assert np.abs(model.logits(IDS) - ours).max() <= 1e-5 * np.abs(ours).max()
 
