@@ -11,6 +11,9 @@ from diptych.model.config import ModelConfig
 from diptych.model.weights import ModelWeights
 
 
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 def choose_targets(cfg: ModelConfig, weights: ModelWeights, modules: tuple[str, ...] | None,
                    layers: tuple[int, ...] | None) -> list[tuple[int, str]]:
     """(layer, module) pairs: `modules` (None: every projection a layer holds) on `layers`
@@ -27,7 +30,10 @@ def choose_targets(cfg: ModelConfig, weights: ModelWeights, modules: tuple[str, 
             if has_target(layer, module):
                 keys.append((i, module))
             elif modules:
-                raise InvalidArgumentError(f"layer {i} of this model has no {module}")
+                routed = layer.experts is not None and module in _MLP
+                raise InvalidArgumentError(f"layer {i} of this model has no {module}" + (
+                    ": its MLP is routed experts alone, which take no adapters" if routed
+                    else ""))
     if not keys:
         raise InvalidArgumentError("no projection to put an adapter on")
     return keys

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import diptych
-from diptych.errors import UnsupportedModelError
+from diptych.errors import InvalidArgumentError, UnsupportedModelError
 from diptych.load_plan import LoadPlan
 from diptych.quant.gguf_file import GGUFFile
 from diptych.training import loop
 from diptych.training.loop import Trainer
+from diptych.training.lora import choose_targets
 from diptych.training.options import TrainOptions
 
 from ...tiny_models import logits, tiny_hf_model, write_gguf
@@ -100,6 +101,14 @@ def test_peft_adapters_on_the_routed_experts_are_refused_by_name(tmp_path, loade
                                                     r"\(routed experts"):
         model.set_adapter(tmp_path / "adapter")
     assert all(not layer.adapters for layer in model.engine.weights.layers)
+
+
+def test_mlp_modules_on_routed_experts_alone_are_refused_by_name(loaded):
+    _, model, _ = loaded("qwen3moe")
+    with pytest.raises(InvalidArgumentError, match="layer 0 of this model has no up_proj: its "
+                                                   "MLP is routed experts alone"):
+        choose_targets(model.config, model.engine.weights, ("q_proj", "up_proj"), None)
+    assert len(choose_targets(model.config, model.engine.weights, None, None)) == 2 * 4
 
 
 def test_our_adapter_on_attention_and_mlps_loads_in_peft_with_our_logits(tmp_path, loaded,
