@@ -209,6 +209,10 @@ MUTATIONS = [
     Mutation("LoRA linear: A's gradient without the scale", "backends/torch/cpu/lora_linear.py",
              r"g_xa = torch\.mm\(g, b\)\.mul_\(p\.scale\)", "g_xa = torch.mm(g, b)",
              ("tests/runtime/training/test_peft_oracle.py", "-k", "three_sgd")),
+    Mutation("torch checkpoint: a recomputed layer's input gets no gradient",
+             "backends/torch/recompute.py", r"ctx\.needs_input_grad\[1:\]",
+             "(False,) + ctx.needs_input_grad[2:]",
+             ("tests/runtime/training/test_torch_recompute.py",)),
     # the TUI
     Mutation("TUI: regenerate is a no-op", "tui/screens/chat.py",
              r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from diptych.backends.base import (Backend, CacheView, KVStorage, LayerCacheSpec, LoRA, RopeSpec,
                                    Step)
 
+from .recompute import checkpointed
+
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
@@ -98,9 +100,7 @@ class TorchBackend(Backend):
         return x * keep / (1 - p)
 
     def checkpoint(self, fn):
-        from torch.utils.checkpoint import checkpoint
-
-        return lambda *args: checkpoint(fn, *args, use_reentrant=False)
+        return checkpointed(fn)  # not torch.utils.checkpoint: see recompute.py
 
     # -- weights -------------------------------------------------------------------------
     def prepare_vector(self, values: np.ndarray) -> torch.Tensor:

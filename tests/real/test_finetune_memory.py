@@ -1,11 +1,9 @@
 """Peak resident memory of QLoRA training of SmolLM2-135M (Q4_1 kept quantized) on the CPU:
 rank 8 on every projection, batch 4 x 256 tokens, gradient checkpointing. One optimizer
-update through `diptych.finetune`, in a fresh process whose peak is its own.
-
-The bound is on what training adds to the process after the libraries are imported: the
-imports' own resident size (torch, numba: 290-410 MiB) depends on how much of their shared
-libraries the page cache lets the loader map, and varied by 118 MiB between two identical
-environments on one machine."""
+update through `diptych.finetune`, in a fresh process whose peak is its own: the whole
+process, imports included, stays below 1 GiB. The imports' own share (torch, numba: 280-400
+MiB) depends on how much of their shared libraries the loader maps, more in a freshly
+installed environment; the assertion's message gives the split."""
 
 import json
 import subprocess
@@ -33,7 +31,8 @@ result = diptych.finetune(sys.argv[1], train=records, out=sys.argv[2], backend="
                           device="cpu", steps=1, rank=8, batch_size=4, max_seq_len=256,
                           grad_checkpointing=True)
 print(json.dumps({"steps": result.steps, "loss": result.train_loss,
-                  "base_kib": base, "peak_kib": rss("VmHWM")}))
+                  "base_kib": base, "peak_kib": rss("VmHWM"),
+                  "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
@@ -43,7 +42,7 @@ def test_qlora_training_peak_rss_stays_below_one_gib(smollm2_path, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["steps"] == 1 and 0 < report["loss"] < 20
-    added = report["peak_kib"] - report["base_kib"]
-    # 1 GiB less 300 MiB: what the imports take where their libraries are mapped lazily
-    assert added < (1024 - 300) << 10, (f"training raised RSS by {added >> 10} MiB, to a peak of "
-                               f"{report['peak_kib'] >> 10} MiB")
+    peak, base = report["peak_kib"] >> 10, report["base_kib"] >> 10
+    assert peak < 1024, (f"peak RSS {peak} MiB: {base} MiB after the imports, training added "
+                         f"{peak - base} MiB" + (" (torch._dynamo was imported)"
+                                                 if report["dynamo"] else ""))
