@@ -1,8 +1,9 @@
 """QuantLinear (backends/torch/qlinear.py): the CPU quantized linear against gguf-py's oracle.
 
 Every block type, shapes that are not multiples of the 64-row groups (a tail group, and a
-weight with only a tail), every compute path (fused GEMV per row, the L1 dequant-GEMM, fp32
-tiles + torch.mm) for any M, each range of the dispatch table, bit-exact dequantization and row lookup, memory held.
+weight with only a tail), every compute path (fused GEMV per row, the register-blocked
+gemm_s, fp32 tiles + torch.mm) for any M, gemm_s's blocks of rows, each range of the
+dispatch table, bit-exact dequantization and row lookup, memory held.
 
 Accuracy bound. Each output is a dot product of K fp32 products accumulated in fp32 (in blocks
 of 16-32 terms, then unit by unit; or by MKL). The standard bound for such a sum is
@@ -153,6 +154,25 @@ def test_each_dispatch_range(t):
             assert qlm.path_for(t, m) == path
             x = rng.standard_normal((m, k), dtype=np.float32)
             assert_close(ql.forward(torch.from_numpy(x)), x, w)
+
+
+@pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
+def test_gemm_s_row_blocks(t):
+    """gemm_s takes the rows of x in blocks of 4, then 2 or 1 (a block's missing rows repeat
+    its last row and are not stored) and 16 rows of W per vector: every M from 1 to 9, 16 and
+    17, on a weight whose tail group ends in a partial vector (165 rows: 2 groups + 37) and
+    on a tail only; the rows after Y's last are never written."""
+    k = k_for(t)
+    gemm_s = kernel_cache.kernel("gemm_s", t)
+    for n in (165, 37):
+        ql, w = make(t, n, k, seed=30 + n, wide=True)
+        rng = np.random.default_rng(31)
+        for m in [*range(1, 10), 16, 17]:
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            out = np.full((m + 4, n), np.nan, np.float32)
+            gemm_s(ql._gidx, ql._P, ql._Pt, x, out[:m])
+            assert_close(torch.from_numpy(out[:m]), x, w)
+            assert np.isnan(out[m:]).all()
 
 
 def test_forward_from_another_thread():
