@@ -16,6 +16,12 @@ way) would miss this by 3-4 orders of magnitude.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -173,6 +179,38 @@ def test_gemm_s_row_blocks(t):
             gemm_s(ql._gidx, ql._P, ql._Pt, x, out[:m])
             assert_close(torch.from_numpy(out[:m]), x, w)
             assert np.isnan(out[m:]).all()
+
+
+# numba compiles for the host CPU; these variables make it compile for one without AVX-512
+# (16-lane vectors become pairs of 256-bit registers), as on many laptops
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
+             "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,"
+                                   "+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,"
+                                   "+ssse3,+xsave"}
+AVX2_PROBE = """
+import sys
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from tests.backends.cpu import test_qlinear as tq
+for name in sys.argv[1:]:
+    t = T[name]
+    ql, w = tq.make(t, 165, tq.k_for(t), seed=40, wide=True)
+    for m in (1, 2, 3, 5):
+        x = np.random.default_rng(m).standard_normal((m, tq.k_for(t)), dtype=np.float32)
+        tq.assert_close(ql._run("gemm_s", x), x, w)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+def test_gemm_s_without_avx512(tmp_path):
+    """gemm_s compiled for an AVX2 CPU (no 512-bit registers; a cache of its own) is exact on
+    a nibble type whose halves are written out, on Q8_0's loop and on a K-quant."""
+    env = {**os.environ, **AVX2_ONLY, "DIPTYCH_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", AVX2_PROBE, "Q4_1", "Q8_0", "Q6_K"], env=env,
+                         capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_forward_from_another_thread():
