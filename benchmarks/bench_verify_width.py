@@ -4,8 +4,11 @@ process, alternating tables and widths so that the machine's load hits both alik
 
     python benchmarks/bench_verify_width.py MODEL.gguf [--widths 1,2,4,8,16] [--reps 8]
 
-"before" is the fixed dispatch that preceded the measured table (gemv1 at M = 1, gemm_s
-below 64 rows of x, 32 for the K-quants, then tiles + torch.mm); "after" is qlinear.DISPATCH.
+"before" is the dispatch table that the current one replaced (measured for the previous
+gemm_s, which dequantized each unit into an fp32 tile: gemv1 at M = 1, and at M = 2 for Q4_0
+and Q4_1, gemm_s up to 63 rows of x, 15 for Q4_K and Q5_K, 31 for the other K-quants, then
+tiles + torch.mm), run on the current kernels; "after" is qlinear.DISPATCH. The kernels' own
+before and after is this script run on the two commits, one process each, alternating.
 Each eval follows a 64-token prompt and is rolled back. With DIPTYCH_THREADS=1 everything
 runs on the calling thread and the thread's CPU time is printed beside wall time (other
 processes on the cores inflate wall time, not CPU time).
@@ -19,13 +22,21 @@ import time
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 import diptych
 from diptych.backends.torch.cpu import qlinear as qlm
 from diptych.quant.formats import FORMATS, QK_K
 
-BEFORE = {t: ((1, "gemv1"), (2, "gemm_s"), (32 if FORMATS[t].block_size == QK_K else 64, "tiles"))
-          for t in qlm.QUANT_TYPES}
+
+def _before(t: QT) -> tuple[tuple[int, str], ...]:
+    gemm_s_from = 3 if t in (QT.Q4_0, QT.Q4_1) else 2
+    tiles_from = (16 if t in (QT.Q4_K, QT.Q5_K) else 32 if FORMATS[t].block_size == QK_K
+                  else 64)
+    return (1, "gemv1"), (gemm_s_from, "gemm_s"), (tiles_from, "tiles")
+
+
+BEFORE = {t: _before(t) for t in qlm.QUANT_TYPES}
 AFTER = dict(qlm.DISPATCH)
 
 

@@ -12,8 +12,9 @@ written here is where inside its fields each element's bits sit.
 
 Kernels (one set per type, over the row-interleaved blocks of repack.py):
     gemv1     M = 1: y[n] = sum_units a*(sum_j q_j x_j) + (a*QOFF + c)*(sum_j x_j), fp32
-    gemm_s    small M: each unit of 64 rows is dequantized into an L1-resident fp32 tile
-              that every row of x reads (the weight bytes are read once for all M rows)
+    gemm_s    any M: 16 rows of W at a time in F32X16 vectors (llvm_bits.py), each weight
+              decoded exactly once per block of up to 4 rows of x and multiplied into
+              accumulators held in registers (see the comment above _GEMM_S)
     deq_t     a range of row groups into a transposed fp32 tile (W[rows].T) for torch.mm,
               dequantize() and the input gradient
     deq_rows  selected rows (embedding lookup)
@@ -21,6 +22,8 @@ All four are numba parallel gufuncs over the row groups (kernel_cache.py compile
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -79,7 +82,7 @@ def _q_code(t: QT) -> tuple[str, str]:
     if t == QT.Q8_0:
         return "", f"i8(blk[{{{qs} + J}}, r])"
     if t == QT.IQ4_NL:
-        return "", "np.rint((((C0 * N + C1) * N + C2) * N + C3) * N + C4)".replace("N", _nibble(f))
+        return "", "rint((((C0 * N + C1) * N + C2) * N + C3) * N + C4)".replace("N", _nibble(f))
     if t == QT.Q2_K:  # element 128n+32t+l is bits 2t..2t+1 of qs[32n + l]
         return (f"qa = blk[{qs} + 32 * (u >> 3) + 16 * (u & 1):]\nsa = 2 * ((u >> 1) & 3)",
                 "bits(qa[{J}, r], sa, 3)")
@@ -105,15 +108,18 @@ KERNEL_TYPES = tuple(t for t in FORMATS if FORMATS[t].quantized)
 _Q_CODE = {t: _q_code(t) for t in KERNEL_TYPES}
 
 
-def _q_at(t: QT, j) -> str:
-    """The q expression of a type for element j: an int (folded) or the loop variable name."""
+def _q_at(t: QT, j, span=()) -> str:
+    """The q expression of a type for element j: an int (folded), or an expression of loop
+    variables whose values are `span`; a part of it that is the same for every value in
+    span is folded too (e.g. which nibble, within one half of a 32-element unit)."""
     expr = _Q_CODE[t][1]
     out, pos = [], 0
     while (i := expr.find("{", pos)) >= 0:
         k = expr.index("}", i)
         inner = expr[i + 1:k]
         out.append(expr[pos:i])
-        out.append(str(eval(inner, {"J": j})) if isinstance(j, int)
+        values = {eval(inner, {"J": v}) for v in ([j] if isinstance(j, int) else span)}
+        out.append(str(values.pop()) if len(values) == 1
                    else "(" + inner.replace("J", j) + ")")
         pos = k + 1
     out.append(expr[pos:])
@@ -208,31 +214,6 @@ def gemv1_{name}(gi, P, Pt, x, y, done):
     done[0] = 1
 
 
-def gemm_s_{name}(gi, P, Pt, X, Y, done):
-    # Y[:, rows of group gi] = X @ W[rows].T: each unit is dequantized once into an
-    # L1-resident fp32 tile ({U} x 64) that every row of X then reads.
-{group}    M = X.shape[0]
-    acc = np.zeros((M, Rg), np.float32)
-    av = np.empty(Rg, np.float32)
-    cv = np.empty(Rg, np.float32)
-    w = np.empty(({U}, Rg), np.float32)
-{units}                cv[r] = c
-            for j in range({U}):
-                wj = w[j]
-                for r in range(Rg):
-                    wj[r] = {wval}
-            for m in range(M):
-                xb = X[m, base:base + {U}]
-                am = acc[m]
-                for r in range(Rg):
-                    am[r] += {fdot}
-    row0 = gi * {R}
-    for m in range(M):
-        for r in range(Rg):
-            Y[m, row0 + r] = acc[m, r]
-    done[0] = 1
-
-
 def deq_t_{name}(gi, g0, P, Pt, Wt, done):
     # Wt[k, (gi - g0)*R + r] = W[gi*R + r, k] (gi == G is the tail group). Bit-exact with
     # gguf.quants.dequantize (compiled without fastmath).
@@ -268,13 +249,144 @@ def deq_rows_{name}(i, n, P, Pt, out, done):
     done[0] = 1
 """
 
+# gemm_s: the rows of x in register blocks. Per 16 rows of W (one F32X16 vector, llvm_bits.py)
+# and a block of up to 4 rows of x, each element of W is decoded once (exactly, as deq_t
+# does) and multiplied into each row's accumulators, held in registers, x broadcast from
+# memory: 4 rows cost one decode and 4 FMAs per 16 weights where a GEMV per row costs 4
+# decodes and 4 FMAs. Rows of x go in blocks of 4, then 2 or 1 for what is left (a block's
+# missing row repeats its last row and is not stored; blocks of 8 rows were faster at M = 8
+# but doubled the compile time, BENCHMARKS.md). Summation, per row: per 16 elements C chains
+# (C = 2, or 4 for a single row, whose chains would otherwise wait on the FMA latency) summed
+# pairwise and added to the row's accumulator: depth 16/C + log2(C) + K/16 - 1 <= 8 + K/16,
+# the bound tests/backends/cpu/test_qlinear.py holds.
+_GEMM_S = """
+def gemm_s_{name}(gi, P, Pt, X, Y, done):
+    # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _GEMM_S).
+    G = P.shape[0]
+    nb = P.shape[1]
+    if gi < G:
+        B = P[gi]
+        Rg = B.shape[2]
+    else:  # the tail rows, zero-padded to whole vectors so that every 16-lane load is inside
+        T = Pt[0]
+        Rg = T.shape[2]
+        B = np.zeros((nb, T.shape[1], (Rg + 15) // 16 * 16), np.uint8)
+        for b in range(nb):
+            for t in range(T.shape[1]):
+                for l in range(Rg):
+                    B[b, t, l] = T[b, t, l]
+    M = X.shape[0]
+    row0 = gi * {R}
+    for r in range(0, Rg, 16):
+        n = min(16, Rg - r)
+        m0 = 0
+        while m0 < M:
+            left = M - m0
+            if left > 2:
+{rows4}
+                m0 += 4
+            elif left == 2:
+{rows2}
+                m0 += 2
+            else:
+{rows1}
+                m0 += 1
+    done[0] = 1
+"""
+
+_ROWS = """{xrows}
+{zeros}
+for b in range(nb):
+    blk = B[b]
+    for u in range({NU}):
+        base = (b * {NU} + u) * {U}
+{pre}
+{scale}
+{halves}
+{stores}"""
+
+# 16 elements of a unit (all of a 16-element unit, half of a 32-element one).
+_HALF = """{chains}
+for j in range({H}, {H} + 16, {C}):
+{weights}
+{fmas}
+{adds}"""
+
+
+def _vector(expr: str) -> str:
+    """A scalar kernel's expression over byte planes (blk[t, r]: row lane r) as the same
+    expression over 16 row lanes (ld(blk, t, r): lanes r .. r + 15)."""
+    return re.sub(r"(\w+)\[([^\[\]]+), r\]", r"ld(\1, \2, r)", expr)
+
+
+def _pairwise(terms: list[str]) -> str:
+    while len(terms) > 1:
+        terms = [f"({a} + {b})" for a, b in zip(terms[::2], terms[1::2])]
+    return terms[0]
+
+
+def _gemm_rows(t: QT, mb: int) -> str:
+    """The body of gemm_s for a block of mb rows of x (m0 .. m0 + mb - 1, clamped to left)."""
+    f = FORMATS[t]
+    qoff = float(f.code_offset)
+
+    def w(j: str, span) -> str:
+        q = _vector(_q_at(t, j, span))
+        if f.has_bias:
+            return f"fma(a, {q} + np.float32({qoff}), c)" if qoff else f"fma(a, {q}, c)"
+        return f"fma(a, {q}, ao)" if qoff else f"a * {q}"
+
+    # a * q + a * QOFF is a * (q + QOFF) rounded once: both products are exact (see
+    # _scale_code), so this is the reference's value.
+    scale = _vector(_SCALE_CODE[t]) + (f"\nao = a * np.float32({qoff})"
+                                       if qoff and not f.has_bias else "")
+    rows, chains = range(mb), range(4 if mb == 1 else 2)
+    xrows = ["x0 = X[m0]"] + [f"x{i} = X[m0 + min({i}, left - 1)]" for i in rows[1:]]
+    stores = ["for l in range(n):\n    Y[m0, row0 + r + l] = lane(y0, l)"] + [
+        f"if left > {i}:\n    for l in range(n):\n        Y[m0 + {i}, row0 + r + l] = lane(y{i}, l)"
+        for i in rows[1:]]
+    c = len(chains)
+
+    def weights(h) -> str:
+        """The decode of elements j .. j + c - 1 of the half at h (None: any half)."""
+        return "\n".join(f"w{k} = " + w(f"(j + {k})", () if h is None else range(h + k, h + 16, c))
+                         for k in chains)
+
+    def half(h: str, ws: str) -> str:
+        return _HALF.format(
+            H=h, C=c, weights=_indent(ws, 4),
+            chains="\n".join(f"s{i}_{k} = vzero()" for i in rows for k in chains),
+            fmas=_indent("\n".join(f"s{i}_{k} = fma(w{k}, at(x{i}, base + j + {k}), s{i}_{k})"
+                                   for i in rows for k in chains), 4),
+            adds="\n".join(f"y{i} = y{i} + " + _pairwise([f"s{i}_{k}" for k in chains])
+                           for i in rows))
+
+    # The halves of a 32-element unit are written out where that folds part of the decode
+    # (which nibble of a legacy block's byte: the low half needs no shift). Elsewhere one loop
+    # runs over them: written out, LLVM scheduled a whole unit as one block, hoisted its loads
+    # and spilled registers (slower at 4 rows of x).
+    starts = range(0, f.unit, 16)
+    if any(weights(h) != weights(None) for h in starts):
+        halves = "\n".join(half(str(h), weights(h)) for h in starts)
+    elif f.unit > 16:
+        halves = f"for h in range(0, {f.unit}, 16):\n" + _indent(half("h", weights(None)), 4)
+    else:
+        halves = half("0", weights(None))
+    body = _ROWS.format(
+        NU=f.units_per_block, U=f.unit, xrows="\n".join(xrows),
+        zeros="\n".join(f"y{i} = vzero()" for i in rows),
+        pre=_indent(_vector(_Q_CODE[t][0] or "pass"), 8), scale=_indent(scale, 8),
+        halves=_indent(halves, 8), stores="\n".join(stores))
+    return _indent(body, 16)
+
+
 _P4 = "uint8[:, :, :, ::1]"
 #: kind: (numba signature, gufunc layout, fastmath)
 GUFUNCS = {
     "gemv1": (f"void(int64, {_P4}, {_P4}, float32[::1], float32[::1], int8[:])",
               "(),(a,b,c,d),(e,f,g,h),(k),(n)->()", True),
     "gemm_s": (f"void(int64, {_P4}, {_P4}, float32[:, ::1], float32[:, ::1], int8[:])",
-               "(),(a,b,c,d),(e,f,g,h),(m,k),(p,n)->()", True),
+               "(),(a,b,c,d),(e,f,g,h),(m,k),(p,n)->()", False),
     "deq_t": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
               "(),(),(a,b,c,d),(e,f,g,h),(k,n)->()", False),
     "deq_rows": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
@@ -296,7 +408,8 @@ def _dot(terms: list[str]) -> str:
 _HEADER = (
     '"""numba kernels generated by diptych.backends.torch.cpu.kernel_source (do not edit)."""\n'
     "import numpy as np\n"
-    "from diptych.backends.torch.cpu.llvm_bits import bits, bits2, i8, f16\n"
+    "from diptych.backends.torch.cpu.llvm_bits import (bits, bits2, i8, f16, rint, at, fma, lane,\n"
+    "                                                      ld, vzero)\n"
     "C0, C1, C2, C3, C4 = (np.float32(c) for c in {0!r})\n"
 ).format(tuple(_IQ4_POLY))
 
@@ -317,5 +430,6 @@ def kernel_source(ggml_type) -> str:
         group=_GROUP, units=units,
         name=t.name, U=f.unit, NU=f.units_per_block, QOFF=qoff, R=R, wval=wval,
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
-        fdot=_dot([f"w[{j}, r] * xb[{j}]" for j in range(f.unit)]), pre12=_indent(pre, 12),
-        scale12=_indent(_SCALE_CODE[t], 12))
+        pre12=_indent(pre, 12),
+        scale12=_indent(_SCALE_CODE[t], 12)) + _GEMM_S.format(
+        name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1))

@@ -10,8 +10,10 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
   "gemv1"        numba fused GEMV, once per row of x: integer codes x activation, fp32
                  accumulation, scale (and the min/offset term, via per-unit sums of x) once
                  per 16/32 elements. Reads every weight byte once per row.
-  "gemm_s"       each 32x64 unit is dequantized (exactly) into an L1-resident fp32 tile that
-                 all M rows read: weight bytes read once for all M rows.
+  "gemm_s"       16 rows of W per vector register: each weight decoded exactly once per
+                 block of up to 4 rows of x and multiplied into accumulators held in
+                 registers (blocks of 4, then 2 or 1). At M = 1 it is a GEMV on the exact
+                 weights, faster than gemv1 for every type but IQ4_NL (BENCHMARKS.md).
   "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
                  calling thread) and multiply with torch.mm (MKL).
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
@@ -45,19 +47,19 @@ from .repack import R, n_groups, repack
 from .threads import numba_threads, set_numba_threads
 
 # The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
-# at or below M applies. M = 1..32: the fastest path on the real models' FFN shapes, one
-# thread, by the calling thread's CPU time (`python benchmarks/bench_qlinear.py --crossover
-# --threads 1`, BENCHMARKS.md); the 32-element types' switch to tiles at 64 comes from the
-# M = 1..256 crossovers there.
-_GEMV1_TO_2 = ((1, "gemv1"), (3, "gemm_s"), (64, "tiles"))
-_BLOCK32 = ((1, "gemv1"), (2, "gemm_s"), (64, "tiles"))
-_K_LIGHT = ((1, "gemv1"), (2, "gemm_s"), (16, "tiles"))
-_K_HEAVY = ((1, "gemv1"), (2, "gemm_s"), (32, "tiles"))
+# at or below M applies. The fastest path on the real models' FFN shapes, one thread, by the
+# calling thread's CPU time (`python benchmarks/bench_qlinear.py --crossover --threads 1`,
+# M = 1..256, BENCHMARKS.md "Kernel per (type, rows of x)").
+_GEMM_S_TO_TILES = {m: ((1, "gemm_s"), (m, "tiles")) for m in (24, 48, 96, 128, 192, 256)}
 DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
-    QT.Q4_0: _GEMV1_TO_2, QT.Q4_1: _GEMV1_TO_2,
-    QT.Q5_0: _BLOCK32, QT.Q5_1: _BLOCK32, QT.Q8_0: _BLOCK32, QT.IQ4_NL: _BLOCK32,
-    QT.Q4_K: _K_LIGHT, QT.Q5_K: _K_LIGHT,
-    QT.Q2_K: _K_HEAVY, QT.Q3_K: _K_HEAVY, QT.Q6_K: _K_HEAVY,
+    QT.Q4_0: _GEMM_S_TO_TILES[96], QT.Q4_1: _GEMM_S_TO_TILES[128],
+    QT.Q5_0: _GEMM_S_TO_TILES[48], QT.Q5_1: _GEMM_S_TO_TILES[48],
+    QT.Q8_0: _GEMM_S_TO_TILES[256],  # gemm_s was the faster up to the largest M measured
+    QT.Q2_K: _GEMM_S_TO_TILES[192], QT.Q4_K: _GEMM_S_TO_TILES[192],
+    QT.Q3_K: _GEMM_S_TO_TILES[24], QT.Q5_K: _GEMM_S_TO_TILES[24], QT.Q6_K: _GEMM_S_TO_TILES[24],
+    # IQ4_NL decodes through a polynomial per weight, which both kernels evaluate once per
+    # weight at one row: there gemv1's integer-code dot was the cheaper by a few percent
+    QT.IQ4_NL: ((1, "gemv1"), (2, "gemm_s"), (16, "tiles")),
 }
 PATHS = ("gemv1", "gemm_s", "tiles")
 

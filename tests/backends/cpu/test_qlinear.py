@@ -1,8 +1,9 @@
 """QuantLinear (backends/torch/qlinear.py): the CPU quantized linear against gguf-py's oracle.
 
 Every block type, shapes that are not multiples of the 64-row groups (a tail group, and a
-weight with only a tail), every compute path (fused GEMV per row, the L1 dequant-GEMM, fp32
-tiles + torch.mm) for any M, each range of the dispatch table, bit-exact dequantization and row lookup, memory held.
+weight with only a tail), every compute path (fused GEMV per row, the register-blocked
+gemm_s, fp32 tiles + torch.mm) for any M, gemm_s's blocks of rows, each range of the
+dispatch table, bit-exact dequantization and row lookup, memory held.
 
 Accuracy bound. Each output is a dot product of K fp32 products accumulated in fp32 (in blocks
 of 16-32 terms, then unit by unit; or by MKL). The standard bound for such a sum is
@@ -14,6 +15,12 @@ way) would miss this by 3-4 orders of magnitude.
 """
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -153,6 +160,57 @@ def test_each_dispatch_range(t):
             assert qlm.path_for(t, m) == path
             x = rng.standard_normal((m, k), dtype=np.float32)
             assert_close(ql.forward(torch.from_numpy(x)), x, w)
+
+
+@pytest.mark.parametrize("t", QUANT, ids=lambda t: t.name)
+def test_gemm_s_row_blocks(t):
+    """gemm_s takes the rows of x in blocks of 4, then 2 or 1 (a block's missing rows repeat
+    its last row and are not stored) and 16 rows of W per vector: every M from 1 to 9, 16 and
+    17, on a weight whose tail group ends in a partial vector (165 rows: 2 groups + 37) and
+    on a tail only; the rows after Y's last are never written."""
+    k = k_for(t)
+    gemm_s = kernel_cache.kernel("gemm_s", t)
+    for n in (165, 37):
+        ql, w = make(t, n, k, seed=30 + n, wide=True)
+        rng = np.random.default_rng(31)
+        for m in [*range(1, 10), 16, 17]:
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            out = np.full((m + 4, n), np.nan, np.float32)
+            gemm_s(ql._gidx, ql._P, ql._Pt, x, out[:m])
+            assert_close(torch.from_numpy(out[:m]), x, w)
+            assert np.isnan(out[m:]).all()
+
+
+# numba compiles for the host CPU; these variables make it compile for one without AVX-512
+# (16-lane vectors become pairs of 256-bit registers), as on many laptops
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
+             "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,"
+                                   "+lzcnt,+mmx,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,"
+                                   "+ssse3,+xsave"}
+AVX2_PROBE = """
+import sys
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from tests.backends.cpu import test_qlinear as tq
+for name in sys.argv[1:]:
+    t = T[name]
+    ql, w = tq.make(t, 165, tq.k_for(t), seed=40, wide=True)
+    for m in (1, 2, 3, 5):
+        x = np.random.default_rng(m).standard_normal((m, tq.k_for(t)), dtype=np.float32)
+        tq.assert_close(ql._run("gemm_s", x), x, w)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+def test_gemm_s_without_avx512(tmp_path):
+    """gemm_s compiled for an AVX2 CPU (no 512-bit registers; a cache of its own) is exact on
+    a nibble type whose halves are written out, on Q8_0's loop and on a K-quant."""
+    env = {**os.environ, **AVX2_ONLY, "DIPTYCH_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", AVX2_PROBE, "Q4_1", "Q8_0", "Q6_K"], env=env,
+                         capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_forward_from_another_thread():
