@@ -14,7 +14,9 @@ same GGUF dequantized to fp32 by transformers. --peer mlx-lm: diptych on MLX bes
 Each side runs in its own process (its peak RSS is its own); the sides alternate, each
 repeat in the other order, so that a changing load on the machine falls on both alike.
 The first update of each process is a warm-up and is not timed. Prints every run's
-training tokens/s and peak RSS, then each side's median and the ratios.
+training tokens/s, CPU milliseconds per token (the process's CPU time: what the run costs
+whatever the kernel's thread placement, which on some VMs varies from process to process)
+and peak RSS, then each side's median and the ratios.
 """
 
 import argparse
@@ -44,14 +46,15 @@ trainer = Trainer(eng.backend, eng.cfg, eng.weights, data, opts, "/tmp/bench-tra
 allocator.hand_back_freed_memory()
 for update in range(steps + 1):
     if update == 1:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
     loss, grads, tokens = trainer.gradients(update)
     trainer.params, trainer.moments = eng.backend.adamw(
         trainer.params, grads, trainer.moments, update + 1, 1e-4, (0.9, 0.999), 1e-8, 0.0)
     allocator.trim()
-elapsed = time.perf_counter() - start
+elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 print(json.dumps({"tokens_per_s": steps * batch * (seq - 1) / elapsed,
+                  "cpu_ms_per_token": 1000 * cpu / (steps * batch * (seq - 1)),
                   "peak_mib": int(status["VmHWM"].split()[0]) >> 10}))
 """
 
@@ -73,15 +76,16 @@ opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1
 rng = np.random.default_rng(0)
 for update in range(steps + 1):
     if update == 1:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
     ids = torch.from_numpy(rng.integers(100, 40000, (batch, seq)))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad()
-elapsed = time.perf_counter() - start
+elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 print(json.dumps({"tokens_per_s": steps * batch * (seq - 1) / elapsed,
+                  "cpu_ms_per_token": 1000 * cpu / (steps * batch * (seq - 1)),
                   "peak_mib": int(status["VmHWM"].split()[0]) >> 10}))
 """
 
@@ -116,11 +120,12 @@ rng = np.random.default_rng(0)
 lengths = mx.array([[0, seq]] * batch)   # every target counts
 for update in range(steps + 1):
     if update == 1:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
     mx.eval(step(mx.array(rng.integers(100, 40000, (batch, seq))), lengths), state)
-elapsed = time.perf_counter() - start
+elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 print(json.dumps({"tokens_per_s": steps * batch * (seq - 1) / elapsed,
+                  "cpu_ms_per_token": 1000 * cpu / (steps * batch * (seq - 1)),
                   "peak_mib": int(status["VmHWM"].split()[0]) >> 10}))
 """
 
@@ -160,15 +165,17 @@ def main() -> None:
                                   text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(result)
-            print(f"{name:18s} {result['tokens_per_s']:7.1f} tok/s  peak {result['peak_mib']} "
+            print(f"{name:18s} {result['tokens_per_s']:7.1f} tok/s  "
+                  f"{result['cpu_ms_per_token']:6.2f} CPU ms/token  peak {result['peak_mib']} "
                   f"MiB  ({time.perf_counter() - t:.0f} s)", flush=True)
-    medians = {name: (statistics.median(x["tokens_per_s"] for x in rs),
-                      statistics.median(x["peak_mib"] for x in rs)) for name, rs in runs.items()}
-    for name, (speed, peak) in medians.items():
-        print(f"median {name:18s} {speed:7.1f} tok/s  peak {peak:.0f} MiB")
-    (ours, our_peak), (peer, peer_peak) = medians["diptych"], medians[sides[1][0]]
-    print(f"diptych / {sides[1][0]}: {ours / peer:.2f}x tokens/s at {our_peak / peer_peak:.2f}x "
-          f"peak RSS")
+    medians = {name: tuple(statistics.median(x[k] for x in rs)
+                           for k in ("tokens_per_s", "cpu_ms_per_token", "peak_mib"))
+               for name, rs in runs.items()}
+    for name, (speed, cpu, peak) in medians.items():
+        print(f"median {name:18s} {speed:7.1f} tok/s  {cpu:6.2f} CPU ms/token  peak {peak:.0f} MiB")
+    (ours, our_cpu, our_peak), (peer, peer_cpu, peer_peak) = medians["diptych"], medians[sides[1][0]]
+    print(f"diptych / {sides[1][0]}: {ours / peer:.2f}x tokens/s, {peer_cpu / our_cpu:.2f}x tokens "
+          f"per CPU second, at {our_peak / peer_peak:.2f}x peak RSS")
 
 
 if __name__ == "__main__":
