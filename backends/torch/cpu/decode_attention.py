@@ -9,9 +9,9 @@ Work is split as in split-K ("flash") decoding: a task is one (sequence, KV head
 CHUNK keys); it computes the scores of every query row of that KV head (the head's query
 heads x the step's positions: grouped-query attention reads each key once, K/V are never
 repeated), their block maximum, the exponentials, their sum and the weighted sum of the
-block's values. A second pass combines the blocks of each (sequence, KV head). Both passes
-run on numba's thread pool; the blocks give both threads work even where a model has one
-KV head.
+block's values. The tasks run on numba's thread pool (the blocks give both threads work
+even where a model has one KV head); then the blocks of each (sequence, KV head) are
+combined.
 
 Which keys a query sees is what the runtime's view says (backends/base.py `CacheView`): the
 first `n_keys` slots, all of them, a causal prefix, or a host bool mask (sliding-window
@@ -220,9 +220,10 @@ def _attend(q, kc, vc, v_dim, lim, mask, scale, out):
         j1 = min(n_keys, j0 + CHUNK)
         _block(q[b, kv], kc[b, kv, j0:j1], vc[b, kv, j0:j1], lim, mask, scale, j0,
                row_max[b, kv, s], row_sum[b, kv, s], acc[b, kv, s])
-    for bk in prange(n_b * n_kv):
-        b, kv = bk // n_kv, bk % n_kv
-        _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
+    # serial: a CHUNK-th of the values pass, less than a second fork-join costs
+    for b in range(n_b):
+        for kv in range(n_kv):
+            _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
 
 
 def supports(q: torch.Tensor, kc: torch.Tensor) -> bool:
