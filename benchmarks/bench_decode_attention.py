@@ -10,6 +10,10 @@ whole process (all threads) and wall time, medians over the rounds.
 
     python benchmarks/bench_decode_attention.py [--models smollm2 qwen2] [--contexts 256 2048]
         [--tokens 32] [--rounds 3] [--threads 2]
+    python benchmarks/bench_decode_attention.py --widths [--threads 1]
+
+--widths: the two paths alone on random fp16 caches of the real models' head shapes, at
+1 to 9 query positions (causal): where the kernel stops paying (decode_attention.MAX_QUERIES).
 """
 
 from __future__ import annotations
@@ -93,6 +97,42 @@ def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> Non
               f"   (sdpa / kernel, CPU time)")
 
 
+# (name, heads, KV heads, head dim) of SmolLM2-135M, Qwen2.5-0.5B, Gemma-3-270M
+SHAPES = [("smollm2", 9, 3, 64), ("qwen2", 14, 2, 64), ("gemma3", 4, 1, 256)]
+
+
+def bench_widths(rounds: int) -> None:
+    import torch
+
+    from diptych.backends import select
+    from diptych.backends.base import CacheView, LayerCacheSpec
+    from diptych.backends.torch.backend import TorchBackend
+    from diptych.backends.torch.cpu import decode_attention
+    from diptych.inference.slots import visible
+
+    be = select("torch", "cpu")
+    print(f"{'shape':8s} {'keys':>5s} {'T':>2s} {'sdpa cpu us':>11s} {'kernel cpu us':>13s} "
+          f"{'ratio':>6s}")
+    for name, heads, n_kv, d in SHAPES:
+        for n_keys in (256, 2048):
+            spec = LayerCacheSpec(n_keys, n_kv, d)
+            kc = torch.randn(1, n_kv, n_keys, d).half()
+            vc = torch.randn(1, n_kv, n_keys, d).half()
+            for n in (1, 2, 3, 4, 5, 9):
+                q = torch.randn(1, n, heads, d)
+                view = CacheView(None, None, *visible(spec, n_keys - n, n_keys))
+                args = (q, kc, vc, spec, view, d ** -0.5)
+                fns = {"sdpa": lambda: TorchBackend.attend_cache(be, *args),
+                       "kernel": lambda: decode_attention.attend(*args)}
+                cpu = {p: [] for p in fns}
+                for _ in range(rounds):
+                    for path, fn in fns.items():
+                        fn()
+                        cpu[path].append(_timed(fn, LAYER_CALLS)[0] * 1e6)
+                old, new = statistics.median(cpu["sdpa"]), statistics.median(cpu["kernel"])
+                print(f"{name:8s} {n_keys:5d} {n:2d} {old:11.1f} {new:13.1f} {old / new:6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
@@ -100,8 +140,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--widths", action="store_true")
     args = ap.parse_args()
     os.environ["DIPTYCH_THREADS"] = str(args.threads)
+    if args.widths:
+        bench_widths(args.rounds)
+        return
     print(f"threads={args.threads}, {args.tokens} tokens per round, {args.rounds} rounds, "
           f"medians; token: ms per decoded token, layer: us per layer-0 attention")
     print(f"{'model':8s} {'ctx':>6s} {'path':7s} {'token cpu':>9s} {'wall':>9s} "

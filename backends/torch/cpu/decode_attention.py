@@ -36,10 +36,11 @@ from .qlinear import _sync_threads as sync_threads  # numba's thread count follo
 # Keys per task. Small enough that a short context still splits into blocks for both
 # threads, large enough that the combine pass stays a small part of the work.
 CHUNK = 128
-# Widest step the kernel takes. Its cost grows with the query rows, SDPA's (a matrix
-# product) much less: at 5 positions the two are even (BENCHMARKS.md), so decode and short
-# verification steps come here and wider ones (longer drafts, prefill) go to SDPA.
-MAX_QUERIES = 4
+# Widest step the kernel takes. Its cost grows with the query rows; SDPA's grows less and
+# drops at 4 positions, where it overtakes the kernel on the 64-wide heads (BENCHMARKS.md,
+# `bench_decode_attention.py --widths`): decode and two-token drafts come here, wider steps
+# (longer drafts, prefill) go to SDPA.
+MAX_QUERIES = 3
 
 # the kernels' float flags: reassociation and contraction let LLVM vectorize the sums;
 # no "ninf"/"nnan", because masked scores are -inf
