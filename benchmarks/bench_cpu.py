@@ -69,8 +69,9 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
-    llm = Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    # n_batch: rows of llm.scores, which the decode loop below indexes by n_tokens
+    llm = Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads,
+                n_batch=n_ctx(), verbose=False)
     load_s = time.perf_counter() - t0
     ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
