@@ -79,7 +79,7 @@ def _pow2(typingctx, n):
 
 @njit(fastmath=_FAST, inline="always", cache=True)
 def _exp_nonpositive(x):
-    """exp(x) for x <= 0 in float32, within 2 ulp; 0 below -87 (and for -inf). numba has no
+    """exp(x) for x <= 0 in float32, within 3 ulp; 0 below -87 (and for -inf). numba has no
     vector exp without Intel's SVML; this one is a polynomial LLVM vectorizes."""
     if x < np.float32(-87.0):
         return np.float32(0.0)
