@@ -6,8 +6,10 @@ own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it. Load: the 
 8-token prompt (after imports). "run": the whole process of `diptych run MODEL "hi"
 --max-tokens 1` beside llama-cpp-python's equivalent (imports included), wall time.
 
-    python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2]
+    python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2] [--context 256]
     python benchmarks/bench_cpu.py --jitter [--models smollm2]
+
+--context N: the prompt before the decoded tokens (2048: decode at a long context).
 
 --jitter: diptych alone, decoding on the main thread at 1 and 2 threads while one other
 process keeps a core busy; per-token median, worst token, and how many tokens took more
@@ -43,12 +45,16 @@ def model_path(name: str) -> str:
     return str(fetch(REGISTRY_NAMES[name]))
 
 
+def n_ctx() -> int:
+    return max(1024, PROMPT_TOKENS + GEN_TOKENS)
+
+
 def run_diptych(path: str, threads: int) -> dict:
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import diptych
 
     t0 = time.perf_counter()
-    model = diptych.load(path, n_ctx=1024)
+    model = diptych.load(path, n_ctx=n_ctx())
     load_s = time.perf_counter() - t0
     prompt = random_prompt(model.config.vocab_size, PROMPT_TOKENS)
     model.engine.backend.to_numpy(model.engine.eval(prompt[:8])).argmax()
@@ -63,8 +69,9 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
-    llm = Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    # n_batch: rows of llm.scores, which the decode loop below indexes by n_tokens
+    llm = Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads,
+                n_batch=n_ctx(), verbose=False)
     load_s = time.perf_counter() - t0
     ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
@@ -148,12 +155,15 @@ def child(runtime: str, model: str, threads: int) -> None:
 
 
 def main() -> None:
+    global PROMPT_TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
+    ap.add_argument("--context", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--jitter", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    PROMPT_TOKENS = args.context
     if args.child:
         child(*args.child, args.threads)
         return
@@ -167,7 +177,8 @@ def main() -> None:
         res = {}
         for runtime in ("llama.cpp", "diptych"):
             proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
-                                   "--child", runtime, model], capture_output=True, text=True)
+                                   "--context", str(args.context), "--child", runtime, model],
+                                  capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{runtime} on {model} failed:\n{proc.stderr[-2000:]}")
             res[runtime] = r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -103,6 +103,7 @@ def _dequant_scale(ggml_type: str, affine_k: bool = False) -> Mutation:
 SAMPLING = "tests/runtime/test_sampling.py"
 TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
+DECODE_ATTENTION = "tests/backends/cpu/test_decode_attention.py"
 
 
 MUTATIONS = [
@@ -148,6 +149,16 @@ MUTATIONS = [
              r"be\.attention\(q, k, v, kv, i, step, cfg\.softmax_scale\(\)\)",
              "be.attention(q, k, v, kv, i, step, cfg.softmax_scale() * 1.05)",
              ("tests/real/test_llama_cpp_agreement.py", "-x", "-k", "teacher_forced")),
+    Mutation("decode attention: causal limit one key short",
+             "backends/torch/cpu/decode_attention.py",
+             r"np\.arange\(n_keys - n \+ 1, n_keys \+ 1,", "np.arange(n_keys - n, n_keys,",
+             (DECODE_ATTENTION,)),
+    Mutation("decode attention: ring mask ignored", "backends/torch/cpu/decode_attention.py",
+             r"if mask\.shape\[0\] > 0 or j0", "if j0", (DECODE_ATTENTION, "-k", "sliding")),
+    Mutation("decode attention: key blocks summed without rescaling",
+             "backends/torch/cpu/decode_attention.py",
+             r"w = _exp_nonpositive\(row_max\[s, r\] - m\)", "w = np.float32(1.0)",
+             (DECODE_ATTENTION, "-k", "2048 or large")),
     # the chat template sandbox (templates inside model files are untrusted)
     Mutation("sandbox: integer width unchecked", "runtime/text/template_sandbox.py",
              r"^MAX_INT_BITS = 4096", "MAX_INT_BITS = 10**12", TOKENIZER_SANDBOX),

@@ -12,6 +12,7 @@ from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend
+from . import decode_attention
 from .kernel_cache import set_compile_listener
 from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
@@ -46,6 +47,13 @@ class CpuBackend(TorchBackend):
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
         return self._linear_type.from_quant_tensor(qt)
+
+    def attend_cache(self, q, kc, vc, spec, view, scale):
+        """Decode widths read the fp16 cache directly (decode_attention.py); other steps
+        (prefill, autograd) take TorchBackend's SDPA over an fp32 copy."""
+        if decode_attention.supports(q, kc):
+            return decode_attention.attend(q, kc, vc, spec, view, scale)
+        return super().attend_cache(q, kc, vc, spec, view, scale)
 
     def embed(self, table: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
         batch, n = ids.shape

@@ -92,6 +92,12 @@ def set_compile_listener(listener) -> None:
     _compile_listener = listener
 
 
+def compile_listener():
+    """The listener set_compile_listener set (None: none), for other kernels that compile
+    on first use."""
+    return _compile_listener
+
+
 def kernel(kind: str, ggml_type):
     """The gufunc `kind` (one of KINDS) for a GGML type, compiled on first use (1-3 s) or
     loaded from numba's on-disk cache (milliseconds). Its arguments are those of the
