@@ -91,6 +91,10 @@ def _serve(conn, warm_up, args) -> None:
     # would wait forever on the pool's locks)
     for var in ("DIPTYCH_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"
+    # numba's own scheduler: even at one thread the warm-up's parallel kernels (CPU decode
+    # attention) launch numba's threading layer, and its GNU OpenMP layer terminates a
+    # forked child that uses the pool its parent launched
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
     try:
         if warm_up is not None:
             warm_up(*args)
