@@ -42,7 +42,8 @@ def source_data_files() -> list[str]:
     out = []
     for folder, package in PACKAGE_DIRS.items():
         for f in sorted((ROOT / folder).rglob("*")):
-            if f.is_file() and f.suffix not in (".py", ".pyc"):
+            # __pycache__ holds Python's and numba's caches, never shipped data
+            if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts:
                 out.append("/".join((*package.split("."), *f.relative_to(ROOT / folder).parts)))
     return out
 
