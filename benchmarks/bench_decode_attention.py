@@ -47,7 +47,9 @@ def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> Non
     model = diptych.load(model_path(name), n_ctx=max(contexts) + tokens + 8)
     engine, be = model.engine, model.backend
     kernel_supports = decode_attention.supports
-    paths = {"sdpa": lambda q, kc: False, "kernel": kernel_supports}
+    # "kernel": every step it can take, short caches too (the backend's MIN_KEYS aside)
+    paths = {"sdpa": lambda *_: False,
+             "kernel": lambda q, kc, _: kernel_supports(q, kc, decode_attention.MIN_KEYS)}
     for ctx in contexts:
         prompt = random_prompt(model.config.vocab_size, ctx)
         engine.reset()

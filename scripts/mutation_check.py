@@ -153,6 +153,8 @@ MUTATIONS = [
              "backends/torch/cpu/decode_attention.py",
              r"np\.arange\(n_keys - n \+ 1, n_keys \+ 1,", "np.arange(n_keys - n, n_keys,",
              (DECODE_ATTENTION,)),
+    Mutation("decode attention: short caches taken too", "backends/torch/cpu/decode_attention.py",
+             r"n_keys >= MIN_KEYS and ", "", (DECODE_ATTENTION, "-k", "takes_decode_widths")),
     Mutation("decode attention: ring mask ignored", "backends/torch/cpu/decode_attention.py",
              r"if mask\.shape\[0\] > 0 or j0", "if j0", (DECODE_ATTENTION, "-k", "sliding")),
     Mutation("decode attention: key blocks summed without rescaling",

@@ -49,9 +49,10 @@ class CpuBackend(TorchBackend):
         return self._linear_type.from_quant_tensor(qt)
 
     def attend_cache(self, q, kc, vc, spec, view, scale):
-        """Decode widths read the fp16 cache directly (decode_attention.py); other steps
-        (prefill, autograd) take TorchBackend's SDPA over an fp32 copy."""
-        if decode_attention.supports(q, kc):
+        """Decode widths over a long cache read the fp16 cache directly
+        (decode_attention.py); other steps (short caches, prefill, autograd) take
+        TorchBackend's SDPA over an fp32 copy."""
+        if decode_attention.supports(q, kc, view.n_keys):
             return decode_attention.attend(q, kc, vc, spec, view, scale)
         return super().attend_cache(q, kc, vc, spec, view, scale)
 

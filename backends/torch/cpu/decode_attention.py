@@ -41,6 +41,10 @@ CHUNK = 128
 # `bench_decode_attention.py --widths`): decode and two-token drafts come here, wider steps
 # (longer drafts, prefill) go to SDPA.
 MAX_QUERIES = 3
+# Fewest visible slots the kernel takes. Its fork-join per layer costs more than SDPA's
+# fp32 copy of a short cache: on a quiet machine SmolLM2 decoded 15% slower with it at a
+# few dozen slots and 6% faster at 1024 and 2048 (BENCHMARKS.md, decode attention).
+MIN_KEYS = 1024
 
 # the kernels' float flags: reassociation and contraction let LLVM vectorize the sums;
 # no "ninf"/"nnan", because masked scores are -inf
@@ -227,11 +231,11 @@ def _attend(q, kc, vc, v_dim, lim, mask, scale, out):
             _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
 
 
-def supports(q: torch.Tensor, kc: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, kc: torch.Tensor, n_keys: int) -> bool:
     """Whether `attend` takes this step: inference (no autograd), fp32 queries, at most
-    MAX_QUERIES positions, an fp16 or fp32 cache."""
-    return (q.shape[1] <= MAX_QUERIES and q.dtype == torch.float32 and kc.dtype in _STORED
-            and not (q.requires_grad and torch.is_grad_enabled()))
+    MAX_QUERIES positions, an fp16 or fp32 cache, at least MIN_KEYS visible slots."""
+    return (q.shape[1] <= MAX_QUERIES and n_keys >= MIN_KEYS and q.dtype == torch.float32
+            and kc.dtype in _STORED and not (q.requires_grad and torch.is_grad_enabled()))
 
 
 def _stored(x: torch.Tensor) -> np.ndarray:

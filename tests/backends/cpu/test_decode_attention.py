@@ -127,18 +127,22 @@ def test_large_scores_do_not_overflow():
 
 
 def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeypatch):
-    """CpuBackend.attend_cache: steps of up to MAX_QUERIES positions outside autograd go to
-    the kernel; wider steps and steps autograd records go to TorchBackend's SDPA."""
+    """CpuBackend.attend_cache: steps of up to MAX_QUERIES positions outside autograd over
+    at least MIN_KEYS slots go to the kernel; wider steps, shorter caches and steps autograd
+    records go to TorchBackend's SDPA."""
     be = select("torch", "cpu")
     calls, kernel = [], decode_attention.attend
     monkeypatch.setattr(decode_attention, "attend", lambda *a: calls.append(1) or kernel(*a))
-    spec = LayerCacheSpec(64, 2, 64)
-    kc = torch.randn(1, 2, 64, 64)
-    for n, grad, taken in ((1, False, True), (decode_attention.MAX_QUERIES, False, True),
-                           (decode_attention.MAX_QUERIES + 1, False, False), (1, True, False)):
+    long = decode_attention.MIN_KEYS
+    spec = LayerCacheSpec(64, 2, long + 64)
+    kc = torch.randn(1, 2, long + 64, 64)
+    for n, keys, grad, taken in ((1, long, False, True),
+                                 (decode_attention.MAX_QUERIES, long + 32, False, True),
+                                 (decode_attention.MAX_QUERIES + 1, long, False, False),
+                                 (1, long - 1, False, False), (1, long, True, False)):
         calls.clear()
         q = torch.randn(1, n, 4, 64, requires_grad=grad)
-        view = CacheView(None, None, 32, None if n == 1 else "causal")
+        view = CacheView(None, None, keys, None if n == 1 else "causal")
         out = be.attend_cache(q, kc, kc, spec, view, 0.125)
         assert bool(calls) == taken
         ref = TorchBackend.attend_cache(be, q, kc, kc, spec, view, 0.125)
