@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 from diptych.backends.base import CacheView, LayerCacheSpec
 
 from .kernel_cache import compile_listener
-from .qlinear import _sync_threads as sync_threads  # numba's thread count follows torch's
+from .threads import sync_numba_threads
 
 # Keys per task. Small enough that a short context still splits into blocks for both
 # threads, large enough that the combine pass stays a small part of the work.
@@ -266,7 +266,7 @@ def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor | None, spec: Lay
     rows = q.detach().reshape(batch, n, n_kv, heads // n_kv, d_k).transpose(1, 2)
     qn = rows.reshape(batch, n_kv, -1, d_k).contiguous().numpy()
     out = np.empty((batch, n_kv, qn.shape[2], v_dim), np.float32)
-    sync_threads()
+    sync_numba_threads(torch.get_num_threads())
     args = (qn, keys, values, v_dim, lim, np.ascontiguousarray(mask, dtype=np.bool_),
             np.float32(scale), out)
     if _attend.signatures:

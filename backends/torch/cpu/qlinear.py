@@ -32,8 +32,6 @@ Compile: numba compiles 4 kernels per type on first use and caches them on disk
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -44,7 +42,7 @@ from diptych.quant.formats import FLOAT_TYPES, FORMATS
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
-from .threads import numba_threads, set_numba_threads
+from .threads import numba_threads, set_numba_threads, sync_numba_threads
 
 # The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
 # at or below M applies. The fastest path on the real models' FFN shapes, one thread, by the
@@ -75,18 +73,6 @@ def path_for(ggml_type: QT, m: int) -> str:
 TILE_BYTES = 4 << 20
 # numba threads dequantizing tiles for torch.mm (0: torch's thread count)
 TILE_DEQ_THREADS = 1
-
-
-_tls = threading.local()
-
-
-def _sync_threads() -> None:
-    """numba's thread count is per calling thread (a generation worker thread starts at
-    numba's default): follow torch's intra-op count, checked cheaply on every call."""
-    n = torch.get_num_threads()
-    if getattr(_tls, "n", 0) != n:
-        set_numba_threads(n)
-        _tls.n = n
 
 
 class QuantLinear:
@@ -211,7 +197,7 @@ class QuantLinear:
         """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
         if path == "tiles":
             return self._tiled(torch.from_numpy(xn))
-        _sync_threads()
+        sync_numba_threads(torch.get_num_threads())
         y = np.empty((xn.shape[0], self.shape[0]), np.float32)
         if path == "gemv1":
             if self._gemv1 is None:
@@ -293,7 +279,7 @@ class QuantLinear:
             return self._w[torch.from_numpy(ids_np)].to(torch.float32)
         out = np.empty((ids_np.size, k), np.float32)
         if ids_np.size:
-            _sync_threads()
+            sync_numba_threads(torch.get_num_threads())
             kernel("deq_rows", self.ggml_type)(np.arange(ids_np.size, dtype=np.int64), ids_np,
                                                self._P, self._Pt, out)
         return torch.from_numpy(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 
@@ -60,6 +61,18 @@ def set_numba_threads(n: int) -> None:
     import numba
 
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+_tls = threading.local()
+
+
+def sync_numba_threads(n: int) -> None:
+    """numba's thread count is per calling thread (a generation worker thread starts at
+    numba's default): make it n, torch's intra-op count, checked cheaply on every kernel
+    call."""
+    if getattr(_tls, "n", 0) != n:
+        set_numba_threads(n)
+        _tls.n = n
 
 
 def numba_threads() -> int:
