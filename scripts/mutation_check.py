@@ -104,6 +104,7 @@ SAMPLING = "tests/runtime/test_sampling.py"
 TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
 DECODE_ATTENTION = "tests/backends/cpu/test_decode_attention.py"
+DECODE_OPS = "tests/backends/cpu/test_decode_ops.py"
 
 
 MUTATIONS = [
@@ -153,14 +154,59 @@ MUTATIONS = [
              "backends/torch/cpu/decode_attention.py",
              r"np\.arange\(n_keys - n \+ 1, n_keys \+ 1,", "np.arange(n_keys - n, n_keys,",
              (DECODE_ATTENTION,)),
-    Mutation("decode attention: short caches taken too", "backends/torch/cpu/decode_attention.py",
-             r"n_keys >= MIN_KEYS and ", "", (DECODE_ATTENTION, "-k", "takes_decode_widths")),
+    Mutation("decode attention: thread pool for short caches too",
+             "backends/torch/cpu/decode_attention.py", r"if n_keys >= MIN_KEYS:", "if True:",
+             (DECODE_ATTENTION, "-k", "thread_pool")),
+    Mutation("decode attention: fp16 cache written truncated, not rounded",
+             "backends/torch/cpu/decode_attention.py",
+             r"half = builder\.fptrunc\(args\[0\], ir\.HalfType\(\)\)",
+             "half = builder.fptrunc(builder.bitcast(builder.and_(builder.bitcast(args[0], "
+             "ir.IntType(32)), ir.Constant(ir.IntType(32), 0xFFFFE000)), ir.FloatType()), "
+             "ir.HalfType())", (DECODE_ATTENTION, "-k", "store")),
+    Mutation("decode attention: training's passes taken too",
+             "backends/torch/cpu/decode_attention.py",
+             r"and torch\.is_inference_mode_enabled\(\)\)", "and True)",
+             (DECODE_ATTENTION, "-k", "takes_decode")),
+    Mutation("decode attention: wide steps taken too", "backends/torch/cpu/decode_attention.py",
+             r"q\.shape\[1\] <= MAX_QUERIES and ", "", (DECODE_ATTENTION, "-k", "takes_decode")),
     Mutation("decode attention: ring mask ignored", "backends/torch/cpu/decode_attention.py",
              r"if mask\.shape\[0\] > 0 or j0", "if j0", (DECODE_ATTENTION, "-k", "sliding")),
     Mutation("decode attention: key blocks summed without rescaling",
              "backends/torch/cpu/decode_attention.py",
-             r"w = _exp_nonpositive\(row_max\[s, r\] - m\)", "w = np.float32(1.0)",
+             r"w = exp_nonpositive\(row_max\[s, r\] - m\)", "w = np.float32(1.0)",
              (DECODE_ATTENTION, "-k", "2048 or large")),
+    # the CPU backend's small-step kernels
+    Mutation("decode ops: rms_norm's mean over one element too many",
+             "backends/torch/cpu/decode_ops.py",
+             r"inv = np\.float32\(1\.0\) / np\.sqrt\(s / np\.float32\(n\) \+ eps\)\n        for c in range\(n\):\n            o\[c\] = xr",
+             "inv = np.float32(1.0) / np.sqrt(s / np.float32(n + 1) + eps)\n        for c in range(n):\n            o[c] = xr",
+             (DECODE_OPS, "-k", "rms")),
+    Mutation("decode ops: RoPE's second half turned the wrong way",
+             "backends/torch/cpu/decode_ops.py", r"o\[i \+ half\] = hi \* c\[i\] \+ lo \* s\[i\]",
+             "o[i + half] = hi * c[i] - lo * s[i]", (DECODE_OPS, "-k", "rope")),
+    Mutation("decode ops: RoPE's pass-through channels dropped",
+             "backends/torch/cpu/decode_ops.py", r"for i in range\(dim, d_h\):\n                    o\[i\] = xr\[i\]",
+             "for i in range(dim, d_h):\n                    o[i] = 0", (DECODE_OPS, "-k", "rope")),
+    Mutation("decode ops: sigmoid's branches swapped", "backends/torch/cpu/decode_ops.py",
+             r"\(np\.float32\(1\.0\) if x >= 0 else e\)", "(e if x >= 0 else np.float32(1.0))",
+             (DECODE_OPS, "-k", "glu")),
+    Mutation("decode ops: training's passes taken too", "backends/torch/cpu/decode_ops.py",
+             r"and torch\.is_inference_mode_enabled\(\)\)", "and True)",
+             (DECODE_OPS, "-k", "small_inference")),
+    Mutation("decode ops: prefill widths taken too", "backends/torch/cpu/decode_ops.py",
+             r"return \(tokens <= MAX_TOKENS and ", "return (True and ",
+             (DECODE_OPS, "-k", "small_inference")),
+    # the CPU thread governor
+    Mutation("threads: contention never drops the kernels to one thread",
+             "backends/torch/cpu/threads.py", r"    if GOVERNOR\.contended:\n        n = 1\n", "",
+             ("tests/backends/cpu/test_threads.py", "-k", "governor")),
+    Mutation("threads: contention read the wrong way round", "backends/torch/cpu/threads.py",
+             r"self\.contended = self\._cpu < self\.LOW \* self\._wall",
+             "self.contended = self._cpu > self.LOW * self._wall",
+             ("tests/backends/cpu/test_threads.py", "-k", "governor or back_off")),
+    Mutation("threads: failed trials do not back off", "backends/torch/cpu/threads.py",
+             r"min\(2 \* self\._retry, self\.MAX_RETRY\) if self\._trial else self\.RETRY",
+             "self.RETRY", ("tests/backends/cpu/test_threads.py", "-k", "back_off")),
     # the chat template sandbox (templates inside model files are untrusted)
     Mutation("sandbox: integer width unchecked", "runtime/text/template_sandbox.py",
              r"^MAX_INT_BITS = 4096", "MAX_INT_BITS = 10**12", TOKENIZER_SANDBOX),

@@ -1,8 +1,8 @@
 """The PyTorch backend: shared graph ops (backend.py), on the CPU (cpu/) or CUDA (cuda/)."""
 
-from .cpu.threads import quiet_idle_workers
+from .cpu.threads import bounded_spin
 
-quiet_idle_workers()  # before torch (below) loads its OpenMP runtime
+bounded_spin()  # before torch (below) loads its OpenMP runtime
 
 from .backend import TorchBackend  # noqa: E402
 

@@ -176,25 +176,30 @@ class DraftLength:
             self.rejected = DECAY * self.rejected + (accepted < drafted)
 
 
-def _timed(fn, repeats: int = 3) -> float:
-    best = math.inf
+def _best_times(fns: list, repeats: int = 3) -> list[float]:
+    """The best wall time of each function over `repeats` rounds, the functions alternating
+    within each round (a change in the machine's state mid-measurement then reaches all of
+    them alike)."""
+    best = [math.inf] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def _step_time(seq, token: int, width: int) -> float:
-    """Seconds of a step of `width` on `seq`, which is left as it was."""
+def _step(seq, token: int, width: int):
+    """A step of `width` on `seq` that leaves it as it was (called once: the first call of
+    a width may compile)."""
     be = seq.engine.backend
 
     def run():
         be.to_numpy(seq.step([token] * width)[0, -1, :1])
         seq.rollback(width)
 
-    run()  # the first call of a width may compile
-    return _timed(run)
+    run()
+    return run
 
 
 def measure_costs(target, draft, width: int, token: int) -> Costs:
@@ -204,10 +209,12 @@ def measure_costs(target, draft, width: int, token: int) -> Costs:
     def rounded(x: float) -> float:
         return round(max(x, 0.0) / COST_STEP) * COST_STEP
 
-    one = _step_time(target, token, 1)
-    wide = _step_time(target, token, width) if width > 1 else one
-    drafted = _step_time(draft, token, 1) if draft is not None else 0.0
-    return Costs(rounded(drafted / one), rounded((wide - one) / one / max(width - 1, 1)))
+    steps = [_step(target, token, 1), _step(target, token, max(width, 1))]
+    if draft is not None:
+        steps.append(_step(draft, token, 1))
+    one, wide, *drafted = _best_times(steps)
+    return Costs(rounded(drafted[0] / one) if drafted else 0.0,
+                 rounded((wide - one) / one / max(width - 1, 1)))
 
 
 def pass_costs(seq, draft, draft_max: int, token: int) -> Costs:

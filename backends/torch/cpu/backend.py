@@ -5,19 +5,21 @@ an fp16 KV cache, and one thread budget for torch and numba."""
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 
 import torch
 
 from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
-from ..backend import TorchBackend
-from . import decode_attention
+from ..backend import TorchBackend, TorchKV
+from . import decode_attention, decode_ops
 from .kernel_cache import set_compile_listener
 from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
 from .qlinear import QuantLinear
-from .threads import configure_threads
+from .threads import GOVERNOR, configure_threads
 
 
 # $DIPTYCH_KV_TYPE -> what the KV cache stores. fp16 by default, as llama.cpp keeps it: half
@@ -33,11 +35,32 @@ def kv_type_from_env() -> torch.dtype:
     return KV_TYPES[name]
 
 
+class CpuKV(TorchKV):
+    """TorchKV with each layer's buffers also as the numpy arrays the decode attention
+    kernels read and write (views of the same memory; restore() copies in place)."""
+
+    def __init__(self, specs, batch, dtype, device):
+        super().__init__(specs, batch, dtype, device)
+        self.stored = [(decode_attention.stored(k), None if v is None else decode_attention.stored(v))
+                       for k, v in zip(self.k, self.v)]
+
+
 class CpuBackend(TorchBackend):
     def __init__(self):
         configure_threads()
         super().__init__("cpu", torch.float32, kv_type_from_env())
         self._linear_type = QuantLinear
+        # per RoPE spec: (the step's positions, as numpy, cos and sin tables as numpy)
+        self._step_rope_tables: dict = {}
+
+    @contextmanager
+    def inference(self):
+        """torch's inference mode, each forward's wall and CPU time told to the thread
+        governor (threads.ThreadGovernor)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        with torch.inference_mode():
+            yield
+        GOVERNOR.record(time.perf_counter() - wall, time.thread_time() - cpu)
 
     def use_llama_cpp_rounding(self) -> None:
         self._linear_type = RoundingQuantLinear
@@ -48,13 +71,45 @@ class CpuBackend(TorchBackend):
     def prepare(self, qt: QuantTensor) -> QuantLinear:
         return self._linear_type.from_quant_tensor(qt)
 
-    def attend_cache(self, q, kc, vc, spec, view, scale):
-        """Decode widths over a long cache read the fp16 cache directly
-        (decode_attention.py); other steps (short caches, prefill, autograd) take
-        TorchBackend's SDPA over an fp32 copy."""
-        if decode_attention.supports(q, kc, view.n_keys):
-            return decode_attention.attend(q, kc, vc, spec, view, scale)
-        return super().attend_cache(q, kc, vc, spec, view, scale)
+    def attention(self, q, k, v, kv, layer, step, scale):
+        """Decode widths write and read the fp16 cache directly (decode_attention.py);
+        other steps (prefill, autograd) write with torch indexing and take TorchBackend's
+        SDPA over an fp32 copy."""
+        if not decode_attention.supports(q, kv.k[layer]):
+            return super().attention(q, k, v, kv, layer, step, scale)
+        keys, values = kv.stored[layer]
+        view = step.views[layer]
+        decode_attention.store(k, v, keys, values, view.slots)
+        return decode_attention.attend(q, keys, values, kv.specs[layer], view, scale)
+
+    def alloc_kv(self, specs, batch, scratch=False) -> "CpuKV":
+        return CpuKV(specs, batch, self.dtype if scratch else self.kv_dtype, self.device)
+
+    # small steps' per-layer ops: one serial kernel each instead of several torch ops
+    def rms_norm(self, x, w, eps):
+        if decode_ops.applies(x, _tokens(x)):
+            return decode_ops.rms_norm(x, w, eps)
+        return super().rms_norm(x, w, eps)
+
+    def add_rms_norm(self, x, residual, w, eps):
+        if decode_ops.applies(x, _tokens(x)) and residual.dtype == torch.float32:
+            return decode_ops.add_rms_norm(x, residual, w, eps)
+        return super().add_rms_norm(x, residual, w, eps)
+
+    def rope(self, x, positions, spec):
+        if not decode_ops.applies(x, positions.numel()):
+            return super().rope(x, positions, spec)
+        cached = self._step_rope_tables.get(spec)
+        if cached is None or cached[0] is not positions:
+            cos, sin = self._cos_sin(spec, int(positions.max()) + 1)
+            cached = (positions, positions.numpy(), cos.numpy(), sin.numpy())
+            self._step_rope_tables[spec] = cached
+        return decode_ops.rope(x, *cached[1:], spec.dim)
+
+    def glu(self, gate, up, act):
+        if decode_ops.applies(gate, _tokens(gate)):
+            return decode_ops.glu(gate, up, act)
+        return super().glu(gate, up, act)
 
     def embed(self, table: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
         batch, n = ids.shape
@@ -71,3 +126,8 @@ class CpuBackend(TorchBackend):
             if bias is not None:
                 y += bias
         return y.reshape(*lead, y.shape[-1])
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Tokens of graph activations (B, T, D), or of per-head ones (B, T, H, Dh)."""
+    return x.shape[0] * x.shape[1] if x.dim() >= 3 else x.shape[0]

@@ -9,9 +9,11 @@ Work is split as in split-K ("flash") decoding: a task is one (sequence, KV head
 CHUNK keys); it computes the scores of every query row of that KV head (the head's query
 heads x the step's positions: grouped-query attention reads each key once, K/V are never
 repeated), their block maximum, the exponentials, their sum and the weighted sum of the
-block's values. The tasks run on numba's thread pool (the blocks give both threads work
-even where a model has one KV head); then the blocks of each (sequence, KV head) are
-combined.
+block's values. Over a long cache the tasks run on numba's thread pool (the blocks give
+both threads work even where a model has one KV head), over a short one on the calling
+thread; then the blocks of each (sequence, KV head) are combined. `store` writes a step's
+keys and values into the cache (fp32 -> fp16 as torch rounds), so that a decode step's
+attention is two kernel calls and no torch op.
 
 Which keys a query sees is what the runtime's view says (backends/base.py `CacheView`): the
 first `n_keys` slots, all of them, a causal prefix, or a host bool mask (sliding-window
@@ -30,6 +32,8 @@ from numba.extending import intrinsic
 
 from diptych.backends.base import CacheView, LayerCacheSpec
 
+from .decode_ops import as_numpy
+from .fast_exp import exp_nonpositive
 from .kernel_cache import compile_listener
 from .threads import sync_numba_threads
 
@@ -41,15 +45,17 @@ CHUNK = 128
 # `bench_decode_attention.py --widths`): decode and two-token drafts come here, wider steps
 # (longer drafts, prefill) go to SDPA.
 MAX_QUERIES = 3
-# Fewest visible slots the kernel takes. Its fork-join per layer costs more than SDPA's
-# fp32 copy of a short cache: on a quiet machine SmolLM2 decoded 15% slower with it at a
-# few dozen slots and 6% faster at 1024 and 2048 (BENCHMARKS.md, decode attention).
+# Fewest visible slots for which the blocks of keys run on numba's thread pool; shorter
+# caches run on the calling thread. The fork-join per layer costs more than splitting a
+# short cache saves: on a quiet machine SmolLM2 decoded 15% slower with the parallel kernel
+# at a few dozen slots, and 6% faster at 1024 and 2048 (BENCHMARKS.md, decode attention).
 MIN_KEYS = 1024
 
 # the kernels' float flags: reassociation and contraction let LLVM vectorize the sums;
 # no "ninf"/"nnan", because masked scores are -inf
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _STORED = {torch.float16: np.uint16, torch.float32: np.float32}
+_NO_MASK = np.zeros((0, 0), dtype=np.bool_)  # the kernels' "no mask array"
 
 
 @intrinsic
@@ -64,39 +70,6 @@ def _to_f32(typingctx, x):
     else:
         return None
     return types.float32(x), codegen
-
-
-@intrinsic
-def _pow2(typingctx, n):
-    """2.0 ** n as float32 for a whole float32 n in [-126, 127] (built from its exponent
-    bits: vectorizes, where ldexp is a library call)."""
-    if n != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        e = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
-        return builder.bitcast(builder.shl(e, ir.Constant(i32, 23)), ir.FloatType())
-
-    return types.float32(n), codegen
-
-
-@njit(fastmath=_FAST, inline="always", cache=True)
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 in float32, within 3 ulp; 0 below -87 (and for -inf). numba has no
-    vector exp without Intel's SVML; this one is a polynomial LLVM vectorizes."""
-    if x < np.float32(-87.0):
-        return np.float32(0.0)
-    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
-    f = x - n * np.float32(0.693145751953125) - n * np.float32(1.4286068203094173e-06)
-    p = np.float32(1.0 / 720.0)
-    p = p * f + np.float32(1.0 / 120.0)
-    p = p * f + np.float32(1.0 / 24.0)
-    p = p * f + np.float32(1.0 / 6.0)
-    p = p * f + np.float32(0.5)
-    p = p * f + np.float32(1.0)
-    p = p * f + np.float32(1.0)
-    return p * _pow2(n)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -146,7 +119,7 @@ def _exp_rows(scores, row_max, row_sum):
             m = max(m, sr[c])
         total = np.float32(0.0)
         for c in range(sr.shape[0]):
-            p = _exp_nonpositive(sr[c] - m) if m > -np.inf else np.float32(0.0)
+            p = exp_nonpositive(sr[c] - m) if m > -np.inf else np.float32(0.0)
             sr[c] = p
             total += p
         row_max[r], row_sum[r] = m, total
@@ -198,12 +171,41 @@ def _combine(row_max, row_sum, acc, out):
             continue
         total = np.float32(0.0)
         for s in range(row_max.shape[0]):
-            w = _exp_nonpositive(row_max[s, r] - m)
+            w = exp_nonpositive(row_max[s, r] - m)
             total += w * row_sum[s, r]
             a = acc[s, r]
             for d in range(o.shape[0]):
                 o[d] += w * a[d]
         o *= np.float32(1.0) / total
+
+
+@njit(fastmath=_FAST, inline="always", cache=True)
+def _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc):
+    """Task `task` of `_attend`: one (sequence, KV head, block of CHUNK keys)."""
+    n_kv, n_split = q.shape[1], row_max.shape[2]
+    b, kv, s = task // (n_kv * n_split), (task // n_split) % n_kv, task % n_split
+    j0 = s * CHUNK
+    j1 = min(lim.max(), j0 + CHUNK)
+    _block(q[b, kv], kc[b, kv, j0:j1], vc[b, kv, j0:j1], lim, mask, scale, j0,
+           row_max[b, kv, s], row_sum[b, kv, s], acc[b, kv, s])
+
+
+@njit(cache=True)
+def _partials(q, lim, v_dim):
+    """Each task's block maximum, exponential sum and weighted values, per (sequence, KV
+    head, block of CHUNK keys, query row)."""
+    n_b, n_kv, rows = q.shape[:3]
+    n_split = max(1, (lim.max() + CHUNK - 1) // CHUNK)
+    return (np.empty((n_b, n_kv, n_split, rows), np.float32),
+            np.empty((n_b, n_kv, n_split, rows), np.float32),
+            np.zeros((n_b, n_kv, n_split, rows, v_dim), np.float32))
+
+
+@njit(cache=True)
+def _combine_all(row_max, row_sum, acc, out):
+    for b in range(out.shape[0]):
+        for kv in range(out.shape[1]):
+            _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
 
 
 @njit(parallel=True, cache=True)
@@ -213,82 +215,135 @@ def _attend(q, kc, vc, v_dim, lim, mask, scale, out):
     the rows of a KV head are its query heads at each position, position-major.
     q (B, Hkv, rows, Dk) float32; kc (B, Hkv, slots, Dk) and vc (B, Hkv, slots, >= v_dim)
     uint16 (fp16 bits) or float32; out (B, Hkv, rows, v_dim) float32."""
-    n_b, n_kv, rows = q.shape[:3]
-    n_keys = lim.max()
-    n_split = max(1, (n_keys + CHUNK - 1) // CHUNK)
-    row_max = np.empty((n_b, n_kv, n_split, rows), np.float32)
-    row_sum = np.empty((n_b, n_kv, n_split, rows), np.float32)
-    acc = np.zeros((n_b, n_kv, n_split, rows, v_dim), np.float32)
-    for task in prange(n_b * n_kv * n_split):
-        b, kv, s = task // (n_kv * n_split), (task // n_split) % n_kv, task % n_split
-        j0 = s * CHUNK
-        j1 = min(n_keys, j0 + CHUNK)
-        _block(q[b, kv], kc[b, kv, j0:j1], vc[b, kv, j0:j1], lim, mask, scale, j0,
-               row_max[b, kv, s], row_sum[b, kv, s], acc[b, kv, s])
+    row_max, row_sum, acc = _partials(q, lim, v_dim)
+    for task in prange(row_max.shape[0] * row_max.shape[1] * row_max.shape[2]):
+        _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc)
     # serial: a CHUNK-th of the values pass, less than a second fork-join costs
+    _combine_all(row_max, row_sum, acc, out)
+
+
+@njit(cache=True)
+def _attend_serial(q, kc, vc, v_dim, lim, mask, scale, out):
+    """`_attend` on the calling thread alone (short caches: no fork-join)."""
+    row_max, row_sum, acc = _partials(q, lim, v_dim)
+    for task in range(row_max.shape[0] * row_max.shape[1] * row_max.shape[2]):
+        _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc)
+    _combine_all(row_max, row_sum, acc, out)
+
+
+@intrinsic
+def _stored_like(typingctx, x, like):
+    """float32 x as a cache element of like's type: fp16 bits (uint16, round to nearest
+    even as torch's .to(float16)) or float32."""
+    if x != types.float32 or like not in (types.uint16, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if like == types.float32:
+            return args[0]
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return like(x, like), codegen
+
+
+@njit(cache=True)
+def _store(x, slots, cache):
+    """cache[b, h, slots[b, t]] = x[b, t, h]: x (B, T, Hkv, D) float32, any strides."""
+    n_b, n_t, n_h, n_d = x.shape
+    if cache.shape[0] != n_b or cache.shape[1] != n_h or cache.shape[3] != n_d:
+        raise ValueError("store: the step's keys or values do not fit the cache")
     for b in range(n_b):
-        for kv in range(n_kv):
-            _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
+        for t in range(n_t):
+            s = slots[b, t]
+            if s < 0 or s >= cache.shape[2]:
+                raise IndexError("store: slot outside the cache")
+            for h in range(n_h):
+                src, dst = x[b, t, h], cache[b, h, s]
+                for d in range(n_d):
+                    dst[d] = _stored_like(src[d], dst[d])
 
 
-def supports(q: torch.Tensor, kc: torch.Tensor, n_keys: int) -> bool:
-    """Whether `attend` takes this step: inference (no autograd), fp32 queries, at most
-    MAX_QUERIES positions, an fp16 or fp32 cache, at least MIN_KEYS visible slots."""
-    return (q.shape[1] <= MAX_QUERIES and n_keys >= MIN_KEYS and q.dtype == torch.float32
-            and kc.dtype in _STORED and not (q.requires_grad and torch.is_grad_enabled()))
+def supports(q: torch.Tensor, kc: torch.Tensor) -> bool:
+    """Whether `store` and `attend` take this step: inference mode (the engine's forwards;
+    training keeps torch's ops, as decode_ops.applies says), fp32 queries, at most
+    MAX_QUERIES positions, an fp16 or fp32 cache."""
+    return (q.shape[1] <= MAX_QUERIES and q.dtype == torch.float32
+            and kc.dtype in _STORED and torch.is_inference_mode_enabled())
 
 
-def _stored(x: torch.Tensor) -> np.ndarray:
-    """The cache buffer as numba reads it: fp16 as its uint16 bits (no copy)."""
+def stored(x: torch.Tensor) -> np.ndarray:
+    """A cache buffer as the kernels read and write it: fp16 as its uint16 bits (a view,
+    no copy)."""
     if x.dtype == torch.float16:
         x = x.view(torch.int16)
         return x.numpy().view(np.uint16)
     return x.numpy()
 
 
-def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor | None, spec: LayerCacheSpec,
+def store(k: torch.Tensor, v: torch.Tensor | None, keys: np.ndarray, values: np.ndarray | None,
+          slots: torch.Tensor) -> None:
+    """Write a step's keys and values (B, T, Hkv, D) into one layer's cache (B, Hkv, slots,
+    D; `stored` views) at `slots` (B, T), converted to the cache's dtype."""
+    where = slots.numpy()
+    _store(as_numpy(k), where, keys)
+    if values is not None:
+        _store(as_numpy(v), where, values)
+
+
+def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: LayerCacheSpec,
            view: CacheView, scale: float) -> torch.Tensor:
-    """q (B, T, H, Dk) over one layer's cache (B, Hkv, slots, Dk), which holds this step's
-    keys, as `view` says -> (B, T, H * value dim) float32 (as TorchBackend.attend_cache)."""
+    """q (B, T, H, Dk) over one layer's cache (B, Hkv, slots, Dk; `stored` views; values
+    None for MLA), which holds this step's keys, as `view` says -> (B, T, H * value dim)
+    float32 (as TorchBackend.attend_cache). From MIN_KEYS visible slots on, the blocks of
+    keys run on numba's thread pool."""
     batch, n, heads, d_k = q.shape
-    n_kv = kc.shape[1]
+    n_kv = keys.shape[1]
     n_keys, mask = view.n_keys, view.mask
-    if isinstance(mask, str):  # "causal": query t sees the first n_keys - n + t + 1 slots
+    if n_keys > keys.shape[2]:
+        raise ValueError(f"attend: {n_keys} visible keys in a cache of {keys.shape[2]} slots")
+    if isinstance(mask, str) and n > 1:  # "causal": query t sees the first n_keys - n + t + 1
         lim = np.arange(n_keys - n + 1, n_keys + 1, dtype=np.int64)
     else:
         lim = np.full(n, n_keys, dtype=np.int64)
-    if mask is None or isinstance(mask, str):
-        mask = np.zeros((0, 0), dtype=np.bool_)
-    v_dim = spec.v_from_k or vc.shape[-1]
-    keys = _stored(kc)
-    values = keys if vc is None else _stored(vc)
+    mask = _NO_MASK if mask is None or isinstance(mask, str) else np.ascontiguousarray(mask)
+    v_dim = spec.v_from_k or values.shape[-1]
+    if values is None:
+        values = keys
     # rows of a KV head: its query heads at each position, position-major
-    rows = q.detach().reshape(batch, n, n_kv, heads // n_kv, d_k).transpose(1, 2)
-    qn = rows.reshape(batch, n_kv, -1, d_k).contiguous().numpy()
+    qn = as_numpy(q)
+    if n > 1:
+        qn = qn.reshape(batch, n, n_kv, heads // n_kv, d_k).transpose(0, 2, 1, 3, 4)
+    qn = np.ascontiguousarray(qn).reshape(batch, n_kv, -1, d_k)
     out = np.empty((batch, n_kv, qn.shape[2], v_dim), np.float32)
-    sync_numba_threads(torch.get_num_threads())
-    args = (qn, keys, values, v_dim, lim, np.ascontiguousarray(mask, dtype=np.bool_),
-            np.float32(scale), out)
-    if _attend.signatures:
-        _attend(*args)
+    if n_keys >= MIN_KEYS:
+        sync_numba_threads(torch.get_num_threads())
+        kernel = _attend
     else:
-        _first_call(args)
-    out = torch.from_numpy(out).reshape(batch, n_kv, n, -1).transpose(1, 2)
-    return out.reshape(batch, n, heads * v_dim)
+        kernel = _attend_serial
+    args = (qn, keys, values, v_dim, lim, mask, np.float32(scale), out)
+    if kernel.signatures:
+        kernel(*args)
+    else:
+        _first_call(kernel, args)
+    if n > 1:
+        out = np.ascontiguousarray(out.reshape(batch, n_kv, n, -1, v_dim).transpose(0, 2, 1, 3, 4))
+    return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
 
 
-def _first_call(args) -> None:
-    """The first call in this process: it compiles the kernel (several seconds) or loads it
-    from numba's on-disk cache. Compiling is announced to the backend's compile listener
+def _first_call(kernel, args) -> None:
+    """A kernel's first call in this process: it compiles (several seconds) or loads from
+    numba's on-disk cache. Compiling is announced to the backend's compile listener
     (kernel_cache.set_compile_listener) when numba's cache holds no version of the kernel
     yet (one cache index serves both stored dtypes)."""
     listener = compile_listener()
-    cache = Path(_attend._cache.cache_path)
-    if listener is None or any(cache.glob(f"{__name__.rsplit('.', 1)[-1]}._attend-*.nbi")):
-        _attend(*args)
+    cache = Path(kernel._cache.cache_path)
+    stem = f"{__name__.rsplit('.', 1)[-1]}.{kernel.__name__}-"
+    if listener is None or any(cache.glob(f"{stem}*.nbi")):
+        kernel(*args)
         return
     listener("the decode attention kernel")
     try:
-        _attend(*args)
+        kernel(*args)
     finally:
         listener(None)

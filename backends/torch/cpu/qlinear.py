@@ -22,9 +22,9 @@ within a few fp32 ulps of x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x|
 dequantize() and embed_rows() are bit-exact with gguf.quants.dequantize.
 
 Threads: numba runs the kernels on its own OpenMP pool (a second libgomp next to torch's).
-Numba's thread count is per calling thread; every call sets it to torch.get_num_threads().
-Idle workers of both pools sleep at once (threads.quiet_idle_workers): spinning ones took
-the cores from the other pool and from the calling thread's serial work. The tile path
+Numba's thread count is per calling thread; every call sets it to torch.get_num_threads(),
+or to one while threads.GOVERNOR sees the cores contended. Idle workers spin briefly, then
+sleep (threads.bounded_spin). The tile path
 dequantizes on the calling thread only and leaves the cores to MKL.
 Compile: numba compiles 4 kernels per type on first use and caches them on disk
 (kernel_cache.py; kernel_cache.precompile() compiles them in parallel processes).

@@ -12,16 +12,22 @@ from diptych.errors import InvalidArgumentError
 _done = False
 
 
-def quiet_idle_workers() -> None:
-    """Idle OpenMP workers sleep at once (OMP_WAIT_POLICY=PASSIVE) unless the user chose a
-    wait policy or spin count. libgomp's default spins them for milliseconds after each
-    parallel region; torch and numba each bring a libgomp, and decode alternates small
-    kernels with serial work, so on 2 cores shared with any other busy process the spinning
-    workers took the cores from the thread with work and decode stalled for scheduler
-    slices (a bounded spin did not help; BENCHMARKS.md). Must run before torch or numba
-    load their OpenMP runtime, which reads it once."""
+# How long an idle OpenMP worker spins before it sleeps, in libgomp's spin iterations (a few
+# tens of microseconds): long enough to bridge the gaps between a decode step's kernels,
+# short enough that a worker with nothing to do sleeps almost at once.
+SPIN_COUNT = 3000
+
+
+def bounded_spin() -> None:
+    """Idle OpenMP workers spin SPIN_COUNT iterations, then sleep (unless the user chose a
+    wait policy or spin count). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) made every one
+    of a decode step's ~100 kernel launches wake a sleeping worker: two threads decoded
+    slower than one. libgomp's default spins for milliseconds, which takes the core from
+    the calling thread's serial work and from other processes; where a core is contended
+    all the same, `ThreadGovernor` drops the kernels to one thread. Must run before torch
+    or numba load their OpenMP runtime, which reads it once."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
 
 def physical_cores() -> int:
@@ -68,11 +74,59 @@ _tls = threading.local()
 
 def sync_numba_threads(n: int) -> None:
     """numba's thread count is per calling thread (a generation worker thread starts at
-    numba's default): make it n, torch's intra-op count, checked cheaply on every kernel
-    call."""
+    numba's default): make it n, torch's intra-op count, or one while the governor says the
+    cores are contended; checked cheaply on every kernel call."""
+    if GOVERNOR.contended:
+        n = 1
     if getattr(_tls, "n", 0) != n:
         set_numba_threads(n)
         _tls.n = n
+
+
+class ThreadGovernor:
+    """Whether the kernels should run on one thread because the cores are contended.
+
+    A parallel kernel waits for its slowest thread: when another process holds one of two
+    cores, every launch waits for a descheduled worker, and decode ran at half the speed
+    of one thread. The sign is the calling thread's CPU time falling behind the wall time
+    of its forwards (it is off its core, or waiting on a worker that is). Over each
+    WINDOW forwards: below LOW, the kernels drop to one thread. They try all threads again
+    after RETRY forwards, and after twice as many each time the trial finds the cores still
+    contended (up to MAX_RETRY), so that a machine that stays busy pays for few trials.
+    Forwards longer than LONG seconds are not counted: long prompts' chunks, and first
+    calls that wait for kernels compiling in other processes, say nothing about the cores."""
+
+    WINDOW, LOW, RETRY, MAX_RETRY, LONG = 8, 0.7, 64, 4096, 0.5
+
+    def __init__(self):
+        self.contended = False
+        self._retry = self.RETRY
+        self._trial = False  # this window follows a contended spell
+        self._n = self._since = 0
+        self._wall = self._cpu = 0.0
+
+    def record(self, wall: float, cpu: float) -> None:
+        """One forward's wall and calling-thread CPU seconds."""
+        if wall > self.LONG:
+            return
+        if self.contended:
+            self._since += 1
+            if self._since >= self._retry:
+                self.contended, self._trial = False, True
+            return
+        self._n += 1
+        self._wall += wall
+        self._cpu += cpu
+        if self._n >= self.WINDOW:
+            self.contended = self._cpu < self.LOW * self._wall
+            if self.contended:
+                self._retry = min(2 * self._retry, self.MAX_RETRY) if self._trial else self.RETRY
+            self._trial = False
+            self._n = self._since = 0
+            self._wall = self._cpu = 0.0
+
+
+GOVERNOR = ThreadGovernor()
 
 
 def numba_threads() -> int:

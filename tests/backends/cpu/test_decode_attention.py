@@ -1,4 +1,6 @@
-"""The CPU decode-attention kernel against torch SDPA in fp32 over the same cache values.
+"""The CPU decode-attention kernels (the serial one for short caches and the thread-pool one
+for long caches, both forced on every case) against torch SDPA in fp32 over the same cache
+values, and the cache write against torch's indexing.
 
 Both sides read the same stored keys and values (the reference converts them to fp32 first),
 so the only differences are fp32 summation order and the kernel's exp polynomial (within
@@ -15,12 +17,26 @@ import torch
 import torch.nn.functional as F
 
 from diptych.backends import select
-from diptych.backends.base import CacheView, LayerCacheSpec
+from diptych.backends.base import CacheView, LayerCacheSpec, Step
 from diptych.backends.torch.backend import TorchBackend
 from diptych.backends.torch.cpu import decode_attention
 from diptych.inference.slots import slot_positions, visible
 
 TOL = 2e-5
+
+
+@pytest.fixture(params=["serial", "parallel"], autouse=True)
+def kernel_path(request, monkeypatch):
+    """Every case on both kernels: MIN_KEYS past any cache here (serial), or 0 (parallel)."""
+    monkeypatch.setattr(decode_attention, "MIN_KEYS", 10**9 if request.param == "serial" else 0)
+    return request.param
+
+
+def _attend(q, kc, vc, spec, view, scale):
+    """decode_attention.attend over torch cache buffers (through their `stored` views)."""
+    stored = decode_attention.stored
+    return decode_attention.attend(q, stored(kc), None if vc is None else stored(vc), spec,
+                                   view, scale)
 
 
 def _reference(q, kc, vc, n_keys, allowed, scale, v_dim):
@@ -67,7 +83,7 @@ def test_full_cache_matches_sdpa(heads, n_kv, d, end, n, dtype):
     q = torch.randn(2, n, heads, d, generator=gen)
     n_keys, mask = visible(spec, end - n, end)
     view = CacheView(None, None, n_keys, mask)
-    out = decode_attention.attend(q, kc, vc, spec, view, d ** -0.5)
+    out = _attend(q, kc, vc, spec, view, d ** -0.5)
     ref = _reference(q, kc, vc, n_keys, _allowed(view, n), d ** -0.5, d)
     assert out.shape == (2, n, heads * d)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -89,7 +105,7 @@ def test_sliding_window_ring_matches_sdpa(heads, n_kv, end, n):
         assert isinstance(mask, np.ndarray) and not mask.all()  # the ring has wrapped
         assert (slot_positions(spec, end) < end - window).any()
     view = CacheView(None, None, n_keys, mask)
-    out = decode_attention.attend(q, kc, vc, spec, view, 0.125)
+    out = _attend(q, kc, vc, spec, view, 0.125)
     ref = _reference(q, kc, vc, n_keys, _allowed(view, n), 0.125, 64)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
@@ -105,7 +121,7 @@ def test_mla_values_are_the_first_channels_of_the_keys(n):
     q = torch.randn(1, n, heads, kv_lora + rope, generator=gen)
     n_keys, mask = visible(spec, end - n, end)
     view = CacheView(None, None, n_keys, mask)
-    out = decode_attention.attend(q, kc, None, spec, view, 0.1)
+    out = _attend(q, kc, None, spec, view, 0.1)
     ref = _reference(q, kc, None, n_keys, _allowed(view, n), 0.1, kv_lora)
     assert out.shape == (1, n, heads * kv_lora)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -120,30 +136,80 @@ def test_large_scores_do_not_overflow():
     vc = _cache(1, 2, 400, 64, torch.float16, gen)
     q = torch.randn(1, 1, 6, 64, generator=gen)
     view = CacheView(None, None, 400, None)
-    out = decode_attention.attend(q, kc, vc, spec, view, 0.125)
+    out = _attend(q, kc, vc, spec, view, 0.125)
     ref = _reference(q, kc, vc, 400, _allowed(view, 1), 0.125, 64)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_store_writes_what_torch_indexing_writes(dtype):
+    """Keys and values of a (B, T) step into their slots, fp32 -> fp16 rounded as torch's
+    .to(float16) rounds (ties, overflow to inf, subnormals), from strided views."""
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = torch.zeros(2, 3, 16, 8, dtype=dtype), torch.zeros(2, 3, 16, 8, dtype=dtype)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    kv = torch.randn(2, 3, 3, 16, generator=gen) * 1e-3
+    kv[0, 0, 0, :4] = torch.tensor([7e4, -1e5, 1e-7, 2049.0])  # inf, -inf, subnormal, a tie
+    k, v = kv[..., :8], kv[..., 8:]  # strided views, as slices of a fused projection
+    slots = torch.tensor([[4, 9, 2], [15, 0, 7]])
+    decode_attention.store(k, v, decode_attention.stored(kc), decode_attention.stored(vc), slots)
+    for b in range(2):
+        ref_k[b, :, slots[b]] = k[b].transpose(0, 1).to(dtype)
+        ref_v[b, :, slots[b]] = v[b].transpose(0, 1).to(dtype)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    with pytest.raises(IndexError):
+        decode_attention.store(k, v, decode_attention.stored(kc), None, slots + 1)
+    with pytest.raises(ValueError):
+        decode_attention.store(kv[:, :, :2], None, decode_attention.stored(kc), None, slots)
+
+
+def test_the_thread_pool_takes_long_caches_only(monkeypatch, kernel_path):
+    """Below MIN_KEYS visible slots attention runs on the calling thread (a fork-join per
+    layer costs more than a short cache's work), from MIN_KEYS on on numba's pool."""
+    monkeypatch.undo()
+    taken = []
+    for name in ("_attend", "_attend_serial"):
+        kernel = getattr(decode_attention, name)
+        monkeypatch.setattr(decode_attention, name,
+                            type("K", (), {"signatures": True, "__call__": staticmethod(
+                                lambda *a, k=kernel, n=name: taken.append(n) or k(*a))})())
+    long = decode_attention.MIN_KEYS
+    spec = LayerCacheSpec(long + 8, 2, 64)
+    kc = torch.randn(1, 2, long + 8, 64).half()
+    q = torch.randn(1, 1, 4, 64)
+    for keys, kernel in ((long - 1, "_attend_serial"), (long, "_attend"), (7, "_attend_serial")):
+        taken.clear()
+        out = _attend(q, kc, kc, spec, CacheView(None, None, keys, None), 0.125)
+        assert taken == [kernel]
+        ref = _reference(q, kc, kc, keys, np.ones((1, keys), bool), 0.125, 64)
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
 def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeypatch):
-    """CpuBackend.attend_cache: steps of up to MAX_QUERIES positions outside autograd over
-    at least MIN_KEYS slots go to the kernel; wider steps, shorter caches and steps autograd
-    records go to TorchBackend's SDPA."""
+    """CpuBackend.attention: steps of up to MAX_QUERIES positions under inference mode (the
+    engine's) write the cache and attend through the kernels; wider steps and training's
+    passes go to TorchBackend's indexing and SDPA. Both leave the same cache and output."""
     be = select("torch", "cpu")
     calls, kernel = [], decode_attention.attend
     monkeypatch.setattr(decode_attention, "attend", lambda *a: calls.append(1) or kernel(*a))
-    long = decode_attention.MIN_KEYS
-    spec = LayerCacheSpec(64, 2, long + 64)
-    kc = torch.randn(1, 2, long + 64, 64)
-    for n, keys, grad, taken in ((1, long, False, True),
-                                 (decode_attention.MAX_QUERIES, long + 32, False, True),
-                                 (decode_attention.MAX_QUERIES + 1, long, False, False),
-                                 (1, long - 1, False, False), (1, long, True, False)):
+    spec = LayerCacheSpec(80, 2, 64)
+    gen = torch.Generator().manual_seed(2)
+    for n, inference, taken in ((1, True, True), (decode_attention.MAX_QUERIES, True, True),
+                                (decode_attention.MAX_QUERIES + 1, True, False),
+                                (1, False, False)):
         calls.clear()
-        q = torch.randn(1, n, 4, 64, requires_grad=grad)
-        view = CacheView(None, None, keys, None if n == 1 else "causal")
-        out = be.attend_cache(q, kc, kc, spec, view, 0.125)
+        kv, ref_kv = be.alloc_kv([spec], 1), be.alloc_kv([spec], 1)
+        for cache in (kv, ref_kv):
+            cache.k[0][:, :, :40] = torch.randn(1, 2, 40, 64, generator=torch.Generator().manual_seed(n))
+            cache.v[0][:, :, :40] = torch.randn(1, 2, 40, 64, generator=torch.Generator().manual_seed(n + 9))
+        q = torch.randn(1, n, 4, 64, generator=gen, requires_grad=not inference)
+        k, v = torch.randn(1, n, 2, 64, generator=gen), torch.randn(1, n, 2, 64, generator=gen)
+        view = CacheView(torch.arange(40, 40 + n)[None], None, 40 + n, "causal")
+        step = Step(torch.arange(40, 40 + n)[None], n, [view])
+        with torch.inference_mode(inference):
+            out = be.attention(q, k, v, kv, 0, step, 0.125)
+            ref = TorchBackend.attention(be, q, k, v, ref_kv, 0, step, 0.125)
         assert bool(calls) == taken
-        ref = TorchBackend.attend_cache(be, q, kc, kc, spec, view, 0.125)
         torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+        assert torch.equal(kv.k[0], ref_kv.k[0]) and torch.equal(kv.v[0], ref_kv.v[0])

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from diptych.backends.torch.cpu.threads import physical_cores, requested_threads
+from diptych.backends.torch.cpu.threads import (SPIN_COUNT, ThreadGovernor, physical_cores,
+                                                requested_threads)
 from diptych.errors import InvalidArgumentError
 
 # A CPU backend, then a Q8_0 linear run on the main thread and on a worker thread; prints
@@ -67,8 +68,8 @@ def test_the_thread_count_is_read_and_checked(monkeypatch):
             requested_threads()
 
 
-# The OpenMP wait policy in the environment when torch is imported (what torch's and numba's
-# libgomp read once), through select() as load() goes.
+# The OpenMP wait policy and spin count in the environment when torch is imported (what
+# torch's and numba's libgomp read once), through select() as load() goes.
 SPIN_PROBE = """
 import os, sys
 seen = []
@@ -76,7 +77,7 @@ seen = []
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and "torch" not in sys.modules:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            seen.append(f'{os.environ.get("OMP_WAIT_POLICY")},{os.environ.get("GOMP_SPINCOUNT")}')
 
 sys.meta_path.insert(0, Watch())
 from diptych.backends import select
@@ -85,13 +86,95 @@ print(seen[-1])
 """
 
 
-@pytest.mark.parametrize("user, expected", [({}, "PASSIVE"),
-                                            ({"OMP_WAIT_POLICY": "active"}, "active"),
-                                            ({"GOMP_SPINCOUNT": "5"}, "None")])
-def test_idle_openmp_workers_sleep_unless_the_user_chose(user, expected):
+@pytest.mark.parametrize("user, expected", [({}, f"None,{SPIN_COUNT}"),
+                                            ({"OMP_WAIT_POLICY": "active"}, "active,None"),
+                                            ({"GOMP_SPINCOUNT": "5"}, "None,5")])
+def test_idle_openmp_workers_spin_briefly_unless_the_user_chose(user, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(user)
     out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected]
+
+
+def _fed(governor, windows, wall, cpu):
+    """Record `windows` windows of forwards of `wall` wall and `cpu` CPU seconds each."""
+    for _ in range(windows * governor.WINDOW):
+        governor.record(wall, cpu)
+
+
+def test_the_governor_drops_to_one_thread_while_the_cores_are_contended():
+    """A window of forwards in which the calling thread got under LOW of the wall time
+    drops the kernels to one thread; RETRY forwards later they try all threads again, and
+    stay there while the thread keeps its core."""
+    g = ThreadGovernor()
+    _fed(g, 3, 0.010, 0.0098)                 # a quiet machine
+    assert not g.contended
+    _fed(g, 1, 0.010, 0.005)                  # half the wall time off the core
+    assert g.contended
+    for _ in range(g.RETRY - 1):
+        g.record(0.010, 0.010)
+    assert g.contended                        # one thread until RETRY forwards have passed
+    g.record(0.010, 0.010)
+    assert not g.contended
+    _fed(g, 2, 0.010, 0.0095)
+    assert not g.contended
+    g.record(0.3, 0.03)                       # one stalled forward weighs by its time
+    _fed(g, 1, 0.010, 0.010)
+    assert g.contended
+
+
+def test_long_forwards_are_not_counted():
+    """A prompt's chunk or a first call waiting on a compile (seconds, little CPU on the
+    calling thread) leaves the governor as it was."""
+    g = ThreadGovernor()
+    for _ in range(3 * g.WINDOW):
+        g.record(g.LONG * 4, 0.01)
+    assert not g.contended
+
+
+def _forwards_until_trial(g):
+    n = 0
+    while g.contended:
+        g.record(0.010, 0.010)
+        n += 1
+    return n
+
+
+def test_failed_trials_back_off_and_a_good_one_resets():
+    """On a machine that stays busy each trial of all threads comes twice as late as the
+    last (up to MAX_RETRY forwards); a trial that finds the cores free starts over."""
+    g = ThreadGovernor()
+    _fed(g, 1, 0.010, 0.004)
+    waits = []
+    for _ in range(9):
+        waits.append(_forwards_until_trial(g))
+        _fed(g, 1, 0.010, 0.004)              # the trial window: still contended
+    assert waits[:4] == [g.RETRY, 2 * g.RETRY, 4 * g.RETRY, 8 * g.RETRY]
+    assert waits[-1] == g.MAX_RETRY
+    _forwards_until_trial(g)
+    _fed(g, 4, 0.010, 0.0099)                 # a good trial, then a quiet spell
+    _fed(g, 1, 0.010, 0.004)                  # contended again: the first wait is RETRY
+    assert _forwards_until_trial(g) == g.RETRY
+
+
+def test_a_contended_governor_runs_the_kernels_on_one_thread(monkeypatch):
+    import numba
+
+    from diptych.backends.torch.cpu import threads
+
+    g = ThreadGovernor()
+    monkeypatch.setattr(threads, "GOVERNOR", g)
+    monkeypatch.setattr(threads._tls, "n", 0, raising=False)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    before = numba.get_num_threads()
+    try:
+        threads.sync_numba_threads(2)
+        assert numba.get_num_threads() == 2
+        _fed(g, 1, 0.010, 0.001)
+        threads.sync_numba_threads(2)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)  # and monkeypatch puts back the cached count

@@ -1,0 +1,155 @@
+"""The small per-layer ops of decode and short verify steps as serial numba kernels.
+
+At a few tokens per step each of these ops touches a few thousand floats, and the cost is
+torch's: every op is a dispatch, an allocation and often a copy (F.rms_norm alone is six
+ops), each a few microseconds, tens of them per layer. Here each op is one call on the
+calling thread (no thread-pool fork-join: the work is far too small to split), reading
+strided views where torch would copy. The CPU backend takes these kernels for inference
+steps of at most MAX_TOKENS tokens in fp32 (`applies`); prefill and training keep torch's
+ops.
+
+Numerics: fp32 throughout, the same formulas as TorchBackend's ops; sums may be
+reassociated (vectorized), so results agree with torch's to a few fp32 ulps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from .fast_exp import exp_nonpositive
+
+# The widest step (batch x tokens) these kernels take: decode, batched decode rows and
+# speculative verify widths. Prefill keeps torch's (multi-threaded) ops.
+MAX_TOKENS = 32
+
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def applies(x: torch.Tensor, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens (batch x positions) with activations x takes these
+    kernels: fp32 activations under inference mode (the engine's forwards). Training keeps
+    torch's ops in all its passes, so that a checkpointed layer's recompute repeats its
+    forward bit for bit."""
+    return (tokens <= MAX_TOKENS and x.dtype == torch.float32
+            and torch.is_inference_mode_enabled())
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a numpy array (detach, a torch op, only where needed)."""
+    return x.detach().numpy() if x.requires_grad else x.numpy()
+
+
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """x as a 2-D numpy array of its last axis (a view where the strides allow)."""
+    return as_numpy(x).reshape(-1, x.shape[-1])
+
+
+@njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _rms_norm_rows(x, w, eps, out):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w."""
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        xr, o = x[r], out[r]
+        s = np.float32(0.0)
+        for c in range(n):
+            s += xr[c] * xr[c]
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(n) + eps)
+        for c in range(n):
+            o[c] = xr[c] * inv * w[c]
+
+
+@njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _add_rms_norm_rows(x, residual, w, eps, total, out):
+    """total = x + residual; out = rms_norm(total) * w, in one pass over the rows."""
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        xr, rr, t, o = x[r], residual[r], total[r], out[r]
+        s = np.float32(0.0)
+        for c in range(n):
+            v = xr[c] + rr[c]
+            t[c] = v
+            s += v * v
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(n) + eps)
+        for c in range(n):
+            o[c] = t[c] * inv * w[c]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    rows = _rows(x)
+    out = np.empty(rows.shape, np.float32)
+    _rms_norm_rows(rows, w.numpy(), np.float32(eps), out)
+    return torch.from_numpy(out).reshape(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x)
+    total = np.empty(rows.shape, np.float32)
+    out = np.empty(rows.shape, np.float32)
+    _add_rms_norm_rows(rows, _rows(residual), w.numpy(), np.float32(eps), total, out)
+    return torch.from_numpy(total).reshape(x.shape), torch.from_numpy(out).reshape(x.shape)
+
+
+@njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _rope_heads(x, positions, cos, sin, dim, out):
+    """out[b, t, h] = x[b, t, h] with its first `dim` channels turned NeoX-style (channel i
+    paired with i + dim/2) by row positions[b, t] of the (positions, dim/2) cos/sin tables;
+    the channels past `dim` copied."""
+    half = dim // 2
+    n_b, n_t, n_h, d_h = x.shape
+    for b in range(n_b):
+        for t in range(n_t):
+            c, s = cos[positions[b, t]], sin[positions[b, t]]
+            for h in range(n_h):
+                xr, o = x[b, t, h], out[b, t, h]
+                for i in range(half):
+                    lo, hi = xr[i], xr[i + half]
+                    o[i] = lo * c[i] - hi * s[i]
+                    o[i + half] = hi * c[i] + lo * s[i]
+                for i in range(dim, d_h):
+                    o[i] = xr[i]
+
+
+def rope(x: torch.Tensor, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+         dim: int) -> torch.Tensor:
+    """x (B, T, H, Dh) turned at positions (B, T) (int64) by cos/sin tables (P, dim/2)."""
+    out = np.empty(x.shape, np.float32)
+    _rope_heads(as_numpy(x), positions, cos, sin, dim, out)
+    return torch.from_numpy(out)
+
+
+@njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _silu_glu_rows(gate, up, out):
+    """out = silu(gate) * up; sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, else
+    e / (1 + e) (no overflow either side)."""
+    for r in range(gate.shape[0]):
+        g, u, o = gate[r], up[r], out[r]
+        for c in range(g.shape[0]):
+            x = g[c]
+            e = exp_nonpositive(-abs(x))
+            sig = (np.float32(1.0) if x >= 0 else e) / (np.float32(1.0) + e)
+            o[c] = x * sig * u[c]
+
+
+@njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _gelu_tanh_glu_rows(gate, up, out):
+    """out = gelu_tanh(gate) * up; tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|)."""
+    k = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+    for r in range(gate.shape[0]):
+        g, u, o = gate[r], up[r], out[r]
+        for c in range(g.shape[0]):
+            x = g[c]
+            y = k * (x + np.float32(0.044715) * x * x * x)
+            e = exp_nonpositive(np.float32(-2.0) * abs(y))
+            t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+            o[c] = np.float32(0.5) * x * (np.float32(1.0) + (t if y >= 0 else -t)) * u[c]
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up, act "silu" or "gelu_tanh" (as TorchBackend.glu)."""
+    rows = _rows(gate)
+    out = np.empty(rows.shape, np.float32)
+    (_silu_glu_rows if act == "silu" else _gelu_tanh_glu_rows)(rows, _rows(up), out)
+    return torch.from_numpy(out).reshape(gate.shape)
