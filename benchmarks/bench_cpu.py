@@ -1,7 +1,8 @@
 """diptych vs llama.cpp (llama-cpp-python) on the CPU, same model, same threads, one run.
 
 Each (runtime, model) pair runs in its own process so that load time and peak RSS are its
-own. Prefill: a 256-token prompt; decode: 128 greedy tokens after it. Load: the constructor
+own. Prefill: a 256-token prompt, timed after one untimed prefill of it (both runtimes);
+decode: 128 greedy tokens after it. Load: the constructor
 (`diptych.load` / `Llama(...)`), and "first" the constructor plus the first token of an
 8-token prompt (after imports). "run": the whole process of `diptych run MODEL "hi"
 --max-tokens 1` beside llama-cpp-python's equivalent (imports included), wall time.
@@ -77,6 +78,8 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     llm.eval(ids[:8])
     int(np.argmax(llm.scores[llm.n_tokens - 1]))
     first_s = time.perf_counter() - t0
+    llm.reset()
+    llm.eval(ids)  # the same warm-up as diptych's (measure_speed): the whole prompt once
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)

@@ -20,13 +20,13 @@ def random_prompt(vocab_size: int, n_tokens: int) -> list[int]:
 
 def measure_speed(model, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
     """(prefill tok/s of `prompt`, decode tok/s of `gen_tokens` greedy tokens after it),
-    after a short warm-up of every kernel path (a 64-token prompt, a few-token chunk, one
-    decode step) so that kernel loading is not timed."""
+    after a warm-up of every kernel path the timed calls take (the whole prompt, whose
+    width may choose other kernels than a shorter one would, a few-token chunk, one decode
+    step) so that kernel loading is not timed."""
     engine = model.engine
-    warm = prompt[:64]
-    engine.prefill(warm)
-    engine.eval(warm[:4])
-    engine.eval(warm[:1])
+    engine.prefill(prompt)
+    engine.eval(prompt[:4])
+    engine.eval(prompt[:1])
     engine.reset()
     t0 = time.perf_counter()
     # the logits reach the host inside each timed span: lazy (MLX) and asynchronous (CUDA)
