@@ -8,6 +8,7 @@ import os
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from diptych.errors import InvalidArgumentError
@@ -118,6 +119,14 @@ class CpuBackend(TorchBackend):
     def linear(self, x, w: QuantLinear, bias=None, adapter=None):
         if self.linear_observer is not None:
             self.linear_observer(x, w)
+        elif not adapter and decode_ops.applies(x, _tokens(x)):
+            # a decode step: straight to the kernel, numpy in and out
+            xn = decode_ops.as_numpy(x)
+            y = w.small_rows(np.ascontiguousarray(xn.reshape(-1, xn.shape[-1])))
+            if y is not None:
+                if bias is not None:
+                    y += bias.numpy()
+                return torch.from_numpy(y.reshape(*xn.shape[:-1], y.shape[-1]))
         lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if adapter:
             y = lora_linear(self, flat, w, bias, adapter)

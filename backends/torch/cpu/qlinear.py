@@ -97,7 +97,7 @@ class QuantLinear:
         self._w = weight
         self._gidx = (np.arange(n_groups(self._P, self._Pt), dtype=np.int64)
                       if packed is not None else None)
-        self._gemv1 = None  # the decode kernel, looked up once
+        self._kernels: dict[str, object] = {}  # path -> its kernel, looked up once
         n, k = self.shape
         rows = max(R, (TILE_BYTES // (4 * max(k, 1))) // R * R)
         self._rows_per_tile = min(rows, -(-n // R) * R)
@@ -197,16 +197,29 @@ class QuantLinear:
         """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
         if path == "tiles":
             return self._tiled(torch.from_numpy(xn))
+        return torch.from_numpy(self._kernel_rows(path, xn))
+
+    def small_rows(self, xn: np.ndarray) -> np.ndarray | None:
+        """y = xn @ W.T as a numpy array for a few rows of x (C-contiguous float32) when
+        DISPATCH gives them a numba kernel, else None: the decode path, which skips
+        `forward`'s checks and tensor conversions."""
+        if self._P is None:
+            return None
+        path = path_for(self.ggml_type, xn.shape[0])
+        return None if path == "tiles" else self._kernel_rows(path, xn)
+
+    def _kernel_rows(self, path: str, xn: np.ndarray) -> np.ndarray:
         sync_numba_threads(torch.get_num_threads())
         y = np.empty((xn.shape[0], self.shape[0]), np.float32)
+        run = self._kernels.get(path)
+        if run is None:
+            run = self._kernels[path] = kernel(path, self.ggml_type)
         if path == "gemv1":
-            if self._gemv1 is None:
-                self._gemv1 = kernel("gemv1", self.ggml_type)
             for i in range(xn.shape[0]):
-                self._gemv1(self._gidx, self._P, self._Pt, xn[i], y[i])
+                run(self._gidx, self._P, self._Pt, xn[i], y[i])
         else:
-            kernel(path, self.ggml_type)(self._gidx, self._P, self._Pt, xn, y)
-        return torch.from_numpy(y)
+            run(self._gidx, self._P, self._Pt, xn, y)
+        return y
 
     def _tiles(self):
         """Yield (row0, row1, fp32 tensor (K, row1-row0) = W[row0:row1].T), one reused buffer.

@@ -9,6 +9,7 @@ swapped or a sign moves outputs by orders of magnitude more."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,26 @@ def test_small_inference_steps_take_the_kernels_and_the_rest_takes_torch(be, mon
         if mode == "grad":
             sum(o.sum() for o in outs).backward()
             assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 30])
+def test_small_steps_linear_gives_forward_s_outputs(be, rows):
+    """CpuBackend.linear on a decode step goes to the kernel with numpy arrays
+    (QuantLinear.small_rows), bias added; its outputs are `forward`'s bit for bit, and a
+    width DISPATCH sends to the fp32 tiles (Q3_K from 24 rows) takes `forward` itself."""
+    from gguf import GGMLQuantizationType as T
+
+    from diptych.quant import QuantTensor
+    from diptych.quant.quantize import quantize_rows
+
+    g = np.random.default_rng(rows)
+    w = g.standard_normal((96, 256)).astype(np.float32)
+    lin = be.prepare(QuantTensor("w", T.Q3_K, (96, 256), quantize_rows(w, T.Q3_K)))
+    x = torch.from_numpy(g.standard_normal((1, rows, 256)).astype(np.float32))
+    bias = torch.from_numpy(g.standard_normal(96).astype(np.float32))
+    with torch.inference_mode():
+        out = be.linear(x, lin, bias)
+    ref = lin.forward(x.reshape(rows, 256)) + bias
+    assert out.shape == (1, rows, 96)
+    assert torch.equal(out.reshape(rows, 96), ref)
+    assert (lin.small_rows(x.numpy().reshape(rows, 256)) is None) == (rows >= 24)
