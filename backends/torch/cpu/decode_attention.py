@@ -40,11 +40,12 @@ from .threads import sync_numba_threads
 # Keys per task. Small enough that a short context still splits into blocks for both
 # threads, large enough that the combine pass stays a small part of the work.
 CHUNK = 128
-# Widest step the kernel takes. Its cost grows with the query rows; SDPA's grows less and
-# drops at 4 positions, where it overtakes the kernel on the 64-wide heads (BENCHMARKS.md,
-# `bench_decode_attention.py --widths`): decode and two-token drafts come here, wider steps
-# (longer drafts, prefill) go to SDPA.
-MAX_QUERIES = 3
+# Widest step the kernels take: decode and the verify widths of the default draft length.
+# Alone, SDPA overtakes the kernel at 4 positions on the 64-wide heads
+# (`bench_decode_attention.py --widths`), but a whole verify step of 4 to 8 positions was
+# as fast or faster through the kernels, which skip SDPA's fp32 copy of the cache and the
+# cache write's torch ops (SmolLM2 after 1500 tokens, width 8: 57 -> 39 ms; BENCHMARKS.md).
+MAX_QUERIES = 8
 # Fewest visible slots for which the blocks of keys run on numba's thread pool; shorter
 # caches run on the calling thread. The fork-join per layer costs more than splitting a
 # short cache saves: on a quiet machine SmolLM2 decoded 15% slower with the parallel kernel

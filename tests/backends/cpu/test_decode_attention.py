@@ -71,6 +71,7 @@ CASES = [  # (heads, kv heads, head dim, tokens written, queries)
     (7, 1, 256, 129, 1),     # GQA 7 over one KV head, head dim 256
     (9, 3, 64, 200, 3),      # a causal verification step
     (6, 2, 128, 5, 4),       # fewer keys than one block of four
+    (9, 3, 64, 1500, 8),     # the widest verify step, over a long cache
 ]
 
 
