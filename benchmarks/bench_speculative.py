@@ -2,7 +2,8 @@
 
 Each (runtime, mode, prompt kind) runs in its own process. Prompt kinds: "code" (write a
 function: what a draft model predicts), "edit" (repeat code with one change: what prompt
-lookup predicts) and "fail" (random tokens: drafts keep failing). For each speculative run
+lookup predicts) and "fail" (random tokens, sampled at temperature 1 with a fixed seed:
+drafts keep failing; the others are greedy). For each speculative run
 it prints the measured speed-up over plain decoding of the same prompt, the speed-up
 predicted from the measured acceptance and step costs, acceptance, tokens per pass, and
 where a pass's time goes (draft steps, verify step, sampling and acceptance, rollback).
@@ -21,6 +22,10 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+
+# "fail": random prompt tokens, sampled at this temperature. Greedy, the models answer
+# random tokens by repeating themselves, which both drafters predict; sampled, neither can.
+FAIL_TEMPERATURE = 1.0
 
 PROMPTS = {
     "code": "<|im_start|>user\nWrite a Python function that parses an ISO date string and "
@@ -80,7 +85,8 @@ def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tok
     if mode:
         _timed_calls(model, totals)
     model.engine.reset()
-    pieces = list(model.stream(ids, tokens, temperature=0, speculative=mode))
+    pieces = list(model.stream(ids, tokens, temperature=FAIL_TEMPERATURE if kind == "fail"
+                               else 0, seed=0, speculative=mode))
     t = pieces[-1].timings
     costs = model._spec_costs.get((mode, model.engine.max_rollback))
     out = dict(tps=t.decode_tps, generated=t.generated_tokens, drafted=t.drafted,
@@ -108,7 +114,10 @@ def run_llama_cpp(target: str, lookup: bool, kind: str, tokens: int, threads: in
     else:
         ids = llm.tokenize(PROMPTS[kind].encode(), add_bos=False, special=True)
     t0, n = None, 0
-    for _ in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+    sampling = (dict(temp=FAIL_TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0) if kind == "fail"
+                else dict(temp=0.0, top_k=1))
+    llm.set_seed(0)
+    for _ in llm.generate(ids, repeat_penalty=1.0, **sampling):
         n += 1
         if n == 1:
             t0 = time.perf_counter()   # as diptych: the first token comes from the prefill
