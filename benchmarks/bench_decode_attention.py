@@ -1,6 +1,7 @@
-"""CPU decode attention: the fused kernel over the fp16 cache (backends/torch/cpu/
-decode_attention.py) against SDPA over an fp32 copy of the cache (TorchBackend.attend_cache),
-at a given context length, in one process, alternating.
+"""CPU decode attention: the kernels over the fp16 cache (backends/torch/cpu/
+decode_attention.py: the cache write, then the serial kernel below MIN_KEYS visible slots
+and the thread-pool one from there) against torch indexing and SDPA over an fp32 copy of
+the cache (TorchBackend.attention), at a given context length, in one process, alternating.
 
 Per model and context: a random prompt of that many tokens is prefilled once; then, for
 each round and each path, `--tokens` greedy tokens are decoded and the cache trimmed back
@@ -39,6 +40,15 @@ def _timed(fn, n: int) -> tuple[float, float]:
     return (time.process_time() - c) / n, (time.perf_counter() - w) / n
 
 
+def _kernel_attend(q, kc, vc, spec, view, scale):
+    """decode_attention.attend over torch cache buffers (through their `stored` views)."""
+    from diptych.backends.torch.cpu import decode_attention
+
+    stored = decode_attention.stored
+    return decode_attention.attend(q, stored(kc), None if vc is None else stored(vc), spec,
+                                   view, scale)
+
+
 def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> None:
     import diptych
     from diptych.backends.torch.backend import TorchBackend
@@ -47,9 +57,7 @@ def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> Non
     model = diptych.load(model_path(name), n_ctx=max(contexts) + tokens + 8)
     engine, be = model.engine, model.backend
     kernel_supports = decode_attention.supports
-    # "kernel": every step it can take, short caches too (the backend's MIN_KEYS aside)
-    paths = {"sdpa": lambda *_: False,
-             "kernel": lambda q, kc, _: kernel_supports(q, kc, decode_attention.MIN_KEYS)}
+    paths = {"sdpa": lambda *_: False, "kernel": kernel_supports}
     for ctx in contexts:
         prompt = random_prompt(model.config.vocab_size, ctx)
         engine.reset()
@@ -66,15 +74,17 @@ def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> Non
                 captured.extend(a.clone() if hasattr(a, "clone") else a for a in args)
             return layer0(*args)
 
-        be.attend_cache = capture
+        be.attend_cache = capture  # reached on the SDPA path
+        decode_attention.supports = paths["sdpa"]
         engine.eval([first])
+        decode_attention.supports = kernel_supports
         del be.attend_cache
         engine.keep_prefix(prompt)
 
         token_s = {p: [] for p in paths}
         layer_s = {p: [] for p in paths}
         layer_fn = {"sdpa": lambda: TorchBackend.attend_cache(be, *captured),
-                    "kernel": lambda: decode_attention.attend(*captured)}
+                    "kernel": lambda: _kernel_attend(*captured)}
         for _ in range(rounds):
             for path, supports in paths.items():
                 decode_attention.supports = supports
@@ -125,7 +135,7 @@ def bench_widths(rounds: int) -> None:
                 view = CacheView(None, None, *visible(spec, n_keys - n, n_keys))
                 args = (q, kc, vc, spec, view, d ** -0.5)
                 fns = {"sdpa": lambda: TorchBackend.attend_cache(be, *args),
-                       "kernel": lambda: decode_attention.attend(*args)}
+                       "kernel": lambda: _kernel_attend(*args)}
                 cpu = {p: [] for p in fns}
                 for _ in range(rounds):
                     for path, fn in fns.items():
