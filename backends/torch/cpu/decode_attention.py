@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from diptych.backends.base import CacheView, LayerCacheSpec
 
 from .decode_ops import as_numpy
-from .fast_exp import exp_nonpositive
+from .fast_exp import FAST_MATH, exp_nonpositive
 from .kernel_cache import compile_listener
 from .threads import sync_numba_threads
 
@@ -52,9 +52,6 @@ MAX_QUERIES = 8
 # at a few dozen slots, and 6% faster at 1024 and 2048 (BENCHMARKS.md, decode attention).
 MIN_KEYS = 1024
 
-# the kernels' float flags: reassociation and contraction let LLVM vectorize the sums;
-# no "ninf"/"nnan", because masked scores are -inf
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
 _STORED = {torch.float16: np.uint16, torch.float32: np.float32}
 _NO_MASK = np.zeros((0, 0), dtype=np.bool_)  # the kernels' "no mask array"
 
@@ -73,7 +70,7 @@ def _to_f32(typingctx, x):
     return types.float32(x), codegen
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _scores(q, keys, scale, scores):
     """scores[r, c] = scale * q[r] . keys[c]; four keys per pass over the query row."""
     n_c, d_k = keys.shape
@@ -97,7 +94,7 @@ def _scores(q, keys, scale, scores):
             sr[c] = s0 * scale
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _hide(scores, j0, group, lim, mask):
     """-inf where key j0 + c is not visible to row r's position t = r // group (j >= lim[t],
     or mask[t, j] false when a mask is given)."""
@@ -109,7 +106,7 @@ def _hide(scores, j0, group, lim, mask):
                 scores[r, c] = -np.inf
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _exp_rows(scores, row_max, row_sum):
     """Each row's maximum, then exp(score - maximum) in place, and its sum (a row that sees
     no key of the block: maximum -inf, all zeros)."""
@@ -126,7 +123,7 @@ def _exp_rows(scores, row_max, row_sum):
         row_max[r], row_sum[r] = m, total
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _add_values(p, values, acc):
     """acc[r] += sum_c p[r, c] * values[c, :v_dim]; four values per pass over the row's sum."""
     n_c, v_dim = p.shape[1], acc.shape[1]
@@ -144,7 +141,7 @@ def _add_values(p, values, acc):
                 a[d] += p0 * _to_f32(vr[d])
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _block(q, keys, values, lim, mask, scale, j0, row_max, row_sum, acc):
     """One task: the keys j0 .. j0 + len(keys) - 1 of one KV head for all its query rows
     (q: (T * group, Dk), position-major): per row the block's maximum score, the sum of
@@ -158,7 +155,7 @@ def _block(q, keys, values, lim, mask, scale, j0, row_max, row_sum, acc):
     _add_values(scores, values, acc)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=FAST_MATH, cache=True)
 def _combine(row_max, row_sum, acc, out):
     """out[r] = the blocks' weighted values rescaled to their common maximum, over their
     summed weights (row_max, row_sum: (blocks, rows); acc: (blocks, rows, v_dim))."""
@@ -180,7 +177,7 @@ def _combine(row_max, row_sum, acc, out):
         o *= np.float32(1.0) / total
 
 
-@njit(fastmath=_FAST, inline="always", cache=True)
+@njit(fastmath=FAST_MATH, inline="always", cache=True)
 def _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc):
     """Task `task` of `_attend`: one (sequence, KV head, block of CHUNK keys)."""
     n_kv, n_split = q.shape[1], row_max.shape[2]

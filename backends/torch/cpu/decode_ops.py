@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from numba import njit
 
-from .fast_exp import exp_nonpositive
+from .fast_exp import FAST_MATH, exp_nonpositive
 
 # The widest step (batch x tokens) these kernels take: decode, batched decode rows and
 # speculative verify widths. Prefill keeps torch's (multi-threaded) ops.
 MAX_TOKENS = 32
-
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 def applies(x: torch.Tensor, tokens: int) -> bool:
@@ -46,7 +44,7 @@ def _rows(x: torch.Tensor) -> np.ndarray:
     return as_numpy(x).reshape(-1, x.shape[-1])
 
 
-@njit(fastmath=_FAST, error_model="numpy", cache=True)
+@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
 def _rms_norm_rows(x, w, eps, out):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w."""
     n = x.shape[1]
@@ -60,7 +58,7 @@ def _rms_norm_rows(x, w, eps, out):
             o[c] = xr[c] * inv * w[c]
 
 
-@njit(fastmath=_FAST, error_model="numpy", cache=True)
+@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
 def _add_rms_norm_rows(x, residual, w, eps, total, out):
     """total = x + residual; out = rms_norm(total) * w, in one pass over the rows."""
     n = x.shape[1]
@@ -92,7 +90,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
     return torch.from_numpy(total).reshape(x.shape), torch.from_numpy(out).reshape(x.shape)
 
 
-@njit(fastmath=_FAST, error_model="numpy", cache=True)
+@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
 def _rope_heads(x, positions, cos, sin, dim, out):
     """out[b, t, h] = x[b, t, h] with its first `dim` channels turned NeoX-style (channel i
     paired with i + dim/2) by row positions[b, t] of the (positions, dim/2) cos/sin tables;
@@ -120,7 +118,7 @@ def rope(x: torch.Tensor, positions: np.ndarray, cos: np.ndarray, sin: np.ndarra
     return torch.from_numpy(out)
 
 
-@njit(fastmath=_FAST, error_model="numpy", cache=True)
+@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
 def _silu_glu_rows(gate, up, out):
     """out = silu(gate) * up; sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, else
     e / (1 + e) (no overflow either side)."""
@@ -133,7 +131,7 @@ def _silu_glu_rows(gate, up, out):
             o[c] = x * sig * u[c]
 
 
-@njit(fastmath=_FAST, error_model="numpy", cache=True)
+@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
 def _gelu_tanh_glu_rows(gate, up, out):
     """out = gelu_tanh(gate) * up; tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|)."""
     k = np.float32(0.7978845608028654)  # sqrt(2 / pi)

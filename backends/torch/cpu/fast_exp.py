@@ -1,5 +1,6 @@
-"""exp(x) for x <= 0 in float32 as a polynomial LLVM vectorizes: numba has no vector exp
-without Intel's SVML, and its scalar libm call keeps a loop from vectorizing."""
+"""The float flags the CPU's small kernels share, and exp(x) for x <= 0 in float32 as a
+polynomial LLVM vectorizes: numba has no vector exp without Intel's SVML, and its scalar
+libm call keeps a loop from vectorizing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+# The float flags of the CPU's small kernels (decode attention, decode ops, this exp):
+# reassociation and contraction let LLVM vectorize the sums; no "ninf"/"nnan", because
+# masked attention scores are -inf.
+FAST_MATH = {"reassoc", "contract", "nsz", "arcp"}
 
 @intrinsic
 def _pow2(typingctx, n):
@@ -24,7 +29,7 @@ def _pow2(typingctx, n):
     return types.float32(n), codegen
 
 
-@njit(fastmath={"reassoc", "contract", "nsz", "arcp"}, inline="always", cache=True)
+@njit(fastmath=FAST_MATH, inline="always", cache=True)
 def exp_nonpositive(x):
     """exp(x) for x <= 0 in float32, within 3 ulp; 0 below -87 (and for -inf)."""
     # branch-free (a select at the end), so that loops over it vectorize
