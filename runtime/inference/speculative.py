@@ -209,12 +209,15 @@ def measure_costs(target, draft, width: int, token: int) -> Costs:
     def rounded(x: float) -> float:
         return round(max(x, 0.0) / COST_STEP) * COST_STEP
 
-    steps = [_step(target, token, 1), _step(target, token, max(width, 1))]
+    steps = {"one": _step(target, token, 1)}
+    if width > 1:
+        steps["wide"] = _step(target, token, width)
     if draft is not None:
-        steps.append(_step(draft, token, 1))
-    one, wide, *drafted = _best_times(steps)
-    return Costs(rounded(drafted[0] / one) if drafted else 0.0,
-                 rounded((wide - one) / one / max(width - 1, 1)))
+        steps["draft"] = _step(draft, token, 1)
+    times = dict(zip(steps, _best_times(list(steps.values()))))
+    one = times["one"]
+    return Costs(rounded(times.get("draft", 0.0) / one),
+                 rounded((times.get("wide", one) - one) / one / max(width - 1, 1)))
 
 
 def pass_costs(seq, draft, draft_max: int, token: int) -> Costs:
