@@ -235,6 +235,17 @@ MUTATIONS = [
              r"be\.to_numpy\(drawn\.probs\)\[0\]",
              "be.to_numpy(be.softmax(be.float32(logits)))[0]",
              ("tests/runtime/test_speculative_distribution.py", "-k", "follow and temperature")),
+    # the draft-length policy
+    Mutation("draft length: empty drafts from a draft model cost nothing",
+             "runtime/inference/speculative.py",
+             r" or \(asked > 0 and not drafted and self\.costs\.draft > 0\)", "",
+             ("tests/runtime/test_draft_length.py",)),
+    Mutation("draft length: failed probes do not back off", "runtime/inference/speculative.py",
+             r"min\(2 \* self\.probe_every, PROBE_MAX\)", "self.probe_every",
+             ("tests/runtime/test_draft_length.py",)),
+    Mutation("draft length: empty lookup drafts count as failures",
+             "runtime/inference/speculative.py", r"and self\.costs\.draft > 0\)", ")",
+             ("tests/runtime/test_draft_length.py",)),
     # constrained decoding with speculation
     Mutation("constrained speculation: draft q not masked", "runtime/inference/speculative.py",
              r"mask = self\.mask if grammar is None else device_mask\(",

@@ -49,7 +49,8 @@ from .sampling import SamplingParams
 DEFAULT_DRAFT_MAX = 8     # most tokens drafted per pass (the caches roll back this far)
 DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
 P_MIN = 0.75              # a draft model stops drafting below this top probability
-PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often
+PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
+PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
 DECAY = 0.9               # weight of older passes in the acceptance estimate
 COST_STEP = 0.05          # measured cost ratios are rounded to this, for reproducibility
 
@@ -145,14 +146,18 @@ class DraftLength:
 
     With per-token acceptance a, a pass drafting k tokens emits (1 - a^(k+1)) / (1 - a)
     tokens on average and costs 1 + k (draft + verify). a is estimated from the acceptance
-    counts (older passes weigh less). When no k > 0 pays, one token is still drafted every
-    PROBE_EVERY passes so that a change is noticed.
+    counts (older passes weigh less); a draft model that is asked for tokens and drafts none
+    (its first token fell below P_MIN) spent a draft step for nothing, which counts as a
+    rejection. When no k > 0 pays, one token is still drafted every `probe_every` passes so
+    that a change is noticed; each probe that fails doubles that interval (up to
+    PROBE_MAX), so that on text the drafter cannot predict the probes, and the draft
+    cache's catching up before each, cost next to nothing.
     """
 
     def __init__(self, draft_max: int, costs: Costs):
         self.draft_max, self.costs = draft_max, costs
         self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
-        self.idle = 0
+        self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
 
     @property
     def acceptance(self) -> float:
@@ -163,17 +168,24 @@ class DraftLength:
         top = min(limit, self.draft_max)
         best = max(range(top + 1),
                    key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * c) if a < 1 else k)
+        self.probing = False
         if best == 0 and top > 0:
             self.idle += 1
-            if self.idle >= PROBE_EVERY:
-                self.idle = 0
+            if self.idle >= self.probe_every:
+                self.idle, self.probing = 0, True
                 return 1
         return best
 
-    def record(self, drafted: int, accepted: int) -> None:
-        if drafted:
+    def record(self, asked: int, drafted: int, accepted: int) -> None:
+        """A pass asked the drafter for `asked` tokens, got `drafted`, and the target
+        accepted `accepted` of them."""
+        failed = accepted < drafted or (asked > 0 and not drafted and self.costs.draft > 0)
+        if drafted or failed:
             self.accepted = DECAY * self.accepted + accepted
-            self.rejected = DECAY * self.rejected + (accepted < drafted)
+            self.rejected = DECAY * self.rejected + failed
+        if self.probing:
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX) if failed \
+                else PROBE_EVERY
 
 
 def _best_times(fns: list, repeats: int = 3) -> list[float]:
@@ -449,7 +461,7 @@ class SpeculativeGeneration:
         timings.drafted += len(drafts)
         timings.accepted += n
         timings.verify_passes += 1
-        self.length.record(len(drafts), n)
+        self.length.record(k, len(drafts), n)
         pieces = self._emit(emitted_tokens(drafts, n, token))
         # the target now holds the old ctx[:-1] and the k + 1 tokens fed: keep the new ctx[:-1]
         seq.rollback(seq.n_cached - (len(ctx) - 1))

@@ -60,8 +60,9 @@ def pair(tmp_path_factory):
         convert(save_hf_folder(model, folder / name, tokenizer="bpe"), path, "F32")
         paths.append(path)
     model = diptych.load(paths[0], n_ctx=160, draft=paths[1])
-    for mode in ("draft", "lookup"):   # draft whatever the measured costs say
-        model._spec_costs[(mode, speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    # draft whatever the measured costs say (a lookup draft costs nothing)
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    model._spec_costs[("lookup", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.0, 0.0)
     return model, target
 
 
@@ -120,7 +121,8 @@ def test_grammar_after_each_pass_is_a_fresh_one_fed_the_emitted_tokens(pair, pas
         grammar = JsonConstraint(model.tokenizer, model.config.vocab_size, SCHEMA)
         gen = speculative.SpeculativeGeneration(
             model.engine.main, model.tokenizer, prompt, N_NEW, params, None, drafter,
-            DraftLength(speculative.DEFAULT_DRAFT_MAX, Costs(0.1, 0.0)), grammar)
+            DraftLength(speculative.DEFAULT_DRAFT_MAX, Costs(0.1 if mode == "draft" else 0.0,
+                                                             0.0)), grammar)
         pieces = gen.start()
         while not pieces[-1].finish_reason:
             pieces = gen.step()

@@ -42,8 +42,9 @@ def smol_drafted(smollm2_path):
     import diptych
 
     model = diptych.load(smollm2_path, n_ctx=512, draft=smollm2_path)
-    for mode in ("draft", "lookup"):   # draft whatever the measured costs say
-        model._spec_costs[(mode, DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    # draft whatever the measured costs say (a lookup draft costs nothing)
+    model._spec_costs[("draft", DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    model._spec_costs[("lookup", DEFAULT_DRAFT_MAX)] = Costs(0.0, 0.0)
     return InWorker(model)
 
 
