@@ -1,12 +1,11 @@
 """Speculative decoding: a drafter proposes tokens, the target checks them all in one pass.
 
 Each pass: the drafter proposes up to k tokens x_0..x_{k-1} (a draft model sampling with the
-user's parameters, or prompt lookup copying what followed the last n-gram earlier in the
-context); the target runs one step of width k + 1 over [last token, x_0..x_{k-1}], which
-gives its filtered distribution p_j after each prefix; `verify_block` keeps the longest
-accepted prefix and adds one token of the target's (the residual draw at the first
-rejection, or the bonus token when all k are accepted). Both caches then roll back what
-was not emitted.
+user's parameters, or prompt lookup copying from earlier in the context); the target runs
+one step of width k + 1 over [last token, x_0..x_{k-1}], which gives its filtered
+distribution p_j after each prefix; `verify_block` keeps the longest accepted prefix and
+adds one token of the target's (the residual draw at the first rejection, or the bonus token
+when all k are accepted). Both caches then roll back what was not emitted.
 
 Lossless: greedy, every emitted token is the target's argmax after the same prefix. At
 temperature > 0, rejection sampling (Leviathan et al. 2023, Chen et al. 2023): accept x_j
@@ -48,6 +47,10 @@ from .sampling import SamplingParams
 
 DEFAULT_DRAFT_MAX = 8     # most tokens drafted per pass (the caches roll back this far)
 DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
+ALIGN_WINDOW = 16         # prompt lookup aligns the last 16 tokens with earlier ones...
+ALIGN_DECAY = 0.85        # ...each step back weighing this much less...
+ALIGN_MIN = 0.5           # ...and copies where the weighted agreement reaches this
+ALIGN_ANY = 4             # (which needs one of the last 4 to agree: 0.85^4 < 0.5 + rounding)
 P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
@@ -354,8 +357,17 @@ class ModelDraft:
 
 
 class LookupDraft:
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
-    last n-gram (n from `ngram` down to 1). A deterministic draft: q is one-hot."""
+    """Prompt lookup: copy what followed an earlier place in the context. A deterministic
+    draft: q is one-hot.
+
+    The place is the one whose preceding ALIGN_WINDOW tokens agree best, position by
+    position, with the context's last ones (recent positions weigh more, ALIGN_DECAY each
+    step back), when that agreement reaches ALIGN_MIN: a copy with a token changed (an
+    identifier renamed, a number edited) then resumes right after the changed token, where
+    an n-gram match would jump to the latest occurrence of the new token and copy what
+    followed it there. Otherwise the latest occurrence of the context's last n-gram (n from
+    `ngram` down to 1).
+    """
 
     def __init__(self, ngram: int):
         self.ngram = ngram
@@ -363,19 +375,46 @@ class LookupDraft:
     def propose(self, ctx: list[int], k: int,
                 grammar: DraftGrammar | None = None) -> tuple[list[int], None]:
         """Up to k tokens; with a `grammar`, cut before the first it refuses."""
-        drafts = self._found(np.asarray(ctx), k)
+        ids = np.asarray(ctx)
+        start = self._aligned(ids)
+        if start is None:
+            start = self._ngram(ids)
+        drafts = [] if start is None else ids[start:start + k].tolist()
         if grammar is not None:
             drafts = list(itertools.takewhile(grammar.push, drafts))
         return drafts, None
 
-    def _found(self, ids: np.ndarray, k: int) -> list[int]:
-        for n in range(min(self.ngram, len(ids) - 1), 0, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
-            hits = np.flatnonzero((windows == ids[-n:]).all(1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                return ids[start:start + k].tolist()
-        return []
+    @staticmethod
+    def _aligned(ids: np.ndarray) -> int | None:
+        """Where the best-aligned earlier window's continuation starts (None: none aligns)."""
+        w = min(ALIGN_WINDOW, len(ids) - 1)
+        if w < 2:
+            return None
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], w)
+        # a window agreeing on none of the last ALIGN_ANY tokens scores below ALIGN_MIN:
+        # score only those that agree on one
+        starts = np.unique(np.concatenate([
+            np.flatnonzero(windows[:, w - 1 - j] == ids[-1 - j]) for j in range(min(ALIGN_ANY,
+                                                                                  w))]))
+        if not len(starts):
+            return None
+        weights = ALIGN_DECAY ** np.arange(w - 1, -1, -1)
+        score = (windows[starts] == ids[-w:]) @ weights
+        best = int(np.flatnonzero(score == score.max())[-1])
+        return int(starts[best]) + w if score[best] >= ALIGN_MIN * weights.sum() else None
+
+    def _ngram(self, ids: np.ndarray) -> int | None:
+        """Where the continuation of the latest occurrence of the longest match (up to
+        `ngram` tokens) of the context's last tokens starts."""
+        hits = np.flatnonzero(ids[:-1] == ids[-1])   # earlier occurrences of the last token
+        if not len(hits):
+            return None
+        length = np.ones(len(hits), np.int64)
+        run = np.ones(len(hits), bool)
+        for j in range(1, min(self.ngram, len(ids) - 1)):
+            run &= (hits >= j) & (ids[np.maximum(hits - j, 0)] == ids[-1 - j])
+            length += run
+        return int(hits[np.flatnonzero(length == length.max())[-1]]) + 1
 
     def settle(self, ctx: list[int]) -> None:
         pass
