@@ -2,8 +2,9 @@
 
 Each (runtime, mode, prompt kind) runs in its own process. Prompt kinds: "code" (write a
 function: what a draft model predicts), "edit" (repeat code with one change: what prompt
-lookup predicts) and "fail" (random tokens, sampled at temperature 1 with a fixed seed:
-drafts keep failing; the others are greedy). For each speculative run
+lookup predicts) and "fail" (random tokens, sampled at temperature 1 with a fixed seed and
+end-of-generation tokens banned, so that the reply runs its whole length: drafts keep
+failing; the others are greedy). For each speculative run
 it prints the measured speed-up over plain decoding of the same prompt, the speed-up
 predicted from the measured acceptance and step costs, acceptance, tokens per pass, and
 where a pass's time goes (draft steps, verify step, sampling and acceptance, rollback).
@@ -85,8 +86,11 @@ def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tok
     if mode:
         _timed_calls(model, totals)
     model.engine.reset()
-    pieces = list(model.stream(ids, tokens, temperature=FAIL_TEMPERATURE if kind == "fail"
-                               else 0, seed=0, speculative=mode))
+    sampling = dict(temperature=0)
+    if kind == "fail":
+        sampling = dict(temperature=FAIL_TEMPERATURE,
+                        logit_bias={t: -100.0 for t in model.tokenizer.eog_ids})
+    pieces = list(model.stream(ids, tokens, seed=0, speculative=mode, **sampling))
     t = pieces[-1].timings
     costs = model._spec_costs.get((mode, model.engine.max_rollback))
     out = dict(tps=t.decode_tps, generated=t.generated_tokens, drafted=t.drafted,

@@ -122,7 +122,8 @@ class Model:
         generation and leaves the model usable.
 
         `speculative`: "draft" (the draft model given to `load`), "lookup" (prompt lookup:
-        drafts copied from the context after its last `lookup_ngram`-gram), None (plain
+        drafts copied from earlier in the context, where its last tokens align best, else
+        after the latest match of its last `lookup_ngram` tokens), None (plain
         decoding) or "auto" ("draft" when a draft is loaded, else None). Either way the
         output is the target's: greedy, its argmax; sampling, its distribution. `draft_max`
         bounds the tokens drafted per pass (default, and at most: the `draft_max` given to
