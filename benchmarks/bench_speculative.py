@@ -2,16 +2,16 @@
 
 Each (runtime, mode, prompt kind) runs in its own process. Prompt kinds: "code" (write a
 function: what a draft model predicts), "edit" (repeat code with one change: what prompt
-lookup predicts) and "fail" (random tokens, sampled at temperature 1 with a fixed seed and
-end-of-generation tokens banned, so that the reply runs its whole length: drafts keep
-failing; the others are greedy). For each speculative run
+lookup predicts) and "fail" (random tokens, sampled from the whole distribution at
+temperature 1.5 with a fixed seed and end-of-generation tokens banned, so that the reply
+runs its whole length: drafts keep failing; the others are greedy). For each speculative run
 it prints the measured speed-up over plain decoding of the same prompt, the speed-up
 predicted from the measured acceptance and step costs, acceptance, tokens per pass, and
 where a pass's time goes (draft steps, verify step, sampling and acceptance, rollback).
 Peers, if llama-cpp-python is installed: its plain decode and its LlamaPromptLookupDecoding.
 
     python benchmarks/bench_speculative.py [--threads 2] [--target qwen2.5-coder-1.5b-instruct]
-        [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128]
+        [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128] [--kinds code edit fail]
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import sys
 import time
 from collections import defaultdict
 
-# "fail": random prompt tokens, sampled at this temperature. Greedy, the models answer
-# random tokens by repeating themselves, which both drafters predict; sampled, neither can.
-FAIL_TEMPERATURE = 1.0
+# "fail": random prompt tokens, sampled so. Greedy, or at temperature 1 with the default
+# filters, the models answer random tokens by repeating themselves, which both drafters
+# predict; sampled from their whole distribution at 1.5, neither can.
+FAIL_SAMPLING = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
 
 PROMPTS = {
     "code": "<|im_start|>user\nWrite a Python function that parses an ISO date string and "
@@ -88,7 +89,7 @@ def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tok
     model.engine.reset()
     sampling = dict(temperature=0)
     if kind == "fail":
-        sampling = dict(temperature=FAIL_TEMPERATURE,
+        sampling = dict(FAIL_SAMPLING,
                         logit_bias={t: -100.0 for t in model.tokenizer.eog_ids})
     pieces = list(model.stream(ids, tokens, seed=0, speculative=mode, **sampling))
     t = pieces[-1].timings
@@ -118,8 +119,8 @@ def run_llama_cpp(target: str, lookup: bool, kind: str, tokens: int, threads: in
     else:
         ids = llm.tokenize(PROMPTS[kind].encode(), add_bos=False, special=True)
     t0, n = None, 0
-    sampling = (dict(temp=FAIL_TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0) if kind == "fail"
-                else dict(temp=0.0, top_k=1))
+    sampling = (dict(temp=FAIL_SAMPLING["temperature"], top_k=0, top_p=1.0, min_p=0.0)
+                if kind == "fail" else dict(temp=0.0, top_k=1))
     llm.set_seed(0)
     for _ in llm.generate(ids, repeat_penalty=1.0, **sampling):
         n += 1
@@ -136,6 +137,8 @@ def main() -> None:
     ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--kinds", nargs="+", default=["code", "edit", "fail"],
+                    choices=["code", "edit", "fail"])
     ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODE", "KIND"))
     args = ap.parse_args()
     if args._child:
@@ -164,8 +167,10 @@ def main() -> None:
         peers = False
     print(f"target {args.target}, draft {args.draft}, {args.threads} threads, "
           f"{args.tokens} greedy tokens")
-    for kind, modes in (("code", ["draft", "lookup"]), ("edit", ["lookup", "draft"]),
-                        ("fail", ["draft", "lookup"])):
+    modes_of = {"code": ["draft", "lookup"], "edit": ["lookup", "draft"],
+                "fail": ["draft", "lookup"]}
+    for kind in args.kinds:
+        modes = modes_of[kind]
         plain = child("diptych", "plain", kind)
         print(f"\n[{kind}] diptych plain {plain.get('tps', 0):.1f} tok/s")
         if peers:

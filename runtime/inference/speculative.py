@@ -54,6 +54,7 @@ ALIGN_ANY = 4             # (which needs one of the last 4 to agree: 0.85^4 < 0.
 P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
+PROBE_CONTEXT = 16        # a draft model that fell further behind probes from this many tokens
 DECAY = 0.9               # weight of older passes in the acceptance estimate
 COST_STEP = 0.05          # measured cost ratios are rounded to this, for reproducibility
 
@@ -295,23 +296,30 @@ class ModelDraft:
             self.mask = be.prepare_vector((np.arange(vocab) < target_vocab).astype(
                 np.float32)).reshape(1, vocab) > 0
 
-    def _sync(self, ctx: list[int]):
-        """The draft cache holding ctx; the logits after it (None for an empty ctx)."""
+    def _sync(self, ctx: list[int], probe: bool = False):
+        """The draft cache holding ctx; the logits after it (None for an empty ctx). A
+        `probe` more than PROBE_CONTEXT tokens behind holds only ctx's last PROBE_CONTEXT:
+        catching up costs the draft a prefill of every token it missed while idle, which
+        would make each probe cost a share of the whole generation."""
         seq = self.seq
         keep = min(seq.cache.common_prefix(ctx), len(ctx) - 1)
+        if probe and len(ctx) - keep > PROBE_CONTEXT:
+            seq.reset()
+            return seq.eval(ctx[-PROBE_CONTEXT:])
         if seq.n_cached - keep <= seq.cache.max_rollback:
             seq.rollback(seq.n_cached - keep)
             return seq.eval(ctx[keep:]) if ctx[keep:] else None
         return seq.prefill(ctx)
 
-    def propose(self, ctx: list[int], k: int,
-                grammar: DraftGrammar | None = None) -> tuple[list[int], np.ndarray | None]:
+    def propose(self, ctx: list[int], k: int, grammar: DraftGrammar | None = None,
+                probe: bool = False) -> tuple[list[int], np.ndarray | None]:
         """Up to k drafted tokens after ctx, and the (len, target vocab) q they were drawn
-        from (None when greedy); with a `grammar`, each drawn under its mask and pushed."""
+        from (None when greedy); with a `grammar`, each drawn under its mask and pushed. A
+        `probe` (drafting does not pay so far) may draft from the recent context alone."""
         be, greedy = self.seq.engine.backend, self.params.greedy
         drafts, q = [], []
         with self.seq.lock:
-            logits = self._sync(ctx)
+            logits = self._sync(ctx, probe)
             history = self.sampler.history([ctx])
             for i in range(k):
                 mask = self.mask if grammar is None else device_mask(
@@ -351,9 +359,16 @@ class ModelDraft:
         return out
 
     def settle(self, ctx: list[int]) -> None:
-        """Make the draft cache hold ctx[:-1], as the target's does when generation ends."""
-        with self.seq.lock:
-            self._sync(ctx[:-1])
+        """When generation ends, make the draft cache hold ctx[:-1] as the target's does,
+        if that is a rollback and a few tokens; a draft left further behind (idle, or
+        probing from the recent context) keeps only its common prefix with ctx: the next
+        generation catches it up if it drafts at all."""
+        seq = self.seq
+        with seq.lock:
+            if len(ctx) - 1 - seq.cache.common_prefix(ctx[:-1]) > PROBE_CONTEXT:
+                seq.keep_prefix(ctx[:-1])
+            else:
+                self._sync(ctx[:-1])
 
 
 class LookupDraft:
@@ -372,8 +387,8 @@ class LookupDraft:
     def __init__(self, ngram: int):
         self.ngram = ngram
 
-    def propose(self, ctx: list[int], k: int,
-                grammar: DraftGrammar | None = None) -> tuple[list[int], None]:
+    def propose(self, ctx: list[int], k: int, grammar: DraftGrammar | None = None,
+                probe: bool = False) -> tuple[list[int], None]:
         """Up to k tokens; with a `grammar`, cut before the first it refuses."""
         ids = np.asarray(ctx)
         start = self._aligned(ids)
@@ -437,7 +452,9 @@ def _verify(sampler: Sampler, logits, history, drafts: list[int], q, rng, mask=N
     of the rows used)."""
     k, vocab = len(drafts), sampler.vocab_size
     rows = None if history is None else sampler.history(row_histories(history, drafts))
-    drawn = sampler.sample(logits, rows, mask=mask, probs=not sampler.params.greedy)
+    drawn = sampler.sample(logits, rows, mask=mask, probs=not sampler.params.greedy and k > 0)
+    if not k:   # nothing drafted: the target's token, drawn as plain decoding draws it
+        return 0, drawn.tokens[0], drawn.finite[:1]
     if sampler.params.greedy:
         n, token = greedy_block(drawn.tokens, drafts)
     else:
@@ -488,7 +505,8 @@ class SpeculativeGeneration:
         k = self.length.choose(min(left - 1, seq.capacity - len(ctx)))
         grammar = None if self.constraint is None else DraftGrammar(self.constraint,
                                                                     self.eog_ids)
-        drafts, q = self.drafter.propose(ctx, k, grammar) if k else ([], None)
+        drafts, q = self.drafter.propose(ctx, k, grammar, self.length.probing) if k \
+            else ([], None)
         mask = None
         if grammar is not None:
             mask = device_mask(seq.backend, grammar.rows(len(drafts)))

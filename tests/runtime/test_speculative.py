@@ -207,6 +207,40 @@ def test_interrupt_mid_verify_leaves_both_models_usable(tiny_pair, passes, monke
     _check_cache(model._draft_seq, model.backend, draft_hf, PROMPT + expected)
 
 
+def test_a_pass_that_drafts_nothing_is_plain_decoding_even_sampled(tiny_pair):
+    """Drafting that never pays: every pass is a plain step drawn by the plain sampler, so
+    with a seed the tokens are plain decoding's, and the idle draft model computed nothing."""
+    _, _, target_path, draft_path = tiny_pair("llama")
+    model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft_path)
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(5.0, 5.0)
+    n = speculative.PROBE_EVERY - 1   # no probe yet
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    plain = [t for p in model.stream(PROMPT, n, speculative=None, **kw) for t in p.token_ids]
+    pieces = list(model.stream(PROMPT, n, **kw))
+    assert [t for p in pieces for t in p.token_ids] == plain
+    assert pieces[-1].timings.drafted == 0 and model._draft_seq.n_cached == 0
+
+
+def test_a_probe_far_behind_drafts_from_the_recent_context(tiny_pair):
+    """A draft model idle for a while probes from the last PROBE_CONTEXT tokens instead of
+    prefilling all it missed; outside a probe, and when generation ends close behind, it
+    holds the whole context as before."""
+    _, _, target_path, draft_path = tiny_pair("mistral")
+    model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft_path)
+    seq, window = model._draft_seq, speculative.PROBE_CONTEXT
+    drafter = speculative.ModelDraft(seq, model.sampling.with_overrides(temperature=0),
+                                     model.config.vocab_size)
+    ctx = PROMPT + PROMPT + PROMPT
+    drafts, _ = drafter.propose(ctx, 3, probe=True)
+    assert seq.tokens[:window] == ctx[-window:] and seq.n_cached < window + 3
+    drafter.settle(ctx + [7])   # far behind: keeps its common prefix, computes nothing
+    assert seq.n_cached == 0
+    drafter.propose(ctx, 3)
+    assert seq.tokens[:len(ctx)] == ctx
+    drafter.settle(ctx + [7])   # close behind: catches up
+    assert seq.tokens == ctx
+
+
 def test_bad_requests_are_clear_errors(tiny_pair, tmp_path):
     _, _, target_path, draft_path = tiny_pair("llama")
     model = diptych.load(target_path, backend="torch", n_ctx=96)
