@@ -286,6 +286,7 @@ class ModelDraft:
 
     def __init__(self, seq, params: SamplingParams, target_vocab: int):
         self.seq, self.params, self.target_vocab = seq, params, target_vocab
+        self.start = 0   # where in the context the draft's cache begins (see _sync)
         # its own random stream: drafts drawn with the target's uniforms would be correlated
         # with the target's tokens
         be, vocab = seq.engine.backend, seq.engine.cfg.vocab_size
@@ -297,19 +298,22 @@ class ModelDraft:
                 np.float32)).reshape(1, vocab) > 0
 
     def _sync(self, ctx: list[int], probe: bool = False):
-        """The draft cache holding ctx; the logits after it (None for an empty ctx). A
-        `probe` more than PROBE_CONTEXT tokens behind holds only ctx's last PROBE_CONTEXT:
-        catching up costs the draft a prefill of every token it missed while idle, which
-        would make each probe cost a share of the whole generation."""
+        """The draft cache holding ctx[self.start:]; the logits after it (None for an empty
+        ctx). A `probe` more than PROBE_CONTEXT tokens behind restarts the cache from ctx's
+        last PROBE_CONTEXT tokens, and the draft sees the context from there on: catching
+        up would cost it a prefill of every token it missed while idle, a share of the
+        whole generation on every probe, and again when a lucky probe resumes drafting."""
         seq = self.seq
-        keep = min(seq.cache.common_prefix(ctx), len(ctx) - 1)
-        if probe and len(ctx) - keep > PROBE_CONTEXT:
+        view = ctx[self.start:]
+        keep = min(seq.cache.common_prefix(view), len(view) - 1)
+        if probe and len(view) - keep > PROBE_CONTEXT:
+            self.start = len(ctx) - PROBE_CONTEXT
             seq.reset()
-            return seq.eval(ctx[-PROBE_CONTEXT:])
+            return seq.eval(ctx[self.start:])
         if seq.n_cached - keep <= seq.cache.max_rollback:
             seq.rollback(seq.n_cached - keep)
-            return seq.eval(ctx[keep:]) if ctx[keep:] else None
-        return seq.prefill(ctx)
+            return seq.eval(view[keep:]) if view[keep:] else None
+        return seq.prefill(view)
 
     def propose(self, ctx: list[int], k: int, grammar: DraftGrammar | None = None,
                 probe: bool = False) -> tuple[list[int], np.ndarray | None]:
@@ -359,14 +363,14 @@ class ModelDraft:
         return out
 
     def settle(self, ctx: list[int]) -> None:
-        """When generation ends, make the draft cache hold ctx[:-1] as the target's does,
-        if that is a rollback and a few tokens; a draft left further behind (idle, or
-        probing from the recent context) keeps only its common prefix with ctx: the next
-        generation catches it up if it drafts at all."""
-        seq = self.seq
+        """When generation ends, make the draft cache hold ctx[:-1] (from self.start) as
+        the target's does, if that is a rollback and a few tokens; a draft left further
+        behind (idle) keeps only its common prefix with it: the next generation catches it
+        up if it drafts at all."""
+        seq, view = self.seq, ctx[self.start:-1]
         with seq.lock:
-            if len(ctx) - 1 - seq.cache.common_prefix(ctx[:-1]) > PROBE_CONTEXT:
-                seq.keep_prefix(ctx[:-1])
+            if len(view) - seq.cache.common_prefix(view) > PROBE_CONTEXT:
+                seq.keep_prefix(view)
             else:
                 self._sync(ctx[:-1])
 

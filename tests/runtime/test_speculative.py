@@ -223,22 +223,30 @@ def test_a_pass_that_drafts_nothing_is_plain_decoding_even_sampled(tiny_pair):
 
 def test_a_probe_far_behind_drafts_from_the_recent_context(tiny_pair):
     """A draft model idle for a while probes from the last PROBE_CONTEXT tokens instead of
-    prefilling all it missed; outside a probe, and when generation ends close behind, it
-    holds the whole context as before."""
-    _, _, target_path, draft_path = tiny_pair("mistral")
+    prefilling all it missed, and drafts on from there; a new generation's drafter
+    catches up in full; a draft far behind when generation ends computes nothing."""
+    _, draft_hf, target_path, draft_path = tiny_pair("mistral")
     model = diptych.load(target_path, backend="torch", n_ctx=96, draft=draft_path)
     seq, window = model._draft_seq, speculative.PROBE_CONTEXT
-    drafter = speculative.ModelDraft(seq, model.sampling.with_overrides(temperature=0),
-                                     model.config.vocab_size)
+
+    def drafter():
+        return speculative.ModelDraft(seq, model.sampling.with_overrides(temperature=0),
+                                      model.config.vocab_size)
+
     ctx = PROMPT + PROMPT + PROMPT
-    drafts, _ = drafter.propose(ctx, 3, probe=True)
+    probing = drafter()
+    probing.propose(ctx, 3, probe=True)
     assert seq.tokens[:window] == ctx[-window:] and seq.n_cached < window + 3
-    drafter.settle(ctx + [7])   # far behind: keeps its common prefix, computes nothing
-    assert seq.n_cached == 0
-    drafter.propose(ctx, 3)
+    more = ctx + [5, 6]
+    probing.propose(more, 3)
+    assert seq.tokens[:window + 2] == more[-window - 2:] and seq.n_cached < window + 5
+    probing.settle(more + [7])   # close behind: catches up, from where its window began
+    _check_cache(seq, model.draft.backend, draft_hf, more[-window - 2:] + [7])
+    fresh = drafter()
+    fresh.propose(ctx, 3)
     assert seq.tokens[:len(ctx)] == ctx
-    drafter.settle(ctx + [7])   # close behind: catches up
-    assert seq.tokens == ctx
+    fresh.settle(ctx + PROMPT + PROMPT)   # far behind: keeps what it had, computes nothing
+    assert seq.tokens[:len(ctx)] == ctx and seq.n_cached <= len(ctx) + 3
 
 
 def test_bad_requests_are_clear_errors(tiny_pair, tmp_path):
