@@ -12,6 +12,7 @@ Peers, if llama-cpp-python is installed: its plain decode and its LlamaPromptLoo
 
     python benchmarks/bench_speculative.py [--threads 2] [--target qwen2.5-coder-1.5b-instruct]
         [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128] [--kinds code edit fail]
+        [--repeats 2]
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--kinds", nargs="+", default=["code", "edit", "fail"],
                     choices=["code", "edit", "fail"])
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="fresh processes per diptych figure, alternating; the fastest is "
+                         "reported (this VM places some processes' threads on one core)")
     ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODE", "KIND"))
     args = ap.parse_args()
     if args._child:
@@ -167,18 +171,27 @@ def main() -> None:
         peers = False
     print(f"target {args.target}, draft {args.draft}, {args.threads} threads, "
           f"{args.tokens} greedy tokens")
+    def best(runs: list[dict]) -> dict:
+        ok = [r for r in runs if "error" not in r]
+        return max(ok, key=lambda r: r["tps"]) if ok else runs[-1]
+
     modes_of = {"code": ["draft", "lookup"], "edit": ["lookup", "draft"],
                 "fail": ["draft", "lookup"]}
     for kind in args.kinds:
-        modes = modes_of[kind]
-        plain = child("diptych", "plain", kind)
-        print(f"\n[{kind}] diptych plain {plain.get('tps', 0):.1f} tok/s")
+        modes = ["plain"] + modes_of[kind]
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.repeats):   # alternating, each run a fresh process
+            for mode in modes:
+                runs[mode].append(child("diptych", mode, kind))
+        plain = best(runs["plain"])
+        tries = ", ".join(f"{r.get('tps', 0):.1f}" for r in runs["plain"])
+        print(f"\n[{kind}] diptych plain {plain.get('tps', 0):.1f} tok/s (runs: {tries})")
         if peers:
             for mode in ("plain", "lookup"):
                 res = child("llama.cpp", mode, kind)
                 print(f"[{kind}] llama.cpp {mode} {res.get('tps', 0):.1f} tok/s")
-        for mode in modes:
-            res = child("diptych", mode, kind)
+        for mode in modes[1:]:
+            res = best(runs[mode])
             if "error" in res:
                 print(f"[{kind}] diptych {mode}: {res['error']}")
                 continue
@@ -186,7 +199,9 @@ def main() -> None:
             rate = res["accepted"] / res["drafted"] if res["drafted"] else 0.0
             per_pass = (res["accepted"] + res["passes"]) / max(res["passes"], 1)
             split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(res["split"].items()))
-            print(f"[{kind}] diptych {mode} {res['tps']:.1f} tok/s = {ratio:.2f}x plain "
+            tries = ", ".join(f"{r.get('tps', 0):.1f}" for r in runs[mode])
+            print(f"[{kind}] diptych {mode} {res['tps']:.1f} tok/s (runs: {tries}) = "
+                  f"{ratio:.2f}x plain "
                   f"(predicted {res.get('predicted', 0):.2f}x from costs {res.get('costs')}); "
                   f"acceptance {rate:.0%}, {per_pass:.2f} tokens/pass; decode "
                   f"{res['decode_s']:.2f}s: {split}")

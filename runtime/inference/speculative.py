@@ -54,6 +54,7 @@ ALIGN_ANY = 4             # (which needs one of the last 4 to agree: 0.85^4 < 0.
 P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
+CONFIRM = 3               # probes in a row that must succeed before drafting resumes
 PROBE_CONTEXT = 16        # a draft model that fell further behind probes from this many tokens
 DECAY = 0.9               # weight of older passes in the acceptance estimate
 COST_STEP = 0.05          # measured cost ratios are rounded to this, for reproducibility
@@ -149,47 +150,71 @@ class DraftLength:
     """Chooses each pass's draft length k to maximise expected tokens per unit of cost.
 
     With per-token acceptance a, a pass drafting k tokens emits (1 - a^(k+1)) / (1 - a)
-    tokens on average and costs 1 + k (draft + verify). a is estimated from the acceptance
-    counts (older passes weigh less); a draft model that is asked for tokens and drafts none
-    (its first token fell below P_MIN) spent a draft step for nothing, which counts as a
-    rejection. When no k > 0 pays, one token is still drafted every `probe_every` passes so
-    that a change is noticed; each probe that fails doubles that interval (up to
-    PROBE_MAX), so that on text the drafter cannot predict the probes, and the draft
-    cache's catching up before each, cost next to nothing.
+    tokens on average and costs 1 + k (draft + verify). A draft model can also draft
+    nothing when asked (its first token fell below P_MIN), at a rate e: such a pass emits
+    one token and costs 1 + draft. a is estimated from the passes that drafted, e from those
+    that asked a draft model (older passes weigh less); prompt lookup finding nothing costs
+    nothing and does not count. When no k > 0 pays, one token is still drafted every
+    `probe_every` passes so that a change is noticed; each probe that fails doubles that
+    interval (up to PROBE_MAX), so that on text the drafter cannot predict the probes cost
+    next to nothing. A probe that succeeds is followed by more, one a pass, and drafting
+    resumes after CONFIRM successes in a row: resuming costs a draft model a prefill of
+    all it missed, which one lucky probe does not justify.
     """
 
     def __init__(self, draft_max: int, costs: Costs):
         self.draft_max, self.costs = draft_max, costs
         self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
+        self.empty, self.asked = 0.0, 1.0         # prior: e = 0
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
+        self.drafting = self.value(1) > 1.0 or self.value(draft_max) > 1.0
+        self.streak = 0   # probes in a row that succeeded
 
     @property
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
+    def value(self, k: int) -> float:
+        """Expected tokens per unit of cost of a pass asking for k drafts (plain: 1)."""
+        if not k:
+            return 1.0
+        a, e = self.acceptance, self.empty / self.asked
+        d, c = self.costs.draft, self.costs.draft + self.costs.verify
+        tokens = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
+        return (e + (1 - e) * tokens) / (e * (1 + d) + (1 - e) * (1 + k * c))
+
     def choose(self, limit: int) -> int:
-        a, c = self.acceptance, self.costs.draft + self.costs.verify
         top = min(limit, self.draft_max)
-        best = max(range(top + 1),
-                   key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * c) if a < 1 else k)
+        best = max(range(top + 1), key=self.value)
         self.probing = False
-        if best == 0 and top > 0:
+        if self.drafting and best:
+            return best
+        self.drafting = False
+        if top > 0:
             self.idle += 1
-            if self.idle >= self.probe_every:
+            if self.idle >= (1 if self.streak else self.probe_every):
                 self.idle, self.probing = 0, True
                 return 1
-        return best
+        return 0
 
     def record(self, asked: int, drafted: int, accepted: int) -> None:
         """A pass asked the drafter for `asked` tokens, got `drafted`, and the target
         accepted `accepted` of them."""
-        failed = accepted < drafted or (asked > 0 and not drafted and self.costs.draft > 0)
-        if drafted or failed:
+        costly_empty = asked > 0 and not drafted and self.costs.draft > 0
+        if asked and self.costs.draft > 0:
+            self.asked = DECAY * self.asked + 1
+            self.empty = DECAY * self.empty + costly_empty
+        if drafted:
             self.accepted = DECAY * self.accepted + accepted
-            self.rejected = DECAY * self.rejected + failed
+            self.rejected = DECAY * self.rejected + (accepted < drafted)
         if self.probing:
-            self.probe_every = min(2 * self.probe_every, PROBE_MAX) if failed \
-                else PROBE_EVERY
+            if accepted < drafted or costly_empty or not drafted:
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+                self.streak = 0
+            else:
+                self.probe_every, self.streak = PROBE_EVERY, self.streak + 1
+                self.drafting = self.streak >= CONFIRM
+                self.streak *= not self.drafting
 
 
 def _best_times(fns: list, repeats: int = 3) -> list[float]:
@@ -300,10 +325,13 @@ class ModelDraft:
     def _sync(self, ctx: list[int], probe: bool = False):
         """The draft cache holding ctx[self.start:]; the logits after it (None for an empty
         ctx). A `probe` more than PROBE_CONTEXT tokens behind restarts the cache from ctx's
-        last PROBE_CONTEXT tokens, and the draft sees the context from there on: catching
-        up would cost it a prefill of every token it missed while idle, a share of the
-        whole generation on every probe, and again when a lucky probe resumes drafting."""
+        last PROBE_CONTEXT tokens: catching up would cost it a prefill of every token it
+        missed while idle, a share of the whole generation on every probe. Drafting for
+        real takes the whole context again (from the recent tokens alone the draft model
+        was measured less often sure, and less often right)."""
         seq = self.seq
+        if not probe:
+            self.start = 0
         view = ctx[self.start:]
         keep = min(seq.cache.common_prefix(view), len(view) - 1)
         if probe and len(view) - keep > PROBE_CONTEXT:
@@ -363,16 +391,16 @@ class ModelDraft:
         return out
 
     def settle(self, ctx: list[int]) -> None:
-        """When generation ends, make the draft cache hold ctx[:-1] (from self.start) as
-        the target's does, if that is a rollback and a few tokens; a draft left further
-        behind (idle) keeps only its common prefix with it: the next generation catches it
-        up if it drafts at all."""
-        seq, view = self.seq, ctx[self.start:-1]
+        """When generation ends, make the draft cache hold ctx[:-1] as the target's does,
+        if that is a rollback and a few tokens; a draft left further behind (idle, or
+        probing from the recent tokens) keeps only its common prefix with it: the next
+        generation catches it up if it drafts at all."""
+        seq, held = self.seq, ctx[:-1]
         with seq.lock:
-            if len(view) - seq.cache.common_prefix(view) > PROBE_CONTEXT:
-                seq.keep_prefix(view)
+            if len(held) - seq.cache.common_prefix(held) > PROBE_CONTEXT:
+                seq.keep_prefix(held)
             else:
-                self._sync(ctx[:-1])
+                self._sync(held)
 
 
 class LookupDraft:

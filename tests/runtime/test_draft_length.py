@@ -27,10 +27,16 @@ def _speed_vs_plain(length: DraftLength, drafter, passes: int = 2000) -> float:
     return tokens / cost
 
 
+def _accepting(length: DraftLength, passes: int = 60) -> DraftLength:
+    """`length` after `passes` passes in which every draft was accepted."""
+    for _ in range(passes):
+        k = length.choose(10_000)
+        length.record(k, k, k)
+    return length
+
+
 def test_drafts_long_while_every_draft_is_accepted():
-    length = DraftLength(MAX, DRAFT)
-    for _ in range(20):
-        length.record(MAX, MAX, MAX)
+    length = _accepting(DraftLength(MAX, DRAFT))
     assert length.choose(10_000) == MAX
     assert length.choose(3) == 3   # never past what the budget and the cache allow
 
@@ -41,10 +47,25 @@ def test_drafts_long_while_every_draft_is_accepted():
     pytest.param(lambda k: (1, 0), id="one unsure draft a pass, rejected"),
 ])
 def test_failing_drafts_cost_at_most_5_percent(drafter):
-    length = DraftLength(MAX, DRAFT)
-    for _ in range(10):   # it had been accepting everything before the text changed
-        length.record(4, 4, 4)
+    # it had been accepting everything before the text changed
+    length = _accepting(DraftLength(MAX, DRAFT))
     assert _speed_vs_plain(length, drafter) >= 0.95
+
+
+def test_a_draft_model_unsure_now_and_then_keeps_drafting():
+    """Code, say: one pass in five the draft model is too unsure to draft anything, and
+    otherwise it drafts two or three tokens, all accepted. The empty passes cost a draft
+    step each, which must not talk the policy out of drafting where it pays."""
+    length = DraftLength(MAX, DRAFT)
+    passes = iter(range(10**6))
+
+    def drafter(k):
+        i = next(passes)
+        n = 0 if i % 5 == 0 else min(k, 2 + i % 2)
+        return n, n
+
+    assert _speed_vs_plain(length, drafter) >= 1.1
+    assert length.choose(10_000) > 1
 
 
 def test_failing_probes_back_off_and_a_success_brings_them_back():
@@ -63,6 +84,22 @@ def test_failing_probes_back_off_and_a_success_brings_them_back():
         length.record(0, 0, 0)
     length.record(1, 1, 1)   # the probe's draft was accepted
     assert length.probe_every == speculative.PROBE_EVERY
+
+
+def test_one_lucky_probe_does_not_resume_drafting():
+    length = DraftLength(MAX, DRAFT)
+    outcomes = iter([1, 0] * 10 + [1, 1, 1])   # probes: lucky once, then failing; 3 in a row
+    resumed_after = None
+    for i in range(2000):
+        k = length.choose(10_000)
+        if k and not length.probing:
+            resumed_after = i
+            break
+        if k:
+            ok = next(outcomes)
+            length.record(k, ok, ok)
+    assert resumed_after is not None and length.streak == 0
+    assert next(outcomes, None) is None   # only after the three in a row
 
 
 def test_prompt_lookup_finding_nothing_is_not_a_failure():
