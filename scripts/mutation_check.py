@@ -238,7 +238,8 @@ MUTATIONS = [
     # the draft-length policy
     Mutation("draft length: empty drafts from a draft model cost nothing",
              "runtime/inference/speculative.py",
-             r"self\.empty = DECAY \* self\.empty \+ costly_empty", "self.empty = DECAY * self.empty",
+             r"self\.empty = DECAY \* self\.empty \+ \(not drafted\)",
+             "self.empty = DECAY * self.empty",
              ("tests/runtime/test_draft_length.py",)),
     Mutation("draft length: one lucky probe resumes drafting", "runtime/inference/speculative.py",
              r"^CONFIRM = 3 ", "CONFIRM = 1 ", ("tests/runtime/test_draft_length.py",)),

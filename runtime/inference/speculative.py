@@ -50,7 +50,7 @@ DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, the
 ALIGN_WINDOW = 16         # prompt lookup aligns the last 16 tokens with earlier ones...
 ALIGN_DECAY = 0.85        # ...each step back weighing this much less...
 ALIGN_MIN = 0.5           # ...and copies where the weighted agreement reaches this
-ALIGN_ANY = 4             # (which needs one of the last 4 to agree: 0.85^4 < 0.5 + rounding)
+ALIGN_ANY = 4             # (only windows agreeing on one of their last 4 tokens can)
 P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
@@ -167,7 +167,7 @@ class DraftLength:
         self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
         self.empty, self.asked = 0.0, 1.0         # prior: e = 0
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
-        self.drafting = self.value(1) > 1.0 or self.value(draft_max) > 1.0
+        self.drafting = max(map(self.value, range(1, draft_max + 1)), default=0.0) > 1.0
         self.streak = 0   # probes in a row that succeeded
 
     @property
@@ -200,21 +200,21 @@ class DraftLength:
     def record(self, asked: int, drafted: int, accepted: int) -> None:
         """A pass asked the drafter for `asked` tokens, got `drafted`, and the target
         accepted `accepted` of them."""
-        costly_empty = asked > 0 and not drafted and self.costs.draft > 0
-        if asked and self.costs.draft > 0:
+        if asked and self.costs.draft > 0:   # an empty lookup draft costs nothing
             self.asked = DECAY * self.asked + 1
-            self.empty = DECAY * self.empty + costly_empty
+            self.empty = DECAY * self.empty + (not drafted)
         if drafted:
             self.accepted = DECAY * self.accepted + accepted
             self.rejected = DECAY * self.rejected + (accepted < drafted)
-        if self.probing:
-            if accepted < drafted or costly_empty or not drafted:
-                self.probe_every = min(2 * self.probe_every, PROBE_MAX)
-                self.streak = 0
-            else:
-                self.probe_every, self.streak = PROBE_EVERY, self.streak + 1
-                self.drafting = self.streak >= CONFIRM
-                self.streak *= not self.drafting
+        if not self.probing:
+            return
+        if not drafted or accepted < drafted:
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+            self.streak = 0
+            return
+        self.probe_every, self.streak = PROBE_EVERY, self.streak + 1
+        if self.streak >= CONFIRM:
+            self.drafting, self.streak = True, 0
 
 
 def _best_times(fns: list, repeats: int = 3) -> list[float]:
@@ -327,8 +327,8 @@ class ModelDraft:
         ctx). A `probe` more than PROBE_CONTEXT tokens behind restarts the cache from ctx's
         last PROBE_CONTEXT tokens: catching up would cost it a prefill of every token it
         missed while idle, a share of the whole generation on every probe. Drafting for
-        real takes the whole context again (from the recent tokens alone the draft model
-        was measured less often sure, and less often right)."""
+        real takes the whole context again: with the recent tokens alone a draft model is
+        less often sure, and less often right."""
         seq = self.seq
         if not probe:
             self.start = 0
@@ -438,8 +438,8 @@ class LookupDraft:
         if w < 2:
             return None
         windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], w)
-        # a window agreeing on none of the last ALIGN_ANY tokens scores below ALIGN_MIN:
-        # score only those that agree on one
+        # a window agreeing on none of its last ALIGN_ANY tokens scores at most
+        # 0.85^4 (1 - 0.85^12) / (1 - 0.85^16) = 0.48 of the weights: score only the others
         starts = np.unique(np.concatenate([
             np.flatnonzero(windows[:, w - 1 - j] == ids[-1 - j]) for j in range(min(ALIGN_ANY,
                                                                                   w))]))
