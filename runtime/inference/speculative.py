@@ -46,11 +46,15 @@ from .sampler import Sampler
 from .sampling import SamplingParams
 
 DEFAULT_DRAFT_MAX = 8     # most tokens drafted per pass (the caches roll back this far)
-DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, then 2, then 1
+DEFAULT_LOOKUP_NGRAM = 3  # prompt lookup's fallback matches the last 3 tokens, then 2, then 1
 ALIGN_WINDOW = 16         # prompt lookup aligns the last 16 tokens with earlier ones...
 ALIGN_DECAY = 0.85        # ...each step back weighing this much less...
 ALIGN_MIN = 0.5           # ...and copies where the weighted agreement reaches this
-ALIGN_ANY = 4             # (only windows agreeing on one of their last 4 tokens can)
+# the weight of the token j steps back; a window agreeing on none of its last ALIGN_ANY
+# tokens cannot reach ALIGN_MIN (a shorter window's oldest tokens weigh less still)
+_ALIGN_WEIGHTS = ALIGN_DECAY ** np.arange(ALIGN_WINDOW)
+ALIGN_ANY = next(m for m in range(1, ALIGN_WINDOW + 1)
+                 if _ALIGN_WEIGHTS[m:].sum() < ALIGN_MIN * _ALIGN_WEIGHTS.sum())
 P_MIN = 0.75              # a draft model stops drafting below this top probability
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
@@ -167,7 +171,7 @@ class DraftLength:
         self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
         self.empty, self.asked = 0.0, 1.0         # prior: e = 0
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
-        self.drafting = max(map(self.value, range(1, draft_max + 1)), default=0.0) > 1.0
+        self.drafting = True   # until a pass finds that no k > 0 pays
         self.streak = 0   # probes in a row that succeeded
 
     @property
@@ -438,14 +442,13 @@ class LookupDraft:
         if w < 2:
             return None
         windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], w)
-        # a window agreeing on none of its last ALIGN_ANY tokens scores at most
-        # 0.85^4 (1 - 0.85^12) / (1 - 0.85^16) = 0.48 of the weights: score only the others
+        # score only the windows that can reach ALIGN_MIN
         starts = np.unique(np.concatenate([
             np.flatnonzero(windows[:, w - 1 - j] == ids[-1 - j]) for j in range(min(ALIGN_ANY,
                                                                                   w))]))
         if not len(starts):
             return None
-        weights = ALIGN_DECAY ** np.arange(w - 1, -1, -1)
+        weights = _ALIGN_WEIGHTS[w - 1::-1]
         score = (windows[starts] == ids[-w:]) @ weights
         best = int(np.flatnonzero(score == score.max())[-1])
         return int(starts[best]) + w if score[best] >= ALIGN_MIN * weights.sum() else None

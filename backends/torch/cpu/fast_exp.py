@@ -14,6 +14,7 @@ from numba.extending import intrinsic
 # masked attention scores are -inf.
 FAST_MATH = {"reassoc", "contract", "nsz", "arcp"}
 
+
 @intrinsic
 def _pow2(typingctx, n):
     """2.0 ** n as float32 for a whole float32 n in [-126, 127] (built from its exponent
