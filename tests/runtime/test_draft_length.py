@@ -2,6 +2,7 @@
 drafts are accepted, and where they keep failing (rejected, or a draft model too unsure to
 draft anything) speculation costs at most 5% over plain decoding, as issue 12 requires."""
 
+import numpy as np
 import pytest
 
 from diptych.inference import speculative
@@ -25,6 +26,24 @@ def _speed_vs_plain(length: DraftLength, drafter, passes: int = 2000) -> float:
         tokens += accepted + 1
         length.record(k, drafted, accepted)
     return tokens / cost
+
+
+@pytest.mark.parametrize("a,c,k", [(0.8, 1.0, 4), (0.9, 0.6, 6), (0.5, 0.9, 2)])
+def test_the_expected_value_of_a_pass_is_what_passes_give(a, c, k):
+    """A drafter that draws each next token with probability c and a target accepting each
+    draft with probability a: tokens per unit of cost over many simulated passes of length
+    k equal `value(k)` given those rates."""
+    rng = np.random.default_rng(0)
+    length = DraftLength(MAX, DRAFT)
+    length.accepted, length.rejected = a, 1 - a
+    length.stopped, length.tried = 1 - c, 1.0
+    tokens = cost = 0.0
+    for _ in range(20_000):
+        drafted = k if c == 1 else min(k, int(rng.geometric(1 - c)) - 1)
+        accepted = min(drafted, int(rng.geometric(1 - a)) - 1)
+        tokens += accepted + 1
+        cost += 1 + min(drafted + 1, k) * DRAFT.draft + drafted * DRAFT.verify
+    assert tokens / cost == pytest.approx(length.value(k), rel=0.02)
 
 
 def _accepting(length: DraftLength, passes: int = 60) -> DraftLength:
