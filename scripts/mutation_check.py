@@ -234,7 +234,7 @@ MUTATIONS = [
     Mutation("speculative: unfiltered q", "runtime/inference/speculative.py",
              r"be\.to_numpy\(drawn\.probs\)\[0\]",
              "be.to_numpy(be.softmax(be.float32(logits)))[0]",
-             ("tests/runtime/test_speculative_distribution.py", "-k", "follow and temperature")),
+             ("tests/runtime/test_speculative_distribution.py", "-k", "follow and top-p")),
     # the draft-length policy
     Mutation("draft length: a draft model's stops are not counted",
              "runtime/inference/speculative.py",

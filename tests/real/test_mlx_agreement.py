@@ -1,7 +1,7 @@
 """The MLX backend on the real models: the same bar against llama.cpp as the torch backend,
 and agreement with the torch backend. MLX's CPU build is slow (reference BLAS, ~2 tok/s for
-Qwen), so to keep CI short the checks run on a prefix of the reference data: the first 256
-corpus positions and 8 of the 20 greedy prompts for SmolLM2, 64 positions and 2 prompts for
+Qwen), so to keep CI short the checks run on a prefix of the reference data: the first 128
+corpus positions and 4 of the 20 greedy prompts for SmolLM2, 16 positions and 1 prompt for
 Qwen (still every block type of its file)."""
 
 import pytest
@@ -13,7 +13,7 @@ from ..reference_metrics import greedy_failures, kl_ref_ours, load_reference, to
 pytest.importorskip("mlx.core")
 
 # model -> (teacher-forced corpus positions, greedy prompts)
-BUDGET = {"smollm2": (256, 8), "qwen2": (64, 2)}
+BUDGET = {"smollm2": (128, 4), "qwen2": (16, 1)}
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen2"])

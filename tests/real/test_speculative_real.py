@@ -13,7 +13,8 @@ from diptych.sources.pypi_models import fetch
 
 pytestmark = pytest.mark.real
 
-NEW = 16
+NEW = 12
+NEW_DRAFTED = 8   # the 1.5B target's steps are slow: ten short code continuations
 NEAR_TIE = 1e-3   # fp32 activations: a k + 1 wide verify step rounds differently
 
 CODE = [
@@ -35,13 +36,14 @@ EDITS = [
     f"Copy this code exactly:\n{SNIPPET}\nCopy:\n",
     f"Repeat this code, with perimeter renamed to border:\n{SNIPPET}\n",
     f"Add type hints to this code:\n{SNIPPET}\nWith type hints:\n",
+    f"Repeat this code, with a docstring added to area:\n{SNIPPET}\n",
 ]
 
 
 def plain_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens through the target's one-token path, and the top-2 logit gap at each."""
+    """Greedy tokens through the target's one-token path, and the top-2 logit gap at each
+    (the prompt's keys and values reused from the cache where it holds them)."""
     eng, be = model.engine, model.backend
-    eng.reset()
     logits = be.to_numpy(eng.prefill(ids))[0]
     tokens, gaps = [], []
     for _ in range(n):
@@ -57,8 +59,8 @@ def plain_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]
 def check_same(model, prompt: str, n: int = NEW, **kw):
     """Speculative greedy output against plain greedy; returns the last piece's timings."""
     ids = model.tokenize(prompt)
-    plain, gaps = plain_greedy(model, ids, n)
     pieces = list(model.stream(ids, n, temperature=0, repetition_penalty=1.0, **kw))
+    plain, gaps = plain_greedy(model, ids, n)
     spec = [t for p in pieces for t in p.token_ids]
     for i, (a, b) in enumerate(zip(spec, plain)):
         if a != b:
@@ -81,7 +83,7 @@ def qwen15(qwen2):
 def test_draft_model_output_is_the_targets(qwen15):
     accepted = 0
     for prompt in CODE:
-        t = check_same(qwen15, prompt)
+        t = check_same(qwen15, prompt, NEW_DRAFTED)
         accepted += t.accepted
     assert accepted > 0
 
@@ -92,23 +94,24 @@ def _always_look_up(model, monkeypatch):
     monkeypatch.setitem(model._spec_costs, ("lookup", DEFAULT_DRAFT_MAX), Costs(0.0, 0.0))
 
 
-@pytest.mark.parametrize("which", ["qwen2", "qwen15"])
-def test_prompt_lookup_output_is_the_targets(request, monkeypatch, which):
+# the 1.5B model's steps cost three of the 0.5B's: one edit prompt on it
+@pytest.mark.parametrize("which,edits", [("qwen2", EDITS), ("qwen15", EDITS[:1])])
+def test_prompt_lookup_output_is_the_targets(request, monkeypatch, which, edits):
     model = request.getfixturevalue(which)
     _always_look_up(model, monkeypatch)
-    accepted = sum(check_same(model, p, speculative="lookup").accepted for p in EDITS)
+    accepted = sum(check_same(model, p, speculative="lookup").accepted for p in edits)
     assert accepted > 0
 
 
 def test_prompt_lookup_past_gemmas_window(gemma3_path, monkeypatch):
     """With n_batch 64 the sliding-window layers keep a ring of 511 + 64 + 8 slots; a prompt
     longer than that has wrapped it, and every verify pass overwrites slots that a
-    rollback must not need. Two short edit prompts too."""
+    rollback must not need. The short edit prompts too."""
     gemma = diptych.load(gemma3_path, n_ctx=1024, n_batch=64)
     _always_look_up(gemma, monkeypatch)
     ring = min(s.slots for s in gemma.engine.main.cache.specs if s.window)
     prompt = "Copy this code exactly:\n" + SNIPPET * 20 + "\nCopy:\n" + SNIPPET[:40]
     assert len(gemma.tokenize(prompt)) > ring == 583
     assert check_same(gemma, prompt, speculative="lookup").accepted > 0
-    for edit in EDITS[:2]:
+    for edit in EDITS:
         check_same(gemma, edit, speculative="lookup")

@@ -70,13 +70,22 @@ def test_speculative_run_and_bench_report_acceptance(default_model):
     out = diptych("bench", "--prompt-tokens", "16", "--gen-tokens", "8", "--lookup")
     assert out.returncode == 0, out.stderr
     assert "tok/s plain" in out.stdout and "tok/s lookup" in out.stdout
-    out = diptych("run", "hi", "--lookup", "--draft", "x.gguf")
-    assert out.returncode == 2 and "not allowed with" in out.stderr
-    out = diptych("run", "hi", "--lookup", "--lookup-ngram", "0")
-    assert out.returncode == 2 and "--lookup-ngram" in out.stderr
     out = diptych("info", "--draft", str(default_model))
     assert out.returncode == 0, out.stderr
     assert "draft weights" in out.stdout and "draft KV" in out.stdout
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--lookup", "--draft", "x.gguf"], "not allowed with"),
+    (["--lookup", "--lookup-ngram", "0"], "--lookup-ngram"),
+])
+def test_speculative_usage_errors(args, says, capsys):
+    """Caught while parsing, before anything loads (so in this process)."""
+    from diptych.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "hi", *args])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
 
 
 def no_traceback(out):

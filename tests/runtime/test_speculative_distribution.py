@@ -21,8 +21,7 @@ V, NEW = 8, 3
 PROMPT = [1, 3, 4, 3, 6]
 ALPHA = 1e-3
 TV = 0.03
-PARAMS = {
-    "temperature": SamplingParams(temperature=1.0, top_k=2, seed=0),
+PARAMS = {   # temperature below 1 and top-p; top-k 2 and a repetition penalty
     "top-p": SamplingParams(temperature=0.8, top_p=0.6, seed=0),
     # a window of one token: each position is penalised for the token just before it
     "repetition penalty": SamplingParams(temperature=1.0, top_k=2, repetition_penalty=4.0,
@@ -115,10 +114,10 @@ def _unfiltered_q(drafter):
 
 
 BROKEN = {   # rule -> (its parameters, how to break it)
-    "residual = p": ("temperature", lambda mp: mp.setattr(speculative, "residual",
+    "residual = p": ("top-p", lambda mp: mp.setattr(speculative, "residual",
                                                           lambda p, q: p)),
-    "unfiltered q": ("temperature", None),
-    "no bonus token": ("temperature", lambda mp: mp.setattr(
+    "unfiltered q": ("top-p", None),
+    "no bonus token": ("top-p", lambda mp: mp.setattr(
         speculative, "emitted_tokens",
         lambda d, n, t: list(d[:n]) + ([t] if n < len(d) or not d else []))),
     "penalties not updated": ("repetition penalty", lambda mp: mp.setattr(
