@@ -66,17 +66,24 @@ def run_diptych(path: str, threads: int) -> dict:
 
 
 def run_llama_cpp(path: str, threads: int) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
+    def last_logits():
+        # llm.scores is written only with logits_all (llama-cpp-python 0.3.x), which would
+        # copy every prompt position's logits out; the context's last row instead
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                     shape=(llm.n_vocab(),))
+
     t0 = time.perf_counter()
-    # n_batch: rows of llm.scores, which the decode loop below indexes by n_tokens
+    # n_batch: the whole prompt in one batch (as every figure recorded so far was measured)
     llm = Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads,
                 n_batch=n_ctx(), verbose=False)
     load_s = time.perf_counter() - t0
     ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
-    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    int(np.argmax(last_logits()))
     first_s = time.perf_counter() - t0
     llm.reset()
     llm.eval(ids)  # the same warm-up as diptych's (measure_speed): the whole prompt once
@@ -86,7 +93,7 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(GEN_TOKENS):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         llm.eval([token])
     decode_s = time.perf_counter() - t0
     return dict(load_s=load_s, first_s=first_s, prefill_tps=PROMPT_TOKENS / prefill_s,
