@@ -85,9 +85,8 @@ def _timed_calls(model, totals: dict):
 
 def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: str,
                 tokens: int, threads: int, rounds: int) -> dict:
-    """`rounds` rounds in this one process, each running every mode once (plain is None),
-    alternating: a speed-up is then a ratio within a round, on whatever cores this process
-    got."""
+    """`rounds` rounds in this one process, each running every mode once (plain is None):
+    a speed-up is then a ratio within a round, on whatever cores this process got."""
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import numpy as np
 
@@ -109,8 +108,10 @@ def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: s
         sampling = dict(FAIL_SAMPLING,
                         logit_bias={t: -100.0 for t in model.tokenizer.eog_ids})
     out = {str(mode): [] for mode in modes}
-    for _ in range(rounds):
-        for mode in modes:
+    for r in range(rounds):
+        # every other round in reverse: where the machine speeds up or slows down over a
+        # run, the mode run last would otherwise gain or lose in every round
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             model.engine.reset()
             if model._draft_seq is not None:
                 model._draft_seq.reset()
