@@ -208,6 +208,12 @@ class Backend(ABC):
     def glu(self, gate: Array, up: Array, act: str) -> Array:
         """act(gate) * up; act is "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
 
+    def glu_halves(self, x: Array, act: str) -> Array:
+        """`glu` of a stacked gate and up projection: x (..., 2F) -> act(x[..., :F]) *
+        x[..., F:]."""
+        ff = x.shape[-1] // 2
+        return self.glu(x[..., :ff], x[..., ff:], act)
+
     @abstractmethod
     def expert_ffn(self, x: Array, experts: Any, chosen: Array, weights: Array,
                    act: str) -> Array:
@@ -328,6 +334,22 @@ class Backend(ABC):
         The mask depends on (seed, x's shape) alone, so a recomputed layer (`checkpoint`)
         draws the one its forward pass drew."""
         raise NotImplementedError(f"{self.name} does not train")
+
+    def token_log_likelihood(self, h: Array, w: Any, targets: Array, weights: Array,
+                             softcap: float = 0.0, recompute: bool = False) -> Array:
+        """sum_i weights[i] * log softmax(logits_i)[targets[i]], the logits of rows h (n, D)
+        being h W^T (then softcap(., softcap) when softcap > 0): the training loss of one
+        piece of positions. Differentiable in h. With `recompute`, no (n, vocab) array is
+        kept for the backward pass: by default the logits are then computed again there
+        (`checkpoint`); a backend may instead compute the gradient in the forward pass."""
+        def piece(x):
+            logits = self.linear(x, w)
+            if softcap:
+                logits = self.softcap(logits, softcap)
+            picked = self.gather(self.log_softmax(logits), targets.reshape(-1, 1))
+            return (picked.reshape(-1) * weights).sum()
+
+        return (self.checkpoint(piece) if recompute else piece)(h)
 
     def checkpoint(self, fn):
         """fn as autograd sees it, with its activations recomputed in the backward pass

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from diptych.backends.base import (Backend, CacheView, KVStorage, LayerCacheSpec, LoRA, RopeSpec,
                                    Step)
 
+from . import grad_ops
+from .log_likelihood import token_log_likelihood
 from .recompute import checkpointed
 
 
@@ -102,6 +104,10 @@ class TorchBackend(Backend):
     def checkpoint(self, fn):
         return checkpointed(fn)  # not torch.utils.checkpoint: see recompute.py
 
+    def token_log_likelihood(self, h, w, targets, weights, softcap=0.0, recompute=False):
+        # the gradient comes with the value (log_likelihood.py): nothing to recompute
+        return token_log_likelihood(self, h, w, targets, weights, softcap)
+
     # -- weights -------------------------------------------------------------------------
     def prepare_vector(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.device)
@@ -128,7 +134,7 @@ class TorchBackend(Backend):
         return y
 
     def rms_norm(self, x, w, eps):
-        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
+        return grad_ops.rms_norm(x, w.to(x.dtype), eps)
 
     def _cos_sin(self, spec: RopeSpec, n_pos: int):
         cached = self._rope_cache.get(spec)
@@ -153,6 +159,8 @@ class TorchBackend(Backend):
             self._step_rope[spec] = cached
         _, cos, sin = cached
         half = spec.dim // 2
+        if spec.dim == x.shape[-1]:
+            return grad_ops.rope(x, cos, sin)
         rot = x if spec.dim == x.shape[-1] else x[..., :spec.dim]
         out = rot * cos + torch.cat((rot[..., half:], rot[..., :half]), -1) * sin
         return out if rot is x else torch.cat((out, x[..., spec.dim:]), -1)
@@ -188,6 +196,11 @@ class TorchBackend(Backend):
         if act == "silu":
             return F.silu(gate) * up
         return F.gelu(gate, approximate="tanh") * up
+
+    def glu_halves(self, x, act):
+        if act == "silu" and records(x):  # one node: no zero-filled gradient per half
+            return grad_ops.silu_glu(x)
+        return super().glu_halves(x, act)
 
     def expert_ffn(self, x, experts, chosen, weights, act):
         """Each expert present in `chosen` on its own tokens only (which ones are present
@@ -285,3 +298,8 @@ class TorchBackend(Backend):
     def categorical(self, probs, rng):
         return torch.multinomial(probs, 1, generator=rng)[:, 0]
 
+
+def records(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (training): then the
+    differentiable paths run."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -189,9 +189,8 @@ def _ffn(be, cfg: ModelConfig, layer: LayerWeights, h):
     """The dense FFN (in MoE layers: the shared experts, if any) plus the routed experts."""
     out = None
     if layer.w_gate_up is not None:
-        gate_up = _linear(be, layer, "w_gate_up", h)
-        ff = gate_up.shape[-1] // 2
-        out = _linear(be, layer, "w_down", be.glu(gate_up[..., :ff], gate_up[..., ff:], cfg.act))
+        out = _linear(be, layer, "w_down", be.glu_halves(_linear(be, layer, "w_gate_up", h),
+                                                         cfg.act))
     elif layer.w_gate is not None:
         out = _linear(be, layer, "w_down", be.glu(_linear(be, layer, "w_gate", h),
                                                   _linear(be, layer, "w_up", h), cfg.act))

@@ -3,11 +3,16 @@
 glibc keeps freed blocks in its heaps (its mmap threshold rises with each big block freed,
 and threads get arenas of their own), so a training step's transient activations,
 dequantized tiles and gradients pile up as resident memory, and the heaps fragment.
-`hand_back_freed_memory` fixes the mmap threshold at 64 KiB (every block from there up
-is its own mapping, returned to the system when freed) and the arenas at two; these are
+`hand_back_freed_memory` fixes the mmap threshold at 4 MiB (every block from there up is
+its own mapping, returned to the system when freed) and the arenas at two; these are
 settings of the whole process and stay after training ends. `trim` returns the heaps'
-free pages (called between updates). BENCHMARKS.md has the peak resident memory each
-setting gave.
+free pages (called between updates).
+
+The threshold trades page faults for fragmentation: a fresh mapping is faulted in page by
+page each time (at 64 KiB, a third of a SmolLM2 update went to the kernel), while blocks
+kept in the heap are reused but leave holes. Below 4 MiB sit the (tokens, width)
+activations, reused layer after layer; above it the FFN's and the head's, whose holes
+fragmented the heap most. BENCHMARKS.md has the time and peak each setting gave.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def hand_back_freed_memory() -> None:
     """Large freed blocks go back to the system (process-wide, once)."""
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
         libc.mallopt(_M_ARENA_MAX, 2)
 
 

@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import numpy as np
 from diptych.errors import InvalidArgumentError
 from diptych.model.adapter_files import LoraAdapter, write_adapter
 from diptych.model.adapters import graph_rows
-from diptych.model.graph import forward_all, head
+from diptych.model.graph import forward_all
 
 from . import allocator, checkpoint
 from .data import Example
@@ -42,8 +41,8 @@ from .lora import attach, choose_targets, dropout_seeds, initial_pairs
 from .options import TrainOptions
 from .schedule import learning_rate
 
-# positions whose logits one piece of the checkpointed head holds (of every row of a batch)
-HEAD_POSITIONS = 128
+# fp32 logits one piece of the output head and loss holds (positions of every row of a batch)
+HEAD_BYTES = 64 << 20
 
 
 @dataclass
@@ -140,31 +139,24 @@ class Trainer:
         """The summed masked negative log-likelihood of `batch` over `denominator`; with
         `seeds` (training), the pairs' inputs go through dropout with those masks.
 
-        With gradient checkpointing the output head and the loss run over pieces of
-        HEAD_POSITIONS positions, each recomputed in the backward pass, so that no more than
-        one piece's (positions, vocab) logits is ever held."""
+        The output head and the loss run over pieces of about HEAD_BYTES of logits
+        (`Backend.token_log_likelihood`); with gradient checkpointing none of a piece's
+        logits is kept for the backward pass."""
         be, cfg, o = self.be, self.cfg, self.options
         attach(cfg, self.weights, self.keys, params, o.scale, o.dropout, seeds)
         h = forward_all(be, cfg, self.weights, batch.inputs, recompute=o.grad_checkpointing,
                         hidden_only=True)
         rows, width = batch.shape
-        step = max(1, HEAD_POSITIONS // rows) if o.grad_checkpointing else width
+        step = max(1, HEAD_BYTES // (4 * cfg.vocab_size * rows))
         total = None
         for a in range(0, width, step):
             b = min(width, a + step)
-            piece = partial(self._head_loss, a, b, batch)
-            part = (be.checkpoint(piece) if o.grad_checkpointing else piece)(h[:, a:b])
+            part = be.token_log_likelihood(
+                h[:, a:b].reshape(rows * (b - a), h.shape[-1]), self.weights.output,
+                batch.targets[:, a:b].reshape(-1), batch.weights[:, a:b].reshape(-1),
+                cfg.final_softcap, recompute=o.grad_checkpointing)
             total = part if total is None else total + part
         return total * (-1.0 / denominator)
-
-    def _head_loss(self, a: int, b: int, batch: _Batch, h):
-        """Summed masked log-likelihood of positions a:b, whose hidden states are h."""
-        be = self.be
-        logits = head(be, self.cfg, self.weights, h)
-        n = logits.shape[0] * logits.shape[1]
-        logp = be.log_softmax(logits.reshape(n, logits.shape[-1]))
-        picked = be.gather(logp, batch.targets[:, a:b].reshape(n, 1)).reshape(n)
-        return (picked * batch.weights[:, a:b].reshape(n)).sum()
 
     def evaluate(self, examples: list[Example]) -> float:
         """Mean loss per masked token over `examples`, with the current adapter."""

@@ -36,7 +36,7 @@ from diptych.backends.base import RopeSpec, Step
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
-from ..backend import TorchBackend, TorchKV
+from ..backend import TorchBackend, TorchKV, records
 from .graph_step import GraphStep
 from .kernels import attention as attn
 from .kernels import norm, qmatmul
@@ -123,7 +123,7 @@ class CudaBackend(TorchBackend):
         x2 = x.reshape(-1, x.shape[-1])
         if isinstance(w, DenseWeight):
             y = F.linear(x2, w.w, None if bias is None else bias.to(x.dtype))
-        elif _grad(x2):
+        elif records(x2):
             y = _QuantLinearFn.apply(x2, w)
             y = y if bias is None else y + bias.to(y.dtype)
         else:
@@ -131,13 +131,13 @@ class CudaBackend(TorchBackend):
         return self.add_adapter(x, y.reshape(*lead, y.shape[-1]), adapter)
 
     def rms_norm(self, x, w, eps):
-        if _grad(x, w):
+        if records(x, w):
             return super().rms_norm(x, w, eps)
         return norm.rms_norm(x, w, eps)
 
     def add_rms_norm(self, x, residual, w, eps):
         """(x + residual, rms_norm(x + residual)) in one pass."""
-        if _grad(x, residual, w):
+        if records(x, residual, w):
             return super().add_rms_norm(x, residual, w, eps)
         return norm.rms_norm(x, w, eps, residual=residual)
 
@@ -149,12 +149,12 @@ class CudaBackend(TorchBackend):
         return inv
 
     def rope(self, x, positions, spec: RopeSpec):
-        if _grad(x):
+        if records(x):
             return super().rope(x, positions, spec)
         return norm.rope(x, positions, self._frequencies(spec), spec.mscale)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
-        if _grad(q, k, v):
+        if records(q, k, v):
             return super().attention(q, k, v, kv, layer, step, scale)
         spec, view = kv.specs[layer], step.views[layer]
         kc, vc = kv.k[layer], kv.v[layer]
@@ -176,7 +176,7 @@ class CudaBackend(TorchBackend):
         can be captured: quantized experts through the GEMV that picks each pair's expert
         by id; others run every expert over every token, scaled by its routing weight there
         (zero where not chosen). Longer chunks run each expert present on its own tokens."""
-        if x.shape[0] > DECODE_MAX_T or _grad(x) or self.linear_observer is not None:
+        if x.shape[0] > DECODE_MAX_T or records(x) or self.linear_observer is not None:
             return super().expert_ffn(x, experts, chosen, weights, act)
         kinds = (experts.gate, experts.up, experts.down)
         if all(isinstance(k, QuantExperts) for k in kinds):
@@ -197,11 +197,6 @@ class CudaBackend(TorchBackend):
         if not self.device.startswith("cuda"):
             return fn
         return GraphStep(fn, torch.device(self.device))
-
-
-def _grad(*tensors) -> bool:
-    """Whether autograd records this op: then the differentiable torch path runs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _QuantLinearFn(torch.autograd.Function):
