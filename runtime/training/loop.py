@@ -41,8 +41,16 @@ from .lora import attach, choose_targets, dropout_seeds, initial_pairs
 from .options import TrainOptions
 from .schedule import learning_rate
 
-# fp32 logits one piece of the output head and loss holds (positions of every row of a batch)
+# fp32 logits one piece of the output head and loss holds (positions of every row of a
+# batch), and the fewest positions a piece has however large the vocabulary: the head's
+# product runs at a third of its speed or less below about 256 rows (BENCHMARKS.md)
 HEAD_BYTES = 64 << 20
+HEAD_MIN_ROWS = 256
+
+
+def head_piece(vocab: int, rows: int) -> int:
+    """Positions of each of `rows` rows that one piece of the head and loss takes."""
+    return max(1, max(HEAD_MIN_ROWS, HEAD_BYTES // (4 * vocab)) // rows)
 
 
 @dataclass
@@ -147,7 +155,7 @@ class Trainer:
         h = forward_all(be, cfg, self.weights, batch.inputs, recompute=o.grad_checkpointing,
                         hidden_only=True)
         rows, width = batch.shape
-        step = max(1, HEAD_BYTES // (4 * cfg.vocab_size * rows))
+        step = head_piece(cfg.vocab_size, rows)
         total = None
         for a in range(0, width, step):
             b = min(width, a + step)

@@ -18,7 +18,7 @@ from .conftest import DEVICE
 
 
 def test_cuda_loss_and_gradients_equal_peft(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)
     path = write_gguf(tiny_hf_model("llama", seed=1, **DIMS), "llama", tmp_path / "m.gguf",
                       "Q8_0")
     eng = LoadPlan.open(path, CudaBackend(DEVICE, dtype=torch.float32), n_ctx=64).engine()

@@ -36,7 +36,7 @@ def _trainer(path, backend, out, checkpointing=True, dropout=0.0):
 
 
 def test_mlx_training_steps_equal_torch(path, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)   # the head in pieces
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)   # the head in pieces
     ours, ref = (_trainer(path, b, tmp_path / b) for b in ("mlx", "torch"))
     for trainer in (ours, ref):
         trainer.run()
@@ -54,7 +54,7 @@ def test_mlx_checkpointing_recomputes_each_layer_and_keeps_the_gradients(path, t
     layer draws its forward pass's masks)."""
     from diptych.model import graph
 
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)
     runs, block = [], graph._block
 
     def counted(*args):

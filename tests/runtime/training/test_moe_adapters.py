@@ -152,7 +152,7 @@ def test_training_on_mla_dense_and_shared_experts_equals_peft_for_three_sgd_step
     attention, a dense MLP layer and an MoE layer's shared experts, every projection."""
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)
     hf = tiny_hf_model("deepseek_v2", seed=1)
     eng = LoadPlan.open(write_gguf(hf, "deepseek_v2", tmp_path / "m.gguf"), "torch",
                         n_ctx=64).engine()

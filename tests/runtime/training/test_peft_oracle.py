@@ -74,7 +74,7 @@ def _rel(got, want) -> float:
 def test_loss_and_gradients_equal_peft_for_three_sgd_steps(tmp_path, monkeypatch, family,
                                                            qtype):
     # with gradient checkpointing (the F32 cases), the head in pieces of 3 positions
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)
 
     hf = tiny_hf_model(family, seed=1, **DIMS, **FAMILY_DIMS[family])
     path = write_gguf(hf, family, tmp_path / "m.gguf", qtype)
@@ -163,7 +163,7 @@ def test_dropout_on_the_lora_input_equals_peft_with_the_same_masks(tmp_path, mon
     """Dropout 0.3, the llama layers recomputed: each pair's mask (recorded as our backend
     draws it) put into PEFT's lora_dropout gives PEFT's loss and gradients, each update
     draws new masks, a recomputed layer the same ones, and evaluation none."""
-    monkeypatch.setattr(loop, "HEAD_BYTES", 1)
+    monkeypatch.setattr(loop, "head_piece", lambda vocab, rows: 1)
     p = 0.3
     hf = tiny_hf_model("llama", seed=1, **DIMS)
     path = write_gguf(hf, "llama", tmp_path / "m.gguf")
