@@ -158,12 +158,10 @@ class TorchBackend(Backend):
             cached = (positions, torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
             self._step_rope[spec] = cached
         _, cos, sin = cached
-        half = spec.dim // 2
         if spec.dim == x.shape[-1]:
             return grad_ops.rope(x, cos, sin)
-        rot = x if spec.dim == x.shape[-1] else x[..., :spec.dim]
-        out = rot * cos + torch.cat((rot[..., half:], rot[..., :half]), -1) * sin
-        return out if rot is x else torch.cat((out, x[..., spec.dim:]), -1)
+        # partial rotary: the rest of each head passes through
+        return torch.cat((grad_ops.rope(x[..., :spec.dim], cos, sin), x[..., spec.dim:]), -1)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
         """The cache write as torch indexing, then SDPA over the cache (`attend_cache`)."""
@@ -198,7 +196,7 @@ class TorchBackend(Backend):
         return F.gelu(gate, approximate="tanh") * up
 
     def glu_halves(self, x, act):
-        if act == "silu" and records(x):  # one node: no zero-filled gradient per half
+        if act == "silu" and grad_ops.records(x):  # one node: no zero-filled gradient per half
             return grad_ops.silu_glu(x)
         return super().glu_halves(x, act)
 
@@ -297,9 +295,3 @@ class TorchBackend(Backend):
 
     def categorical(self, probs, rng):
         return torch.multinomial(probs, 1, generator=rng)[:, 0]
-
-
-def records(*tensors) -> bool:
-    """Whether autograd records an op on these tensors (training): then the
-    differentiable paths run."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -15,6 +15,12 @@ from __future__ import annotations
 import torch
 
 
+def records(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (training): then the
+    differentiable paths run."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * w over the last axis; differentiable in x (w is frozen)."""
     return _RMSNorm.apply(x, w, eps)

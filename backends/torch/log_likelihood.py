@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from .grad_ops import records
+
 
 def token_log_likelihood(backend, h, w, targets, weights, softcap: float):
     """`Backend.token_log_likelihood` (always holding no (n, vocab) array afterwards)."""
-    if not (torch.is_grad_enabled() and h.requires_grad):
-        with torch.no_grad():
-            return _value_and_grad(backend, h, w, targets, weights, softcap, grad=False)[0]
+    if not records(h):
+        return _value_and_grad(backend, h, w, targets, weights, softcap, grad=False)[0]
     return _TokenLogLikelihood.apply(h, backend, w, targets, weights, softcap)
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from .grad_ops import records
+
 
 def checkpointed(fn):
     """fn(*tensors) -> one tensor, recomputed in the backward pass; the gradient reaches
     every argument that requires it."""
 
     def run(*args):
-        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        if records(*args):
             return _Recompute.apply(fn, *args)
         return fn(*args)
 

@@ -15,15 +15,15 @@ import torch
 
 from diptych.backends.base import LoRA
 
+from ..grad_ops import records
 from .qlinear import QuantLinear
 
 
 def lora_linear(backend, x: torch.Tensor, w: QuantLinear, bias, pairs: list[LoRA]):
     """x (M, K) -> (M, N): the base and every pair, differentiable in x and the pairs'
     A and B."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            p.a.requires_grad or p.b.requires_grad for p in pairs)):
-        flat = [t for p in pairs for t in (p.a, p.b)]
+    flat = [t for p in pairs for t in (p.a, p.b)]
+    if records(x, *flat):
         return _LoraLinearFn.apply(x, w, bias, pairs, backend, *flat)
     return _forward(backend, x, w, bias, pairs)[0]
 

@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType as QT
 from diptych.quant import QuantTensor
 from diptych.quant.formats import FLOAT_TYPES, FORMATS
 
+from ..grad_ops import records
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
@@ -172,7 +173,7 @@ class QuantLinear:
         if x.dim() != 2 or x.shape[1] != self.shape[1]:
             raise ValueError(f"{self.name}: expected x of shape (M, {self.shape[1]}), "
                              f"got {tuple(x.shape)}")
-        if x.requires_grad and torch.is_grad_enabled():
+        if records(x):
             return _QuantLinearFn.apply(x, self)
         return self._forward(x)
 

@@ -36,7 +36,8 @@ from diptych.backends.base import RopeSpec, Step
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
-from ..backend import TorchBackend, TorchKV, records
+from ..backend import TorchBackend, TorchKV
+from ..grad_ops import records
 from .graph_step import GraphStep
 from .kernels import attention as attn
 from .kernels import norm, qmatmul
