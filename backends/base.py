@@ -373,11 +373,16 @@ class Backend(ABC):
         that the user waits for (`what` says what, briefly), and `listener(None)` when that
         is done; None removes it. By default nothing is compiled worth saying so."""
 
+    def use_exact_products(self) -> None:
+        """Multiply the weights prepared from now on by the activations at their own
+        precision, never rounded for speed; `load(numerics="exact")` sets it. Backends
+        whose products are always exact need not override it."""
+
     def use_llama_cpp_rounding(self) -> None:
         """Round as llama.cpp's CPU backend does around the products of weights prepared
         from now on (each activation row in the form the weight type multiplies: q8_0,
         q8_1, q8_K blocks or fp16), so figures compare with llama.cpp's; `load(numerics=
-        "llama.cpp")` sets it. Not by default: backends compute the exact products."""
+        "llama.cpp")` sets it. Not by default."""
         raise InvalidArgumentError(f"llama.cpp's CPU rounding is reproduced by the torch "
                                    f"backend on the CPU only, not by {self.describe()}")
 

@@ -12,6 +12,9 @@ decode: 128 greedy tokens after it. Load: the constructor
 
 --context N: the prompt before the decoded tokens (2048: decode at a long context).
 
+--fp32: also diptych with DIPTYCH_CPU_INT8=0 (fp32 activations everywhere, as numerics
+"exact"), printed as "diptych-fp32": on a CPU with AVX-512 VNNI, the int8 kernels' gain.
+
 --jitter: diptych alone, decoding on the main thread at 1 and 2 threads while one other
 process keeps a core busy; per-token median, worst token, and how many tokens took more
 than 3x the median.
@@ -105,15 +108,21 @@ LLAMA_CPP_RUN = ("import sys; from llama_cpp import Llama; "
                  ".create_completion('hi', max_tokens=1)")
 
 
+def runtime_env(runtime: str, threads: int) -> dict:
+    env = dict(os.environ, DIPTYCH_THREADS=str(threads))
+    if runtime == "diptych-fp32":
+        env["DIPTYCH_CPU_INT8"] = "0"
+    return env
+
+
 def whole_process_s(runtime: str, path: str, threads: int) -> float:
     """Wall time of one process that loads the model and answers "hi" with one token."""
-    if runtime == "diptych":
+    if runtime.startswith("diptych"):
         cmd = [sys.executable, "-m", "diptych.cli", "run", path, "hi", "--max-tokens", "1"]
     else:
         cmd = [sys.executable, "-c", LLAMA_CPP_RUN, path, str(threads)]
-    env = dict(os.environ, DIPTYCH_THREADS=str(threads))
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, env=runtime_env(runtime, threads), check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -158,7 +167,8 @@ def jitter(models: list[str]) -> None:
 
 
 def child(runtime: str, model: str, threads: int) -> None:
-    fn = {"diptych": run_diptych, "llama.cpp": run_llama_cpp, "jitter": run_jitter}[runtime]
+    fn = {"diptych": run_diptych, "diptych-fp32": run_diptych, "llama.cpp": run_llama_cpp,
+          "jitter": run_jitter}[runtime]
     out = fn(model_path(model), threads)
     out["peak_rss_mib"] = peak_rss_bytes() / (1 << 20)
     print(json.dumps(out))
@@ -171,6 +181,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
     ap.add_argument("--context", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--jitter", action="store_true")
+    ap.add_argument("--fp32", action="store_true",
+                    help="also diptych with fp32 activations (DIPTYCH_CPU_INT8=0)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     PROMPT_TOKENS = args.context
@@ -185,10 +197,11 @@ def main() -> None:
           f"{'prefill t/s':>12s} {'decode t/s':>11s} {'peak RSS MiB':>13s}")
     for model in args.models:
         res = {}
-        for runtime in ("llama.cpp", "diptych"):
+        for runtime in ("llama.cpp", "diptych") + (("diptych-fp32",) if args.fp32 else ()):
             proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
                                    "--context", str(args.context), "--child", runtime, model],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True,
+                                  env=runtime_env(runtime, args.threads))
             if proc.returncode:
                 sys.exit(f"{runtime} on {model} failed:\n{proc.stderr[-2000:]}")
             res[runtime] = r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -196,12 +209,17 @@ def main() -> None:
             print(f"{model:8s} {runtime:10s} {r['load_s']:7.2f} {r['first_s']:8.2f} "
                   f"{r['run_s']:6.2f} {r['prefill_tps']:12.1f} {r['decode_tps']:11.1f} "
                   f"{r['peak_rss_mib']:13.0f}")
-        d, l = res["diptych"], res["llama.cpp"]
-        print(f"{model:8s} {'ratio':10s} {l['load_s'] / d['load_s']:7.2f} "
-              f"{l['first_s'] / d['first_s']:8.2f} {l['run_s'] / d['run_s']:6.2f} "
-              f"{d['prefill_tps'] / l['prefill_tps']:12.2f} {d['decode_tps'] / l['decode_tps']:11.2f} "
-              f"{d['peak_rss_mib'] / l['peak_rss_mib']:13.2f}   "
-              f"(diptych / llama.cpp; load, first, run: speed)")
+        for name in res:
+            if name.startswith("diptych"):
+                print_ratio(model, name, res[name], res["llama.cpp"])
+
+
+def print_ratio(model: str, name: str, d: dict, l: dict) -> None:
+    print(f"{model:8s} {'ratio':10s} {l['load_s'] / d['load_s']:7.2f} "
+          f"{l['first_s'] / d['first_s']:8.2f} {l['run_s'] / d['run_s']:6.2f} "
+          f"{d['prefill_tps'] / l['prefill_tps']:12.2f} {d['decode_tps'] / l['decode_tps']:11.2f} "
+          f"{d['peak_rss_mib'] / l['peak_rss_mib']:13.2f}   "
+          f"({name} / llama.cpp; load, first, run: speed)")
 
 
 if __name__ == "__main__":

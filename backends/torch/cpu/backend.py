@@ -51,6 +51,7 @@ class CpuBackend(TorchBackend):
         configure_threads()
         super().__init__("cpu", torch.float32, kv_type_from_env())
         self._linear_type = QuantLinear
+        self._int8 = True  # int8 activations where the CPU and the weight type have them
         # per RoPE spec: (the step's positions, as numpy, cos and sin tables as numpy)
         self._step_rope_tables: dict = {}
 
@@ -66,11 +67,16 @@ class CpuBackend(TorchBackend):
     def use_llama_cpp_rounding(self) -> None:
         self._linear_type = RoundingQuantLinear
 
+    def use_exact_products(self) -> None:
+        self._int8 = False
+
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
-        return self._linear_type.from_quant_tensor(qt)
+        w = self._linear_type.from_quant_tensor(qt)
+        w.int8 = w.int8 and self._int8
+        return w
 
     def attention(self, q, k, v, kv, layer, step, scale):
         """Decode widths write and read the fp16 cache directly (decode_attention.py);

@@ -23,7 +23,8 @@ from gguf import GGMLQuantizationType as QT
 from numba import guvectorize
 
 from . import llvm_bits
-from .kernel_source import GUFUNCS, KERNEL_TYPES, KINDS, kernel_source
+from . import int8_activations
+from .kernel_source import GUFUNCS, I8_TYPES, KERNEL_TYPES, KINDS, kernel_source
 
 # The omp layer launches a parallel region in ~2 us; numba's fallback "workqueue" layer costs
 # 25-100 us per launch, which would dominate decode. Set before any kernel is launched;
@@ -105,8 +106,8 @@ def kernel(kind: str, ggml_type):
     key = (kind, QT(ggml_type))
     k = _KERNELS.get(key)
     if k is None:
-        if kind not in GUFUNCS or key[1] not in KERNEL_TYPES:
-            raise KeyError(f"no CPU kernel {kind!r} for GGML type {ggml_type}")
+        if not has_kernel(kind, key[1]):
+            raise KeyError(f"no CPU kernel {kind!r} for GGML type {ggml_type} on this CPU")
         with _LOCK:
             k = _KERNELS.get(key)
             if k is None:
@@ -128,6 +129,14 @@ def kernel(kind: str, ggml_type):
     return k
 
 
+def has_kernel(kind: str, ggml_type) -> bool:
+    """Whether `kind` exists for the type on this CPU (gemm_i8 needs AVX-512 VNNI)."""
+    t = QT(ggml_type)
+    if kind == "gemm_i8":
+        return t in I8_TYPES and int8_activations.SUPPORTED
+    return kind in GUFUNCS and t in KERNEL_TYPES
+
+
 def _warm_many(tasks) -> None:
     for kind, t in tasks:
         kernel(kind, t)
@@ -144,12 +153,14 @@ def is_cached(kind: str, ggml_type) -> bool:
 
 
 def precompile(types=None, kinds=KINDS, processes: int | None = None) -> int:
-    """Make sure the kernels for `types` (GGML types; default all) are in numba's on-disk
+    """Make sure the kernels for `types` (GGML types; default all) that this CPU has
+    (has_kernel) are in numba's on-disk
     cache. numba compiles one function at a time (about 1-3 s each), so missing kernels are
     compiled in up to `processes` subprocesses (default: the CPU count). Returns how many
     kernels were compiled."""
     types = [QT(t) for t in (types if types is not None else KERNEL_TYPES)]
-    todo = [(k, int(t)) for t in types for k in kinds if not is_cached(k, t)]
+    todo = [(k, int(t)) for t in types for k in kinds
+            if has_kernel(k, t) and not is_cached(k, t)]
     if not todo:
         return 0
     n = max(1, min(processes or os.cpu_count() or 1, len(todo)))

@@ -15,10 +15,12 @@ Kernels (one set per type, over the row-interleaved blocks of repack.py):
     gemm_s    any M: 16 rows of W at a time in F32X16 vectors (llvm_bits.py), each weight
               decoded exactly once per block of up to 4 rows of x and multiplied into
               accumulators held in registers (see the comment above _GEMM_S)
+    gemm_i8   any M, x as int8 codes (I8_TYPES, CPUs with AVX-512 VNNI): integer dot
+              products of 4 codes per lane, scaled per unit (see the comment above _I8_CODE)
     deq_t     a range of row groups into a transposed fp32 tile (W[rows].T) for torch.mm,
               dequantize() and the input gradient
     deq_rows  selected rows (embedding lookup)
-All four are numba parallel gufuncs over the row groups (kernel_cache.py compiles them).
+All are numba parallel gufuncs over the row groups (kernel_cache.py compiles them).
 """
 
 from __future__ import annotations
@@ -249,25 +251,14 @@ def deq_rows_{name}(i, n, P, Pt, out, done):
     done[0] = 1
 """
 
-# gemm_s: the rows of x in register blocks. Per 16 rows of W (one F32X16 vector, llvm_bits.py)
-# and a block of up to 4 rows of x, each element of W is decoded once (exactly, as deq_t
-# does) and multiplied into each row's accumulators, held in registers, x broadcast from
-# memory: 4 rows cost one decode and 4 FMAs per 16 weights where a GEMV per row costs 4
-# decodes and 4 FMAs. Rows of x go in blocks of 4, then 2 or 1 for what is left (a block's
-# missing row repeats its last row and is not stored; blocks of 8 rows were faster at M = 8
-# but doubled the compile time, BENCHMARKS.md). Summation, per row: per 16 elements C chains
-# (C = 2, or 4 for a single row, whose chains would otherwise wait on the FMA latency) summed
-# pairwise and added to the row's accumulator: depth 16/C + log2(C) + K/16 - 1 <= 8 + K/16,
-# the bound tests/backends/cpu/test_qlinear.py holds.
-_GEMM_S = """
-def gemm_s_{name}(gi, P, Pt, X, Y, done):
-    # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _GEMM_S).
-    G = P.shape[0]
+# The row group of gi as whole 16-lane vectors: the tail rows zero-padded, so that every
+# 16-lane load is inside.
+_VECTOR_GROUP = """    G = P.shape[0]
     nb = P.shape[1]
     if gi < G:
         B = P[gi]
         Rg = B.shape[2]
-    else:  # the tail rows, zero-padded to whole vectors so that every 16-lane load is inside
+    else:
         T = Pt[0]
         Rg = T.shape[2]
         B = np.zeros((nb, T.shape[1], (Rg + 15) // 16 * 16), np.uint8)
@@ -275,7 +266,13 @@ def gemm_s_{name}(gi, P, Pt, X, Y, done):
             for t in range(T.shape[1]):
                 for l in range(Rg):
                     B[b, t, l] = T[b, t, l]
-    M = X.shape[0]
+"""
+
+# gemm_s and gemm_i8: 16 rows of W at a time, the rows of x in blocks of 4, 2 or 1.
+_ROW_BLOCKS = """
+def {kind}_{name}(gi, P, Pt, {xargs}, Y, done):
+    # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _{KIND}).
+{group}    M = Y.shape[0]
     row0 = gi * {R}
     for r in range(0, Rg, 16):
         n = min(16, Rg - r)
@@ -294,6 +291,16 @@ def gemm_s_{name}(gi, P, Pt, X, Y, done):
     done[0] = 1
 """
 
+# gemm_s: the rows of x in register blocks. Per 16 rows of W (one F32X16 vector, llvm_bits.py)
+# and a block of up to 4 rows of x, each element of W is decoded once (exactly, as deq_t
+# does) and multiplied into each row's accumulators, held in registers, x broadcast from
+# memory: 4 rows cost one decode and 4 FMAs per 16 weights where a GEMV per row costs 4
+# decodes and 4 FMAs. Rows of x go in blocks of 4, then 2 or 1 for what is left (a block's
+# missing row repeats its last row and is not stored; blocks of 8 rows were faster at M = 8
+# but doubled the compile time, BENCHMARKS.md). Summation, per row: per 16 elements C chains
+# (C = 2, or 4 for a single row, whose chains would otherwise wait on the FMA latency) summed
+# pairwise and added to the row's accumulator: depth 16/C + log2(C) + K/16 - 1 <= 8 + K/16,
+# the bound tests/backends/cpu/test_qlinear.py holds.
 _ROWS = """{xrows}
 {zeros}
 for b in range(nb):
@@ -325,6 +332,13 @@ def _pairwise(terms: list[str]) -> str:
     return terms[0]
 
 
+def _stores(mb: int) -> str:
+    """Store lanes 0 .. n - 1 of each row's accumulator y{i} (the rows that exist)."""
+    return "\n".join(["for l in range(n):\n    Y[m0, row0 + r + l] = lane(y0, l)"] + [
+        f"if left > {i}:\n    for l in range(n):\n        Y[m0 + {i}, row0 + r + l] = lane(y{i}, l)"
+        for i in range(1, mb)])
+
+
 def _gemm_rows(t: QT, mb: int) -> str:
     """The body of gemm_s for a block of mb rows of x (m0 .. m0 + mb - 1, clamped to left)."""
     f = FORMATS[t]
@@ -342,9 +356,6 @@ def _gemm_rows(t: QT, mb: int) -> str:
                                        if qoff and not f.has_bias else "")
     rows, chains = range(mb), range(4 if mb == 1 else 2)
     xrows = ["x0 = X[m0]"] + [f"x{i} = X[m0 + min({i}, left - 1)]" for i in rows[1:]]
-    stores = ["for l in range(n):\n    Y[m0, row0 + r + l] = lane(y0, l)"] + [
-        f"if left > {i}:\n    for l in range(n):\n        Y[m0 + {i}, row0 + r + l] = lane(y{i}, l)"
-        for i in rows[1:]]
     c = len(chains)
 
     def weights(h) -> str:
@@ -376,7 +387,81 @@ def _gemm_rows(t: QT, mb: int) -> str:
         NU=f.units_per_block, U=f.unit, xrows="\n".join(xrows),
         zeros="\n".join(f"y{i} = vzero()" for i in rows),
         pre=_indent(_vector(_Q_CODE[t][0] or "pass"), 8), scale=_indent(scale, 8),
-        halves=_indent(halves, 8), stores="\n".join(stores))
+        halves=_indent(halves, 8), stores=_stores(mb))
+    return _indent(body, 16)
+
+
+# gemm_i8: x as int8 codes per 32 values with a float32 scale (int8_activations.py), the
+# weights' integer codes multiplied by them exactly in int32, four at a time per lane
+# (AVX-512 VNNI's vpdpbusd, llvm_bits.dot4), and scaled once per unit of W:
+#     sum_j w_j x_j ~ a d (sum_j q_j xq_j + QOFF S) + c d S,   S = sum_j xq_j
+# for the unit's scale a, bias c, code offset QOFF and the block's scale d. A lane holds one
+# row of W and 4 consecutive codes (llvm_bits.quad gathers 4 byte planes); codes are
+# unsigned bytes (Q8_0's are flipped to code + 128, which the offset takes back). Per row of
+# x the integer sums are exact and the float work per unit is the same whatever the block of
+# rows, so a row's output does not depend on M (a verify step gives what decode gives).
+# _I8_CODE[t]: (statements per unit, statements per group g of 4 codes, [(codes of the
+# group, offset of their first element in the unit)], groups per unit); {qs}, {qh} are
+# the fields' byte offsets.
+_I8_NIBBLES = ("", "v = quad(blk, {qs} + 4 * g, r)",
+               [("qfield(v, 0, 15)", "4 * g"), ("qfield(v, 4, 15)", "16 + 4 * g")], 4)
+_I8_FIFTH_BITS = ("h = quad(blk, {qh}, r)", "v = quad(blk, {qs} + 4 * g, r)",
+                  [("qor(qfield(v, 0, 15), qspread(h, 4 * g), 4)", "4 * g"),
+                   ("qor(qfield(v, 4, 15), qspread(h, 16 + 4 * g), 4)", "16 + 4 * g")], 4)
+_I8_CODE = {
+    QT.Q4_0: _I8_NIBBLES, QT.Q4_1: _I8_NIBBLES,
+    QT.Q5_0: _I8_FIFTH_BITS, QT.Q5_1: _I8_FIFTH_BITS,
+    QT.Q8_0: ("", "", [("qflip(quad(blk, {qs} + 4 * g, r))", "4 * g")], 8),
+    # sub-block u: nibble (u & 1) of qs[32 (u >> 1) + J] (as _q_code)
+    QT.Q4_K: ("qa = {qs} + 32 * (u >> 1)\nsa = 4 * (u & 1)", "",
+              [("qfield(quad(blk, qa + 4 * g, r), sa, 15)", "4 * g")], 8),
+    QT.Q6_K: ("qa = {qs} + 64 * (u >> 3) + 32 * ((u >> 1) & 1) + 16 * (u & 1)\n"
+              "sa = 4 * ((u >> 2) & 1)\nqb = {qh} + 32 * (u >> 3) + 16 * (u & 1)\n"
+              "sb = 2 * ((u >> 1) & 3)", "",
+              [("qor(qfield(quad(blk, qa + 4 * g, r), sa, 15), "
+                "qfield(quad(blk, qb + 4 * g, r), sb, 3), 4)", "4 * g")], 4),
+}
+#: The GGML types with a gemm_i8 kernel.
+I8_TYPES = tuple(_I8_CODE)
+
+
+def _i8_rows(t: QT, mb: int) -> str:
+    """The body of gemm_i8 for a block of mb rows of x (as _gemm_rows)."""
+    f = FORMATS[t]
+    fields = {"qs": f.qs.offset, "qh": f.qh.offset if f.qh else None}
+    pre, per_group, codes, groups = _I8_CODE[t]
+    offset = float(f.code_offset) - (128.0 if f.signed_codes else 0.0)
+    rows = range(mb)
+    lines = []
+    for i in rows:
+        m = "m0" if i == 0 else f"m0 + min({i}, left - 1)"
+        lines.append(f"q{i} = XQ[{m}]\nd{i} = DX[{m}]\ns{i} = XS[{m}]\ny{i} = vzero()")
+    unit = [pre.format(**fields)] if pre else []
+    unit.append(_vector(_SCALE_CODE[t]))
+    unit += [f"a{i}_{c} = izero()" for i in rows for c in (0, 1)]
+    n = 0
+    for g in range(groups):
+        if per_group:
+            unit.append(re.sub(r"\bg\b", str(g), per_group.format(**fields)))
+        for code, first in codes:
+            unit.append("w = " + re.sub(r"\bg\b", str(g), code.format(**fields)))
+            off = eval(first, {"g": g})
+            unit += [f"a{i}_{n % 2} = dot4(a{i}_{n % 2}, w, at(q{i}, (base + {off}) >> 2))"
+                     for i in rows]
+            n += 1
+    sums = "at(s{i}, base >> 4)" + (" + at(s{i}, (base >> 4) + 1)" if f.unit == 32 else "")
+    for i in rows:
+        unit.append(f"dd = at(d{i}, base >> 5)\nss = np.float32({sums.format(i=i)})")
+        acc = f"(tofloat(a{i}_0) + tofloat(a{i}_1))"
+        if offset:
+            acc = f"({acc} + np.float32({offset}) * ss)"
+        unit.append(f"y{i} = fma(a * dd, {acc}, y{i})")
+        if f.has_bias:
+            unit.append(f"y{i} = fma(c, dd * ss, y{i})")
+    body = "\n".join(lines) + (
+        f"\nfor b in range(nb):\n    blk = B[b]\n    for u in range({f.units_per_block}):\n"
+        f"        base = (b * {f.units_per_block} + u) * {f.unit}\n"
+        + _indent("\n".join(unit), 8) + "\n" + _stores(mb))
     return _indent(body, 16)
 
 
@@ -387,6 +472,9 @@ GUFUNCS = {
               "(),(a,b,c,d),(e,f,g,h),(k),(n)->()", True),
     "gemm_s": (f"void(int64, {_P4}, {_P4}, float32[:, ::1], float32[:, ::1], int8[:])",
                "(),(a,b,c,d),(e,f,g,h),(m,k),(p,n)->()", False),
+    "gemm_i8": (f"void(int64, {_P4}, {_P4}, int32[:, ::1], float32[:, ::1], int32[:, ::1], "
+                f"float32[:, ::1], int8[:])", "(),(a,b,c,d),(e,f,g,h),(m,k),(m,j),(m,i),(p,n)->()",
+                False),
     "deq_t": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
               "(),(),(a,b,c,d),(e,f,g,h),(k,n)->()", False),
     "deq_rows": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
@@ -409,7 +497,7 @@ _HEADER = (
     '"""numba kernels generated by diptych.backends.torch.cpu.kernel_source (do not edit)."""\n'
     "import numpy as np\n"
     "from diptych.backends.torch.cpu.llvm_bits import (bits, bits2, i8, f16, rint, at, fma, lane,\n"
-    "                                                      ld, vzero)\n"
+    "    ld, vzero, quad, qfield, qspread, qor, qflip, dot4, izero, tofloat)\n"
     "C0, C1, C2, C3, C4 = (np.float32(c) for c in {0!r})\n"
 ).format(tuple(_IQ4_POLY))
 
@@ -431,5 +519,10 @@ def kernel_source(ggml_type) -> str:
         name=t.name, U=f.unit, NU=f.units_per_block, QOFF=qoff, R=R, wval=wval,
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
         pre12=_indent(pre, 12),
-        scale12=_indent(_SCALE_CODE[t], 12)) + _GEMM_S.format(
-        name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1))
+        scale12=_indent(_SCALE_CODE[t], 12)) + _ROW_BLOCKS.format(
+        kind="gemm_s", KIND="ROWS", xargs="X", group=_VECTOR_GROUP,
+        name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1)) + (
+        _ROW_BLOCKS.format(kind="gemm_i8", KIND="I8_CODE", xargs="XQ, DX, XS",
+                           group=_VECTOR_GROUP, name=t.name, R=R, rows4=_i8_rows(t, 4),
+                           rows2=_i8_rows(t, 2), rows1=_i8_rows(t, 1))
+        if t in I8_TYPES else "")

@@ -5,7 +5,7 @@ numba types uint8 & int as int64, which makes LLVM vectorize with 8 lanes and vc
 these emit 32-bit integer ops that vectorize to 16 lanes. The generated kernel source
 (kernel_source.py) imports them by this module's path.
 
-Vectors: `F32X16` (16 float32) and `U8X16` (16 bytes) are numba types held in one LLVM
+Vectors: `F32X16` (16 float32), `U8X16` (16 bytes) and `I32X16` are numba types held in one LLVM
 vector (a zmm register on AVX-512, two ymm on AVX2). `ld` reads 16 rows' copies of one block
 byte (repack.py's layout); `bits`, `bits2`, `i8` and `f16` decode them lane by lane exactly as
 they decode a scalar byte; `+ - *`, unary minus and `rint` work on vectors and on a vector
@@ -14,6 +14,13 @@ reference does. `fma` multiplies and adds with one rounding; `at` reads one floa
 `fma` broadcasts and LLVM folds into the instruction's memory operand. Code written with them
 stays vectorized whatever LLVM's loop vectorizer decides (it declined the multi-row loops: too
 many runtime alias checks between the accumulators, x and the weight bytes).
+
+Integer dot products (the int8-activation kernel, AVX-512 VNNI only): `quad` reads four
+consecutive byte planes for 16 rows as an I32X16 whose lane holds one row's 4 bytes;
+`qfield`, `qspread`, `qor` and `qflip` decode the codes of all 64 bytes at once (bit fields that stay
+inside their byte); `dot4` multiplies them, as unsigned bytes, by 4 signed bytes of x
+broadcast, and adds each lane's 4 products to its int32 accumulator (vpdpbusd); `tofloat`
+converts the accumulators.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["bits", "bits2", "i8", "f16", "rint", "F32X16", "U8X16", "ld", "at", "vzero", "fma",
-           "lane"]
+__all__ = ["bits", "bits2", "i8", "f16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at", "vzero",
+           "fma", "lane", "quad", "qfield", "qspread", "qor", "qflip", "dot4", "izero",
+           "tofloat"]
 
 LANES = 16
 _I32 = ir.IntType(32)
@@ -42,6 +50,7 @@ class _Vector(types.Type):
 
 F32X16 = _Vector("f32x16", _F32)
 U8X16 = _Vector("u8x16", ir.IntType(8))
+I32X16 = _Vector("i32x16", _I32)
 
 
 @register_model(_Vector)
@@ -181,10 +190,10 @@ def ld(typingctx, arr, row, col):
 
 @intrinsic
 def at(typingctx, arr, i):
-    """arr[i] of a contiguous 1-D float32 array, for 0 <= i < len(arr) (numba's indexing
-    adds a compare and a select per access to wrap negative indices)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
-            and arr.layout == "C" and isinstance(i, types.Integer)):
+    """arr[i] of a contiguous 1-D float32 or int32 array, for 0 <= i < len(arr) (numba's
+    indexing adds a compare and a select per access to wrap negative indices)."""
+    if not (isinstance(arr, types.Array) and arr.dtype in (types.float32, types.int32)
+            and arr.ndim == 1 and arr.layout == "C" and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -192,7 +201,7 @@ def at(typingctx, arr, i):
         return builder.load(builder.gep(a.data, [context.cast(builder, args[1], sig.args[1],
                                                               types.intp)]))
 
-    return types.float32(arr, i), codegen
+    return arr.dtype(arr, i), codegen
 
 
 @intrinsic
@@ -303,3 +312,136 @@ def rint(typingctx, a):
         return builder.call(fn, list(args))
 
     return a(a), codegen
+
+
+# --- integer dot products (AVX-512 VNNI) ---------------------------------------------------
+@intrinsic
+def quad(typingctx, arr, row, col):
+    """Bytes arr[row:row + 4, col:col + 16] of a 2-D uint8 array with contiguous rows, as
+    16 lanes of 4 bytes: lane l holds arr[row + i, col + l] in its byte i. No bounds check."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        stride0 = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+        row = context.cast(builder, args[1], sig.args[1], types.intp)
+        col = context.cast(builder, args[2], sig.args[2], types.intp)
+        planes = []
+        for i in range(4):
+            off = builder.add(builder.mul(builder.add(row, ir.Constant(row.type, i)), stride0),
+                              col)
+            p = builder.bitcast(builder.gep(a.data, [off]), U8X16.llvm_type.as_pointer())
+            planes.append(builder.load(p, align=1))
+
+        def mask(n, order):
+            return ir.Constant(ir.VectorType(_I32, n), order)
+
+        lo = builder.shuffle_vector(planes[0], planes[1], mask(32, list(range(32))))
+        hi = builder.shuffle_vector(planes[2], planes[3], mask(32, list(range(32))))
+        v = builder.shuffle_vector(lo, hi, mask(64, [16 * i + l for l in range(LANES)
+                                                     for i in range(4)]))
+        return builder.bitcast(v, I32X16.llvm_type)
+
+    return I32X16(arr, row, col), codegen
+
+
+def _int_splat(builder, value: int):
+    return ir.Constant(I32X16.llvm_type, [value] * LANES)
+
+
+@intrinsic
+def qfield(typingctx, v, shift, mask):
+    """(b >> shift) & mask for every byte b of an I32X16, for bit fields inside a byte
+    (mask < 2 ** (8 - shift))."""
+    if v != I32X16 or not (isinstance(shift, types.Integer) and isinstance(mask, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sh = _splat(builder, _to_i32(context, builder, args[1], sig.args[1]), v.llvm_type)
+        mk = _to_i32(context, builder, args[2], sig.args[2])
+        mk = builder.mul(mk, ir.Constant(_I32, 0x01010101))
+        return builder.and_(builder.lshr(args[0], sh), _splat(builder, mk, v.llvm_type))
+
+    return I32X16(v, shift, mask), codegen
+
+
+@intrinsic
+def qspread(typingctx, h, shift):
+    """Bit i of (h >> shift) into bit 0 of byte i, i < 4, per lane of an I32X16 (Q5's fifth
+    bits: the multiply puts bit i at bits i + 7j, which no other (i, j) reaches, and the
+    mask keeps j = i)."""
+    if h != I32X16 or not isinstance(shift, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sh = _splat(builder, _to_i32(context, builder, args[1], sig.args[1]), h.llvm_type)
+        v = builder.and_(builder.lshr(args[0], sh), _int_splat(builder, 0xF))
+        v = builder.mul(v, _int_splat(builder, 0x00204081))
+        return builder.and_(v, _int_splat(builder, 0x01010101))
+
+    return I32X16(h, shift), codegen
+
+
+@intrinsic
+def qor(typingctx, a, b, shl):
+    """a | (b << shl) for I32X16s whose shifted bytes stay inside their byte."""
+    if not (a == b == I32X16 and isinstance(shl, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sh = _splat(builder, _to_i32(context, builder, args[2], sig.args[2]), a.llvm_type)
+        return builder.or_(args[0], builder.shl(args[1], sh))
+
+    return I32X16(a, b, shl), codegen
+
+
+@intrinsic
+def qflip(typingctx, v):
+    """Each byte b of an I32X16 as b ^ 0x80: an int8 code read as unsigned is code + 128."""
+    if v != I32X16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.xor(args[0], _int_splat(builder, -0x7F7F7F80))  # 0x80808080
+
+    return I32X16(v), codegen
+
+
+@intrinsic
+def dot4(typingctx, acc, w, x4):
+    """acc + (the 4 unsigned bytes of each lane of w) . (the 4 signed bytes of the int32 x4),
+    per lane (vpdpbusd: exact, no saturation)."""
+    if not (acc == w == I32X16 and isinstance(x4, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = I32X16.llvm_type
+        # the <16 x i32> operand form; newer LLVMs upgrade it to their <64 x i8> one
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        x = _splat(builder, _to_i32(context, builder, args[2], sig.args[2]), ty)
+        return builder.call(fn, [args[0], args[1], x])
+
+    return I32X16(acc, w, x4), codegen
+
+
+@intrinsic
+def izero(typingctx):
+    """An I32X16 of zeros."""
+    def codegen(context, builder, sig, args):
+        return _int_splat(builder, 0)
+
+    return I32X16(), codegen
+
+
+@intrinsic
+def tofloat(typingctx, v):
+    """An I32X16 converted to F32X16 (exact below 2 ** 24)."""
+    if v != I32X16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], F32X16.llvm_type)
+
+    return F32X16(v), codegen

@@ -16,10 +16,15 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
                  weights, faster than gemv1 for every type but IQ4_NL (BENCHMARKS.md).
   "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
                  calling thread) and multiply with torch.mm (MKL).
+  "gemm_i8"      in inference steps, where DISPATCH says gemm_s, on CPUs with AVX-512 VNNI:
+                 x as int8 codes per 32 values (int8_activations.py), integer dot products
+                 against the weights' codes, scaled per unit (kernel_source.py, _I8_CODE).
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
-Exactness: activations stay fp32 (never quantized to 8 bits as llama.cpp does); outputs are
-within a few fp32 ulps of x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|);
-dequantize() and embed_rows() are bit-exact with gguf.quants.dequantize.
+Exactness: outside gemm_i8 activations stay fp32 and outputs are within a few fp32 ulps of
+x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|); gemm_i8 is within the same bound
+of x8 @ dequant(W).T, x8 the 8-bit rounding of x (llama.cpp's way, the error that of
+rounding x), and gives each row of x the same output whatever M; dequantize() and
+embed_rows() are bit-exact with gguf.quants.dequantize.
 
 Threads: numba runs the kernels on its own OpenMP pool (a second libgomp next to torch's).
 Numba's thread count is per calling thread; every call sets it to torch.get_num_threads(),
@@ -40,7 +45,9 @@ from diptych.quant import QuantTensor
 from diptych.quant.formats import FLOAT_TYPES, FORMATS
 
 from ..grad_ops import records
+from . import int8_activations
 from .kernel_cache import kernel
+from .kernel_source import I8_TYPES
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
 from .threads import numba_threads, set_numba_threads, sync_numba_threads
@@ -84,8 +91,9 @@ class QuantLinear:
     byte are adjacent; see repack.py) and never expanded to float as a whole. F32 is held as
     a float32 tensor, F16/BF16 in their own dtype.
 
-    forward(x): (M, K) float32 -> (M, N) float32 with fp32 accumulation; activations are never
-    quantized. Differentiable in x (grad_x = grad_y @ W); the weight is frozen.
+    forward(x): (M, K) float32 -> (M, N) float32; activations are quantized to int8 only by
+    gemm_i8 (inference steps, see the module docstring). Differentiable in x
+    (grad_x = grad_y @ W); the weight is frozen.
     """
 
     def __init__(self, name: str, ggml_type: QT, shape: tuple[int, int], *,
@@ -99,6 +107,8 @@ class QuantLinear:
         self._gidx = (np.arange(n_groups(self._P, self._Pt), dtype=np.int64)
                       if packed is not None else None)
         self._kernels: dict[str, object] = {}  # path -> its kernel, looked up once
+        # gemm_i8 in inference steps (numerics "fast"; the backend turns it off for "exact")
+        self.int8 = self.ggml_type in I8_TYPES and int8_activations.ENABLED
         n, k = self.shape
         rows = max(R, (TILE_BYTES // (4 * max(k, 1))) // R * R)
         self._rows_per_tile = min(rows, -(-n // R) * R)
@@ -192,7 +202,7 @@ class QuantLinear:
             return torch.empty((0, self.shape[0]), dtype=torch.float32)
         if not self.quantized:
             return self._tiled(torch.from_numpy(xn))
-        return self._run(path_for(self.ggml_type, m), xn)
+        return self._run(self._path(m), xn)
 
     def _run(self, path: str, xn: np.ndarray) -> torch.Tensor:
         """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
@@ -206,8 +216,16 @@ class QuantLinear:
         `forward`'s checks and tensor conversions."""
         if self._P is None:
             return None
-        path = path_for(self.ggml_type, xn.shape[0])
+        path = self._path(xn.shape[0])
         return None if path == "tiles" else self._kernel_rows(path, xn)
+
+    def _path(self, m: int) -> str:
+        """DISPATCH's path for m rows of x, gemm_s taken by gemm_i8 in inference steps where
+        the CPU has it (training keeps fp32 in all its passes)."""
+        path = path_for(self.ggml_type, m)
+        if path == "gemm_s" and self.int8 and torch.is_inference_mode_enabled():
+            return "gemm_i8"
+        return path
 
     def _kernel_rows(self, path: str, xn: np.ndarray) -> np.ndarray:
         sync_numba_threads(torch.get_num_threads())
@@ -218,6 +236,9 @@ class QuantLinear:
         if path == "gemv1":
             for i in range(xn.shape[0]):
                 run(self._gidx, self._P, self._Pt, xn[i], y[i])
+        elif path == "gemm_i8":
+            q, d, s = int8_activations.quantize_rows(xn)
+            run(self._gidx, self._P, self._Pt, q.view(np.int32), d, s, y)
         else:
             run(self._gidx, self._P, self._Pt, xn, y)
         return y
