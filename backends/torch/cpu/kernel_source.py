@@ -415,6 +415,17 @@ _I8_CODE = {
     # sub-block u: nibble (u & 1) of qs[32 (u >> 1) + J] (as _q_code)
     QT.Q4_K: ("qa = {qs} + 32 * (u >> 1)\nsa = 4 * (u & 1)", "",
               [("qfield(quad(blk, qa + 4 * g, r), sa, 15)", "4 * g")], 8),
+    # as _q_code: element 128n+32t+l, unit u of 16: bits 2t.. of qs[32n + l] (Q3_K: and
+    # bit 4n+t of hmask[l]); Q5_K: Q4_K's nibbles and bit u of qh[J]
+    QT.Q2_K: ("qa = {qs} + 32 * (u >> 3) + 16 * (u & 1)\nsa = 2 * ((u >> 1) & 3)", "",
+              [("qfield(quad(blk, qa + 4 * g, r), sa, 3)", "4 * g")], 4),
+    QT.Q3_K: ("qa = {qs} + 32 * (u >> 3) + 16 * (u & 1)\nsa = 2 * ((u >> 1) & 3)\n"
+              "qb = {qh} + 16 * (u & 1)\nsb = 4 * (u >> 3) + ((u >> 1) & 3)", "",
+              [("qor(qfield(quad(blk, qa + 4 * g, r), sa, 3), "
+                "qfield(quad(blk, qb + 4 * g, r), sb, 1), 2)", "4 * g")], 4),
+    QT.Q5_K: ("qa = {qs} + 32 * (u >> 1)\nsa = 4 * (u & 1)", "",
+              [("qor(qfield(quad(blk, qa + 4 * g, r), sa, 15), "
+                "qfield(quad(blk, {qh} + 4 * g, r), u, 1), 4)", "4 * g")], 8),
     QT.Q6_K: ("qa = {qs} + 64 * (u >> 3) + 32 * ((u >> 1) & 1) + 16 * (u & 1)\n"
               "sa = 4 * ((u >> 2) & 1)\nqb = {qh} + 32 * (u >> 3) + 16 * (u & 1)\n"
               "sb = 2 * ((u >> 1) & 3)", "",
