@@ -274,7 +274,7 @@ def {kind}_{name}(gi, P, Pt, {xargs}, Y, done):
     # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _{KIND}).
 {group}    M = Y.shape[0]
     row0 = gi * {R}
-    for r in range(0, Rg, 16):
+{whole}    for r in range(0, Rg, 16):
         n = min(16, Rg - r)
         m0 = 0
         while m0 < M:
@@ -436,44 +436,89 @@ _I8_CODE = {
 I8_TYPES = tuple(_I8_CODE)
 
 
-def _i8_rows(t: QT, mb: int) -> str:
-    """The body of gemm_i8 for a block of mb rows of x (as _gemm_rows)."""
+def _i8_unit(t: QT, rows: range, cols: list[tuple[str, str]]) -> list[str]:
+    """gemm_i8's statements for one unit of a block: for each row i of x and each 16-row
+    slice (name suffix, first lane) of W in cols, the unit's integer dot products and their
+    scaling into y{i}{suffix}."""
     f = FORMATS[t]
     fields = {"qs": f.qs.offset, "qh": f.qh.offset if f.qh else None}
     pre, per_group, codes, groups = _I8_CODE[t]
     offset = float(f.code_offset) - (128.0 if f.signed_codes else 0.0)
-    rows = range(mb)
+    sums = "at(s{i}, base >> 4)" + (" + at(s{i}, (base >> 4) + 1)" if f.unit == 32 else "")
+    unit = []
+    for sfx, col in cols:
+        def at_col(code: str) -> str:
+            return re.sub(r", r\)", f", {col})", code)
+
+        if pre:
+            unit.append(at_col(pre.format(**fields)))
+        unit.append(at_col(_vector(_SCALE_CODE[t])))
+        unit += [f"a{i}_{c} = izero()" for i in rows for c in (0, 1)]
+        n = 0
+        for g in range(groups):
+            if per_group:
+                unit.append(at_col(re.sub(r"\bg\b", str(g), per_group.format(**fields))))
+            for code, first in codes:
+                unit.append("w = " + at_col(re.sub(r"\bg\b", str(g), code.format(**fields))))
+                off = eval(first, {"g": g})
+                unit += [f"a{i}_{n % 2} = dot4(a{i}_{n % 2}, w, at(q{i}, (base + {off}) >> 2))"
+                         for i in rows]
+                n += 1
+        for i in rows:
+            unit.append(f"dd = at(d{i}, base >> 5)\nss = np.float32({sums.format(i=i)})")
+            acc = f"(tofloat(a{i}_0) + tofloat(a{i}_1))"
+            if offset:
+                acc = f"({acc} + np.float32({offset}) * ss)"
+            unit.append(f"y{i}{sfx} = fma(a * dd, {acc}, y{i}{sfx})")
+            if f.has_bias:
+                unit.append(f"y{i}{sfx} = fma(c, dd * ss, y{i}{sfx})")
+    return unit
+
+
+def _i8_blocks(t: QT, unit: list[str]) -> str:
+    f = FORMATS[t]
+    return (f"for b in range(nb):\n    blk = B[b]\n    for u in range({f.units_per_block}):\n"
+            f"        base = (b * {f.units_per_block} + u) * {f.unit}\n"
+            + _indent("\n".join(unit), 8))
+
+
+def _i8_x_rows(rows: range, ys: list[str]) -> str:
     lines = []
     for i in rows:
         m = "m0" if i == 0 else f"m0 + min({i}, left - 1)"
-        lines.append(f"q{i} = XQ[{m}]\nd{i} = DX[{m}]\ns{i} = XS[{m}]\ny{i} = vzero()")
-    unit = [pre.format(**fields)] if pre else []
-    unit.append(_vector(_SCALE_CODE[t]))
-    unit += [f"a{i}_{c} = izero()" for i in rows for c in (0, 1)]
-    n = 0
-    for g in range(groups):
-        if per_group:
-            unit.append(re.sub(r"\bg\b", str(g), per_group.format(**fields)))
-        for code, first in codes:
-            unit.append("w = " + re.sub(r"\bg\b", str(g), code.format(**fields)))
-            off = eval(first, {"g": g})
-            unit += [f"a{i}_{n % 2} = dot4(a{i}_{n % 2}, w, at(q{i}, (base + {off}) >> 2))"
-                     for i in rows]
-            n += 1
-    sums = "at(s{i}, base >> 4)" + (" + at(s{i}, (base >> 4) + 1)" if f.unit == 32 else "")
-    for i in rows:
-        unit.append(f"dd = at(d{i}, base >> 5)\nss = np.float32({sums.format(i=i)})")
-        acc = f"(tofloat(a{i}_0) + tofloat(a{i}_1))"
-        if offset:
-            acc = f"({acc} + np.float32({offset}) * ss)"
-        unit.append(f"y{i} = fma(a * dd, {acc}, y{i})")
-        if f.has_bias:
-            unit.append(f"y{i} = fma(c, dd * ss, y{i})")
-    body = "\n".join(lines) + (
-        f"\nfor b in range(nb):\n    blk = B[b]\n    for u in range({f.units_per_block}):\n"
-        f"        base = (b * {f.units_per_block} + u) * {f.unit}\n"
-        + _indent("\n".join(unit), 8) + "\n" + _stores(mb))
+        lines.append(f"q{i} = XQ[{m}]\nd{i} = DX[{m}]\ns{i} = XS[{m}]")
+    return "\n".join(lines + [f"{y} = vzero()" for y in ys])
+
+
+def _i8_rows(t: QT, mb: int) -> str:
+    """The body of gemm_i8 for a block of mb rows of x (as _gemm_rows)."""
+    rows = range(mb)
+    body = (_i8_x_rows(rows, [f"y{i}" for i in rows]) + "\n"
+            + _i8_blocks(t, _i8_unit(t, rows, [("", "r")])) + "\n" + _stores(mb))
     return _indent(body, 16)
+
+
+# One row of x (decode) and a whole group: its 64 rows in one pass over the blocks, each
+# cache line of the weight used up as it arrives. Slice by slice (the loop over r), the
+# first slice streams the weight from memory with only a quarter of the work to hide the
+# wait under, and the other three run from the caches (BENCHMARKS.md, issue 14's int8
+# section).
+_I8_DECODE = """    if M == 1 and Rg == {R}:  # one row of x, a whole group: all its rows in one pass
+        m0 = 0
+        left = 1
+{body}
+        done[0] = 1
+        return
+"""
+
+
+def _i8_decode(t: QT) -> str:
+    cols = [(f"_{s}", str(16 * s)) for s in range(R // 16)]
+    stores = "\n".join(f"for l in range(16):\n    Y[0, row0 + {16 * s} + l] = lane(y0_{s}, l)"
+                        for s in range(R // 16))
+    body = (_i8_x_rows(range(1), [f"y0{sfx}" for sfx, _ in cols]) + "\n"
+            + _i8_blocks(t, _i8_unit(t, range(1), cols)) + "\n" + stores)
+    return _I8_DECODE.format(R=R, body=_indent(body, 8))
 
 
 _P4 = "uint8[:, :, :, ::1]"
@@ -531,9 +576,10 @@ def kernel_source(ggml_type) -> str:
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
         pre12=_indent(pre, 12),
         scale12=_indent(_SCALE_CODE[t], 12)) + _ROW_BLOCKS.format(
-        kind="gemm_s", KIND="ROWS", xargs="X", group=_VECTOR_GROUP,
+        kind="gemm_s", KIND="ROWS", xargs="X", group=_VECTOR_GROUP, whole="",
         name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1)) + (
         _ROW_BLOCKS.format(kind="gemm_i8", KIND="I8_CODE", xargs="XQ, DX, XS",
-                           group=_VECTOR_GROUP, name=t.name, R=R, rows4=_i8_rows(t, 4),
+                           group=_VECTOR_GROUP, whole=_i8_decode(t), name=t.name, R=R,
+                           rows4=_i8_rows(t, 4),
                            rows2=_i8_rows(t, 2), rows1=_i8_rows(t, 1))
         if t in I8_TYPES else "")
