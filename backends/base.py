@@ -373,10 +373,11 @@ class Backend(ABC):
         that the user waits for (`what` says what, briefly), and `listener(None)` when that
         is done; None removes it. By default nothing is compiled worth saying so."""
 
-    def use_exact_products(self) -> None:
-        """Multiply the weights prepared from now on by the activations at their own
-        precision, never rounded for speed; `load(numerics="exact")` sets it. Backends
-        whose products are always exact need not override it."""
+    def use_fast_products(self) -> None:
+        """Take the fastest products for the weights prepared from now on, activations
+        rounded where the hardware multiplies rounded ones faster (`load(numerics="fast")`
+        sets it). Backends without such products need not override it: theirs stay
+        exact."""
 
     def use_llama_cpp_rounding(self) -> None:
         """Round as llama.cpp's CPU backend does around the products of weights prepared

@@ -12,8 +12,8 @@ decode: 128 greedy tokens after it. Load: the constructor
 
 --context N: the prompt before the decoded tokens (2048: decode at a long context).
 
---fp32: also diptych with DIPTYCH_CPU_INT8=0 (fp32 activations everywhere, as numerics
-"exact"), printed as "diptych-fp32": on a CPU with AVX-512 VNNI, the int8 kernels' gain.
+--fast: also diptych with numerics "fast" (`load(numerics="fast")`, `diptych run --fast`),
+printed as "diptych-fast": on a CPU with AVX-512 VNNI, int8 activations.
 
 --jitter: diptych alone, decoding on the main thread at 1 and 2 threads while one other
 process keeps a core busy; per-token median, worst token, and how many tokens took more
@@ -53,12 +53,12 @@ def n_ctx() -> int:
     return max(1024, PROMPT_TOKENS + GEN_TOKENS)
 
 
-def run_diptych(path: str, threads: int) -> dict:
+def run_diptych(path: str, threads: int, numerics: str = "exact") -> dict:
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import diptych
 
     t0 = time.perf_counter()
-    model = diptych.load(path, n_ctx=n_ctx())
+    model = diptych.load(path, n_ctx=n_ctx(), numerics=numerics)
     load_s = time.perf_counter() - t0
     prompt = random_prompt(model.config.vocab_size, PROMPT_TOKENS)
     model.engine.backend.to_numpy(model.engine.eval(prompt[:8])).argmax()
@@ -108,21 +108,17 @@ LLAMA_CPP_RUN = ("import sys; from llama_cpp import Llama; "
                  ".create_completion('hi', max_tokens=1)")
 
 
-def runtime_env(runtime: str, threads: int) -> dict:
-    env = dict(os.environ, DIPTYCH_THREADS=str(threads))
-    if runtime == "diptych-fp32":
-        env["DIPTYCH_CPU_INT8"] = "0"
-    return env
-
-
 def whole_process_s(runtime: str, path: str, threads: int) -> float:
     """Wall time of one process that loads the model and answers "hi" with one token."""
     if runtime.startswith("diptych"):
         cmd = [sys.executable, "-m", "diptych.cli", "run", path, "hi", "--max-tokens", "1"]
+        if runtime == "diptych-fast":
+            cmd.append("--fast")
     else:
         cmd = [sys.executable, "-c", LLAMA_CPP_RUN, path, str(threads)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=runtime_env(runtime, threads), check=True, capture_output=True)
+    env = dict(os.environ, DIPTYCH_THREADS=str(threads))
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -167,8 +163,8 @@ def jitter(models: list[str]) -> None:
 
 
 def child(runtime: str, model: str, threads: int) -> None:
-    fn = {"diptych": run_diptych, "diptych-fp32": run_diptych, "llama.cpp": run_llama_cpp,
-          "jitter": run_jitter}[runtime]
+    fn = {"diptych": run_diptych, "diptych-fast": lambda p, t: run_diptych(p, t, "fast"),
+          "llama.cpp": run_llama_cpp, "jitter": run_jitter}[runtime]
     out = fn(model_path(model), threads)
     out["peak_rss_mib"] = peak_rss_bytes() / (1 << 20)
     print(json.dumps(out))
@@ -181,8 +177,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen2"])
     ap.add_argument("--context", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--jitter", action="store_true")
-    ap.add_argument("--fp32", action="store_true",
-                    help="also diptych with fp32 activations (DIPTYCH_CPU_INT8=0)")
+    ap.add_argument("--fast", action="store_true",
+                    help="also diptych with numerics 'fast' (int8 activations)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     PROMPT_TOKENS = args.context
@@ -197,11 +193,10 @@ def main() -> None:
           f"{'prefill t/s':>12s} {'decode t/s':>11s} {'peak RSS MiB':>13s}")
     for model in args.models:
         res = {}
-        for runtime in ("llama.cpp", "diptych") + (("diptych-fp32",) if args.fp32 else ()):
+        for runtime in ("llama.cpp", "diptych") + (("diptych-fast",) if args.fast else ()):
             proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
                                    "--context", str(args.context), "--child", runtime, model],
-                                  capture_output=True, text=True,
-                                  env=runtime_env(runtime, args.threads))
+                                  capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{runtime} on {model} failed:\n{proc.stderr[-2000:]}")
             res[runtime] = r = json.loads(proc.stdout.strip().splitlines()[-1])

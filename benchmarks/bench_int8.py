@@ -43,7 +43,7 @@ def main() -> None:
     print(f"threads={args.threads}, {args.tokens} steps of width {args.width}, "
           f"{args.rounds} rounds; ms per step, median (range)")
     for name in args.models:
-        model = diptych.load(model_path(name), n_ctx=1024)
+        model = diptych.load(model_path(name), n_ctx=1024, numerics="fast")
         engine = model.engine
         linears = [w for _, w in engine.weights.linears() if isinstance(w, QuantLinear) and w.int8]
         prompt = random_prompt(model.config.vocab_size, 32)

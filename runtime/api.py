@@ -254,7 +254,7 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          progress: Callable[[int, int], None] | None = None,
          adapter: str | Path | None = None,
          draft: str | Path | Model | None = None,
-         draft_max: int = DEFAULT_DRAFT_MAX, numerics: str = "fast") -> Model:
+         draft_max: int = DEFAULT_DRAFT_MAX, numerics: str = "exact") -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
     see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
@@ -265,10 +265,10 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     torch; "cpu", "gpu" for MLX; default: the best one present). `n_ctx` is the context (KV
     cache) size in tokens: by default the model's own, capped at 8192 and at a quarter of
     available memory. `progress(done, total)` receives bytes. `adapter`: a LoRA adapter to
-    use (see `Model.set_adapter`). `numerics`: "fast" (default: the backend's fastest
-    products; on a CPU with AVX-512 VNNI, activations rounded to 8 bits before quantized
-    weights, as llama.cpp does), "exact" (activations at their own precision) or
-    "llama.cpp", products rounded as llama.cpp's CPU backend rounds them, to compare figures
+    use (see `Model.set_adapter`). `numerics`: "exact" (default: activations at their own
+    precision), "fast" (the backend's fastest products: on a CPU with AVX-512 VNNI,
+    activations rounded to 8 bits before quantized weights, as llama.cpp does; outputs then
+    depend on how steps are cut and batched) or "llama.cpp", products rounded as llama.cpp's CPU backend rounds them, to compare figures
     with llama.cpp's (the torch backend on the CPU; see `diptych.numerics`).
 
     `draft`: a draft model for speculative decoding (a path, loaded on the same backend with

@@ -1,11 +1,14 @@
 """Which arithmetic a loaded model's products use: `load(numerics=...)`.
 
-"fast" (the default): each backend's fastest products. On a CPU with AVX-512 VNNI the torch
-backend rounds each inference step's activations to 8 bits per 32 values before a quantized
-weight and multiplies in integers (backends/torch/cpu/int8_activations.py), as llama.cpp
-does; everywhere else this is "exact". "exact": every backend multiplies the weights,
-exactly dequantized, by its activations at their own precision (reproducible across CPUs:
-what `diptych perplexity` measures with). "llama.cpp": the torch backend on the CPU rounds each
+"exact" (the default): every backend multiplies the weights, exactly dequantized, by its
+activations at their own precision. "fast": each backend's fastest products; on a CPU with
+AVX-512 VNNI the torch backend rounds each inference step's activations to 8 bits per 32
+values before a quantized weight and multiplies in integers
+(backends/torch/cpu/int8_activations.py), as llama.cpp does; elsewhere it is "exact". Not
+the default because rounding makes outputs depend on fp32-level differences: two runs
+whose steps were cut or batched differently (a server's batch, a speculative verify step,
+prompt chunks) differ by about the rounding's error instead of a few ulps, so their greedy
+texts part at close margins, not only at near-ties. "llama.cpp": the torch backend on the CPU rounds each
 product's input as llama.cpp's CPU backend does (8-bit blocks before a quantized weight,
 fp16 before an F16 one; backends/torch/cpu/llama_rounding.py), so that perplexities and
 logits compare with figures published from llama.cpp. With the default backend ("auto")
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from diptych.errors import InvalidArgumentError
 
-NUMERICS = ("fast", "exact", "llama.cpp")
+NUMERICS = ("exact", "fast", "llama.cpp")
 
 
 def check_numerics(numerics: str) -> None:
@@ -36,5 +39,5 @@ def apply_numerics(backend, numerics: str) -> None:
     """Set the backend up for `numerics` before any weight is prepared."""
     if numerics == "llama.cpp":
         backend.use_llama_cpp_rounding()
-    elif numerics == "exact":
-        backend.use_exact_products()
+    elif numerics == "fast":
+        backend.use_fast_products()

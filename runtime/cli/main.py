@@ -39,7 +39,8 @@ def _load(args):
         return load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
                     progress=progress, adapter=getattr(args, "adapter", None),
                     draft=getattr(args, "draft", None),
-                    draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX))
+                    draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX),
+                    numerics="fast" if getattr(args, "fast", False) else "exact")
 
 
 def _sampling(args) -> dict:
@@ -394,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "torch, on CUDA where a GPU is present)")
         sp.add_argument("--n-ctx", type=_positive_int, default=None,
                         help="context size in tokens (default: the model's, capped at 8192)")
+        sp.add_argument("--fast", action="store_true",
+                        help="on a CPU with AVX-512 VNNI, round activations to 8 bits before "
+                             "quantized products, as llama.cpp does: faster decoding; outputs "
+                             "then depend slightly on how steps are batched")
 
     def device_opt(sp):
         sp.add_argument("--device", default=None,

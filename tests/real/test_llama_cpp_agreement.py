@@ -60,3 +60,25 @@ def test_gemma3_past_its_sliding_window_agrees_with_llama_cpp(gemma3_path):
            for t in p.token_ids]
     result = greedy_check(got, ref, None)
     assert result["status"] in ("match", "tie"), result
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_numerics_agree_with_llama_cpp(name, request):
+    """numerics="fast" (int8 activations on a CPU with AVX-512 VNNI): the same teacher-forced
+    bars, and greedy tokens on the default model (the other two's greedy runs would add a
+    minute of CI for the same products)."""
+    from diptych.backends.torch.cpu import int8_activations
+
+    if not int8_activations.ENABLED:
+        pytest.skip("no int8 activations on this CPU")
+    path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen2": "qwen_path",
+                                    "gemma3": "gemma3_path"}[name])
+    model = diptych.load(path, backend="torch", n_ctx=2048, numerics="fast")
+    assert any(w.int8 for _, w in model.engine.weights.linears() if hasattr(w, "int8"))
+    ref = load_reference(name)
+    agree, kl = corpus_agreement(model, ref)
+    assert agree >= 0.99, f"top-1 outside near-ties {agree:.4f}"
+    mean_bound, p95_bound = KL_BOUNDS[name]
+    assert kl.mean() <= mean_bound and np.quantile(kl, 0.95) <= p95_bound
+    if name == "smollm2":
+        assert not greedy_failures(model, ref)

@@ -33,7 +33,7 @@ def test_perplexity_equals_llama_perplexity_on_the_same_weights(smollm2_path, mo
     ref = json.loads(FIXTURE.read_text())
     assert ref["model_file"] == Path(smollm2_path).name
     monkeypatch.setenv("DIPTYCH_KV_TYPE", "f32")
-    model = diptych.load(smollm2_path, backend="torch", n_ctx=ref["ctx"], numerics="exact")
+    model = diptych.load(smollm2_path, backend="torch", n_ctx=ref["ctx"])
     assert model.tokenize((FIXTURE.parent / "eval_corpus.txt").read_text(encoding="utf-8"),
                           special=False) == ref["tokens"]
     result = perplexity(model, ref["tokens"], ref["ctx"])

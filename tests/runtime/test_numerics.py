@@ -17,7 +17,7 @@ from diptych.quant import QuantTensor
 
 
 def test_unknown_numerics_is_refused():
-    with pytest.raises(InvalidArgumentError, match="'exact', 'llama.cpp'"):
+    with pytest.raises(InvalidArgumentError, match="'exact', 'fast', 'llama.cpp'"):
         check_numerics("llamacpp")
 
 

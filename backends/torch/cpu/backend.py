@@ -15,8 +15,9 @@ from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
-from . import decode_attention, decode_ops
+from . import decode_attention, decode_ops, int8_activations
 from .kernel_cache import set_compile_listener
+from .kernel_source import I8_TYPES
 from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
 from .qlinear import QuantLinear
@@ -51,7 +52,7 @@ class CpuBackend(TorchBackend):
         configure_threads()
         super().__init__("cpu", torch.float32, kv_type_from_env())
         self._linear_type = QuantLinear
-        self._int8 = True  # int8 activations where the CPU and the weight type have them
+        self._int8 = False  # numerics "fast": int8 activations where the CPU has them
         # per RoPE spec: (the step's positions, as numpy, cos and sin tables as numpy)
         self._step_rope_tables: dict = {}
 
@@ -66,16 +67,17 @@ class CpuBackend(TorchBackend):
 
     def use_llama_cpp_rounding(self) -> None:
         self._linear_type = RoundingQuantLinear
+        self._int8 = False  # its inputs come rounded: the products must be exact
 
-    def use_exact_products(self) -> None:
-        self._int8 = False
+    def use_fast_products(self) -> None:
+        self._int8 = int8_activations.ENABLED
 
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
         w = self._linear_type.from_quant_tensor(qt)
-        w.int8 = w.int8 and self._int8
+        w.int8 = self._int8 and w.ggml_type in I8_TYPES
         return w
 
     def attention(self, q, k, v, kv, layer, step, scale):

@@ -98,7 +98,6 @@ class RoundingQuantLinear(QuantLinear):
                 f"{qt.name}: llama.cpp's rounding is reproduced for "
                 + ", ".join(x.name for x in VEC_DOT_TYPE) + f", not {t.name}")
         w = super().from_quant_tensor(qt)
-        w.int8 = False  # its input is already rounded, the product must be exact
         if VEC_DOT_TYPE[t] == "q8_1":
             n, k = w.shape
             blocks = as_blocks(np.asarray(qt.data).reshape(-1), t)

@@ -19,6 +19,8 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
   "gemm_i8"      in inference steps, where DISPATCH says gemm_s, on CPUs with AVX-512 VNNI:
                  x as int8 codes per 32 values (int8_activations.py), integer dot products
                  against the weights' codes, scaled per unit (kernel_source.py, _I8_CODE).
+                 Where DISPATCH says tiles, the same steps multiply the tiles by x rounded
+                 the same way ("tiles_i8"): every width of an inference step rounds x.
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
 Exactness: outside gemm_i8 activations stay fp32 and outputs are within a few fp32 ulps of
 x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|); gemm_i8 is within the same bound
@@ -107,8 +109,8 @@ class QuantLinear:
         self._gidx = (np.arange(n_groups(self._P, self._Pt), dtype=np.int64)
                       if packed is not None else None)
         self._kernels: dict[str, object] = {}  # path -> its kernel, looked up once
-        # gemm_i8 in inference steps (numerics "fast"; the backend turns it off for "exact")
-        self.int8 = self.ggml_type in I8_TYPES and int8_activations.ENABLED
+        # gemm_i8 in inference steps: set for numerics "fast" (CpuBackend.prepare)
+        self.int8 = False
         n, k = self.shape
         rows = max(R, (TILE_BYTES // (4 * max(k, 1))) // R * R)
         self._rows_per_tile = min(rows, -(-n // R) * R)
@@ -208,6 +210,8 @@ class QuantLinear:
         """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
         if path == "tiles":
             return self._tiled(torch.from_numpy(xn))
+        if path == "tiles_i8":
+            return self._tiled(torch.from_numpy(int8_activations.rounded(xn)))
         return torch.from_numpy(self._kernel_rows(path, xn))
 
     def small_rows(self, xn: np.ndarray) -> np.ndarray | None:
@@ -217,14 +221,16 @@ class QuantLinear:
         if self._P is None:
             return None
         path = self._path(xn.shape[0])
-        return None if path == "tiles" else self._kernel_rows(path, xn)
+        return None if path.startswith("tiles") else self._kernel_rows(path, xn)
 
     def _path(self, m: int) -> str:
-        """DISPATCH's path for m rows of x, gemm_s taken by gemm_i8 in inference steps where
-        the CPU has it (training keeps fp32 in all its passes)."""
+        """DISPATCH's path for m rows of x. In inference steps where the CPU has gemm_i8,
+        every width rounds x to 8 bits: gemm_s is taken by gemm_i8, and the tiles multiply
+        the rounded x ("tiles_i8"), so that a product does not depend on how a prompt was
+        cut into steps (training keeps fp32 in all its passes)."""
         path = path_for(self.ggml_type, m)
-        if path == "gemm_s" and self.int8 and torch.is_inference_mode_enabled():
-            return "gemm_i8"
+        if self.int8 and torch.is_inference_mode_enabled():
+            return {"gemm_s": "gemm_i8", "tiles": "tiles_i8"}.get(path, path)
         return path
 
     def _kernel_rows(self, path: str, xn: np.ndarray) -> np.ndarray:

@@ -123,7 +123,7 @@ def test_small_steps_linear_gives_forward_s_outputs(be, rows):
     bias = torch.from_numpy(g.standard_normal(96).astype(np.float32))
     with torch.inference_mode():
         out = be.linear(x, lin, bias)
-    ref = lin.forward(x.reshape(rows, 256)) + bias
+        ref = lin.forward(x.reshape(rows, 256)) + bias
     assert out.shape == (1, rows, 96)
     assert torch.equal(out.reshape(rows, 96), ref)
     assert (lin.small_rows(x.numpy().reshape(rows, 256)) is None) == (rows >= 24)

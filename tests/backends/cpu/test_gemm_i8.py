@@ -5,7 +5,9 @@ and kernel_source.py's gemm_i8 (AVX-512 VNNI), against gguf-py's dequantized wei
 - Each gemm_i8 type's product is within test_qlinear's fp32 bound of x8 @ W.T, x8 the
   rounded x: the integer sums are exact, so only each unit's float work rounds.
 - A row's output has the same bits whatever M (a verify step gives what decode gives).
-- Only inference steps take it: not autograd, not numerics "exact" or "llama.cpp".
+- Wider steps, on the fp32 tiles, multiply the same rounded x.
+- Only weights prepared for numerics "fast" take it (not "exact", the default, nor
+  "llama.cpp"), and only in inference steps, not under autograd.
 - DIPTYCH_CPU_INT8=0 turns it off, and a CPU without VNNI never compiles it (both: the
   fp32 kernels, exact to test_qlinear's bound).
 """
@@ -46,6 +48,13 @@ def rounded(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32), s
 
 
+def make8(t: T, n: int, k: int, **kw):
+    """A QuantLinear as CpuBackend prepares it for numerics "fast", and its weights."""
+    ql, w = make(t, n, k, **kw)
+    ql.int8 = True
+    return ql, w
+
+
 def x8(x: np.ndarray) -> np.ndarray:
     q, d, _ = rounded(x)
     return (q.reshape(len(x), -1, 32).astype(np.float32) * d[:, :, None]).reshape(x.shape)
@@ -73,7 +82,7 @@ def test_rounding_matches_numpy():
 @pytest.mark.parametrize("n,wide", [(165, False), (37, True)])  # groups + a tail; a tail only
 def test_product_of_the_rounded_x(t, n, wide):
     k = k_for(t)
-    ql, w = make(t, n, k, seed=n, wide=wide)
+    ql, w = make8(t, n, k, seed=n, wide=wide)
     rng = np.random.default_rng(2)
     for m in (1, 2, 3, 17):
         x = rng.standard_normal((m, k), dtype=np.float32)
@@ -84,10 +93,26 @@ def test_product_of_the_rounded_x(t, n, wide):
 
 
 @vnni
+@pytest.mark.parametrize("t", [T.Q4_1, T.Q6_K], ids=lambda t: t.name)
+def test_wide_steps_multiply_the_rounded_x(t):
+    """Widths DISPATCH sends to the fp32 tiles multiply them by the same rounded x, so a
+    prompt's products do not depend on how it is cut into steps."""
+    k, m = k_for(t), 130
+    ql, w = make8(t, 70, k, seed=10)
+    x = np.random.default_rng(11).standard_normal((m, k), dtype=np.float32)
+    with torch.inference_mode():
+        assert ql._path(m) == "tiles_i8"
+        y = ql.forward(torch.from_numpy(x))
+        rows = ql.forward(torch.from_numpy(x[:3]))
+    assert_close(y, x8(x), w)
+    assert torch.allclose(y[:3], rows, rtol=0, atol=1e-5 * float(y.abs().max()))
+
+
+@vnni
 @pytest.mark.parametrize("t", [T.Q4_1, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
 def test_a_row_does_not_depend_on_m(t):
     k = k_for(t)
-    ql, _ = make(t, 100, k, seed=4)
+    ql, _ = make8(t, 100, k, seed=4)
     x = np.random.default_rng(5).standard_normal((7, k), dtype=np.float32)
     with torch.inference_mode():
         whole = ql.forward(torch.from_numpy(x))
@@ -98,28 +123,38 @@ def test_a_row_does_not_depend_on_m(t):
 @vnni
 def test_only_inference_steps_round():
     t, k = T.Q4_K, k_for(T.Q4_K)
-    ql, w = make(t, 70, k, seed=6)
+    ql, w = make8(t, 70, k, seed=6)
     x = np.random.default_rng(7).standard_normal((2, k), dtype=np.float32)
     assert ql._path(2) == "gemm_s"                    # outside inference mode
     xt = torch.from_numpy(x).requires_grad_()
     assert_close(ql.forward(xt).detach(), x, w)       # autograd: exact
     data = random_data(t, 70, k, np.random.default_rng(6))
-    for numerics in ("exact", "llama.cpp"):
+
+    def prepared(*calls: str) -> bool:
         be = CpuBackend()
-        getattr(be, {"exact": "use_exact_products",
-                     "llama.cpp": "use_llama_cpp_rounding"}[numerics])()
-        assert not be.prepare(QuantTensor("w", t, (70, k), data)).int8, numerics
-    assert CpuBackend().prepare(QuantTensor("w", t, (70, k), data)).int8
+        for c in calls:
+            getattr(be, c)()
+        return be.prepare(QuantTensor("w", t, (70, k), data)).int8
+
+    assert not prepared()                                           # "exact", the default
+    assert prepared("use_fast_products")                            # "fast"
+    assert not prepared("use_fast_products", "use_llama_cpp_rounding")
 
 
 PROBE = """
 import numpy as np, torch
 from gguf import GGMLQuantizationType as T
 from diptych.backends.torch.cpu import int8_activations as i8
+from diptych.backends.torch.cpu.backend import CpuBackend
+from diptych.quant import QuantTensor
 from tests.backends.cpu import test_qlinear as tq
 print(i8.SUPPORTED, i8.ENABLED)
+be = CpuBackend()
+be.use_fast_products()
 for t in (T.Q4_1, T.Q6_K):
-    ql, w = tq.make(t, 165, tq.k_for(t), seed=8)
+    k = tq.k_for(t)
+    data = tq.random_data(t, 165, k, np.random.default_rng(8))
+    ql, w = be.prepare(QuantTensor("w", t, (165, k), data)), tq.oracle(data, t, 165, k)
     x = np.random.default_rng(9).standard_normal((3, tq.k_for(t)), dtype=np.float32)
     with torch.inference_mode():
         assert ql._path(3) == "gemm_s"
@@ -129,8 +164,8 @@ print("ok")
 
 
 def test_fp32_kernels_when_turned_off():
-    """DIPTYCH_CPU_INT8=0: inference steps take the exact fp32 kernels (a CPU without VNNI:
-    test_qlinear's test_gemm_s_without_avx512)."""
+    """DIPTYCH_CPU_INT8=0: even numerics "fast" takes the exact fp32 kernels (a CPU without
+    VNNI: test_qlinear's test_gemm_s_without_avx512)."""
     env = {**os.environ, "DIPTYCH_CPU_INT8": "0"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                          text=True, timeout=600, cwd=ROOT)

@@ -22,11 +22,8 @@ from .conftest import DEVICE
 
 
 def _engines(path, n_ctx, n_batch):
-    """The reference on the CPU backend with exact products, and the CUDA backend's."""
-    cpu = CpuBackend()
-    cpu.use_exact_products()
     return [LoadPlan.open(path, be, n_ctx=n_ctx, n_batch=n_batch).engine()
-            for be in (cpu, CudaBackend(DEVICE, dtype=torch.float32))]
+            for be in (CpuBackend(), CudaBackend(DEVICE, dtype=torch.float32))]
 
 
 def _run(eng, chunks):

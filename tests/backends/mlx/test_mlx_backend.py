@@ -163,9 +163,7 @@ def test_quantized_experts_match_the_torch_backend(tmp_path, qtype):
     the torch CPU backend's logits on the same file, prefill and decode."""
     path = write_gguf(tiny_hf_model("qwen3moe", seed=1), "qwen3moe", tmp_path / "m.gguf", qtype)
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 128, 12)]
-    plan = LoadPlan.open(path, "torch", n_ctx=64)
-    plan.backend.use_exact_products()  # the reference: activations at fp32
-    eng, ref = engine_for(path), plan.engine()
+    eng, ref = engine_for(path), LoadPlan.open(path, "torch", n_ctx=64).engine()
     assert eng.weights.layers[0].experts.gate.quantized
     got = np.concatenate([eng.eval(ids[:9], all_logits=True),
                           *(np.array(eng.eval([t])) for t in ids[9:])])
