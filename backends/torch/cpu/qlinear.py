@@ -16,7 +16,8 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
                  weights, faster than gemv1 for every type but IQ4_NL (BENCHMARKS.md).
   "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
                  calling thread) and multiply with torch.mm (MKL).
-  "gemm_i8"      in inference steps, where DISPATCH says gemm_s, on CPUs with AVX-512 VNNI:
+  "gemm_i8"      for weights prepared for numerics "fast" (`int8`, CpuBackend.prepare, on
+                 CPUs with AVX-512 VNNI), in inference steps, where DISPATCH says gemm_s:
                  x as int8 codes per 32 values (int8_activations.py), integer dot products
                  against the weights' codes, scaled per unit (kernel_source.py, _I8_CODE).
                  Where DISPATCH says tiles, the same steps multiply the tiles by x rounded
@@ -49,7 +50,6 @@ from diptych.quant.formats import FLOAT_TYPES, FORMATS
 from ..grad_ops import records
 from . import int8_activations
 from .kernel_cache import kernel
-from .kernel_source import I8_TYPES
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
 from .threads import numba_threads, set_numba_threads, sync_numba_threads
