@@ -272,7 +272,7 @@ _VECTOR_GROUP = """    G = P.shape[0]
 _ROW_BLOCKS = """
 def {kind}_{name}(gi, P, Pt, {xargs}, Y, done):
     # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _{KIND}).
-{group}    M = Y.shape[0]
+""" + _VECTOR_GROUP + """    M = Y.shape[0]
     row0 = gi * {R}
 {whole}    for r in range(0, Rg, 16):
         n = min(16, Rg - r)
@@ -332,6 +332,11 @@ def _pairwise(terms: list[str]) -> str:
     return terms[0]
 
 
+def _x_row(i: int) -> str:
+    """Which row of x row i of a block reads (the block's missing rows repeat its last)."""
+    return "m0" if i == 0 else f"m0 + min({i}, left - 1)"
+
+
 def _stores(mb: int) -> str:
     """Store lanes 0 .. n - 1 of each row's accumulator y{i} (the rows that exist)."""
     return "\n".join(["for l in range(n):\n    Y[m0, row0 + r + l] = lane(y0, l)"] + [
@@ -355,7 +360,7 @@ def _gemm_rows(t: QT, mb: int) -> str:
     scale = _vector(_SCALE_CODE[t]) + (f"\nao = a * np.float32({qoff})"
                                        if qoff and not f.has_bias else "")
     rows, chains = range(mb), range(4 if mb == 1 else 2)
-    xrows = ["x0 = X[m0]"] + [f"x{i} = X[m0 + min({i}, left - 1)]" for i in rows[1:]]
+    xrows = [f"x{i} = X[{_x_row(i)}]" for i in rows]
     c = len(chains)
 
     def weights(h) -> str:
@@ -483,10 +488,8 @@ def _i8_blocks(t: QT, unit: list[str]) -> str:
 
 
 def _i8_x_rows(rows: range, ys: list[str]) -> str:
-    lines = []
-    for i in rows:
-        m = "m0" if i == 0 else f"m0 + min({i}, left - 1)"
-        lines.append(f"q{i} = XQ[{m}]\nd{i} = DX[{m}]\ns{i} = XS[{m}]")
+    lines = [f"q{i} = XQ[{_x_row(i)}]\nd{i} = DX[{_x_row(i)}]\ns{i} = XS[{_x_row(i)}]"
+             for i in rows]
     return "\n".join(lines + [f"{y} = vzero()" for y in ys])
 
 
@@ -576,10 +579,10 @@ def kernel_source(ggml_type) -> str:
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
         pre12=_indent(pre, 12),
         scale12=_indent(_SCALE_CODE[t], 12)) + _ROW_BLOCKS.format(
-        kind="gemm_s", KIND="ROWS", xargs="X", group=_VECTOR_GROUP, whole="",
+        kind="gemm_s", KIND="ROWS", xargs="X", whole="",
         name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1)) + (
         _ROW_BLOCKS.format(kind="gemm_i8", KIND="I8_CODE", xargs="XQ, DX, XS",
-                           group=_VECTOR_GROUP, whole=_i8_decode(t), name=t.name, R=R,
+                           whole=_i8_decode(t), name=t.name, R=R,
                            rows4=_i8_rows(t, 4),
                            rows2=_i8_rows(t, 2), rows1=_i8_rows(t, 1))
         if t in I8_TYPES else "")

@@ -70,6 +70,8 @@ DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
     QT.IQ4_NL: ((1, "gemv1"), (2, "gemm_s"), (16, "tiles")),
 }
 PATHS = ("gemv1", "gemm_s", "tiles")
+# the paths that take x rounded to int8 in their place (QuantLinear._path)
+_ROUNDED_X = {"gemm_s": "gemm_i8", "tiles": "tiles_i8"}
 
 
 def path_for(ggml_type: QT, m: int) -> str:
@@ -230,7 +232,7 @@ class QuantLinear:
         cut into steps (training keeps fp32 in all its passes)."""
         path = path_for(self.ggml_type, m)
         if self.int8 and torch.is_inference_mode_enabled():
-            return {"gemm_s": "gemm_i8", "tiles": "tiles_i8"}.get(path, path)
+            return _ROUNDED_X.get(path, path)
         return path
 
     def _kernel_rows(self, path: str, xn: np.ndarray) -> np.ndarray:
