@@ -175,8 +175,8 @@ class Backend(ABC):
 
     # -- graph ops -----------------------------------------------------------------------
     @abstractmethod
-    def embed(self, table: Any, ids: Array) -> Array:
-        """(B, T) ids -> (B, T, D) rows of a (possibly quantized) table."""
+    def embed(self, table: Any, ids: Array, scale: float = 1.0) -> Array:
+        """(B, T) ids -> (B, T, D) rows of a (possibly quantized) table, times scale."""
 
     @abstractmethod
     def linear(self, x: Array, w: Any, bias: Array | None = None,

@@ -105,6 +105,7 @@ TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
 DECODE_ATTENTION = "tests/backends/cpu/test_decode_attention.py"
 DECODE_OPS = "tests/backends/cpu/test_decode_ops.py"
+STEP_TAPE = "tests/backends/cpu/test_step_tape.py"
 
 
 MUTATIONS = [
@@ -196,6 +197,29 @@ MUTATIONS = [
     Mutation("decode ops: prefill widths taken too", "backends/torch/cpu/decode_ops.py",
              r"return \(tokens <= MAX_TOKENS and ", "return (True and ",
              (DECODE_OPS, "-k", "small_inference")),
+    # decode steps replayed from a tape (CPU)
+    Mutation("decode attention: one position's window one key too wide",
+             "backends/torch/cpu/decode_attention.py", r"and pos - p < window",
+             "and pos - p <= window", (DECODE_ATTENTION, "-k", "one_position")),
+    Mutation("decode attention: one position sees its own key's slot missing",
+             "backends/torch/cpu/decode_attention.py", r"n = min\(pos \+ 1, slots\)",
+             "n = min(pos, slots)", (DECODE_ATTENTION, "-k", "one_position")),
+    Mutation("step tape: a read from outside the tape goes unnoticed",
+             "backends/torch/cpu/step_tape.py", r"if not all\(self\.owns\(a\) for a in reads\):",
+             "if False:", (STEP_TAPE,)),
+    Mutation("step tape: replays skip copying the new inputs",
+             "backends/torch/cpu/step_tape.py", r"slot\.copy_\(a\)", "pass",
+             (STEP_TAPE, "-k", "equal_the_graph")),
+    Mutation("step tape: the replayed output handed out, not copied",
+             "backends/torch/cpu/step_tape.py", r"return out\.clone\(\)\n", "return out\n",
+             (STEP_TAPE, "-k", "own_logits")),
+    Mutation("step tape: rope tables frozen at the recorded step's positions",
+             "backends/torch/cpu/backend.py", r"if tables is None or tables\[0\]\.shape\[0\] <= positions\.max\(\):",
+             "if tables is None:", (STEP_TAPE, "-k", "rope")),
+    Mutation("step tape: a linear's LoRA pairs left on the tape",
+             "backends/torch/cpu/backend.py",
+             r"step_tape\.untaped\(\)  # LoRA pairs", "pass  # LoRA pairs",
+             ("tests/real/test_finetune.py",)),
     # the CPU thread governor
     Mutation("threads: contention never drops the kernels to one thread",
              "backends/torch/cpu/threads.py", r"    if GOVERNOR\.contended:\n        n = 1\n", "",

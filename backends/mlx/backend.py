@@ -169,7 +169,7 @@ class MLXBackend(Backend):
         return w.layout
 
     # -- graph ops -----------------------------------------------------------------------
-    def embed(self, table: MLXWeight, ids: mx.array) -> mx.array:
+    def embed(self, table: MLXWeight, ids: mx.array, scale: float = 1.0) -> mx.array:
         flat = ids.reshape(-1)
         if table.quantized:  # gather the packed rows, dequantize only those
             rows = mx.dequantize(table.w[flat], table.scales[flat], table.biases[flat],
@@ -177,6 +177,8 @@ class MLXBackend(Backend):
                                  dtype=self.dtype)
         else:
             rows = table.w[flat].astype(self.dtype)
+        if scale != 1.0:
+            rows = rows * scale
         return rows.reshape(*ids.shape, -1)
 
     def linear(self, x, w: MLXWeight, bias=None, adapter=None):

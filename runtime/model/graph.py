@@ -35,9 +35,7 @@ def forward(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
     normed hidden states (B, T, D) instead, for `head` to take in pieces.
     """
     be = backend
-    x = be.embed(w.tok_embd, tokens)
-    if cfg.embed_scale != 1.0:
-        x = x * cfg.embed_scale
+    x = be.embed(w.tok_embd, tokens, cfg.embed_scale)
     # each residual add is fused with the norm that follows it (the next layer's, or the
     # output norm after the last layer)
     next_norms = [layer.attn_norm for layer in w.layers[1:]] + [w.output_norm]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -15,12 +16,13 @@ from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
-from . import decode_attention, decode_ops, int8_activations
+from . import decode_attention, decode_ops, int8_activations, step_tape
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
 from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
 from .qlinear import QuantLinear
+from .step_tape import StepTape
 from .threads import GOVERNOR, configure_threads
 
 
@@ -53,8 +55,7 @@ class CpuBackend(TorchBackend):
         super().__init__("cpu", torch.float32, kv_type_from_env())
         self._linear_type = QuantLinear
         self._int8 = False  # numerics "fast": int8 activations where the CPU has them
-        # per RoPE spec: (the step's positions, as numpy, cos and sin tables as numpy)
-        self._step_rope_tables: dict = {}
+        self._np_rope: dict = {}  # per RoPE spec: its cos and sin tables as numpy
 
     @contextmanager
     def inference(self):
@@ -72,6 +73,13 @@ class CpuBackend(TorchBackend):
     def use_fast_products(self) -> None:
         self._int8 = int8_activations.ENABLED
 
+    def compile_step(self, fn):
+        """Decode steps replayed from a tape of their kernel calls (step_tape.StepTape);
+        $DIPTYCH_CPU_TAPE=0 runs every step through the graph."""
+        if os.environ.get("DIPTYCH_CPU_TAPE", "1").strip().lower() in ("0", "false", "no", "off"):
+            return fn
+        return StepTape(fn)
+
     def on_compile(self, listener) -> None:
         set_compile_listener(listener)
 
@@ -85,10 +93,14 @@ class CpuBackend(TorchBackend):
         other steps (prefill, autograd) write with torch indexing and take TorchBackend's
         SDPA over an fp32 copy."""
         if not decode_attention.supports(q, kv.k[layer]):
+            step_tape.untaped()  # the cache written by torch indexing
             return super().attention(q, k, v, kv, layer, step, scale)
         keys, values = kv.stored[layer]
         view = step.views[layer]
         decode_attention.store(k, v, keys, values, view.slots)
+        if q.shape[1] == 1:
+            return decode_attention.attend_one(q, keys, values, kv.specs[layer],
+                                               step.positions, view.key_pos, scale)
         return decode_attention.attend(q, keys, values, kv.specs[layer], view, scale)
 
     def alloc_kv(self, specs, batch, scratch=False) -> "CpuKV":
@@ -108,21 +120,32 @@ class CpuBackend(TorchBackend):
     def rope(self, x, positions, spec):
         if not decode_ops.applies(x, positions.numel()):
             return super().rope(x, positions, spec)
-        cached = self._step_rope_tables.get(spec)
-        if cached is None or cached[0] is not positions:
+        return decode_ops.rope(x, positions.numpy(), partial(self._rope_tables, spec),
+                               spec.dim)
+
+    def _rope_tables(self, spec, positions: np.ndarray):
+        """numpy cos/sin tables of `spec` that reach positions' largest."""
+        tables = self._np_rope.get(spec)
+        if tables is None or tables[0].shape[0] <= positions.max():
             cos, sin = self._cos_sin(spec, int(positions.max()) + 1)
-            cached = (positions, positions.numpy(), cos.numpy(), sin.numpy())
-            self._step_rope_tables[spec] = cached
-        return decode_ops.rope(x, *cached[1:], spec.dim)
+            tables = self._np_rope[spec] = (cos.numpy(), sin.numpy())
+        return tables
 
     def glu(self, gate, up, act):
         if decode_ops.applies(gate, _tokens(gate)):
             return decode_ops.glu(gate, up, act)
         return super().glu(gate, up, act)
 
-    def embed(self, table: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, table: QuantLinear, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         batch, n = ids.shape
-        return table.embed_rows(ids.reshape(-1)).reshape(batch, n, -1)
+        rows = table.embed_rows(ids.reshape(-1))
+        if scale != 1.0:
+            if torch.is_inference_mode_enabled():  # numpy in place, as a taped step replays
+                rn = rows.numpy()
+                step_tape.run(np.multiply, rn, np.float32(scale), rn, reads=(rn,))
+            else:
+                rows = rows * scale
+        return rows.reshape(batch, n, -1)
 
     def linear(self, x, w: QuantLinear, bias=None, adapter=None):
         if self.linear_observer is not None:
@@ -133,8 +156,9 @@ class CpuBackend(TorchBackend):
             y = w.small_rows(np.ascontiguousarray(xn.reshape(-1, xn.shape[-1])))
             if y is not None:
                 if bias is not None:
-                    y += bias.numpy()
+                    step_tape.run(np.add, y, bias.numpy(), y, reads=(y,))
                 return torch.from_numpy(y.reshape(*xn.shape[:-1], y.shape[-1]))
+        step_tape.untaped()  # LoRA pairs and the bias add into the kernel's output in place
         lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])
         if adapter:
             y = lora_linear(self, flat, w, bias, adapter)

@@ -35,6 +35,7 @@ from diptych.backends.base import CacheView, LayerCacheSpec
 from .decode_ops import as_numpy
 from .fast_exp import FAST_MATH, exp_nonpositive
 from .kernel_cache import compile_listener
+from .step_tape import run
 from .threads import sync_numba_threads
 
 # Keys per task. Small enough that a short context still splits into blocks for both
@@ -284,9 +285,11 @@ def store(k: torch.Tensor, v: torch.Tensor | None, keys: np.ndarray, values: np.
     """Write a step's keys and values (B, T, Hkv, D) into one layer's cache (B, Hkv, slots,
     D; `stored` views) at `slots` (B, T), converted to the cache's dtype."""
     where = slots.numpy()
-    _store(as_numpy(k), where, keys)
+    kn = as_numpy(k)
+    run(_store, kn, where, keys, reads=(kn, where))
     if values is not None:
-        _store(as_numpy(v), where, values)
+        vn = as_numpy(v)
+        run(_store, vn, where, values, reads=(vn, where))
 
 
 def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: LayerCacheSpec,
@@ -314,19 +317,71 @@ def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: L
         qn = qn.reshape(batch, n, n_kv, heads // n_kv, d_k).transpose(0, 2, 1, 3, 4)
     qn = np.ascontiguousarray(qn).reshape(batch, n_kv, -1, d_k)
     out = np.empty((batch, n_kv, qn.shape[2], v_dim), np.float32)
+    _run_attend(n_keys, (qn, keys, values, v_dim, lim, mask, np.float32(scale), out))
+    if n > 1:
+        out = np.ascontiguousarray(out.reshape(batch, n_kv, n, -1, v_dim).transpose(0, 2, 1, 3, 4))
+    return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
+
+
+@njit(cache=True)
+def _visibility(positions, key_pos, window, slots, lim, mask):
+    """One query per row, at positions[0, 0] (every row of a step is at the same
+    positions): lim[0] = the slots it attends over; in a ring (window > 0; key_pos[0, j]
+    the position slot j holds, -1 empty) mask[0, j] = whether that key is in its window.
+    The slot policy's rule (diptych.inference.slots.visible), read from the step's arrays
+    as a replayed step must."""
+    pos = positions[0, 0]
+    n = min(pos + 1, slots)
+    lim[0] = n
+    if window > 0:
+        for j in range(n):
+            p = key_pos[0, j]
+            mask[0, j] = p >= 0 and p <= pos and pos - p < window
+
+
+def attend_one(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None,
+               spec: LayerCacheSpec, positions: torch.Tensor, key_pos: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """`attend` for a step of one position (B, 1, H, Dk), which keys it sees read from the
+    step's positions and, for a ring, the positions its slots hold (CacheView.key_pos):
+    the form a taped decode step (step_tape.py) replays."""
+    batch, _, heads, d_k = q.shape
+    n_kv = keys.shape[1]
+    v_dim = spec.v_from_k or values.shape[-1]
+    if values is None:
+        values = keys
+    qn = as_numpy(q).reshape(batch, n_kv, heads // n_kv, d_k)
+    pos = positions.numpy()
+    reads = (qn, pos)
+    if spec.window:
+        kp = key_pos.numpy()
+        reads += (kp,)
+        mask = np.empty((1, keys.shape[2]), np.bool_)
+    else:
+        kp, mask = pos, _NO_MASK
+    lim = np.empty(1, np.int64)
+    out = np.empty((batch, n_kv, heads // n_kv, v_dim), np.float32)
+    run(_attend_visible, qn, keys, values, v_dim, pos, kp, spec.window, lim, mask,
+        np.float32(scale), out, reads=reads, writes=(lim, mask, out))
+    return torch.from_numpy(out.reshape(batch, 1, heads * v_dim))
+
+
+def _attend_visible(q, keys, values, v_dim, positions, key_pos, window, lim, mask, scale, out):
+    _visibility(positions, key_pos, window, keys.shape[2], lim, mask)
+    _run_attend(lim[0], (q, keys, values, v_dim, lim, mask, scale, out))
+
+
+def _run_attend(n_keys: int, args) -> None:
+    """The serial kernel below MIN_KEYS visible slots, the parallel one from there on."""
     if n_keys >= MIN_KEYS:
         sync_numba_threads(torch.get_num_threads())
         kernel = _attend
     else:
         kernel = _attend_serial
-    args = (qn, keys, values, v_dim, lim, mask, np.float32(scale), out)
     if kernel.signatures:
         kernel(*args)
     else:
         _first_call(kernel, args)
-    if n > 1:
-        out = np.ascontiguousarray(out.reshape(batch, n_kv, n, -1, v_dim).transpose(0, 2, 1, 3, 4))
-    return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
 
 
 def _first_call(kernel, args) -> None:

@@ -19,6 +19,7 @@ import torch
 from numba import njit
 
 from .fast_exp import FAST_MATH, exp_nonpositive
+from .step_tape import run
 
 # The widest step (batch x tokens) these kernels take: decode, batched decode rows and
 # speculative verify widths. Prefill keeps torch's (multi-threaded) ops.
@@ -40,7 +41,9 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
-    """x as a 2-D numpy array of its last axis (a view where the strides allow)."""
+    """x as a 2-D numpy array of its last axis (a view where the strides allow). The ops
+    below reshape in numpy and hand torch arrays already in their final shape: a torch view
+    of a fresh tensor costs more than the kernel's dispatch."""
     return as_numpy(x).reshape(-1, x.shape[-1])
 
 
@@ -76,18 +79,20 @@ def _add_rms_norm_rows(x, residual, w, eps, total, out):
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     rows = _rows(x)
-    out = np.empty(rows.shape, np.float32)
-    _rms_norm_rows(rows, w.numpy(), np.float32(eps), out)
-    return torch.from_numpy(out).reshape(x.shape)
+    out = np.empty(x.shape, np.float32)
+    run(_rms_norm_rows, rows, w.numpy(), np.float32(eps), out.reshape(rows.shape),
+        reads=(rows,), writes=(out,))
+    return torch.from_numpy(out)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = _rows(x)
-    total = np.empty(rows.shape, np.float32)
-    out = np.empty(rows.shape, np.float32)
-    _add_rms_norm_rows(rows, _rows(residual), w.numpy(), np.float32(eps), total, out)
-    return torch.from_numpy(total).reshape(x.shape), torch.from_numpy(out).reshape(x.shape)
+    rows, res = _rows(x), _rows(residual)
+    total = np.empty(x.shape, np.float32)
+    out = np.empty(x.shape, np.float32)
+    run(_add_rms_norm_rows, rows, res, w.numpy(), np.float32(eps), total.reshape(rows.shape),
+        out.reshape(rows.shape), reads=(rows, res), writes=(total, out))
+    return torch.from_numpy(total), torch.from_numpy(out)
 
 
 @njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
@@ -110,12 +115,17 @@ def _rope_heads(x, positions, cos, sin, dim, out):
                     o[i] = xr[i]
 
 
-def rope(x: torch.Tensor, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-         dim: int) -> torch.Tensor:
-    """x (B, T, H, Dh) turned at positions (B, T) (int64) by cos/sin tables (P, dim/2)."""
+def rope(x: torch.Tensor, positions: np.ndarray, tables, dim: int) -> torch.Tensor:
+    """x (B, T, H, Dh) turned at positions (B, T) (int64) by the cos/sin tables (P, dim/2)
+    that tables(positions) gives (on a taped step, each replay asks for its positions)."""
+    xn = as_numpy(x)
     out = np.empty(x.shape, np.float32)
-    _rope_heads(as_numpy(x), positions, cos, sin, dim, out)
+    run(_rope, xn, positions, tables, dim, out, reads=(xn, positions), writes=(out,))
     return torch.from_numpy(out)
+
+
+def _rope(x, positions, tables, dim, out):
+    _rope_heads(x, positions, *tables(positions), dim, out)
 
 
 @njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
@@ -147,7 +157,8 @@ def _gelu_tanh_glu_rows(gate, up, out):
 
 def glu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up, act "silu" or "gelu_tanh" (as TorchBackend.glu)."""
-    rows = _rows(gate)
-    out = np.empty(rows.shape, np.float32)
-    (_silu_glu_rows if act == "silu" else _gelu_tanh_glu_rows)(rows, _rows(up), out)
-    return torch.from_numpy(out).reshape(gate.shape)
+    rows, up_rows = _rows(gate), _rows(up)
+    out = np.empty(gate.shape, np.float32)
+    run(_silu_glu_rows if act == "silu" else _gelu_tanh_glu_rows, rows, up_rows,
+        out.reshape(rows.shape), reads=(rows, up_rows), writes=(out,))
+    return torch.from_numpy(out)

@@ -22,6 +22,8 @@ import numba
 import numpy as np
 from numba import njit
 
+from .step_tape import run
+
 BLOCK = 32  # values of x per scale
 SUM_SPAN = 16  # values of x per stored code sum (the smallest weight unit)
 
@@ -83,5 +85,5 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     q = np.empty((m, k), np.int8)
     d = np.empty((m, k // BLOCK), np.float32)
     s = np.empty((m, k // SUM_SPAN), np.int32)
-    _quantize(x, q, d, s)
+    run(_quantize, x, q, d, s, reads=(x,), writes=(q, d, s))
     return q, d, s

@@ -48,7 +48,7 @@ from diptych.quant import QuantTensor
 from diptych.quant.formats import FLOAT_TYPES, FORMATS
 
 from ..grad_ops import records
-from . import int8_activations
+from . import int8_activations, step_tape
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
@@ -111,6 +111,7 @@ class QuantLinear:
         self._gidx = (np.arange(n_groups(self._P, self._Pt), dtype=np.int64)
                       if packed is not None else None)
         self._kernels: dict[str, object] = {}  # path -> its kernel, looked up once
+        self._small_paths: dict[tuple[int, bool, bool], str | None] = {}  # small_rows' paths
         # gemm_i8 in inference steps: set for numerics "fast" (CpuBackend.prepare)
         self.int8 = False
         n, k = self.shape
@@ -219,11 +220,17 @@ class QuantLinear:
     def small_rows(self, xn: np.ndarray) -> np.ndarray | None:
         """y = xn @ W.T as a numpy array for a few rows of x (C-contiguous float32) when
         DISPATCH gives them a numba kernel, else None: the decode path, which skips
-        `forward`'s checks and tensor conversions."""
-        if self._P is None:
-            return None
-        path = self._path(xn.shape[0])
-        return None if path.startswith("tiles") else self._kernel_rows(path, xn)
+        `forward`'s checks and tensor conversions (the path for each width is looked up
+        once: at a decode step's hundred launches, the lookups cost as much as a small
+        kernel)."""
+        key = (xn.shape[0], torch.is_inference_mode_enabled(), self.int8)
+        path = self._small_paths.get(key, False)
+        if path is False:
+            path = None if self._P is None else self._path(key[0])
+            if path is not None and path.startswith("tiles"):
+                path = None
+            self._small_paths[key] = path
+        return None if path is None else self._kernel_rows(path, xn)
 
     def _path(self, m: int) -> str:
         """DISPATCH's path for m rows of x. In inference steps where the CPU has gemm_i8,
@@ -243,12 +250,14 @@ class QuantLinear:
             run = self._kernels[path] = kernel(path, self.ggml_type)
         if path == "gemv1":
             for i in range(xn.shape[0]):
-                run(self._gidx, self._P, self._Pt, xn[i], y[i])
+                step_tape.run(run, self._gidx, self._P, self._Pt, xn[i], y[i],
+                              reads=(xn[i],), writes=(y[i],))
         elif path == "gemm_i8":
             q, d, s = int8_activations.quantize_rows(xn)
-            run(self._gidx, self._P, self._Pt, q.view(np.int32), d, s, y)
+            step_tape.run(run, self._gidx, self._P, self._Pt, q.view(np.int32), d, s, y,
+                          reads=(q, d, s), writes=(y,))
         else:
-            run(self._gidx, self._P, self._Pt, xn, y)
+            step_tape.run(run, self._gidx, self._P, self._Pt, xn, y, reads=(xn,), writes=(y,))
         return y
 
     def _tiles(self):
@@ -315,17 +324,26 @@ class QuantLinear:
         ids_np = np.ascontiguousarray(torch.as_tensor(ids).reshape(-1).cpu().numpy(),
                                       dtype=np.int64)
         n, k = self.shape
-        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= n):
-            bad = ids_np[(ids_np < 0) | (ids_np >= n)][0]
-            raise IndexError(f"{self.name}: row {int(bad)} out of range for {n} rows")
         if not self.quantized:
+            _check_rows(self.name, ids_np, n)
             return self._w[torch.from_numpy(ids_np)].to(torch.float32)
         out = np.empty((ids_np.size, k), np.float32)
         if ids_np.size:
-            sync_numba_threads(torch.get_num_threads())
-            kernel("deq_rows", self.ggml_type)(np.arange(ids_np.size, dtype=np.int64), ids_np,
-                                               self._P, self._Pt, out)
+            step_tape.run(self._deq_rows, ids_np, out, reads=(ids_np,), writes=(out,))
         return torch.from_numpy(out)
+
+    def _deq_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out = W[ids] (the check is part of a taped step's call: its ids change)."""
+        _check_rows(self.name, ids, self.shape[0])
+        sync_numba_threads(torch.get_num_threads())
+        kernel("deq_rows", self.ggml_type)(np.arange(ids.size, dtype=np.int64), ids,
+                                           self._P, self._Pt, out)
+
+
+def _check_rows(name: str, ids: np.ndarray, n: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        bad = ids[(ids < 0) | (ids >= n)][0]
+        raise IndexError(f"{name}: row {int(bad)} out of range for {n} rows")
 
 
 class _QuantLinearFn(torch.autograd.Function):

@@ -108,13 +108,15 @@ class CudaBackend(TorchBackend):
         return super().prepare_experts(qt)
 
     # -- graph ops: Triton kernels; TorchBackend's torch ops while autograd records ----
-    def embed(self, table, ids):
+    def embed(self, table, ids, scale=1.0):
         batch, n = ids.shape
         flat = ids.reshape(-1)
         if isinstance(table, DenseWeight):
             rows = table.w[flat]
         else:
             rows = qmatmul.dequantize(table, self.dtype, ids=flat)
+        if scale != 1.0:
+            rows = rows * scale
         return rows.reshape(batch, n, -1)
 
     def linear(self, x, w, bias=None, adapter=None):

@@ -192,8 +192,10 @@ def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeyp
     engine's) write the cache and attend through the kernels; wider steps and training's
     passes go to TorchBackend's indexing and SDPA. Both leave the same cache and output."""
     be = select("torch", "cpu")
-    calls, kernel = [], decode_attention.attend
-    monkeypatch.setattr(decode_attention, "attend", lambda *a: calls.append(1) or kernel(*a))
+    calls = []
+    for name in ("attend", "attend_one"):  # wider steps, one position
+        monkeypatch.setattr(decode_attention, name,
+                            lambda *a, f=getattr(decode_attention, name): calls.append(1) or f(*a))
     spec = LayerCacheSpec(80, 2, 64)
     gen = torch.Generator().manual_seed(2)
     for n, inference, taken in ((1, True, True), (decode_attention.MAX_QUERIES, True, True),
@@ -214,3 +216,24 @@ def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeyp
         assert bool(calls) == taken
         torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
         assert torch.equal(kv.k[0], ref_kv.k[0]) and torch.equal(kv.v[0], ref_kv.v[0])
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_one_position_reads_what_it_sees_from_the_step_arrays(window):
+    """attend_one (the form a taped decode step replays) finds the keys a query sees from
+    the step's position and the positions the ring's slots hold; at every position, before
+    and after the ring wraps, its output is `attend`'s over the slot policy's view, bit for
+    bit."""
+    spec = LayerCacheSpec(window + 4 if window else 40, 2, 64, window=window)
+    gen = torch.Generator().manual_seed(window)
+    stored = decode_attention.stored
+    kc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
+    vc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
+    for end in range(1, 30 if window else spec.slots + 1):
+        q = torch.randn(1, 1, 6, 64, generator=gen)
+        n_keys, mask = visible(spec, end - 1, end)
+        key_pos = torch.from_numpy(slot_positions(spec, end)[None]) if window else None
+        out = decode_attention.attend_one(q, stored(kc), stored(vc), spec,
+                                          torch.tensor([[end - 1]]), key_pos, 0.125)
+        want = _attend(q, kc, vc, spec, CacheView(None, None, n_keys, mask), 0.125)
+        assert torch.equal(out, want), end
