@@ -41,12 +41,18 @@ def _timed(fn, n: int) -> tuple[float, float]:
 
 
 def _kernel_attend(q, kc, vc, spec, view, scale):
-    """decode_attention.attend over torch cache buffers (through their `stored` views)."""
+    """decode_attention.attend over torch cache buffers (through their `stored` views), for
+    the view's step: q's T positions ending at its last visible key."""
+    import torch
+
     from diptych.backends.torch.cpu import decode_attention
 
     stored = decode_attention.stored
+    n = q.shape[1]
+    last = int(view.key_pos.max()) + 1 if view.key_pos is not None else view.n_keys
+    positions = torch.arange(last - n, last)[None]
     return decode_attention.attend(q, stored(kc), None if vc is None else stored(vc), spec,
-                                   view, scale)
+                                   positions, view.key_pos, scale)
 
 
 def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> None:

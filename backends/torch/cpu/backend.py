@@ -98,10 +98,8 @@ class CpuBackend(TorchBackend):
         keys, values = kv.stored[layer]
         view = step.views[layer]
         decode_attention.store(k, v, keys, values, view.slots)
-        if q.shape[1] == 1:
-            return decode_attention.attend_one(q, keys, values, kv.specs[layer],
-                                               step.positions, view.key_pos, scale)
-        return decode_attention.attend(q, keys, values, kv.specs[layer], view, scale)
+        return decode_attention.attend(q, keys, values, kv.specs[layer], step.positions,
+                                       view.key_pos, scale)
 
     def alloc_kv(self, specs, batch, scratch=False) -> "CpuKV":
         return CpuKV(specs, batch, self.dtype if scratch else self.kv_dtype, self.device)
@@ -126,8 +124,9 @@ class CpuBackend(TorchBackend):
     def _rope_tables(self, spec, positions: np.ndarray):
         """numpy cos/sin tables of `spec` that reach positions' largest."""
         tables = self._np_rope.get(spec)
-        if tables is None or tables[0].shape[0] <= positions.max():
-            cos, sin = self._cos_sin(spec, int(positions.max()) + 1)
+        top = positions.item() if positions.size == 1 else positions.max()  # item: decode's
+        if tables is None or tables[0].shape[0] <= top:
+            cos, sin = self._cos_sin(spec, int(top) + 1)
             tables = self._np_rope[spec] = (cos.numpy(), sin.numpy())
         return tables
 

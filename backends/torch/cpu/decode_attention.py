@@ -15,9 +15,10 @@ thread; then the blocks of each (sequence, KV head) are combined. `store` writes
 keys and values into the cache (fp32 -> fp16 as torch rounds), so that a decode step's
 attention is two kernel calls and no torch op.
 
-Which keys a query sees is what the runtime's view says (backends/base.py `CacheView`): the
-first `n_keys` slots, all of them, a causal prefix, or a host bool mask (sliding-window
-rings). An MLA layer's values are the first `v_from_k` channels of its keys.
+Which keys a query sees is the runtime's slot policy (diptych.inference.slots.visible) read
+from the step's arrays, its positions and a ring's slot positions (`_visibility`), not from
+a CacheView's host facts: a replayed step (step_tape.py) gets new arrays and no new view.
+An MLA layer's values are the first `v_from_k` channels of its keys.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from diptych.backends.base import CacheView, LayerCacheSpec
+from diptych.backends.base import LayerCacheSpec
 
 from .decode_ops import as_numpy
 from .fast_exp import FAST_MATH, exp_nonpositive
@@ -292,96 +293,82 @@ def store(k: torch.Tensor, v: torch.Tensor | None, keys: np.ndarray, values: np.
         run(_store, vn, where, values, reads=(vn, where))
 
 
+@njit(cache=True)
+def _visibility(positions, key_pos, window, slots, lim, mask):
+    """lim[t] = the slots query t (at positions[0, t]; every row of a step is at the same
+    positions) attends over; in a ring (window > 0; key_pos[0, j] the position slot j holds
+    after the step's writes, -1 empty) mask[t, j] = whether that key is in its window. The
+    slot policy's rule (diptych.inference.slots.visible), read from the step's arrays as a
+    replayed step must."""
+    n_t = positions.shape[1]
+    for t in range(n_t):
+        pos = positions[0, t]
+        if window == 0:
+            lim[t] = min(pos + 1, slots)
+            continue
+        n = min(positions[0, n_t - 1] + 1, slots)
+        lim[t] = n
+        for j in range(n):
+            p = key_pos[0, j]
+            mask[t, j] = p >= 0 and p <= pos and pos - p < window
+
+
 def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: LayerCacheSpec,
-           view: CacheView, scale: float) -> torch.Tensor:
+           positions: torch.Tensor, key_pos: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q (B, T, H, Dk) over one layer's cache (B, Hkv, slots, Dk; `stored` views; values
-    None for MLA), which holds this step's keys, as `view` says -> (B, T, H * value dim)
-    float32 (as TorchBackend.attend_cache). From MIN_KEYS visible slots on, the blocks of
+    None for MLA), which holds this step's keys -> (B, T, H * value dim) float32 (as
+    TorchBackend.attend_cache). Which keys each query sees is read from the step's
+    positions (B, T) and, in a ring, the positions its slots hold (CacheView.key_pos), as
+    a taped step (step_tape.py) replays it. From MIN_KEYS visible slots on, the blocks of
     keys run on numba's thread pool."""
     batch, n, heads, d_k = q.shape
     n_kv = keys.shape[1]
-    n_keys, mask = view.n_keys, view.mask
-    if n_keys > keys.shape[2]:
-        raise ValueError(f"attend: {n_keys} visible keys in a cache of {keys.shape[2]} slots")
-    if isinstance(mask, str) and n > 1:  # "causal": query t sees the first n_keys - n + t + 1
-        lim = np.arange(n_keys - n + 1, n_keys + 1, dtype=np.int64)
-    else:
-        lim = np.full(n, n_keys, dtype=np.int64)
-    mask = _NO_MASK if mask is None or isinstance(mask, str) else np.ascontiguousarray(mask)
+    group = heads // n_kv
     v_dim = spec.v_from_k or values.shape[-1]
     if values is None:
         values = keys
-    # rows of a KV head: its query heads at each position, position-major
     qn = as_numpy(q)
-    if n > 1:
-        qn = qn.reshape(batch, n, n_kv, heads // n_kv, d_k).transpose(0, 2, 1, 3, 4)
-    qn = np.ascontiguousarray(qn).reshape(batch, n_kv, -1, d_k)
-    out = np.empty((batch, n_kv, qn.shape[2], v_dim), np.float32)
-    _run_attend(n_keys, (qn, keys, values, v_dim, lim, mask, np.float32(scale), out))
-    if n > 1:
-        out = np.ascontiguousarray(out.reshape(batch, n_kv, n, -1, v_dim).transpose(0, 2, 1, 3, 4))
-    return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
-
-
-@njit(cache=True)
-def _visibility(positions, key_pos, window, slots, lim, mask):
-    """One query per row, at positions[0, 0] (every row of a step is at the same
-    positions): lim[0] = the slots it attends over; in a ring (window > 0; key_pos[0, j]
-    the position slot j holds, -1 empty) mask[0, j] = whether that key is in its window.
-    The slot policy's rule (diptych.inference.slots.visible), read from the step's arrays
-    as a replayed step must."""
-    pos = positions[0, 0]
-    n = min(pos + 1, slots)
-    lim[0] = n
-    if window > 0:
-        for j in range(n):
-            p = key_pos[0, j]
-            mask[0, j] = p >= 0 and p <= pos and pos - p < window
-
-
-def attend_one(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None,
-               spec: LayerCacheSpec, positions: torch.Tensor, key_pos: torch.Tensor | None,
-               scale: float) -> torch.Tensor:
-    """`attend` for a step of one position (B, 1, H, Dk), which keys it sees read from the
-    step's positions and, for a ring, the positions its slots hold (CacheView.key_pos):
-    the form a taped decode step (step_tape.py) replays."""
-    batch, _, heads, d_k = q.shape
-    n_kv = keys.shape[1]
-    v_dim = spec.v_from_k or values.shape[-1]
-    if values is None:
-        values = keys
-    qn = as_numpy(q).reshape(batch, n_kv, heads // n_kv, d_k)
+    if n > 1:  # rows of a KV head: its query heads at each position, position-major
+        qn = _copy(qn.reshape(batch, n, n_kv, group, d_k).transpose(0, 2, 1, 3, 4))
+    qn = qn.reshape(batch, n_kv, n * group, d_k)
     pos = positions.numpy()
     reads = (qn, pos)
     if spec.window:
         kp = key_pos.numpy()
         reads += (kp,)
-        mask = np.empty((1, keys.shape[2]), np.bool_)
+        mask = np.empty((n, keys.shape[2]), np.bool_)
     else:
         kp, mask = pos, _NO_MASK
-    lim = np.empty(1, np.int64)
-    out = np.empty((batch, n_kv, heads // n_kv, v_dim), np.float32)
+    lim = np.empty(n, np.int64)
+    out = np.empty((batch, n_kv, n * group, v_dim), np.float32)
     run(_attend_visible, qn, keys, values, v_dim, pos, kp, spec.window, lim, mask,
         np.float32(scale), out, reads=reads, writes=(lim, mask, out))
-    return torch.from_numpy(out.reshape(batch, 1, heads * v_dim))
+    if n > 1:
+        out = _copy(out.reshape(batch, n_kv, n, group, v_dim).transpose(0, 2, 1, 3, 4))
+    return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
+
+
+def _copy(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of x (a taped step copies again)."""
+    out = np.empty(x.shape, np.float32)
+    run(np.copyto, out, x, reads=(x,), writes=(out,))
+    return out
 
 
 def _attend_visible(q, keys, values, v_dim, positions, key_pos, window, lim, mask, scale, out):
     _visibility(positions, key_pos, window, keys.shape[2], lim, mask)
-    _run_attend(lim[0], (q, keys, values, v_dim, lim, mask, scale, out))
-
-
-def _run_attend(n_keys: int, args) -> None:
-    """The serial kernel below MIN_KEYS visible slots, the parallel one from there on."""
-    if n_keys >= MIN_KEYS:
+    kernel = _attend if lim[-1] >= MIN_KEYS else _attend_serial  # lim[-1]: the most keys
+    if kernel is _attend:
         sync_numba_threads(torch.get_num_threads())
-        kernel = _attend
-    else:
-        kernel = _attend_serial
-    if kernel.signatures:
+    args = (q, keys, values, v_dim, lim, mask, scale, out)
+    if kernel in _CALLED:
         kernel(*args)
     else:
         _first_call(kernel, args)
+        _CALLED.add(kernel)
+
+
+_CALLED: set = set()  # the kernels called in this process (`signatures` costs 10-20 us)
 
 
 def _first_call(kernel, args) -> None:
@@ -390,9 +377,8 @@ def _first_call(kernel, args) -> None:
     (kernel_cache.set_compile_listener) when numba's cache holds no version of the kernel
     yet (one cache index serves both stored dtypes)."""
     listener = compile_listener()
-    cache = Path(kernel._cache.cache_path)
-    stem = f"{__name__.rsplit('.', 1)[-1]}.{kernel.__name__}-"
-    if listener is None or any(cache.glob(f"{stem}*.nbi")):
+    if listener is None or any(Path(kernel._cache.cache_path).glob(
+            f"{__name__.rsplit('.', 1)[-1]}.{kernel.__name__}-*.nbi")):
         kernel(*args)
         return
     listener("the decode attention kernel")

@@ -41,10 +41,15 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
-    """x as a 2-D numpy array of its last axis (a view where the strides allow). The ops
-    below reshape in numpy and hand torch arrays already in their final shape: a torch view
-    of a fresh tensor costs more than the kernel's dispatch."""
-    return as_numpy(x).reshape(-1, x.shape[-1])
+    """x as a 2-D numpy array of its last axis: a view where the strides allow, else a copy
+    that a taped step makes again (per-head q of a fused projection, several positions).
+    The ops below reshape in numpy and hand torch arrays already in their final shape: a
+    torch view of a fresh tensor costs more than the kernel's dispatch."""
+    a = as_numpy(x)
+    rows = a.reshape(-1, a.shape[-1])
+    if a.size and not np.may_share_memory(rows, a):
+        run(np.copyto, rows.reshape(a.shape), a, reads=(a,), writes=(rows,))
+    return rows
 
 
 @njit(fastmath=FAST_MATH, error_model="numpy", cache=True)

@@ -91,7 +91,7 @@ class Tape:
 
 class StepTape:
     """fn(start, tokens, positions, *cache view arrays) replayed from a tape recorded at
-    its first call per input shape, for steps of one position (see the module docstring).
+    its first call per input shape (see the module docstring).
     The returned logits are a copy: the tape's own output buffer is rewritten by the next
     step."""
 
@@ -99,10 +99,7 @@ class StepTape:
         self.fn = fn
         self._tapes: dict[tuple, tuple | None] = {}
 
-    def __call__(self, start, tokens, *arrays):
-        if tokens.shape[1] != 1:  # wider steps' attention reads the host's view
-            return self.fn(start, tokens, *arrays)
-        arrays = (tokens, *arrays)
+    def __call__(self, start, *arrays):
         key = tuple(None if a is None else tuple(a.shape) for a in arrays)
         entry = self._tapes.get(key, False)
         if entry is False:

@@ -32,11 +32,16 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
-def _attend(q, kc, vc, spec, view, scale):
-    """decode_attention.attend over torch cache buffers (through their `stored` views)."""
+def _attend(q, kc, vc, spec, end, scale):
+    """decode_attention.attend over torch cache buffers (through their `stored` views), for
+    q's T positions ending at position end - 1, the step's arrays as the slot policy
+    gives them."""
     stored = decode_attention.stored
+    positions = torch.arange(end - q.shape[1], end).expand(q.shape[0], -1)
+    key_pos = (torch.from_numpy(slot_positions(spec, end)).expand(q.shape[0], -1)
+               if spec.window else None)
     return decode_attention.attend(q, stored(kc), None if vc is None else stored(vc), spec,
-                                   view, scale)
+                                   positions, key_pos, scale)
 
 
 def _reference(q, kc, vc, n_keys, allowed, scale, v_dim):
@@ -84,7 +89,7 @@ def test_full_cache_matches_sdpa(heads, n_kv, d, end, n, dtype):
     q = torch.randn(2, n, heads, d, generator=gen)
     n_keys, mask = visible(spec, end - n, end)
     view = CacheView(None, None, n_keys, mask)
-    out = _attend(q, kc, vc, spec, view, d ** -0.5)
+    out = _attend(q, kc, vc, spec, end, d ** -0.5)
     ref = _reference(q, kc, vc, n_keys, _allowed(view, n), d ** -0.5, d)
     assert out.shape == (2, n, heads * d)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -106,7 +111,7 @@ def test_sliding_window_ring_matches_sdpa(heads, n_kv, end, n):
         assert isinstance(mask, np.ndarray) and not mask.all()  # the ring has wrapped
         assert (slot_positions(spec, end) < end - window).any()
     view = CacheView(None, None, n_keys, mask)
-    out = _attend(q, kc, vc, spec, view, 0.125)
+    out = _attend(q, kc, vc, spec, end, 0.125)
     ref = _reference(q, kc, vc, n_keys, _allowed(view, n), 0.125, 64)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
@@ -122,7 +127,7 @@ def test_mla_values_are_the_first_channels_of_the_keys(n):
     q = torch.randn(1, n, heads, kv_lora + rope, generator=gen)
     n_keys, mask = visible(spec, end - n, end)
     view = CacheView(None, None, n_keys, mask)
-    out = _attend(q, kc, None, spec, view, 0.1)
+    out = _attend(q, kc, None, spec, end, 0.1)
     ref = _reference(q, kc, None, n_keys, _allowed(view, n), 0.1, kv_lora)
     assert out.shape == (1, n, heads * kv_lora)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -137,7 +142,7 @@ def test_large_scores_do_not_overflow():
     vc = _cache(1, 2, 400, 64, torch.float16, gen)
     q = torch.randn(1, 1, 6, 64, generator=gen)
     view = CacheView(None, None, 400, None)
-    out = _attend(q, kc, vc, spec, view, 0.125)
+    out = _attend(q, kc, vc, spec, 400, 0.125)
     ref = _reference(q, kc, vc, 400, _allowed(view, 1), 0.125, 64)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -173,7 +178,7 @@ def test_the_thread_pool_takes_long_caches_only(monkeypatch, kernel_path):
     for name in ("_attend", "_attend_serial"):
         kernel = getattr(decode_attention, name)
         monkeypatch.setattr(decode_attention, name,
-                            type("K", (), {"signatures": True, "__call__": staticmethod(
+                            type("K", (), {"__call__": staticmethod(
                                 lambda *a, k=kernel, n=name: taken.append(n) or k(*a))})())
     long = decode_attention.MIN_KEYS
     spec = LayerCacheSpec(long + 8, 2, 64)
@@ -181,7 +186,7 @@ def test_the_thread_pool_takes_long_caches_only(monkeypatch, kernel_path):
     q = torch.randn(1, 1, 4, 64)
     for keys, kernel in ((long - 1, "_attend_serial"), (long, "_attend"), (7, "_attend_serial")):
         taken.clear()
-        out = _attend(q, kc, kc, spec, CacheView(None, None, keys, None), 0.125)
+        out = _attend(q, kc, kc, spec, keys, 0.125)
         assert taken == [kernel]
         ref = _reference(q, kc, kc, keys, np.ones((1, keys), bool), 0.125, 64)
         torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -192,10 +197,8 @@ def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeyp
     engine's) write the cache and attend through the kernels; wider steps and training's
     passes go to TorchBackend's indexing and SDPA. Both leave the same cache and output."""
     be = select("torch", "cpu")
-    calls = []
-    for name in ("attend", "attend_one"):  # wider steps, one position
-        monkeypatch.setattr(decode_attention, name,
-                            lambda *a, f=getattr(decode_attention, name): calls.append(1) or f(*a))
+    calls, kernel = [], decode_attention.attend
+    monkeypatch.setattr(decode_attention, "attend", lambda *a: calls.append(1) or kernel(*a))
     spec = LayerCacheSpec(80, 2, 64)
     gen = torch.Generator().manual_seed(2)
     for n, inference, taken in ((1, True, True), (decode_attention.MAX_QUERIES, True, True),
@@ -218,22 +221,20 @@ def test_the_cpu_backend_takes_decode_widths_and_leaves_the_rest_to_sdpa(monkeyp
         assert torch.equal(kv.k[0], ref_kv.k[0]) and torch.equal(kv.v[0], ref_kv.v[0])
 
 
+@pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("window", [0, 8])
-def test_one_position_reads_what_it_sees_from_the_step_arrays(window):
-    """attend_one (the form a taped decode step replays) finds the keys a query sees from
-    the step's position and the positions the ring's slots hold; at every position, before
-    and after the ring wraps, its output is `attend`'s over the slot policy's view, bit for
-    bit."""
+def test_which_keys_each_query_sees_comes_from_the_step_arrays(window, n):
+    """Steps of n positions ending at every position of a cache, before and after a ring
+    wraps: the keys the kernel reads from the step's positions and the ring's slot
+    positions are the ones the slot policy's view makes visible (SDPA over its mask)."""
     spec = LayerCacheSpec(window + 4 if window else 40, 2, 64, window=window)
-    gen = torch.Generator().manual_seed(window)
-    stored = decode_attention.stored
+    gen = torch.Generator().manual_seed(window + n)
     kc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
     vc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
-    for end in range(1, 30 if window else spec.slots + 1):
-        q = torch.randn(1, 1, 6, 64, generator=gen)
-        n_keys, mask = visible(spec, end - 1, end)
-        key_pos = torch.from_numpy(slot_positions(spec, end)[None]) if window else None
-        out = decode_attention.attend_one(q, stored(kc), stored(vc), spec,
-                                          torch.tensor([[end - 1]]), key_pos, 0.125)
-        want = _attend(q, kc, vc, spec, CacheView(None, None, n_keys, mask), 0.125)
-        assert torch.equal(out, want), end
+    for end in range(n, 30 if window else spec.slots + 1):
+        q = torch.randn(1, n, 6, 64, generator=gen)
+        n_keys, mask = visible(spec, end - n, end)
+        want = _reference(q, kc, vc, n_keys, _allowed(CacheView(None, None, n_keys, mask), n),
+                          0.125, 64)
+        torch.testing.assert_close(_attend(q, kc, vc, spec, end, 0.125), want, atol=TOL,
+                                   rtol=0, msg=lambda m: f"end {end}: {m}")

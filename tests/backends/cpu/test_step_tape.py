@@ -1,8 +1,8 @@
-"""Decode steps replayed from a tape of their kernel calls (backends/torch/cpu/step_tape.py)
-against the same steps run through the graph: the same logits bit for bit at every step, on
-tiny random models of every family (quantized, so that the linears take the kernels), past
-the sliding window of the ring caches, and the families whose steps cannot be taped still
-decode, through the graph."""
+"""Decode and verification steps replayed from a tape of their kernel calls
+(backends/torch/cpu/step_tape.py) against the same steps run through the graph: the same
+logits bit for bit at every step, on tiny random models of every family (quantized, so that
+the linears take the kernels), past the sliding window of the ring caches; the families
+whose steps cannot be taped still decode, through the graph."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def _decode(model, prompt, steps, taped):
     return tokens, np.array(rows)
 
 
+def _verify(model, prompt, widths, taped):
+    """Steps of the given widths after `prompt` (as speculative verification runs them):
+    the logits of every position of each."""
+    seq = model.engine.main
+    model.engine.reset()
+    compiled = seq._step
+    if not taped:
+        seq._step = seq._run
+    try:
+        seq.eval(prompt)
+        rng = np.random.default_rng(7)
+        return [model.engine.backend.to_numpy(seq.step([int(t) for t in rng.integers(3, 120, w)]))
+                for w in widths]
+    finally:
+        seq._step = compiled
+
+
 @pytest.mark.parametrize("numerics", NUMERICS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_taped_steps_equal_the_graph(paths, family, numerics):
@@ -60,6 +77,10 @@ def test_taped_steps_equal_the_graph(paths, family, numerics):
     assert np.array_equal(logits, want)
     tapes = model.engine.main._step._tapes
     assert [entry is not None for entry in tapes.values()] == [family in TAPED]
+    widths = [3, 1, 3, 8, 3, 3]  # 21 positions after the prompt: rings wrap
+    for got, want in zip(_verify(model, prompt, widths, True), _verify(model, prompt, widths, False)):
+        assert np.array_equal(got, want)
+    assert sum(entry is not None for entry in tapes.values()) == (3 if family in TAPED else 0)
 
 
 def test_a_replayed_step_checks_its_token_and_returns_its_own_logits(paths):
