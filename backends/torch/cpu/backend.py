@@ -74,8 +74,9 @@ class CpuBackend(TorchBackend):
         self._int8 = int8_activations.ENABLED
 
     def compile_step(self, fn):
-        """Decode steps replayed from a tape of their kernel calls (step_tape.StepTape);
-        $DIPTYCH_CPU_TAPE=0 runs every step through the graph."""
+        """Fixed-width steps (decode, speculative verification) replayed from a tape of
+        their kernel calls (step_tape.StepTape); $DIPTYCH_CPU_TAPE=0 runs every step
+        through the graph."""
         if os.environ.get("DIPTYCH_CPU_TAPE", "1").strip().lower() in ("0", "false", "no", "off"):
             return fn
         return StepTape(fn)
