@@ -36,7 +36,7 @@ from diptych.backends.base import LayerCacheSpec
 from .decode_ops import as_numpy
 from .fast_exp import FAST_MATH, exp_nonpositive
 from .kernel_cache import compile_listener
-from .step_tape import run
+from .step_tape import copy, run
 from .threads import sync_numba_threads
 
 # Keys per task. Small enough that a short context still splits into blocks for both
@@ -329,7 +329,7 @@ def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: L
         values = keys
     qn = as_numpy(q)
     if n > 1:  # rows of a KV head: its query heads at each position, position-major
-        qn = _copy(qn.reshape(batch, n, n_kv, group, d_k).transpose(0, 2, 1, 3, 4))
+        qn = copy(qn.reshape(batch, n, n_kv, group, d_k).transpose(0, 2, 1, 3, 4))
     qn = qn.reshape(batch, n_kv, n * group, d_k)
     pos = positions.numpy()
     reads = (qn, pos)
@@ -344,15 +344,8 @@ def attend(q: torch.Tensor, keys: np.ndarray, values: np.ndarray | None, spec: L
     run(_attend_visible, qn, keys, values, v_dim, pos, kp, spec.window, lim, mask,
         np.float32(scale), out, reads=reads, writes=(lim, mask, out))
     if n > 1:
-        out = _copy(out.reshape(batch, n_kv, n, group, v_dim).transpose(0, 2, 1, 3, 4))
+        out = copy(out.reshape(batch, n_kv, n, group, v_dim).transpose(0, 2, 1, 3, 4))
     return torch.from_numpy(out.reshape(batch, n, heads * v_dim))
-
-
-def _copy(x: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of x (a taped step copies again)."""
-    out = np.empty(x.shape, np.float32)
-    run(np.copyto, out, x, reads=(x,), writes=(out,))
-    return out
 
 
 def _attend_visible(q, keys, values, v_dim, positions, key_pos, window, lim, mask, scale, out):

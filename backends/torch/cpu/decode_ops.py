@@ -19,7 +19,7 @@ import torch
 from numba import njit
 
 from .fast_exp import FAST_MATH, exp_nonpositive
-from .step_tape import run
+from .step_tape import copy, run
 
 # The widest step (batch x tokens) these kernels take: decode, batched decode rows and
 # speculative verify widths. Prefill keeps torch's (multi-threaded) ops.
@@ -48,7 +48,7 @@ def _rows(x: torch.Tensor) -> np.ndarray:
     a = as_numpy(x)
     rows = a.reshape(-1, a.shape[-1])
     if a.size and not np.may_share_memory(rows, a):
-        run(np.copyto, rows.reshape(a.shape), a, reads=(a,), writes=(rows,))
+        rows = copy(a).reshape(rows.shape)
     return rows
 
 

@@ -47,6 +47,13 @@ def run(fn, *args, reads=(), writes=()):
     return fn(*args)
 
 
+def copy(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of x, made again on every replay of a taped step."""
+    out = np.empty(x.shape, x.dtype)
+    run(np.copyto, out, x, reads=(x,), writes=(out,))
+    return out
+
+
 def untaped() -> None:
     """The step being recorded (if any) runs something the tape cannot replay: an op that
     may write recorded buffers in place (a linear's LoRA pairs add into its output) or the
