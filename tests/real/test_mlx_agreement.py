@@ -1,8 +1,9 @@
 """The MLX backend on the real models: the same bar against llama.cpp as the torch backend,
 and agreement with the torch backend. MLX's CPU build is slow (reference BLAS, ~2 tok/s for
-Qwen), so to keep CI short the checks run on a prefix of the reference data: the first 128
-corpus positions and 4 of the 20 greedy prompts for SmolLM2, 16 positions and 1 prompt for
-Qwen (still every block type of its file)."""
+Qwen), so to keep CI short the checks run on a prefix of the reference data: the first 64
+corpus positions and 2 of the 20 greedy prompts for SmolLM2, 16 teacher-forced positions
+for Qwen (still every block type of its file; its decode steps run the same quantized
+products as SmolLM2's, so greedy decoding is checked on SmolLM2 alone)."""
 
 import pytest
 
@@ -13,7 +14,7 @@ from ..reference_metrics import greedy_failures, kl_ref_ours, load_reference, to
 pytest.importorskip("mlx.core")
 
 # model -> (teacher-forced corpus positions, greedy prompts)
-BUDGET = {"smollm2": (128, 4), "qwen2": (16, 1)}
+BUDGET = {"smollm2": (64, 2), "qwen2": (16, None)}
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen2"])
@@ -38,6 +39,7 @@ def test_teacher_forced_logits_agree_with_llama_cpp_and_torch(pair):
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.parametrize("pair", ["smollm2"], indirect=True)
 def test_greedy_tokens_agree_with_llama_cpp_up_to_near_ties(pair):
     mlx, _, ref, (_, n_prompts) = pair
     assert not greedy_failures(mlx, ref, n_prompts)
