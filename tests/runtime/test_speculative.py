@@ -14,6 +14,7 @@ if not torch.cuda.is_available():  # before the Triton kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diptych
+from diptych.backends.torch.cpu import int8_activations
 from diptych.errors import IncompatibleDraftError, InvalidArgumentError
 from diptych.inference import speculative
 from diptych.inference.speculative import Costs
@@ -130,6 +131,54 @@ def test_draft_greedy_equals_plain_and_leaves_both_caches_exact(tiny_pair, passe
     ids = PROMPT + spec
     _check_cache(model.engine.main, backend, target_hf, ids)
     _check_cache(model._draft_seq, model.draft.backend, draft_hf, ids)
+
+
+def _step_rows(seq):
+    """Every logits row seq's steps compute, by the position of its input token (a later
+    step at a position, after a rollback, replaces the earlier one)."""
+    rows, step = {}, seq.step
+
+    def spy(ids):
+        start, out = seq.n_cached, step(ids)
+        for j, row in enumerate(np.asarray(out[0])):
+            rows[start + j] = row.copy()
+        return out
+
+    seq.step = spy
+    return rows
+
+
+@pytest.mark.skipif(not int8_activations.SUPPORTED, reason="no int8 activations on this CPU")
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])   # full, ring, rings
+def test_int8_speculative_output_is_plain_decodings_exactly(tmp_path, passes, family):
+    """numerics "fast" on the CPU (int8 activations): a verify step gives one-position steps'
+    bits, so speculative greedy output is plain greedy output with no near-tie margin, and
+    the target's logits at every emitted position are the very bits plain decoding
+    computed there, through rejections and full blocks, past the rings' windows."""
+    target = tiny_hf_model(family, seed=1)
+    target_path = write_gguf(target, family, tmp_path / "t.gguf", "Q8_0")
+    draft_path = write_gguf(perturbed_copy(target, 0.05), family, tmp_path / "d.gguf", "Q8_0")
+    model = diptych.load(target_path, backend="torch", device="cpu", n_ctx=96, n_batch=16,
+                         draft=draft_path, numerics="fast")
+    model._spec_costs[("draft", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.1, 0.0)
+    model._spec_costs[("lookup", speculative.DEFAULT_DRAFT_MAX)] = Costs(0.0, 0.0)
+    rings = [s.slots for s in model.engine.main.cache.specs if s.window]
+    assert all(slots < len(PROMPT) + N_NEW for slots in rings)   # they wrap
+    rows = _step_rows(model.engine.main)
+    for prompt, kw in ((PROMPT, {}), (PROMPT + PROMPT[:8] + PROMPT,
+                                       dict(speculative="lookup", lookup_ngram=2))):
+        # both runs prefill the whole prompt (a reused prefix recomputes its last position
+        # in a one-position step, which a prefill's products and attention round otherwise)
+        model.engine.reset()
+        plain = _greedy_ids(model, prompt, speculative=None)
+        plain_rows = dict(rows)
+        rows.clear()
+        model.engine.reset()
+        assert _greedy_ids(model, prompt, **kw) == plain
+        emitted = range(len(prompt), len(prompt) + len(plain) - 1)
+        assert all(np.array_equal(rows[p], plain_rows[p]) for p in emitted)
+        rows.clear()
+    assert sum(n < k for k, n in passes) >= 3 and any(n == k > 0 for k, n in passes), passes
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "deepseek_v3"])

@@ -42,12 +42,14 @@ from .threads import sync_numba_threads
 # Keys per task. Small enough that a short context still splits into blocks for both
 # threads, large enough that the combine pass stays a small part of the work.
 CHUNK = 128
-# Widest step the kernels take: decode and the verify widths of the default draft length.
-# Alone, SDPA overtakes the kernel at 4 positions on the 64-wide heads
+# Widest step the kernels take: decode and the verify widths of the default draft length
+# (a draft of diptych.inference.speculative.DEFAULT_DRAFT_MAX = 8 tokens is verified in a
+# step of 9 positions; steps the kernels take give one-position steps' bits on the int8
+# path, see _block). Alone, SDPA overtakes the kernel at 4 positions on the 64-wide heads
 # (`bench_decode_attention.py --widths`), but a whole verify step of 4 to 8 positions was
 # as fast or faster through the kernels, which skip SDPA's fp32 copy of the cache and the
 # cache write's torch ops (SmolLM2 after 1500 tokens, width 8: 57 -> 39 ms; BENCHMARKS.md).
-MAX_QUERIES = 8
+MAX_QUERIES = 9
 # Fewest visible slots for which the blocks of keys run on numba's thread pool; shorter
 # caches run on the calling thread. The fork-join per layer costs more than splitting a
 # short cache saves: on a quiet machine SmolLM2 decoded 15% slower with the parallel kernel
@@ -73,11 +75,12 @@ def _to_f32(typingctx, x):
 
 
 @njit(fastmath=FAST_MATH, cache=True)
-def _scores(q, keys, scale, scores):
-    """scores[r, c] = scale * q[r] . keys[c]; four keys per pass over the query row."""
-    n_c, d_k = keys.shape
+def _scores(q, keys, scale, counts, scores):
+    """scores[r, c] = scale * q[r] . keys[c] for c < counts[r]; four keys per pass over the
+    query row."""
+    d_k = keys.shape[1]
     for r in range(q.shape[0]):
-        qr, sr = q[r], scores[r]
+        qr, sr, n_c = q[r], scores[r], counts[r]
         for c in range(0, n_c - 3, 4):
             k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
             s0 = s1 = s2 = s3 = np.float32(0.0)
@@ -97,28 +100,27 @@ def _scores(q, keys, scale, scores):
 
 
 @njit(fastmath=FAST_MATH, cache=True)
-def _hide(scores, j0, group, lim, mask):
-    """-inf where key j0 + c is not visible to row r's position t = r // group (j >= lim[t],
-    or mask[t, j] false when a mask is given)."""
-    has_mask = mask.shape[0] > 0
+def _hide(scores, j0, group, counts, mask):
+    """-inf where key j0 + c (c < counts[r]) is outside row r's window: mask[t, j0 + c]
+    false, t = r // group."""
     for r in range(scores.shape[0]):
         t = r // group
-        for c in range(scores.shape[1]):
-            if j0 + c >= lim[t] or (has_mask and not mask[t, j0 + c]):
+        for c in range(counts[r]):
+            if not mask[t, j0 + c]:
                 scores[r, c] = -np.inf
 
 
 @njit(fastmath=FAST_MATH, cache=True)
-def _exp_rows(scores, row_max, row_sum):
-    """Each row's maximum, then exp(score - maximum) in place, and its sum (a row that sees
-    no key of the block: maximum -inf, all zeros)."""
+def _exp_rows(scores, counts, row_max, row_sum):
+    """Each row's maximum over its first counts[r] scores, then exp(score - maximum) in
+    place, and its sum (a row that sees no key of the block: maximum -inf, all zeros)."""
     for r in range(scores.shape[0]):
-        sr = scores[r]
+        sr, n_c = scores[r], counts[r]
         m = np.float32(-np.inf)
-        for c in range(sr.shape[0]):
+        for c in range(n_c):
             m = max(m, sr[c])
         total = np.float32(0.0)
-        for c in range(sr.shape[0]):
+        for c in range(n_c):
             p = exp_nonpositive(sr[c] - m) if m > -np.inf else np.float32(0.0)
             sr[c] = p
             total += p
@@ -126,11 +128,12 @@ def _exp_rows(scores, row_max, row_sum):
 
 
 @njit(fastmath=FAST_MATH, cache=True)
-def _add_values(p, values, acc):
-    """acc[r] += sum_c p[r, c] * values[c, :v_dim]; four values per pass over the row's sum."""
-    n_c, v_dim = p.shape[1], acc.shape[1]
+def _add_values(p, values, counts, acc):
+    """acc[r] += sum_c p[r, c] * values[c, :v_dim] over c < counts[r]; four values per pass
+    over the row's sum."""
+    v_dim = acc.shape[1]
     for r in range(p.shape[0]):
-        pr, a = p[r], acc[r]
+        pr, a, n_c = p[r], acc[r], counts[r]
         for c in range(0, n_c - 3, 4):
             v0, v1, v2, v3 = values[c], values[c + 1], values[c + 2], values[c + 3]
             p0, p1, p2, p3 = pr[c], pr[c + 1], pr[c + 2], pr[c + 3]
@@ -148,13 +151,22 @@ def _block(q, keys, values, lim, mask, scale, j0, row_max, row_sum, acc):
     """One task: the keys j0 .. j0 + len(keys) - 1 of one KV head for all its query rows
     (q: (T * group, Dk), position-major): per row the block's maximum score, the sum of
     exp(score - maximum) and the sum of those weights times the values, into acc (rows,
-    v_dim; zeros in)."""
+    v_dim; zeros in).
+
+    Each row runs over its own visible keys only (j < lim[t]), never over a later query's:
+    a row's arithmetic is then the same whatever the step's width, so a query's output is
+    the same bits in a verify step as in a one-position step (speculative decoding on the
+    int8 path is exact; test_decode_attention)."""
+    group = q.shape[0] // lim.shape[0]
+    counts = np.empty(q.shape[0], np.int64)
+    for r in range(q.shape[0]):
+        counts[r] = min(keys.shape[0], max(0, lim[r // group] - j0))
     scores = np.empty((q.shape[0], keys.shape[0]), np.float32)
-    _scores(q, keys, scale, scores)
-    if mask.shape[0] > 0 or j0 + keys.shape[0] > lim.min():
-        _hide(scores, j0, q.shape[0] // lim.shape[0], lim, mask)
-    _exp_rows(scores, row_max, row_sum)
-    _add_values(scores, values, acc)
+    _scores(q, keys, scale, counts, scores)
+    if mask.shape[0] > 0:
+        _hide(scores, j0, group, counts, mask)
+    _exp_rows(scores, counts, row_max, row_sum)
+    _add_values(scores, values, counts, acc)
 
 
 @njit(fastmath=FAST_MATH, cache=True)
@@ -296,19 +308,17 @@ def store(k: torch.Tensor, v: torch.Tensor | None, keys: np.ndarray, values: np.
 @njit(cache=True)
 def _visibility(positions, key_pos, window, slots, lim, mask):
     """lim[t] = the slots query t (at positions[0, t]; every row of a step is at the same
-    positions) attends over; in a ring (window > 0; key_pos[0, j] the position slot j holds
+    positions) attends over: position p lives in slot p % slots, so the slots below
+    min(pos + 1, slots); in a ring (window > 0; key_pos[0, j] the position slot j holds
     after the step's writes, -1 empty) mask[t, j] = whether that key is in its window. The
     slot policy's rule (diptych.inference.slots.visible), read from the step's arrays as a
     replayed step must."""
-    n_t = positions.shape[1]
-    for t in range(n_t):
+    for t in range(positions.shape[1]):
         pos = positions[0, t]
+        lim[t] = min(pos + 1, slots)
         if window == 0:
-            lim[t] = min(pos + 1, slots)
             continue
-        n = min(positions[0, n_t - 1] + 1, slots)
-        lim[t] = n
-        for j in range(n):
+        for j in range(lim[t]):
             p = key_pos[0, j]
             mask[t, j] = p >= 0 and p <= pos and pos - p < window
 

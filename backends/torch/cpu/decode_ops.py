@@ -41,13 +41,16 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
-    """x as a 2-D numpy array of its last axis: a view where the strides allow, else a copy
-    that a taped step makes again (per-head q of a fused projection, several positions).
-    The ops below reshape in numpy and hand torch arrays already in their final shape: a
-    torch view of a fresh tensor costs more than the kernel's dispatch."""
+    """x as a C-contiguous 2-D numpy array of its last axis: a view where there is one, else
+    a copy that a taped step makes again (several positions of a slice of a fused
+    projection). Contiguous rows at every width keep the kernels to one compiled layout: a
+    strided one vectorizes a row's sums in another order, and a position's output would
+    then depend on the step's width (speculative verify steps must give one-position
+    steps' bits). The ops below reshape in numpy and hand torch arrays already in their
+    final shape: a torch view of a fresh tensor costs more than the kernel's dispatch."""
     a = as_numpy(x)
     rows = a.reshape(-1, a.shape[-1])
-    if a.size and not np.may_share_memory(rows, a):
+    if a.size and not (rows.flags.c_contiguous and np.may_share_memory(rows, a)):
         rows = copy(a).reshape(rows.shape)
     return rows
 

@@ -76,7 +76,7 @@ CASES = [  # (heads, kv heads, head dim, tokens written, queries)
     (7, 1, 256, 129, 1),     # GQA 7 over one KV head, head dim 256
     (9, 3, 64, 200, 3),      # a causal verification step
     (6, 2, 128, 5, 4),       # fewer keys than one block of four
-    (9, 3, 64, 1500, 8),     # the widest verify step, over a long cache
+    (9, 3, 64, 1500, 9),     # the widest verify step, over a long cache
 ]
 
 
@@ -238,3 +238,25 @@ def test_which_keys_each_query_sees_comes_from_the_step_arrays(window, n):
                           0.125, 64)
         torch.testing.assert_close(_attend(q, kc, vc, spec, end, 0.125), want, atol=TOL,
                                    rtol=0, msg=lambda m: f"end {end}: {m}")
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_a_query_gives_the_same_bits_at_every_step_width(window):
+    """Each position of a step of 2 to MAX_QUERIES positions gets the very bits a one-position step
+    at that position gets (a speculative verify step then decodes what plain decoding
+    does): ends on both sides of a block of CHUNK keys and of a group of four keys, before
+    and after a ring wraps."""
+    spec = (LayerCacheSpec(window - 1 + 8 + 4, 2, 64, window=window) if window
+            else LayerCacheSpec(decode_attention.CHUNK + 24, 2, 64))
+    gen = torch.Generator().manual_seed(window)
+    kc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
+    vc = _cache(1, 2, spec.slots, 64, torch.float16, gen)
+    last = spec.slots if not window else 40
+    starts = range(1, 30) if window else range(decode_attention.CHUNK - 12, last - 8)
+    for n in range(2, decode_attention.MAX_QUERIES + 1):
+        for p in starts:
+            q = torch.randn(1, n, 6, 64, generator=gen)
+            wide = _attend(q, kc, vc, spec, p + n, 0.125)
+            for i in range(n):
+                one = _attend(q[:, i:i + 1], kc, vc, spec, p + i + 1, 0.125)
+                assert torch.equal(wide[:, i], one[:, 0]), (n, p, i)

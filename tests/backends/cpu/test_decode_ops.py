@@ -47,6 +47,23 @@ def test_rms_norms_match_torch(be, shape):
         _close(normed, F.rms_norm(x + residual, (shape[-1],), w, 1e-5))
 
 
+@pytest.mark.parametrize("width", [256, 576, 2048])
+def test_a_position_gives_the_same_bits_at_every_step_width(be, width):
+    """A slice of a fused projection (Gemma's k of its qkv, gate of gate_up) is strided at
+    several positions and contiguous at one: each position's norm and GLU rows are the same
+    bits either way (a verify step computes what one-position steps compute)."""
+    g = _gen(width)
+    fused = torch.randn(1, 8, 3 * width, generator=g)
+    w = torch.randn(width, generator=g)
+    with torch.inference_mode():
+        for t in range(8):
+            many, one = fused[:, :, :width], fused[:, t:t + 1, :width]
+            up_many, up_one = fused[:, :, width:2 * width], fused[:, t:t + 1, width:2 * width]
+            assert torch.equal(be.rms_norm(many, w, 1e-6)[:, t], be.rms_norm(one, w, 1e-6)[:, 0])
+            assert torch.equal(be.glu(many, up_many, "gelu_tanh")[:, t],
+                               be.glu(one, up_one, "gelu_tanh")[:, 0])
+
+
 @pytest.mark.parametrize("head_dim,dim", [(64, 64), (128, 64), (80, 32)])
 def test_rope_matches_torch(be, head_dim, dim):
     """Full and partial rotary dims (the channels past `dim` pass through), per-row

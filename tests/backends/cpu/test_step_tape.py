@@ -128,3 +128,32 @@ def test_replays_grow_the_rope_tables(paths):
     be._np_rope.clear()
     tokens, logits = _decode(model, prompt, 12, taped=True)  # replays, positions 5 to 16
     assert tokens == want_tokens and np.array_equal(logits, want)
+
+
+@pytest.mark.skipif(not int8_activations.SUPPORTED, reason="no int8 activations on this CPU")
+# MoE routing and MLA run torch ops (an F32 router's product, per-head bmm) whose bits
+# depend on the step's width: the families whose steps run on the kernels
+@pytest.mark.parametrize("family", sorted(TAPED))
+def test_int8_verify_steps_give_one_position_steps_bits(paths, family):
+    """On the int8 path every op of a step computes each position as a one-position step
+    does (the products' rows do not depend on the step's width, attention runs each query
+    over its own keys, the row kernels take contiguous rows at every width): a verify step
+    of the same tokens gives the same logits bit for bit, so speculative decoding there
+    emits exactly what plain decoding does. 24 positions after the prompt: rings wrap."""
+    model = diptych.load(paths[family], backend="torch", device="cpu", n_ctx=64,
+                         numerics="fast")
+    seq, be = model.engine.main, model.engine.backend
+    tokens = [int(t) for t in np.random.default_rng(5).integers(3, 120, 24)]
+
+    def rows(widths):
+        model.engine.reset()
+        seq.eval([5, 17, 33, 9, 71])
+        out, i = [], 0
+        for w in widths:
+            out.append(be.to_numpy(seq.step(tokens[i:i + w]))[0])
+            i += w
+        return np.concatenate(out)
+
+    one = rows([1] * 24)
+    for widths in ([2, 5, 8, 1, 3, 5], [9, 9, 6]):
+        assert np.array_equal(rows(widths), one), widths
