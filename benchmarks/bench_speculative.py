@@ -83,15 +83,15 @@ def _timed_calls(model, totals: dict):
     wrap(model.engine.main, "rollback", "target rollback")
     wrap(model.engine.main, "step", "verify steps")
     if model._draft_seq is not None:
-        # each of the draft's forwards counts as a step (catching up a few tokens, or a
-        # probe's short context, costs about one)
-        seq, forward = model._draft_seq, model._draft_seq.eval
+        # each of the draft's forwards counts as a step: its fixed-width steps (a drafted
+        # token, a pass's catch-up) and its prefill-path forwards (a probe's short context)
+        seq = model._draft_seq
+        for name in ("step", "forward"):
+            def counted(*args, __run=getattr(seq, name), **kw):
+                totals["draft steps"] += 1
+                return __run(*args, **kw)
 
-        def counted(*args, **kw):
-            totals["draft steps"] += 1
-            return forward(*args, **kw)
-
-        seq.eval = counted
+            setattr(seq, name, counted)
 
 
 def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: str,

@@ -349,7 +349,15 @@ class ModelDraft:
             return seq.eval(ctx[self.start:])
         if seq.n_cached - keep <= seq.cache.max_rollback:
             seq.rollback(seq.n_cached - keep)
-            return seq.eval(view[keep:]) if view[keep:] else None
+            missed = view[keep:]
+            if not missed:
+                return None
+            # a pass's catch-up (its last draft and the target's token, typically) as a
+            # fixed-width step, which the backend captures as it does verify steps; `eval`
+            # would run the graph's prefill path for every catch-up of two tokens or more
+            if len(missed) <= seq.cache.max_rollback + 1:
+                return seq.step(missed)[0, -1:]
+            return seq.eval(missed)
         return seq.prefill(view)
 
     def propose(self, ctx: list[int], k: int, grammar: DraftGrammar | None = None,
