@@ -49,18 +49,20 @@ def _decode(model, prompt, steps, taped):
 
 
 def _verify(model, prompt, widths, taped):
-    """Steps of the given widths after `prompt` (as speculative verification runs them):
-    the logits of every position of each."""
+    """Steps of the given widths after `prompt` (as speculative verification runs them),
+    over one stream of tokens (the same tokens whatever the widths): the logits of every
+    position of each step, (1, width, vocab) arrays."""
     seq = model.engine.main
     model.engine.reset()
     compiled = seq._step
     if not taped:
         seq._step = seq._run
+    tokens = [int(t) for t in np.random.default_rng(7).integers(3, 120, sum(widths))]
     try:
         seq.eval(prompt)
-        rng = np.random.default_rng(7)
-        return [model.engine.backend.to_numpy(seq.step([int(t) for t in rng.integers(3, 120, w)]))
-                for w in widths]
+        ends = np.cumsum(widths)
+        return [model.engine.backend.to_numpy(seq.step(tokens[end - w:end]))
+                for w, end in zip(widths, ends)]
     finally:
         seq._step = compiled
 
@@ -142,17 +144,9 @@ def test_int8_verify_steps_give_one_position_steps_bits(paths, family):
     emits exactly what plain decoding does. 24 positions after the prompt: rings wrap."""
     model = diptych.load(paths[family], backend="torch", device="cpu", n_ctx=64,
                          numerics="fast")
-    seq, be = model.engine.main, model.engine.backend
-    tokens = [int(t) for t in np.random.default_rng(5).integers(3, 120, 24)]
 
     def rows(widths):
-        model.engine.reset()
-        seq.eval([5, 17, 33, 9, 71])
-        out, i = [], 0
-        for w in widths:
-            out.append(be.to_numpy(seq.step(tokens[i:i + w]))[0])
-            i += w
-        return np.concatenate(out)
+        return np.concatenate(_verify(model, [5, 17, 33, 9, 71], widths, True), axis=1)
 
     one = rows([1] * 24)
     for widths in ([2, 5, 8, 1, 3, 5], [9, 9, 6]):
