@@ -437,6 +437,19 @@ _I8_CODE = {
               [("qor(qfield(quad(blk, qa + 4 * g, r), sa, 15), "
                 "qfield(quad(blk, qb + 4 * g, r), sb, 3), 4)", "4 * g")], 4),
 }
+# Units that read the same bytes, written out together: _I8_UNITS[t] = (n, u) runs n units
+# per iteration h of a loop over a block's units, unit c (0 <= c < n) being u.format(c=c).
+# LLVM folds u's bit fields to constants, sees that the units' quads load the same
+# addresses and gathers those bytes once (a quad is four loads and three shuffles, more
+# than a row of x's dot products over it). Q4_K and Q5_K: sub-blocks 2h and 2h + 1 are
+# the low and high nibbles of the same bytes. Units of 16 (Q2_K, Q3_K, Q6_K): the set of
+# one half (u >> 3) and one parity (u & 1) shares its low bits (Q6_K: two sets of ql
+# bytes) and its high bits (Q3_K's hmask, Q6_K's qh). The order of the units is the
+# order of a row's sums at every M, so a row's bits still do not depend on M. Eight
+# units written out instead of four: Q6_K compiled 2x as long, and ran no faster.
+_SIXTEEN = (4, "8 * (h >> 1) + (h & 1) + 2 * {c}")
+_I8_UNITS = {QT.Q4_K: (2, "2 * h + {c}"), QT.Q5_K: (2, "2 * h + {c}"), QT.Q6_K: _SIXTEEN,
+             QT.Q2_K: _SIXTEEN, QT.Q3_K: _SIXTEEN}
 #: The GGML types with a gemm_i8 kernel.
 I8_TYPES = tuple(_I8_CODE)
 
@@ -481,10 +494,13 @@ def _i8_unit(t: QT, rows: range, cols: list[tuple[str, str]]) -> list[str]:
 
 
 def _i8_blocks(t: QT, unit: list[str]) -> str:
+    """A unit's statements over every unit of every block (in _I8_UNITS' sets)."""
     f = FORMATS[t]
-    return (f"for b in range(nb):\n    blk = B[b]\n    for u in range({f.units_per_block}):\n"
-            f"        base = (b * {f.units_per_block} + u) * {f.unit}\n"
-            + _indent("\n".join(unit), 8))
+    n, order = _I8_UNITS.get(t, (1, "h"))
+    body = "\n".join(f"u = {order.format(c=c)}\nbase = (b * {f.units_per_block} + u) * {f.unit}\n"
+                     + "\n".join(unit) for c in range(n))
+    return (f"for b in range(nb):\n    blk = B[b]\n    for h in range({f.units_per_block // n}):\n"
+            + _indent(body, 8))
 
 
 def _i8_x_rows(rows: range, ys: list[str]) -> str:

@@ -109,7 +109,7 @@ def test_wide_steps_multiply_the_rounded_x(t):
 
 
 @vnni
-@pytest.mark.parametrize("t", [T.Q4_1, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_a_row_does_not_depend_on_m(t):
     k = k_for(t)
     ql, _ = make8(t, 100, k, seed=4)
