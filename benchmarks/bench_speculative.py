@@ -80,6 +80,13 @@ def _timed_calls(model, totals: dict):
     wrap(speculative.ModelDraft, "propose", "draft")
     wrap(speculative.LookupDraft, "propose", "draft")
     wrap(speculative, "_verify", "sample+accept")
+    verify = speculative._verify
+
+    def counted_verify(sampler, logits, history, drafts, *args, **kw):
+        totals["passes with drafts"] += bool(drafts)
+        return verify(sampler, logits, history, drafts, *args, **kw)
+
+    speculative._verify = counted_verify
     wrap(model.engine.main, "rollback", "target rollback")
     wrap(model.engine.main, "step", "verify steps")
     if model._draft_seq is not None:
@@ -129,6 +136,7 @@ def run_diptych(target: str, draft: str | None, modes: list[str | None], kind: s
 
 def _figures(model, mode, t, totals: dict) -> dict:
     steps = int(totals.pop("draft steps", 0))
+    drafting = int(totals.pop("passes with drafts", 0))
     out = dict(tps=t.decode_tps, generated=t.generated_tokens, drafted=t.drafted,
                accepted=t.accepted, passes=t.verify_passes, draft_steps=steps,
                split=dict(totals), decode_s=t.decode_s)
@@ -136,9 +144,10 @@ def _figures(model, mode, t, totals: dict) -> dict:
     if costs is not None and t.verify_passes:
         # a draft model runs a step per token drawn, the one below P_MIN that ended a
         # draft included
-        cost = costs.draft * steps + costs.verify * t.drafted
+        cost = costs.draft * steps + costs.verify_width(t.drafted, t.drafted - drafting)
         out["predicted"] = t.tokens_per_pass / (1 + cost / t.verify_passes)
-        out["costs"] = f"draft {costs.draft:.2f}, verify {costs.verify:.2f}"
+        out["costs"] = (f"draft {costs.draft:.2f}, verify {costs.first:.2f} for the first, "
+                        f"{costs.verify:.2f} after")
     return out
 
 

@@ -56,6 +56,7 @@ _ALIGN_WEIGHTS = ALIGN_DECAY ** np.arange(ALIGN_WINDOW)
 ALIGN_ANY = next(m for m in range(1, ALIGN_WINDOW + 1)
                  if _ALIGN_WEIGHTS[m:].sum() < ALIGN_MIN * _ALIGN_WEIGHTS.sum())
 P_MIN = 0.75              # a draft model stops drafting below this top probability
+EVIDENCE = 4              # drafts tried before a generation may decide drafting does not pay
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
 CONFIRM = 3               # probes in a row that must succeed before drafting resumes
@@ -144,10 +145,20 @@ def one_hot(tokens: list[int], vocab: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Costs:
     """A pass's costs in units of one plain target step: `draft` per drafted token (0 for
-    prompt lookup), `verify` per extra token of verify width."""
+    prompt lookup); `first`, the first token of verify width past 1, and `verify` each
+    one after it (None: `first` is `verify`). A step of width 2 costs more than the wider
+    steps' average extra token: on the CPU its two rows of x already leave the one-row
+    kernels' single pass over the weights."""
 
     draft: float
     verify: float
+    first: float | None = None
+
+    def verify_width(self, extra: float, past_first: float) -> float:
+        """The cost of verify widths past 1: `extra` (the expected) tokens past 1, of which
+        `past_first` past the first."""
+        first = self.verify if self.first is None else self.first
+        return first * (extra - past_first) + self.verify * past_first
 
 
 class DraftLength:
@@ -158,9 +169,14 @@ class DraftLength:
     each draft with probability a until the first rejection. A pass asking for k then emits
     1 + sum (ac)^i tokens (i = 1..k) on average and costs 1 + draft * sum c^i (i = 0..k-1:
     a draft model runs a step for each token it draws, the one that stopped it short
-    included) + verify * sum c^i (i = 1..k). a and c are estimated from recent passes
-    (older ones weigh less). For prompt lookup c = 1: finding nothing costs it nothing, and
-    a match it finds runs long.
+    included) + first * c + verify * sum c^i (i = 2..k). a and c are estimated from recent
+    passes (older ones weigh less). For prompt lookup c = 1: finding nothing costs it
+    nothing, and a match it finds runs long.
+
+    A generation drafts until EVIDENCE drafts have been tried (an empty one counting one),
+    whatever the prior says, if drafts that are always accepted would pay: the prior
+    (a = 0.5) alone judged a 0.5B draft for a 1.5B target not worth a try, and every reply
+    then began with plain steps and probes.
 
     When no k > 0 pays, one token is still drafted every `probe_every` passes so that a
     change is noticed; each probe that fails doubles that interval (up to PROBE_MAX), so
@@ -176,26 +192,32 @@ class DraftLength:
         self.stopped, self.tried = 0.0, 1.0       # prior: c = 1
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
         self.drafting = True   # until a pass finds that no k > 0 pays
+        self.tried_drafts = 0  # drafts tried so far, an empty draft counting one
         self.streak = 0   # probes in a row that succeeded
 
     @property
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
-    def value(self, k: int) -> float:
-        """Expected tokens per unit of cost of a pass asking for k drafts (plain: 1)."""
+    def value(self, k: int, a: float | None = None) -> float:
+        """Expected tokens per unit of cost of a pass asking for k drafts (plain: 1), at
+        acceptance rate `a` (None: the estimate)."""
         if not k:
             return 1.0
-        a, c = self.acceptance, 1 - self.stopped / self.tried
+        a = self.acceptance if a is None else a
+        c = 1 - self.stopped / self.tried
         reach = [c ** i for i in range(k + 1)]   # the chance that draft i is drawn
         tokens = sum(a ** i * r for i, r in enumerate(reach))
         return tokens / (1 + self.costs.draft * sum(reach[:-1])
-                         + self.costs.verify * sum(reach[1:]))
+                         + self.costs.verify_width(sum(reach[1:]), sum(reach[2:])))
 
     def choose(self, limit: int) -> int:
         top = min(limit, self.draft_max)
         best = max(range(top + 1), key=self.value)
         self.probing = False
+        if self.drafting and self.tried_drafts < EVIDENCE and any(
+                self.value(k, a=1.0) > 1 for k in range(1, top + 1)):
+            return max(range(1, top + 1), key=self.value)
         if self.drafting and best:
             return best
         self.drafting = False
@@ -212,6 +234,8 @@ class DraftLength:
         if asked and self.costs.draft > 0:   # a draft model's stops (see the class)
             self.tried = DECAY * self.tried + min(drafted + 1, asked)
             self.stopped = DECAY * self.stopped + (drafted < asked)
+        if asked:   # an empty draft is evidence too (the drafter was unsure)
+            self.tried_drafts += max(drafted, 1)
         if drafted:
             self.accepted = DECAY * self.accepted + accepted
             self.rejected = DECAY * self.rejected + (accepted < drafted)
@@ -254,20 +278,21 @@ def _step(seq, token: int, width: int):
 
 def measure_costs(target, draft, width: int, token: int) -> Costs:
     """The costs of `DraftLength` for a target Sequence and a draft Sequence (None: prompt
-    lookup), each step rolled back: a width-1 target step, a width-`width` one and a draft
+    lookup), each step rolled back: target steps of width 1, 2 and `width`, and a draft
     step, rounded to COST_STEP."""
     def rounded(x: float) -> float:
         return round(max(x, 0.0) / COST_STEP) * COST_STEP
 
-    steps = {"one": _step(target, token, 1)}
-    if width > 1:
-        steps["wide"] = _step(target, token, width)
+    steps = {1: _step(target, token, 1)}
+    for w in {min(2, width), width}:
+        steps[w] = _step(target, token, w)
     if draft is not None:
         steps["draft"] = _step(draft, token, 1)
     times = dict(zip(steps, _best_times(list(steps.values()))))
-    one = times["one"]
-    return Costs(rounded(times.get("draft", 0.0) / one),
-                 rounded((times.get("wide", one) - one) / one / max(width - 1, 1)))
+    one = times[1]
+    first = (times[min(2, width)] - one) / one
+    verify = (times[width] - times[2]) / one / (width - 2) if width > 2 else first
+    return Costs(rounded(times.get("draft", 0.0) / one), rounded(verify), rounded(first))
 
 
 def pass_costs(seq, draft, draft_max: int, token: int) -> Costs:

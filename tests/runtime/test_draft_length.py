@@ -11,6 +11,8 @@ from diptych.inference.speculative import Costs, DraftLength
 MAX = speculative.DEFAULT_DRAFT_MAX
 DRAFT = Costs(draft=0.45, verify=0.1)   # a 0.5B draft for a 1.5B target on the CPU
 LOOKUP = Costs(draft=0.0, verify=0.1)
+# the int8 path's measured costs for that pair: a step of width 2 costs 1.35 plain steps
+INT8 = Costs(draft=0.4, verify=0.2, first=0.35)
 
 
 def _speed_vs_plain(length: DraftLength, drafter, passes: int = 2000) -> float:
@@ -22,19 +24,28 @@ def _speed_vs_plain(length: DraftLength, drafter, passes: int = 2000) -> float:
         k = length.choose(10_000)
         drafted, accepted = drafter(k) if k else (0, 0)
         steps = min(drafted + 1, k)
-        cost += 1 + steps * length.costs.draft + drafted * length.costs.verify
+        cost += 1 + steps * length.costs.draft + _verify_cost(length.costs, drafted)
         tokens += accepted + 1
         length.record(k, drafted, accepted)
     return tokens / cost
 
 
+def _verify_cost(costs: Costs, drafted: int) -> float:
+    """What a verify step of width drafted + 1 costs past a plain step."""
+    if not drafted:
+        return 0.0
+    first = costs.verify if costs.first is None else costs.first
+    return first + (drafted - 1) * costs.verify
+
+
+@pytest.mark.parametrize("costs", [DRAFT, INT8], ids=["linear", "width 2 dearer"])
 @pytest.mark.parametrize("a,c,k", [(0.8, 1.0, 4), (0.9, 0.6, 6), (0.5, 0.9, 2)])
-def test_the_expected_value_of_a_pass_is_what_passes_give(a, c, k):
+def test_the_expected_value_of_a_pass_is_what_passes_give(a, c, k, costs):
     """A drafter that draws each next token with probability c and a target accepting each
     draft with probability a: tokens per unit of cost over many simulated passes of length
     k equal `value(k)` given those rates."""
     rng = np.random.default_rng(0)
-    length = DraftLength(MAX, DRAFT)
+    length = DraftLength(MAX, costs)
     length.accepted, length.rejected = a, 1 - a
     length.stopped, length.tried = 1 - c, 1.0
     tokens = cost = 0.0
@@ -42,7 +53,7 @@ def test_the_expected_value_of_a_pass_is_what_passes_give(a, c, k):
         drafted = k if c == 1 else min(k, int(rng.geometric(1 - c)) - 1)
         accepted = min(drafted, int(rng.geometric(1 - a)) - 1)
         tokens += accepted + 1
-        cost += 1 + min(drafted + 1, k) * DRAFT.draft + drafted * DRAFT.verify
+        cost += 1 + min(drafted + 1, k) * costs.draft + _verify_cost(costs, drafted)
     assert tokens / cost == pytest.approx(length.value(k), rel=0.02)
 
 
@@ -87,8 +98,39 @@ def test_a_draft_model_unsure_now_and_then_keeps_drafting():
     assert length.choose(10_000) > 1
 
 
-def test_failing_probes_back_off_and_a_success_brings_them_back():
+def test_a_generation_tries_drafting_before_it_judges():
+    """The prior alone says a draft with these costs does not pay: a generation still drafts
+    from its first pass, and with every draft accepted it never stops."""
+    length = DraftLength(MAX, INT8)
+    assert max(range(MAX + 1), key=length.value) == 0   # the prior's verdict
+    for _ in range(40):
+        k = length.choose(10_000)
+        assert k > 0 and not length.probing
+        drafted = min(k, 3)   # the draft model stops short, sure of three tokens
+        length.record(k, drafted, drafted)
+
+
+def test_an_unsure_draft_model_stops_after_its_evidence():
+    """A draft model never sure enough to draft: its empty drafts count as evidence (and
+    the rate of them can end the trial early: drafts always accepted would not pay)."""
     length = DraftLength(MAX, DRAFT)
+    tried = []
+    for _ in range(40):
+        k = length.choose(10_000)
+        tried.append(k > 0)
+        length.record(k, 0, 0)
+    assert tried[0] and sum(tried[:speculative.PROBE_EVERY]) <= speculative.EVIDENCE
+
+
+def _unsure(length: DraftLength) -> DraftLength:
+    """`length` once its first drafts (tried whatever the prior says) came back empty."""
+    for _ in range(speculative.EVIDENCE):
+        length.record(1, 0, 0)
+    return length
+
+
+def test_failing_probes_back_off_and_a_success_brings_them_back():
+    length = _unsure(DraftLength(MAX, DRAFT))
     gaps, since = [], 0
     for _ in range(2000):
         k = length.choose(10_000)
@@ -106,7 +148,7 @@ def test_failing_probes_back_off_and_a_success_brings_them_back():
 
 
 def test_one_lucky_probe_does_not_resume_drafting():
-    length = DraftLength(MAX, DRAFT)
+    length = _unsure(DraftLength(MAX, DRAFT))
     outcomes = iter([1, 0] * 10 + [1, 1, 1])   # probes: lucky once, then failing; 3 in a row
     resumed_after = None
     for i in range(2000):
