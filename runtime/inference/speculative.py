@@ -56,7 +56,7 @@ _ALIGN_WEIGHTS = ALIGN_DECAY ** np.arange(ALIGN_WINDOW)
 ALIGN_ANY = next(m for m in range(1, ALIGN_WINDOW + 1)
                  if _ALIGN_WEIGHTS[m:].sum() < ALIGN_MIN * _ALIGN_WEIGHTS.sum())
 P_MIN = 0.75              # a draft model stops drafting below this top probability
-EVIDENCE = 4              # drafts tried before a generation may decide drafting does not pay
+EVIDENCE = 4              # drafts judged before a generation may decide drafting does not pay
 PROBE_EVERY = 16          # while drafting does not pay, still draft one token this often...
 PROBE_MAX = 512           # ...or, after failed probes, down to this seldom
 CONFIRM = 3               # probes in a row that must succeed before drafting resumes
@@ -173,10 +173,12 @@ class DraftLength:
     passes (older ones weigh less). For prompt lookup c = 1: finding nothing costs it
     nothing, and a match it finds runs long.
 
-    A generation drafts until EVIDENCE drafts have been tried (an empty one counting one),
-    whatever the prior says, if drafts that are always accepted would pay: the prior
+    A generation drafts until the target has judged EVIDENCE drafts (those up to a pass's
+    first rejection; an empty draft counts one), whatever the prior says, as long as drafts
+    that are always accepted would pay, and as many as would pay most then: the prior
     (a = 0.5) alone judged a 0.5B draft for a 1.5B target not worth a try, and every reply
-    then began with plain steps and probes.
+    began with plain steps and probes; one draft a pass then gathered too little evidence
+    to outweigh it.
 
     When no k > 0 pays, one token is still drafted every `probe_every` passes so that a
     change is noticed; each probe that fails doubles that interval (up to PROBE_MAX), so
@@ -188,11 +190,11 @@ class DraftLength:
 
     def __init__(self, draft_max: int, costs: Costs):
         self.draft_max, self.costs = draft_max, costs
-        self.accepted, self.rejected = 1.0, 1.0   # prior: a = 0.5
+        self.accepted, self.rejected = 0.5, 0.5   # prior: a = 0.5 (Jeffreys')
         self.stopped, self.tried = 0.0, 1.0       # prior: c = 1
         self.idle, self.probe_every, self.probing = 0, PROBE_EVERY, False
         self.drafting = True   # until a pass finds that no k > 0 pays
-        self.tried_drafts = 0  # drafts tried so far, an empty draft counting one
+        self.judged = 0        # drafts judged so far (EVIDENCE)
         self.streak = 0   # probes in a row that succeeded
 
     @property
@@ -215,9 +217,10 @@ class DraftLength:
         top = min(limit, self.draft_max)
         best = max(range(top + 1), key=self.value)
         self.probing = False
-        if self.drafting and self.tried_drafts < EVIDENCE and any(
-                self.value(k, a=1.0) > 1 for k in range(1, top + 1)):
-            return max(range(1, top + 1), key=self.value)
+        if self.drafting and self.judged < EVIDENCE:
+            hoped = max(range(top + 1), key=lambda k: self.value(k, a=1.0))
+            if hoped:
+                return hoped
         if self.drafting and best:
             return best
         self.drafting = False
@@ -234,8 +237,8 @@ class DraftLength:
         if asked and self.costs.draft > 0:   # a draft model's stops (see the class)
             self.tried = DECAY * self.tried + min(drafted + 1, asked)
             self.stopped = DECAY * self.stopped + (drafted < asked)
-        if asked:   # an empty draft is evidence too (the drafter was unsure)
-            self.tried_drafts += max(drafted, 1)
+        if asked:   # the drafts judged: up to the first rejection; an empty draft counts one
+            self.judged += accepted + (accepted < drafted) if drafted else 1
         if drafted:
             self.accepted = DECAY * self.accepted + accepted
             self.rejected = DECAY * self.rejected + (accepted < drafted)
@@ -250,17 +253,20 @@ class DraftLength:
             self.drafting, self.streak = True, 0
 
 
-def _best_times(fns: list, repeats: int = 3) -> list[float]:
-    """The best wall time of each function over `repeats` rounds, the functions alternating
-    within each round (a change in the machine's state mid-measurement then reaches all of
-    them alike)."""
-    best = [math.inf] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
+def _relative_times(fns: list, rounds: int = 5) -> list[float]:
+    """Each function's wall time relative to the first's, the median over `rounds` rounds in
+    which the functions run back to back: a burst of load on the machine then slows a
+    round's calls alike, where the best time of each over the rounds could pick the first
+    function's one quiet moment against the others' busy ones."""
+    ratios = []
+    for _ in range(rounds):
+        times = []
+        for fn in fns:
             t0 = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            times.append(time.perf_counter() - t0)
+        ratios.append([t / times[0] for t in times])
+    return np.median(ratios, axis=0).tolist()
 
 
 def _step(seq, token: int, width: int):
@@ -288,11 +294,10 @@ def measure_costs(target, draft, width: int, token: int) -> Costs:
         steps[w] = _step(target, token, w)
     if draft is not None:
         steps["draft"] = _step(draft, token, 1)
-    times = dict(zip(steps, _best_times(list(steps.values()))))
-    one = times[1]
-    first = (times[min(2, width)] - one) / one
-    verify = (times[width] - times[2]) / one / (width - 2) if width > 2 else first
-    return Costs(rounded(times.get("draft", 0.0) / one), rounded(verify), rounded(first))
+    times = dict(zip(steps, _relative_times(list(steps.values()))))   # plain step: 1
+    first = times[min(2, width)] - 1
+    verify = (times[width] - times[2]) / (width - 2) if width > 2 else first
+    return Costs(rounded(times.get("draft", 0.0)), rounded(verify), rounded(first))
 
 
 def pass_costs(seq, draft, draft_max: int, token: int) -> Costs:

@@ -103,11 +103,35 @@ def test_a_generation_tries_drafting_before_it_judges():
     from its first pass, and with every draft accepted it never stops."""
     length = DraftLength(MAX, INT8)
     assert max(range(MAX + 1), key=length.value) == 0   # the prior's verdict
+    assert length.choose(10_000) == MAX   # what would pay most were every draft accepted
+    length.record(MAX, 3, 3)
     for _ in range(40):
         k = length.choose(10_000)
         assert k > 0 and not length.probing
         drafted = min(k, 3)   # the draft model stops short, sure of three tokens
         length.record(k, drafted, drafted)
+
+
+def test_a_draft_model_that_often_stops_short_keeps_drafting():
+    """Every draft accepted, but the draft model unsure of the next token one time in five:
+    the first passes' evidence (long drafts asked for) outweighs the prior, and drafting
+    never stops."""
+    rng = np.random.default_rng(1)
+    length = DraftLength(MAX, INT8)
+    for _ in range(60):
+        k = length.choose(10_000)
+        assert k > 0 and not length.probing
+        drafted = min(k, int(rng.geometric(0.2)) - 1)
+        length.record(k, drafted, drafted)
+
+
+def test_a_draft_rejected_at_its_first_token_is_one_judgement():
+    """Prompt lookup's first match, rejected at its first token, judged one draft (the
+    target never judged the others): the next passes still draft."""
+    length = DraftLength(MAX, Costs(draft=0.0, verify=0.25, first=0.4))
+    length.record(length.choose(10_000), MAX, 0)
+    assert max(range(MAX + 1), key=length.value) == 0   # the estimate's verdict so far
+    assert length.choose(10_000) > 0
 
 
 def test_an_unsure_draft_model_stops_after_its_evidence():
