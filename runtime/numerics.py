@@ -12,11 +12,13 @@ texts part at close margins, not only at near-ties. Speculative verify steps are
 difference on the CPU: up to decode_attention.MAX_QUERIES positions, a step computes each
 position as a one-position step does, bit for bit, so speculative decoding with "fast"
 emits exactly what plain decoding with "fast" does (models without mixture-of-experts
-layers or MLA, whose routing and latent products run torch ops). "llama.cpp": the torch backend on the CPU rounds each
-product's input as llama.cpp's CPU backend does (8-bit blocks before a quantized weight,
-fp16 before an F16 one; backends/torch/cpu/llama_rounding.py), so that perplexities and
-logits compare with figures published from llama.cpp. With the default backend ("auto")
-it chooses the torch backend on the CPU.
+layers or MLA, whose routing and latent products run torch ops).
+
+"llama.cpp": the torch backend on the CPU rounds each product's input as llama.cpp's CPU
+backend does (8-bit blocks before a quantized weight, fp16 before an F16 one;
+backends/torch/cpu/llama_rounding.py), so that perplexities and logits compare with
+figures published from llama.cpp. With the default backend ("auto") it chooses the torch
+backend on the CPU.
 """
 
 from __future__ import annotations

@@ -215,12 +215,12 @@ class DraftLength:
 
     def choose(self, limit: int) -> int:
         top = min(limit, self.draft_max)
-        best = max(range(top + 1), key=self.value)
         self.probing = False
         if self.drafting and self.judged < EVIDENCE:
             hoped = max(range(top + 1), key=lambda k: self.value(k, a=1.0))
             if hoped:
                 return hoped
+        best = max(range(top + 1), key=self.value)
         if self.drafting and best:
             return best
         self.drafting = False
@@ -289,9 +289,7 @@ def measure_costs(target, draft, width: int, token: int) -> Costs:
     def rounded(x: float) -> float:
         return round(max(x, 0.0) / COST_STEP) * COST_STEP
 
-    steps = {1: _step(target, token, 1)}
-    for w in {min(2, width), width}:
-        steps[w] = _step(target, token, w)
+    steps = {w: _step(target, token, w) for w in sorted({1, min(2, width), width})}
     if draft is not None:
         steps["draft"] = _step(draft, token, 1)
     times = dict(zip(steps, _relative_times(list(steps.values()))))   # plain step: 1
