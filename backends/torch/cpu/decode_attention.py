@@ -44,11 +44,11 @@ from .threads import sync_numba_threads
 CHUNK = 128
 # Widest step the kernels take: decode and the verify widths of the default draft length
 # (a draft of diptych.inference.speculative.DEFAULT_DRAFT_MAX = 8 tokens is verified in a
-# step of 9 positions; steps the kernels take give one-position steps' bits on the int8
-# path, see _block). Alone, SDPA overtakes the kernel at 4 positions on the 64-wide heads
-# (`bench_decode_attention.py --widths`), but a whole verify step of 4 to 8 positions was
-# as fast or faster through the kernels, which skip SDPA's fp32 copy of the cache and the
-# cache write's torch ops (SmolLM2 after 1500 tokens, width 8: 57 -> 39 ms; BENCHMARKS.md).
+# step of 9 positions, which test_decode_attention holds; steps the kernels take give
+# one-position steps' bits on the int8 path, see _block). Alone, SDPA overtakes the kernel
+# at 4 positions on the 64-wide heads (`bench_decode_attention.py --widths`), but a whole
+# verify step of 4 to 8 positions was as fast or faster through the kernels, which skip
+# SDPA's fp32 copy of the cache and the cache write's torch ops (BENCHMARKS.md).
 MAX_QUERIES = 9
 # Fewest visible slots for which the blocks of keys run on numba's thread pool; shorter
 # caches run on the calling thread. The fork-join per layer costs more than splitting a

@@ -260,3 +260,11 @@ def test_a_query_gives_the_same_bits_at_every_step_width(window):
             for i in range(n):
                 one = _attend(q[:, i:i + 1], kc, vc, spec, p + i + 1, 0.125)
                 assert torch.equal(wide[:, i], one[:, 0]), (n, p, i)
+
+
+def test_verify_steps_of_the_default_draft_length_take_the_kernels():
+    """A draft of DEFAULT_DRAFT_MAX tokens is verified in a step of one position more; wider
+    steps go to SDPA, whose bits differ from one-position steps'."""
+    from diptych.inference.speculative import DEFAULT_DRAFT_MAX
+
+    assert decode_attention.MAX_QUERIES >= DEFAULT_DRAFT_MAX + 1
