@@ -4,7 +4,7 @@ Each type's generated source (kernel_source.py) is written to a file named by th
 a hash of that source and of llvm_bits.py (numba's cache=True needs a file, and keys its
 cache on that file: a change to either makes a new file, so stale compiled code is never
 loaded, and a change to one type recompiles only that type). numba caches the compiled
-gufuncs next to it, in diptych's cache folder (kernels/).
+launchers (kernel_source.py) next to it, in diptych's cache folder (kernels/).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numba
 from gguf import GGMLQuantizationType as QT
-from numba import guvectorize
+from numba import njit
 
 from . import llvm_bits
 from . import int8_activations
-from .kernel_source import GUFUNCS, I8_TYPES, KERNEL_TYPES, KINDS, kernel_source
+from .kernel_source import I8_TYPES, KERNEL_TYPES, KERNELS, KINDS, kernel_source, \
+    launcher_name, launcher_signature
 
 # The omp layer launches a parallel region in ~2 us; numba's fallback "workqueue" layer costs
 # 25-100 us per launch, which would dominate decode. Set before any kernel is launched;
@@ -100,9 +101,9 @@ def compile_listener():
 
 
 def kernel(kind: str, ggml_type):
-    """The gufunc `kind` (one of KINDS) for a GGML type, compiled on first use (1-3 s) or
-    loaded from numba's on-disk cache (milliseconds). Its arguments are those of the
-    template's function of that kind (kernel_source.py), less the trailing `done`."""
+    """The launcher of `kind` (one of KINDS) for a GGML type, compiled on first use (1-3 s)
+    or loaded from numba's on-disk cache (milliseconds). Its arguments are an int64 array of
+    row groups (deq_rows: of positions in `ids`), then the kernel's others (KERNELS)."""
     key = (kind, QT(ggml_type))
     k = _KERNELS.get(key)
     if k is None:
@@ -112,16 +113,14 @@ def kernel(kind: str, ggml_type):
             k = _KERNELS.get(key)
             if k is None:
                 mod = _load_kernel_module(key[1])
-                sig, layout, fast = GUFUNCS[kind]
-                py = getattr(mod, f"{kind}_{key[1].name}")
+                py = getattr(mod, launcher_name(kind, key[1]))
                 listener = _compile_listener
                 if listener is not None and not is_cached(kind, key[1]):
                     listener(f"the {key[1].name} {kind} kernel")
                 else:
                     listener = None
                 try:
-                    k = guvectorize(sig, layout, target="parallel", nopython=True,
-                                    fastmath=fast, cache=True)(py)
+                    k = njit(launcher_signature(kind), parallel=True, cache=True)(py)
                 finally:
                     if listener is not None:
                         listener(None)
@@ -134,7 +133,7 @@ def has_kernel(kind: str, ggml_type) -> bool:
     t = QT(ggml_type)
     if kind == "gemm_i8":
         return t in I8_TYPES and int8_activations.SUPPORTED
-    return kind in GUFUNCS and t in KERNEL_TYPES
+    return kind in KERNELS and t in KERNEL_TYPES
 
 
 def _warm_many(tasks) -> None:
@@ -147,7 +146,7 @@ def is_cached(kind: str, ggml_type) -> bool:
     t = QT(ggml_type)
     mod = _load_kernel_module(t)
     cache = Path(mod.__file__).parent / "__pycache__"
-    prefix = f"guf-{mod.__name__}.{kind}_{t.name}-"
+    prefix = f"{mod.__name__}.{launcher_name(kind, t)}-"
     return cache.is_dir() and any(p.name.startswith(prefix) and p.suffix == ".nbi"
                                   for p in cache.iterdir())
 
@@ -169,10 +168,16 @@ def precompile(types=None, kinds=KINDS, processes: int | None = None) -> int:
         return len(todo)
     import concurrent.futures
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
     chunks = [todo[i::n] for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
-        for f in [pool.submit(_warm_many, c) for c in chunks]:
-            f.result()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
+            for f in [pool.submit(_warm_many, c) for c in chunks]:
+                f.result()
+    except BrokenProcessPool:
+        # A spawned worker re-imports __main__: a script that calls precompile() outside an
+        # `if __name__ == "__main__":` guard breaks its workers. Compile here instead.
+        _warm_many(todo)
     return len(todo)

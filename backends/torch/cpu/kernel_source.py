@@ -20,7 +20,9 @@ Kernels (one set per type, over the row-interleaved blocks of repack.py):
     deq_t     a range of row groups into a transposed fp32 tile (W[rows].T) for torch.mm,
               dequantize() and the input gradient
     deq_rows  selected rows (embedding lookup)
-All are numba parallel gufuncs over the row groups (kernel_cache.py compiles them).
+Each is a serial numba function over one row group (deq_rows: one selected row), run in
+parallel by a launcher of the same name over an array of indices (kernel_cache.py compiles
+them).
 """
 
 from __future__ import annotations
@@ -173,8 +175,11 @@ _SCALE_CODE = {t: _scale_code(t) for t in KERNEL_TYPES}
 # at 1536x576 on one thread), and numba-level inlining of 16-32 calls per kernel takes 20-50 s
 # to compile. So the kernels are generated as Python source with each type's expressions
 # written out, kept in a file (numba's cache=True needs one), and compiled lazily per
-# (kind, type) as parallel gufuncs over row groups: numba's prange would re-type the whole loop
-# body for its parfor lowering (measured 2-3x the compile time, same run time).
+# (kind, type). A kernel works on one row group; the launcher's prange only calls it, since
+# a prange over the kernel's own body would re-type that body for its parfor lowering
+# (measured 2-3x the compile time, same run time). The launcher is an njit(parallel=True)
+# function rather than a parallel gufunc: numba caches all of it, where a gufunc's parallel
+# wrapper is rebuilt by LLVM in every process on first use (BENCHMARKS.md, load).
 
 # The fragments the kernels share: pick the row group gi (the tail group is Pt), and open
 # the loop over the units of each block, setting av[r] = a for every row lane.
@@ -197,7 +202,7 @@ _UNITS = """    for b in range(nb):
 """
 
 _TEMPLATE = """
-def gemv1_{name}(gi, P, Pt, x, y, done):
+def gemv1_{name}(gi, P, Pt, x, y):
     # y[n] += x . W[n] for the rows n of group gi: integer codes times x, scaled once per unit.
 {group}    acc = np.zeros(Rg, np.float32)
     av = np.empty(Rg, np.float32)
@@ -213,10 +218,9 @@ def gemv1_{name}(gi, P, Pt, x, y, done):
     row0 = gi * {R}
     for r in range(Rg):
         y[row0 + r] = acc[r]
-    done[0] = 1
 
 
-def deq_t_{name}(gi, g0, P, Pt, Wt, done):
+def deq_t_{name}(gi, g0, P, Pt, Wt):
     # Wt[k, (gi - g0)*R + r] = W[gi*R + r, k] (gi == G is the tail group). Bit-exact with
     # gguf.quants.dequantize (compiled without fastmath).
 {group}    col0 = (gi - g0) * {R}
@@ -227,11 +231,11 @@ def deq_t_{name}(gi, g0, P, Pt, Wt, done):
                 wj = Wt[base + j, col0:col0 + Rg]
                 for r in range(Rg):
                     wj[r] = {wval}
-    done[0] = 1
 
 
-def deq_rows_{name}(i, n, P, Pt, out, done):
-    # out[i, :] = W[n, :] (0 <= n < N checked by the caller). Bit-exact.
+def deq_rows_{name}(i, ids, P, Pt, out):
+    # out[i, :] = W[ids[i], :] (0 <= ids[i] < N checked by the caller). Bit-exact.
+    n = ids[i]
     G = P.shape[0]
     nb = P.shape[1]
     gi = n // {R}
@@ -248,7 +252,6 @@ def deq_rows_{name}(i, n, P, Pt, out, done):
 {scale12}
             for j in range({U}):
                 out[i, base + j] = {val}
-    done[0] = 1
 """
 
 # The row group of gi as whole 16-lane vectors: the tail rows zero-padded, so that every
@@ -270,7 +273,7 @@ _VECTOR_GROUP = """    G = P.shape[0]
 
 # gemm_s and gemm_i8: 16 rows of W at a time, the rows of x in blocks of 4, 2 or 1.
 _ROW_BLOCKS = """
-def {kind}_{name}(gi, P, Pt, {xargs}, Y, done):
+def {kind}_{name}(gi, P, Pt, {xargs}, Y):
     # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _{KIND}).
 """ + _VECTOR_GROUP + """    M = Y.shape[0]
     row0 = gi * {R}
@@ -288,7 +291,6 @@ def {kind}_{name}(gi, P, Pt, {xargs}, Y, done):
             else:
 {rows1}
                 m0 += 1
-    done[0] = 1
 """
 
 # gemm_s: the rows of x in register blocks. Per 16 rows of W (one F32X16 vector, llvm_bits.py)
@@ -526,7 +528,6 @@ _I8_DECODE = """    if M == 1 and Rg == {R}:  # one row of x, a whole group: all
         m0 = 0
         left = 1
 {body}
-        done[0] = 1
         return
 """
 
@@ -541,21 +542,37 @@ def _i8_decode(t: QT) -> str:
 
 
 _P4 = "uint8[:, :, :, ::1]"
-#: kind: (numba signature, gufunc layout, fastmath)
-GUFUNCS = {
-    "gemv1": (f"void(int64, {_P4}, {_P4}, float32[::1], float32[::1], int8[:])",
-              "(),(a,b,c,d),(e,f,g,h),(k),(n)->()", True),
-    "gemm_s": (f"void(int64, {_P4}, {_P4}, float32[:, ::1], float32[:, ::1], int8[:])",
-               "(),(a,b,c,d),(e,f,g,h),(m,k),(p,n)->()", False),
-    "gemm_i8": (f"void(int64, {_P4}, {_P4}, int32[:, ::1], float32[:, ::1], int32[:, ::1], "
-                f"float32[:, ::1], int8[:])", "(),(a,b,c,d),(e,f,g,h),(m,k),(m,j),(m,i),(p,n)->()",
-                False),
-    "deq_t": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
-              "(),(),(a,b,c,d),(e,f,g,h),(k,n)->()", False),
-    "deq_rows": (f"void(int64, int64, {_P4}, {_P4}, float32[:, ::1], int8[:])",
-                 "(),(),(a,b,c,d),(e,f,g,h),(m,k)->()", False),
+#: kind: (the kernel's arguments after its index, their numba types, fastmath). The launcher
+#: takes an int64 array of indices in place of the index and calls the kernel once for each.
+KERNELS = {
+    "gemv1": ("P, Pt, x, y", f"{_P4}, {_P4}, float32[::1], float32[::1]", True),
+    "gemm_s": ("P, Pt, X, Y", f"{_P4}, {_P4}, float32[:, ::1], float32[:, ::1]", False),
+    "gemm_i8": ("P, Pt, XQ, DX, XS, Y", f"{_P4}, {_P4}, int32[:, ::1], float32[:, ::1], "
+                "int32[:, ::1], float32[:, ::1]", False),
+    "deq_t": ("g0, P, Pt, Wt", f"int64, {_P4}, {_P4}, float32[:, ::1]", False),
+    "deq_rows": ("ids, P, Pt, out", f"int64[::1], {_P4}, {_P4}, float32[:, ::1]", False),
 }
-KINDS = tuple(GUFUNCS)
+
+
+def launcher_name(kind: str, t: QT) -> str:
+    return f"run_{kind}_{t.name}"
+
+
+def launcher_signature(kind: str) -> str:
+    return f"void(int64[::1], {KERNELS[kind][1]})"
+
+
+_LAUNCHER = """
+{kind}_{name} = njit(nogil=True, fastmath={fast}, error_model="numpy", cache=True)({kind}_{name})
+
+
+def {launcher}(index, {args}):
+    for j in prange(index.shape[0]):
+        {kind}_{name}(index[j], {args})
+"""
+
+
+KINDS = tuple(KERNELS)
 
 
 def _indent(code: str, n: int) -> str:
@@ -571,6 +588,7 @@ def _dot(terms: list[str]) -> str:
 _HEADER = (
     '"""numba kernels generated by diptych.backends.torch.cpu.kernel_source (do not edit)."""\n'
     "import numpy as np\n"
+    "from numba import njit, prange\n"
     "from diptych.backends.torch.cpu.llvm_bits import (bits, bits2, i8, f16, rint, at, fma, lane,\n"
     "    ld, vzero, quad, qfield, qspread, qor, qflip, dot4, izero, tofloat)\n"
     "C0, C1, C2, C3, C4 = (np.float32(c) for c in {0!r})\n"
@@ -589,7 +607,7 @@ def kernel_source(ggml_type) -> str:
     pre = _Q_CODE[t][0] or "pass"
     units = _UNITS.format(NU=f.units_per_block, U=f.unit, pre12=_indent(pre, 12),
                           scale16=_indent(_SCALE_CODE[t], 16))
-    return _HEADER + _TEMPLATE.format(
+    body = _TEMPLATE.format(
         group=_GROUP, units=units,
         name=t.name, U=f.unit, NU=f.units_per_block, QOFF=qoff, R=R, wval=wval,
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
@@ -602,3 +620,8 @@ def kernel_source(ggml_type) -> str:
                            rows4=_i8_rows(t, 4),
                            rows2=_i8_rows(t, 2), rows1=_i8_rows(t, 1))
         if t in I8_TYPES else "")
+    kinds = [k for k in KINDS if k != "gemm_i8" or t in I8_TYPES]
+    return _HEADER + body + "".join(
+        _LAUNCHER.format(kind=k, name=t.name, launcher=launcher_name(k, t), args=KERNELS[k][0],
+                         fast=KERNELS[k][2])
+        for k in kinds)

@@ -1,0 +1,64 @@
+"""kernel_cache: kernels compile once per machine and load from numba's on-disk cache in
+every later process, whole (the launcher included: nothing is rebuilt per process); the
+compile listener hears of a compile and of nothing else; precompile survives a script that
+spawns its workers without a __main__ guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from diptych.backends.torch.cpu import kernel_cache
+
+PROBE = textwrap.dedent("""
+    import json
+    from gguf import GGMLQuantizationType as QT
+    from diptych.backends.torch.cpu import kernel_cache
+    heard = []
+    kernel_cache.set_compile_listener(heard.append)
+    k = kernel_cache.kernel("deq_rows", QT.Q8_0)
+    print(json.dumps({"heard": heard, "hits": len(k.stats.cache_hits),
+                      "misses": len(k.stats.cache_misses),
+                      "cached": kernel_cache.is_cached("deq_rows", QT.Q8_0)}))
+""")
+
+
+def _probe(cache_dir) -> dict:
+    env = {**os.environ, "DIPTYCH_CACHE": str(cache_dir)}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
+def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
+    first = _probe(tmp_path)
+    assert first["heard"] == ["the Q8_0 deq_rows kernel", None]
+    assert first["misses"] == 1 and first["cached"]
+    again = _probe(tmp_path)
+    assert again["heard"] == []
+    assert again["hits"] == 1 and again["misses"] == 0
+
+
+UNGUARDED = textwrap.dedent("""
+    from gguf import GGMLQuantizationType as QT
+    from diptych.backends.torch.cpu import kernel_cache
+    print("compiled", kernel_cache.precompile([QT.Q8_0], kinds=("deq_rows", "deq_t"),
+                                              processes=2))
+""")
+
+
+def test_precompile_from_an_unguarded_script_compiles_in_process(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    env = {**os.environ, "DIPTYCH_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "compiled 2"
