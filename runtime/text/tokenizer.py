@@ -53,6 +53,8 @@ import numpy as np
 
 from diptych.errors import ModelFileError, TokenizerError, UnsupportedModelError
 
+from .spm_merges import spm_merges
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Tokenizer", "TokenizerError", "bytes_to_unicode"]
@@ -226,12 +228,9 @@ class Tokenizer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Build the tokenizer from GGUF metadata (a mapping of key -> decoded value).
-
-        Measured (one x86_64 core, CPU time): SmolLM2's 49k byte-level vocabulary 0.05 s, Qwen's
-        152k 0.2 s, Gemma 3's 262k SentencePiece vocabulary (whose 515k merges are derived
-        here) 1.05 s; plus, on first access, GGUFFile's decoding of the string arrays.
-        """
+        """Build the tokenizer from GGUF metadata (a mapping of key -> decoded value). A large
+        SentencePiece vocabulary's merges are derived on its first load and then read from the
+        cache folder (spm_merges.py)."""
         gc_was_enabled = gc.isenabled()
         gc.disable()   # ~10^6 short-lived tuples: the cyclic GC would rescan the heap many times
         try:
@@ -389,7 +388,7 @@ class Tokenizer:
             scores_raw = _get(md, "tokenizer.ggml.scores")
             scores = (np.zeros(n_vocab, dtype=np.float32) if scores_raw is None
                       else np.asarray(scores_raw, dtype=np.float32)[:n_vocab])
-            merges = _spm_merges(hf_tokens, scores)
+            merges = spm_merges(hf_tokens, scores)
             unk_token = hf_tokens[unk_id] if unk_id is not None else None
             bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True,
                              fuse_unk=False)
@@ -631,115 +630,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, pre={self.pre!r}, vocab_size={self.vocab_size}, "
                 f"bos={self.bos_id}, eos={self.eos_id}, eog={sorted(self.eog_ids)})")
-
-
-def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
-    """Every (left, right) split of every token into two vocabulary tokens, best merged-token
-    score first (ties: lower id first) -- llama.cpp's SentencePiece merge order.
-
-    Slicing and hashing ~2M substrings in Python costs ~1.3 s for Gemma 3's 262k tokens, so
-    the substrings are found with a polynomial hash computed in numpy (uint64 arithmetic wraps
-    mod 2**64): with Q[i] = sum_{j<i} c_j B^j over all tokens' code points concatenated, the
-    substring [a, b) hashes to (Q[b] - Q[a]) * B^-a (B odd, so invertible mod 2**64). Each
-    split's halves are looked up among the whole tokens' hashes; a hit must also have the right
-    length, and every pair found is checked against the token's text."""
-    n = len(tokens)
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
-    if n == 0 or lengths.max(initial=0) < 2:
-        return []
-    cps = np.frombuffer("".join(tokens).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    total = len(cps)
-    base = np.uint64(0x9E3779B97F4A7C15)           # odd
-    inv = np.uint64(pow(int(base), -1, 1 << 64))
-    with np.errstate(over="ignore"):
-        powers = np.empty(total + 1, dtype=np.uint64)
-        powers[0] = 1
-        np.cumprod(np.full(total, base, dtype=np.uint64), out=powers[1:])
-        inv_powers = np.empty(total + 1, dtype=np.uint64)
-        inv_powers[0] = 1
-        np.cumprod(np.full(total, inv, dtype=np.uint64), out=inv_powers[1:])
-        q = np.zeros(total + 1, dtype=np.uint64)
-        np.cumsum((cps + np.uint64(1)) * powers[:-1], out=q[1:])
-
-        def span_hash(a, b):
-            return (q[b] - q[a]) * inv_powers[a]
-
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        ends = starts + lengths
-        full = span_hash(starts, ends)
-        table = _HashIndex(full)
-
-        def lookup(h, want_len):
-            ids = table.find(h)
-            ok = ids >= 0
-            ok[ok] = lengths[ids[ok]] == want_len[ok]
-            return np.where(ok, ids, -1)
-
-        multi = np.nonzero(lengths >= 2)[0]
-        splits = lengths[multi] - 1                  # split points per token
-        owner = np.repeat(multi, splits)
-        # k = 1..L-1 for each owner
-        first = np.cumsum(splits) - splits
-        k = np.arange(len(owner), dtype=np.int64) - np.repeat(first, splits) + 1
-        mid = starts[owner] + k
-        left = lookup(span_hash(starts[owner], mid), k)
-        keep = left >= 0
-        owner, k, mid, left = owner[keep], k[keep], mid[keep], left[keep]
-        right = lookup(span_hash(mid, ends[owner]), lengths[owner] - k)
-        keep = right >= 0
-        owner, left, right = owner[keep], left[keep], right[keep]
-    rank = np.lexsort((owner, -scores[owner].astype(np.float64)))
-    pick = tokens.__getitem__
-    merges = list(zip(map(pick, left[rank].tolist()), map(pick, right[rank].tolist())))
-    targets = list(map(pick, owner[rank].tolist()))
-    if any(map(str.__ne__, map(str.__add__, *zip(*merges)), targets)):  # a hash collision
-        merges = [m for m, t in zip(merges, targets) if m[0] + m[1] == t]
-    return merges
-
-
-class _HashIndex:
-    """uint64 key -> row index, an open-addressing (linear probing) table held in numpy arrays,
-    so that a million lookups cost a few vectorized gathers instead of a million dict calls
-    (or binary searches)."""
-
-    def __init__(self, keys: np.ndarray):
-        self.keys = keys
-        bits = max(4, int(len(keys) * 4).bit_length())        # load factor <= 1/4
-        self.mask = (1 << bits) - 1
-        self.shift = np.uint64(64 - bits)
-        self.slots = np.full(self.mask + 1, -1, dtype=np.int64)
-        pending = np.arange(len(keys), dtype=np.int64)
-        pos = self._home(keys)
-        while pending.size:
-            p = pos[pending]
-            free = self.slots[p] < 0
-            cand = pending[free]
-            self.slots[p[free]] = cand                           # last writer wins a slot
-            lost = self.slots[pos[cand]] != cand
-            pending = np.concatenate([pending[~free], cand[lost]])
-            pos[pending] = (pos[pending] + 1) & self.mask
-
-    def _home(self, h: np.ndarray) -> np.ndarray:
-        # splitmix64's finalizer, then the top bits: short strings hash to small numbers
-        with np.errstate(over="ignore"):
-            x = h ^ (h >> np.uint64(30))
-            x = x * np.uint64(0xBF58476D1CE4E5B9)
-            x ^= x >> np.uint64(27)
-            x = x * np.uint64(0x94D049BB133111EB)
-            x ^= x >> np.uint64(31)
-        return (x >> self.shift).astype(np.int64)
-
-    def find(self, h: np.ndarray) -> np.ndarray:
-        out = np.full(len(h), -1, dtype=np.int64)
-        pos = self._home(h)
-        active = np.arange(len(h), dtype=np.int64)
-        while active.size:
-            slot = self.slots[pos[active]]
-            filled = slot >= 0
-            hit = filled.copy()
-            hit[filled] = self.keys[slot[filled]] == h[active[filled]]
-            out[active[hit]] = slot[hit]
-            active = active[filled & ~hit]
-            pos[active] = (pos[active] + 1) & self.mask
-        return out
