@@ -36,11 +36,30 @@ def _load(args):
         def progress(done, total):
             bar.update(task, completed=done, total=total)
 
-        return load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
-                    progress=progress, adapter=getattr(args, "adapter", None),
-                    draft=getattr(args, "draft", None),
-                    draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX),
-                    numerics="fast" if getattr(args, "fast", False) else "exact")
+        model = load(source, backend=args.backend, device=args.device, n_ctx=args.n_ctx,
+                     progress=progress, adapter=getattr(args, "adapter", None),
+                     draft=getattr(args, "draft", None),
+                     draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX),
+                     numerics="fast" if getattr(args, "fast", False) else "exact")
+    model.backend.on_compile(_say_compiling)
+    return model
+
+
+_compile_started: list[float] = []
+
+
+def _say_compiling(what: str | None) -> None:
+    """The backend's compile listener: kernels compiled on first use are announced on stderr,
+    not waited for in silence (the chat TUI shows them in its status bar instead)."""
+    import time
+
+    if what is not None:
+        _compile_started.append(time.perf_counter())
+        print(f"compiling {what} for this CPU (once: later runs read it from the cache)...",
+              file=sys.stderr, flush=True)
+    elif _compile_started:
+        print(f"  done in {time.perf_counter() - _compile_started.pop():.1f} s",
+              file=sys.stderr, flush=True)
 
 
 def _sampling(args) -> dict:

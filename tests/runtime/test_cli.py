@@ -88,6 +88,22 @@ def test_speculative_usage_errors(args, says, capsys):
     assert exc.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_run_says_what_it_compiles_on_first_use(default_model, monkeypatch, capsys):
+    """A kernel missing from the on-disk cache is announced on stderr, with its time. (In this
+    process, so that the kernels can pretend to be missing without a 15 s compile.)"""
+    from diptych.backends.torch.cpu import kernel_cache
+    from diptych.cli.main import main
+
+    monkeypatch.setattr(kernel_cache, "_KERNELS", {})
+    monkeypatch.setattr(kernel_cache, "_compile_listener", None)
+    monkeypatch.setattr(kernel_cache, "is_cached", lambda kind, t: False)
+    assert main(["run", str(default_model), "hi", "--raw", "--max-tokens", "1",
+                 "--backend", "torch"]) == 0
+    err = capsys.readouterr().err
+    assert "compiling the Q4_1 gemm_s kernel for this CPU" in err
+    assert "compiling the Q8_0 deq_rows kernel" in err and "  done in " in err
+
+
 def no_traceback(out):
     return "Traceback" not in out.stderr and "Traceback" not in out.stdout
 
