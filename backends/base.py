@@ -152,6 +152,11 @@ class Backend(ABC):
     def prepare(self, qt: QuantTensor) -> Any:
         """Repack a 2-D weight once at load; it stays quantized on the device."""
 
+    def prepare_stacked(self, name: str, parts: list[QuantTensor]) -> Any:
+        """2-D weights of one type and width stacked by rows into one prepared matrix (a
+        fused QKV or gate/up); by default prepared from a stacked copy of their blocks."""
+        return self.prepare(QuantTensor.stack_rows(name, parts))
+
     def prepare_experts(self, qt: QuantTensor) -> Any:
         """Routed experts stacked (n_experts, out, in), as `expert_ffn` reads them; by
         default a list of the experts' prepared matrices."""

@@ -4,7 +4,8 @@ Each (runtime, model) pair runs in its own process so that load time and peak RS
 own. Prefill: a 256-token prompt, timed after one untimed prefill of it (both runtimes);
 decode: 128 greedy tokens after it. Load: the constructor
 (`diptych.load` / `Llama(...)`), and "first" the constructor plus the first token of an
-8-token prompt (after imports). "run": the whole process of `diptych run MODEL "hi"
+8-token prompt (after imports: torch and numba are imported before the clock starts, as
+llama_cpp's library is). "run": the whole process of `diptych run MODEL "hi"
 --max-tokens 1` beside llama-cpp-python's equivalent (imports included), wall time.
 
     python benchmarks/bench_cpu.py [--threads 2] [--models smollm2 qwen2] [--context 256]
@@ -56,6 +57,7 @@ def n_ctx() -> int:
 def run_diptych(path: str, threads: int, numerics: str = "exact") -> dict:
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import diptych
+    import diptych.backends.torch.cpu.backend  # noqa: F401  torch and numba: imports, not load
 
     t0 = time.perf_counter()
     model = diptych.load(path, n_ctx=n_ctx(), numerics=numerics)

@@ -490,7 +490,7 @@ class GGUFFile:
             if nbytes:
                 spans.append((start, end, name))
             data = self._u8[start:end].reshape(n_rows, row_bytes)
-            self.tensors[name] = QuantTensor(name, ggml_type, shape, data)
+            self.tensors[name] = QuantTensor(name, ggml_type, shape, data, self.release_pages)
             self.tensor_offsets[name] = start
         spans.sort()
         for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):

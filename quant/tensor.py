@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +17,17 @@ class QuantTensor:
     the reverse of GGUF's ggml order. `data` is uint8 of shape (n_rows, row_bytes), where
     n_rows is the product of all but the last dimension, so a row reorder (Q/K un-permute)
     is a cheap fancy index that never touches the block contents.
+
+    `release`, for data mapped from a file: drops the file's pages this process has read
+    (the page cache keeps them), so that a backend copying a large tensor chunk by chunk
+    does not hold the whole of it twice.
     """
 
     name: str
     ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]
     data: np.ndarray
+    release: Callable[[], None] | None = None
 
     @property
     def block_size(self) -> int:
@@ -56,14 +62,19 @@ class QuantTensor:
                            np.ascontiguousarray(self.data[index]))
 
     @staticmethod
-    def stack_rows(name: str, parts: list["QuantTensor"]) -> "QuantTensor":
-        """One matrix holding the rows of 2-D `parts` (same type and width) in order."""
+    def stacked_shape(name: str, parts: list["QuantTensor"]) -> tuple[int, int]:
+        """The shape of 2-D `parts` (same type and width) stacked by rows."""
         first = parts[0]
         if any(p.ggml_type != first.ggml_type or len(p.shape) != 2 or p.shape[1] != first.shape[1]
                for p in parts):
             raise ValueError(f"{name}: stack_rows needs 2-D parts of one type and width")
-        rows = sum(p.shape[0] for p in parts)
-        return QuantTensor(name, first.ggml_type, (rows, first.shape[1]),
+        return sum(p.shape[0] for p in parts), first.shape[1]
+
+    @staticmethod
+    def stack_rows(name: str, parts: list["QuantTensor"]) -> "QuantTensor":
+        """One matrix holding the rows of 2-D `parts` (same type and width) in order."""
+        shape = QuantTensor.stacked_shape(name, parts)
+        return QuantTensor(name, parts[0].ggml_type, shape,
                            np.concatenate([p.data for p in parts]))
 
     def matrix(self, i: int) -> "QuantTensor":
@@ -72,7 +83,7 @@ class QuantTensor:
             raise ValueError(f"matrix() needs a 3-D tensor, {self.name} is {self.shape}")
         rows = self.shape[1]
         return QuantTensor(f"{self.name}[{i}]", self.ggml_type, self.shape[1:],
-                           self.data[i * rows:(i + 1) * rows])
+                           self.data[i * rows:(i + 1) * rows], self.release)
 
     def dequantize(self) -> np.ndarray:
         """The values as float32, in `shape` (numpy reference, bit-exact with gguf-py)."""

@@ -126,6 +126,10 @@ class CountingBackend(CpuBackend):
         self.prepared.append(qt.name)
         return super().prepare(qt)
 
+    def prepare_stacked(self, name, parts):
+        self.prepared.append(name)
+        return super().prepare_stacked(name, parts)
+
 
 def test_load_takes_a_backend_instance(tiny_llama):
     hf, path = tiny_llama
@@ -134,7 +138,8 @@ def test_load_takes_a_backend_instance(tiny_llama):
     assert model.backend is be
     # per layer qkv and gate/up (each fused), o and down; the embedding and the output head
     assert len(be.prepared) == 2 * 4 + 2
-    assert {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"} <= set(be.prepared)
+    assert {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight", "blk.1.attn_qkv",
+            "blk.1.ffn_gate_up"} <= set(be.prepared)
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 128, 12)]
     ours = model.logits(ids)
     named = diptych.load(path, backend="torch", device="cpu", n_ctx=32)

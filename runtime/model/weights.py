@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from diptych.quant import QuantTensor
-
 from diptych.backends.base import RopeSpec
 
 from .config import ModelConfig
@@ -169,7 +167,7 @@ class _Source:
             return None  # the caller's one-by-one load names the missing tensor
         if len({self.tensors[p[0]].ggml_type for p in parts}) != 1:
             return None
-        return self.backend.prepare(QuantTensor.stack_rows(name, [self.tensor(*p) for p in parts]))
+        return self.backend.prepare_stacked(name, [self.tensor(*p) for p in parts])
 
 
 def load_weights(tensors: dict, cfg: ModelConfig, backend,

@@ -85,7 +85,12 @@ class CpuBackend(TorchBackend):
         set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:
-        w = self._linear_type.from_quant_tensor(qt)
+        return self._prepared(self._linear_type.from_quant_tensor(qt))
+
+    def prepare_stacked(self, name: str, parts: list[QuantTensor]) -> QuantLinear:
+        return self._prepared(self._linear_type.from_parts(name, parts))
+
+    def _prepared(self, w: QuantLinear) -> QuantLinear:
         w.int8 = self._int8 and w.ggml_type in I8_TYPES
         return w
 

@@ -105,6 +105,10 @@ class RoundingQuantLinear(QuantLinear):
             w.mins = torch.from_numpy(np.ascontiguousarray(m, np.float32).reshape(n, k // QK8))
         return w
 
+    @classmethod
+    def from_parts(cls, name: str, parts: list[QuantTensor]) -> "RoundingQuantLinear":
+        return cls.from_quant_tensor(QuantTensor.stack_rows(name, parts))  # the minimums' rows
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
         kind = VEC_DOT_TYPE[self.ggml_type]

@@ -134,19 +134,34 @@ class QuantLinear:
             else:
                 w = torch.from_numpy(raw.view(np.int16).reshape(n, k).copy()).view(torch.bfloat16)
             return cls(qt.name, t, (n, k), weight=w)
+        return cls._from_blocks(qt.name, [qt])
+
+    @classmethod
+    def from_parts(cls, name: str, parts: list[QuantTensor]) -> "QuantLinear":
+        """2-D weights of one type and width stacked by rows (a fused QKV) as one linear,
+        repacked from each part's own blocks (no stacked copy of them first) when every part
+        but the last is a whole number of row groups."""
+        if QT(parts[0].ggml_type) in FLOAT_TYPES or any(p.shape[0] % R for p in parts[:-1]):
+            return cls.from_quant_tensor(QuantTensor.stack_rows(name, parts))
+        return cls._from_blocks(name, parts)
+
+    @classmethod
+    def _from_blocks(cls, name: str, parts: list[QuantTensor]) -> "QuantLinear":
+        n, k = QuantTensor.stacked_shape(name, parts)
+        t = QT(parts[0].ggml_type)
         if t not in QUANT_TYPES:
             raise NotImplementedError(
-                f"{qt.name}: no CPU kernel for {t.name}; supported: "
+                f"{name}: no CPU kernel for {t.name}; supported: "
                 + ", ".join(x.name for x in FLOAT_TYPES + QUANT_TYPES))
         fmt = FORMATS[t]
         if k % fmt.block_size:
-            raise ValueError(f"{qt.name}: {t.name} rows need a multiple of {fmt.block_size} "
+            raise ValueError(f"{name}: {t.name} rows need a multiple of {fmt.block_size} "
                              f"columns, got {k}")
         row_bytes = fmt.row_bytes(k)
-        data = qt.data
-        if data.shape != (n, row_bytes):
-            data = np.asarray(data).reshape(n, row_bytes)
-        return cls(qt.name, t, (n, k), packed=repack(data, n, row_bytes, fmt.type_size))
+        blocks = [np.asarray(p.data).reshape(p.shape[0], row_bytes) for p in parts]
+        release = next((p.release for p in parts if p.release is not None), None)
+        return cls(name, t, (n, k),
+                   packed=repack(blocks, row_bytes, fmt.type_size, release=release))
 
     # -- description ----------------------------------------------------------------------
     @property

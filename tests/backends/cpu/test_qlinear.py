@@ -16,6 +16,7 @@ way) would miss this by 3-4 orders of magnitude.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -326,6 +327,39 @@ def test_from_memory_map(tmp_path):
     assert torch.equal(ql.dequantize(), torch.from_numpy(oracle(data, T.Q6_K, 70, 256)))
 
 
+@pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="no madvise")
+def test_repacking_a_mapped_tensor_lets_its_read_pages_go(tmp_path):
+    """A weight repacked from a GGUF file never has all its mapped pages resident at once
+    beside its copy: the file's pages read so far are let go after each chunk of rows."""
+    import psutil
+
+    from diptych.quant.gguf_file import GGUFFile
+
+    path = tmp_path / "big.gguf"
+    n, k = 16384, 512                       # Q8_0: 8.5 MiB, four chunks of 4096 rows
+    values = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tensor("big.w", gguf.quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    resident = []
+    with GGUFFile(path) as f:
+        qt = f.tensors["big.w"]
+        assert qt.release is not None
+
+        def release():
+            resident.append(sum(m.rss for m in psutil.Process().memory_maps()
+                                if m.path == str(path)))
+            qt.release()
+
+        ql = QuantLinear.from_quant_tensor(dataclasses.replace(qt, release=release))
+        expected = oracle(np.asarray(qt.data), T.Q8_0, n, k)
+    assert len(resident) == 4 and max(resident) < qt.data.nbytes // 2
+    assert torch.equal(ql.dequantize(), torch.from_numpy(expected))
+
+
 def test_errors():
     with pytest.raises(ValueError):
         QuantLinear.from_quant_tensor(QuantTensor("w", T.Q4_0, (4, 48), np.zeros((4, 27), np.uint8)))
@@ -349,3 +383,25 @@ def test_linear_with_adapters_and_gradients(t):
     n, k = 24, k_for(t)
     data = random_data(t, n, k, np.random.default_rng(3))
     check_torch_backend(CpuBackend(), QuantTensor("w", t, (n, k), data), oracle(data, t, n, k))
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_stacked_parts_equal_their_stacked_copy(t):
+    """A fused QKV repacked part by part is the linear of the parts' stacked rows, whether
+    the parts are whole row groups (repacked in place) or not (through a stacked copy); a
+    mapped part's pages are let go as it is read."""
+    rng = np.random.default_rng(3)
+    k = k_for(t)
+    for rows in ([128, 64, 64], [128, 64, 37], [100, 64, 64]):
+        parts = [QuantTensor(f"p{i}", t, (n, k), random_data(t, n, k, rng))
+                 for i, n in enumerate(rows)]
+        released = []
+        parts[0] = dataclasses.replace(parts[0], release=lambda: released.append(1))
+        ql = QuantLinear.from_parts("qkv", parts)
+        ref = QuantLinear.from_quant_tensor(QuantTensor.stack_rows("qkv", parts))
+        assert ql.shape == (sum(rows), k) and ql.ggml_type == t
+        assert torch.equal(ql.dequantize(), ref.dequantize())
+        assert released or t == T.F16 or rows[0] % 64
+    with pytest.raises(ValueError, match="one type and width"):
+        QuantLinear.from_parts("qkv", [parts[0], QuantTensor("w", t, (64, 2 * k),
+                                                             random_data(t, 64, 2 * k, rng))])
