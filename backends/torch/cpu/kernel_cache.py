@@ -22,6 +22,8 @@ import numba
 from gguf import GGMLQuantizationType as QT
 from numba import njit
 
+from diptych.quant.formats import FORMATS
+
 from . import llvm_bits
 from . import int8_activations
 from .kernel_source import I8_TYPES, KERNEL_TYPES, KERNELS, KINDS, kernel_source, \
@@ -136,9 +138,13 @@ def has_kernel(kind: str, ggml_type) -> bool:
     return kind in KERNELS and t in KERNEL_TYPES
 
 
-def _warm_many(tasks) -> None:
-    for kind, t in tasks:
-        kernel(kind, t)
+def _warm(kind: str, t: int) -> None:
+    kernel(kind, t)
+
+
+# Kinds from the longest to compile to the shortest (the int8 kernels of the K-quants take
+# the longest of all), the order in which precompile hands them out.
+_COMPILE_ORDER = ("gemm_i8", "gemm_s", "gemv1", "deq_t", "deq_rows")
 
 
 def is_cached(kind: str, ggml_type) -> bool:
@@ -158,26 +164,31 @@ def precompile(types=None, kinds=KINDS, processes: int | None = None) -> int:
     compiled in up to `processes` subprocesses (default: the CPU count). Returns how many
     kernels were compiled."""
     types = [QT(t) for t in (types if types is not None else KERNEL_TYPES)]
-    todo = [(k, int(t)) for t in types for k in kinds
-            if has_kernel(k, t) and not is_cached(k, t)]
+    todo = sorted(((k, int(t)) for t in types for k in kinds
+                   if has_kernel(k, t) and not is_cached(k, t)),
+                  key=lambda task: (_COMPILE_ORDER.index(task[0]),   # K-quants first
+                                    -FORMATS[QT(task[1])].block_size))
     if not todo:
         return 0
     n = max(1, min(processes or os.cpu_count() or 1, len(todo)))
     if n == 1:
-        _warm_many(todo)
+        for task in todo:
+            _warm(*task)
         return len(todo)
     import concurrent.futures
     import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
 
-    chunks = [todo[i::n] for i in range(n)]
+    # One task per kernel, the longest first: each worker takes the next as it finishes (a
+    # fixed split of the list had given one worker every int8 kernel, the other none).
     ctx = multiprocessing.get_context("spawn")
     try:
         with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as pool:
-            for f in [pool.submit(_warm_many, c) for c in chunks]:
+            for f in [pool.submit(_warm, *task) for task in todo]:
                 f.result()
     except BrokenProcessPool:
         # A spawned worker re-imports __main__: a script that calls precompile() outside an
         # `if __name__ == "__main__":` guard breaks its workers. Compile here instead.
-        _warm_many(todo)
+        for task in todo:
+            _warm(*task)
     return len(todo)

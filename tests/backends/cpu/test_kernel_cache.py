@@ -62,3 +62,19 @@ def test_precompile_from_an_unguarded_script_compiles_in_process(tmp_path):
                          text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "compiled 2"
+
+
+def test_precompile_hands_out_the_longest_compiles_first(monkeypatch):
+    """Every kind has its place in the compile order; the K-quants' int8 kernels come first
+    and the row lookups last, so that workers taking kernels as they finish end together."""
+    from gguf import GGMLQuantizationType as QT
+
+    assert sorted(kernel_cache._COMPILE_ORDER) == sorted(kernel_cache.KINDS)
+    done = []
+    monkeypatch.setattr(kernel_cache, "is_cached", lambda kind, t: False)
+    monkeypatch.setattr(kernel_cache, "has_kernel", lambda kind, t: True)
+    monkeypatch.setattr(kernel_cache, "_warm", lambda kind, t: done.append((kind, QT(t))))
+    types = [QT.Q8_0, QT.Q6_K, QT.Q4_0]
+    assert kernel_cache.precompile(types, processes=1) == len(types) * len(kernel_cache.KINDS)
+    assert done[0] == ("gemm_i8", QT.Q6_K) and done[1][0] == "gemm_i8"
+    assert [kind for kind, _ in done[-3:]] == ["deq_rows"] * 3
