@@ -15,7 +15,15 @@ from ..tiny_models import tiny_hf_model, write_gguf
 
 
 class NoWeights(CpuBackend):
+    """A backend that fails at any weight prepared: planning reads sizes only."""
+
     def prepare(self, qt):
+        raise AssertionError(f"planning prepared {qt.name}")
+
+    def prepare_stacked(self, name, parts):
+        raise AssertionError(f"planning prepared {name}")
+
+    def prepare_experts(self, qt):
         raise AssertionError(f"planning prepared {qt.name}")
 
 
