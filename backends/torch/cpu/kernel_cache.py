@@ -103,8 +103,8 @@ def compile_listener():
 
 
 def kernel(kind: str, ggml_type):
-    """The launcher of `kind` (one of KINDS) for a GGML type, compiled on first use (1-3 s)
-    or loaded from numba's on-disk cache (milliseconds). Its arguments are an int64 array of
+    """The launcher of `kind` (one of KINDS) for a GGML type, compiled on first use (seconds:
+    BENCHMARKS.md) or loaded from numba's on-disk cache. Its arguments are an int64 array of
     row groups (deq_rows: of positions in `ids`), then the kernel's others (KERNELS)."""
     key = (kind, QT(ggml_type))
     k = _KERNELS.get(key)
@@ -139,7 +139,7 @@ def has_kernel(kind: str, ggml_type) -> bool:
 
 
 def _warm(kind: str, t: int) -> None:
-    kernel(kind, t)
+    kernel(kind, t)   # returns nothing: a worker's compiled kernel is not sent back
 
 
 # Kinds from the longest to compile to the shortest (the int8 kernels of the K-quants take
@@ -159,10 +159,9 @@ def is_cached(kind: str, ggml_type) -> bool:
 
 def precompile(types=None, kinds=KINDS, processes: int | None = None) -> int:
     """Make sure the kernels for `types` (GGML types; default all) that this CPU has
-    (has_kernel) are in numba's on-disk
-    cache. numba compiles one function at a time (about 1-3 s each), so missing kernels are
-    compiled in up to `processes` subprocesses (default: the CPU count). Returns how many
-    kernels were compiled."""
+    (has_kernel) are in numba's on-disk cache. numba compiles one function at a time, so
+    missing kernels are compiled in up to `processes` subprocesses (default: the CPU count).
+    Returns how many kernels were compiled."""
     types = [QT(t) for t in (types if types is not None else KERNEL_TYPES)]
     todo = sorted(((k, int(t)) for t in types for k in kinds
                    if has_kernel(k, t) and not is_cached(k, t)),

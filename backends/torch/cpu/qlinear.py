@@ -34,7 +34,7 @@ Numba's thread count is per calling thread; every call sets it to torch.get_num_
 or to one while threads.GOVERNOR sees the cores contended. Idle workers spin briefly, then
 sleep (threads.bounded_spin). The tile path
 dequantizes on the calling thread only and leaves the cores to MKL.
-Compile: numba compiles 4 kernels per type on first use and caches them on disk
+Compile: numba compiles each kernel a type uses on first use and caches them on disk
 (kernel_cache.py; kernel_cache.precompile() compiles them in parallel processes).
 """
 
