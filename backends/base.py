@@ -146,6 +146,8 @@ class Backend(ABC):
     #: goes through experts chosen[n] (N, k ints; a host array or the backend's).
     #: Steps replayed from a capture (CUDA graphs) do not call it.
     linear_observer: Any = None
+    #: Set by `on_first_use`: told of work done once that the user waits for, else None.
+    first_use_listener: Any = None
 
     # -- weights -------------------------------------------------------------------------
     @abstractmethod
@@ -373,10 +375,13 @@ class Backend(ABC):
         backend runs it best (a CUDA graph replays it); by default fn itself."""
         return fn
 
-    def on_compile(self, listener) -> None:
-        """Have `listener(what)` called when the backend starts compiling code on first use
-        that the user waits for (`what` says what, briefly), and `listener(None)` when that
-        is done; None removes it. By default nothing is compiled worth saying so."""
+    def on_first_use(self, listener) -> None:
+        """Have `listener(what)` called when work starts that is done once and that the
+        user waits for (compiling kernels for this machine, measuring its speed; `what`
+        says what, briefly: "compiling the Q8_0 deq_rows kernel for this CPU"), and
+        `listener(None)` when it is done; None removes it. The runtime tells it of its own
+        such work too (speculative decoding's costs)."""
+        self.first_use_listener = listener
 
     def use_fast_products(self) -> None:
         """Take the fastest products for the weights prepared from now on, activations
@@ -394,3 +399,8 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device})"
+
+    def speed_key(self) -> str:
+        """What sets this backend's speed, as text: it keys speeds measured once and kept
+        (speculative decoding's costs, inference/speculative_costs.py)."""
+        return self.describe()

@@ -17,6 +17,7 @@ from .inference.speculative import (DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM, Dra
                                     LookupDraft, ModelDraft, check_draft_max, pass_costs,
                                     stream_speculative)
 from .inference.sampling import DEFAULT_MAX_TOKENS, model_sampling
+from .inference.speculative_costs import pair_costs
 from .load_plan import LoadPlan
 from .model.display_name import display_name
 from .numerics import apply_numerics, backend_for, check_numerics
@@ -170,11 +171,14 @@ class Model:
         return speculative
 
     def _costs(self, mode: str, draft_max: int, token: int):
-        """The costs of drafting in `mode` (measured on first use, then kept)."""
+        """The costs of drafting in `mode` (measured on this machine's first use, then kept:
+        speculative_costs.py)."""
         key = (mode, draft_max)
         if key not in self._spec_costs:
             draft = self._draft_seq if mode == "draft" else None
-            self._spec_costs[key] = pass_costs(self.engine.main, draft, draft_max, token)
+            self._spec_costs[key] = pair_costs(
+                self, mode, draft_max, lambda: pass_costs(self.engine.main, draft, draft_max,
+                                                          token))
         return self._spec_costs[key]
 
     def attach_draft(self, draft: Model, own: bool = False) -> None:

@@ -75,13 +75,13 @@ class DiptychApp(App):
         if self.autoload:
             self.load_model(self.model_source, self.backend_name, self.adapter)
         elif self.model is not None:
-            self.model.backend.on_compile(self.chat.status.compile_listener)
+            self.model.backend.on_first_use(self.chat.status.first_use_listener)
 
     def on_unmount(self) -> None:
         self.chat.quit_reply()
         self.finetune_screen.stop()
         if self.model is not None:
-            self.model.backend.on_compile(None)
+            self.model.backend.on_first_use(None)
         self.store.close()
 
     # -- model loading -------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class DiptychApp(App):
     def _loaded(self, source, backend: str, model) -> None:
         self.model, self.model_source, self.backend_name = model, source, backend
         self.adapter = model.adapter
-        model.backend.on_compile(self.chat.status.compile_listener)
+        model.backend.on_first_use(self.chat.status.first_use_listener)
         self.chat.refresh_status()
         with_adapter = f" with the adapter {Path(model.adapter).name}" if model.adapter else ""
         self.notify(f"Loaded {model.name}{with_adapter}")

@@ -41,24 +41,25 @@ def _load(args):
                      draft=getattr(args, "draft", None),
                      draft_max=getattr(args, "draft_max", DEFAULT_DRAFT_MAX),
                      numerics="fast" if getattr(args, "fast", False) else "exact")
-    model.backend.on_compile(_say_compiling)
+    model.backend.on_first_use(_say_first_use)
     return model
 
 
-_compile_started: list[float] = []
+_first_use_started: list[float] = []
 
 
-def _say_compiling(what: str | None) -> None:
-    """The backend's compile listener: kernels compiled on first use are announced on stderr,
-    not waited for in silence (the chat TUI shows them in its status bar instead)."""
+def _say_first_use(what: str | None) -> None:
+    """The backend's first-use listener: kernels compiled and speeds measured on first use
+    are announced on stderr, not waited for in silence (the chat TUI shows them in its
+    status bar instead)."""
     import time
 
     if what is not None:
-        _compile_started.append(time.perf_counter())
-        print(f"compiling {what} for this CPU (once: later runs read it from the cache)...",
-              file=sys.stderr, flush=True)
-    elif _compile_started:
-        print(f"  done in {time.perf_counter() - _compile_started.pop():.1f} s",
+        _first_use_started.append(time.perf_counter())
+        print(f"{what} (once: later runs read it from the cache)...", file=sys.stderr,
+              flush=True)
+    elif _first_use_started:
+        print(f"  done in {time.perf_counter() - _first_use_started.pop():.1f} s",
               file=sys.stderr, flush=True)
 
 

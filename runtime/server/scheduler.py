@@ -28,6 +28,7 @@ from diptych.inference.generate import Generation, Piece
 from diptych.inference.sampling import SamplingParams
 from diptych.inference.speculative import (DraftLength, LookupDraft, ModelDraft,
                                            SpeculativeGeneration, pass_costs)
+from diptych.inference.speculative_costs import pair_costs
 
 from .slots import Slot, SlotPool
 
@@ -105,7 +106,7 @@ class Scheduler:
         self.verify_passes = self.tokens_drafted = self.drafts_accepted = 0
         # tokens made for jobs after their client had gone (a disconnect's cost)
         self.tokens_after_cancel = 0
-        self._costs: dict = {}   # (mode, draft_max) -> Costs, measured at first use
+        self._costs: dict = {}   # (mode, draft_max) -> Costs (speculative_costs.py)
         self._thread = threading.Thread(target=self._run, name="diptych-generate", daemon=True)
 
     def start(self) -> None:
@@ -201,8 +202,10 @@ class Scheduler:
             drafter = LookupDraft(spec.lookup_ngram)
         key = (spec.mode, spec.draft_max)
         if key not in self._costs:
-            self._costs[key] = pass_costs(slot.sequence, slot.draft if spec.mode == "draft"
-                                          else None, spec.draft_max, job.ids[-1])
+            draft = slot.draft if spec.mode == "draft" else None
+            self._costs[key] = pair_costs(
+                m, spec.mode, spec.draft_max,
+                lambda: pass_costs(slot.sequence, draft, spec.draft_max, job.ids[-1]))
         return SpeculativeGeneration(slot.sequence, m.tokenizer, job.ids, job.max_tokens,
                                      job.params, job.stop, drafter,
                                      DraftLength(spec.draft_max, self._costs[key]),

@@ -19,9 +19,9 @@ MIB = 1 << 20
 
 
 class StatusBar(Horizontal):
-    compiling: reactive[str] = reactive("")  # what the backend compiles now, if anything
+    first_use: reactive[str] = reactive("")  # first-use work under way (compiling...), if any
 
-    class Compiling(Message):
+    class FirstUse(Message):
         def __init__(self, what: str | None):
             super().__init__()
             self.what = what
@@ -71,21 +71,20 @@ class StatusBar(Horizontal):
         parts.append(f"{memory_in_use() / MIB:.0f} MiB")
         self._update(" │ ".join(p for p in [note] + parts if p))
 
-    def compile_listener(self, what: str | None) -> None:
-        """A `Backend.on_compile` listener; the backend calls it on the thread that
-        compiles, so it only posts a message."""
-        self.post_message(self.Compiling(what))
+    def first_use_listener(self, what: str | None) -> None:
+        """A `Backend.on_first_use` listener; it is called on the thread that does the
+        work, so it only posts a message."""
+        self.post_message(self.FirstUse(what))
 
-    def on_status_bar_compiling(self, message: Compiling) -> None:
-        self.compiling = message.what or ""
+    def on_status_bar_first_use(self, message: FirstUse) -> None:
+        self.first_use = message.what or ""
 
-    def watch_compiling(self) -> None:
+    def watch_first_use(self) -> None:
         self._update(self._facts)
 
     def _update(self, facts: str) -> None:
         self._facts = facts
-        shown = (f"compiling {self.compiling} (first use only)… │ {facts}" if self.compiling
-                 else facts)
+        shown = f"{self.first_use} (first use only)… │ {facts}" if self.first_use else facts
         self.query_one("#facts", Static).update(shown)
 
 

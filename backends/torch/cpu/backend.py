@@ -81,7 +81,13 @@ class CpuBackend(TorchBackend):
             return fn
         return StepTape(fn)
 
-    def on_compile(self, listener) -> None:
+    def speed_key(self) -> str:
+        products = ("llama.cpp's rounding" if self._linear_type is RoundingQuantLinear
+                    else "int8 activations" if self._int8 else "fp32 activations")
+        return f"{self.describe()}, {torch.get_num_threads()} threads, {products}"
+
+    def on_first_use(self, listener) -> None:
+        super().on_first_use(listener)
         set_compile_listener(listener)
 
     def prepare(self, qt: QuantTensor) -> QuantLinear:

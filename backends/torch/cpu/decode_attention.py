@@ -384,7 +384,7 @@ def _first_call(kernel, args) -> None:
             f"{__name__.rsplit('.', 1)[-1]}.{kernel.__name__}-*.nbi")):
         kernel(*args)
         return
-    listener("the decode attention kernel")
+    listener("compiling the decode attention kernel for this CPU")
     try:
         kernel(*args)
     finally:

@@ -90,8 +90,9 @@ _compile_listener = None  # see set_compile_listener
 
 
 def set_compile_listener(listener) -> None:
-    """`listener(what)` is called before a kernel missing from the on-disk cache compiles,
-    `listener(None)` after it; None removes it. One per process, like the kernels."""
+    """`listener(what)` is called before a kernel missing from the on-disk cache compiles
+    (`what`: "compiling the ... kernel for this CPU"), `listener(None)` after it; None
+    removes it. One per process, like the kernels (`Backend.on_first_use`)."""
     global _compile_listener
     _compile_listener = listener
 
@@ -118,7 +119,7 @@ def kernel(kind: str, ggml_type):
                 py = getattr(mod, launcher_name(kind, key[1]))
                 listener = _compile_listener
                 if listener is not None and not is_cached(kind, key[1]):
-                    listener(f"the {key[1].name} {kind} kernel")
+                    listener(f"compiling the {key[1].name} {kind} kernel for this CPU")
                 else:
                     listener = None
                 try:

@@ -39,7 +39,7 @@ def _probe(cache_dir) -> dict:
 @pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
 def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
     first = _probe(tmp_path)
-    assert first["heard"] == ["the Q8_0 deq_rows kernel", None]
+    assert first["heard"] == ["compiling the Q8_0 deq_rows kernel for this CPU", None]
     assert first["misses"] == 1 and first["cached"]
     again = _probe(tmp_path)
     assert again["heard"] == []

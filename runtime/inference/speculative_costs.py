@@ -1,0 +1,114 @@
+"""Speculative decoding's pass costs, measured once per model pair on a machine.
+
+`DraftLength` weighs a pass by its costs relative to a plain target step
+(`speculative.Costs`), which a model pair's first speculative generation measures: a few
+steps of each width, from a fraction of a second to seconds. The costs are kept in the
+cache folder (`speculative-costs.json`) under a key naming both model files (path, size,
+modification time), the adapter, the backend and what sets its speed, and the draft
+length. A later process reads them instead of measuring again, and so chooses the same
+draft lengths as the first: with a seed, its output repeats too. Storing drops the
+entries of files that are gone or changed. A cache file that cannot be read or written
+costs a measurement, nothing else. A model built in memory (no file) is measured in each
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from diptych.paths import cache_dir
+
+from .speculative import Costs
+
+FILE_NAME = "speculative-costs.json"
+MEASURING = "measuring speculative decoding's speed on this machine"
+
+
+def _identity(path) -> str | None:
+    """A model or adapter file (or folder) as its resolved path, size and modification time;
+    None when there is none to name."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _files(model, mode: str) -> dict | None:
+    """The files (role -> path) whose contents the costs of `model` drafting in `mode`
+    depend on; None when one has no file (a model built in memory)."""
+    files = {"model": model.path, "draft": model.draft.path if mode == "draft" else None,
+             "adapter": model.adapter}
+    files = {role: path for role, path in files.items() if path is not None or role == "model"}
+    return None if any(_identity(f) is None for f in files.values()) else files
+
+
+def costs_key(model, mode: str, draft_max: int) -> str | None:
+    """The cache key of `model` (a diptych Model) drafting in `mode` ("draft": with its draft
+    model; "lookup") up to `draft_max` tokens; None for a model without a file."""
+    files = _files(model, mode)
+    if files is None:
+        return None
+    return " | ".join([f"{role} {_identity(f)}" for role, f in files.items()]
+                      + [model.backend.speed_key(), f"{mode}, draft_max {draft_max}"])
+
+
+def pair_costs(model, mode: str, draft_max: int, measure: Callable[[], Costs]) -> Costs:
+    """The costs of `model` drafting in `mode` up to `draft_max` tokens: from the cache
+    folder, else `measure()`d (told to the backend's first-use listener) and stored."""
+    key = costs_key(model, mode, draft_max)
+    path = cache_dir() / FILE_NAME
+    if key is not None:
+        try:
+            return Costs(**_read(path)[key]["costs"])
+        except (KeyError, TypeError):
+            pass
+    listener = model.backend.first_use_listener
+    if listener is not None:
+        listener(MEASURING)
+    try:
+        costs = measure()
+    finally:
+        if listener is not None:
+            listener(None)
+    if key is not None:
+        _store(path, key, costs, _files(model, mode))
+    return costs
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _current(entry) -> bool:
+    """Whether the files an entry was measured on are all there, unchanged."""
+    try:
+        return all(_identity(f) == known for f, known in entry["files"].items())
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _store(path: Path, key: str, costs: Costs, files: dict) -> None:
+    """Add `key` to the file (read again first: another process may have added its own),
+    without the entries of files gone or changed since, and replace the file whole, so
+    that a reader never sees half of it."""
+    data = {k: entry for k, entry in _read(path).items() if _current(entry)}
+    data[key] = {"costs": asdict(costs),
+                 "files": {str(f): _identity(f) for f in files.values()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
