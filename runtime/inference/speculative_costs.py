@@ -15,6 +15,7 @@ process.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -43,9 +44,11 @@ def _identity(path) -> str | None:
 def _files(model, mode: str) -> dict | None:
     """The files (role -> path) whose contents the costs of `model` drafting in `mode`
     depend on; None when one has no file (a model built in memory)."""
-    files = {"model": model.path, "draft": model.draft.path if mode == "draft" else None,
-             "adapter": model.adapter}
-    files = {role: path for role, path in files.items() if path is not None or role == "model"}
+    files = {"model": model.path}
+    if mode == "draft":
+        files["draft"] = model.draft.path
+    if model.adapter:
+        files["adapter"] = model.adapter
     return None if any(_identity(f) is None for f in files.values()) else files
 
 
@@ -64,11 +67,9 @@ def pair_costs(model, mode: str, draft_max: int, measure: Callable[[], Costs]) -
     folder, else `measure()`d (told to the backend's first-use listener) and stored."""
     key = costs_key(model, mode, draft_max)
     path = cache_dir() / FILE_NAME
-    if key is not None:
-        try:
-            return Costs(**_read(path)[key]["costs"])
-        except (KeyError, TypeError):
-            pass
+    stored = _stored(_read(path).get(key)) if key is not None else None
+    if stored is not None:
+        return stored
     listener = model.backend.first_use_listener
     if listener is not None:
         listener(MEASURING)
@@ -88,6 +89,19 @@ def _read(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _stored(entry) -> Costs | None:
+    """An entry's costs, None unless they are what `measure_costs` gives (finite numbers
+    >= 0; `first` may be None): a file edited by hand costs a measurement."""
+    try:
+        costs = Costs(**entry["costs"])
+    except (KeyError, TypeError):
+        return None
+    values = [costs.draft, costs.verify] + ([] if costs.first is None else [costs.first])
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+             for v in values)
+    return costs if ok else None
 
 
 def _current(entry) -> bool:

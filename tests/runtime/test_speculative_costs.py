@@ -56,11 +56,20 @@ def test_costs_are_measured_once_then_read_from_the_cache_folder(model_file, tmp
     assert new_key != key   # ...and the old model's entry is gone
 
 
-def test_an_unreadable_cache_file_costs_a_measurement_only(model_file, tmp_path):
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / FILE_NAME).write_text("{not json")
+def test_an_unreadable_cache_file_or_entry_costs_a_measurement_only(model_file, tmp_path):
+    stored = tmp_path / "cache" / FILE_NAME
+    stored.parent.mkdir()
+    stored.write_text("{not json")
     heard = []
     costs = _generate(model_file, heard)
     assert MEASURING in heard
-    stored = json.loads((tmp_path / "cache" / FILE_NAME).read_text())
-    assert [entry["costs"] for entry in stored.values()] == [asdict(costs)]
+    entries = json.loads(stored.read_text())
+    assert [entry["costs"] for entry in entries.values()] == [asdict(costs)]
+
+    for bad in ({"draft": "fast", "verify": 0.2}, {"draft": -1.0, "verify": 0.2}, [0.1, 0.2]):
+        (key,) = entries
+        stored.write_text(json.dumps({key: {**entries[key], "costs": bad}}))
+        heard.clear()
+        remeasured = _generate(model_file, heard)   # (timings: not the first's exactly)
+        assert MEASURING in heard
+        assert json.loads(stored.read_text())[key]["costs"] == asdict(remeasured)
