@@ -80,6 +80,7 @@ class Model:
         self.engine.set_adapters(
             lambda: apply_adapter(self.backend, self.config, layers, pairs, factor))
         self.adapter = None if adapter is None else str(adapter)
+        self._spec_costs.clear()   # measured with the old adapter's work in each step
 
     # -- tokens ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:

@@ -13,8 +13,10 @@ import diptych
 from diptych.inference import speculative_costs
 from diptych.inference.speculative import DEFAULT_DRAFT_MAX
 from diptych.inference.speculative_costs import FILE_NAME, MEASURING
+from diptych.model.adapter_files import write_adapter
 
 from ..tiny_models import tiny_hf_model, write_gguf
+from .training.random_adapter import random_adapter
 
 PROMPT = [5, 9, 17, 5, 9, 17, 5, 9, 23, 41]
 
@@ -73,3 +75,21 @@ def test_an_unreadable_cache_file_or_entry_costs_a_measurement_only(model_file, 
         remeasured = _generate(model_file, heard)   # (timings: not the first's exactly)
         assert MEASURING in heard
         assert json.loads(stored.read_text())[key]["costs"] == asdict(remeasured)
+
+
+def test_an_adapter_swapped_in_has_costs_of_its_own(model_file, tmp_path):
+    model = diptych.load(model_file, backend="torch", device="cpu", n_ctx=64)
+    heard = []
+    model.backend.on_first_use(heard.append)
+    try:
+        model.generate(PROMPT, max_tokens=4, temperature=0, speculative="lookup")
+        write_adapter(random_adapter(model, 1), model.config, tmp_path / "adapter")
+        model.set_adapter(tmp_path / "adapter")
+        heard.clear()
+        model.generate(PROMPT, max_tokens=4, temperature=0, speculative="lookup")
+    finally:
+        model.backend.on_first_use(None)
+    assert MEASURING in heard
+    keys = json.loads((tmp_path / "cache" / FILE_NAME).read_text())
+    assert len(keys) == 2 and sum(f"adapter {(tmp_path / 'adapter').resolve()}" in k
+                                  for k in keys) == 1
