@@ -67,7 +67,7 @@ tmux send-keys -t "$session" -l "What is the capital of France?"
 tmux send-keys -t "$session" Enter
 sent=$(since_start)
 # nothing is compiled in a fresh home: the first reply waits for the CPU kernels, and says so
-wait_until "the kernels-compiling message" shows 'compiling the .* kernel \(first use only\)'
+wait_until "the kernels-compiling message" shows 'compiling the .* kernel for this CPU \(first use only\)'
 # the status bar shows the prompt's speed from the reply's first token on
 wait_until "the first reply token" shows 'prompt [0-9]+ tok/s'
 first=$(since_start)
