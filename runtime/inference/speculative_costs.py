@@ -14,14 +14,16 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from diptych.errors import ModelFileError
 from diptych.paths import cache_dir
+from diptych.quant.gguf_write import write_atomically
 
 from .speculative import Costs
 
@@ -52,12 +54,9 @@ def _files(model, mode: str) -> dict | None:
     return None if any(_identity(f) is None for f in files.values()) else files
 
 
-def costs_key(model, mode: str, draft_max: int) -> str | None:
+def _key(model, mode: str, draft_max: int, files: dict) -> str:
     """The cache key of `model` (a diptych Model) drafting in `mode` ("draft": with its draft
-    model; "lookup") up to `draft_max` tokens; None for a model without a file."""
-    files = _files(model, mode)
-    if files is None:
-        return None
+    model; "lookup") up to `draft_max` tokens, given its `_files`."""
     return " | ".join([f"{role} {_identity(f)}" for role, f in files.items()]
                       + [model.backend.speed_key(), f"{mode}, draft_max {draft_max}"])
 
@@ -65,7 +64,8 @@ def costs_key(model, mode: str, draft_max: int) -> str | None:
 def pair_costs(model, mode: str, draft_max: int, measure: Callable[[], Costs]) -> Costs:
     """The costs of `model` drafting in `mode` up to `draft_max` tokens: from the cache
     folder, else `measure()`d (told to the backend's first-use listener) and stored."""
-    key = costs_key(model, mode, draft_max)
+    files = _files(model, mode)
+    key = _key(model, mode, draft_max, files) if files is not None else None
     path = cache_dir() / FILE_NAME
     stored = _stored(_read(path).get(key)) if key is not None else None
     if stored is not None:
@@ -79,7 +79,7 @@ def pair_costs(model, mode: str, draft_max: int, measure: Callable[[], Costs]) -
         if listener is not None:
             listener(None)
     if key is not None:
-        _store(path, key, costs, _files(model, mode))
+        _store(path, key, costs, files)
     return costs
 
 
@@ -119,10 +119,7 @@ def _store(path: Path, key: str, costs: Costs, files: dict) -> None:
     data = {k: entry for k, entry in _read(path).items() if _current(entry)}
     data[key] = {"costs": asdict(costs),
                  "files": {str(f): _identity(f) for f in files.values()}}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    text = json.dumps(data, indent=1, sort_keys=True)
+    with contextlib.suppress(OSError, ModelFileError):   # a read-only cache measures again
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
