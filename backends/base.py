@@ -328,6 +328,19 @@ class Backend(ABC):
         (float32 arrays from `tensor`)."""
         raise NotImplementedError(f"{self.name} does not train")
 
+    def bf16_native(self) -> bool:
+        """Whether this device multiplies bf16 matrices faster than fp32 ones (what
+        training's compute_dtype "auto" asks)."""
+        return False
+
+    def training_products(self, dtype: str):
+        """A context in which training's products with the base weights run in `dtype`:
+        "fp32", or "bf16" (bf16 inputs, fp32 accumulation) where the backend has it."""
+        if dtype != "fp32":
+            raise InvalidArgumentError(f"the {self.name} backend trains with fp32 products "
+                                       f"only (compute_dtype={dtype!r})")
+        return contextlib.nullcontext()
+
     def adamw(self, params: list[Array], grads: list[Array], moments: list[tuple[Array, Array]],
               step: int, lr: float, betas: tuple[float, float], eps: float,
               weight_decay: float) -> tuple[list[Array], list[tuple[Array, Array]]]:

@@ -4,6 +4,7 @@ AdamW, gradient checkpointing on both.
 
     python benchmarks/bench_training.py [MODEL] [--steps 3] [--batch 4] [--seq 256]
                                         [--repeats 2] [--peer peft|mlx-lm]
+                                        [--compute-dtype auto|fp32|bf16]
 
 --peer peft (default): diptych on torch's CPU backend beside transformers + PEFT on the
 same GGUF dequantized to fp32 by transformers. --peer mlx-lm: diptych on MLX beside
@@ -41,8 +42,9 @@ rng = np.random.default_rng(0)
 data = [Example(tuple(int(i) for i in rng.integers(100, 40000, seq)), (True,) * seq)
         for _ in range(batch * (steps + 1))]
 opts = TrainOptions(rank=8, alpha=16, batch_size=batch, max_seq_len=seq,
-                    grad_checkpointing=True, steps=steps + 1)
+                    grad_checkpointing=True, steps=steps + 1, compute_dtype=sys.argv[6])
 trainer = Trainer(eng.backend, eng.cfg, eng.weights, data, opts, "/tmp/bench-training")
+print("compute dtype", trainer.compute_dtype, file=sys.stderr)
 allocator.hand_back_freed_memory()
 for update in range(steps + 1):
     if update == 1:
@@ -138,6 +140,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--peer", choices=("peft", "mlx-lm"), default="peft")
+    p.add_argument("--compute-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="diptych's TrainOptions.compute_dtype (the peers stay fp32)")
     p.add_argument("--work", default="/tmp/bench-training",
                    help="where --peer mlx-lm writes its checkpoint")
     args = p.parse_args()
@@ -147,7 +151,7 @@ def main() -> None:
         args.model = str(default_model_path())
     rest = [str(args.steps), str(args.batch), str(args.seq)]
     if args.peer == "peft":
-        sides = [("diptych", _OURS, [args.model, *rest, "torch"]),
+        sides = [("diptych", _OURS, [args.model, *rest, "torch", args.compute_dtype]),
                  ("transformers+peft", _PEFT, [args.model, *rest])]
     else:
         from bench_mlx import write_same_weights
@@ -155,7 +159,7 @@ def main() -> None:
         ckpt = Path(args.work) / (Path(args.model).stem + "-mlx-same")
         if not (ckpt / "config.json").exists():
             write_same_weights(Path(args.model), ckpt)
-        sides = [("diptych", _OURS, [args.model, *rest, "mlx"]),
+        sides = [("diptych", _OURS, [args.model, *rest, "mlx", args.compute_dtype]),
                  ("mlx_lm", _MLX_LM, [str(ckpt), *rest])]
     runs = {name: [] for name, _, _ in sides}
     for r in range(args.repeats):

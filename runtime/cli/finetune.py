@@ -26,6 +26,8 @@ def add_options(sp: argparse.ArgumentParser) -> None:
         if hint == "<class 'bool'>":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=default)
+        elif "choices" in f.metadata:
+            g.add_argument(flag, choices=f.metadata["choices"], default=None, help=default)
         elif "tuple" in hint:
             g.add_argument(flag, default=None, metavar="A,B,...", help=default)
         else:
@@ -65,7 +67,7 @@ def cmd_finetune(args) -> int:
     line = f"trained {result.steps} steps: loss {result.train_loss:.4f}"
     if result.valid_loss is not None:
         line += f", validation loss {result.valid_loss:.4f}"
-    print(line + f"; adapter in {result.out}")
+    print(line + f" ({result.compute_dtype} products); adapter in {result.out}")
     if result.test_loss is not None:
         print(f"test loss {result.test_loss:.4f}, perplexity {result.test_perplexity:.3f}")
     return 0

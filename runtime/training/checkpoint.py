@@ -64,5 +64,7 @@ def load(folder: Path) -> Checkpoint:
             moments = [(f.get_tensor(f"m.{k}"), f.get_tensor(f"v.{k}")) for k in range(n)]
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise ModelFileError(f"{path} is not a readable checkpoint: {e}") from e
+    # checkpoints from before compute_dtype trained with fp32 products: resume them so
+    state["options"].setdefault("compute_dtype", "fp32")
     return Checkpoint(state["options"], [tuple(k) for k in state["keys"]], state["step"],
                       params, moments, state["history"])

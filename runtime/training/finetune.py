@@ -35,14 +35,16 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
     train / valid / test: a JSONL file, a directory with train/valid/test.jsonl (as `train`:
     its valid file is used unless `valid` is given), or a list of records ({"text"},
     {"prompt", "completion"} or {"messages"}); `test=True` takes the directory's test.jsonl.
-    Test loss and perplexity are computed only when there is a test set. `resume`: a run's folder to continue (`out`
-    defaults to it). `config`: a YAML or TOML file of options; keyword options override it.
-    Options: see `TrainOptions` (rank, alpha, rslora, dropout, modules, layers, learning_rate,
-    warmup_steps, weight_decay, batch_size, grad_accumulation, max_seq_len,
-    grad_checkpointing, seed, steps, epochs, eval_every, save_every, ...). `progress`
+    Test loss and perplexity are computed only when there is a test set. `resume`: a run's
+    folder to continue (`out` defaults to it). `config`: a YAML or TOML file of options;
+    keyword options override it. Options: see `TrainOptions` (rank, alpha, rslora, dropout,
+    modules, layers, learning_rate, warmup_steps, weight_decay, batch_size,
+    grad_accumulation, max_seq_len, grad_checkpointing, compute_dtype, seed, steps, epochs,
+    eval_every, save_every, ...). `progress`
     receives a StepReport after each update. `stop`: set it (from any thread) to end the
     run after the current micro-batch with a checkpoint saved, as Ctrl+C does. Returns the
-    losses, steps and the folder; the test loss and perplexity when there is a test set.
+    losses, steps, folder and the compute dtype used; the test loss and perplexity when
+    there is a test set.
     """
     given = {**(read_config(config) if config else {}), **options}
     saved = checkpoint.load(Path(resume)) if resume is not None else None

@@ -75,6 +75,7 @@ class FinetuneResult:
     test_loss: float | None = None
     test_perplexity: float | None = None
     interrupted: bool = False
+    compute_dtype: str = "fp32"   # what TrainOptions.compute_dtype resolved to
     history: dict = field(default_factory=dict, repr=False)
 
 
@@ -126,6 +127,9 @@ class Trainer:
             self.params = [backend.tensor(p) for p in resume.params]
             self.moments = [(backend.tensor(m), backend.tensor(v)) for m, v in resume.moments]
         self._stop = stop if stop is not None else threading.Event()
+        self.compute_dtype = o.compute_dtype if o.compute_dtype != "auto" else (
+            "bf16" if backend.bf16_native() else "fp32")
+        backend.training_products(self.compute_dtype)  # a backend without it says so now
 
     # -- data ------------------------------------------------------------------------------
     def _example(self, position: int) -> Example:
@@ -169,7 +173,7 @@ class Trainer:
     def evaluate(self, examples: list[Example]) -> float:
         """Mean loss per masked token over `examples`, with the current adapter."""
         total, count = 0.0, 0
-        with self.be.inference():
+        with self.be.inference(), self.be.training_products(self.compute_dtype):
             for k in range(0, len(examples), self.options.batch_size):
                 batch = _Batch(self.be, examples[k:k + self.options.batch_size],
                                self.options.max_seq_len)
@@ -190,8 +194,9 @@ class Trainer:
         for k, batch in enumerate(batches):
             seeds = dropout_seeds(self.options.seed, update, k, len(self.keys)) \
                 if self.options.dropout else None
-            value, g = self.be.value_and_grad(
-                lambda p: self._loss(p, batch, denominator, seeds), self.params)
+            with self.be.training_products(self.compute_dtype):
+                value, g = self.be.value_and_grad(
+                    lambda p: self._loss(p, batch, denominator, seeds), self.params)
             loss += value
             grads = g if grads is None else [x + y for x, y in zip(grads, g)]
             if self._stop.is_set():
@@ -250,7 +255,7 @@ class Trainer:
         return FinetuneResult(
             self.out, self.step, self.history["train"][-1] if self.history["train"] else None,
             self.history["valid"][-1][1] if self.history["valid"] else None,
-            interrupted=interrupted, history=self.history)
+            interrupted=interrupted, compute_dtype=self.compute_dtype, history=self.history)
 
     def stop(self) -> None:
         """Ask `run` to stop after the current micro-batch and save (what Ctrl+C does; safe

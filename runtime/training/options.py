@@ -3,11 +3,14 @@ for `learning_rate`) and config files (YAML or TOML, a flat mapping of the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from diptych.errors import InvalidArgumentError
 from diptych.model.adapters import TARGETS
+
+# "auto": bf16 where the backend multiplies bf16 natively (Backend.bf16_native), else fp32
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class TrainOptions:
     grad_accumulation: int = 1
     max_seq_len: int = 512
     grad_checkpointing: bool = False
+    # the dtype of the products with the base weights (adapters, optimizer and loss stay
+    # fp32); bf16 is QLoRA's usual compute dtype
+    compute_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
     seed: int = 0
     steps: int | None = None
     epochs: float | None = None
@@ -51,6 +57,9 @@ class TrainOptions:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
                 not 0 <= self.dropout < 1:
             raise InvalidArgumentError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise InvalidArgumentError(f"compute_dtype must be one of "
+                                       f"{', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(
                 self.epochs, (int, float)) or self.epochs <= 0):
             raise InvalidArgumentError(f"epochs must be a number > 0, got {self.epochs!r}")

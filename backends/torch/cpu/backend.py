@@ -16,7 +16,7 @@ from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
-from . import decode_attention, decode_ops, int8_activations, step_tape
+from . import decode_attention, decode_ops, int8_activations, qlinear, step_tape
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
 from .llama_rounding import RoundingQuantLinear
@@ -85,6 +85,14 @@ class CpuBackend(TorchBackend):
         products = ("llama.cpp's rounding" if self._linear_type is RoundingQuantLinear
                     else "int8 activations" if self._int8 else "fp32 activations")
         return f"{self.describe()}, {torch.get_num_threads()} threads, {products}"
+
+    def bf16_native(self) -> bool:
+        return qlinear.BF16_NATIVE
+
+    def training_products(self, dtype: str):
+        if dtype == "bf16":
+            return qlinear.bf16_products()
+        return super().training_products(dtype)
 
     def on_first_use(self, listener) -> None:
         super().on_first_use(listener)

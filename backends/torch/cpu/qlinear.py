@@ -23,6 +23,10 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
                  Where DISPATCH says tiles, the same steps multiply the tiles by x rounded
                  the same way ("tiles_i8"): every width of an inference step rounds x.
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
+  Within `bf16_products()` (training with compute_dtype "bf16"), the tile path and the input
+  gradient multiply bf16 copies of x (or grad y) and of each tile, accumulating in fp32,
+  and round each product to bf16 before it lands in the fp32 output: oneDNN's bf16 GEMM
+  (AMX or AVX-512 BF16) runs several times faster than fp32 sgemm where the CPU has it.
 Exactness: outside gemm_i8 activations stay fp32 and outputs are within a few fp32 ulps of
 x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|); gemm_i8 is within the same bound
 of x8 @ dequant(W).T, x8 the 8-bit rounding of x (llama.cpp's way, the error that of
@@ -39,6 +43,10 @@ Compile: numba compiles each kernel a type uses on first use and caches them on 
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -85,6 +93,40 @@ def path_for(ggml_type: QT, m: int) -> str:
 TILE_BYTES = 4 << 20
 # numba threads dequantizing tiles for torch.mm (0: torch's thread count)
 TILE_DEQ_THREADS = 1
+
+# per thread: whether the tile path multiplies in bf16 (`bf16_products`); autograd runs a
+# CPU backward pass on the thread that called backward(), so a training step sees its own
+_products = threading.local()
+
+
+@contextmanager
+def bf16_products():
+    """Within: the tile path and grad_input multiply in bf16 on this thread (training's
+    compute_dtype "bf16"; the numba kernels of small M and F32 weights stay fp32)."""
+    before = getattr(_products, "bf16", False)
+    _products.bf16 = True
+    try:
+        yield
+    finally:
+        _products.bf16 = before
+
+
+def _bf16() -> bool:
+    return getattr(_products, "bf16", False)
+
+
+def _host_multiplies_bf16() -> bool:
+    from llvmlite import binding
+
+    host = binding.get_host_cpu_features()
+    return bool(host.get("amx-bf16")) or bool(host.get("avx512bf16"))
+
+
+#: Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16), where oneDNN's bf16
+#: GEMM outruns fp32 sgemm; DIPTYCH_CPU_BF16=0 says it does not (training's "auto" then
+#: keeps fp32 products).
+BF16_NATIVE = _host_multiplies_bf16() and os.environ.get("DIPTYCH_CPU_BF16", "1").strip(
+).lower() not in ("0", "false", "no", "off")
 
 
 class QuantLinear:
@@ -308,15 +350,36 @@ class QuantLinear:
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32)
+        if _bf16():
+            xb = x.to(torch.bfloat16)
+            for row0, row1, wt in self._bf16_tiles():
+                y[:, row0:row1] = torch.mm(xb, wt)
+            return y
         for row0, row1, wt in self._tiles():
             torch.mm(x, wt, out=y[:, row0:row1])  # BLAS writes the columns in place
         return y
+
+    def _bf16_tiles(self):
+        """`_tiles` with each tile copied into one reused bf16 buffer."""
+        buf = None
+        for row0, row1, wt in self._tiles():
+            if buf is None:
+                buf = torch.empty(wt.shape, dtype=torch.bfloat16)
+            tile = buf[:, :row1 - row0]
+            tile.copy_(wt)
+            yield row0, row1, tile
 
     def grad_input(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y (M, N) @ W (N, K) -> (M, K), tile by tile (never the whole W in fp32)."""
         grad_y = grad_y.detach().to(torch.float32)
         if self.ggml_type == QT.F32:
             return grad_y @ self._w
+        if _bf16():
+            gb, gx = grad_y.to(torch.bfloat16), None
+            for row0, row1, wt in self._bf16_tiles():
+                part = torch.mm(gb[:, row0:row1], wt.T)
+                gx = part.to(torch.float32) if gx is None else gx.add_(part)
+            return gx
         gx = torch.empty((grad_y.shape[0], self.shape[1]), dtype=torch.float32)
         for row0, row1, wt in self._tiles():
             if row0 == 0:

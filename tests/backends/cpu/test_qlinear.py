@@ -270,6 +270,31 @@ def test_autograd_input_gradient():
     assert torch.allclose(x.grad.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_bf16_products_round_as_torch_bf16_products(t):
+    """Within bf16_products (training's compute_dtype "bf16"), the tile path and grad_input
+    multiply bf16 copies of x (grad y) and of each tile, each product rounded to bf16 once:
+    equal to torch's bf16 products of the dequantized tiles (the input gradient summing
+    the tiles' rounded products in fp32, as ours does), where the fp32 path is ~3e-3 away."""
+    k, n = k_for(t), 200
+    ql, w = make(t, n, k, seed=3)
+    ql._rows_per_tile = 64   # four tiles, the last partial
+    x, g = torch.randn(300, k), torch.randn(300, n)   # 300 rows: DISPATCH's tile path
+    wb = torch.from_numpy(w).to(torch.bfloat16)
+    want_y = (x.to(torch.bfloat16) @ wb.T).float()
+    want_gx = sum((g[:, r:r + 64].to(torch.bfloat16) @ wb[r:r + 64]).float()
+                  for r in range(0, n, 64))
+
+    def rel(got, want):
+        return float((got - want).norm() / want.norm())
+
+    with qlm.bf16_products():
+        y, gx = ql.forward(x), ql.grad_input(g)
+    assert y.dtype == gx.dtype == torch.float32
+    assert rel(y, want_y) <= 1e-5 and rel(gx, want_gx) <= 1e-5
+    assert rel(ql.forward(x), want_y) > 1e-3 and rel(ql.grad_input(g), want_gx) > 1e-3
+
+
 # -- dequantize / embed_rows / memory ---------------------------------------------------------
 
 @pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)

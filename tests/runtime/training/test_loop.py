@@ -1,6 +1,9 @@
 """The training loop: exact resume from a checkpoint, the schedule, accumulation, options."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,3 +101,33 @@ def test_options_from_config_files_and_their_errors(tmp_path):
     (tmp_path / "b.toml").write_text("rank = [")
     with pytest.raises(InvalidArgumentError, match="not valid TOML"):
         read_config(tmp_path / "b.toml")
+    with pytest.raises(InvalidArgumentError, match="compute_dtype must be one of"):
+        TrainOptions(compute_dtype="fp16")
+
+
+def test_compute_dtype_auto_follows_the_cpu_and_bf16_needs_a_backend_with_it(engine, tmp_path):
+    """"auto" multiplies in bf16 where the CPU does so natively (AMX or AVX-512 BF16, as
+    llvmlite reads the host); DIPTYCH_CPU_BF16=0 says it does not, and "auto" keeps fp32. A
+    backend without bf16 products refuses "bf16" before training starts."""
+    from llvmlite import binding
+
+    host = binding.get_host_cpu_features()
+    native = bool(host.get("amx-bf16")) or bool(host.get("avx512bf16"))
+    auto = Trainer(engine.backend, engine.cfg, engine.weights, _examples(), OPTIONS,
+                   tmp_path / "auto")
+    assert auto.compute_dtype == ("bf16" if native else "fp32")
+    code = ("from diptych.backends.torch.cpu.backend import CpuBackend; "
+            "print(CpuBackend().bf16_native())")
+    env = {**os.environ, "DIPTYCH_CPU_BF16": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+    mlx = pytest.importorskip("mlx.core")
+    del mlx
+    path = write_gguf(tiny_hf_model("llama", seed=4), "llama", tmp_path / "m.gguf")
+    eng = LoadPlan.open(path, "mlx", n_ctx=32).engine()
+    bf16 = dataclasses.replace(OPTIONS, compute_dtype="bf16")
+    with pytest.raises(InvalidArgumentError, match="fp32 products only"):
+        Trainer(eng.backend, eng.cfg, eng.weights, _examples(), bf16, tmp_path / "mlx")
+    assert Trainer(eng.backend, eng.cfg, eng.weights, _examples(), OPTIONS,
+                   tmp_path / "mlx").compute_dtype == "fp32"

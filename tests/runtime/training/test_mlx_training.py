@@ -28,7 +28,7 @@ def _trainer(path, backend, out, checkpointing=True, dropout=0.0):
                         (False,) * 3 + (True,) * (n - 3)) for n in (9, 12)]
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples, TrainOptions(
         rank=4, batch_size=2, steps=2, learning_rate=0.05, weight_decay=0.1, dropout=dropout,
-        grad_checkpointing=checkpointing), out)
+        grad_checkpointing=checkpointing, compute_dtype="fp32"), out)
     values = np.random.default_rng(5)
     trainer.params = [eng.backend.tensor(values.standard_normal(
         eng.backend.to_numpy(p).shape).astype(np.float32) * 0.2) for p in trainer.params]

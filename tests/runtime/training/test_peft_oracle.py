@@ -11,6 +11,8 @@ The F32 cases train with gradient checkpointing: layers and pieces of the output
 recomputed in the backward pass.
 """
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -82,7 +84,8 @@ def test_loss_and_gradients_equal_peft_for_three_sgd_steps(tmp_path, monkeypatch
     examples = _batch()
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
                       TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, steps=3,
-                                   grad_checkpointing=qtype == "F32"), tmp_path / "run")
+                                   grad_checkpointing=qtype == "F32", compute_dtype="fp32"),
+                      tmp_path / "run")
     assert len(trainer.keys) == 7 * 2
     peft = _peft(family, path)
     _, leaves = _same_start(trainer, peft, eng.backend)
@@ -148,6 +151,66 @@ def _compare_step(trainer, peft, leaves, step):
         trainer, [p.detach().numpy() for p in leaves])]
 
 
+def _bf16_products(peft):
+    """PEFT's model with every base linear and the head multiplying as compute_dtype "bf16"
+    does: bf16 copies of x (or grad y) and of the weight, each product rounded to bf16,
+    biases added in fp32; the LoRA pairs stay fp32."""
+    from peft.tuners.lora import LoraLayer
+
+    def forward(self, x):
+        y = (x.to(torch.bfloat16) @ self.weight.to(torch.bfloat16).T).to(torch.float32)
+        return y if self.bias is None else y + self.bias
+
+    layers = [m.base_layer for m in peft.modules() if isinstance(m, LoraLayer)]
+    for layer in layers + [peft.get_output_embeddings()]:
+        layer.forward = types.MethodType(forward, layer)
+
+
+def _norm_rel(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("family, qtype", CASES[1:])
+def test_bf16_products_equal_peft_with_bf16_products(tmp_path, family, qtype):
+    """compute_dtype "bf16" (the default where the CPU has AMX or AVX-512 BF16; torch
+    emulates it elsewhere), on sequences long enough (M > 256 rows) that the forward pass
+    and the head take the tile path too, against PEFT with bf16 base products.
+
+    These random models' LoRA gradients are sums of large terms that cancel, so a
+    product's rounding to bf16 (2^-9 relative) moves them by up to 60 % from fp32 PEFT's;
+    the bf16 reference accounts for all but ~3 % of that (two implementations round a few
+    elements differently: measured up to 2.9e-2 norm-relative), and the loss agrees to
+    ~1e-4. The bounds leave twice that, and demand that ours is at least twice as close to
+    the bf16 reference as to the fp32 one."""
+    hf = tiny_hf_model(family, seed=1, **DIMS, **FAMILY_DIMS[family])
+    path = write_gguf(hf, family, tmp_path / "m.gguf", qtype)
+    eng = LoadPlan.open(path, "torch", n_ctx=256).engine()
+    rng = np.random.default_rng(3)
+    examples = [Example(tuple(int(i) for i in rng.integers(3, 128, n)),
+                        (False,) * prompt + (True,) * (n - prompt))
+                for n, prompt in ((170, 20), (150, 10))]
+    trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
+                      TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, max_seq_len=256,
+                                   compute_dtype="bf16"), tmp_path / "run")
+    peft = {}
+    for dtype in ("fp32", "bf16"):
+        peft[dtype] = _peft(family, path)
+        _, leaves = _same_start(trainer, peft[dtype], eng.backend)
+        if dtype == "bf16":
+            _bf16_products(peft[dtype])
+        want = _peft_loss(peft[dtype], [trainer._example(j) for j in range(2)])
+        want.backward()
+        peft[dtype] = (float(want), _graph_order(trainer, [p.grad.numpy() for p in leaves]))
+    loss, grads, _ = trainer.gradients(0)
+    grads = [eng.backend.to_numpy(g) for g in grads]
+    want_loss, want_grads = peft["bf16"]
+    assert abs(loss - want_loss) <= 1e-3 * abs(want_loss)
+    to_bf16 = max(_norm_rel(g, w) for g, w in zip(grads, want_grads))
+    to_fp32 = max(_norm_rel(g, w) for g, w in zip(grads, peft["fp32"][1]))
+    assert to_bf16 <= 6e-2
+    assert to_bf16 * 2 <= to_fp32
+
+
 class _Mask(torch.nn.Module):
     """PEFT's lora_dropout with a given mask instead of a fresh draw."""
 
@@ -179,7 +242,8 @@ def test_dropout_on_the_lora_input_equals_peft_with_the_same_masks(tmp_path, mon
     examples = _batch()
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples,
                       TrainOptions(rank=RANK, alpha=ALPHA, batch_size=2, steps=2, dropout=p,
-                                   grad_checkpointing=True, seed=5), tmp_path / "run")
+                                   grad_checkpointing=True, seed=5, compute_dtype="fp32"),
+                      tmp_path / "run")
     peft = _peft("llama", path, p)
     modules, leaves = _same_start(trainer, peft, eng.backend)
     before = None
