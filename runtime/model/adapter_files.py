@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from diptych.errors import ModelFileError, UnsupportedModelError
+from diptych.quant.gguf_write import write_atomically
 
 from .config import ModelConfig
 from .families.gguf import family_for
@@ -94,15 +94,6 @@ def gguf_placement(cfg: ModelConfig, i: int, module: str,
     return _gguf_name(cfg, i, module), order
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # -- PEFT ---------------------------------------------------------------------------------
 def write_peft(adapter: LoraAdapter, cfg: ModelConfig, folder: Path) -> None:
     from safetensors.numpy import save_file
@@ -122,8 +113,8 @@ def write_peft(adapter: LoraAdapter, cfg: ModelConfig, folder: Path) -> None:
         "layers_to_transform": None if layers == list(range(cfg.n_layers)) else layers,
         "base_model_name_or_path": adapter.base_model,
     }
-    _atomic(folder / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), {"format": "pt"}))
-    _atomic(folder / PEFT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
+    write_atomically(folder / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    write_atomically(folder / PEFT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
 
 
 def read_peft(folder: Path) -> LoraAdapter:
@@ -198,7 +189,7 @@ def write_gguf_lora(adapter: LoraAdapter, cfg: ModelConfig, path: Path) -> None:
         w.write_tensors_to_file()
         w.close()
 
-    _atomic(path, write)
+    write_atomically(path, write)
 
 
 def read_gguf_lora(path: Path, cfg: ModelConfig) -> LoraAdapter:

@@ -12,10 +12,12 @@ again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
+
+from diptych.errors import ModelFileError
+from diptych.quant.gguf_write import write_atomically
 
 VERSION = 1            # of the derivation: a change to it must not read older files
 CACHE_MIN_TOKENS = 32768   # smaller vocabularies derive faster than a file is found and read
@@ -56,12 +58,14 @@ def _read(path: Path, n_tokens: int) -> np.ndarray | None:
 
 def _write(path: Path, ids: np.ndarray) -> None:
     """Written whole or not at all (a temporary file renamed); a read-only cache is fine."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, ids.astype(np.int32))
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, ids.astype(np.int32))
-        os.replace(tmp, path)
-    except OSError:
+        write_atomically(path, save)
+    except (OSError, ModelFileError):
         pass
 
 

@@ -11,13 +11,13 @@ name and renamed, so a crash or Ctrl+C leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from diptych.errors import ModelFileError
+from diptych.quant.gguf_write import write_atomically
 
 NAME = "checkpoint.safetensors"
 
@@ -40,14 +40,8 @@ def save(folder: Path, ck: Checkpoint) -> Path:
         tensors[f"param.{k}"], tensors[f"m.{k}"], tensors[f"v.{k}"] = p, m, v
     state = dict(options=ck.options, keys=ck.keys, step=ck.step, history=ck.history)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / NAME
-    tmp = folder / f".{NAME}.{os.getpid()}.part"
-    try:
-        save_file(tensors, str(tmp), {"state": json.dumps(state)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(folder / NAME, lambda tmp: save_file(
+        tensors, str(tmp), {"state": json.dumps(state)}))
 
 
 def load(folder: Path) -> Checkpoint:
