@@ -45,7 +45,7 @@ opts = TrainOptions(rank=8, alpha=16, batch_size=batch, max_seq_len=seq,
                     grad_checkpointing=True, steps=steps + 1, compute_dtype=sys.argv[6])
 trainer = Trainer(eng.backend, eng.cfg, eng.weights, data, opts, "/tmp/bench-training")
 print("compute dtype", trainer.compute_dtype, file=sys.stderr)
-allocator.hand_back_freed_memory()
+allocator.hand_back_freed_memory(trainer.activation_bytes)
 for update in range(steps + 1):
     if update == 1:
         start, cpu = time.perf_counter(), time.process_time()

@@ -77,7 +77,7 @@ def main() -> None:
                         grad_checkpointing=not args.no_checkpointing, steps=1)
     trainer = Trainer(eng.backend, eng.cfg, eng.weights, examples, opts,
                       "/tmp/finetune-memory")
-    allocator.hand_back_freed_memory()   # as Trainer.run does
+    allocator.hand_back_freed_memory(trainer.activation_bytes)   # as Trainer.run does
     stages.mark("trainer built")
     be = trainer.be
     value_and_grad = be.value_and_grad

@@ -110,7 +110,7 @@ def main() -> None:
         return float(loss.detach()), [x.grad for x in leaves]
 
     be.value_and_grad = value_and_grad
-    allocator.hand_back_freed_memory()
+    allocator.hand_back_freed_memory(trainer.activation_bytes)
 
     def update(u):
         _, grads, _ = trainer.gradients(u)

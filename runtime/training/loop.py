@@ -131,6 +131,13 @@ class Trainer:
             "bf16" if backend.bf16_native() else "fp32")
         backend.training_products(self.compute_dtype)  # a backend without it says so now
 
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of one (tokens, d_model) fp32 array of a whole micro-batch (what the
+        allocator's setting is sized by)."""
+        o = self.options
+        return o.batch_size * o.max_seq_len * self.cfg.d_model * 4
+
     # -- data ------------------------------------------------------------------------------
     def _example(self, position: int) -> Example:
         epoch, j = divmod(position, len(self.train))
@@ -222,7 +229,7 @@ class Trainer:
         adapter and a checkpoint are saved at the end either way. Sets the C allocator to
         hand freed memory back (`allocator`: process-wide, and it stays so)."""
         o = self.options
-        allocator.hand_back_freed_memory()
+        allocator.hand_back_freed_memory(self.activation_bytes)
         started, tokens, done_here = time.monotonic(), 0, 0
         interrupted = False
         with self._sigint():
