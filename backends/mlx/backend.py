@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
@@ -124,6 +125,7 @@ class MLXBackend(Backend):
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         default = mx.float32 if self.device == "cpu" else mx.float16
         self.dtype = mx_dtype(dtype) if dtype is not None else default
+        self._differentiable = True  # False inside inference(): loss pieces skip their gradient
         self.scale_dtype = (mx_dtype(scale_dtype) if scale_dtype is not None
                             else (mx.float32 if self.device == "cpu" else self.dtype))
         self._freqs: dict[RopeSpec, mx.array] = {}
@@ -340,6 +342,23 @@ class MLXBackend(Backend):
     def checkpoint(self, fn):
         return mx.checkpoint(fn)
 
+    @contextmanager
+    def inference(self):
+        """No gradient flows: the loss pieces skip computing theirs."""
+        before, self._differentiable = self._differentiable, False
+        try:
+            yield
+        finally:
+            self._differentiable = before
+
+    def token_log_likelihood(self, h, w, targets, weights, softcap=0.0, recompute=False):
+        # the gradient in h comes with the value, as on torch (backends/torch/
+        # log_likelihood.py): the head runs twice (logits, then g W), not three times
+        # (logits, their recomputation, the product's own vjp), and no logits are kept
+        if not self._differentiable:
+            return _log_likelihood(self, h, w, targets, weights, softcap, grad=False)[0]
+        return _log_likelihood_piece(self, w, softcap)(h, targets, weights)[0]
+
     # -- sampling ops --------------------------------------------------------------------
     def float32(self, x):
         return x.astype(mx.float32)
@@ -382,3 +401,40 @@ class MLXBackend(Backend):
         return mx.random.categorical(mx.log(probs), axis=-1, key=rng.next())
 
 
+def _log_likelihood(backend, h, w, targets, weights, softcap, grad: bool):
+    """sum_i weights[i] log softmax(h W^T)[i, targets[i]] and, with `grad`, its gradient
+    in h: w (onehot - p) through the softcap, times W."""
+    z = backend.linear(h, w).astype(mx.float32)
+    if softcap:
+        t = mx.tanh(z / softcap)
+        z = t * softcap
+    logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    idx = targets.reshape(-1, 1)
+    value = (mx.take_along_axis(logp, idx, axis=-1).reshape(-1) * weights).sum()
+    if not grad:
+        return value, None
+    onehot = mx.arange(z.shape[-1])[None, :] == idx
+    g = weights[:, None] * (onehot.astype(mx.float32) - mx.exp(logp))
+    if softcap:
+        g = g * (1 - t * t)
+    g = g.astype(backend.dtype)
+    if w.quantized:
+        grad_h = mx.quantized_matmul(g, w.w, w.scales, w.biases, transpose=False,
+                                     group_size=w.group_size, bits=w.bits)
+    else:
+        grad_h = g @ w.w
+    return value, grad_h.astype(h.dtype)
+
+
+def _log_likelihood_piece(backend, w, softcap):
+    """(value, its gradient in h) of one piece, as a function whose vjp is that gradient."""
+    @mx.custom_function
+    def piece(h, targets, weights):
+        return _log_likelihood(backend, h, w, targets, weights, softcap, grad=True)
+
+    @piece.vjp
+    def piece_vjp(primals, cotangents, outputs):
+        _, targets, weights = primals
+        return outputs[1] * cotangents[0], mx.zeros_like(targets), mx.zeros_like(weights)
+
+    return piece

@@ -90,3 +90,34 @@ def test_mlx_dropout_mask_is_the_seed_s_and_scales_what_it_keeps():
     assert abs(kept.mean() - 0.75) < 0.01   # of 24576 draws
     assert np.array_equal(np.array(be.dropout(x, 0.25, 7)), out)
     assert not np.array_equal(np.array(be.dropout(x, 0.25, 8)) != 0, kept)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_mlx_loss_piece_gradient_equals_autograd_of_the_loss(qtype):
+    """The loss piece's gradient in h, computed with its value (a custom vjp), equals
+    mx.value_and_grad of the plain loss, with and without a final softcap; outside
+    differentiation (`inference()`) the value alone is computed, the same value."""
+    import gguf
+    import mlx.core as mx
+    from gguf import GGMLQuantizationType as T
+
+    from diptych.backends.mlx.backend import MLXBackend, _log_likelihood
+    from diptych.quant import QuantTensor
+
+    be = MLXBackend(device="cpu")
+    rng = np.random.default_rng(0)
+    w32 = rng.standard_normal((96, 64)).astype(np.float32)
+    data = w32 if qtype == "F32" else gguf.quants.quantize(w32, T.Q8_0)
+    w = be.prepare(QuantTensor("output.weight", T[qtype], (96, 64), data))
+    h = mx.array(rng.standard_normal((7, 64)).astype(np.float32))
+    targets = mx.array(rng.integers(0, 96, 7))
+    weights = mx.array(rng.random(7).astype(np.float32))
+    for cap in (0.0, 3.0):
+        value, grad = mx.value_and_grad(
+            lambda x: be.token_log_likelihood(x, w, targets, weights, cap))(h)
+        want, want_grad = mx.value_and_grad(
+            lambda x: _log_likelihood(be, x, w, targets, weights, cap, grad=False)[0])(h)
+        assert float(value) == pytest.approx(float(want), rel=1e-6)
+        assert float(mx.abs(grad - want_grad).max()) <= 1e-5 * float(mx.abs(want_grad).max())
+        with be.inference():
+            assert float(be.token_log_likelihood(h, w, targets, weights, cap)) == float(value)
