@@ -202,8 +202,9 @@ class QuantLinear:
         row_bytes = fmt.row_bytes(k)
         blocks = [np.asarray(p.data).reshape(p.shape[0], row_bytes) for p in parts]
         release = next((p.release for p in parts if p.release is not None), None)
-        return cls(name, t, (n, k),
-                   packed=repack(blocks, row_bytes, fmt.type_size, release=release))
+        return cls(name, t, (n, k), packed=repack(blocks, row_bytes, fmt.type_size,
+                                                  release=release,
+                                                  threads=torch.get_num_threads()))
 
     # -- description ----------------------------------------------------------------------
     @property
