@@ -56,6 +56,7 @@ def repack(blocks: list[np.ndarray], row_bytes: int, type_size: int,
             release()
 
     if threads > 1 and len(chunks) > 1:
+        # map cancels the chunks still queued when one fails or Ctrl+C comes
         list(_pool(threads).map(copy, chunks))
     else:
         for chunk in chunks:

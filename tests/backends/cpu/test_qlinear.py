@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -389,6 +390,26 @@ def test_repacking_a_mapped_tensor_lets_its_read_pages_go(tmp_path):
         expected = oracle(np.asarray(qt.data), T.Q8_0, n, k)
     assert len(resident) == 8 and max(resident) <= 3 * qt.data.nbytes // 8
     assert torch.equal(ql.dequantize(), torch.from_numpy(expected))
+
+
+def test_a_failed_chunk_of_a_threaded_repack_stops_the_rest():
+    """The repack's chunks run on a pool: the first failure reaches the caller and the
+    chunks still queued are cancelled, not copied on after load has given up."""
+    from diptych.backends.torch.cpu.repack import _pool, repack
+
+    rows = np.zeros((64 * 64, 34), np.uint8)      # 64 chunks of one 64-row group
+    calls = []
+
+    def release():   # a chunk takes 10 ms: the queue cannot drain before the failure is seen
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        time.sleep(0.01)
+
+    with pytest.raises(KeyboardInterrupt):
+        repack([rows], 34, 34, rows_per_chunk=64, release=release, threads=2)
+    _pool(2).submit(lambda: None).result()   # every chunk queued before it has run or gone
+    assert len(calls) < 8
 
 
 def test_errors():
