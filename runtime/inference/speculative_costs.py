@@ -43,21 +43,22 @@ def _identity(path) -> str | None:
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _files(model, mode: str) -> dict | None:
-    """The files (role -> path) whose contents the costs of `model` drafting in `mode`
-    depend on; None when one has no file (a model built in memory)."""
-    files = {"model": model.path}
+def _files(model, mode: str) -> dict[str, tuple[str, str]] | None:
+    """The files whose contents the costs of `model` drafting in `mode` depend on, as
+    role -> (path, `_identity`); None when one has no file (a model built in memory)."""
+    paths = {"model": model.path}
     if mode == "draft":
-        files["draft"] = model.draft.path
+        paths["draft"] = model.draft.path
     if model.adapter:
-        files["adapter"] = model.adapter
-    return None if any(_identity(f) is None for f in files.values()) else files
+        paths["adapter"] = model.adapter
+    files = {role: (str(p), _identity(p)) for role, p in paths.items()}
+    return None if any(known is None for _, known in files.values()) else files
 
 
 def _key(model, mode: str, draft_max: int, files: dict) -> str:
     """The cache key of `model` (a diptych Model) drafting in `mode` ("draft": with its draft
     model; "lookup") up to `draft_max` tokens, given its `_files`."""
-    return " | ".join([f"{role} {_identity(f)}" for role, f in files.items()]
+    return " | ".join([f"{role} {known}" for role, (_, known) in files.items()]
                       + [model.backend.speed_key(), f"{mode}, draft_max {draft_max}"])
 
 
@@ -118,7 +119,7 @@ def _store(path: Path, key: str, costs: Costs, files: dict) -> None:
     that a reader never sees half of it."""
     data = {k: entry for k, entry in _read(path).items() if _current(entry)}
     data[key] = {"costs": asdict(costs),
-                 "files": {str(f): _identity(f) for f in files.values()}}
+                 "files": dict(files.values())}
     text = json.dumps(data, indent=1, sort_keys=True)
     with contextlib.suppress(OSError, ModelFileError):   # a read-only cache measures again
         path.parent.mkdir(parents=True, exist_ok=True)
