@@ -17,3 +17,17 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """Downloaded models (the folder is made when the first one is written)."""
     return cache_dir() / "models"
+
+
+def write_cached(path: Path, write) -> None:
+    """`write(tmp)` a cache file and put it at `path` whole (quant.gguf_write.
+    write_atomically), its folder made first. A cache that cannot be written is left
+    unwritten: its reader computes the value again."""
+    from diptych.errors import ModelFileError
+    from diptych.quant.gguf_write import write_atomically
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, write)
+    except (OSError, ModelFileError):
+        pass

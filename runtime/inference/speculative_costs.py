@@ -14,16 +14,13 @@ process.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from diptych.errors import ModelFileError
-from diptych.paths import cache_dir
-from diptych.quant.gguf_write import write_atomically
+from diptych.paths import cache_dir, write_cached
 
 from .speculative import Costs
 
@@ -121,6 +118,4 @@ def _store(path: Path, key: str, costs: Costs, files: dict) -> None:
     data[key] = {"costs": asdict(costs),
                  "files": dict(files.values())}
     text = json.dumps(data, indent=1, sort_keys=True)
-    with contextlib.suppress(OSError, ModelFileError):   # a read-only cache measures again
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: tmp.write_text(text))
+    write_cached(path, lambda tmp: tmp.write_text(text))   # a read-only cache measures again

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diptych.errors import ModelFileError
-from diptych.quant.gguf_write import write_atomically
+from diptych.paths import write_cached
 
 VERSION = 1            # of the derivation: a change to it must not read older files
 CACHE_MIN_TOKENS = 32768   # smaller vocabularies derive faster than a file is found and read
@@ -62,11 +61,7 @@ def _write(path: Path, ids: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, ids.astype(np.int32))
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, save)
-    except (OSError, ModelFileError):
-        pass
+    write_cached(path, save)
 
 
 def derive_merge_ids(tokens: list[str], scores: np.ndarray) -> np.ndarray:
