@@ -29,8 +29,8 @@ would be rebuilt every step.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx

@@ -23,6 +23,7 @@ from .llama_rounding import RoundingQuantLinear
 from .lora_linear import lora_linear
 from .qlinear import QuantLinear
 from .step_tape import StepTape
+from .switches import switched_on
 from .threads import GOVERNOR, configure_threads
 
 
@@ -77,7 +78,7 @@ class CpuBackend(TorchBackend):
         """Fixed-width steps (decode, speculative verification) replayed from a tape of
         their kernel calls (step_tape.StepTape); $DIPTYCH_CPU_TAPE=0 runs every step
         through the graph."""
-        if os.environ.get("DIPTYCH_CPU_TAPE", "1").strip().lower() in ("0", "false", "no", "off"):
+        if not switched_on("DIPTYCH_CPU_TAPE"):
             return fn
         return StepTape(fn)
 

@@ -16,13 +16,13 @@ and not when DIPTYCH_CPU_INT8=0.
 
 from __future__ import annotations
 
-import os
 
 import numba
 import numpy as np
 from numba import njit
 
 from .step_tape import run
+from .switches import switched_on
 
 BLOCK = 32  # values of x per scale
 SUM_SPAN = 16  # values of x per stored code sum (the smallest weight unit)
@@ -47,8 +47,7 @@ def cpu_supports() -> bool:
 SUPPORTED = cpu_supports()
 #: Whether the quantized linears use them (set once at import; DIPTYCH_CPU_INT8=0 turns
 #: them off, the fp32 kernels then serve every step).
-ENABLED = SUPPORTED and os.environ.get("DIPTYCH_CPU_INT8", "1").strip().lower() not in (
-    "0", "false", "no", "off")
+ENABLED = SUPPORTED and switched_on("DIPTYCH_CPU_INT8")
 
 
 @njit(error_model="numpy", cache=True)

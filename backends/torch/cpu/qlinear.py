@@ -44,7 +44,6 @@ Compile: numba compiles each kernel a type uses on first use and caches them on 
 
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 
@@ -60,6 +59,7 @@ from . import int8_activations, step_tape
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
+from .switches import switched_on
 from .threads import numba_threads, set_numba_threads, sync_numba_threads
 
 # The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
@@ -125,8 +125,7 @@ def _host_multiplies_bf16() -> bool:
 #: Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16), where oneDNN's bf16
 #: GEMM outruns fp32 sgemm; DIPTYCH_CPU_BF16=0 says it does not (training's "auto" then
 #: keeps fp32 products).
-BF16_NATIVE = _host_multiplies_bf16() and os.environ.get("DIPTYCH_CPU_BF16", "1").strip(
-).lower() not in ("0", "false", "no", "off")
+BF16_NATIVE = _host_multiplies_bf16() and switched_on("DIPTYCH_CPU_BF16")
 
 
 class QuantLinear:
