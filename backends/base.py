@@ -132,6 +132,16 @@ class KVStorage(ABC):
         """Bytes actually held by the storage arrays."""
 
 
+@dataclass(frozen=True)
+class StepKeys:
+    """In place of a cache, for a forward from an empty context (`graph.forward_all`): the
+    keys and values each query may see are the step's own, so `attention` reads k and v as
+    they are, with the view's mask, and nothing is stored (a cache would only be written to
+    be read back, and held, with every layer's keys, until autograd is done)."""
+
+    specs: list[LayerCacheSpec]
+
+
 class Backend(ABC):
     """Where the graph runs: weights prepared once, the graph's ops, cache storage, sampling.
     Policy (cache layout, chunking, memory planning, validation) stays in the runtime; see
@@ -204,12 +214,13 @@ class Backend(ABC):
         """x (B, T, H, Dh), positions (B, T)."""
 
     @abstractmethod
-    def attention(self, q: Array, k: Array, v: Array | None, kv: KVStorage, layer: int,
-                  step: Step, scale: float) -> Array:
+    def attention(self, q: Array, k: Array, v: Array | None, kv: KVStorage | StepKeys,
+                  layer: int, step: Step, scale: float) -> Array:
         """Write k, v (B, T, Hkv, Dh) into layer `layer` of the cache at the slots of
         `step.views[layer]`, then attend from q (B, T, H, Dh) over the keys that view lets
-        each query see. For an MLA layer v is None and the
-        values are the first `v_from_k` key channels. -> (B, T, H * value dim)."""
+        each query see (with StepKeys: over k and v themselves, position j in slot j). For
+        an MLA layer v is None and the values are the first `v_from_k` key channels.
+        -> (B, T, H * value dim)."""
 
     @abstractmethod
     def glu(self, gate: Array, up: Array, act: str) -> Array:
@@ -250,11 +261,8 @@ class Backend(ABC):
 
     # -- cache, sampling, transfers ------------------------------------------------------
     @abstractmethod
-    def alloc_kv(self, specs: list[LayerCacheSpec], batch: int, scratch: bool = False
-                 ) -> KVStorage:
-        """Zeroed storage for the layers' caches. `scratch`: a cache that lives for one
-        call which autograd records through (`graph.forward_all`): it keeps the
-        activations' precision, so gradients are not rounded to a smaller cache type."""
+    def alloc_kv(self, specs: list[LayerCacheSpec], batch: int) -> KVStorage:
+        """Zeroed storage for the layers' caches."""
 
     @abstractmethod
     def kv_bytes_per_element(self) -> int: ...

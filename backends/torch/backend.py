@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diptych.backends.base import (Backend, CacheView, KVStorage, LayerCacheSpec, LoRA, RopeSpec,
-                                   Step)
+                                   Step, StepKeys)
 
 from . import grad_ops
 from .log_likelihood import token_log_likelihood
@@ -163,9 +163,13 @@ class TorchBackend(Backend):
         # partial rotary: the rest of each head passes through
         return torch.cat((grad_ops.rope(x[..., :spec.dim], cos, sin), x[..., spec.dim:]), -1)
 
-    def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
+    def attention(self, q, k, v, kv: TorchKV | StepKeys, layer, step: Step, scale):
         """The cache write as torch indexing, then SDPA over the cache (`attend_cache`)."""
         view = step.views[layer]
+        if isinstance(kv, StepKeys):
+            keys = k.transpose(1, 2)
+            values = keys[..., :kv.specs[layer].v_from_k] if v is None else v.transpose(1, 2)
+            return self._sdpa(q, keys, values, view, scale)
         kc, vc = kv.k[layer], kv.v[layer]
         where = view.slots[0]
         kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
@@ -176,9 +180,14 @@ class TorchBackend(Backend):
     def attend_cache(self, q, kc, vc, spec: LayerCacheSpec, view: CacheView, scale):
         """SDPA from q (B, T, H, Dh) over one layer's cache, which already holds this step's
         keys, as the view's host facts say."""
-        n, n_keys = q.shape[1], view.n_keys
+        n_keys = view.n_keys
         keys = kc[:, :, :n_keys].to(q.dtype)
         values = vc[:, :, :n_keys].to(q.dtype) if vc is not None else keys[..., :spec.v_from_k]
+        return self._sdpa(q, keys, values, view, scale)
+
+    def _sdpa(self, q, keys, values, view: CacheView, scale):
+        """SDPA from q (B, T, H, Dh) over keys and values (B, Hkv, n_keys, .) in slot order."""
+        n, n_keys = q.shape[1], view.n_keys
         mask, causal = view.mask, False
         if isinstance(mask, str):  # no mask tensor when T == n_keys: SDPA's flash kernel
             causal = n == n_keys
@@ -237,8 +246,8 @@ class TorchBackend(Backend):
         return x[:, torch.as_tensor(np.asarray(index, dtype=np.int64), device=x.device)]
 
     # -- cache, sampling, transfers ------------------------------------------------------
-    def alloc_kv(self, specs, batch, scratch=False) -> TorchKV:
-        return TorchKV(specs, batch, self.dtype if scratch else self.kv_dtype, self.device)
+    def alloc_kv(self, specs, batch) -> TorchKV:
+        return TorchKV(specs, batch, self.kv_dtype, self.device)
 
     def kv_bytes_per_element(self) -> int:
         return torch.finfo(self.kv_dtype).bits // 8

@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from diptych.backends.base import Backend, KVStorage, RopeSpec, Step
+from diptych.backends.base import Backend, KVStorage, RopeSpec, Step, StepKeys
 from diptych.inference.cache import layer_specs
 from diptych.inference.slots import SlotPolicy
 
@@ -98,12 +98,11 @@ def forward_all(backend: Backend, cfg: ModelConfig, w: ModelWeights, tokens,
                 hidden_only: bool = False):
     """Logits (B, T, vocab) at every position of `tokens` (B, T) from an empty context (or
     at the positions `logits_at` picks): the forward pass training uses (outside
-    `backend.inference()`, autograd records it). Attention runs through a scratch cache of
-    T slots per layer that lives for this call only; no cache an engine holds is written.
-    `recompute`, `hidden_only`: see `forward`."""
+    `backend.inference()`, autograd records it). Each layer attends over the step's own keys
+    (`StepKeys`): no cache is written. `recompute`, `hidden_only`: see `forward`."""
     batch, n = tokens.shape
     specs = layer_specs(cfg, n, n)
-    kv = backend.alloc_kv(specs, batch, scratch=True)
+    kv = StepKeys(specs)
     positions = backend.ids(np.broadcast_to(np.arange(n), (batch, n)))
     slots = SlotPolicy(specs)
     step = Step(positions, n, slots.views(slots.arrays(backend, 0, n, batch), 0, n))

@@ -6,7 +6,7 @@ dequantized tiles and gradients pile up as resident memory, and the heaps fragme
 `hand_back_freed_memory` fixes the mmap threshold (every block from there up is its own
 mapping, returned to the system when freed) and the arenas at two; these are settings of
 the whole process and stay after training ends. `trim` returns the heaps' free pages
-(called between updates).
+(called after each forward pass and between updates).
 
 The threshold trades page faults for fragmentation: a fresh mapping is faulted in page by
 page each time it is used, and a product's output and oneDNN's scratch buffers are fresh

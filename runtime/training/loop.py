@@ -165,6 +165,9 @@ class Trainer:
         attach(cfg, self.weights, self.keys, params, o.scale, o.dropout, seeds)
         h = forward_all(be, cfg, self.weights, batch.inputs, recompute=o.grad_checkpointing,
                         hidden_only=True)
+        # the layers' transient blocks left holes in the heap between the inputs kept for
+        # the backward pass: their pages go back before the head's pieces add theirs
+        allocator.trim()
         rows, width = batch.shape
         step = head_piece(cfg.vocab_size, rows)
         total = None

@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from diptych.backends.base import StepKeys
 from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
@@ -111,9 +112,9 @@ class CpuBackend(TorchBackend):
 
     def attention(self, q, k, v, kv, layer, step, scale):
         """Decode widths write and read the fp16 cache directly (decode_attention.py);
-        other steps (prefill, autograd) write with torch indexing and take TorchBackend's
-        SDPA over an fp32 copy."""
-        if not decode_attention.supports(q, kv.k[layer]):
+        other steps (prefill) write with torch indexing and take TorchBackend's SDPA over an
+        fp32 copy, as do StepKeys over the step's own keys."""
+        if isinstance(kv, StepKeys) or not decode_attention.supports(q, kv.k[layer]):
             step_tape.untaped()  # the cache written by torch indexing
             return super().attention(q, k, v, kv, layer, step, scale)
         keys, values = kv.stored[layer]
@@ -122,8 +123,8 @@ class CpuBackend(TorchBackend):
         return decode_attention.attend(q, keys, values, kv.specs[layer], step.positions,
                                        view.key_pos, scale)
 
-    def alloc_kv(self, specs, batch, scratch=False) -> "CpuKV":
-        return CpuKV(specs, batch, self.dtype if scratch else self.kv_dtype, self.device)
+    def alloc_kv(self, specs, batch) -> "CpuKV":
+        return CpuKV(specs, batch, self.kv_dtype, self.device)
 
     # small steps' per-layer ops: one serial kernel each instead of several torch ops
     def rms_norm(self, x, w, eps):

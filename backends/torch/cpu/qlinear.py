@@ -374,10 +374,10 @@ class QuantLinear:
         grad_y = grad_y.detach().to(torch.float32)
         if self.ggml_type == QT.F32:
             return grad_y @ self._w
-        if _bf16():
-            gb, gx = grad_y.to(torch.bfloat16), None
+        if _bf16():  # grad_y's columns converted a tile at a time: no whole bf16 copy
+            gx = None
             for row0, row1, wt in self._bf16_tiles():
-                part = torch.mm(gb[:, row0:row1], wt.T)
+                part = torch.mm(grad_y[:, row0:row1].to(torch.bfloat16), wt.T)
                 gx = part.to(torch.float32) if gx is None else gx.add_(part)
             return gx
         gx = torch.empty((grad_y.shape[0], self.shape[1]), dtype=torch.float32)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from diptych.backends.base import RopeSpec, Step
+from diptych.backends.base import RopeSpec, Step, StepKeys
 from diptych.errors import BackendUnavailableError
 from diptych.quant import QuantTensor
 
@@ -157,7 +157,7 @@ class CudaBackend(TorchBackend):
         return norm.rope(x, positions, self._frequencies(spec), spec.mscale)
 
     def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
-        if records(q, k, v):
+        if records(q, k, v) or isinstance(kv, StepKeys):
             return super().attention(q, k, v, kv, layer, step, scale)
         spec, view = kv.specs[layer], step.views[layer]
         kc, vc = kv.k[layer], kv.v[layer]
