@@ -20,7 +20,7 @@ from .data import Example, data_files, example, load_examples
 from .loop import FinetuneResult, StepReport, Trainer
 from .options import TrainOptions, read_config
 
-# a training engine's own cache is never used (training attends through a scratch cache)
+# a training engine's own cache is never used (training attends over each step's own keys)
 _ENGINE_CTX, _ENGINE_BATCH = 16, 16
 
 

@@ -156,7 +156,7 @@ class CudaBackend(TorchBackend):
             return super().rope(x, positions, spec)
         return norm.rope(x, positions, self._frequencies(spec), spec.mscale)
 
-    def attention(self, q, k, v, kv: TorchKV, layer, step: Step, scale):
+    def attention(self, q, k, v, kv: TorchKV | StepKeys, layer, step: Step, scale):
         if records(q, k, v) or isinstance(kv, StepKeys):
             return super().attention(q, k, v, kv, layer, step, scale)
         spec, view = kv.specs[layer], step.views[layer]
