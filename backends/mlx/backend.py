@@ -233,31 +233,27 @@ class MLXBackend(Backend):
 
     def attention(self, q, k, v, kv: MLXKV | StepKeys, layer, step: Step, scale):
         spec, view = kv.specs[layer], step.views[layer]
-        if isinstance(kv, StepKeys):
-            keys = k.transpose(0, 2, 1, 3)
-            values = keys[..., :spec.v_from_k] if v is None else v.transpose(0, 2, 1, 3)
-            return self._sdpa(q, keys, values, view, scale)
-        # the step's K/V into their slots (put_along_axis: MLX's gradient of an indexed
-        # assignment on a middle axis fails)
-        kt, where = k.transpose(0, 2, 1, 3), view.slots[0][None, None, :, None]
-        kv.k[layer] = kc = mx.put_along_axis(kv.k[layer], mx.broadcast_to(where, kt.shape),
-                                             kt.astype(kv.k[layer].dtype), axis=2)
-        vc = kv.v[layer]
-        if vc is not None:
-            vt = v.transpose(0, 2, 1, 3)
-            kv.v[layer] = vc = mx.put_along_axis(vc, mx.broadcast_to(where, vt.shape),
-                                                 vt.astype(vc.dtype), axis=2)
+        if isinstance(kv, StepKeys):  # the step's own keys are the whole cache, as they are
+            kc = k.transpose(0, 2, 1, 3)
+            vc = None if v is None else v.transpose(0, 2, 1, 3)
+        else:
+            # the step's K/V into their slots (put_along_axis: MLX's gradient of an indexed
+            # assignment on a middle axis fails)
+            kt, where = k.transpose(0, 2, 1, 3), view.slots[0][None, None, :, None]
+            kv.k[layer] = kc = mx.put_along_axis(kv.k[layer], mx.broadcast_to(where, kt.shape),
+                                                 kt.astype(kv.k[layer].dtype), axis=2)
+            vc = kv.v[layer]
+            if vc is not None:
+                vt = v.transpose(0, 2, 1, 3)
+                kv.v[layer] = vc = mx.put_along_axis(vc, mx.broadcast_to(where, vt.shape),
+                                                     vt.astype(vc.dtype), axis=2)
         keys = kc[:, :, :view.n_keys, :]
         values = vc[:, :, :view.n_keys, :] if vc is not None else keys[..., :spec.v_from_k]
-        return self._sdpa(q, keys, values, view, scale)
-
-    def _sdpa(self, q, keys, values, view, scale):
-        """SDPA from q (B, T, H, Dh) over keys and values (B, Hkv, n_keys, .) in slot order."""
         # MLX's "causal" mask is aligned to the last key, as the view's is
         mask = mx.array(view.mask) if isinstance(view.mask, np.ndarray) else view.mask
         out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values,
                                                    scale=scale, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], step.n_tokens, -1)
 
     def glu(self, gate, up, act):
         return self._glu[act](gate, up)

@@ -166,10 +166,9 @@ class TorchBackend(Backend):
     def attention(self, q, k, v, kv: TorchKV | StepKeys, layer, step: Step, scale):
         """The cache write as torch indexing, then SDPA over the cache (`attend_cache`)."""
         view = step.views[layer]
-        if isinstance(kv, StepKeys):
-            keys = k.transpose(1, 2)
-            values = keys[..., :kv.specs[layer].v_from_k] if v is None else v.transpose(1, 2)
-            return self._sdpa(q, keys, values, view, scale)
+        if isinstance(kv, StepKeys):  # the step's own keys are the whole cache, as they are
+            return self.attend_cache(q, k.transpose(1, 2), None if v is None else v.transpose(1, 2),
+                                     kv.specs[layer], view, scale)
         kc, vc = kv.k[layer], kv.v[layer]
         where = view.slots[0]
         kc[:, :, where] = k.transpose(1, 2).to(kc.dtype)
@@ -180,14 +179,9 @@ class TorchBackend(Backend):
     def attend_cache(self, q, kc, vc, spec: LayerCacheSpec, view: CacheView, scale):
         """SDPA from q (B, T, H, Dh) over one layer's cache, which already holds this step's
         keys, as the view's host facts say."""
-        n_keys = view.n_keys
+        n, n_keys = q.shape[1], view.n_keys
         keys = kc[:, :, :n_keys].to(q.dtype)
         values = vc[:, :, :n_keys].to(q.dtype) if vc is not None else keys[..., :spec.v_from_k]
-        return self._sdpa(q, keys, values, view, scale)
-
-    def _sdpa(self, q, keys, values, view: CacheView, scale):
-        """SDPA from q (B, T, H, Dh) over keys and values (B, Hkv, n_keys, .) in slot order."""
-        n, n_keys = q.shape[1], view.n_keys
         mask, causal = view.mask, False
         if isinstance(mask, str):  # no mask tensor when T == n_keys: SDPA's flash kernel
             causal = n == n_keys
