@@ -635,10 +635,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with options allowed between a command's positionals (`diptych run MODEL
+    --max-tokens 20 "a prompt"`): argparse alone gives an optional positional (the prompt)
+    nothing once an option has come between, then rejects the prompt. argparse's
+    intermixed parsing does not take subcommands, so the command's own parser reparses the
+    words after the command's name."""
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None or not rest:
+        return parser.parse_args(argv)   # nothing left over, or unknown words to report
+    words = argv[argv.index(args.command) + 1:]   # the first word not an option is the command
+    sub = args.parser.parse_intermixed_args(words)
+    sub.command, sub.debug = args.command, args.debug or sub.debug
+    return sub
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted (Ctrl+C)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if args.command is None:
         parser.print_help()
         return 0

@@ -38,6 +38,17 @@ def test_run_streams_an_answer():
     assert "Paris" in out.stdout and "tok/s" in out.stderr
 
 
+def test_options_between_model_and_prompt(default_model):
+    # stdout and stderr into one pipe: the reply ends its line before the figures come
+    out = subprocess.run([sys.executable, "-m", "diptych.cli", "run", str(default_model),
+                          "--max-tokens", "8", "--raw", "The capital of France is",
+                          "--temperature", "0"], stdout=subprocess.PIPE, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout
+    reply, figures = out.stdout.rstrip("\n").rsplit("\n", 1)
+    assert "Paris" in reply and figures.startswith("[") and "tok/s" in figures
+
+
 def test_bad_input_is_one_line_error_not_a_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
