@@ -77,7 +77,8 @@ def _options(given: dict, saved: checkpoint.Checkpoint | None) -> TrainOptions:
                and k not in ("steps", "epochs", "eval_every", "save_every")]
     if changed:
         raise InvalidArgumentError(f"a resumed run keeps its options; {', '.join(changed)} "
-                                   f"differ from the checkpoint's")
+                                   f"{'differs' if len(changed) == 1 else 'differ'} from the "
+                                   f"checkpoint's")
     return asked
 
 

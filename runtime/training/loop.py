@@ -123,6 +123,10 @@ class Trainer:
             self.moments = [(backend.tensor(np.zeros_like(p)), backend.tensor(np.zeros_like(p)))
                             for p in host]
         else:
+            if resume.step > self.total:   # refused before the checkpoint is rewritten
+                raise InvalidArgumentError(
+                    f"the checkpoint is at step {resume.step}, past the {self.total} steps "
+                    f"asked for: give more steps (or epochs) to train further")
             self.keys, self.step, self.history = resume.keys, resume.step, resume.history
             self.params = [backend.tensor(p) for p in resume.params]
             self.moments = [(backend.tensor(m), backend.tensor(v)) for m, v in resume.moments]

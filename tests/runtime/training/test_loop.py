@@ -52,6 +52,11 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(engine, tmp_pa
     assert whole.steps == 5 and not whole.interrupted and len(whole.history["train"]) == 5
     cut = run(tmp_path / "cut", stop_at=2)
     assert cut.interrupted and cut.steps == 2
+    # fewer steps than the checkpoint has done: refused, and the checkpoint left as it was
+    with pytest.raises(InvalidArgumentError, match="at step 2, past the 1 steps"):
+        Trainer(engine.backend, engine.cfg, engine.weights, _examples(),
+                dataclasses.replace(options, steps=1), tmp_path / "cut",
+                resume=checkpoint.load(tmp_path / "cut"))
     resumed = run(tmp_path / "cut", resume=checkpoint.load(tmp_path / "cut"))
     assert resumed.steps == 5 and resumed.history["train"] == whole.history["train"]
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "cut")
