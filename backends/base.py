@@ -169,6 +169,11 @@ class Backend(ABC):
         fused QKV or gate/up); by default prepared from a stacked copy of their blocks."""
         return self.prepare(QuantTensor.stack_rows(name, parts))
 
+    def prepare_table(self, qt: QuantTensor) -> Any:
+        """A token embedding that `embed` alone reads (the output has its own matrix); by
+        default prepared as any matrix."""
+        return self.prepare(qt)
+
     def prepare_experts(self, qt: QuantTensor) -> Any:
         """Routed experts stacked (n_experts, out, in), as `expert_ffn` reads them; by
         default a list of the experts' prepared matrices."""

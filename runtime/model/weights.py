@@ -182,7 +182,8 @@ def load_weights(tensors: dict, cfg: ModelConfig, backend,
         return unpermute_rows(rows, heads) if fam.permuted_qk else None
 
     d, ff = cfg.d_model, cfg.d_ff
-    tok = backend.prepare(src.get("token_embd.weight", (cfg.vocab_size, d)))
+    table = src.get("token_embd.weight", (cfg.vocab_size, d))
+    tok = backend.prepare(table) if cfg.tied_output else backend.prepare_table(table)
     layers = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."

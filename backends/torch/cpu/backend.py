@@ -18,6 +18,7 @@ from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
 from . import decode_attention, decode_ops, int8_activations, qlinear, step_tape
+from .embedding_table import EmbeddingTable
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
 from .llama_rounding import RoundingQuantLinear
@@ -106,6 +107,9 @@ class CpuBackend(TorchBackend):
     def prepare_stacked(self, name: str, parts: list[QuantTensor]) -> QuantLinear:
         return self._prepared(self._linear_type.from_parts(name, parts))
 
+    def prepare_table(self, qt: QuantTensor) -> EmbeddingTable:
+        return EmbeddingTable(qt)   # rows read from the file's blocks: no repacked copy
+
     def _prepared(self, w: QuantLinear) -> QuantLinear:
         w.int8 = self._int8 and w.ggml_type in I8_TYPES
         return w
@@ -157,7 +161,7 @@ class CpuBackend(TorchBackend):
             return decode_ops.glu(gate, up, act)
         return super().glu(gate, up, act)
 
-    def embed(self, table: QuantLinear, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def embed(self, table: QuantLinear | EmbeddingTable, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         batch, n = ids.shape
         rows = table.embed_rows(ids.reshape(-1))
         if scale != 1.0:

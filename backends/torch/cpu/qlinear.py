@@ -399,26 +399,35 @@ class QuantLinear:
 
     def embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows W[ids] as float32 (len(ids), K); only those rows are dequantized."""
-        ids_np = np.ascontiguousarray(torch.as_tensor(ids).reshape(-1).cpu().numpy(),
-                                      dtype=np.int64)
-        n, k = self.shape
         if not self.quantized:
-            _check_rows(self.name, ids_np, n)
+            ids_np = row_ids(ids)
+            check_rows(self.name, ids_np, self.shape[0])
             return self._w[torch.from_numpy(ids_np)].to(torch.float32)
-        out = np.empty((ids_np.size, k), np.float32)
-        if ids_np.size:
-            step_tape.run(self._deq_rows, ids_np, out, reads=(ids_np,), writes=(out,))
-        return torch.from_numpy(out)
+        return taped_rows(ids, self.shape[1], self._deq_rows)
 
     def _deq_rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out = W[ids] (the check is part of a taped step's call: its ids change)."""
-        _check_rows(self.name, ids, self.shape[0])
+        check_rows(self.name, ids, self.shape[0])
         sync_numba_threads(torch.get_num_threads())
         kernel("deq_rows", self.ggml_type)(np.arange(ids.size, dtype=np.int64), ids,
                                            self._P, self._Pt, out)
 
 
-def _check_rows(name: str, ids: np.ndarray, n: int) -> None:
+def row_ids(ids: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(torch.as_tensor(ids).reshape(-1).cpu().numpy(), dtype=np.int64)
+
+
+def taped_rows(ids: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """Rows of a table as float32 (len(ids), k), written by `fill(ids, out)` as a taped call
+    (a replayed decode step fills them again for its own ids)."""
+    ids_np = row_ids(ids)
+    out = np.empty((ids_np.size, k), np.float32)
+    if ids_np.size:
+        step_tape.run(fill, ids_np, out, reads=(ids_np,), writes=(out,))
+    return torch.from_numpy(out)
+
+
+def check_rows(name: str, ids: np.ndarray, n: int) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         bad = ids[(ids < 0) | (ids >= n)][0]
         raise IndexError(f"{name}: row {int(bad)} out of range for {n} rows")

@@ -33,6 +33,7 @@ from gguf import GGMLQuantizationType as T
 
 from diptych.backends.torch.cpu import kernel_cache
 from diptych.backends.torch.cpu import qlinear as qlm
+from diptych.backends.torch.cpu.embedding_table import EmbeddingTable
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.quant import QuantTensor
 
@@ -308,11 +309,19 @@ def test_dequantize_is_bit_exact(t):
         assert np.array_equal(d.numpy().view(np.uint32), w.view(np.uint32))  # -0.0 included
 
 
+@pytest.mark.parametrize("table", ["linear", "embedding table"])
 @pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
-def test_embed_rows(t):
+def test_embed_rows(t, table):
+    """A linear's rows (from its repacked blocks) and an EmbeddingTable's (from the file's
+    blocks: an embedding the output is not tied to) are gguf-py's, bit for bit."""
     k = k_for(t)
     n = 150
     ql, w = make(t, n, k, seed=20, wide=True)
+    if table == "embedding table":
+        ql = EmbeddingTable(QuantTensor("w", t, (n, k), random_data(t, n, k,
+                                                                    np.random.default_rng(20),
+                                                                    True)))
+        assert ql.nbytes == GGML_QUANT_SIZES[t][1] * n * k // GGML_QUANT_SIZES[t][0]
     ids = torch.tensor([0, 149, 64, 63, 128, 127, 5, 5, 130], dtype=torch.long)
     rows = ql.embed_rows(ids)
     assert rows.dtype == torch.float32 and rows.shape == (len(ids), k)
@@ -457,3 +466,23 @@ def test_stacked_parts_equal_their_stacked_copy(t):
     with pytest.raises(ValueError, match="one type and width"):
         QuantLinear.from_parts("qkv", [parts[0], QuantTensor("w", t, (64, 2 * k),
                                                              random_data(t, 64, 2 * k, rng))])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_embedding_only_looked_up_stays_in_the_file(tmp_path, tied):
+    """Untied, the token embedding is an EmbeddingTable over the file's own mapped bytes
+    (no repacked copy); tied to the output, it is a linear like any other."""
+    import diptych
+
+    from ...tiny_models import tiny_hf_model, write_gguf
+
+    path = write_gguf(tiny_hf_model("qwen2", seed=5, tied=tied), "qwen2",
+                      tmp_path / "m.gguf", "Q8_0")
+    model = diptych.load(path, backend="torch", device="cpu", n_ctx=32)
+    table = model.engine.weights.tok_embd
+    file_bytes = model.gguf.tensors["token_embd.weight"].data
+    if tied:
+        assert isinstance(table, QuantLinear) and model.engine.weights.output is table
+    else:
+        assert isinstance(table, EmbeddingTable) and np.shares_memory(table._data, file_bytes)
+    assert model.generate("hello", max_tokens=3, temperature=0)
