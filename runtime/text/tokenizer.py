@@ -42,7 +42,6 @@ Known differences from llama.cpp (none is hit by the test corpus):
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from diptych.errors import ModelFileError, TokenizerError, UnsupportedModelError
+from diptych.gc_pause import gc_paused
 
 from .spm_merges import spm_merges
 
@@ -231,13 +231,8 @@ class Tokenizer:
         """Build the tokenizer from GGUF metadata (a mapping of key -> decoded value). A large
         SentencePiece vocabulary's merges are derived on its first load and then read from the
         cache folder (spm_merges.py)."""
-        gc_was_enabled = gc.isenabled()
-        gc.disable()   # ~10^6 short-lived tuples: the cyclic GC would rescan the heap many times
-        try:
+        with gc_paused():   # ~10^6 tuples: the cyclic GC would rescan the heap many times
             return cls._build(metadata)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     @classmethod
     def _build(cls, metadata: Mapping[str, Any]) -> Tokenizer:

@@ -27,6 +27,8 @@ import threading
 import numpy as np
 import torch
 
+from diptych.gc_pause import gc_paused
+
 from .threads import sync_numba_threads
 
 _local = threading.local()
@@ -129,7 +131,8 @@ class StepTape:
         tape = Tape([a.numpy() for a in inputs if a is not None])
         _local.tape = tape
         try:
-            out = self.fn(start, *inputs)
+            with gc_paused():   # a shape's first step loads its kernels (numba's registries)
+                out = self.fn(start, *inputs)
         finally:
             _local.tape = None
         if not (tape.complete and isinstance(out, torch.Tensor) and tape.owns(out.numpy())):
