@@ -14,6 +14,7 @@ import numpy as np
 
 from diptych.backends.base import Step
 from diptych.errors import InvalidArgumentError, OutOfMemoryError
+from diptych.gc_pause import gc_paused
 from diptych.model.graph import RowCaches, forward_rows
 from diptych.model.graph import forward as run_graph
 
@@ -105,7 +106,9 @@ class Sequence:
         """A step of fixed width T = len(ids) (1 to decode, k + 1 to verify a draft), as the
         backend captures it: device logits (1, T, vocab) at every position."""
         self.cache.check_fits(len(ids))
-        with self.engine.backend.inference():
+        # a pass makes no garbage cycles, and a process's first pass loads the CPU kernels
+        # (numba's registries): collections during it would only walk the heap (gc_pause.py)
+        with self.engine.backend.inference(), gc_paused():
             logits = self._step(*self._inputs(ids))
         self.cache.commit(ids)
         return logits
@@ -115,7 +118,7 @@ class Sequence:
         indices into ids (None: the last)."""
         self.cache.check_fits(len(ids))
         start, tokens, positions, *arrays = self._inputs(ids)
-        with self.engine.backend.inference():
+        with self.engine.backend.inference(), gc_paused():
             logits = self._graph(start, tokens, positions, tuple(arrays), logits_at)
         self.cache.commit(ids)
         return logits

@@ -27,8 +27,6 @@ import threading
 import numpy as np
 import torch
 
-from diptych.gc_pause import gc_paused
-
 from .threads import sync_numba_threads
 
 _local = threading.local()
@@ -131,8 +129,7 @@ class StepTape:
         tape = Tape([a.numpy() for a in inputs if a is not None])
         _local.tape = tape
         try:
-            with gc_paused():   # a shape's first step loads its kernels (numba's registries)
-                out = self.fn(start, *inputs)
+            out = self.fn(start, *inputs)
         finally:
             _local.tape = None
         if not (tape.complete and isinstance(out, torch.Tensor) and tape.owns(out.numpy())):
