@@ -81,8 +81,8 @@ class Tape:
         self._spans.append((_address(a), _address(a) + a.nbytes))
 
     def owns(self, a: np.ndarray) -> bool:
-        p = _address(a)
-        return any(lo <= p < hi for lo, hi in self._spans)
+        p = _address(a)   # newest first: a call mostly reads what a recent call wrote
+        return any(lo <= p < hi for lo, hi in reversed(self._spans))
 
     def add(self, fn, args, reads, writes) -> None:
         if not all(self.owns(a) for a in reads):
