@@ -222,6 +222,9 @@ def cmd_info(args) -> int:
     print(f"layouts on the {be.describe()} backend:")
     for type_name, qt in sorted(smallest_matrix_per_type(f.tensors).items()):
         print(f"  {type_name:8s} {be.weight_layout(be.prepare(qt))}")
+    if not cfg.tied_output:   # only looked up: a backend may leave it as the file stores it
+        rows = f.tensors["token_embd.weight"].take_rows(list(range(min(64, cfg.vocab_size))))
+        print(f"  token_embd.weight: {be.weight_layout(be.prepare_table(rows))}")
     print(f"memory estimate ({be.describe()}, n_ctx {n_ctx}):")
     print(f"  weights       {weight_bytes / mib:9.1f} MiB (kept quantized)")
     print(f"  KV cache      {kv / mib:9.1f} MiB ({cache_kind(cfg)}: {per_token} bytes/token"

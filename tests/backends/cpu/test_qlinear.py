@@ -469,10 +469,12 @@ def test_stacked_parts_equal_their_stacked_copy(t):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_an_embedding_only_looked_up_stays_in_the_file(tmp_path, tied):
+def test_an_embedding_only_looked_up_stays_in_the_file(tmp_path, tied, capsys):
     """Untied, the token embedding is an EmbeddingTable over the file's own mapped bytes
-    (no repacked copy); tied to the output, it is a linear like any other."""
+    (no repacked copy), as `diptych info` says; tied to the output, it is a linear like any
+    other."""
     import diptych
+    from diptych.cli.main import main
 
     from ...tiny_models import tiny_hf_model, write_gguf
 
@@ -486,3 +488,6 @@ def test_an_embedding_only_looked_up_stays_in_the_file(tmp_path, tied):
     else:
         assert isinstance(table, EmbeddingTable) and np.shares_memory(table._data, file_bytes)
     assert model.generate("hello", max_tokens=3, temperature=0)
+    assert main(["info", str(path), "--backend", "torch", "--device", "cpu"]) == 0
+    said = "token_embd.weight: Q8_0 -> GGML blocks as stored, rows dequantized when read"
+    assert (said in capsys.readouterr().out) is not tied
