@@ -274,8 +274,9 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     use (see `Model.set_adapter`). `numerics`: "exact" (default: activations at their own
     precision), "fast" (the backend's fastest products: on a CPU with AVX-512 VNNI,
     activations rounded to 8 bits before quantized weights, as llama.cpp does; outputs then
-    depend on how steps are cut and batched) or "llama.cpp", products rounded as llama.cpp's CPU backend rounds them, to compare figures
-    with llama.cpp's (the torch backend on the CPU; see `diptych.numerics`).
+    depend on how steps are cut and batched) or "llama.cpp", products rounded as llama.cpp's
+    CPU backend rounds them, to compare figures with llama.cpp's (the torch backend on the
+    CPU; see `diptych.numerics`).
 
     `draft`: a draft model for speculative decoding (a path, loaded on the same backend with
     the same n_ctx, or a loaded Model, whose weights are then shared and which drafts in a

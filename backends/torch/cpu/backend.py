@@ -161,7 +161,8 @@ class CpuBackend(TorchBackend):
             return decode_ops.glu(gate, up, act)
         return super().glu(gate, up, act)
 
-    def embed(self, table: QuantLinear | EmbeddingTable, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def embed(self, table: QuantLinear | EmbeddingTable, ids: torch.Tensor,
+              scale: float = 1.0) -> torch.Tensor:
         batch, n = ids.shape
         rows = table.embed_rows(ids.reshape(-1))
         if scale != 1.0:

@@ -414,6 +414,7 @@ class QuantLinear:
 
 
 def row_ids(ids: torch.Tensor) -> np.ndarray:
+    """Token ids as a flat int64 numpy array."""
     return np.ascontiguousarray(torch.as_tensor(ids).reshape(-1).cpu().numpy(), dtype=np.int64)
 
 
