@@ -64,7 +64,8 @@ def cmd_finetune(args) -> int:
         print(f"interrupted after step {result.steps}: checkpoint saved in {result.out}; "
               f"continue with --resume {result.out}", file=sys.stderr)
         return 130
-    line = f"trained {result.steps} steps: loss {result.train_loss:.4f}"
+    line = (f"trained {result.steps} step{'s' if result.steps != 1 else ''}: "
+            f"loss {result.train_loss:.4f}")
     if result.valid_loss is not None:
         line += f", validation loss {result.valid_loss:.4f}"
     print(line + f" ({result.compute_dtype} products); adapter in {result.out}")

@@ -8,6 +8,7 @@ change (to train further), any other option given must match.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from . import checkpoint
 from .data import Example, data_files, example, load_examples
 from .loop import FinetuneResult, StepReport, Trainer
 from .options import TrainOptions, read_config
+
+log = logging.getLogger(__name__)
 
 # a training engine's own cache is never used (training attends over each step's own keys)
 _ENGINE_CTX, _ENGINE_BATCH = 16, 16
@@ -54,6 +57,9 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
         raise InvalidArgumentError("finetune needs out=, the folder for the adapter")
     engine, tokenizer, loaded = _engine(model, backend, device)
     splits = _splits(train, valid, test, tokenizer)
+    if opts.eval_every and not splits.get("valid"):
+        log.warning("eval_every=%d, but there is no validation data (--valid or valid=, or "
+                    "valid.jsonl in the data folder): only the training loss is reported", opts.eval_every)
     name = getattr(loaded, "name", None) or engine.cfg.name
     if loaded is not None:  # the model's cached K/V and generation give way to training
         engine.set_adapters(lambda: None)

@@ -69,3 +69,14 @@ def test_bad_options_and_data_are_one_line_errors(setup, tmp_path, capsys):
     assert "bad.jsonl, line 2: expected the keys" in capsys.readouterr().err
     assert main(["finetune", str(model), "--data", str(data), "--resume", str(tmp_path)]) == 1
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_eval_every_without_validation_data_says_so(setup, tmp_path, caplog):
+    model, data = setup
+    args = ["finetune", str(model), "--data", str(data / "train.jsonl"), "--steps", "2",
+            "--rank", "2", "--eval-every", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "no validation data" in caplog.text
+    caplog.clear()
+    assert main([*args, "--out", str(tmp_path / "b"), "--valid", str(data / "valid.jsonl")]) == 0
+    assert "no validation data" not in caplog.text
