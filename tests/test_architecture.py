@@ -130,6 +130,10 @@ class CountingBackend(CpuBackend):
         self.prepared.append(name)
         return super().prepare_stacked(name, parts)
 
+    def prepare_table(self, qt):
+        self.prepared.append(qt.name)
+        return super().prepare_table(qt)
+
 
 def test_load_takes_a_backend_instance(tiny_llama):
     hf, path = tiny_llama
