@@ -85,7 +85,7 @@ class KVCache:
         if self.length + n_new > self.capacity:
             raise ContextOverflowError(
                 f"{self.length + n_new} tokens do not fit in the context of {self.capacity} "
-                f"tokens; load the model with a larger n_ctx or shorten the input")
+                f"tokens; load the model with a larger n_ctx (--n-ctx) or shorten the input")
 
     def common_prefix(self, ids: list[int]) -> int:
         n = 0

@@ -80,7 +80,7 @@ def check_request(engine, prompt_ids: list[int], max_tokens: int) -> int:
     if len(prompt_ids) >= capacity:
         raise ContextOverflowError(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {capacity}; "
-            f"load the model with a larger n_ctx or shorten the prompt")
+            f"load the model with a larger n_ctx (--n-ctx) or shorten the prompt")
     return min(max_tokens, capacity - len(prompt_ids))
 
 
