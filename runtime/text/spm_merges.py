@@ -31,8 +31,8 @@ def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
         ids = derive_merge_ids(tokens, scores)
         if path is not None:
             _write(path, ids)
-    pick = tokens.__getitem__
-    return list(zip(map(pick, ids[:, 0].tolist()), map(pick, ids[:, 1].tolist())))
+    table = np.array(tokens, dtype=object)   # numpy's fancy index picks the strings in C
+    return list(zip(*table[ids].T.tolist()))
 
 
 def _cache_path(tokens: list[str], scores: np.ndarray) -> Path:
