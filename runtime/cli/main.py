@@ -396,11 +396,14 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug_help = "show the full traceback of an error"
+    # after the command too; its default is the top level's alone (a subcommand's own
+    # default would overwrite `diptych --debug COMMAND`'s)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error")
-    p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.",
-                                parents=[common])
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=debug_help)
+    p = argparse.ArgumentParser(prog="diptych", description="Run GGUF language models locally.")
+    p.add_argument("--debug", action="store_true", help=debug_help)
     p.add_argument("--version", action="version", version=f"diptych {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -649,7 +652,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         return parser.parse_args(argv)   # nothing left over, or unknown words to report
     words = argv[argv.index(args.command) + 1:]   # the first word not an option is the command
     sub = args.parser.parse_intermixed_args(words)
-    sub.command, sub.debug = args.command, args.debug or sub.debug
+    sub.command, sub.debug = args.command, args.debug or getattr(sub, "debug", False)
     return sub
 
 

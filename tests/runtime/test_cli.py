@@ -38,6 +38,13 @@ def test_run_streams_an_answer():
     assert "Paris" in out.stdout and "tok/s" in out.stderr
 
 
+@pytest.mark.parametrize("args", [["--debug", "info", "/nowhere/m.gguf"],
+                                  ["info", "/nowhere/m.gguf", "--debug"]])
+def test_debug_before_or_after_the_command_shows_the_traceback(args):
+    out = diptych(*args)
+    assert out.returncode == 1 and "Traceback" in out.stderr, out.stderr
+
+
 def test_options_between_model_and_prompt(default_model):
     # stdout and stderr into one pipe: the reply ends its line before the figures come
     out = subprocess.run([sys.executable, "-m", "diptych.cli", "run", str(default_model),
