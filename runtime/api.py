@@ -10,7 +10,6 @@ import numpy as np
 from diptych.backends.base import Backend
 
 from .errors import InvalidArgumentError, NumericalError
-from .gc_pause import gc_paused
 from .inference.constraint import JsonConstraint
 from .inference.engine import Engine
 from .inference.generate import Piece, exclusive, stream_tokens
@@ -287,19 +286,18 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
     if not isinstance(draft_max, int) or isinstance(draft_max, bool) or draft_max < 0:
         raise InvalidArgumentError(f"draft_max must be an integer >= 0, got {draft_max!r}")
     check_numerics(numerics)
-    with gc_paused():   # the vocabulary and the weights: objects that live as long as the model
-        backend, device = backend_for(numerics, backend, device)
-        plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch,
-                             max_rollback=draft_max)
-        apply_numerics(plan.backend, numerics)
-        tokenizer = plan.tokenizer()
-        model = Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
-        if adapter is not None:
-            model.set_adapter(adapter)
-        if draft is not None:
-            own = not isinstance(draft, Model)
-            if own:
-                draft = load(draft, backend=model.backend, n_ctx=model.n_ctx, n_batch=n_batch,
-                             draft_max=draft_max, numerics=numerics)
-            model.attach_draft(draft, own=own)
-        return model
+    backend, device = backend_for(numerics, backend, device)
+    plan = LoadPlan.open(source, backend, device=device, n_ctx=n_ctx, n_batch=n_batch,
+                         max_rollback=draft_max)
+    apply_numerics(plan.backend, numerics)
+    tokenizer = plan.tokenizer()
+    model = Model(plan.path, plan.source, plan.config, tokenizer, plan.engine(progress))
+    if adapter is not None:
+        model.set_adapter(adapter)
+    if draft is not None:
+        own = not isinstance(draft, Model)
+        if own:
+            draft = load(draft, backend=model.backend, n_ctx=model.n_ctx, n_batch=n_batch,
+                         draft_max=draft_max, numerics=numerics)
+        model.attach_draft(draft, own=own)
+    return model

@@ -5,8 +5,9 @@ torch and numba alone hold hundreds of thousands of them. Building a vocabulary,
 weights or numba's typing and lowering registries (its first kernel loaded in a process
 creates ~70,000 objects) allocates enough to set off such collections, which find nothing
 to free and cost tens of milliseconds each (BENCHMARKS.md). Pausing the collector over
-these bursts (`diptych.load`, and every model pass: `Sequence.step` and `forward`) defers
-that work to the collector's ordinary schedule afterwards.
+these bursts (the tokenizer's build, `LoadPlan.engine`, and every model pass:
+`Sequence.step` and `forward`) defers that work to the collector's ordinary schedule
+afterwards.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 from diptych.backends.base import Backend
 
 from .errors import InvalidArgumentError
+from .gc_pause import gc_paused
 from .inference.cache import KVCache
 from .inference.engine import Engine
 from .inference.memory import activation_bytes, check_fits, choose_n_ctx
@@ -122,5 +123,6 @@ class LoadPlan:
     def engine(self, progress: Callable[[int, int], None] | None = None) -> Engine:
         """Check the memory estimate, prepare the weights, allocate the cache."""
         self.check_fits()
-        return Engine(self.backend, self.config, self.weights(progress), self.n_ctx,
-                      self.n_batch, self.max_rollback)
+        with gc_paused():   # the weights: objects that live as long as the engine
+            return Engine(self.backend, self.config, self.weights(progress), self.n_ctx,
+                          self.n_batch, self.max_rollback)
