@@ -648,11 +648,13 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     intermixed parsing does not take subcommands, so the command's own parser reparses the
     words after the command's name."""
     args, rest = parser.parse_known_args(argv)
-    if args.command is None or not rest:
-        return parser.parse_args(argv)   # nothing left over, or unknown words to report
+    if not rest:
+        return args
+    if args.command is None:
+        return parser.parse_args(argv)   # reports the unknown words
     words = argv[argv.index(args.command) + 1:]   # the first word not an option is the command
     sub = args.parser.parse_intermixed_args(words)
-    sub.command, sub.debug = args.command, args.debug or getattr(sub, "debug", False)
+    sub.command, sub.debug = args.command, args.debug   # args.debug: before or after it
     return sub
 
 

@@ -24,8 +24,6 @@ from .qlinear import check_rows, taped_rows
 class EmbeddingTable:
     """Rows of a (vocab, d) GGML table; `embed_rows` as QuantLinear's."""
 
-    int8 = False   # never multiplied, so never by int8 activations
-
     def __init__(self, qt: QuantTensor):
         if len(qt.shape) != 2:
             raise ValueError(f"{qt.name}: an embedding table must be 2-D, got {qt.shape}")
