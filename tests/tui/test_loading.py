@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from textual.widgets import ProgressBar
+from textual.widgets._toast import Toast
 
 import diptych
 from diptych.backends.torch.cpu import kernel_cache
@@ -21,7 +22,7 @@ from .test_chat_app import SIZE, send, wait_for
 def test_the_load_bar_moves_with_the_weights(smollm2_path):
     async def body():
         app = DiptychApp(autoload=False, n_ctx=256)
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
             bar = app.chat.status.query_one(ProgressBar)
             seen = []
             app.watch(bar, "progress", lambda done: seen.append((done, app.chat.status.text)),
@@ -30,6 +31,11 @@ def test_the_load_bar_moves_with_the_weights(smollm2_path):
             await wait_for(pilot, lambda: app.model is not None)
             await pilot.pause()
             assert not bar.display and "context 0/256" in app.chat.status.text
+            # the "Loaded ..." notice sits above the status bar, not over what it says
+            await wait_for(pilot, lambda: app.screen.query(Toast))
+            toast = app.screen.query_one(Toast)
+            assert "Loaded" in str(toast.render())
+            assert toast.region.bottom <= app.chat.status.region.y
             return seen, bar.total
 
     seen, total = run(body())
