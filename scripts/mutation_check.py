@@ -507,7 +507,8 @@ MUTATIONS = [
              r"^(    async def action_regenerate\(self\) -> None:\n)", r"\g<1>        return\n",
              ("tests/tui/test_chat_app.py", "-k", "regenerate")),
     Mutation("TUI: notices over the status bar", "tui/app.tcss",
-             r"(ChatScreen ToastRack \{\n    margin-bottom: )2;", r"\g<1>1;",
+             r"(ChatScreen ToastRack \{\n)    dock: top;\n    align: right top;\n",
+             r"\g<1>",
              ("tests/tui/test_loading.py", "-k", "load_bar")),
 ]
 

@@ -31,11 +31,12 @@ def test_the_load_bar_moves_with_the_weights(smollm2_path):
             await wait_for(pilot, lambda: app.model is not None)
             await pilot.pause()
             assert not bar.display and "context 0/256" in app.chat.status.text
-            # the "Loaded ..." notice sits above the status bar, not over what it says
+            # the "Loaded ..." notice covers neither the status bar nor the message box
             await wait_for(pilot, lambda: app.screen.query(Toast))
             toast = app.screen.query_one(Toast)
             assert "Loaded" in str(toast.render())
-            assert toast.region.bottom <= app.chat.status.region.y
+            for covered in (app.chat.status, app.chat.query_one("#input-row")):
+                assert not toast.region.overlaps(covered.region), covered
             return seen, bar.total
 
     seen, total = run(body())
