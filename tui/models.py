@@ -1,17 +1,17 @@
 """Finding GGUF files to offer in the model picker.
 
-Sources: the embedded default model, the folders listed in the settings file, and the
-Hugging Face cache (`huggingface_hub.scan_cache_dir`).
+Sources: the embedded default model, diptych's own model cache (what `diptych list` shows),
+the folders listed in the settings file, and the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from diptych.sources.default_model import FILENAME as DEFAULT_FILENAME
+from diptych.sources.model_cache import diptych_files, hub_cache, hub_repos
 
 from .paths import settings_path
 
@@ -20,7 +20,7 @@ from .paths import settings_path
 class ModelChoice:
     label: str
     path: Path | None  # None: the embedded default, fetched on first use
-    source: str        # "default" | "folder" | "hf cache"
+    source: str        # "default" | "downloaded" | "folder" | "hf cache"
 
 
 def read_settings() -> tuple[dict, str | None]:
@@ -69,19 +69,15 @@ def in_folders(folders: list[Path]) -> list[ModelChoice]:
     return found
 
 
-def in_hf_cache() -> list[ModelChoice]:
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+def in_model_cache() -> list[ModelChoice]:
+    """diptych's downloads (the default model has its own entry)."""
+    return [ModelChoice(f"{f.name}  (downloaded)", f, "downloaded")
+            for f in diptych_files() if f.name != DEFAULT_FILENAME]
 
-    try:
-        # read HF_HUB_CACHE now: huggingface_hub reads it once, when first imported
-        info = scan_cache_dir(os.environ.get("HF_HUB_CACHE"))
-    except (CacheNotFound, OSError):
-        return []
+
+def in_hf_cache() -> list[ModelChoice]:
     found = []
-    for repo in sorted(info.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
-            continue
+    for repo in hub_repos(hub_cache()):
         for rev in repo.revisions:
             for f in sorted(rev.files, key=lambda f: f.file_name):
                 if f.file_name.endswith(".gguf"):
@@ -94,7 +90,7 @@ def discover() -> list[ModelChoice]:
     """Every model the picker offers, the default first, each file once."""
     choices = [ModelChoice(f"{DEFAULT_FILENAME}  (embedded default)", None, "default")]
     seen = set()
-    for choice in in_folders(configured_folders()) + in_hf_cache():
+    for choice in in_model_cache() + in_folders(configured_folders()) + in_hf_cache():
         key = choice.path.resolve()
         if key not in seen:
             seen.add(key)

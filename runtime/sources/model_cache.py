@@ -5,6 +5,7 @@ default model and the others fetched from PyPI wheels)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,23 +23,26 @@ class CachedModel:
     files: tuple[str, ...]  # a hub repository's model files (GGUF, or its safetensors)
 
 
-def _hub_cache():
+def hub_cache():
     """The Hugging Face cache scanned (huggingface_hub's HFCacheInfo), None without one."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        return scan_cache_dir()
+        # HF_HUB_CACHE read now: huggingface_hub reads it once, when first imported
+        return scan_cache_dir(os.environ.get("HF_HUB_CACHE"))
     except (CacheNotFound, ValueError, OSError):
         return None
 
 
-def _hub_repos(info) -> list:
+def hub_repos(info) -> list:
+    """The model repositories of a scanned cache (`hub_cache()`), by name."""
     return sorted((r for r in (info.repos if info else ()) if r.repo_type == "model"),
                   key=lambda r: r.repo_id.lower())
 
 
-def _diptych_files() -> list[Path]:
+def diptych_files() -> list[Path]:
+    """The GGUF files in diptych's own model cache."""
     folder = models_dir()
     return sorted(folder.glob("*.gguf")) if folder.is_dir() else []
 
@@ -46,13 +50,13 @@ def _diptych_files() -> list[Path]:
 def cached_models() -> list[CachedModel]:
     """Every downloaded model: the Hugging Face cache's model repositories, then ours."""
     out = []
-    for repo in _hub_repos(_hub_cache()):
+    for repo in hub_repos(hub_cache()):
         names = sorted({f.file_path.relative_to(rev.snapshot_path).as_posix()
                         for rev in repo.revisions for f in rev.files})
         model_files = tuple(n for n in names if n.endswith((".gguf", ".safetensors")))
         out.append(CachedModel(repo.repo_id, "hub", repo.size_on_disk, repo.repo_path,
                                model_files))
-    for path in _diptych_files():
+    for path in diptych_files():
         out.append(CachedModel(path.name, "diptych", path.stat().st_size, path, ()))
     return out
 
@@ -64,15 +68,15 @@ def remove(name: str) -> list[Path]:
     if ":" in name:
         raise InvalidArgumentError(f"{name}: `rm` removes a whole repository; name it without "
                                    "the :QUANT tag")
-    info = _hub_cache()
-    for repo in _hub_repos(info):
+    info = hub_cache()
+    for repo in hub_repos(info):
         if repo.repo_id == name:
             # a commit hash names revisions cache-wide: look in this repository only
             only = dataclasses.replace(info, repos=frozenset({repo}))
             only.delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
             return [repo.repo_path]
     filename = MODELS[name].filename if name in MODELS else name
-    for path in _diptych_files():
+    for path in diptych_files():
         if path.name == filename:
             for side in (".sha256", ".lock"):   # its verification record and lock file
                 path.with_name(path.name + side).unlink(missing_ok=True)

@@ -247,14 +247,12 @@ def test_a_safetensors_repository_downloads_its_folder(hub, repos, tmp_path):
 
 
 def test_list_and_rm_cover_diptychs_own_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     from diptych.errors import InvalidArgumentError
     from diptych.sources.model_cache import cached_models, remove
     from diptych.sources.pypi_models import MODELS
 
     monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path / "diptych"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # none there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # none there
     models = tmp_path / "diptych" / "models"
     models.mkdir(parents=True)
     name = MODELS["gemma-3-270m"].filename

@@ -19,6 +19,13 @@ def data_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def no_downloads(tmp_path, monkeypatch):
+    """An empty model cache, so that the model picker offers nothing this machine
+    downloaded (not for tests that run a model: the CPU kernels' cache lives there too)."""
+    monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def model(smollm2_path):
     """The default model, loaded once per test module."""

@@ -147,7 +147,7 @@ def test_settings_are_validated_and_saved_per_chat():
     assert (saved.temperature, saved.seed, saved.top_p, saved.system) == (0.3, 7, 0.5, "Be brief.")
 
 
-def test_model_picker_searches_a_typed_folder(tmp_path):
+def test_model_picker_searches_a_typed_folder(tmp_path, no_downloads):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")
 

@@ -3,6 +3,7 @@
 import json
 import os
 
+from diptych.sources.default_model import FILENAME as DEFAULT_FILENAME
 from diptych.tui.chat_settings import ChatSettings
 from diptych.tui.export import chat_to_markdown, code_blocks, export_filename
 from diptych.tui.models import add_configured_folder, discover
@@ -41,7 +42,11 @@ def fake_hf_cache(root, repo, filename):
     (base / "refs" / "main").write_text("0" * 40)
 
 
-def test_discover_default_folders_and_hf_cache(tmp_path, data_dir):
+def test_discover_default_downloads_folders_and_hf_cache(tmp_path, data_dir, no_downloads):
+    downloads = tmp_path / "cache" / "models"
+    downloads.mkdir(parents=True)
+    for name in (DEFAULT_FILENAME, "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m-q4_k_m.gguf.sha256"):
+        (downloads / name).write_bytes(b"GGUF")
     folder = tmp_path / "models"
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "tiny.gguf").write_bytes(b"GGUF")
@@ -52,7 +57,10 @@ def test_discover_default_folders_and_hf_cache(tmp_path, data_dir):
     fake_hf_cache(tmp_path / "hf-cache", "org/some-GGUF", "some.Q4_0.gguf")
 
     choices = discover()
-    assert [c.source for c in choices] == ["default", "folder", "hf cache"]
+    # the default model's downloaded file is its own entry, listed once
+    assert [c.source for c in choices] == ["default", "downloaded", "folder", "hf cache"]
     assert choices[0].path is None and "embedded default" in choices[0].label
-    assert choices[1].path == folder / "sub" / "tiny.gguf"
-    assert choices[2].label == "org/some-GGUF/some.Q4_0.gguf  (Hugging Face cache)"
+    assert choices[1].path == downloads / "gemma-3-270m-q4_k_m.gguf"
+    assert choices[1].label == "gemma-3-270m-q4_k_m.gguf  (downloaded)"
+    assert choices[2].path == folder / "sub" / "tiny.gguf"
+    assert choices[3].label == "org/some-GGUF/some.Q4_0.gguf  (Hugging Face cache)"

@@ -57,7 +57,7 @@ def test_settings_screen(snap_compare):
                         run_before=opening("ctrl+s"))
 
 
-def test_model_picker(snap_compare):
+def test_model_picker(snap_compare, no_downloads):
     saved_chats()
     assert snap_compare(DiptychApp(autoload=False), terminal_size=SIZE,
                         run_before=opening("ctrl+o"))
