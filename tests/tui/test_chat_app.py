@@ -94,7 +94,7 @@ def greedy(model, messages, max_tokens):
 def test_reply_streams_into_transcript_and_database(model, data_dir):
     async def body():
         app = make_app(model)
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=(200, 36)) as pilot:  # room for every status figure
             await send(pilot, "What is the capital of France?")
             (_, question), (role, reply) = transcript(app)
             assert role == "assistant" and "Paris" in reply

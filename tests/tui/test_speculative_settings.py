@@ -119,7 +119,7 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
 
     async def body():
         app = DiptychApp(options.pop("source"), **options)
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=(200, 36)) as pilot:  # room for every status figure
             await wait_for(pilot, lambda: app.model is not None)
             await send(pilot, "Say one two three.")
             assert "accepted" not in app.chat.status.text
@@ -134,7 +134,7 @@ def test_choosing_lookup_makes_the_next_reply_speculative(smollm2_path, tmp_path
             # every text the status bar shows, however fast the reply streams
             seen, bar = [], app.chat.status
             shown = bar._update
-            bar._update = lambda facts: (shown(facts), seen.append(facts))
+            bar._update = lambda facts: (shown(facts), seen.append(bar.text))
             await pilot.press(*"Repeat: one two three four one two three four", "enter")
             await wait_for(pilot, lambda: any("accepted" in text for text in seen)
                            and not app.chat.generating)

@@ -1,7 +1,8 @@
 """The status bar: backend and device, model and quant (and adapter), context, speed (and
 speculative decoding's acceptance), the KV caches' memory (the model's and its draft's) and
-the process's; while a model loads, what it is doing and a progress bar; while the backend
-compiles kernels on first use, a message saying so."""
+the process's, leaving out the least useful of these on a narrow terminal; while a model
+loads, what it is doing and a progress bar; while the backend compiles kernels on first use,
+a message saying so."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class StatusBar(Horizontal):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._facts: str = "no model loaded"
+        self._facts: str | dict[str, str] = "no model loaded"
 
     def compose(self):
         yield Static(self._facts, id="facts")
@@ -58,18 +59,17 @@ class StatusBar(Horizontal):
             self._update(note or "no model loaded  (Ctrl+O: pick one)")
             return
         adapter = f" + {Path(model.adapter).name}" if model.adapter else ""
-        parts = [
-            model.backend.describe(),
-            f"{model.path.stem} {quant_summary(model)}{adapter}",
-            f"context {model.engine.n_cached}/{model.n_ctx}",
-        ]
-        if timings is not None:
-            parts.append(speeds(timings))
         target, draft = cache_bytes(model)
-        parts.append(f"KV {target / MIB:.0f} MiB"
-                     + (f" + draft {draft / MIB:.0f} MiB" if draft else ""))
-        parts.append(f"{memory_in_use() / MIB:.0f} MiB")
-        self._update(" │ ".join(p for p in [note] + parts if p))
+        self._update({
+            "note": note,
+            "backend": model.backend.describe(),
+            "model": f"{model.path.stem}{adapter}",
+            "quant": quant_summary(model),
+            "context": f"context {model.engine.n_cached}/{model.n_ctx}",
+            "speeds": speeds(timings) if timings is not None else "",
+            "kv": f"KV {target / MIB:.0f} MiB" + (f" + draft {draft / MIB:.0f} MiB" if draft else ""),
+            "memory": f"{memory_in_use() / MIB:.0f} MiB",
+        })
 
     def first_use_listener(self, what: str | None) -> None:
         """A `Backend.on_first_use` listener; it is called on the thread that does the
@@ -82,10 +82,36 @@ class StatusBar(Horizontal):
     def watch_first_use(self) -> None:
         self._update(self._facts)
 
-    def _update(self, facts: str) -> None:
+    def on_resize(self) -> None:
+        self._update(self._facts)
+
+    def _update(self, facts: str | dict[str, str]) -> None:
+        """Show `facts`: a line, or the named parts `show` gives, fitted to the bar's width."""
         self._facts = facts
-        shown = f"{self.first_use} (first use only)… │ {facts}" if self.first_use else facts
-        self.query_one("#facts", Static).update(shown)
+        first_use = f"{self.first_use} (first use only)… │ " if self.first_use else ""
+        if isinstance(facts, dict):
+            width = self.size.width or 1 << 16   # unknown before the first layout
+            facts = fit(facts, width - len(first_use))
+        self.query_one("#facts", Static).update(first_use + facts)
+
+
+# What a narrow terminal's status bar leaves out first; the note and the context always show
+DROPPED_FIRST = ("memory", "kv", "backend", "quant", "model", "speeds")
+
+
+def fit(parts: dict[str, str], width: int) -> str:
+    """The status bar's parts (named as in `StatusBar.show`) as one line, leaving out those
+    least worth their room (DROPPED_FIRST) until it fits in `width` columns."""
+    parts = {name: text for name, text in parts.items() if text}
+    for name in (None,) + DROPPED_FIRST:
+        parts.pop(name, None)
+        model = " ".join(parts[k] for k in ("model", "quant") if k in parts)
+        shown = [parts.get("note"), parts.get("backend"), model, parts.get("context"),
+                 parts.get("speeds"), parts.get("kv"), parts.get("memory")]
+        line = " │ ".join(p for p in shown if p)
+        if len(line) <= width:
+            break
+    return line
 
 
 def speeds(timings) -> str:
