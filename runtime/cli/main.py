@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_options, cmd_finetune
 
     sp = command("finetune", help="train a LoRA adapter on the model as its file stores it")
-    sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("model", nargs="?", help="a .gguf file, a Hugging Face safetensors folder, "
+                    "or org/repo[:QUANT] (default: the embedded SmolLM2-135M-Instruct)")
     sp.add_argument("--data", required=True,
                     help="a JSONL file ({\"text\"}, {\"prompt\", \"completion\"} or "
                          "{\"messages\"} per line) or a folder with train/valid/test.jsonl")
@@ -606,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("perplexity", help="perplexity of a model on a text (llama-perplexity's "
                  "chunked method), and KL divergence against a base model")
-    sp.add_argument("model", help="a .gguf file or a Hugging Face safetensors folder")
+    sp.add_argument("model", help="a .gguf file, a Hugging Face folder or org/repo[:QUANT]")
     sp.add_argument("text", help="a UTF-8 text file")
     sp.add_argument("--ctx", type=_positive_int, default=512,
                     help="tokens per chunk (default: 512)")

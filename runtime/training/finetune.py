@@ -33,7 +33,8 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
              progress: Callable[[StepReport], None] | None = None,
              stop: threading.Event | None = None, **options) -> FinetuneResult:
     """Train a LoRA adapter on `model` (a loaded `diptych.Model`, which then uses the
-    adapter, or a model path) and write it to `out`.
+    adapter; a model path or Hub name, as `diptych.load` takes; None: the embedded default
+    model) and write it to `out`.
 
     train / valid / test: a JSONL file, a directory with train/valid/test.jsonl (as `train`:
     its valid file is used unless `valid` is given), or a list of records ({"text"},

@@ -71,6 +71,13 @@ def test_bad_options_and_data_are_one_line_errors(setup, tmp_path, capsys):
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
+def test_without_a_model_the_embedded_default_is_trained(smollm2_path, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"   # read with the model's tokenizer, after the model loads
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    assert main(["finetune", "--data", str(bad), "--out", str(tmp_path / "a")]) == 1
+    assert "bad.jsonl, line 2: expected the keys" in capsys.readouterr().err
+
+
 def test_eval_every_without_validation_data_says_so(setup, tmp_path, caplog):
     model, data = setup
     args = ["finetune", str(model), "--data", str(data / "train.jsonl"), "--steps", "2",
