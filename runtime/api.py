@@ -262,7 +262,8 @@ def load(source: str | Path | None = None, *, backend: str | Backend = "auto",
          draft_max: int = DEFAULT_DRAFT_MAX, numerics: str = "exact") -> Model:
     """Load a GGUF model or a Hugging Face safetensors folder (config.json, *.safetensors,
     tokenizer), or one on the Hugging Face Hub by name (`"org/repo:Q4_K_M"`, downloaded once;
-    see `diptych.sources.hub`); with no source, the embedded default (SmolLM2-135M-Instruct
+    see `diptych.sources.hub`); a bare file name not in the working folder is looked up in
+    diptych's model cache; with no source, the embedded default (SmolLM2-135M-Instruct
     Q4_1).
 
     `backend` is "auto" (MLX on Apple silicon, else torch), "torch", "mlx" or a Backend

@@ -14,7 +14,7 @@ def app_options(args) -> dict:
     screen is taken over."""
     from diptych.backends import resolve
     from diptych.sources.default_model import default_model_path
-    from diptych.sources.hub import local_path
+    from diptych.sources.hub import local_path, not_found
     from diptych.tui.chat_settings import ChatSettings
 
     from .main import _sampling
@@ -28,7 +28,8 @@ def app_options(args) -> dict:
     source = local_path(args.model) if args.model is not None else default_model_path()
     for given, path in ((args.model, source), (args.adapter, args.adapter), (draft, draft)):
         if path is not None and not Path(path).expanduser().exists():
-            raise ModelFileError(f"{given}: no such file or folder")
+            raise ModelFileError(not_found(given) if given == args.model
+                                 else f"{given}: no such file or folder")
     return dict(source=source, backend=args.backend, n_ctx=args.n_ctx, settings=settings,
                 adapter=args.adapter, draft_max=args.draft_max)
 

@@ -54,10 +54,11 @@ def open_source(path: str | Path):
     from diptych.quant.gguf_file import GGUFFile
 
     from .gguf_split import SplitGGUF, split_part
+    from .hub import not_found
 
     path = Path(path)
     if not path.exists():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(not_found(path))
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelFileError(f"{path}: is a folder without config.json; diptych loads .gguf "
                              "files and Hugging Face safetensors folders")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from diptych.errors import HubError
+from diptych.paths import models_dir
 from .download_progress import download_bar, reporting_tqdm
 from .gguf_split import part_names, split_part
 from .hub_resume import fetch_blob
@@ -51,9 +52,27 @@ def parse_hub_id(source) -> HubRef | None:
 
 
 def local_path(source: str | Path, progress: ProgressFn | None = None) -> Path:
-    """The local path of a model source: a Hub name downloaded (once), else `source`."""
+    """The local path of a model source: a Hub name downloaded (once); a bare file name
+    that is not here but in diptych's model cache (a name `diptych list` shows) that file;
+    else `source`."""
     ref = parse_hub_id(source)
-    return Path(source) if ref is None else download(ref, progress)
+    if ref is not None:
+        return download(ref, progress)
+    path = Path(source)
+    if str(path) == path.name and not path.exists():
+        cached = models_dir() / path.name
+        if cached.is_file():
+            return cached
+    return path
+
+
+def not_found(source: str | Path) -> str:
+    """What to say of a model source that is not there."""
+    path = Path(source)
+    if str(path) == path.name:   # a bare name: `local_path` looked among the downloads too
+        return (f"{source}: no such file here or among the downloaded models "
+                "(`diptych list` shows them)")
+    return f"{source}: no such file"
 
 
 # a quant name in a file name, and where a word ends ('Q4_K' is not in 'Q4_K_M')

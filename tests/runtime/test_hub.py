@@ -12,15 +12,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from diptych.errors import HubError
+from diptych.errors import HubError, ModelFileError
 from diptych.quant.gguf_file import GGUFFile
 from diptych.quant.gguf_write import _add_value
-from diptych.sources.hub import HubRef, choose_gguf, parse_hub_id
+from diptych.sources.hf_folder import open_source
+from diptych.sources.hub import HubRef, choose_gguf, local_path, parse_hub_id
 
 from ..hub_server import FakeHub, commit
 from ..tiny_models import tiny_hf_model, write_gguf
@@ -61,6 +63,24 @@ def test_hub_names_and_paths(tmp_path):
     for local in ("models/m.gguf", "m.gguf", "/abs/org/repo", "a/b/c", "one", "a b/c",
                   str(tmp_path / "org" / "repo")):
         assert parse_hub_id(local) is None, local
+
+
+
+def test_a_bare_file_name_finds_a_download_unless_it_is_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPTYCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    downloads = tmp_path / "cache" / "models"
+    downloads.mkdir(parents=True)
+    (downloads / "m.gguf").write_bytes(b"GGUF")
+    assert local_path("m.gguf") == downloads / "m.gguf"     # what `diptych list` names
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert local_path("m.gguf") == Path("m.gguf")            # a file here comes first
+    assert local_path("sub/n.gguf") == Path("sub/n.gguf")    # a path is taken as it is
+    with pytest.raises(ModelFileError, match=r"n.gguf: no such file here or among the "
+                       r"downloaded models \(`diptych list` shows them\)"):
+        open_source(local_path("n.gguf"))
+    with pytest.raises(ModelFileError, match=r"sub/n.gguf: no such file$"):
+        open_source(local_path("sub/n.gguf"))
 
 
 # -- downloads from the loopback hub ---------------------------------------------------
