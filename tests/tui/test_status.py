@@ -20,23 +20,24 @@ def test_speeds_are_labelled_and_hidden_until_known():
     assert speeds(timings) == "prompt 82 tok/s · decode 14.0 tok/s"
 
 
-PARTS = {"note": "generating…", "backend": "torch (cpu)", "model": "M + ad", "quant": "Q4_1",
+PARTS = {"note": "generating…", "backend": "torch (cpu)", "model": "M", "quant": "Q4_1",
+         "adapter": "+ ad",
          "context": "context 9/64", "speeds": "decode 5.0 tok/s", "kv": "KV 1 MiB",
          "memory": "300 MiB"}
 
 
 def test_a_narrow_bar_leaves_out_memory_then_the_cache_backend_quant_model_and_speeds():
-    full = ("generating… │ torch (cpu) │ M + ad Q4_1 │ context 9/64 │ decode 5.0 tok/s │ "
+    full = ("generating… │ torch (cpu) │ M Q4_1 + ad │ context 9/64 │ decode 5.0 tok/s │ "
             "KV 1 MiB │ 300 MiB")
     assert fit(PARTS, 200) == fit(PARTS, len(full)) == full
     assert fit(PARTS, len(full) - 1) == full.removesuffix(" │ 300 MiB")
-    assert fit(PARTS, 59) == "generating… │ M + ad Q4_1 │ context 9/64 │ decode 5.0 tok/s"
+    assert fit(PARTS, 59) == "generating… │ M Q4_1 + ad │ context 9/64 │ decode 5.0 tok/s"
     assert fit(PARTS, 58) == "generating… │ M + ad │ context 9/64 │ decode 5.0 tok/s"
     assert fit(PARTS, 53) == "generating… │ context 9/64 │ decode 5.0 tok/s"
     assert fit(PARTS, 40) == "generating… │ context 9/64"  # never less than these
     assert fit(PARTS, 5) == "generating… │ context 9/64"
     assert fit({**PARTS, "note": "", "speeds": ""}, 200) == (
-        "torch (cpu) │ M + ad Q4_1 │ context 9/64 │ KV 1 MiB │ 300 MiB")
+        "torch (cpu) │ M Q4_1 + ad │ context 9/64 │ KV 1 MiB │ 300 MiB")
 
 
 @pytest.mark.real

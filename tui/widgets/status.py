@@ -58,13 +58,13 @@ class StatusBar(Horizontal):
         if model is None:
             self._update(note or "no model loaded  (Ctrl+O: pick one)")
             return
-        adapter = f" + {Path(model.adapter).name}" if model.adapter else ""
         target, draft = cache_bytes(model)
         self._update({
             "note": note,
             "backend": model.backend.describe(),
-            "model": f"{model.path.stem}{adapter}",
+            "model": model.path.stem,
             "quant": quant_summary(model),
+            "adapter": f"+ {Path(model.adapter).name}" if model.adapter else "",
             "context": f"context {model.engine.n_cached}/{model.n_ctx}",
             "speeds": speeds(timings) if timings is not None else "",
             "kv": f"KV {target / MIB:.0f} MiB" + (f" + draft {draft / MIB:.0f} MiB" if draft else ""),
@@ -105,7 +105,9 @@ def fit(parts: dict[str, str], width: int) -> str:
     parts = {name: text for name, text in parts.items() if text}
     for name in (None,) + DROPPED_FIRST:
         parts.pop(name, None)
-        model = " ".join(parts[k] for k in ("model", "quant") if k in parts)
+        # the model's name, its quant types and its adapter, as one part
+        model = " ".join(parts[k] for k in ("model", "quant", "adapter")
+                         if k in parts and "model" in parts)
         shown = [parts.get("note"), parts.get("backend"), model, parts.get("context"),
                  parts.get("speeds"), parts.get("kv"), parts.get("memory")]
         line = " │ ".join(p for p in shown if p)
