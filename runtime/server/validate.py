@@ -65,9 +65,11 @@ def parse_body(raw: bytes) -> dict:
 
 
 def check_model(body: dict, served: str) -> None:
+    """A request names the served model, or none (as llama-server and mlx-lm's server
+    take it: the one model there is); another name is a 404."""
     name = body.get("model")
     if name is None:
-        raise invalid("you must provide a model parameter", "model")
+        return
     if not isinstance(name, str):
         raise invalid(f"'model' must be a string, not {_kind(name)}", "model")
     if name != served:

@@ -15,7 +15,7 @@ TEXT = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
 
 # wrong values for the fields both endpoints take
 COMMON = {
-    "model": [None, 5, "gpt-4", ["a"]],
+    "model": [5, "gpt-4", ["a"]],
     "max_tokens": ["10", 0, -1, 1.5, True, 10**9, [], {}],
     "temperature": ["hot", -0.1, 2.5, True, []],
     "top_p": [0, 1.5, -1, "x"],
@@ -92,6 +92,13 @@ def test_wrong_fields_are_400s_and_the_server_keeps_serving(raw):
         else:
             assert status == 400, (path, body, reply)
     assert raw.post("/chat/completions", CHAT)["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_request_without_a_model_gets_the_served_one(raw):
+    for body in ({k: v for k, v in CHAT.items() if k != "model"}, {**TEXT, "model": None}):
+        path = "/chat/completions" if "messages" in body else "/completions"
+        reply = raw.post(path, body)
+        assert reply["model"] == MODEL and reply["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'"text"', b"", b"\xff\xfe{}",
