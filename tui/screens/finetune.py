@@ -82,7 +82,7 @@ class FinetuneScreen(Screen):
                 yield Button("Stop", variant="error", id="stop-training", disabled=True)
                 yield Button("Resume", id="resume")
             yield Static("Choose a data file and press Start.", id="train-status")
-            yield ProgressBar(id="train-progress", show_eta=False)
+            yield ProgressBar(total=1, id="train-progress", show_eta=False)  # empty, not busy
             yield Label("Training loss", id="loss-title", classes="plot-title")
             yield Sparkline([], id="loss")
             yield Label("Validation loss", id="valid-title", classes="plot-title")
