@@ -233,6 +233,19 @@ def test_a_chat_reopens_after_a_restart_and_continues(model, data_dir):
     assert after[3][1] == greedy(model, history, 8)
 
 
+def test_the_chat_list_narrows_on_a_narrow_terminal():
+    async def body():
+        app = DiptychApp(autoload=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            widths = [app.chat.query_one("#sidebar").outer_size.width]
+            await pilot.resize_terminal(110, 24)
+            await pilot.pause()
+            return widths + [app.chat.query_one("#sidebar").outer_size.width]
+
+    assert run(body()) == [22, 30]
+
+
 def test_switch_models_and_a_corrupt_file_shows_the_error(model, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)

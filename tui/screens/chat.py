@@ -69,6 +69,8 @@ def finish_note(view: MessageView, finish: str | None) -> str | None:
 
 class ChatScreen(Screen):
     AUTO_FOCUS = "PromptArea"
+    # below 100 columns the chat list narrows (app.tcss), leaving the transcript room
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
