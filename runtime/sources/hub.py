@@ -59,7 +59,7 @@ def local_path(source: str | Path, progress: ProgressFn | None = None) -> Path:
     if ref is not None:
         return download(ref, progress)
     path = Path(source)
-    if str(path) == path.name and not path.exists():
+    if _bare(path) and not path.exists():
         cached = models_dir() / path.name
         if cached.is_file():
             return cached
@@ -68,11 +68,15 @@ def local_path(source: str | Path, progress: ProgressFn | None = None) -> Path:
 
 def not_found(source: str | Path) -> str:
     """What to say of a model source that is not there."""
-    path = Path(source)
-    if str(path) == path.name:   # a bare name: `local_path` looked among the downloads too
+    if _bare(Path(source)):   # `local_path` looked among the downloads too
         return (f"{source}: no such file here or among the downloaded models "
                 "(`diptych list` shows them)")
     return f"{source}: no such file"
+
+
+def _bare(path: Path) -> bool:
+    """A file name alone, without a folder."""
+    return str(path) == path.name
 
 
 # a quant name in a file name, and where a word ends ('Q4_K' is not in 'Q4_K_M')

@@ -60,7 +60,8 @@ def finetune(model, train=None, valid=None, out: str | Path | None = None, *,
     splits = _splits(train, valid, test, tokenizer)
     if opts.eval_every and not splits.get("valid"):
         log.warning("eval_every=%d, but there is no validation data (--valid or valid=, or "
-                    "valid.jsonl in the data folder): only the training loss is reported", opts.eval_every)
+                    "valid.jsonl in the data folder): only the training loss is reported",
+                    opts.eval_every)
     name = getattr(loaded, "name", None) or engine.cfg.name
     if loaded is not None:  # the model's cached K/V and generation give way to training
         engine.set_adapters(lambda: None)

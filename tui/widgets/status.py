@@ -106,8 +106,8 @@ def fit(parts: dict[str, str], width: int) -> str:
     for name in (None,) + DROPPED_FIRST:
         parts.pop(name, None)
         # the model's name, its quant types and its adapter, as one part
-        model = " ".join(parts[k] for k in ("model", "quant", "adapter")
-                         if k in parts and "model" in parts)
+        model = (" ".join(parts[k] for k in ("model", "quant", "adapter") if k in parts)
+                 if "model" in parts else "")
         shown = [parts.get("note"), parts.get("backend"), model, parts.get("context"),
                  parts.get("speeds"), parts.get("kv"), parts.get("memory")]
         line = " │ ".join(p for p in shown if p)
