@@ -121,7 +121,7 @@ def write_tokenizer(metadata, out: Path) -> None:
     from diptych.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf_metadata(metadata)
-    tok.backend.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(tok.to_tokenizer_json(), encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tok.bos_token, "eos_token": tok.eos_token}))

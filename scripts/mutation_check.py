@@ -101,7 +101,8 @@ def _dequant_scale(ggml_type: str, affine_k: bool = False) -> Mutation:
 
 
 SAMPLING = "tests/runtime/test_sampling.py"
-TOKENIZER_SANDBOX = ("tests/runtime/test_tokenizer.py", "-k", "sandbox")
+TOKENIZER = "tests/runtime/test_tokenizer.py"
+TOKENIZER_SANDBOX = (TOKENIZER, "-k", "sandbox")
 ORACLE = "tests/runtime/test_graph_oracle.py"
 DECODE_ATTENTION = "tests/backends/cpu/test_decode_attention.py"
 DECODE_OPS = "tests/backends/cpu/test_decode_ops.py"
@@ -246,6 +247,18 @@ MUTATIONS = [
     Mutation("threads: failed trials do not back off", "backends/torch/cpu/threads.py",
              r"min\(2 \* self\._retry, self\.MAX_RETRY\) if self\._trial else self\.RETRY",
              "self.RETRY", ("tests/backends/cpu/test_threads.py", "-k", "back_off")),
+    # tokenization: llama.cpp's special-token split and SentencePiece merge order
+    Mutation("tokenizer: special tokens leftmost first", "runtime/text/special_tokens.py",
+             r"^        found\.sort\(\)$", "        found.sort(key=lambda f: (f[2], f[0], f[1]))",
+             (TOKENIZER,)),
+    Mutation("tokenizer: a special token past the end of the text",
+             "runtime/text/special_tokens.py", r"if n > room:", "if n > room + 64:", (TOKENIZER,)),
+    Mutation("tokenizer: SentencePiece ties merge the rightmost pair", "runtime/text/spm.py",
+             r"heappush\(heap, \(-scores\[token\], left,",
+             "heappush(heap, (-scores[token] - 1e-9 * left, left,",
+             (TOKENIZER,)),
+    Mutation("tokenizer: no space prefix after a special token", "runtime/text/tokenizer.py",
+             r"                after_special = True\n", "", (TOKENIZER,)),
     # the chat template sandbox (templates inside model files are untrusted)
     Mutation("sandbox: integer width unchecked", "runtime/text/template_sandbox.py",
              r"^MAX_INT_BITS = 4096", "MAX_INT_BITS = 10**12", TOKENIZER_SANDBOX),

@@ -1,40 +1,35 @@
-"""The tokenizer a GGUF file describes, rebuilt with Hugging Face `tokenizers`, matching llama.cpp.
+"""The tokenizer a GGUF file describes, matching llama.cpp.
 
 A GGUF file carries no `tokenizer.json`: it stores the vocabulary, the merges (or the scores) and
 the special token ids as metadata under llama.cpp's key names. `Tokenizer.from_gguf_metadata`
 reads that mapping (any `Mapping[str, value]`, e.g. `diptych.quant.gguf_file.GGUFFile(p).metadata`)
-and builds a real `tokenizers.Tokenizer` that gives the same ids as llama.cpp's `llama_tokenize`
-(checked by tests/runtime/test_tokenizer.py against fixtures written by llama-cpp-python).
+and gives the same ids as llama.cpp's `llama_tokenize` (checked by
+tests/runtime/test_tokenizer.py against fixtures written by llama-cpp-python).
 
-Two vocabulary kinds are supported, chosen by `tokenizer.ggml.model`:
+Control (3), unknown (2) and user-defined (4) tokens are split out of the text first, as
+llama.cpp's `tokenizer_st_partition` does (special_tokens.py): control/unknown ones only when
+`parse_special=True`, user-defined ones always. Each fragment of text between them then goes
+through the vocabulary's model; two kinds are supported, chosen by `tokenizer.ggml.model`:
 
-* ``gpt2`` -- byte-level BPE (SmolLM2, Qwen2.5, Llama 3, ...). Text is split by the regexes
-  llama.cpp picks from `tokenizer.ggml.pre` (table `_PRE_TOKENIZERS` below), mapped to the GPT-2
-  byte alphabet, then merged by merge rank. A pre-tokenizer name not in the table falls back to
-  the plain GPT-2 regex, with a warning (llama.cpp refuses such files outright).
-* ``llama`` -- SentencePiece (Gemma 3, Llama 2, Mistral v0.1, ...). llama.cpp does not run
-  SentencePiece itself: it repeatedly merges the adjacent pair whose *result* has the highest
-  score, over the whole text fragment (no word splitting), with spaces written as U+2581 and
-  <0xNN> byte tokens for characters not in the vocabulary. That is a BPE whose merges are every
-  (left, right) split of every token, ranked by the merged token's score; we build exactly that
-  (`models.BPE(byte_fallback=True)`, no pre-tokenizer), like transformers' GGUF converter does.
-
-Control (3), unknown (2) and user-defined (4) tokens are registered as added tokens, so they are
-matched whole in the text before the model runs, as llama.cpp's `tokenizer_st_partition` does:
-control/unknown ones only when `parse_special=True`, user-defined ones always.
+* ``gpt2`` -- byte-level BPE (SmolLM2, Qwen2.5, Llama 3, ...), in Hugging Face `tokenizers`.
+  Text is split by the regexes llama.cpp picks from `tokenizer.ggml.pre` (table
+  `_PRE_TOKENIZERS` below), mapped to the GPT-2 byte alphabet, then merged by merge rank. A
+  pre-tokenizer name not in the table falls back to the plain GPT-2 regex, with a warning
+  (llama.cpp refuses such files outright).
+* ``llama`` -- SentencePiece (Gemma 3, Llama 2, Mistral v0.1, ...), llama.cpp's merge-by-score
+  rule over the whole fragment (spm.py), with spaces written as U+2581 and <0xNN> byte tokens
+  for characters not in the vocabulary.
 
 Checked against llama.cpp: the 'smollm' and 'qwen2' pre-tokenizers and SentencePiece (Gemma 3),
-on the fixture corpus and on 12,000 random strings per model; the other table entries follow llama.cpp's
-source but have no real model in the tests.
+on the fixture corpus and on 12,000 random strings per model; the other table entries follow
+llama.cpp's source but have no real model in the tests.
 
 Known differences from llama.cpp (none is hit by the test corpus):
 * code points assigned only in recent Unicode versions (e.g. U+13460.. Egyptian Hieroglyphs
   Extended-A, Unicode 16) have different categories in llama.cpp's tables and in the regex
   engine of `tokenizers`, so text around them can be split differently (byte-level BPE only);
-* where two added tokens overlap in the text, `tokenizers` takes the leftmost match and llama.cpp
-  the longest token first;
-* where two merges of equal score compete for overlapping pairs, llama.cpp takes the leftmost
-  and we take the one listed first;
+* where two special tokens of the same length overlap in the text, the lower id wins here;
+  llama.cpp's order among them is whatever its unstable sort left;
 * `decode` never applies llama.cpp's `clean_spaces` pass (which deletes the space in " ," and
   " 's" for some BPE pre-tokenizers): our decode is the exact concatenation of `token_bytes`, so
   it agrees with the streaming detokenizer and round-trips text.
@@ -43,7 +38,6 @@ Known differences from llama.cpp (none is hit by the test corpus):
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
@@ -53,7 +47,8 @@ import numpy as np
 from diptych.errors import ModelFileError, TokenizerError, UnsupportedModelError
 from diptych.gc_pause import gc_paused
 
-from .spm_merges import spm_merges
+from .special_tokens import SpecialTokens
+from .spm import SentencePiece
 
 log = logging.getLogger(__name__)
 
@@ -200,17 +195,18 @@ def _as_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
 class Tokenizer:
     """Text <-> token ids for one GGUF model, as llama.cpp tokenizes it.
 
-    Build it with `Tokenizer.from_gguf_metadata(metadata)`. The underlying
-    `tokenizers.Tokenizer` is `self.backend` (special tokens not split, no BOS added: use
-    `encode` for llama.cpp's rules).
+    Build it with `Tokenizer.from_gguf_metadata(metadata)`.
     """
 
-    def __init__(self, *, backend, kind: str, pre: str | None, tokens: list[str],
-                 token_types: np.ndarray, bos_id: int | None, eos_id: int | None,
-                 eot_id: int | None, eom_id: int | None, pad_id: int | None,
+    def __init__(self, *, model, special: SpecialTokens, kind: str, pre: str | None,
+                 tokens: list[str], vocab: dict[str, int], token_types: np.ndarray,
+                 bos_id: int | None, eos_id: int | None, eot_id: int | None,
+                 eom_id: int | None, pad_id: int | None,
                  unk_id: int | None, eog_ids: frozenset[int], add_bos: bool, add_eos: bool,
                  add_space_prefix: bool, chat_template: str | None):
-        self.backend = backend
+        self._model = model                   # tokenizers.Tokenizer (BPE) or SentencePiece
+        self._special = special
+        self._vocab = vocab
         self.kind = kind                      # "bpe" (byte-level) or "spm"
         self.pre = pre
         self._tokens = tokens
@@ -223,22 +219,16 @@ class Tokenizer:
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
         self._pieces: list[bytes | None] = [None] * len(tokens)
-        self._lock = threading.Lock()         # guards backend.encode_special_tokens
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Build the tokenizer from GGUF metadata (a mapping of key -> decoded value). A large
-        SentencePiece vocabulary's merges are derived on its first load and then read from the
-        cache folder (spm_merges.py)."""
-        with gc_paused():   # ~10^6 tuples: the cyclic GC would rescan the heap many times
+        """Build the tokenizer from GGUF metadata (a mapping of key -> decoded value)."""
+        with gc_paused():   # ~10^5 strings: the cyclic GC would rescan the heap many times
             return cls._build(metadata)
 
     @classmethod
     def _build(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-
         md = metadata
         model = _get(md, "tokenizer.ggml.model")
         if model is None:
@@ -257,15 +247,6 @@ class Tokenizer:
         n_vocab = len(tokens)
         if not all(tokens):               # llama.cpp renames empty tokens the same way
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        # A token that is not valid UTF-8 arrives with surrogate escapes (GGUFFile decodes with
-        # errors="surrogateescape"). No UTF-8 text can produce it, and Rust strings cannot
-        # hold it: the tokenizers model gets a placeholder, token_bytes the original bytes.
-        hf_tokens = tokens
-        try:
-            "".join(tokens).encode("utf-8")
-        except UnicodeEncodeError:
-            hf_tokens = [t if _utf8_ok(t) else f"<diptych:not-utf8:{i}>"
-                         for i, t in enumerate(tokens)]
         types_raw = _get(md, "tokenizer.ggml.token_type")
         if types_raw is None:
             types = np.full(n_vocab, NORMAL, dtype=np.int32)
@@ -273,7 +254,7 @@ class Tokenizer:
             types = np.asarray(types_raw, dtype=np.int32)[:n_vocab].copy()
             if len(types) < n_vocab:
                 raise ModelFileError("tokenizer.ggml.token_type is shorter than the vocabulary")
-        vocab = dict(zip(hf_tokens, range(n_vocab)))
+        vocab = dict(zip(tokens, range(n_vocab)))
         if len(vocab) != n_vocab:
             raise ModelFileError("the vocabulary (tokenizer.ggml.tokens) has duplicate tokens")
 
@@ -357,8 +338,11 @@ class Tokenizer:
         if add_eos and eos_id is None:
             add_eos = False
 
-        # ---- the tokenizers model
+        # ---- the vocabulary's model: byte-level BPE in `tokenizers`, SentencePiece in spm.py
         if kind == "bpe":
+            from tokenizers import Regex, models, pre_tokenizers
+            from tokenizers import Tokenizer as HFTokenizer
+
             raw_merges = _get(md, "tokenizer.ggml.merges")
             if raw_merges is None:
                 raise ModelFileError("a byte-level BPE vocabulary needs tokenizer.ggml.merges")
@@ -366,56 +350,48 @@ class Tokenizer:
             if raw_merges and not isinstance(raw_merges[0], str):
                 raw_merges = [_as_str(m) for m in raw_merges]
             merges = list(map(tuple, map(str.split, raw_merges, repeat(" "), repeat(1))))
+            # A token that is not valid UTF-8 arrives with surrogate escapes (GGUFFile decodes
+            # with errors="surrogateescape"). No UTF-8 text can produce it, and Rust strings
+            # cannot hold it: `tokenizers` gets a placeholder, token_bytes the original bytes.
+            hf_vocab = vocab
             try:
-                bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
+                "".join(tokens).encode("utf-8")
+            except UnicodeEncodeError:
+                hf_vocab = {t if _utf8_ok(t) else f"<diptych:not-utf8:{i}>": i
+                            for i, t in enumerate(tokens)}
+            try:
+                bpe = models.BPE(vocab=hf_vocab, merges=merges, ignore_merges=ignore_merges)
             except Exception:   # a merge naming a token the vocabulary lacks (or not UTF-8)
-                good = [m for m in merges if len(m) == 2 and m[0] in vocab and m[1] in vocab
-                        and m[0] + m[1] in vocab]
+                good = [m for m in merges if len(m) == 2 and m[0] in hf_vocab
+                        and m[1] in hf_vocab and m[0] + m[1] in hf_vocab]
                 log.warning("dropped %d malformed merges of %d", len(merges) - len(good),
                             len(merges))
-                bpe = models.BPE(vocab=vocab, merges=good, ignore_merges=ignore_merges)
-            backend = HFTokenizer(bpe)
+                bpe = models.BPE(vocab=hf_vocab, merges=good, ignore_merges=ignore_merges)
+            model = HFTokenizer(bpe)
             splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in passes]
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
+            model.pre_tokenizer = pre_tokenizers.Sequence(
                 splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            backend.decoder = decoders.ByteLevel()
         else:
             scores_raw = _get(md, "tokenizer.ggml.scores")
             scores = (np.zeros(n_vocab, dtype=np.float32) if scores_raw is None
                       else np.asarray(scores_raw, dtype=np.float32)[:n_vocab])
-            merges = spm_merges(hf_tokens, scores)
-            unk_token = hf_tokens[unk_id] if unk_id is not None else None
-            bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True,
-                             fuse_unk=False)
-            backend = HFTokenizer(bpe)
-            replace = normalizers.Replace(" ", SPACE_MARK)
-            backend.normalizer = (normalizers.Sequence([normalizers.Prepend(SPACE_MARK), replace])
-                                  if add_space_prefix else replace)
-            backend.pre_tokenizer = None
-            steps = [decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
-            if add_space_prefix:
-                steps.append(decoders.Strip(" ", 1, 0))
-            backend.decoder = decoders.Sequence(steps)
+            byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+            model = SentencePiece(vocab, scores.tolist(), byte_ids, unk_id)
 
-        # ---- added tokens: matched whole before the model runs
+        # ---- special tokens: split out of the text before the model runs
         name = _as_str(_get(md, "general.name", "")).lower()
         rstrip = "phi-3" in name or "phi3" in name     # llama.cpp's Phi-3 attribute fix-up
-        special, plain = [], []
-        for i in np.nonzero((types == CONTROL) | (types == UNKNOWN) | (types == USER_DEFINED))[0]:
-            text = hf_tokens[i]
-            if types[i] == USER_DEFINED:
-                plain.append(AddedToken(text, special=False, normalized=False))
-            else:
-                strip = rstrip and text not in ("<unk>", "<s>", "<|endoftext|>")
-                special.append(AddedToken(text, special=True, normalized=False, rstrip=strip))
-        if special:
-            backend.add_special_tokens(special)
-        if plain:
-            backend.add_tokens(plain)
+        special = SpecialTokens(
+            (tokens[i], int(i), types[i] != USER_DEFINED,
+             rstrip and types[i] != USER_DEFINED and tokens[i] not in ("<unk>", "<s>",
+                                                                      "<|endoftext|>"))
+            for i in np.nonzero((types == CONTROL) | (types == UNKNOWN)
+                                | (types == USER_DEFINED))[0])
 
         template = _get(md, "tokenizer.chat_template")
-        return cls(backend=backend, kind=kind, pre=pre, tokens=tokens, token_types=types,
-                   bos_id=bos_id, eos_id=eos_id, eot_id=eot_id, eom_id=eom_id, pad_id=pad_id,
+        return cls(model=model, special=special, kind=kind, pre=pre, tokens=tokens,
+                   vocab=vocab, token_types=types, bos_id=bos_id, eos_id=eos_id, eot_id=eot_id,
+                   eom_id=eom_id, pad_id=pad_id,
                    unk_id=unk_id, eog_ids=frozenset(eog), add_bos=add_bos, add_eos=add_eos,
                    add_space_prefix=add_space_prefix,
                    chat_template=_as_str(template) if template is not None else None)
@@ -454,7 +430,7 @@ class Tokenizer:
         return self._tokens[self._check(token_id)]
 
     def token_to_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
+        return self._vocab.get(token)
 
     def _check(self, token_id: int) -> int:
         if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
@@ -488,32 +464,50 @@ class Tokenizer:
                 raise TokenizerError("this vocabulary has no BOS token")
             out.append(self.bos_id)
         if text:
-            out.extend(self._encode(text, parse_special).ids)
+            out.extend(self._encode(text, parse_special)[0])
         if add_eos:
             if self.eos_id is None:
                 raise TokenizerError("this vocabulary has no EOS token")
             out.append(self.eos_id)
         return out
 
-    def _encode(self, text: str, parse_special: bool):
-        """The `tokenizers` Encoding of `text` (no BOS/EOS), after checking it is valid text."""
+    def _encode(self, text: str, parse_special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` (no BOS/EOS) and each id's character range in it: special tokens
+        split out first, then each fragment between them through the vocabulary's model."""
         _check_unicode(text)
-        with self._lock:
-            self.backend.encode_special_tokens = not parse_special
-            try:
-                return self.backend.encode(text, add_special_tokens=False)
-            finally:
-                self.backend.encode_special_tokens = False
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        after_special = True
+        for start, end, token in self._special.split(text, parse_special):
+            if token is not None:
+                ids.append(token)
+                offsets.append((start, end))
+                after_special = True
+                continue
+            fragment = text[start:end]
+            if self.kind == "bpe":
+                enc = self._model.encode(fragment, add_special_tokens=False)
+                ids.extend(enc.ids)
+                offsets.extend((start + a, start + b) for a, b in enc.offsets)
+            else:
+                # llama.cpp's rule: a space before the text and after every special token
+                shift = int(self.add_space_prefix and after_special)
+                spelled = SPACE_MARK * shift + fragment.replace(" ", SPACE_MARK)
+                frag_ids, frag_offsets = self._model.encode(spelled)
+                ids.extend(frag_ids)
+                offsets.extend((start + max(a - shift, 0), start + max(b - shift, 0))
+                               for a, b in frag_offsets)
+            after_special = False
+        return ids, offsets
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of a rendered template (control tokens recognised, no BOS added) and
         each token's character range in `text`."""
-        enc = self._encode(text, True)
-        return list(enc.ids), list(enc.offsets)
+        return self._encode(text, True)
 
     def has_special(self, text: str) -> bool:
         """True when `text` spells a control or unknown token (e.g. "<|im_start|>")."""
-        return any(self._types[i] in (CONTROL, UNKNOWN) for i in self._encode(text, True).ids)
+        return any(self._types[i] in (CONTROL, UNKNOWN) for i in self._encode(text, True)[0])
 
     def encode_template(self, text: str, content: Sequence[tuple[int, int]]) -> list[int]:
         """Token ids of a rendered chat template (no BOS added: templates write their own),
@@ -523,26 +517,26 @@ class Tokenizer:
         Control tokens split the text before the model runs, so tokenizing the pieces between
         the template's own control tokens gives the same ids as one pass would, apart from the
         text that spelled a token inside a message."""
-        enc = self._encode(text, True)
+        ids, offsets = self._encode(text, True)
         cuts = []   # (start, end, id) of each control token the template itself wrote
         injected = False
-        for i, (s, e) in zip(enc.ids, enc.offsets):
+        for i, (s, e) in zip(ids, offsets):
             if self._types[i] in (CONTROL, UNKNOWN):
                 if any(a < e and s < b for a, b in content):
                     injected = True
                 else:
                     cuts.append((s, e, i))
         if not injected:
-            return list(enc.ids)
+            return ids
         out: list[int] = []
         pos = 0
         for s, e, i in cuts:
             if s > pos:
-                out.extend(self._encode(text[pos:s], False).ids)
+                out.extend(self._encode(text[pos:s], False)[0])
             out.append(i)
             pos = e
         if pos < len(text):
-            out.extend(self._encode(text[pos:], False).ids)
+            out.extend(self._encode(text[pos:], False)[0])
         return out
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
@@ -606,6 +600,22 @@ class Tokenizer:
         put before the text is removed from the first text token when nothing but special
         tokens precede it (so decode(encode(x)) == x)."""
         return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
+
+    def to_tokenizer_json(self) -> str:
+        """This byte-level BPE vocabulary as a Hugging Face tokenizer.json, for tools that read
+        one (benchmarks/bench_mlx.py); special tokens become `tokenizers`' added tokens, which
+        match leftmost-first where llama.cpp's longest-first split (ours) could differ."""
+        from tokenizers import AddedToken, decoders
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if self.kind != "bpe":
+            raise TokenizerError("only a byte-level BPE vocabulary converts to tokenizer.json")
+        out = HFTokenizer.from_str(self._model.to_str())
+        out.decoder = decoders.ByteLevel()
+        kinds = {CONTROL: True, UNKNOWN: True, USER_DEFINED: False}
+        out.add_tokens([AddedToken(t, special=kinds[k], normalized=False)
+                        for t, k in zip(self._tokens, self._types.tolist()) if k in kinds])
+        return out.to_str()
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,

@@ -19,6 +19,7 @@ from diptych.text.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat
 from diptych.errors import (ChatTemplateError, DiptychError, InvalidArgumentError,
                             ModelFileError, UnsupportedModelError)
 from diptych.quant.gguf_file import GGUFFile
+from diptych.text.special_tokens import SpecialTokens
 from diptych.text.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -262,7 +263,56 @@ def test_tiny_sentencepiece_vocabulary_merges_by_score():
     assert ids == [1, base + 7]
     assert tok.decode(ids, skip_special=True) == "abc"   # prefix space removed
     assert tok.encode("é", add_bos=False) == [base, 3 + 0xC3, 3 + 0xA9]   # byte fallback
+    # llama.cpp prefixes the space to the text after every special token too
+    assert tok.encode("abc</s>abc", add_bos=False) == [base + 7, 2, base + 7]
+    assert tok.encode_offsets("abc</s>abc") == ([base + 7, 2, base + 7],
+                                                [(0, 3), (3, 7), (7, 10)])
     assert tok.decode(tok.encode("é")) == "<s>é"
+
+
+def test_sentencepiece_ties_merge_the_leftmost_pair_and_unknowns_fall_back():
+    # "ba" has the lower id and the same score as "ab": llama.cpp merges the leftmost pair
+    tokens = ["<unk>", "<s>", "a", "b", "ba", "ab"]
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.token_type": [2, 3, 1, 1, 1, 1],
+          "tokenizer.ggml.scores": [0, 0, -1, -1, -2, -2],
+          "tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.bos_token_id": 1,
+          "tokenizer.ggml.unknown_token_id": 0}
+    tok = Tokenizer.from_gguf_metadata(md)
+    assert tok.encode("aba", add_bos=False) == [5, 2]
+    assert tok.encode("bab", add_bos=False) == [4, 3]
+    # no <0xNN> tokens: a character outside the vocabulary is the unknown token, per byte
+    assert tok.encode("aé", add_bos=False) == [2, 0, 0]
+    del md["tokenizer.ggml.unknown_token_id"]
+    with pytest.raises(DiptychError, match="not in the vocabulary"):
+        Tokenizer.from_gguf_metadata(md).encode("é")
+
+
+def test_special_tokens_split_longest_first_as_llama_cpp_does():
+    st = SpecialTokens([("ab", 10, True, False), ("bcd", 11, True, False),
+                        ("\n", 12, False, False), ("\n\n", 13, False, False),
+                        ("<|end|>", 14, True, True)])
+    # leftmost-first would take "ab"; llama.cpp splits out the longer "bcd" first
+    assert st.split("abcd", True) == [(0, 1, None), (1, 4, 11)]
+    assert st.split("abcd", False) == [(0, 4, None)]          # control tokens stay text
+    assert st.split("x\n\n\n", False) == [(0, 1, None), (1, 3, 13), (3, 4, 12)]
+    assert st.split("\n", True) == [(0, 1, 12)]
+    # rstrip (Phi-3's control tokens) drops the whitespace after the token
+    assert st.split("a<|end|> \n\t b", True) == [(0, 1, None), (1, 8, 14), (12, 13, None)]
+    assert st.split("", True) == []
+
+
+@pytest.mark.real
+def test_tokenizer_json_export_tokenizes_like_llama_cpp(tokenizer_of):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok, fx = tokenizer_of("smollm2"), _fixture("smollm2")
+    hf = HFTokenizer.from_str(tok.to_tokenizer_json())
+    for item in fx["items"]:
+        ids = item["ids_special"][1:] if fx["add_bos"] else item["ids_special"]
+        assert hf.encode(item["text"], add_special_tokens=False).ids == ids, item["text"]
+    with pytest.raises(DiptychError):
+        tokenizer_of("gemma3").to_tokenizer_json()
 
 
 # ------------------------------------------------------------------ chat templates
