@@ -12,9 +12,16 @@ whole process (all threads) and wall time, medians over the rounds.
     python benchmarks/bench_decode_attention.py [--models smollm2 qwen2] [--contexts 256 2048]
         [--tokens 32] [--rounds 3] [--threads 2]
     python benchmarks/bench_decode_attention.py --widths [--threads 1]
+    python benchmarks/bench_decode_attention.py --min-keys 1024 128 [--models ...]
+        [--contexts 16 256 512]
 
+The paths are compared through the graph (DIPTYCH_CPU_TAPE=0: a replayed step would take
+the kernel path it was recorded with).
 --widths: the two paths alone on random fp16 caches of the real models' head shapes, at
 1 to 9 query positions (causal): where the kernel stops paying (decode_attention.MAX_QUERIES).
+--min-keys: greedy decode tok/s of the whole model (replayed steps, as users run them) after
+a prompt of each context, with each value of decode_attention.MIN_KEYS (from how many
+visible keys attention runs on the thread pool) in turn, the values alternating per round.
 """
 
 from __future__ import annotations
@@ -53,6 +60,25 @@ def _kernel_attend(q, kc, vc, spec, view, scale):
     positions = torch.arange(last - n, last)[None]
     return decode_attention.attend(q, stored(kc), None if vc is None else stored(vc), spec,
                                    positions, view.key_pos, scale)
+
+
+def bench_min_keys(name: str, contexts: list[int], values: list[int], tokens: int,
+                   rounds: int) -> None:
+    import diptych
+    from diptych.backends.torch.cpu import decode_attention
+    from diptych.cli.bench import measure_speed
+
+    model = diptych.load(model_path(name), n_ctx=max(contexts) + tokens + 8)
+    for ctx in contexts:
+        prompt = random_prompt(model.config.vocab_size, ctx)
+        speeds = {v: [] for v in values}
+        for _ in range(rounds):
+            for v in values:
+                decode_attention.MIN_KEYS = v
+                model.engine.reset()
+                speeds[v].append(measure_speed(model, prompt, tokens)[1])
+        print(f"{name:8s} {ctx:6d} " + " ".join(
+            f"{statistics.median(speeds[v]):12.1f}" for v in values))
 
 
 def bench_model(name: str, contexts: list[int], tokens: int, rounds: int) -> None:
@@ -159,11 +185,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", action="store_true")
+    ap.add_argument("--min-keys", nargs="+", type=int)
     args = ap.parse_args()
     os.environ["DIPTYCH_THREADS"] = str(args.threads)
     if args.widths:
         bench_widths(args.rounds)
         return
+    if args.min_keys:
+        print(f"threads={args.threads}, decode tok/s of {args.tokens} greedy tokens after "
+              f"the context, median of {args.rounds} rounds, by MIN_KEYS")
+        print(f"{'model':8s} {'ctx':>6s} " + " ".join(f"{v:>12d}" for v in args.min_keys))
+        for name in args.models:
+            bench_min_keys(name, args.contexts, args.min_keys, args.tokens, args.rounds)
+        return
+    os.environ["DIPTYCH_CPU_TAPE"] = "0"
     print(f"threads={args.threads}, {args.tokens} tokens per round, {args.rounds} rounds, "
           f"medians; token: ms per decoded token, layer: us per layer-0 attention")
     print(f"{'model':8s} {'ctx':>6s} {'path':7s} {'token cpu':>9s} {'wall':>9s} "

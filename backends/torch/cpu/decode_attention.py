@@ -52,9 +52,11 @@ CHUNK = 128
 MAX_QUERIES = 9
 # Fewest visible slots for which the blocks of keys run on numba's thread pool; shorter
 # caches run on the calling thread. The fork-join per layer costs more than splitting a
-# short cache saves: on a quiet machine SmolLM2 decoded 15% slower with the parallel kernel
-# at a few dozen slots, and 6% faster at 1024 and 2048 (BENCHMARKS.md, decode attention).
-MIN_KEYS = 1024
+# short cache saves (SmolLM2 decoded 15% slower with the parallel kernel at a few dozen
+# slots); past a block of keys the serial kernel is slower, and it also outlasts the
+# idle workers' spin (threads.SPIN_COUNT), so that the next kernel waits for them to wake
+# (BENCHMARKS.md, decode attention).
+MIN_KEYS = 128
 
 _STORED = {torch.float16: np.uint16, torch.float32: np.float32}
 _NO_MASK = np.zeros((0, 0), dtype=np.bool_)  # the kernels' "no mask array"
