@@ -300,6 +300,14 @@ def test_special_tokens_split_longest_first_as_llama_cpp_does():
     # rstrip (Phi-3's control tokens) drops the whitespace after the token
     assert st.split("a<|end|> \n\t b", True) == [(0, 1, None), (1, 8, 14), (12, 13, None)]
     assert st.split("", True) == []
+    # equal lengths: the lower id first (llama.cpp's order among them is its sort's)
+    st = SpecialTokens([("ab", 20, False, False), ("bc", 10, False, False)])
+    assert st.split("abc", True) == [(0, 1, None), (1, 3, 10)]
+    # a hostile run of newlines: every run length is a token (Gemma 3 has 31 of them)
+    st = SpecialTokens([("\n" * k, k, False, False) for k in range(1, 32)])
+    parts = st.split("\n" * 1_000_000 + "x", False)
+    assert len(parts) == 32_258 + 2                        # 31 x 32,258 + 2 = 10**6
+    assert parts[-3:] == [(999_967, 999_998, 31), (999_998, 10**6, 2), (10**6, 10**6 + 1, None)]
 
 
 @pytest.mark.real
