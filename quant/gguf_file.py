@@ -1,19 +1,14 @@
 """Read a GGUF file: header, metadata, tensor table; tensor data memory-mapped.
 
 Why a hand-written parser: `gguf.GGUFReader` turns every metadata string into numpy
-objects in Python at open time, so opening a file with a large vocabulary takes seconds.
-Measured on a 2-core x86_64 box (Python 3.11, gguf 0.19, warm page cache, idle machine;
-a busy machine roughly doubles both columns):
-
-    file                                    GGUFReader   GGUFFile (this module)
-    SmolLM2-135M Q4_1 (98 MB, 49k vocab)       2.4 s        0.015 s
-    Qwen2.5-Coder-0.5B Q4_K_M (491 MB, 152k)   7.3 s        0.045 s
+objects in Python at open time, so opening a file with a large vocabulary takes seconds
+(this module: milliseconds).
 
 Opening walks the metadata once (string arrays are skipped by reading their length
-prefixes only, ~20 ms per 150k strings), parses the tensor table and maps the file; it
-reads no tensor data. Metadata arrays are decoded on first access, once (the 152k Qwen
-token list then costs ~0.1 s, SmolLM2's 49k ~0.03 s). gguf-py remains the source of the
-constants (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`).
+prefixes only), parses the tensor table and maps the file; it reads no tensor data.
+Metadata arrays are decoded on first access, once; a long string array (a vocabulary, its
+merges) in one piece, from the string ends its walk at open noted. gguf-py remains the
+source of the constants (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`).
 
 Strings: keys and tensor names must be valid UTF-8 (otherwise the file is rejected).
 String *values* are decoded as UTF-8 with ``errors="surrogateescape"``: valid UTF-8 (all
@@ -33,6 +28,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from array import array
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,6 +83,9 @@ _INT_TYPES = frozenset({
 })
 # The fewest bytes one array element of each kind can take (bounds array counts).
 _STRING_MIN = 8       # u64 length, empty string
+# String arrays at least this long (vocabularies, merges) are decoded in one piece: their
+# string ends are noted while opening walks them anyway.
+_BULK_STRINGS = 4096
 _ARRAY_MIN = 12       # u32 element type + u64 count, empty array
 
 
@@ -101,17 +100,40 @@ def _min_size(vtype: GGUFValueType) -> int:
 class _LazyArray:
     """A metadata array not yet decoded: where it lies and what it holds."""
 
-    __slots__ = ("elem_type", "count", "offset")
+    __slots__ = ("elem_type", "count", "offset", "string_ends")
 
     def __init__(self, elem_type: GGUFValueType, count: int, offset: int):
         self.elem_type = elem_type
         self.count = count
         self.offset = offset  # first element (after the element type and count)
+        self.string_ends: array | None = None   # a string array's: where each string ends
+
+
+def _decode_strings(mm: mmap.mmap, start: int, ends: array) -> list[str] | None:
+    """The strings of an array that starts at `start` and whose strings end at `ends`, decoded
+    at once: each 8-byte length becomes one NUL, the whole decodes as one UTF-8 text and splits
+    at the NULs (a string that is not valid UTF-8 escapes the same bytes as alone: a NUL ends
+    any sequence). None when a string holds a NUL itself."""
+    count = len(ends)
+    ends_np = np.frombuffer(ends, dtype=np.int64)
+    heads = np.empty(count, dtype=np.int64)      # each length prefix, from `start`
+    heads[0] = 0
+    heads[1:] = ends_np[:-1] - start
+    raw = np.frombuffer(mm, dtype=np.uint8, count=int(ends_np[-1]) - start, offset=start).copy()
+    keep = np.ones(len(raw), dtype=bool)
+    for k in range(1, 8):
+        keep[heads + k] = False
+    raw[heads] = 0
+    data = raw[keep].tobytes()
+    if data.count(0) != count:
+        return None
+    return data.decode("utf-8", "surrogateescape").split("\0")[1:]
 
 
 def _decode_array(mm: mmap.mmap, elem_type: GGUFValueType, count: int,
                   pos: int) -> tuple[Any, int]:
-    """Decode an array that was validated at open; returns (value, offset after it)."""
+    """Decode an array that was validated at open; returns (value, offset after it). A string
+    array goes string by string (`_decode_strings` takes the large ones)."""
     if elem_type in _ARRAY_DTYPES:
         dtype = _ARRAY_DTYPES[elem_type]
         arr = np.frombuffer(mm, dtype=dtype, count=count, offset=pos).copy()
@@ -167,6 +189,11 @@ class GGUFMetadata(Mapping):
         if self._mm is None:
             raise ModelFileError(f"{self._path}: closed before metadata array {key!r} was read")
         self._array_types[key] = lazy.elem_type
+        if lazy.string_ends is not None:
+            strings = _decode_strings(self._mm, lazy.offset, lazy.string_ends)
+            lazy.string_ends = None
+            if strings is not None:
+                return strings
         return _decode_array(self._mm, lazy.elem_type, lazy.count, lazy.offset)[0]
 
     def __contains__(self, key: object) -> bool:
@@ -402,10 +429,15 @@ class GGUFFile:
         elem_type = self._value_type(self._u32(f"element type of metadata {key!r}"), key)
         count = self._count(f"length of metadata array {key!r}", _min_size(elem_type))
         lazy = _LazyArray(elem_type, count, self._pos)
-        self._skip_array(elem_type, count, key, 1)
+        if elem_type == GGUFValueType.STRING and count >= _BULK_STRINGS:
+            lazy.string_ends = array("q")
+        self._skip_array(elem_type, count, key, 1, lazy.string_ends)
         return lazy
 
-    def _skip_array(self, elem_type: GGUFValueType, count: int, key: str, depth: int) -> None:
+    def _skip_array(self, elem_type: GGUFValueType, count: int, key: str, depth: int,
+                    string_ends: array | None = None) -> None:
+        """Past the array, every length checked; a string array's string ends go into
+        `string_ends` if given."""
         if elem_type in _SCALAR_FORMATS:
             self._pos += count * _SCALAR_FORMATS[elem_type].size  # bounded by _count
         elif elem_type == GGUFValueType.STRING:
@@ -414,8 +446,14 @@ class GGUFFile:
             unpack, pos, end = _U64.unpack_from, self._pos, self.file_size
             mm = self._mm
             try:
-                for _ in range(count):
-                    pos += 8 + unpack(mm, pos)[0]
+                if string_ends is None:
+                    for _ in range(count):
+                        pos += 8 + unpack(mm, pos)[0]
+                else:
+                    record = string_ends.append
+                    for _ in range(count):
+                        pos += 8 + unpack(mm, pos)[0]
+                        record(pos)
             except (struct.error, OverflowError):
                 pos = end + 1
             if pos > end:

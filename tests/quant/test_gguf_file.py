@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 
 from diptych.errors import ModelFileError, UnsupportedModelError
 from diptych.quant.dequant import SUPPORTED_TYPES
-from diptych.quant.gguf_file import GGUFFile, GGUFMetadata
+from diptych.quant.gguf_file import GGUFFile, GGUFMetadata, _decode_strings
 
 
 # -- real files against GGUFReader ------------------------------------------------------
@@ -197,6 +197,31 @@ def test_arrays_decode_lazily_once(tmp_path, monkeypatch):
     assert md["tokenizer.ggml.tokens"][0] == "tok0"
     assert calls == ["tokenizer.ggml.tokens"]
     f.close()
+
+
+def test_long_string_arrays_decode_in_one_piece_as_string_by_string(tmp_path):
+    """A vocabulary-sized string array is decoded at once: every string as its own decode
+    gives it, across empty strings, lengths past 255, bytes that are not UTF-8 (a character
+    cut off at a string's end, a string that starts mid-character); one holding a NUL is
+    decoded string by string."""
+    rng = np.random.default_rng(1)
+    pool = [b"", b"a", "é✓".encode(), b"\xe4\xb8", b"\xad\xe6", b"\xff", b"x" * 300,
+            "▁the".encode(), b"<0x00>"]
+    strings = [pool[i] for i in rng.integers(0, len(pool), 6000)]
+    path = tmp_path / "s.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_array("tokenizer.ggml.tokens", strings)
+    w.add_array("with.nul", strings[:5000] + [b"a\x00b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(path) as f:
+        want = [b.decode("utf-8", "surrogateescape") for b in strings]
+        lazy = f.metadata._values["tokenizer.ggml.tokens"]
+        assert _decode_strings(f.metadata._mm, lazy.offset, lazy.string_ends) == want
+        assert f.metadata["tokenizer.ggml.tokens"] == want
+        assert f.metadata["with.nul"] == want[:5000] + ["a\x00b"]
 
 
 def test_close_keeps_views_valid_and_rejects_late_array_reads(tmp_path):
