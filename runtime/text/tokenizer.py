@@ -21,7 +21,8 @@ through the vocabulary's model; two kinds are supported, chosen by `tokenizer.gg
   for characters not in the vocabulary.
 
 Checked against llama.cpp: the 'smollm' and 'qwen2' pre-tokenizers and SentencePiece (Gemma 3),
-on the fixture corpus and on 12,000 random strings per model; the other table entries follow
+on the fixture corpus and on 12,000 random strings per model, and SentencePiece with a space
+prefix on a tiny vocabulary llama.cpp's converter wrote; the other table entries follow
 llama.cpp's source but have no real model in the tests.
 
 Known differences from llama.cpp (none is hit by the test corpus):

@@ -83,6 +83,21 @@ def test_ids_equal_llama_cpp(name, tokenizer_of):
     assert not bad, f"{len(bad)} mismatches, first: {bad[0]!r}"
 
 
+def test_space_prefix_sentencepiece_equals_llama_cpp():
+    """The SentencePiece rule none of the real models has: a space before the text and after
+    every special token (Llama 2, Mistral). A tiny vocabulary llama.cpp's converter wrote,
+    on texts built from its own tokens (scripts/make_tokenizer_fixtures.py)."""
+    fx = _fixture("llama_spm")
+    tok = Tokenizer.from_gguf_metadata(
+        GGUFFile(FIXTURES / "convert" / "llama" / "llama.cpp.gguf").metadata)
+    assert tok.kind == "spm" and tok.add_space_prefix and tok.add_bos == fx["add_bos"]
+    assert sum("<s>" in item["text"] or "</s>" in item["text"] for item in fx["items"]) >= 20
+    bad = [(item["text"], mode) for item in fx["items"]
+           for mode, key in ((True, "ids_special"), (False, "ids_plain"))
+           if tok.encode(item["text"], parse_special=mode) != item[key]]
+    assert not bad, f"{len(bad)} of {2 * len(fx['items'])} differ, first: {bad[0]!r}"
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("name", MODELS)
 def test_special_ids_and_bos_rule_equal_llama_cpp(name, tokenizer_of):
