@@ -199,13 +199,13 @@ class Tokenizer:
     Build it with `Tokenizer.from_gguf_metadata(metadata)`.
     """
 
-    def __init__(self, *, model, special: SpecialTokens, kind: str, pre: str | None,
+    def __init__(self, *, encoder, special: SpecialTokens, kind: str, pre: str | None,
                  tokens: list[str], vocab: dict[str, int], token_types: np.ndarray,
                  bos_id: int | None, eos_id: int | None, eot_id: int | None,
                  eom_id: int | None, pad_id: int | None,
                  unk_id: int | None, eog_ids: frozenset[int], add_bos: bool, add_eos: bool,
                  add_space_prefix: bool, chat_template: str | None):
-        self._model = model                   # tokenizers.Tokenizer (BPE) or SentencePiece
+        self._encoder = encoder               # tokenizers.Tokenizer (BPE) or SentencePiece
         self._special = special
         self._vocab = vocab
         self.kind = kind                      # "bpe" (byte-level) or "spm"
@@ -368,16 +368,16 @@ class Tokenizer:
                 log.warning("dropped %d malformed merges of %d", len(merges) - len(good),
                             len(merges))
                 bpe = models.BPE(vocab=hf_vocab, merges=good, ignore_merges=ignore_merges)
-            model = HFTokenizer(bpe)
+            encoder = HFTokenizer(bpe)
             splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in passes]
-            model.pre_tokenizer = pre_tokenizers.Sequence(
+            encoder.pre_tokenizer = pre_tokenizers.Sequence(
                 splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             scores_raw = _get(md, "tokenizer.ggml.scores")
             scores = (np.zeros(n_vocab, dtype=np.float32) if scores_raw is None
                       else np.asarray(scores_raw, dtype=np.float32)[:n_vocab])
             byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
-            model = SentencePiece(vocab, scores.tolist(), byte_ids, unk_id)
+            encoder = SentencePiece(vocab, scores.tolist(), byte_ids, unk_id)
 
         # ---- special tokens: split out of the text before the model runs
         name = _as_str(_get(md, "general.name", "")).lower()
@@ -390,7 +390,7 @@ class Tokenizer:
                                 | (types == USER_DEFINED))[0])
 
         template = _get(md, "tokenizer.chat_template")
-        return cls(model=model, special=special, kind=kind, pre=pre, tokens=tokens,
+        return cls(encoder=encoder, special=special, kind=kind, pre=pre, tokens=tokens,
                    vocab=vocab, token_types=types, bos_id=bos_id, eos_id=eos_id, eot_id=eot_id,
                    eom_id=eom_id, pad_id=pad_id,
                    unk_id=unk_id, eog_ids=frozenset(eog), add_bos=add_bos, add_eos=add_eos,
@@ -487,14 +487,14 @@ class Tokenizer:
                 continue
             fragment = text[start:end]
             if self.kind == "bpe":
-                enc = self._model.encode(fragment, add_special_tokens=False)
+                enc = self._encoder.encode(fragment, add_special_tokens=False)
                 ids.extend(enc.ids)
                 offsets.extend((start + a, start + b) for a, b in enc.offsets)
             else:
                 # llama.cpp's rule: a space before the text and after every special token
                 shift = int(self.add_space_prefix and after_special)
                 spelled = SPACE_MARK * shift + fragment.replace(" ", SPACE_MARK)
-                frag_ids, frag_offsets = self._model.encode(spelled)
+                frag_ids, frag_offsets = self._encoder.encode(spelled)
                 ids.extend(frag_ids)
                 offsets.extend((start + max(a - shift, 0), start + max(b - shift, 0))
                                for a, b in frag_offsets)
@@ -611,7 +611,7 @@ class Tokenizer:
 
         if self.kind != "bpe":
             raise TokenizerError("only a byte-level BPE vocabulary converts to tokenizer.json")
-        out = HFTokenizer.from_str(self._model.to_str())
+        out = HFTokenizer.from_str(self._encoder.to_str())
         out.decoder = decoders.ByteLevel()
         kinds = {CONTROL: True, UNKNOWN: True, USER_DEFINED: False}
         out.add_tokens([AddedToken(t, special=kinds[k], normalized=False)
