@@ -37,11 +37,11 @@ class SentencePiece:
         if n == 0:
             return [], []
         vocab, scores = self._vocab, self._scores
-        # symbol i spans text[i:end[i]] while alive; prev/next link the alive ones
+        # the alive symbols tile the text: symbol i spans text[i:end[i]], so the next one
+        # starts at end[i]; prev[i] is where the one before starts. A dead symbol has
+        # end[i] == i.
         end = list(range(1, n + 1))
         prev = list(range(-1, n - 1))
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
         heap: list[tuple[float, int, int]] = []   # (-score, left, merged length)
 
         def push(left: int, right: int) -> None:
@@ -53,15 +53,14 @@ class SentencePiece:
             push(i, i + 1)
         while heap:
             _, left, size = heappop(heap)
-            right = nxt[left] if end[left] != left else -1
+            right = end[left]
             # stale: the left symbol was merged away, or either side has grown since
-            if right < 0 or end[right] - left != size or end[left] != right:
+            if right == left or right == n or end[right] - left != size:
                 continue
             end[left] = end[right]
             end[right] = right                 # dead
-            after = nxt[right]
-            nxt[left] = after
-            if after >= 0:
+            after = end[left]
+            if after < n:
                 prev[after] = left
                 push(left, after)
             if prev[left] >= 0:
@@ -70,7 +69,7 @@ class SentencePiece:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         i = 0
-        while i >= 0:
+        while i < n:
             piece = text[i:end[i]]
             token = vocab.get(piece)
             if token is not None:
@@ -80,7 +79,7 @@ class SentencePiece:
                 for byte in piece.encode("utf-8", "surrogateescape"):
                     ids.append(self._byte_token(byte, piece))
                     offsets.append((i, end[i]))
-            i = nxt[i]
+            i = end[i]
         return ids, offsets
 
     def _byte_token(self, byte: int, piece: str) -> int:
