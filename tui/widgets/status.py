@@ -67,7 +67,8 @@ class StatusBar(Horizontal):
             "adapter": f"+ {Path(model.adapter).name}" if model.adapter else "",
             "context": f"context {model.engine.n_cached}/{model.n_ctx}",
             "speeds": speeds(timings) if timings is not None else "",
-            "kv": f"KV {target / MIB:.0f} MiB" + (f" + draft {draft / MIB:.0f} MiB" if draft else ""),
+            "kv": f"KV {target / MIB:.0f} MiB"
+                  + (f" + draft {draft / MIB:.0f} MiB" if draft else ""),
             "memory": f"{memory_in_use() / MIB:.0f} MiB",
         })
 
