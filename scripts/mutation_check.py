@@ -118,6 +118,11 @@ MUTATIONS = [
     Mutation("sampler: min-p absolute", "runtime/inference/sampler.py",
              r"near = vals >= best \+ self\.min_p_offset",
              "near = be.softmax(vals) >= p.min_p", (SAMPLING, "-k", "min_p")),
+    Mutation("threads: torch's count set before numba starts its OpenMP pool",
+             "backends/torch/cpu/threads.py",
+             r"    numba\.set_num_threads\(n\)\n    torch\.set_num_threads\(n\)\n",
+             "    torch.set_num_threads(n)\n    numba.set_num_threads(n)\n",
+             ("tests/backends/cpu/test_threads.py", "-k", "follow")),
     # each dequantizer's block scale
     _dequant_scale("Q4_0"),
     _dequant_scale("Q4_1"),

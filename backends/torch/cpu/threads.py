@@ -57,8 +57,10 @@ def configure_threads() -> None:
     import torch
 
     n = min(requested_threads(), numba.config.NUMBA_NUM_THREADS)
-    torch.set_num_threads(n)
+    # numba's first set_num_threads starts its OpenMP pool, which sets the process's OpenMP
+    # thread count to numba's maximum where torch has already run an op: torch's goes last
     numba.set_num_threads(n)
+    torch.set_num_threads(n)
     _done = True
 
 

@@ -15,7 +15,7 @@ from diptych.backends.torch.cpu.threads import (SPIN_COUNT, ThreadGovernor, phys
                                                 requested_threads)
 from diptych.errors import InvalidArgumentError
 
-# A CPU backend, then a Q8_0 linear run on the main thread and on a worker thread; prints
+# A torch op, a CPU backend, then a Q8_0 linear run on the main thread and on a worker thread; prints
 # the counts torch and numba report on each.
 PROBE = """
 import json, threading
@@ -25,6 +25,7 @@ from diptych.backends import select
 from diptych.quant import QuantTensor
 from diptych.quant.quantize import quantize_rows
 
+torch.ones(2) + 1  # the caller's own torch work before the backend starts its pools
 be = select("torch", "cpu")
 w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
 lin = be.prepare(QuantTensor("w", T.Q8_0, (64, 64), quantize_rows(w, T.Q8_0)))
