@@ -322,6 +322,11 @@ class Backend(ABC):
         may be updated and returned."""
 
     @abstractmethod
+    def scatter(self, x: Array, idx: Array, values: Array) -> Array:
+        """A copy of x with values[r, j] written at [r, idx[r, j]] (an index repeated in a
+        row comes with equal values); x itself is unchanged."""
+
+    @abstractmethod
     def where(self, cond: Array, a: Array | float, b: Array | float) -> Array: ...
 
     @abstractmethod

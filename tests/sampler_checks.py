@@ -44,7 +44,7 @@ def check_non_finite_rows_are_flagged(be) -> None:
     fail on them); the finite rows are not flagged, even one whose sum overflows."""
     rows = np.tile(np.random.default_rng(0).standard_normal((1, 300)), (5, 1))
     rows[0, 3], rows[1, 5], rows[2, 7] = np.nan, np.inf, -np.inf
-    rows[4] *= 1e37
+    rows[4] = np.abs(rows[4]) * 1e37 + 1e37  # each finite in float32, their sum not
     for params in (SamplingParams(seed=0), SamplingParams(temperature=0),
                    SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=0)):
         out = Sampler(be, params, 300).sample(device_logits(be, rows), probs=True, logprobs=2)
@@ -63,13 +63,23 @@ def llama_cpp_fixture():
     return f["logits"], [[int(t) for t in h] for h in histories], cases
 
 
-def check_against_llama_cpp(be, name: str, as_mask: bool = False) -> None:
+def check_against_llama_cpp(be, name: str, as_mask: bool = False,
+                            vocab: int | None = None) -> None:
     """The case's filtered distribution on every row of a block equals llama.cpp's, and
     every drawn token is one of llama.cpp's candidates. With `as_mask`, the banned (-inf
-    bias) tokens go through the token mask instead of logit_bias."""
+    bias) tokens go through the token mask instead of logit_bias. With `vocab`, the
+    fixture's tokens are spread over a vocabulary that wide, among fillers too unlikely to
+    get any probability."""
     logits, histories, cases = llama_cpp_fixture()
-    (rows, vocab), (params, want) = logits.shape, cases[name]
+    (rows, width), (params, want) = logits.shape, cases[name]
     params, mask = dict(params), None
+    if vocab is not None:
+        ids = np.sort(np.random.default_rng(0).choice(vocab, width, replace=False))
+        ids[-1] = vocab - 1
+        logits, want = _spread(logits, ids, vocab, -1e4), _spread(want, ids, vocab, 0.0)
+        histories = [[int(ids[t]) for t in h] for h in histories]
+        params["logit_bias"] = [(int(ids[t]), b) for t, b in params.get("logit_bias", ())]
+    vocab = logits.shape[1]
     if as_mask:
         banned = [t for t, b in params["logit_bias"] if b == -math.inf]
         params["logit_bias"] = [(t, b) for t, b in params["logit_bias"] if b != -math.inf]
@@ -86,3 +96,9 @@ def check_against_llama_cpp(be, name: str, as_mask: bool = False) -> None:
     tokens = np.array(out.tokens).reshape(REPEAT, rows)
     assert support[np.arange(rows), tokens].all()
     assert all(out.finite)
+
+
+def _spread(rows: np.ndarray, ids: np.ndarray, vocab: int, fill: float) -> np.ndarray:
+    wide = np.full((len(rows), vocab), fill, rows.dtype)
+    wide[:, ids] = rows
+    return wide

@@ -398,6 +398,9 @@ class MLXBackend(Backend):
         rows = mx.arange(x.shape[0])[:, None]
         return x.at[rows, idx].add(values)
 
+    def scatter(self, x, idx, values):
+        return mx.put_along_axis(x, idx, values, axis=-1)
+
     def where(self, cond, a, b):
         return mx.where(cond, a, b)
 

@@ -263,7 +263,7 @@ class TorchBackend(Backend):
 
     # -- sampling ops --------------------------------------------------------------------
     def float32(self, x):
-        return x.to(torch.float32)
+        return x if x.dtype == torch.float32 else x.to(torch.float32)
 
     def zeros(self, shape):
         return torch.zeros(shape, dtype=torch.float32, device=self.device)
@@ -283,15 +283,19 @@ class TorchBackend(Backend):
         return torch.cumsum(x, dim=-1)
 
     def finite_rows(self, x):
-        # x * 0 is 0 where x is finite and NaN elsewhere: one reduction, no boolean copy of
-        # the row (which costs more than the rest of a sampling step at 262k tokens)
-        return torch.isfinite((x * 0).sum(dim=-1))
+        # the row's largest and smallest values (NaN propagates through both): two
+        # reductions that read the row and write nothing of its size, where a boolean or
+        # x * 0 copy of a 262k-token row costs more than the rest of a sampling step
+        return torch.isfinite(x.amax(-1)) & torch.isfinite(x.amin(-1))
 
     def gather(self, x, idx):
         return torch.gather(x, -1, idx)
 
     def scatter_add(self, x, idx, values):
         return x.scatter_add_(-1, idx, values)
+
+    def scatter(self, x, idx, values):
+        return x.scatter(-1, idx, values)
 
     def where(self, cond, a, b):
         return torch.where(cond, a, b)

@@ -16,7 +16,7 @@ transfer.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,24 +48,18 @@ class Sampled:
 
 
 class TokenHistory:
-    """The penalties' view of each row's past: its last `last_n` token ids, and on the
-    device an (R, V) float32 count of each id among them.
-
-    `append` updates the counts in place of rebuilding them: one scatter adds the new token
-    of each row and removes the one leaving its window.
+    """The penalties' view of each row's past: its last `last_n` token ids and how often
+    each occurs among them, kept on the host. Sampling hands the device only the distinct
+    ids and their counts (`seen`): the penalties touch those logits, not the vocabulary.
     """
 
     def __init__(self, backend, vocab_size: int, last_n: int, rows: Sequence[Sequence[int]]):
         self.backend, self.vocab_size, self.last_n = backend, vocab_size, last_n
         self.windows = [deque(r, maxlen=last_n) for r in rows]
-        self.counts = backend.zeros((len(rows), vocab_size))
-        width = max(map(len, self.windows), default=0)
-        if width:  # windows shorter than the widest add zeros at id 0
-            idx = np.zeros((len(rows), width), np.int64)
-            ones = np.zeros((len(rows), width), np.float32)
-            for r, window in enumerate(self.windows):
-                idx[r, :len(window)], ones[r, :len(window)] = list(window), 1.0
-            self._add(idx, ones)
+        for window in self.windows:
+            self._check(window)
+        self.counts = [Counter(window) for window in self.windows]
+        self._seen: tuple[int, Any] | None = None  # (rows, device arrays) until an append
 
     @property
     def rows(self) -> int:
@@ -77,23 +71,41 @@ class TokenHistory:
             raise SamplingError(f"{len(tokens)} tokens for a history of {self.rows} rows")
         if not self.last_n:
             return
-        idx = np.zeros((self.rows, 2), np.int64)
-        delta = np.zeros((self.rows, 2), np.float32)
-        for r, (window, token) in enumerate(zip(self.windows, tokens)):
-            full = len(window) == self.last_n
-            idx[r] = token, window[0] if full else token
-            delta[r] = 1.0, -1.0 if full else 0.0
+        self._check(tokens)
+        for window, counts, token in zip(self.windows, self.counts, tokens):
+            if len(window) == self.last_n:
+                old = window[0]
+                counts[old] -= 1
+                if not counts[old]:
+                    del counts[old]
             window.append(token)  # the deque drops the oldest
-        self._add(idx, delta)
+            counts[token] += 1
+        self._seen = None
 
-    def _add(self, idx: np.ndarray, values: np.ndarray) -> None:
-        bad = idx[(idx < 0) | (idx >= self.vocab_size)]
-        if bad.size:
+    def seen(self, rows: int):
+        """Device (rows, U) ids and float32 counts of the distinct ids of each row's window
+        (a one-row history serves every row). A row with fewer than U ids repeats its last
+        one; an empty row names id 0 with count 0."""
+        if self._seen is None or self._seen[0] != rows:
+            width = max(1, max(map(len, self.counts)))
+            idx = np.zeros((self.rows, width), np.int64)
+            num = np.zeros((self.rows, width), np.float32)
+            for r, counts in enumerate(self.counts):
+                if counts:
+                    n = len(counts)
+                    idx[r, :n], num[r, :n] = list(counts), list(counts.values())
+                    idx[r, n:], num[r, n:] = idx[r, n - 1], num[r, n - 1]
+            if self.rows != rows:
+                idx, num = np.repeat(idx, rows, 0), np.repeat(num, rows, 0)
+            be = self.backend
+            self._seen = rows, (be.ids(idx), be.prepare_vector(num.reshape(-1)).reshape(num.shape))
+        return self._seen[1]
+
+    def _check(self, tokens) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
             raise SamplingError(f"token id {int(bad[0])} is outside the vocabulary "
                                 f"(0..{self.vocab_size - 1})")
-        be = self.backend
-        values = be.prepare_vector(values.reshape(-1)).reshape(values.shape)
-        self.counts = be.scatter_add(self.counts, be.ids(idx), values)
 
 
 class Sampler:
@@ -150,7 +162,7 @@ class Sampler:
             if history.rows not in (1, rows):
                 raise SamplingError(f"a history of {history.rows} rows for {rows} rows of "
                                     f"logits")
-            x = self._penalize(x, history.counts)
+            x = self._penalize(x, *history.seen(rows))
         if p.greedy:
             tokens = be.topk(x, 1)[1]
             dist = (be.scatter_add(be.zeros((rows, vocab)), tokens, be.zeros((rows, 1)) + 1.0)
@@ -175,14 +187,16 @@ class Sampler:
             out.top_logprobs = host[:, 3 + logprobs:]
         return out
 
-    def _penalize(self, x, counts):
-        """llama.cpp's penalties on the ids with a count: repetition (divide a positive
-        logit, multiply a negative one), then frequency per occurrence and presence."""
+    def _penalize(self, x, idx, counts):
+        """llama.cpp's penalties on the ids seen (`idx`, with their `counts`): repetition
+        (divide a positive logit, multiply a negative one), then frequency per occurrence
+        and presence."""
         be, p = self.backend, self.params
         rep = p.repetition_penalty
-        lowered = be.where(x <= 0, x * rep, x / rep) - (counts * p.frequency_penalty
-                                                       + p.presence_penalty)
-        return be.where(counts > 0, lowered, x)
+        seen = be.gather(x, idx)
+        lowered = be.where(seen <= 0, seen * rep, seen / rep) - (counts * p.frequency_penalty
+                                                                 + p.presence_penalty)
+        return be.scatter(x, idx, be.where(counts > 0, lowered, seen))
 
     def _draw(self, x, finite, want_probs: bool):
         """top-k, top-p, min-p, temperature, then a draw -> ((R, 1) ids, dense probs)."""

@@ -35,6 +35,22 @@ def test_rows_of_a_block_equal_rows_one_by_one(be):
         frequency_penalty=0.2, presence_penalty=0.5))
 
 
+def test_rows_with_few_distinct_ids_beside_rows_with_many(be):
+    # the device sees each row's distinct ids in one (R, U) block: a row with fewer pads
+    # its part, and an empty history penalises nothing (id 0, the padding's, is the best)
+    logits = np.random.default_rng(6).standard_normal((3, VOCAB)) * 2
+    logits[:, 0] = 4.0
+    params = SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0,
+                            repetition_penalty=1.5, presence_penalty=1.0)
+    check_block_rows_equal_single_rows(be, logits, [[0, 0], [5, 0, 1, 2, 3], []], params)
+    sampler = Sampler(be, params, VOCAB)
+    alone = sampler.sample(device_logits(be, logits[2:]), sampler.history([[]]), probs=True)
+    plain = Sampler(be, SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0), VOCAB)
+    np.testing.assert_allclose(be.to_numpy(alone.probs),
+                               be.to_numpy(plain.sample(device_logits(be, logits[2:]),
+                                                        probs=True).probs), rtol=1e-6)
+
+
 def test_non_finite_logits_are_flagged(be):
     check_non_finite_rows_are_flagged(be)
 
@@ -48,8 +64,19 @@ def test_history_updated_step_by_step_equals_history_built_at_once(be):
         history.append([int(t) for t in step])
     rows = [p + [int(t) for t in steps[:, r]] for r, p in enumerate(prompts)]
     want = np.stack([np.bincount(row[-8:], minlength=VOCAB) for row in rows])
-    np.testing.assert_array_equal(be.to_numpy(history.counts), want)
-    np.testing.assert_array_equal(be.to_numpy(TokenHistory(be, VOCAB, 8, rows).counts), want)
+    np.testing.assert_array_equal(dense_counts(be, history), want)
+    np.testing.assert_array_equal(dense_counts(be, TokenHistory(be, VOCAB, 8, rows)), want)
+    assert dense_counts(be, TokenHistory(be, VOCAB, 8, [rows[0]]), rows=3).tolist() == [
+        want[0].tolist()] * 3
+
+
+def dense_counts(be, history, rows=None):
+    """What the history hands the device (its distinct ids and their counts) as (R, VOCAB)."""
+    idx, counts = (be.to_numpy(a) for a in history.seen(rows or history.rows))
+    dense = np.zeros((len(idx), VOCAB))
+    for r, (ids, num) in enumerate(zip(idx.astype(np.int64), counts)):
+        dense[r, ids] = num
+    return dense
 
 
 def filtered(be, probs, **params):

@@ -17,7 +17,8 @@ from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
-from . import decode_attention, decode_ops, int8_activations, qlinear, step_tape
+from . import (chunked_topk, decode_attention, decode_ops, int8_activations, qlinear,
+               step_tape)
 from .embedding_table import EmbeddingTable
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
@@ -129,6 +130,17 @@ class CpuBackend(TorchBackend):
 
     def alloc_kv(self, specs, batch) -> "CpuKV":
         return CpuKV(specs, batch, self.kv_dtype, self.device)
+
+    def finite_rows(self, x):
+        # one read of the row: a finite sum means every value is finite (a sum of large
+        # finite values can overflow, so only a non-finite one needs the exact check)
+        ok = torch.isfinite(x.sum(-1))
+        return ok if bool(ok.all()) else super().finite_rows(x)
+
+    def topk(self, x, k):
+        if x.dim() == 2 and chunked_topk.takes(x.shape[-1], k) and not x.requires_grad:
+            return chunked_topk.topk(x, k)
+        return super().topk(x, k)
 
     # small steps' per-layer ops: one serial kernel each instead of several torch ops
     def rms_norm(self, x, w, eps):

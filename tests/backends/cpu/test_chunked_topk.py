@@ -1,0 +1,67 @@
+"""The CPU backend's top-k over wide rows (chunked_topk.py) against torch.topk, and which
+calls take it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diptych.backends import select
+from diptych.backends.torch.cpu import chunked_topk
+
+
+@pytest.fixture(scope="module")
+def be():
+    return select("torch", "cpu")
+
+
+def _logits(rows, width, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((rows, width),
+                                                                        np.float32) * 3)
+
+
+@pytest.mark.parametrize("width", [262144, 151936, 49152 + 77])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_equals_torch_topk(be, width, rows):
+    x = _logits(rows, width)
+    for k in (1, 2, 40, width // (chunked_topk.CHUNK * chunked_topk.MIN_CHUNKS_PER_PICK)):
+        assert chunked_topk.takes(width, k)
+        values, ids = be.topk(x, k)
+        want = torch.topk(x, k)
+        torch.testing.assert_close(values, want.values, rtol=0, atol=0)
+        torch.testing.assert_close(ids, want.indices, rtol=0, atol=0)
+
+
+def test_the_best_values_crowded_in_one_chunk_and_in_the_tail(be):
+    # the 40 best of a row sit in one chunk and in the tail past the last whole chunk: a
+    # chunk's maximum stands for one value only, and the tail has no chunk of its own
+    x = _logits(2, 151936 + 100, seed=1)
+    x[0, 1280:1280 + chunked_topk.CHUNK] += 100
+    x[1, -100:] += 100
+    x[1, 5000:5010] += 50
+    values, ids = be.topk(x, 40)
+    want = torch.topk(x, 40)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+
+
+def test_masked_rows_and_non_finite_rows(be):
+    x = torch.full((3, 262144), -torch.inf)
+    allowed = [7, 70000, 262143]
+    x[0, allowed] = torch.tensor([1.0, 3.0, 2.0])        # a grammar allows three tokens
+    x[1] = _logits(1, 262144)[0]
+    x[1, 99] = torch.nan
+    x[2] = _logits(1, 262144, seed=2)[0]
+    values, ids = be.topk(x, 40)
+    assert ids[0, :3].tolist() == [70000, 262143, 7]
+    assert torch.isneginf(values[0, 3:]).all()
+    assert len(set(ids[0].tolist())) == 40                  # distinct, as torch.topk's are
+    assert ((ids >= 0) & (ids < 262144)).all()
+    want = torch.topk(x[2:], 40)
+    assert torch.equal(values[2:], want.values) and torch.equal(ids[2:], want.indices)
+
+
+def test_narrow_rows_and_large_k_take_torch_topk():
+    assert not chunked_topk.takes(49152, 97)
+    assert not chunked_topk.takes(512, 1)
+    assert chunked_topk.takes(151936, 40) and chunked_topk.takes(262144, 512)
