@@ -59,7 +59,7 @@ class TokenHistory:
         for window in self.windows:
             self._check(window)
         self.counts = [Counter(window) for window in self.windows]
-        self._seen: tuple[int, Any] | None = None  # (rows, device arrays) until an append
+        self._seen: tuple[int, tuple] | None = None  # (rows, what seen() gives) until an append
 
     @property
     def rows(self) -> int:
@@ -84,10 +84,10 @@ class TokenHistory:
 
     def seen(self, rows: int):
         """Device (rows, U) ids and float32 counts of the distinct ids of each row's window
-        (a one-row history serves every row). A row with fewer than U ids repeats its last
-        one; an empty row names id 0 with count 0."""
+        (a one-row history serves every row), and whether a row is empty. A row with fewer
+        than U ids repeats its last one; an empty row names id 0 with count 0."""
         if self._seen is None or self._seen[0] != rows:
-            width = max(1, max(map(len, self.counts)))
+            width = max([1, *map(len, self.counts)])
             idx = np.zeros((self.rows, width), np.int64)
             num = np.zeros((self.rows, width), np.float32)
             for r, counts in enumerate(self.counts):
@@ -98,7 +98,8 @@ class TokenHistory:
             if self.rows != rows:
                 idx, num = np.repeat(idx, rows, 0), np.repeat(num, rows, 0)
             be = self.backend
-            self._seen = rows, (be.ids(idx), be.prepare_vector(num.reshape(-1)).reshape(num.shape))
+            device = be.ids(idx), be.prepare_vector(num.reshape(-1)).reshape(num.shape)
+            self._seen = rows, (*device, not all(self.counts))
         return self._seen[1]
 
     def _check(self, tokens) -> None:
@@ -187,16 +188,21 @@ class Sampler:
             out.top_logprobs = host[:, 3 + logprobs:]
         return out
 
-    def _penalize(self, x, idx, counts):
+    def _penalize(self, x, idx, counts, empty_rows: bool):
         """llama.cpp's penalties on the ids seen (`idx`, with their `counts`): repetition
         (divide a positive logit, multiply a negative one), then frequency per occurrence
-        and presence."""
+        and presence. A penalty that is off costs no op (its arithmetic would give the same
+        bits), nor does the count-0 guard while no row is empty."""
         be, p = self.backend, self.params
         rep = p.repetition_penalty
-        seen = be.gather(x, idx)
-        lowered = be.where(seen <= 0, seen * rep, seen / rep) - (counts * p.frequency_penalty
-                                                                 + p.presence_penalty)
-        return be.scatter(x, idx, be.where(counts > 0, lowered, seen))
+        seen = out = be.gather(x, idx)
+        if rep != 1.0:
+            out = be.where(seen <= 0, seen * rep, seen / rep)
+        if p.frequency_penalty or p.presence_penalty:
+            out = out - (counts * p.frequency_penalty + p.presence_penalty)
+        if empty_rows:
+            out = be.where(counts > 0, out, seen)
+        return be.scatter(x, idx, out)
 
     def _draw(self, x, finite, want_probs: bool):
         """top-k, top-p, min-p, temperature, then a draw -> ((R, 1) ids, dense probs)."""

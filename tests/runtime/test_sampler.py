@@ -72,7 +72,7 @@ def test_history_updated_step_by_step_equals_history_built_at_once(be):
 
 def dense_counts(be, history, rows=None):
     """What the history hands the device (its distinct ids and their counts) as (R, VOCAB)."""
-    idx, counts = (be.to_numpy(a) for a in history.seen(rows or history.rows))
+    idx, counts = (be.to_numpy(a) for a in history.seen(rows or history.rows)[:2])
     dense = np.zeros((len(idx), VOCAB))
     for r, (ids, num) in enumerate(zip(idx.astype(np.int64), counts)):
         dense[r, ids] = num
