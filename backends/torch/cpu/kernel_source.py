@@ -314,6 +314,24 @@ for b in range(nb):
 {halves}
 {stores}"""
 
+# gemm_s over the units of _S_UNITS: n units that read the same bytes decoded in one loop
+# over their elements, so that LLVM loads each shared byte plane once; per row of x, a unit
+# of U elements has U/16 chains (n of them hide the FMA latency), all added pairwise to the
+# row's accumulator after the set. Depth 16 + log2(n U/16) + K/(n U), within _ROWS' bound
+# for K >= 256.
+_SHARED_ROWS = """{xrows}
+{zeros}
+for b in range(nb):
+    blk = B[b]
+    for h in range({groups}):
+{units}
+{chains}
+        for j in range(0, {U}, {step}):
+{weights}
+{fmas}
+{adds}
+{stores}"""
+
 # 16 elements of a unit (all of a 16-element unit, half of a 32-element one).
 _HALF = """{chains}
 for j in range({H}, {H} + 16, {C}):
@@ -363,6 +381,28 @@ def _gemm_rows(t: QT, mb: int) -> str:
                                        if qoff and not f.has_bias else "")
     rows, chains = range(mb), range(4 if mb == 1 else 2)
     xrows = [f"x{i} = X[{_x_row(i)}]" for i in rows]
+    if t in _S_UNITS:
+        n, order = _S_UNITS[t]
+        k = f.unit // 16
+        pre = _vector(_Q_CODE[t][0] or "pass")
+        units = "\n".join(_unit_names(f"u = {order.format(c=c)}\nbase = (b * "
+                                       f"{f.units_per_block} + u) * {f.unit}\n{pre}\n{scale}", c)
+                           for c in range(n))
+        sums = [(c, e) for c in range(n) for e in range(k)]
+        body = _SHARED_ROWS.format(
+            xrows="\n".join(xrows), zeros="\n".join(f"y{i} = vzero()" for i in rows),
+            groups=f.units_per_block // n, units=_indent(units, 8), U=f.unit, step=k,
+            chains=_indent("\n".join(f"s{i}_{c}_{e} = vzero()" for i in rows
+                                     for c, e in sums), 8),
+            weights=_indent("\n".join(f"w{c}_{e} = " + _unit_names(
+                w(f"(j + {e})", range(e, f.unit, k)), c) for c, e in sums), 12),
+            fmas=_indent("\n".join(f"s{i}_{c}_{e} = fma(w{c}_{e}, at(x{i}, base{c} + j + {e}), "
+                                    f"s{i}_{c}_{e})" for i in rows for c, e in sums), 12),
+            adds=_indent("\n".join(f"y{i} = y{i} + " + _pairwise([f"s{i}_{c}_{e}"
+                                                                   for c, e in sums])
+                                    for i in rows), 8),
+            stores=_stores(mb))
+        return _indent(body, 16)
     c = len(chains)
 
     def weights(h) -> str:
@@ -454,6 +494,14 @@ _I8_UNITS = {QT.Q4_K: (2, "2 * h + {c}"), QT.Q5_K: (2, "2 * h + {c}"), QT.Q6_K: 
              QT.Q2_K: _SIXTEEN, QT.Q3_K: _SIXTEEN}
 #: The GGML types with a gemm_i8 kernel.
 I8_TYPES = tuple(_I8_CODE)
+# gemm_s's units that share bytes, as _I8_UNITS: see _SHARED_ROWS.
+_S_UNITS = _I8_UNITS
+
+
+def _unit_names(code: str, c: int) -> str:
+    """A unit's statements with the names they set (and u, base) suffixed by the unit's
+    place c in its set, so that the set's units sit side by side."""
+    return re.sub(r"\b(u|base|qa|sa|qb|sb|a|c|ao)\b", lambda m: f"{m.group(1)}{c}", code)
 
 
 def _i8_unit(t: QT, rows: range, cols: list[tuple[str, str]]) -> list[str]:

@@ -66,13 +66,14 @@ from .threads import numba_threads, set_numba_threads, sync_numba_threads
 # at or below M applies. The fastest path on the real models' FFN shapes, one thread, by the
 # calling thread's CPU time (`python benchmarks/bench_qlinear.py --crossover --threads 1`,
 # M = 1..256, BENCHMARKS.md "Kernel per (type, rows of x)").
-_GEMM_S_TO_TILES = {m: ((1, "gemm_s"), (m, "tiles")) for m in (24, 48, 96, 128, 192, 256)}
+_GEMM_S_TO_TILES = {m: ((1, "gemm_s"), (m, "tiles")) for m in (24, 32, 48, 96, 128, 192, 256)}
 DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
     QT.Q4_0: _GEMM_S_TO_TILES[96], QT.Q4_1: _GEMM_S_TO_TILES[128],
     QT.Q5_0: _GEMM_S_TO_TILES[48], QT.Q5_1: _GEMM_S_TO_TILES[48],
     QT.Q8_0: _GEMM_S_TO_TILES[256],  # gemm_s was the faster up to the largest M measured
     QT.Q2_K: _GEMM_S_TO_TILES[192], QT.Q4_K: _GEMM_S_TO_TILES[192],
-    QT.Q3_K: _GEMM_S_TO_TILES[24], QT.Q5_K: _GEMM_S_TO_TILES[24], QT.Q6_K: _GEMM_S_TO_TILES[24],
+    # Q5_K and Q6_K: from 32 rows since gemm_s decodes the units that share bytes together
+    QT.Q3_K: _GEMM_S_TO_TILES[24], QT.Q5_K: _GEMM_S_TO_TILES[32], QT.Q6_K: _GEMM_S_TO_TILES[32],
     # IQ4_NL decodes through a polynomial per weight, which both kernels evaluate once per
     # weight at one row: there gemv1's integer-code dot was the cheaper by a few percent
     QT.IQ4_NL: ((1, "gemv1"), (2, "gemm_s"), (16, "tiles")),
