@@ -1,7 +1,8 @@
 """The sampler's share of a decode step on the CPU, at each model's vocabulary.
 
 For each model and sampling setting, one generation of `--tokens` tokens after a short
-prompt; `Sampler.sample` is timed around each call, and its share is the sampler's time
+chat prompt (the model's template; an instruct model asked for plain text may stop at
+once); `Sampler.sample` is timed around each call, and its share is the sampler's time
 over the decode time (`Timings.decode_s`, which includes it) of the tokens after the first.
 Settings: llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), those
 plus a repetition penalty of 1.1, greedy, and greedy with the penalty.
@@ -51,11 +52,12 @@ def main() -> None:
     for name in args.models:
         model = diptych.load(model_path(name), backend="torch", n_ctx=1024)
         print(f"{name} (vocabulary {model.config.vocab_size:,})")
+        prompt = model.chat_prompt([{"role": "user", "content": PROMPT}])
         for setting, params in SETTINGS.items():
-            model.generate(PROMPT, 4, seed=0, **SETTINGS["default"])  # warm
+            model.generate(prompt, 4, seed=0, **SETTINGS["default"])  # warm
             spent.clear()
             timings = None
-            for piece in model.stream(PROMPT, args.tokens, seed=0, **params):
+            for piece in model.stream(prompt, args.tokens, seed=0, **params):
                 timings = piece.timings
             sampler_s = sum(spent[1:])  # the first token is drawn from the prefill's logits
             step = timings.decode_s / max(1, timings.generated_tokens - 1)

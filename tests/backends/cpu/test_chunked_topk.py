@@ -27,10 +27,21 @@ def test_equals_torch_topk(be, width, rows):
     x = _logits(rows, width)
     for k in (1, 2, 40, width // (chunked_topk.CHUNK * chunked_topk.MIN_CHUNKS_PER_PICK)):
         assert chunked_topk.takes(width, k)
-        values, ids = be.topk(x, k)
         want = torch.topk(x, k)
-        torch.testing.assert_close(values, want.values, rtol=0, atol=0)
-        torch.testing.assert_close(ids, want.indices, rtol=0, atol=0)
+        for values, ids in (chunked_topk.topk(x, k), be.topk(x, k)):
+            torch.testing.assert_close(values, want.values, rtol=0, atol=0)
+            torch.testing.assert_close(ids, want.indices, rtol=0, atol=0)
+
+
+def test_the_best_one_is_the_first_of_equals_or_a_nan(be):
+    # k = 1 (greedy) is one reduction on the CPU backend: torch.topk's choices
+    x = _logits(3, 49152 + 5)
+    x[0, [9, 30000, 49155]] = 50.0
+    x[1, 77] = torch.nan
+    x[2, -1] = 50.0
+    values, ids = be.topk(x, 1)
+    assert ids.ravel().tolist() == [9, 77, 49156] == torch.topk(x, 1).indices.ravel().tolist()
+    assert values.shape == (3, 1) and torch.isnan(values[1, 0])
 
 
 def test_the_best_values_crowded_in_one_chunk_and_in_the_tail(be):
