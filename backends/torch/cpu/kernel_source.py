@@ -314,7 +314,35 @@ for b in range(nb):
 {halves}
 {stores}"""
 
-# gemm_s over the units of _S_UNITS: n units that read the same bytes decoded in one loop
+# Units that read the same bytes, decoded together by gemm_s and gemm_i8: _SHARED_UNITS[t] =
+# (n, u) runs n units per iteration h of a loop over a block's units, unit c (0 <= c < n)
+# being u.format(c=c). LLVM folds u's bit fields to constants, sees that the units load the
+# same addresses and loads those bytes once (gemm_s: a byte plane per weight; gemm_i8: a
+# quad, four loads and three shuffles, more than a row of x's dot products over it). Q4_K
+# and Q5_K: sub-blocks 2h and 2h + 1 are the low and high nibbles of the same bytes. Units
+# of 16 (Q2_K, Q3_K, Q6_K): the set of one half (u >> 3) and one parity (u & 1) shares its
+# low bits (Q6_K: two sets of ql bytes) and its high bits (Q3_K's hmask, Q6_K's qh). The
+# order of the units is the order of a row's sums at every M, so in gemm_i8 a row's bits
+# still do not depend on M. Eight units written out instead of four: Q6_K's gemm_i8
+# compiled 2x as long, and ran no faster.
+_SIXTEEN = (4, "8 * (h >> 1) + (h & 1) + 2 * {c}")
+_SHARED_UNITS = {QT.Q4_K: (2, "2 * h + {c}"), QT.Q5_K: (2, "2 * h + {c}"), QT.Q6_K: _SIXTEEN,
+                 QT.Q2_K: _SIXTEEN, QT.Q3_K: _SIXTEEN}
+
+
+def _unit_start(f: QuantFormat, order: str, c: int) -> str:
+    """Statements setting u, unit c of a set (`order` from _SHARED_UNITS), and base, where
+    its elements start in the row."""
+    return f"u = {order.format(c=c)}\nbase = (b * {f.units_per_block} + u) * {f.unit}"
+
+
+def _unit_names(code: str, c: int) -> str:
+    """A unit's statements with the names they set (and u, base) suffixed by the unit's
+    place c in its set, so that the set's units sit side by side."""
+    return re.sub(r"\b(u|base|qa|sa|qb|sb|a|c|ao)\b", lambda m: f"{m.group(1)}{c}", code)
+
+
+# gemm_s over the units of _SHARED_UNITS: n units that read the same bytes decoded in one loop
 # over their elements, so that LLVM loads each shared byte plane once; per row of x, a unit
 # of U elements has U/16 chains (n of them hide the FMA latency), all added pairwise to the
 # row's accumulator after the set. Depth 16 + log2(n U/16) + K/(n U), within _ROWS' bound
@@ -381,28 +409,9 @@ def _gemm_rows(t: QT, mb: int) -> str:
                                        if qoff and not f.has_bias else "")
     rows, chains = range(mb), range(4 if mb == 1 else 2)
     xrows = [f"x{i} = X[{_x_row(i)}]" for i in rows]
-    if t in _S_UNITS:
-        n, order = _S_UNITS[t]
-        k = f.unit // 16
-        pre = _vector(_Q_CODE[t][0] or "pass")
-        units = "\n".join(_unit_names(f"u = {order.format(c=c)}\nbase = (b * "
-                                       f"{f.units_per_block} + u) * {f.unit}\n{pre}\n{scale}", c)
-                           for c in range(n))
-        sums = [(c, e) for c in range(n) for e in range(k)]
-        body = _SHARED_ROWS.format(
-            xrows="\n".join(xrows), zeros="\n".join(f"y{i} = vzero()" for i in rows),
-            groups=f.units_per_block // n, units=_indent(units, 8), U=f.unit, step=k,
-            chains=_indent("\n".join(f"s{i}_{c}_{e} = vzero()" for i in rows
-                                     for c, e in sums), 8),
-            weights=_indent("\n".join(f"w{c}_{e} = " + _unit_names(
-                w(f"(j + {e})", range(e, f.unit, k)), c) for c, e in sums), 12),
-            fmas=_indent("\n".join(f"s{i}_{c}_{e} = fma(w{c}_{e}, at(x{i}, base{c} + j + {e}), "
-                                    f"s{i}_{c}_{e})" for i in rows for c, e in sums), 12),
-            adds=_indent("\n".join(f"y{i} = y{i} + " + _pairwise([f"s{i}_{c}_{e}"
-                                                                   for c, e in sums])
-                                    for i in rows), 8),
-            stores=_stores(mb))
-        return _indent(body, 16)
+    pre = _vector(_Q_CODE[t][0] or "pass")
+    if t in _SHARED_UNITS:
+        return _shared_rows(t, mb, xrows, pre, scale, w)
     c = len(chains)
 
     def weights(h) -> str:
@@ -433,8 +442,34 @@ def _gemm_rows(t: QT, mb: int) -> str:
     body = _ROWS.format(
         NU=f.units_per_block, U=f.unit, xrows="\n".join(xrows),
         zeros="\n".join(f"y{i} = vzero()" for i in rows),
-        pre=_indent(_vector(_Q_CODE[t][0] or "pass"), 8), scale=_indent(scale, 8),
+        pre=_indent(pre, 8), scale=_indent(scale, 8),
         halves=_indent(halves, 8), stores=_stores(mb))
+    return _indent(body, 16)
+
+
+def _shared_rows(t: QT, mb: int, xrows: list[str], pre: str, scale: str, w) -> str:
+    """_gemm_rows' body for a type of _SHARED_UNITS (see _SHARED_ROWS); `w(j, span)` is the
+    decode of element j of a unit, `pre` and `scale` its statements per unit."""
+    f = FORMATS[t]
+    rows = range(mb)
+    n, order = _SHARED_UNITS[t]
+    k = f.unit // 16
+    units = "\n".join(_unit_names(f"{_unit_start(f, order, c)}\n{pre}\n{scale}", c)
+                       for c in range(n))
+    sums = [(c, e) for c in range(n) for e in range(k)]
+    body = _SHARED_ROWS.format(
+        xrows="\n".join(xrows), zeros="\n".join(f"y{i} = vzero()" for i in rows),
+        groups=f.units_per_block // n, units=_indent(units, 8), U=f.unit, step=k,
+        chains=_indent("\n".join(f"s{i}_{c}_{e} = vzero()" for i in rows
+                                 for c, e in sums), 8),
+        weights=_indent("\n".join(f"w{c}_{e} = " + _unit_names(
+            w(f"(j + {e})", range(e, f.unit, k)), c) for c, e in sums), 12),
+        fmas=_indent("\n".join(f"s{i}_{c}_{e} = fma(w{c}_{e}, at(x{i}, base{c} + j + {e}), "
+                                f"s{i}_{c}_{e})" for i in rows for c, e in sums), 12),
+        adds=_indent("\n".join(f"y{i} = y{i} + " + _pairwise([f"s{i}_{c}_{e}"
+                                                               for c, e in sums])
+                                for i in rows), 8),
+        stores=_stores(mb))
     return _indent(body, 16)
 
 
@@ -479,29 +514,8 @@ _I8_CODE = {
               [("qor(qfield(quad(blk, qa + 4 * g, r), sa, 15), "
                 "qfield(quad(blk, qb + 4 * g, r), sb, 3), 4)", "4 * g")], 4),
 }
-# Units that read the same bytes, written out together: _I8_UNITS[t] = (n, u) runs n units
-# per iteration h of a loop over a block's units, unit c (0 <= c < n) being u.format(c=c).
-# LLVM folds u's bit fields to constants, sees that the units' quads load the same
-# addresses and gathers those bytes once (a quad is four loads and three shuffles, more
-# than a row of x's dot products over it). Q4_K and Q5_K: sub-blocks 2h and 2h + 1 are
-# the low and high nibbles of the same bytes. Units of 16 (Q2_K, Q3_K, Q6_K): the set of
-# one half (u >> 3) and one parity (u & 1) shares its low bits (Q6_K: two sets of ql
-# bytes) and its high bits (Q3_K's hmask, Q6_K's qh). The order of the units is the
-# order of a row's sums at every M, so a row's bits still do not depend on M. Eight
-# units written out instead of four: Q6_K compiled 2x as long, and ran no faster.
-_SIXTEEN = (4, "8 * (h >> 1) + (h & 1) + 2 * {c}")
-_I8_UNITS = {QT.Q4_K: (2, "2 * h + {c}"), QT.Q5_K: (2, "2 * h + {c}"), QT.Q6_K: _SIXTEEN,
-             QT.Q2_K: _SIXTEEN, QT.Q3_K: _SIXTEEN}
 #: The GGML types with a gemm_i8 kernel.
 I8_TYPES = tuple(_I8_CODE)
-# gemm_s's units that share bytes, as _I8_UNITS: see _SHARED_ROWS.
-_S_UNITS = _I8_UNITS
-
-
-def _unit_names(code: str, c: int) -> str:
-    """A unit's statements with the names they set (and u, base) suffixed by the unit's
-    place c in its set, so that the set's units sit side by side."""
-    return re.sub(r"\b(u|base|qa|sa|qb|sb|a|c|ao)\b", lambda m: f"{m.group(1)}{c}", code)
 
 
 def _i8_unit(t: QT, rows: range, cols: list[tuple[str, str]]) -> list[str]:
@@ -544,11 +558,10 @@ def _i8_unit(t: QT, rows: range, cols: list[tuple[str, str]]) -> list[str]:
 
 
 def _i8_blocks(t: QT, unit: list[str]) -> str:
-    """A unit's statements over every unit of every block (in _I8_UNITS' sets)."""
+    """A unit's statements over every unit of every block (in _SHARED_UNITS' sets)."""
     f = FORMATS[t]
-    n, order = _I8_UNITS.get(t, (1, "h"))
-    body = "\n".join(f"u = {order.format(c=c)}\nbase = (b * {f.units_per_block} + u) * {f.unit}\n"
-                     + "\n".join(unit) for c in range(n))
+    n, order = _SHARED_UNITS.get(t, (1, "h"))
+    body = "\n".join(_unit_start(f, order, c) + "\n" + "\n".join(unit) for c in range(n))
     return (f"for b in range(nb):\n    blk = B[b]\n    for h in range({f.units_per_block // n}):\n"
             + _indent(body, 8))
 
