@@ -2,8 +2,8 @@
 
 A collection of the oldest generation walks every container object in the process, and
 torch and numba alone hold hundreds of thousands of them. Building a vocabulary, a model's
-weights or numba's typing and lowering registries (its first kernel loaded in a process
-creates ~70,000 objects) allocates enough to set off such collections, which find nothing
+weights or numba's typing and lowering registries (built when a process first compiles a
+kernel: ~70,000 objects) allocates enough to set off such collections, which find nothing
 to free and cost tens of milliseconds each (BENCHMARKS.md). Pausing the collector over
 these bursts (the tokenizer's build, `LoadPlan.engine`, and every model pass:
 `Sequence.step` and `forward`) defers that work to the collector's ordinary schedule

@@ -107,7 +107,8 @@ class Sequence:
         backend captures it: device logits (1, T, vocab) at every position."""
         self.cache.check_fits(len(ids))
         # a pass makes no garbage cycles, and a process's first pass loads the CPU kernels
-        # (numba's registries): collections during it would only walk the heap (gc_pause.py)
+        # (compiling those missing: numba's registries): collections during it would only
+        # walk the heap (gc_pause.py)
         with self.engine.backend.inference(), gc_paused():
             logits = self._step(*self._inputs(ids))
         self.cache.commit(ids)

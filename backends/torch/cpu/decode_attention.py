@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
 from diptych.backends.base import LayerCacheSpec
 
+from .cached_njit import cached_njit
 from .decode_ops import as_numpy
 from .fast_exp import FAST_MATH, exp_nonpositive
 from .kernel_cache import compile_listener
@@ -76,7 +77,7 @@ def _to_f32(typingctx, x):
     return types.float32(x), codegen
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _scores(q, keys, scale, counts, scores):
     """scores[r, c] = scale * q[r] . keys[c] for c < counts[r]; four keys per pass over the
     query row."""
@@ -101,7 +102,7 @@ def _scores(q, keys, scale, counts, scores):
             sr[c] = s0 * scale
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _hide(scores, j0, group, counts, mask):
     """-inf where key j0 + c (c < counts[r]) is outside row r's window: mask[t, j0 + c]
     false, t = r // group."""
@@ -112,7 +113,7 @@ def _hide(scores, j0, group, counts, mask):
                 scores[r, c] = -np.inf
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _exp_rows(scores, counts, row_max, row_sum):
     """Each row's maximum over its first counts[r] scores, then exp(score - maximum) in
     place, and its sum (a row that sees no key of the block: maximum -inf, all zeros)."""
@@ -129,7 +130,7 @@ def _exp_rows(scores, counts, row_max, row_sum):
         row_max[r], row_sum[r] = m, total
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _add_values(p, values, counts, acc):
     """acc[r] += sum_c p[r, c] * values[c, :v_dim] over c < counts[r]; four values per pass
     over the row's sum."""
@@ -148,7 +149,7 @@ def _add_values(p, values, counts, acc):
                 a[d] += p0 * _to_f32(vr[d])
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _block(q, keys, values, lim, mask, scale, j0, row_max, row_sum, acc):
     """One task: the keys j0 .. j0 + len(keys) - 1 of one KV head for all its query rows
     (q: (T * group, Dk), position-major): per row the block's maximum score, the sum of
@@ -171,7 +172,7 @@ def _block(q, keys, values, lim, mask, scale, j0, row_max, row_sum, acc):
     _add_values(scores, values, counts, acc)
 
 
-@njit(fastmath=FAST_MATH, cache=True)
+@cached_njit(fastmath=FAST_MATH)
 def _combine(row_max, row_sum, acc, out):
     """out[r] = the blocks' weighted values rescaled to their common maximum, over their
     summed weights (row_max, row_sum: (blocks, rows); acc: (blocks, rows, v_dim))."""
@@ -193,7 +194,7 @@ def _combine(row_max, row_sum, acc, out):
         o *= np.float32(1.0) / total
 
 
-@njit(fastmath=FAST_MATH, inline="always", cache=True)
+@cached_njit(fastmath=FAST_MATH, inline="always")
 def _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc):
     """Task `task` of `_attend`: one (sequence, KV head, block of CHUNK keys)."""
     n_kv, n_split = q.shape[1], row_max.shape[2]
@@ -204,7 +205,7 @@ def _task(task, q, kc, vc, lim, mask, scale, row_max, row_sum, acc):
            row_max[b, kv, s], row_sum[b, kv, s], acc[b, kv, s])
 
 
-@njit(cache=True)
+@cached_njit()
 def _partials(q, lim, v_dim):
     """Each task's block maximum, exponential sum and weighted values, per (sequence, KV
     head, block of CHUNK keys, query row)."""
@@ -215,14 +216,14 @@ def _partials(q, lim, v_dim):
             np.zeros((n_b, n_kv, n_split, rows, v_dim), np.float32))
 
 
-@njit(cache=True)
+@cached_njit()
 def _combine_all(row_max, row_sum, acc, out):
     for b in range(out.shape[0]):
         for kv in range(out.shape[1]):
             _combine(row_max[b, kv], row_sum[b, kv], acc[b, kv], out[b, kv])
 
 
-@njit(parallel=True, cache=True)
+@cached_njit(parallel=True)
 def _attend(q, kc, vc, v_dim, lim, mask, scale, out):
     """out[b, kv, r] = softmax_j(scale * q[b, kv, r] . k_j) . v_j[:v_dim] over the keys
     j < lim[t] that mask[t, j] allows (mask of shape (0, 0): none), t = r // (rows / T):
@@ -236,7 +237,7 @@ def _attend(q, kc, vc, v_dim, lim, mask, scale, out):
     _combine_all(row_max, row_sum, acc, out)
 
 
-@njit(cache=True)
+@cached_njit()
 def _attend_serial(q, kc, vc, v_dim, lim, mask, scale, out):
     """`_attend` on the calling thread alone (short caches: no fork-join)."""
     row_max, row_sum, acc = _partials(q, lim, v_dim)
@@ -261,7 +262,7 @@ def _stored_like(typingctx, x, like):
     return like(x, like), codegen
 
 
-@njit(cache=True)
+@cached_njit()
 def _store(x, slots, cache):
     """cache[b, h, slots[b, t]] = x[b, t, h]: x (B, T, Hkv, D) float32, any strides."""
     n_b, n_t, n_h, n_d = x.shape
@@ -307,7 +308,7 @@ def store(k: torch.Tensor, v: torch.Tensor | None, keys: np.ndarray, values: np.
         run(_store, vn, where, values, reads=(vn, where))
 
 
-@njit(cache=True)
+@cached_njit()
 def _visibility(positions, key_pos, window, slots, lim, mask):
     """lim[t] = the slots query t (at positions[0, t]; every row of a step is at the same
     positions) attends over: position p lives in slot p % slots, so the slots below

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
 
+from .cached_njit import cached_njit
 from .fast_exp import FAST_MATH, exp_nonpositive
 from .step_tape import copy, run
 
@@ -55,7 +55,7 @@ def _rows(x: torch.Tensor) -> np.ndarray:
     return rows
 
 
-@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
+@cached_njit(fastmath=FAST_MATH, error_model="numpy")
 def _rms_norm_rows(x, w, eps, out):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w."""
     n = x.shape[1]
@@ -69,7 +69,7 @@ def _rms_norm_rows(x, w, eps, out):
             o[c] = xr[c] * inv * w[c]
 
 
-@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
+@cached_njit(fastmath=FAST_MATH, error_model="numpy")
 def _add_rms_norm_rows(x, residual, w, eps, total, out):
     """total = x + residual; out = rms_norm(total) * w, in one pass over the rows."""
     n = x.shape[1]
@@ -103,7 +103,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
     return torch.from_numpy(total), torch.from_numpy(out)
 
 
-@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
+@cached_njit(fastmath=FAST_MATH, error_model="numpy")
 def _rope_heads(x, positions, cos, sin, dim, out):
     """out[b, t, h] = x[b, t, h] with its first `dim` channels turned NeoX-style (channel i
     paired with i + dim/2) by row positions[b, t] of the (positions, dim/2) cos/sin tables;
@@ -136,7 +136,7 @@ def _rope(x, positions, tables, dim, out):
     _rope_heads(x, positions, *tables(positions), dim, out)
 
 
-@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
+@cached_njit(fastmath=FAST_MATH, error_model="numpy")
 def _silu_glu_rows(gate, up, out):
     """out = silu(gate) * up; sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, else
     e / (1 + e) (no overflow either side)."""
@@ -149,7 +149,7 @@ def _silu_glu_rows(gate, up, out):
             o[c] = x * sig * u[c]
 
 
-@njit(fastmath=FAST_MATH, error_model="numpy", cache=True)
+@cached_njit(fastmath=FAST_MATH, error_model="numpy")
 def _gelu_tanh_glu_rows(gate, up, out):
     """out = gelu_tanh(gate) * up; tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|)."""
     k = np.float32(0.7978845608028654)  # sqrt(2 / pi)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic
+
+from .cached_njit import cached_njit
 
 # The float flags of the CPU's small kernels (decode attention, decode ops, this exp):
 # reassociation and contraction let LLVM vectorize the sums; no "ninf"/"nnan", because
@@ -30,7 +32,7 @@ def _pow2(typingctx, n):
     return types.float32(n), codegen
 
 
-@njit(fastmath=FAST_MATH, inline="always", cache=True)
+@cached_njit(fastmath=FAST_MATH, inline="always")
 def exp_nonpositive(x):
     """exp(x) for x <= 0 in float32, within 3 ulp; 0 below -87 (and for -inf)."""
     # branch-free (a select at the end), so that loops over it vectorize

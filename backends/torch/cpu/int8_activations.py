@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit
 
+from .cached_njit import cached_njit
 from .step_tape import run
 from .switches import switched_on
 
@@ -50,7 +50,7 @@ SUPPORTED = cpu_supports()
 ENABLED = SUPPORTED and switched_on("DIPTYCH_CPU_INT8")
 
 
-@njit(error_model="numpy", cache=True)
+@cached_njit(error_model="numpy")
 def _quantize(x, q, d, s):
     for m in range(x.shape[0]):
         xm, qm = x[m], q[m]

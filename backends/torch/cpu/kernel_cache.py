@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numba
 from gguf import GGMLQuantizationType as QT
-from numba import njit
 
 from diptych.quant.formats import FORMATS
 
-from . import llvm_bits
-from . import int8_activations
+from . import int8_activations, llvm_bits
+from .cached_njit import cached_njit
 from .kernel_source import I8_TYPES, KERNEL_TYPES, KERNELS, KINDS, kernel_source, \
     launcher_name, launcher_signature
 
@@ -123,7 +122,7 @@ def kernel(kind: str, ggml_type):
                 else:
                     listener = None
                 try:
-                    k = njit(launcher_signature(kind), parallel=True, cache=True)(py)
+                    k = cached_njit(launcher_signature(kind), parallel=True)(py)
                 finally:
                     if listener is not None:
                         listener(None)

@@ -1,5 +1,6 @@
 """kernel_cache: kernels compile once per machine and load from numba's on-disk cache in
-every later process, whole (the launcher included: nothing is rebuilt per process); the
+every later process, whole (the launcher included: nothing is rebuilt per process) and
+without numba's compiler registries (cached_njit), and then compute what gguf-py does; the
 compile listener hears of a compile and of nothing else; precompile survives a script that
 spawns its workers without a __main__ guard."""
 
@@ -16,15 +17,26 @@ import pytest
 from diptych.backends.torch.cpu import kernel_cache
 
 PROBE = textwrap.dedent("""
-    import json
-    from gguf import GGMLQuantizationType as QT
+    import json, sys
+    import numpy as np, torch
+    from gguf import GGMLQuantizationType as QT, quants
     from diptych.backends.torch.cpu import kernel_cache
+    from diptych.backends.torch.cpu.qlinear import QuantLinear
+    from diptych.quant import QuantTensor
     heard = []
     kernel_cache.set_compile_listener(heard.append)
     k = kernel_cache.kernel("deq_rows", QT.Q8_0)
+    blocks = quants.quantize(np.random.default_rng(0).standard_normal((64, 96), np.float32),
+                             QT.Q8_0)
+    ids = [3, 0, 63, 3]
+    rows = QuantLinear.from_quant_tensor(QuantTensor("w", QT.Q8_0, (64, 96), blocks)
+                                         ).embed_rows(torch.tensor(ids))
     print(json.dumps({"heard": heard, "hits": len(k.stats.cache_hits),
                       "misses": len(k.stats.cache_misses),
-                      "cached": kernel_cache.is_cached("deq_rows", QT.Q8_0)}))
+                      "cached": kernel_cache.is_cached("deq_rows", QT.Q8_0),
+                      "exact": bool(np.array_equal(rows.numpy(),
+                                                   quants.dequantize(blocks, QT.Q8_0)[ids])),
+                      "registries": "numba.np.linalg" in sys.modules}))
 """)
 
 
@@ -40,10 +52,12 @@ def _probe(cache_dir) -> dict:
 def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
     first = _probe(tmp_path)
     assert first["heard"] == ["compiling the Q8_0 deq_rows kernel for this CPU", None]
-    assert first["misses"] == 1 and first["cached"]
+    assert first["misses"] == 1 and first["cached"] and first["exact"]
+    assert first["registries"]  # what the second process is spared: compiling loads them
     again = _probe(tmp_path)
     assert again["heard"] == []
-    assert again["hits"] == 1 and again["misses"] == 0
+    assert again["hits"] == 1 and again["misses"] == 0 and again["exact"]
+    assert not again["registries"]
 
 
 UNGUARDED = textwrap.dedent("""
