@@ -1,0 +1,105 @@
+"""Load plus the first token, diptych (torch backend, CPU) beside llama.cpp: issue 14's load
+figure alone, without bench_cpu.py's speed runs.
+
+Each runtime in its own process per round, the sides alternating, torch and numba (or
+llama_cpp) imported before the clock: `diptych.load(path, n_ctx)` then the logits of the
+first 8 tokens of a random prompt and their argmax (llama.cpp: `Llama(path, n_ctx, ...)`
+and `eval` of the same 8 tokens), as bench_cpu.py times its "first s". Also the peak
+resident memory the load and the pass added (ru_maxrss minus the RSS after the imports).
+
+    python benchmarks/bench_load.py [--models smollm2 qwen2 gemma3] [--rounds 5]
+        [--threads 2] [--numba-registries]
+
+--numba-registries adds a side that loads the cached kernels as numba itself does, after
+refreshing its compiler's registries (what backends/torch/cpu/cached_njit.py spares).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from bench_cpu import REGISTRY_NAMES, model_path, n_ctx, random_prompt
+
+MIB = 1 << 20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(side: str, model: str, threads: int) -> dict:
+    path = model_path(model)
+    if side == "llama.cpp":
+        import llama_cpp
+        import numpy as np
+
+        base = _rss()
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads,
+                              n_batch=n_ctx(), verbose=False)
+        llm.eval(random_prompt(llm.n_vocab(), 8))
+        int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                            shape=(llm.n_vocab(),))))
+    else:
+        os.environ["DIPTYCH_THREADS"] = str(threads)
+        import diptych
+        import diptych.backends.torch.cpu.backend  # noqa: F401  torch and numba: imports
+
+        if side == "diptych+registries":
+            from numba.core.caching import FunctionCache
+
+            from diptych.backends.torch.cpu import cached_njit
+
+            cached_njit._CacheWithoutRegistries.load_overload = FunctionCache.load_overload
+        base = _rss()
+        t0 = time.perf_counter()
+        model = diptych.load(path, n_ctx=n_ctx())
+        ids = random_prompt(model.config.vocab_size, 8)
+        model.engine.backend.to_numpy(model.engine.eval(ids)).argmax()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(s=seconds, added_mib=(peak - base) / MIB)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(REGISTRY_NAMES))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--numba-registries", action="store_true")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.threads)))
+        return
+    sides = ["diptych"] + (["diptych+registries"] if args.numba_registries else []) \
+        + ["llama.cpp"]
+    for model in args.models:
+        model_path(model)  # downloaded before the clock
+        runs = {side: [] for side in sides}
+        for _ in range(args.rounds):
+            for side in sides:
+                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
+                                      "--child", side, model], capture_output=True, text=True,
+                                     check=True)
+                runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        llama = statistics.median(r["s"] for r in runs["llama.cpp"])
+        for side, rs in runs.items():
+            times = [r["s"] for r in rs]
+            s = statistics.median(times)
+            print(f"{model:8s} {side:19s} load + first token {s:.3f} s "
+                  f"({', '.join(f'{t:.2f}' for t in times)}) = {s / llama:.2f}x llama.cpp's, "
+                  f"peak added {statistics.median(r['added_mib'] for r in rs):.0f} MiB",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
