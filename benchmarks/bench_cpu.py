@@ -54,7 +54,9 @@ def n_ctx() -> int:
     return max(1024, PROMPT_TOKENS + GEN_TOKENS)
 
 
-def run_diptych(path: str, threads: int, numerics: str = "exact") -> dict:
+def first_token_diptych(path: str, threads: int, numerics: str = "exact"):
+    """(model, prompt, load s, load + first token s): `diptych.load`, then the first token
+    of the prompt's first 8 tokens; torch and numba imported before the clock."""
     os.environ["DIPTYCH_THREADS"] = str(threads)
     import diptych
     import diptych.backends.torch.cpu.backend  # noqa: F401  torch and numba: imports, not load
@@ -64,22 +66,30 @@ def run_diptych(path: str, threads: int, numerics: str = "exact") -> dict:
     load_s = time.perf_counter() - t0
     prompt = random_prompt(model.config.vocab_size, PROMPT_TOKENS)
     model.engine.backend.to_numpy(model.engine.eval(prompt[:8])).argmax()
-    first_s = time.perf_counter() - t0
+    return model, prompt, load_s, time.perf_counter() - t0
+
+
+def run_diptych(path: str, threads: int, numerics: str = "exact") -> dict:
+    model, prompt, load_s, first_s = first_token_diptych(path, threads, numerics)
     model.engine.reset()
     prefill_tps, decode_tps = measure_speed(model, prompt, GEN_TOKENS)
     return dict(load_s=load_s, first_s=first_s, prefill_tps=prefill_tps, decode_tps=decode_tps)
 
 
-def run_llama_cpp(path: str, threads: int) -> dict:
+def llama_cpp_last_logits(llm):
+    """The logits of the context's last position (llm.scores is written only with
+    logits_all in llama-cpp-python 0.3.x, which would copy every prompt position's out)."""
     import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    def last_logits():
-        # llm.scores is written only with logits_all (llama-cpp-python 0.3.x), which would
-        # copy every prompt position's logits out; the context's last row instead
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                     shape=(llm.n_vocab(),))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                 shape=(llm.n_vocab(),))
+
+
+def first_token_llama_cpp(path: str, threads: int):
+    """(llm, prompt, load s, load + first token s), as first_token_diptych."""
+    import numpy as np
+    from llama_cpp import Llama
 
     t0 = time.perf_counter()
     # n_batch: the whole prompt in one batch (as every figure recorded so far was measured)
@@ -88,8 +98,14 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     load_s = time.perf_counter() - t0
     ids = random_prompt(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
-    int(np.argmax(last_logits()))
-    first_s = time.perf_counter() - t0
+    int(np.argmax(llama_cpp_last_logits(llm)))
+    return llm, ids, load_s, time.perf_counter() - t0
+
+
+def run_llama_cpp(path: str, threads: int) -> dict:
+    import numpy as np
+
+    llm, ids, load_s, first_s = first_token_llama_cpp(path, threads)
     llm.reset()
     llm.eval(ids)  # the same warm-up as diptych's (measure_speed): the whole prompt once
     llm.reset()
@@ -98,7 +114,7 @@ def run_llama_cpp(path: str, threads: int) -> dict:
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(GEN_TOKENS):
-        token = int(np.argmax(last_logits()))
+        token = int(np.argmax(llama_cpp_last_logits(llm)))
         llm.eval([token])
     decode_s = time.perf_counter() - t0
     return dict(load_s=load_s, first_s=first_s, prefill_tps=PROMPT_TOKENS / prefill_s,

@@ -1,11 +1,11 @@
 """Load plus the first token, diptych (torch backend, CPU) beside llama.cpp: issue 14's load
 figure alone, without bench_cpu.py's speed runs.
 
-Each runtime in its own process per round, the sides alternating, torch and numba (or
-llama_cpp) imported before the clock: `diptych.load(path, n_ctx)` then the logits of the
-first 8 tokens of a random prompt and their argmax (llama.cpp: `Llama(path, n_ctx, ...)`
-and `eval` of the same 8 tokens), as bench_cpu.py times its "first s". Also the peak
-resident memory the load and the pass added (ru_maxrss minus the RSS after the imports).
+Each runtime in its own process per round, the sides alternating, timed as bench_cpu.py
+times its "first s" (`first_token_diptych`, `first_token_llama_cpp`: torch and numba, or
+llama_cpp, imported before the clock; the constructor, then the first token of an 8-token
+prompt). Also the peak resident memory the load and the pass added (ru_maxrss minus the
+RSS after the imports).
 
     python benchmarks/bench_load.py [--models smollm2 qwen2 gemma3] [--rounds 5]
         [--threads 2] [--numba-registries]
@@ -18,39 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
-from bench_cpu import REGISTRY_NAMES, model_path, n_ctx, random_prompt
+from bench_cpu import REGISTRY_NAMES, first_token_diptych, first_token_llama_cpp, model_path
+from load_phases import MIB, resident
 
-MIB = 1 << 20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from diptych.cli.bench import peak_rss_bytes
 
 
 def child(side: str, model: str, threads: int) -> dict:
     path = model_path(model)
     if side == "llama.cpp":
-        import llama_cpp
-        import numpy as np
-
-        base = _rss()
-        t0 = time.perf_counter()
-        llm = llama_cpp.Llama(path, n_ctx=n_ctx(), n_threads=threads, n_threads_batch=threads,
-                              n_batch=n_ctx(), verbose=False)
-        llm.eval(random_prompt(llm.n_vocab(), 8))
-        int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                            shape=(llm.n_vocab(),))))
+        import llama_cpp  # noqa: F401  imports, not load
     else:
-        os.environ["DIPTYCH_THREADS"] = str(threads)
-        import diptych
         import diptych.backends.torch.cpu.backend  # noqa: F401  torch and numba: imports
 
         if side == "diptych+registries":
@@ -59,14 +41,10 @@ def child(side: str, model: str, threads: int) -> dict:
             from diptych.backends.torch.cpu import cached_njit
 
             cached_njit._CacheWithoutRegistries.load_overload = FunctionCache.load_overload
-        base = _rss()
-        t0 = time.perf_counter()
-        model = diptych.load(path, n_ctx=n_ctx())
-        ids = random_prompt(model.config.vocab_size, 8)
-        model.engine.backend.to_numpy(model.engine.eval(ids)).argmax()
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(s=seconds, added_mib=(peak - base) / MIB)
+    base_mib = sum(resident())
+    first = first_token_llama_cpp if side == "llama.cpp" else first_token_diptych
+    seconds = first(path, threads)[3]
+    return dict(s=seconds, added_mib=peak_rss_bytes() / MIB - base_mib)
 
 
 def main() -> None:

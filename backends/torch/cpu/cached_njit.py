@@ -8,7 +8,9 @@ without numba's compiler registries"). A cached function needs only numba's runt
 which the refresh would also have started. A cache miss still refreshes the registries, in
 numba's compiler (CompilerBase).
 
-Every numba function of the CPU backend that Python calls takes this decorator.
+Every numba function of the CPU backend takes this decorator, but for the generated kernels
+that their launchers call (kernel_source._LAUNCHER): a cached launcher holds their code, so
+they are only ever loaded while a launcher compiles.
 """
 
 from __future__ import annotations
