@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,6 +179,12 @@ class Backend(ABC):
         """Routed experts stacked (n_experts, out, in), as `expert_ffn` reads them; by
         default a list of the experts' prepared matrices."""
         return [self.prepare(qt.matrix(e)) for e in range(qt.shape[0])]
+
+    def keep_prepared(self, model: Path) -> contextlib.AbstractContextManager:
+        """Entered around preparing the weights of the model file at `model`: a backend
+        whose prepared weights cost time to build may keep them on disk for the file's
+        later loads (the CPU backend's repacked copies); by default nothing is kept."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def prepare_vector(self, values: np.ndarray) -> Array:

@@ -8,16 +8,20 @@ prompt). Also the peak resident memory the load and the pass added (ru_maxrss mi
 RSS after the imports).
 
     python benchmarks/bench_load.py [--models smollm2 qwen2 gemma3] [--rounds 5]
-        [--threads 2] [--numba-registries]
+        [--threads 2] [--numba-registries] [--repack]
 
 --numba-registries adds a side that loads the cached kernels as numba itself does, after
 refreshing its compiler's registries (what backends/torch/cpu/cached_njit.py spares).
+--repack adds a side that repacks the weights as a first load does, instead of mapping the
+copy kept by an earlier load (backends/torch/cpu/repack_cache.py; DIPTYCH_REPACK_CACHE_GB=0).
+Before the rounds, one load of each model leaves that copy in the cache folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,22 +57,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--numba-registries", action="store_true")
+    ap.add_argument("--repack", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.threads)))
         return
     sides = ["diptych"] + (["diptych+registries"] if args.numba_registries else []) \
-        + ["llama.cpp"]
+        + (["diptych, repacking"] if args.repack else []) + ["llama.cpp"]
+
+    def run(side: str, model: str) -> dict:
+        env = dict(os.environ, **({"DIPTYCH_REPACK_CACHE_GB": "0"} if "repacking" in side
+                                  else {}))
+        out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
+                              "--child", side, model], capture_output=True, text=True,
+                             check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for model in args.models:
         model_path(model)  # downloaded before the clock
+        run("diptych", model)   # the repacked copy kept, the kernels compiled
         runs = {side: [] for side in sides}
         for _ in range(args.rounds):
             for side in sides:
-                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
-                                      "--child", side, model], capture_output=True, text=True,
-                                     check=True)
-                runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[side].append(run(side, model))
         llama = statistics.median(r["s"] for r in runs["llama.cpp"])
         for side, rs in runs.items():
             times = [r["s"] for r in rs]

@@ -9,6 +9,7 @@ the memory estimate first), so `diptych info` reports the plan without building 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,11 @@ class LoadPlan:
             if progress:
                 progress(done, total)
 
-        return load_weights(self.source.tensors, self.config, self.backend, step)
+        # a model file's prepared weights may be kept for its next load (repack_cache.py)
+        keep = (self.backend.keep_prepared(self.path) if self.path is not None
+                and self.path.is_file() else nullcontext())
+        with keep:
+            return load_weights(self.source.tensors, self.config, self.backend, step)
 
     def engine(self, progress: Callable[[int, int], None] | None = None) -> Engine:
         """Check the memory estimate, prepare the weights, allocate the cache."""

@@ -18,7 +18,7 @@ from diptych.quant import QuantTensor
 
 from ..backend import TorchBackend, TorchKV
 from . import (chunked_topk, decode_attention, decode_ops, int8_activations, qlinear,
-               step_tape)
+               repack_cache, step_tape)
 from .embedding_table import EmbeddingTable
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
@@ -107,6 +107,9 @@ class CpuBackend(TorchBackend):
 
     def prepare_stacked(self, name: str, parts: list[QuantTensor]) -> QuantLinear:
         return self._prepared(self._linear_type.from_parts(name, parts))
+
+    def keep_prepared(self, model):
+        return repack_cache.kept_for(model)
 
     def prepare_table(self, qt: QuantTensor) -> EmbeddingTable:
         return EmbeddingTable(qt)   # rows read from the file's blocks: no repacked copy
