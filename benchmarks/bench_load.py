@@ -13,7 +13,7 @@ RSS after the imports).
 --numba-registries adds a side that loads the cached kernels as numba itself does, after
 refreshing its compiler's registries (what backends/torch/cpu/cached_njit.py spares).
 --repack adds a side that repacks the weights as a first load does, instead of mapping the
-copy kept by an earlier load (backends/torch/cpu/repack_cache.py; DIPTYCH_REPACK_CACHE_GB=0).
+copy kept by an earlier load (runtime/sources/prepared_cache.py; DIPTYCH_REPACK_CACHE_GB=0).
 Before the rounds, one load of each model leaves that copy in the cache folder.
 """
 

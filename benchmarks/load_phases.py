@@ -8,7 +8,7 @@ model file, shared libraries' code), both as added since the imports:
     metadata    LoadPlan.open: the GGUF header and metadata read, the plan made
     tokenizer   its tokenizer built
     weights     its engine built: weights prepared (repacked, or mapped from the copy an
-                earlier load kept: backends/torch/cpu/repack_cache.py), caches allocated
+                earlier load kept: runtime/sources/prepared_cache.py), caches allocated
     first token the chat template rendered, the prompt "hi" run, one token sampled
                 (the first use of each CPU kernel in the process: numba loads it)
 

@@ -119,7 +119,8 @@ class LoadPlan:
             if progress:
                 progress(done, total)
 
-        # a model file's prepared weights may be kept for its next load (repack_cache.py)
+        # a model file's prepared weights may be kept for its next loads
+        # (sources/prepared_cache.py)
         keep = (self.backend.keep_prepared(self.path) if self.path is not None
                 and self.path.is_file() else nullcontext())
         with keep:

@@ -365,6 +365,7 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from diptych.sources import prepared_cache
     from diptych.sources.model_cache import cached_models
 
     models = cached_models()
@@ -373,6 +374,13 @@ def cmd_list(args) -> int:
     for m in models:
         files = f"  ({', '.join(m.files)})" if m.files else ""
         print(f"{m.name:48s} {m.size / (1 << 20):9.1f} MiB  {m.where}{files}")
+    kept = prepared_cache.kept_files()
+    if kept:
+        stale = sum(k.stale for k in kept)
+        print(f"repacked weights kept for faster CPU loads: {len(kept)} file(s), "
+              f"{sum(k.size for k in kept) / (1 << 20):.1f} MiB in {prepared_cache.folder()}"
+              + (f" ({stale} for model files since removed or rewritten)" if stale else "")
+              + f"; at most {prepared_cache.cap_bytes() / 1e9:g} GB (DIPTYCH_REPACK_CACHE_GB)")
     return 0
 
 
@@ -632,10 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default="auto")
     sp.set_defaults(func=cmd_imatrix)
 
-    sp = command("list", help="show downloaded models (Hugging Face cache and diptych's)")
+    sp = command("list", help="show downloaded models (Hugging Face cache and diptych's) and "
+                              "the repacked copies kept for them")
     sp.set_defaults(func=cmd_list)
 
-    sp = command("rm", help="remove downloaded models")
+    sp = command("rm", help="remove downloaded models (and their repacked copies)")
     sp.add_argument("names", nargs="+", metavar="NAME",
                     help="org/repo (the whole repository) or a file name from `diptych list`")
     sp.set_defaults(func=cmd_rm)

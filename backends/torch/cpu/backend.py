@@ -15,10 +15,11 @@ import torch
 from diptych.backends.base import StepKeys
 from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
+from diptych.sources import prepared_cache
 
 from ..backend import TorchBackend, TorchKV
 from . import (chunked_topk, decode_attention, decode_ops, int8_activations, qlinear,
-               repack_cache, step_tape)
+               step_tape)
 from .embedding_table import EmbeddingTable
 from .kernel_cache import set_compile_listener
 from .kernel_source import I8_TYPES
@@ -109,7 +110,7 @@ class CpuBackend(TorchBackend):
         return self._prepared(self._linear_type.from_parts(name, parts))
 
     def keep_prepared(self, model):
-        return repack_cache.kept_for(model)
+        return prepared_cache.kept_for(model, layout=f"cpu-rows{qlinear.R}")
 
     def prepare_table(self, qt: QuantTensor) -> EmbeddingTable:
         return EmbeddingTable(qt)   # rows read from the file's blocks: no repacked copy

@@ -53,13 +53,13 @@ from gguf import GGMLQuantizationType as QT
 
 from diptych.quant import QuantTensor
 from diptych.quant.formats import FLOAT_TYPES, FORMATS
+from diptych.sources import prepared_cache
 
 from ..grad_ops import records
 from . import int8_activations, step_tape
 from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
-from .repack_cache import repacked
 from .switches import switched_on
 from .threads import numba_threads, set_numba_threads, sync_numba_threads
 
@@ -203,7 +203,7 @@ class QuantLinear:
         row_bytes = fmt.row_bytes(k)
         blocks = [np.asarray(p.data).reshape(p.shape[0], row_bytes) for p in parts]
         release = next((p.release for p in parts if p.release is not None), None)
-        return cls(name, t, (n, k), packed=repacked(
+        return cls(name, t, (n, k), packed=prepared_cache.kept(
             name, t.name, (n, k), blocks,
             lambda: repack(blocks, row_bytes, fmt.type_size, release=release,
                            threads=torch.get_num_threads())))

@@ -1,5 +1,6 @@
-"""Repacked weights kept on disk (backends/torch/cpu/repack_cache.py): a later load maps
-them; a damaged, stale or foreign cache file is never used; the folder stays under its cap."""
+"""Repacked weights kept on disk (runtime/sources/prepared_cache.py, the CPU backend's
+`keep_prepared`): a later load maps them; a damaged, stale or foreign cache file is never
+used; the folder stays under its cap; `diptych list` shows it and `rm` empties it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 import diptych
-from diptych.backends.torch.cpu import repack_cache
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.errors import InvalidArgumentError
+from diptych.sources import model_cache, prepared_cache
 
 PROMPT = [1, 504, 3458, 282, 4637, 314, 216, 30, 2896]
 
@@ -22,13 +23,13 @@ PROMPT = [1, 504, 3458, 282, 4637, 314, 216, 30, 2896]
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     home = tmp_path / "repacked"
-    monkeypatch.setattr(repack_cache, "folder", lambda: home)
+    monkeypatch.setattr(prepared_cache, "folder", lambda: home)
     monkeypatch.delenv("DIPTYCH_REPACK_CACHE_GB", raising=False)
     return home
 
 
 def _finish_write():
-    writer = repack_cache.last_writer()
+    writer = prepared_cache.last_writer()
     if writer is not None:
         writer.join()
 
@@ -71,29 +72,28 @@ def test_a_damaged_cache_file_is_repacked_and_written_again(folder, smollm2_path
     (cached,) = folder.glob("*.bin")
     size = cached.stat().st_size
     header = cached.read_bytes()[:1 << 20]
-    index_len = int.from_bytes(header[8:16], "little")
-    index = json.loads(header[16:16 + index_len])
-    entry = next(iter(index["weights"].values()))
-    first_key = next(iter(index["weights"]))
-    far = dict(index, weights={**index["weights"], first_key: [size, *entry[1:]]})
+    index = json.loads(header[16:16 + int.from_bytes(header[8:16], "little")])
+    first_key, entry = next(iter(index["weights"].items()))
+    assert entry[0][0] % prepared_cache.ALIGN == 0
+    past_the_end = dict(index, weights={**index["weights"], first_key: [[size, entry[0][1]],
+                                                                         *entry[1:]]})
     for damage in (lambda: os.truncate(cached, size // 2),
                    lambda: cached.write_bytes(b"not a cache file"),
-                   lambda: _rewrite_index(cached, far),
+                   lambda: _rewrite_index(cached, past_the_end),
                    lambda: _rewrite_index(cached, dict(index, size=index["size"] + 1))):
         damage()
         model = _load(smollm2_path)
         assert not any(map(_mapped, _packed(model)))
         np.testing.assert_array_equal(model.logits(PROMPT), reference)
         assert cached.stat().st_size == size      # written whole again
-    assert entry[0] % repack_cache.ALIGN == 0
     assert all(map(_mapped, _packed(_load(smollm2_path))))
 
 
 def _rewrite_index(path, index):
     raw = bytearray(path.read_bytes())
     old_len = int.from_bytes(raw[8:16], "little")
+    data_at = min(e[0][0] for e in json.loads(raw[16:16 + old_len])["weights"].values())
     new = json.dumps(index).encode()
-    data_at = min(v[0] for v in json.loads(raw[16:16 + old_len])["weights"].values())
     assert 16 + len(new) <= data_at   # inside the header's room
     raw[8:16] = len(new).to_bytes(8, "little")
     raw[16:16 + len(new)] = new
@@ -101,19 +101,40 @@ def _rewrite_index(path, index):
 
 
 def test_a_rewritten_model_file_gets_a_new_cache_file_and_the_old_one_goes(
-        folder, smollm2_path, tmp_path, monkeypatch):
+        folder, smollm2_path, tmp_path):
     model_file = tmp_path / "model.gguf"
     shutil.copyfile(smollm2_path, model_file)
     _load(model_file)
     (old,) = folder.glob("*.bin")
-    # room for one model's repacked weights only
-    monkeypatch.setenv("DIPTYCH_REPACK_CACHE_GB", str(old.stat().st_size * 1.5 / 1e9))
     st = model_file.stat()
     os.utime(model_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert [k.stale for k in prepared_cache.kept_files()] == [True]
     model = _load(model_file)
     assert not any(map(_mapped, _packed(model)))   # the old file is not this one's
-    (new,) = folder.glob("*.bin")
+    (new,) = folder.glob("*.bin")                  # and, never readable again, it went
     assert new != old
+
+
+def test_list_shows_the_kept_copies_and_rm_removes_them(folder, smollm2_path, tmp_path,
+                                                        monkeypatch, capsys):
+    from diptych.cli.main import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setattr(model_cache, "models_dir", lambda: models)
+    copy = models / "copy.gguf"
+    shutil.copyfile(smollm2_path, copy)
+    _load(copy)
+    _load(smollm2_path)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    mib = sum(p.stat().st_size for p in folder.glob("*.bin")) / (1 << 20)
+    assert "copy.gguf" in out and f"2 file(s), {mib:.1f} MiB in {folder}" in out
+
+    removed = model_cache.remove("copy.gguf")
+    assert removed[0] == copy and len(removed) == 2 and not removed[1].exists()
+    (left,) = prepared_cache.kept_files()
+    assert left.model == os.path.realpath(smollm2_path) and not left.stale
 
 
 def test_turned_off_it_neither_reads_nor_writes(folder, smollm2_path, monkeypatch):
@@ -135,38 +156,46 @@ def test_a_bad_cap_is_a_clear_error(folder, smollm2_path, monkeypatch, value):
 # -- the store alone, on small arrays ---------------------------------------------------------
 
 @pytest.fixture
-def small_model(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(repack_cache, "MIN_BYTES", 0)
-    path = tmp_path / "small.gguf"
-    path.write_bytes(b"GGUF" + bytes(60))
-    return path
+def small_models(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepared_cache, "MIN_BYTES", 0)
+
+    def make(name):
+        path = tmp_path / name
+        path.write_bytes(b"GGUF" + bytes(60))
+        return path
+    return make
 
 
-def _pack_counting(calls, arrays):
-    def pack():
+def _counting(calls, arrays):
+    def prepare():
         calls.append(1)
         return arrays
-    return pack
+    return prepare
 
 
-def test_a_weight_is_found_by_name_type_shape_and_its_rows(small_model):
+def test_a_weight_is_found_by_name_type_shape_and_its_rows(small_models, folder):
+    model = small_models("small.gguf")
     rng = np.random.default_rng(0)
     blocks = [rng.integers(0, 256, (96, 18), dtype=np.uint8)]
     arrays = (rng.integers(0, 256, (1, 1, 18, 64), dtype=np.uint8),
               rng.integers(0, 256, (1, 1, 18, 32), dtype=np.uint8))
     calls = []
-    with repack_cache.kept_for(small_model):
-        repack_cache.repacked("w", "Q4_0", (96, 32), blocks, _pack_counting(calls, arrays))
+    with prepared_cache.kept_for(model, "test"):
+        prepared_cache.kept("w", "Q4_0", (96, 32), blocks, _counting(calls, arrays))
     _finish_write()
     reordered = [blocks[0][np.r_[0, 2, 1, 3:96]]]   # rows 1 and 2 swapped
-    with repack_cache.kept_for(small_model):
-        same = repack_cache.repacked("w", "Q4_0", (96, 32), blocks, _pack_counting(calls, None))
+    with prepared_cache.kept_for(model, "test"):
+        same = prepared_cache.kept("w", "Q4_0", (96, 32), blocks, _counting(calls, None))
         for args in (("v", "Q4_0", (96, 32), blocks), ("w", "Q4_1", (96, 32), blocks),
                      ("w", "Q4_0", (96, 64), blocks), ("w", "Q4_0", (96, 32), reordered)):
-            other = repack_cache.repacked(*args, _pack_counting(calls, arrays))
+            other = prepared_cache.kept(*args, _counting(calls, arrays))
             assert not _mapped(other[0])
-    assert len(calls) == 5
     _finish_write()
+    with prepared_cache.kept_for(model, "another layout"):
+        prepared_cache.kept("w", "Q4_0", (96, 32), blocks, _counting(calls, arrays))
+    _finish_write()
+    assert len(calls) == 6
+    assert len(list(folder.glob("*.bin"))) == 2   # one file per layout
     assert all(map(_mapped, same))
     for got, want in zip(same, arrays):
         np.testing.assert_array_equal(got, want)
@@ -174,26 +203,37 @@ def test_a_weight_is_found_by_name_type_shape_and_its_rows(small_model):
         assert got.ctypes.data % 64 == 0
 
 
-def test_a_failed_load_writes_nothing(small_model, folder):
+def test_a_failed_load_writes_nothing(small_models, folder):
+    model = small_models("small.gguf")
     arrays = (np.zeros((1, 1, 18, 64), np.uint8), np.zeros((1, 1, 18, 0), np.uint8))
     with pytest.raises(KeyboardInterrupt):
-        with repack_cache.kept_for(small_model):
-            repack_cache.repacked("w", "Q4_0", (64, 32), [arrays[0][0, 0]], lambda: arrays)
+        with prepared_cache.kept_for(model, "test"):
+            prepared_cache.kept("w", "Q4_0", (64, 32), [arrays[0][0, 0]], lambda: arrays)
             raise KeyboardInterrupt
     _finish_write()
     assert not folder.exists() or not any(folder.iterdir())
 
 
-def test_eviction_removes_the_least_recently_used_and_stale_partial_writes(folder):
-    folder.mkdir()
-    sizes = {"a.bin": 300, "b.bin": 300, "c.bin": 300}
-    for age, (name, size) in enumerate(sizes.items()):
-        p = folder / name
-        p.write_bytes(bytes(size))
-        os.utime(p, (1000 + age, 1000 + age))       # a oldest
+def _keep(model, fill: int):
+    with prepared_cache.kept_for(model, "test"):
+        prepared_cache.kept("w", "Q8_0", (2, 34), [np.zeros((2, 34), np.uint8)],
+                            lambda: (np.full(5000, fill, np.uint8),))
+    _finish_write()
+    (kept,) = [k.path for k in prepared_cache.kept_files()
+               if k.model == os.path.realpath(model)]
+    return kept
+
+
+def test_eviction_goes_by_last_use_after_what_can_never_be_read(small_models, folder):
+    models = [small_models(f"{n}.gguf") for n in "abcd"]
+    a, b, c, d = (_keep(m, i) for i, m in enumerate(models))
+    for age, kept in enumerate((c, a, b, d)):         # c least recently used
+        os.utime(kept, (1000 + age, 1000 + age))
     stale, fresh = folder / ".x.bin.1.part", folder / ".y.bin.2.part"
     stale.write_bytes(b"x")
     os.utime(stale, (1000, 1000))
     fresh.write_bytes(b"y")
-    repack_cache._evict(folder, room=400, keep=folder / "c.bin")
-    assert sorted(p.name for p in folder.iterdir()) == [".y.bin.2.part", "b.bin", "c.bin"]
+    models[1].unlink()                                # b can never be read again
+    size = d.stat().st_size
+    prepared_cache._evict(room=size + 100, keep=d)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name, a.name, d.name])
