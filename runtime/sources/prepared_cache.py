@@ -25,6 +25,7 @@ Torch-free on purpose: `diptych list` and `rm` read it without loading a backend
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -131,6 +132,17 @@ def last_writer() -> threading.Thread | None:
     return _writer
 
 
+@atexit.register
+def _finish_writing() -> None:
+    """A process that ends just after loading waits for the file; Ctrl+C while it waits
+    abandons it (a later write removes the partial file)."""
+    if _writer is not None:
+        try:
+            _writer.join()
+        except KeyboardInterrupt:
+            pass
+
+
 def _identity(model: Path) -> dict | None:
     """What names a model file's contents without reading them; None when it is gone."""
     try:
@@ -169,11 +181,10 @@ class _Store:
         if size > self.cap:
             return
         _writer = threading.Thread(target=self._write, args=(offsets, size),
-                                   name="diptych-prepared-cache")
+                                   name="diptych-prepared-cache", daemon=True)
         _writer.start()
 
     def _write(self, offsets: dict, size: int) -> None:
-        """Not daemonic: a process that ends just after loading waits for the file."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _evict(self.cap - size, keep=self.path)
