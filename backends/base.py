@@ -159,6 +159,9 @@ class Backend(ABC):
     linear_observer: Any = None
     #: Set by `on_first_use`: told of work done once that the user waits for, else None.
     first_use_listener: Any = None
+    #: A backend whose prepared weights are worth keeping on disk (`keep_prepared`) names
+    #: their layout here; a change of layout must change the name. None: nothing is kept.
+    prepared_layout: str | None = None
 
     # -- weights -------------------------------------------------------------------------
     @abstractmethod
@@ -181,10 +184,14 @@ class Backend(ABC):
         return [self.prepare(qt.matrix(e)) for e in range(qt.shape[0])]
 
     def keep_prepared(self, model: Path) -> contextlib.AbstractContextManager:
-        """Entered around preparing the weights of the model file at `model`: a backend
-        whose prepared weights cost time to build may keep them on disk for the file's
-        later loads (the CPU backend's repacked copies); by default nothing is kept."""
-        return contextlib.nullcontext()
+        """Entered around preparing the weights of the model file at `model`: with a
+        `prepared_layout`, the prepared weights are kept on disk for the file's later loads
+        (sources/prepared_cache.py: the CPU backend's repacked copies)."""
+        if self.prepared_layout is None:
+            return contextlib.nullcontext()
+        from diptych.sources import prepared_cache
+
+        return prepared_cache.kept_for(model, self.prepared_layout)
 
     @abstractmethod
     def prepare_vector(self, values: np.ndarray) -> Array:

@@ -237,6 +237,10 @@ def cmd_info(args) -> int:
         print(f"  draft KV      {draft.cache_bytes / mib:9.1f} MiB")
         total += draft.weight_bytes + draft.cache_bytes
     print(f"  total         {total / mib:9.1f} MiB")
+    if be.prepared_layout is not None and path is not None and Path(path).is_file():
+        from diptych.sources.prepared_cache import describe
+
+        print(f"repacked copy   {describe(Path(path), be.prepared_layout)}")
     return 0
 
 

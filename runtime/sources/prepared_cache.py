@@ -143,6 +143,43 @@ def _finish_writing() -> None:
             pass
 
 
+def _source(model: Path, layout: str) -> dict | None:
+    """What a cache file for `model` in `layout` records of its source; None when the file
+    is gone or cannot be mapped privately here (Windows)."""
+    identity = _identity(model)
+    if identity is None or not hasattr(mmap, "MAP_PRIVATE"):
+        return None
+    return dict(identity, layout=layout, model=os.path.realpath(model))
+
+
+def _cache_path(source: dict) -> Path:
+    """Named by the source's identity and layout (not its path: a renamed file is the same)."""
+    named = json.dumps({k: v for k, v in source.items() if k != "model"}, sort_keys=True)
+    digest = hashlib.blake2b(named.encode() + MAGIC, digest_size=16).hexdigest()
+    return folder() / f"{digest}.bin"
+
+
+def describe(model: Path, layout: str) -> str:
+    """Whether the next load of `model` in `layout` maps a kept copy (`diptych info`)."""
+    cap = cap_bytes()
+    source = _source(model, layout)
+    if cap == 0:
+        return "off (DIPTYCH_REPACK_CACHE_GB=0)"
+    if source is None or source["size"] < MIN_BYTES:
+        return f"not kept (models under {MIN_BYTES >> 20} MiB are repacked at each load)"
+    path = _cache_path(source)
+    try:
+        with open(path, "rb") as f:
+            index = _read_index(f)
+            whole = (index is not None and index["source"] == source
+                     and index["size"] == os.fstat(f.fileno()).st_size)
+    except (OSError, ValueError, TypeError, KeyError):
+        whole = False
+    if whole:
+        return f"kept ({index['size'] / (1 << 20):.1f} MiB in {path}): loads map it"
+    return "none yet: the next load keeps one (about the weights' size)"
+
+
 def _identity(model: Path) -> dict | None:
     """What names a model file's contents without reading them; None when it is gone."""
     try:
@@ -163,14 +200,10 @@ class _Store:
     @classmethod
     def open(cls, model: Path, layout: str) -> _Store | None:
         cap = cap_bytes()
-        identity = _identity(model)
-        if (cap == 0 or identity is None or identity["size"] < MIN_BYTES
-                or not hasattr(mmap, "MAP_PRIVATE")):   # (Windows: no private file mapping)
+        source = _source(model, layout)
+        if cap == 0 or source is None or source["size"] < MIN_BYTES:
             return None
-        source = dict(identity, layout=layout, model=os.path.realpath(model))
-        named = json.dumps({k: v for k, v in source.items() if k != "model"}, sort_keys=True)
-        digest = hashlib.blake2b(named.encode() + MAGIC, digest_size=16).hexdigest()
-        path = folder() / f"{digest}.bin"
+        path = _cache_path(source)
         return cls(path, source, _read(path, source), cap)
 
     def save(self) -> None:

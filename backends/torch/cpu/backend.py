@@ -15,7 +15,6 @@ import torch
 from diptych.backends.base import StepKeys
 from diptych.errors import InvalidArgumentError
 from diptych.quant import QuantTensor
-from diptych.sources import prepared_cache
 
 from ..backend import TorchBackend, TorchKV
 from . import (chunked_topk, decode_attention, decode_ops, int8_activations, qlinear,
@@ -55,6 +54,8 @@ class CpuKV(TorchKV):
 
 
 class CpuBackend(TorchBackend):
+    prepared_layout = f"cpu-rows{qlinear.R}"   # repack.py's row-interleaved blocks
+
     def __init__(self):
         configure_threads()
         super().__init__("cpu", torch.float32, kv_type_from_env())
@@ -108,9 +109,6 @@ class CpuBackend(TorchBackend):
 
     def prepare_stacked(self, name: str, parts: list[QuantTensor]) -> QuantLinear:
         return self._prepared(self._linear_type.from_parts(name, parts))
-
-    def keep_prepared(self, model):
-        return prepared_cache.kept_for(model, layout=f"cpu-rows{qlinear.R}")
 
     def prepare_table(self, qt: QuantTensor) -> EmbeddingTable:
         return EmbeddingTable(qt)   # rows read from the file's blocks: no repacked copy

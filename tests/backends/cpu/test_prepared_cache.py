@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import diptych
+from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.errors import InvalidArgumentError
 from diptych.sources import model_cache, prepared_cache
@@ -135,6 +136,26 @@ def test_list_shows_the_kept_copies_and_rm_removes_them(folder, smollm2_path, tm
     assert removed[0] == copy and len(removed) == 2 and not removed[1].exists()
     (left,) = prepared_cache.kept_files()
     assert left.model == os.path.realpath(smollm2_path) and not left.stale
+
+
+def test_info_says_whether_a_load_will_map_a_kept_copy(folder, smollm2_path, monkeypatch,
+                                                      capsys):
+    from diptych.cli.main import main
+
+    layout = CpuBackend.prepared_layout
+    assert prepared_cache.describe(smollm2_path, layout).startswith("none yet")
+    _load(smollm2_path)
+    assert main(["info", str(smollm2_path), "--backend", "torch"]) == 0
+    (kept,) = folder.glob("*.bin")
+    assert f"repacked copy   kept ({kept.stat().st_size / (1 << 20):.1f} MiB in {kept})" \
+        in capsys.readouterr().out
+    assert prepared_cache.describe(smollm2_path, "another layout").startswith("none yet")
+    os.truncate(kept, 4096)
+    assert prepared_cache.describe(smollm2_path, layout).startswith("none yet")
+    monkeypatch.setattr(prepared_cache, "MIN_BYTES", 1 << 40)
+    assert prepared_cache.describe(smollm2_path, layout).startswith("not kept")
+    monkeypatch.setenv("DIPTYCH_REPACK_CACHE_GB", "0")
+    assert prepared_cache.describe(smollm2_path, layout).startswith("off")
 
 
 def test_turned_off_it_neither_reads_nor_writes(folder, smollm2_path, monkeypatch):
