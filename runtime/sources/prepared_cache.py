@@ -110,7 +110,6 @@ def kept(name: str, type_name: str, shape: tuple[int, ...], blocks: list[np.ndar
     found = store.found.get(key)
     if found is None:
         found = prepare()
-        store.prepared_bytes += sum(a.nbytes for a in found)
     store.weights[key] = found
     return found
 
@@ -170,12 +169,10 @@ def describe(model: Path, layout: str) -> str:
     path = _cache_path(source)
     try:
         with open(path, "rb") as f:
-            index = _read_index(f)
-            whole = (index is not None and index["source"] == source
-                     and index["size"] == os.fstat(f.fileno()).st_size)
+            index = _index_of_whole_file(f, source)
     except (OSError, ValueError, TypeError, KeyError):
-        whole = False
-    if whole:
+        index = None
+    if index is not None:
         return f"kept ({index['size'] / (1 << 20):.1f} MiB in {path}): loads map it"
     return "none yet: the next load keeps one (about the weights' size)"
 
@@ -195,7 +192,6 @@ class _Store:
     def __init__(self, path: Path, source: dict, found: dict[str, Arrays], cap: int):
         self.path, self.source, self.found, self.cap = path, source, found, cap
         self.weights: dict[str, Arrays] = {}   # every weight of this load, in load order
-        self.prepared_bytes = 0                # of those, prepared (not found)
 
     @classmethod
     def open(cls, model: Path, layout: str) -> _Store | None:
@@ -208,8 +204,8 @@ class _Store:
 
     def save(self) -> None:
         global _writer
-        if not self.prepared_bytes:
-            return
+        if self.weights.keys() <= self.found.keys():
+            return   # everything came from the file
         offsets, size = _layout(self.source, self.weights)
         if size > self.cap:
             return
@@ -278,18 +274,26 @@ def _read_index(f) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+def _index_of_whole_file(f, source: dict) -> dict | None:
+    """The index of the open cache file `f` when it is a whole one made from `source`."""
+    index = _read_index(f)
+    if index is None or index["source"] != source \
+            or index["size"] != os.fstat(f.fileno()).st_size:
+        return None
+    return index
+
+
 def _read(path: Path, source: dict) -> dict[str, Arrays]:
     """The weights in the cache file at `path`, mapped copy-on-write; {} when there is no
     whole file for `source` there."""
     try:
         with open(path, "rb") as f:
-            index = _read_index(f)
-            size = os.fstat(f.fileno()).st_size
-            if index is None or index["source"] != source or index["size"] != size:
+            index = _index_of_whole_file(f, source)
+            if index is None:
                 return {}
-            # writable (numba compiles read-only arrays as other types), private: no write
-            # reaches the file
-            mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+            # the whole file, writable (numba compiles read-only arrays as other types),
+            # private: no write reaches the file
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
         _populate(mm)
         data = np.frombuffer(mm, np.uint8)
@@ -341,8 +345,7 @@ def kept_files() -> list[KeptFile]:
                 size = os.fstat(f.fileno()).st_size
             source = index["source"]
             model = source["model"]
-            identity = _identity(Path(model))
-            stale = identity is None or any(source[k] != v for k, v in identity.items())
+            stale = _source(Path(model), source["layout"]) != source
         except (OSError, ValueError, TypeError, KeyError):
             model, stale, size = None, True, _size(p)
         out.append(KeptFile(p, size, model, stale))
