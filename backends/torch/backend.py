@@ -137,14 +137,18 @@ class TorchBackend(Backend):
         return grad_ops.rms_norm(x, w.to(x.dtype), eps)
 
     def _cos_sin(self, spec: RopeSpec, n_pos: int):
+        """cos/sin tables of `spec` for positions up to at least `n_pos`, computed in float64.
+        Sized to what the steps have reached and doubled as they go on: at a head size of 256
+        each table is 1 KiB a position, and the float64 temporaries four times that, all at
+        the first token, when the process is nearest its peak."""
         cached = self._rope_cache.get(spec)
         if cached is None or cached[0].shape[0] < n_pos:
-            size = max(n_pos, 2 * (cached[0].shape[0] if cached else 2048))
+            size = max(n_pos, 2 * cached[0].shape[0] if cached else 256)
             inv = torch.from_numpy(spec.frequencies())
             ang = torch.arange(size, dtype=torch.float64)[:, None] * inv[None, :]
-            cached = ((ang.cos() * spec.mscale).to(self.device, self.dtype),
-                      (ang.sin() * spec.mscale).to(self.device, self.dtype))
-            self._rope_cache[spec] = cached
+            cos = ang.cos().mul_(spec.mscale).to(self.device, self.dtype)
+            sin = ang.sin_().mul_(spec.mscale).to(self.device, self.dtype)
+            cached = self._rope_cache[spec] = (cos, sin)
         return cached
 
     def rope(self, x, positions, spec: RopeSpec):

@@ -14,6 +14,7 @@ its scores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from heapq import heappop, heappush
 
 from diptych.errors import TokenizerError
@@ -22,7 +23,7 @@ from diptych.errors import TokenizerError
 class SentencePiece:
     """Text fragment -> token ids and character ranges, by llama.cpp's merge rule."""
 
-    def __init__(self, vocab: dict[str, int], scores: list[float], byte_ids: list[int | None],
+    def __init__(self, vocab: dict[str, int], scores: Sequence[float], byte_ids: list[int | None],
                  unk_id: int | None):
         self._vocab = vocab              # token text -> id
         self._scores = scores            # per id

@@ -39,6 +39,7 @@ Known differences from llama.cpp (none is hit by the test corpus):
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
@@ -377,7 +378,8 @@ class Tokenizer:
             scores = (np.zeros(n_vocab, dtype=np.float32) if scores_raw is None
                       else np.asarray(scores_raw, dtype=np.float32)[:n_vocab])
             byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
-            encoder = SentencePiece(vocab, scores.tolist(), byte_ids, unk_id)
+            # float32 per id, read as Python floats: a list of them would hold 32 bytes an id
+            encoder = SentencePiece(vocab, array("f", scores.tobytes()), byte_ids, unk_id)
 
         # ---- special tokens: split out of the text before the model runs
         name = _as_str(_get(md, "general.name", "")).lower()

@@ -8,6 +8,11 @@ without numba's compiler registries"). A cached function needs only numba's runt
 which the refresh would also have started. A cache miss still refreshes the registries, in
 numba's compiler (CompilerBase).
 
+Starting the runtime compiles a few of its functions with LLVM, which pages in most of
+LLVM's optimizer and code generator: 27 MiB of libllvmlite's code resident (BENCHMARKS.md).
+Their object code is kept in diptych's cache folder (one file per numba, llvmlite and CPU)
+and later processes load it, as numba loads a cached function.
+
 Every numba function of the CPU backend takes this decorator, but for the generated kernels
 that their launchers call (kernel_source._LAUNCHER): a cached launcher holds their code, so
 they are only ever loaded while a launcher compiles.
@@ -15,14 +20,75 @@ they are only ever loaded while a launcher compiles.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
+import llvmlite
+import numba
 from numba import njit as _numba_njit
 from numba.core.caching import FunctionCache
-from numba.core.runtime import rtsys
+from numba.core.compiler_lock import global_compiler_lock
+from numba.core.runtime import nrtdynmod, rtsys
+
+from diptych.paths import cache_dir, write_cached
+
+_NRT_HEADER = struct.Struct("<32sQ")   # blake2b of the rest, length of the object code
+
+
+def _nrt_file(codegen):
+    key = repr((numba.__version__, llvmlite.__version__, codegen.magic_tuple()))
+    return cache_dir() / "kernels" / f"nrt-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
+
+
+def _read_nrt(path):
+    """(object code, bitcode) of the runtime's functions, or None: a missing, short or
+    damaged file (loading damaged object code could crash the process, not raise)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < _NRT_HEADER.size:
+        return None
+    digest, n_object = _NRT_HEADER.unpack_from(data)
+    body = data[_NRT_HEADER.size:]
+    if hashlib.blake2b(body, digest_size=32).digest() != digest or n_object > len(body):
+        return None
+    return body[:n_object], body[n_object:]
+
+
+def _nrt_functions(ctx):
+    """numba's nrtdynmod.compile_nrt_functions, loaded from the object code an earlier
+    process kept, or compiled and kept."""
+    codegen = ctx.codegen()
+    path = _nrt_file(codegen)
+    kept = _read_nrt(path)
+    if kept is not None:
+        return codegen.unserialize_library(("nrt", "object", kept))
+    ir_module, library = nrtdynmod.create_nrt_module(ctx)
+    library.enable_object_caching()
+    library.add_ir_module(ir_module)
+    library.finalize()
+    object_code, bitcode = library.serialize_using_object_code()[2]
+    body = object_code + bitcode
+    header = _NRT_HEADER.pack(hashlib.blake2b(body, digest_size=32).digest(), len(object_code))
+    write_cached(path, lambda tmp: tmp.write_bytes(header + body))
+    return library
+
+
+def start_runtime(ctx) -> None:
+    """rtsys.initialize(ctx), its compiled functions from the kept object code."""
+    with global_compiler_lock:
+        compile_nrt_functions = nrtdynmod.compile_nrt_functions
+        nrtdynmod.compile_nrt_functions = _nrt_functions
+        try:
+            rtsys.initialize(ctx)
+        finally:
+            nrtdynmod.compile_nrt_functions = compile_nrt_functions
 
 
 class _CacheWithoutRegistries(FunctionCache):
     def load_overload(self, sig, target_context):
-        rtsys.initialize(target_context)
+        start_runtime(target_context)
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)
 

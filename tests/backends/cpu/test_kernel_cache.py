@@ -1,6 +1,7 @@
 """kernel_cache: kernels compile once per machine and load from numba's on-disk cache in
 every later process, whole (the launcher included: nothing is rebuilt per process) and
-without numba's compiler registries (cached_njit), and then compute what gguf-py does; the
+without numba's compiler registries or compiling its runtime's functions (cached_njit), and
+then compute what gguf-py does; the
 compile listener hears of a compile and of nothing else; precompile survives a script that
 spawns its workers without a __main__ guard."""
 
@@ -20,7 +21,12 @@ PROBE = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from gguf import GGMLQuantizationType as QT, quants
+    from numba.core.runtime import nrtdynmod
     from diptych.backends.torch.cpu import kernel_cache
+    runtime_compiles = []
+    create_nrt_module = nrtdynmod.create_nrt_module
+    nrtdynmod.create_nrt_module = lambda ctx: (runtime_compiles.append(1),
+                                               create_nrt_module(ctx))[1]
     from diptych.backends.torch.cpu.qlinear import QuantLinear
     from diptych.quant import QuantTensor
     heard = []
@@ -36,7 +42,8 @@ PROBE = textwrap.dedent("""
                       "cached": kernel_cache.is_cached("deq_rows", QT.Q8_0),
                       "exact": bool(np.array_equal(rows.numpy(),
                                                    quants.dequantize(blocks, QT.Q8_0)[ids])),
-                      "registries": "numba.np.linalg" in sys.modules}))
+                      "registries": "numba.np.linalg" in sys.modules,
+                      "runtime_compiles": len(runtime_compiles)}))
 """)
 
 
@@ -54,10 +61,27 @@ def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
     assert first["heard"] == ["compiling the Q8_0 deq_rows kernel for this CPU", None]
     assert first["misses"] == 1 and first["cached"] and first["exact"]
     assert first["registries"]  # what the second process is spared: compiling loads them
+    assert first["runtime_compiles"] == 1
     again = _probe(tmp_path)
     assert again["heard"] == []
     assert again["hits"] == 1 and again["misses"] == 0 and again["exact"]
-    assert not again["registries"]
+    assert not again["registries"] and again["runtime_compiles"] == 0
+
+
+@pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_copy_of_the_runtime_is_compiled_again(tmp_path, damage):
+    """The runtime's kept object code is checked before LLVM loads it: a damaged file is
+    compiled again and rewritten, and the kernel still computes what gguf-py does."""
+    _probe(tmp_path)
+    (kept,) = (tmp_path / "kernels").glob("nrt-*.bin")
+    data = kept.read_bytes()
+    kept.write_bytes({"truncated": data[:len(data) // 2],
+                      "flipped": data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:]}[damage])
+    again = _probe(tmp_path)
+    assert again["exact"] and again["hits"] == 1 and again["runtime_compiles"] == 1
+    assert kept.read_bytes() == data
+    assert _probe(tmp_path)["runtime_compiles"] == 0
 
 
 UNGUARDED = textwrap.dedent("""
