@@ -141,8 +141,11 @@ class CpuBackend(TorchBackend):
 
     def topk(self, x, k):
         if k == 1 and x.dim() == 2:
-            # one reduction (the first of equal maxima, NaN if there is one, as torch.topk):
-            # inside decode each op's overhead outweighs the chunks' faster arithmetic
+            if x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+                # numpy's argmax is vectorised, torch's index reductions are not (a 262k
+                # row: BENCHMARKS.md); both give the first of equal maxima, or the first NaN
+                ids = torch.from_numpy(x.numpy().argmax(-1)[:, None])
+                return torch.gather(x, 1, ids), ids
             return torch.max(x, -1, keepdim=True)
         if x.dim() == 2 and chunked_topk.takes(x.shape[-1], k) and not x.requires_grad:
             return chunked_topk.topk(x, k)

@@ -34,14 +34,18 @@ def test_equals_torch_topk(be, width, rows):
 
 
 def test_the_best_one_is_the_first_of_equals_or_a_nan(be):
-    # k = 1 (greedy) is one reduction on the CPU backend: torch.topk's choices
+    # k = 1 (greedy) is numpy's argmax on the CPU backend: torch.topk's choices
     x = _logits(3, 49152 + 5)
     x[0, [9, 30000, 49155]] = 50.0
     x[1, 77] = torch.nan
     x[2, -1] = 50.0
-    values, ids = be.topk(x, 1)
-    assert ids.ravel().tolist() == [9, 77, 49156] == torch.topk(x, 1).indices.ravel().tolist()
-    assert values.shape == (3, 1) and torch.isnan(values[1, 0])
+    strided = torch.empty(x.shape[::-1]).t()
+    strided.copy_(x)   # the same values, not contiguous: torch's own reduction
+    for y in (x, strided):
+        values, ids = be.topk(y, 1)
+        assert ids.ravel().tolist() == [9, 77, 49156] == torch.topk(y, 1).indices.ravel().tolist()
+        assert values.shape == (3, 1) and torch.isnan(values[1, 0])
+        assert values[[0, 2], 0].tolist() == [50.0, 50.0]
 
 
 def test_the_best_values_crowded_in_one_chunk_and_in_the_tail(be):
