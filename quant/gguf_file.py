@@ -185,13 +185,19 @@ class GGUFMetadata(Mapping):
             self._values[key] = value
         return value
 
+    def take(self, key: str) -> Any:
+        """metadata[key], an array decoded afresh and not kept: for a large array that its
+        reader copies into its own form (a BPE merge list: 151,000 strings for Qwen2.5).
+        KeyError if absent."""
+        value = self._values[key]
+        return self._decode(key, value) if isinstance(value, _LazyArray) else value
+
     def _decode(self, key: str, lazy: _LazyArray) -> Any:
         if self._mm is None:
             raise ModelFileError(f"{self._path}: closed before metadata array {key!r} was read")
         self._array_types[key] = lazy.elem_type
         if lazy.string_ends is not None:
             strings = _decode_strings(self._mm, lazy.offset, lazy.string_ends)
-            lazy.string_ends = None
             if strings is not None:
                 return strings
         return _decode_array(self._mm, lazy.elem_type, lazy.count, lazy.offset)[0]

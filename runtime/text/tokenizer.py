@@ -48,6 +48,7 @@ import numpy as np
 
 from diptych.errors import ModelFileError, TokenizerError, UnsupportedModelError
 from diptych.gc_pause import gc_paused
+from diptych.quant.gguf_file import GGUFMetadata
 
 from .special_tokens import SpecialTokens
 from .spm import SentencePiece
@@ -345,7 +346,10 @@ class Tokenizer:
             from tokenizers import Regex, models, pre_tokenizers
             from tokenizers import Tokenizer as HFTokenizer
 
-            raw_merges = _get(md, "tokenizer.ggml.merges")
+            # the merges live on in `tokenizers`' model: a GGUF's decoded copy is not kept
+            raw_merges = (md.take("tokenizer.ggml.merges")
+                          if isinstance(md, GGUFMetadata) and "tokenizer.ggml.merges" in md
+                          else _get(md, "tokenizer.ggml.merges"))
             if raw_merges is None:
                 raise ModelFileError("a byte-level BPE vocabulary needs tokenizer.ggml.merges")
             raw_merges = list(raw_merges)

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from diptych.errors import ModelFileError, UnsupportedModelError
 from diptych.quant.dequant import SUPPORTED_TYPES
 from diptych.quant.gguf_file import GGUFFile, GGUFMetadata, _decode_strings
+from diptych.text.tokenizer import Tokenizer
 
 
 # -- real files against GGUFReader ------------------------------------------------------
@@ -88,6 +89,13 @@ def test_qwen_vocab_is_not_decoded_at_open(qwen_path):
         tokens = md["tokenizer.ggml.tokens"]
         assert md.is_decoded("tokenizer.ggml.tokens") and tokens[:3] == ["!", '"', "#"]
         assert not md.is_decoded("tokenizer.ggml.merges")
+        # the tokenizer copies the merges into its own model: the metadata keeps none
+        Tokenizer.from_gguf_metadata(md)
+        assert not md.is_decoded("tokenizer.ggml.merges")
+        merges = md.take("tokenizer.ggml.merges")
+        assert len(merges) == 151387 and merges[0] == "Ġ Ġ"
+        assert md.take("tokenizer.ggml.merges") == merges == md["tokenizer.ggml.merges"]
+        assert md.is_decoded("tokenizer.ggml.merges")
 
 
 # -- synthetic files written by gguf.GGUFWriter -------------------------------------------
