@@ -81,6 +81,20 @@ def test_rope_matches_torch(be, head_dim, dim):
         _close(out, ref)
 
 
+def test_rope_tables_cover_the_positions_reached():
+    """The cos/sin tables start small and grow as positions go past them, each time to at
+    least the position asked for, with the values of the float64 formula."""
+    be = select("torch", "cpu")
+    spec = RopeSpec(64, 10000.0, mscale=1.1)
+    assert be._cos_sin(spec, 3)[0].shape[0] < 1024
+    for n in (257, 700, 5000):
+        cos, sin = be._cos_sin(spec, n)
+        assert cos.shape[0] >= n and sin.shape == cos.shape
+    angle = np.arange(cos.shape[0])[:, None] * spec.frequencies()[None]
+    np.testing.assert_allclose(cos.numpy(), np.cos(angle) * 1.1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sin.numpy(), np.sin(angle) * 1.1, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_glu_matches_torch(be, act):
     g = _gen(7)
