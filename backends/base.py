@@ -310,7 +310,8 @@ class Backend(ABC):
     @abstractmethod
     def topk(self, x: Array, k: int) -> tuple[Array, Array]:
         """The k largest values of each row, in descending order, and their indices
-        (1 <= k <= N; k = N sorts the row)."""
+        (1 <= k <= N; k = N sorts the row). NaN counts as larger than any number, as in
+        torch.topk: the sampler finds a non-finite row by its best candidate."""
 
     @abstractmethod
     def softmax(self, x: Array) -> Array:

@@ -40,16 +40,29 @@ def check_block_rows_equal_single_rows(be, logits: np.ndarray, histories: list[l
 
 
 def check_non_finite_rows_are_flagged(be) -> None:
-    """NaN, +inf and -inf rows are flagged and still yield in-range tokens (the draw does not
-    fail on them); the finite rows are not flagged, even one whose sum overflows."""
-    rows = np.tile(np.random.default_rng(0).standard_normal((1, 300)), (5, 1))
-    rows[0, 3], rows[1, 5], rows[2, 7] = np.nan, np.inf, -np.inf
+    """A row with a NaN or +inf anywhere, or with no finite logit, is flagged and still
+    yields an in-range token (the draw does not fail on it). Not flagged: a row whose -inf
+    logits sit beside finite ones (those tokens get probability 0), a row of large finite
+    logits whose sum overflows, and a NaN behind the token mask (a banned token)."""
+    rows = np.tile(np.random.default_rng(0).standard_normal((1, 300)), (7, 1))
+    rows[0, 3], rows[1, 5], rows[2, 7], rows[6, 9] = np.nan, np.inf, -np.inf, np.nan
+    rows[3] = -np.inf
     rows[4] = np.abs(rows[4]) * 1e37 + 1e37  # each finite in float32, their sum not
+    rows[2, 8] = rows[2].max() + 5     # the -inf row's best token: its next one is 7
+    allowed = np.ones((7, 300), np.int64)
+    allowed[6, 9] = 0
+    mask = be.ids(allowed) > 0
     for params in (SamplingParams(seed=0), SamplingParams(temperature=0),
-                   SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=0)):
-        out = Sampler(be, params, 300).sample(device_logits(be, rows), probs=True, logprobs=2)
-        assert out.finite == [False, False, False, True, True]
+                   SamplingParams(top_k=0, top_p=1.0, min_p=0.0, seed=0),
+                   SamplingParams(top_k=0, top_p=0.9, min_p=0.0, seed=0),
+                   SamplingParams(repetition_penalty=1.3, seed=0)):
+        sampler = Sampler(be, params, 300)
+        out = sampler.sample(device_logits(be, rows), sampler.history([[3, 5, 7, 9]]),
+                             mask=mask, probs=True, logprobs=2)
+        assert out.finite == [False, False, True, False, True, True, True], params
         assert all(0 <= t < 300 for t in out.tokens)
+        probs = be.to_numpy(out.probs)
+        assert probs[2, 7] == 0 and probs[6, 9] == 0
 
 
 @functools.cache

@@ -28,6 +28,7 @@ would be rebuilt every step.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import replace
@@ -371,11 +372,13 @@ class MLXBackend(Backend):
         return mx.zeros(shape, dtype=mx.float32)
 
     def topk(self, x, k):
+        # MLX orders NaN last, torch first (the contract): order by a key with NaN as +inf
+        key = -mx.where(mx.isnan(x), math.inf, x)
         if k >= x.shape[-1]:
-            idx = mx.argsort(-x, axis=-1)
+            idx = mx.argsort(key, axis=-1)
         else:  # the k largest in any order, then only those sorted
-            idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
-            idx = mx.take_along_axis(idx, mx.argsort(-mx.take_along_axis(x, idx, axis=-1),
+            idx = mx.argpartition(key, k - 1, axis=-1)[..., :k]
+            idx = mx.take_along_axis(idx, mx.argsort(mx.take_along_axis(key, idx, axis=-1),
                                                      axis=-1), axis=-1)
         return mx.take_along_axis(x, idx, axis=-1), idx
 

@@ -32,8 +32,10 @@ from .sampling import SamplingParams
 class Sampled:
     """One `Sampler.sample` call's results, per row.
 
-    `finite`: whether the row's logits were all finite (a row that was not drew an
-    arbitrary token). `probs`: on request, the (R, V) device array each token was drawn from
+    `finite`: whether the row's best candidate was finite. A NaN or +inf logit anywhere
+    sorts first, and a row with no finite logit has a best of -inf, so this flags every
+    row without a distribution (which drew an arbitrary token); -inf logits beside finite
+    ones are tokens of probability 0, not a fault. `probs`: on request, the (R, V) device array each token was drawn from
     (the filters applied and renormalised; one-hot when greedy), the p and q of speculative
     rejection sampling. `logprob`, `top_ids`, `top_logprobs`: on request, under the model's
     own distribution (the log-softmax of the raw logits).
@@ -153,7 +155,6 @@ class Sampler:
                                      or not 0 <= logprobs <= vocab):
             raise SamplingError(f"logprobs must be None or an integer in [0, {vocab}], "
                                 f"got {logprobs!r}")
-        finite = be.finite_rows(raw).reshape(rows, 1)
         x = raw if mask is None else be.where(mask, raw, -math.inf)
         if self.bias is not None:
             x = x + self.bias
@@ -165,13 +166,14 @@ class Sampler:
                                     f"logits")
             x = self._penalize(x, *history.seen(rows))
         if p.greedy:
-            tokens = be.topk(x, 1)[1]
+            best, tokens = be.topk(x, 1)
+            finite = be.finite_rows(best)
             dist = (be.scatter_add(be.zeros((rows, vocab)), tokens, be.zeros((rows, 1)) + 1.0)
                     if probs else None)
         else:
-            tokens, dist = self._draw(x, finite, probs)
+            tokens, dist, finite = self._draw(x, probs)
 
-        parts = [be.float32(tokens), be.float32(finite)]
+        parts = [be.float32(tokens), be.float32(finite.reshape(rows, 1))]
         if logprobs is not None:
             lp = be.log_softmax(raw)
             parts.append(be.gather(lp, tokens))
@@ -204,19 +206,21 @@ class Sampler:
             out = be.where(counts > 0, out, seen)
         return be.scatter(x, idx, out)
 
-    def _draw(self, x, finite, want_probs: bool):
-        """top-k, top-p, min-p, temperature, then a draw -> ((R, 1) ids, dense probs)."""
+    def _draw(self, x, want_probs: bool):
+        """top-k, top-p, min-p, temperature, then a draw -> ((R, 1) ids, dense probs,
+        (R, 1) whether the best candidate was finite)."""
         be, p = self.backend, self.params
         rows, vocab = x.shape
         # top-p needs the candidates sorted: all of them when top-k is off
         k = p.top_k if 0 < p.top_k < vocab else (vocab if p.top_p < 1 else 0)
         vals, idx = be.topk(x, k) if k else (x, None)
+        best = vals[:, :1] if idx is not None else be.topk(vals, 1)[0]
+        finite = be.finite_rows(best).reshape(rows, 1)
         keep = None
         if p.top_p < 1:
             pr = be.softmax(vals)
             keep = be.cumsum(pr) - pr < p.top_p  # the token that reaches top_p stays
         if self.min_p_offset is not None:
-            best = vals[:, :1] if idx is not None else be.topk(vals, 1)[0]
             near = vals >= best + self.min_p_offset
             keep = near if keep is None else keep & near
         if keep is not None:
@@ -227,6 +231,6 @@ class Sampler:
         q = be.where(finite, q, 1.0 / q.shape[-1])
         choice = be.categorical(q, self.rng).reshape(rows, 1)
         if idx is None:
-            return choice, q if want_probs else None
+            return choice, q if want_probs else None, finite
         dist = be.scatter_add(be.zeros((rows, vocab)), idx, q) if want_probs else None
-        return be.gather(idx, choice), dist
+        return be.gather(idx, choice), dist, finite
