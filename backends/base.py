@@ -120,12 +120,12 @@ class KVStorage(ABC):
     specs: list[LayerCacheSpec]
 
     @abstractmethod
-    def snapshot(self, layers: list[int]) -> Any:
-        """A copy of the given layers' buffers, for `restore`."""
+    def snapshot(self, layers: list[tuple[int, int]]) -> Any:
+        """A copy of each (layer, n) pair's first n slots, for `restore`."""
 
     @abstractmethod
     def restore(self, copy: Any) -> None:
-        """Put a snapshot's buffers back."""
+        """Put a snapshot's slots back (the slots past them keep what they hold)."""
 
     @property
     @abstractmethod

@@ -65,16 +65,19 @@ class MLXKV(KVStorage):
         return sum(int(a.nbytes) for a in self.k + self.v if a is not None)
 
     def snapshot(self, layers):
-        copy = [(i, mx.array(self.k[i]), None if self.v[i] is None else mx.array(self.v[i]))
-                for i in layers]
+        copy = [(i, mx.array(self.k[i][:, :, :n]),
+                 None if self.v[i] is None else mx.array(self.v[i][:, :, :n]))
+                for i, n in layers]
         mx.eval([a for _, k, v in copy for a in (k, v) if a is not None])
         return copy
 
     def restore(self, copy):
-        for i, k, v in copy:  # the snapshot stays intact: later writes replace these arrays
-            self.k[i] = mx.array(k)
+        for i, k, v in copy:  # the snapshot stays intact: the writes copy from it
+            n = k.shape[2]
+            self.k[i][:, :, :n] = k
             if v is not None:
-                self.v[i] = mx.array(v)
+                self.v[i][:, :, :n] = v
+        mx.eval([a for i, _, v in copy for a in (self.k[i], self.v[i]) if a is not None])
 
 
 class MLXRng:

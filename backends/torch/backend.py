@@ -48,14 +48,16 @@ class TorchKV(KVStorage):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     def snapshot(self, layers):
-        return [(i, self.k[i].clone(), None if self.v[i] is None else self.v[i].clone())
-                for i in layers]
+        return [(i, self.k[i][:, :, :n].clone(),
+                 None if self.v[i] is None else self.v[i][:, :, :n].clone())
+                for i, n in layers]
 
     def restore(self, copy):
         for i, k, v in copy:
-            self.k[i].copy_(k)
+            n = k.shape[2]
+            self.k[i][:, :, :n].copy_(k)
             if v is not None:
-                self.v[i].copy_(v)
+                self.v[i][:, :, :n].copy_(v)
 
 
 class TorchBackend(Backend):

@@ -116,11 +116,15 @@ class KVCache:
         del self.tokens[length:]
 
     def snapshot(self):
-        """(ids, copy of the ring layers) as they are now, for `restore`; None without rings
-        or tokens."""
+        """(ids, copy of the ring layers' slots in use) as they are now, for `restore`; None
+        without rings or tokens. A ring that has not wrapped holds positions 0..n-1 in its
+        first n slots (slots.py): only those are copied, so a short chat's snapshots do not
+        make the whole ring resident."""
         if not self.rings or not self.tokens:
             return None
-        return list(self.tokens), self.storage.snapshot(self.rings)
+        n = len(self.tokens)
+        return list(self.tokens), self.storage.snapshot(
+            [(i, min(n, self.specs[i].slots)) for i in self.rings])
 
     def restore(self, snapshot) -> None:
         ids, copy = snapshot

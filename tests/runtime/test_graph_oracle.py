@@ -213,6 +213,38 @@ def test_regenerate_and_resend_on_wrapped_rings_use_snapshots(tiny, engine_for, 
     assert sum(fed) == 3
 
 
+@pytest.mark.parametrize("family", WINDOWED)
+def test_a_snapshot_before_the_ring_wraps_holds_the_slots_in_use(tiny, engine_for, family):
+    """A 6-token prompt on rings of 11 slots: prefill's snapshot (at 5 tokens) copies 5
+    slots of each ring, not the ring. A 12-token reply wraps the rings past every spare
+    slot; regenerating restores that snapshot, re-feeds the prompt's last token, and gives a
+    fresh cache's logits, and so does the reply fed again after it."""
+    _, path, _ = tiny(family)
+    eng = engine_for(path, n_batch=4)
+    main = eng.main
+    prompt, reply = IDS[:6], IDS[6:18]
+    eng.prefill(prompt)
+    (ids, copy), = main.snapshots
+    ring = main.cache.specs[copy[0][0]]
+    assert ids == prompt[:5] and ring.window and ring.slots == 11
+    per_slot = ring.n_kv_heads * ring.k_dim
+    assert all(eng.backend.to_numpy(k).size == 5 * per_slot for _, k, _ in copy)
+    for t in reply:
+        eng.eval([t])
+    fed = []
+    eval_ = main.eval
+    main.eval = lambda ids, *a: (fed.append(len(ids)), eval_(ids, *a))[1]
+    got = eng.prefill(prompt)
+    assert fed == [1] and eng.tokens == prompt
+    want = engine_for(path).eval(prompt, all_logits=True)[-1]
+    assert _rel(eng.backend.to_numpy(got)[0], want) <= 1e-5
+    for t in reply[:-1]:
+        eng.eval([t])
+    got = eng.eval([reply[-1]])
+    want = engine_for(path).eval(prompt + reply, all_logits=True)[-1]
+    assert _rel(eng.backend.to_numpy(got)[0], want) <= 1e-5
+
+
 def test_moe_without_topk_normalisation(tmp_path, backend_name):
     """Qwen3-MoE with norm_topk_prob=False (transformers' default): the routing weights are
     the raw softmax probabilities of the chosen experts."""
