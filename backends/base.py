@@ -313,6 +313,11 @@ class Backend(ABC):
         (1 <= k <= N; k = N sorts the row). NaN counts as larger than any number, as in
         torch.topk: the sampler finds a non-finite row by its best candidate."""
 
+    def scatter_topk(self, x: Array, idx: Array, values: Array, k: int) -> tuple[Array, Array]:
+        """topk(scatter(x, idx, values), k): the k best of x with values put at idx (the
+        sampler's penalised logits); a backend may find them without writing that row."""
+        return self.topk(self.scatter(x, idx, values), k)
+
     @abstractmethod
     def softmax(self, x: Array) -> Array:
         """Softmax over the last axis, computed in and returned as float32."""

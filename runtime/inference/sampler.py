@@ -158,20 +158,21 @@ class Sampler:
         x = raw if mask is None else be.where(mask, raw, -math.inf)
         if self.bias is not None:
             x = x + self.bias
+        pen = None   # (ids, their penalised logits), put in place by the top-k
         if p.uses_history:
             if history is None:
                 raise SamplingError("the penalties need the token history (Sampler.history)")
             if history.rows not in (1, rows):
                 raise SamplingError(f"a history of {history.rows} rows for {rows} rows of "
                                     f"logits")
-            x = self._penalize(x, *history.seen(rows))
+            pen = self._penalties(x, *history.seen(rows))
         if p.greedy:
-            best, tokens = be.topk(x, 1)
+            best, tokens = self._topk(x, pen, 1)
             finite = be.finite_rows(best)
             dist = (be.scatter_add(be.zeros((rows, vocab)), tokens, be.zeros((rows, 1)) + 1.0)
                     if probs else None)
         else:
-            tokens, dist, finite = self._draw(x, probs)
+            tokens, dist, finite = self._draw(x, pen, probs)
 
         parts = [be.float32(tokens), be.float32(finite.reshape(rows, 1))]
         if logprobs is not None:
@@ -190,11 +191,18 @@ class Sampler:
             out.top_logprobs = host[:, 3 + logprobs:]
         return out
 
-    def _penalize(self, x, idx, counts, empty_rows: bool):
-        """llama.cpp's penalties on the ids seen (`idx`, with their `counts`): repetition
-        (divide a positive logit, multiply a negative one), then frequency per occurrence
-        and presence. A penalty that is off costs no op (its arithmetic would give the same
-        bits), nor does the count-0 guard while no row is empty."""
+    def _topk(self, x, pen, k: int):
+        """The k best of x with the penalised logits `pen` in place (None: no penalty);
+        the backend need not write that copy of the row."""
+        be = self.backend
+        return be.topk(x, k) if pen is None else be.scatter_topk(x, *pen, k)
+
+    def _penalties(self, x, idx, counts, empty_rows: bool):
+        """(idx, their logits penalised): llama.cpp's penalties on the ids seen (`idx`, with
+        their `counts`): repetition (divide a positive logit, multiply a negative one), then
+        frequency per occurrence and presence. A penalty that is off costs no op (its
+        arithmetic would give the same bits), nor does the count-0 guard while no row is
+        empty."""
         be, p = self.backend, self.params
         rep = p.repetition_penalty
         seen = out = be.gather(x, idx)
@@ -204,16 +212,19 @@ class Sampler:
             out = out - (counts * p.frequency_penalty + p.presence_penalty)
         if empty_rows:
             out = be.where(counts > 0, out, seen)
-        return be.scatter(x, idx, out)
+        return idx, out
 
-    def _draw(self, x, want_probs: bool):
+    def _draw(self, x, pen, want_probs: bool):
         """top-k, top-p, min-p, temperature, then a draw -> ((R, 1) ids, dense probs,
         (R, 1) whether the best candidate was finite)."""
         be, p = self.backend, self.params
         rows, vocab = x.shape
         # top-p needs the candidates sorted: all of them when top-k is off
         k = p.top_k if 0 < p.top_k < vocab else (vocab if p.top_p < 1 else 0)
-        vals, idx = be.topk(x, k) if k else (x, None)
+        if k:
+            vals, idx = self._topk(x, pen, k)
+        else:
+            vals, idx = (x if pen is None else be.scatter(x, *pen)), None
         best = vals[:, :1] if idx is not None else be.topk(vals, 1)[0]
         finite = be.finite_rows(best).reshape(rows, 1)
         keep = None

@@ -141,9 +141,14 @@ class CpuBackend(TorchBackend):
                 ids = torch.from_numpy(x.numpy().argmax(-1)[:, None])
                 return torch.gather(x, 1, ids), ids
             return torch.max(x, -1, keepdim=True)
-        if x.dim() == 2 and chunked_topk.takes(x.shape[-1], k) and not x.requires_grad:
+        if _chunked(x, k):
             return chunked_topk.topk(x, k)
         return super().topk(x, k)
+
+    def scatter_topk(self, x, idx, values, k):
+        if _chunked(x, k):
+            return chunked_topk.topk(x, k, idx, values)
+        return super().scatter_topk(x, idx, values, k)
 
     # small steps' per-layer ops: one serial kernel each instead of several torch ops
     def rms_norm(self, x, w, eps):
@@ -213,3 +218,9 @@ class CpuBackend(TorchBackend):
 def _tokens(x: torch.Tensor) -> int:
     """Tokens of graph activations (B, T, D), or of per-head ones (B, T, H, Dh)."""
     return x.shape[0] * x.shape[1] if x.dim() >= 3 else x.shape[0]
+
+
+def _chunked(x: torch.Tensor, k: int) -> bool:
+    """Whether a top-k of x goes through chunked_topk's kernel (wide float32 rows)."""
+    return (x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+            and not x.requires_grad and chunked_topk.takes(x.shape[-1], k))

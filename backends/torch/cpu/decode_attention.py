@@ -23,7 +23,6 @@ An MLA layer's values are the first `v_from_k` channels of its keys.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from diptych.backends.base import LayerCacheSpec
 from .cached_njit import cached_njit
 from .decode_ops import as_numpy
 from .fast_exp import FAST_MATH, exp_nonpositive
-from .kernel_cache import compile_listener
+from .kernel_cache import call_announced
 from .step_tape import copy, run
 from .threads import sync_numba_threads
 
@@ -366,29 +365,5 @@ def _attend_visible(q, keys, values, v_dim, positions, key_pos, window, lim, mas
     kernel = _attend if lim[-1] >= MIN_KEYS else _attend_serial  # lim[-1]: the most keys
     if kernel is _attend:
         sync_numba_threads(torch.get_num_threads())
-    args = (q, keys, values, v_dim, lim, mask, scale, out)
-    if kernel in _CALLED:
-        kernel(*args)
-    else:
-        _first_call(kernel, args)
-        _CALLED.add(kernel)
-
-
-_CALLED: set = set()  # the kernels called in this process (`signatures` costs 10-20 us)
-
-
-def _first_call(kernel, args) -> None:
-    """A kernel's first call in this process: it compiles (several seconds) or loads from
-    numba's on-disk cache. Compiling is announced to the backend's compile listener
-    (kernel_cache.set_compile_listener) when numba's cache holds no version of the kernel
-    yet (one cache index serves both stored dtypes)."""
-    listener = compile_listener()
-    if listener is None or any(Path(kernel._cache.cache_path).glob(
-            f"{__name__.rsplit('.', 1)[-1]}.{kernel.__name__}-*.nbi")):
-        kernel(*args)
-        return
-    listener("compiling the decode attention kernel for this CPU")
-    try:
-        kernel(*args)
-    finally:
-        listener(None)
+    call_announced(kernel, (q, keys, values, v_dim, lim, mask, scale, out),
+                   "decode attention kernel")

@@ -96,10 +96,28 @@ def set_compile_listener(listener) -> None:
     _compile_listener = listener
 
 
-def compile_listener():
-    """The listener set_compile_listener set (None: none), for other kernels that compile
-    on first use."""
-    return _compile_listener
+_CALLED: set = set()  # the kernels call_announced called in this process
+
+
+def call_announced(kernel, args: tuple, what: str):
+    """kernel(*args) for a numba kernel compiled on its first call in a process (several
+    seconds) or loaded from numba's on-disk cache. Compiling is announced to the compile
+    listener ("compiling the {what} for this CPU") when the cache holds no version of the
+    kernel yet; after the first call, a set lookup (numba's `signatures` costs 10-20 us)."""
+    if kernel in _CALLED:
+        return kernel(*args)
+    listener = _compile_listener
+    # the function's index in numba's cache (one for all its compiled signatures)
+    if listener is None or Path(kernel._cache._cache_file._index_path).exists():
+        out = kernel(*args)
+    else:
+        listener(f"compiling the {what} for this CPU")
+        try:
+            out = kernel(*args)
+        finally:
+            listener(None)
+    _CALLED.add(kernel)
+    return out
 
 
 def kernel(kind: str, ggml_type):

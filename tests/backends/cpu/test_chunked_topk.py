@@ -60,20 +60,57 @@ def test_the_best_values_crowded_in_one_chunk_and_in_the_tail(be):
     assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
 
 
-def test_masked_rows_and_non_finite_rows(be):
-    x = torch.full((3, 262144), -torch.inf)
+def test_masked_rows_and_equal_values(be):
+    # a grammar allows three tokens: the other 37 of the 40 are -inf, the lowest ids first
+    x = torch.full((2, 262144), -torch.inf)
     allowed = [7, 70000, 262143]
-    x[0, allowed] = torch.tensor([1.0, 3.0, 2.0])        # a grammar allows three tokens
-    x[1] = _logits(1, 262144)[0]
-    x[1, 99] = torch.nan
-    x[2] = _logits(1, 262144, seed=2)[0]
+    x[0, allowed] = torch.tensor([1.0, 3.0, 2.0])
+    x[1] = _logits(1, 262144, seed=2)[0]
+    x[1, [90000, 5, 200000, 131]] = 30.0                   # a four-way tie at the top
     values, ids = be.topk(x, 40)
-    assert ids[0, :3].tolist() == [70000, 262143, 7]
+    assert ids[0].tolist() == [70000, 262143, 7] + [i for i in range(38) if i != 7][:37]
     assert torch.isneginf(values[0, 3:]).all()
-    assert len(set(ids[0].tolist())) == 40                  # distinct, as torch.topk's are
-    assert ((ids >= 0) & (ids < 262144)).all()
-    want = torch.topk(x[2:], 40)
-    assert torch.equal(values[2:], want.values) and torch.equal(ids[2:], want.indices)
+    assert ids[1, :4].tolist() == [5, 131, 90000, 200000]
+    want = torch.topk(x[1:], 40)
+    assert torch.equal(values[1:], want.values)
+    assert sorted(ids[1, :4].tolist()) == sorted(want.indices[0, :4].tolist())
+    assert torch.equal(ids[1, 4:], want.indices[0, 4:])
+
+
+def test_a_row_with_nan_takes_torch_topk(be):
+    x = _logits(2, 262144)
+    x[1, 99] = torch.nan
+    for values, ids in (be.topk(x, 40), be.scatter_topk(x, torch.tensor([[3], [4]]),
+                                                        torch.tensor([[0.5], [0.5]]), 40)):
+        assert ids[1, 0] == 99 and torch.isnan(values[1, 0])
+        assert torch.equal(ids[0], torch.topk(x[0], 40).indices) or ids[0, 0] == 3
+    y = _logits(1, 262144)
+    values, ids = be.scatter_topk(y, torch.tensor([[11]]), torch.tensor([[torch.nan]]), 40)
+    assert ids[0, 0] == 11 and torch.isnan(values[0, 0])      # a NaN put in place
+
+
+@pytest.mark.parametrize("width", [262144, 151936 + 77])
+@pytest.mark.parametrize("k", [1, 40, 64])
+def test_values_put_in_place_equal_torch_topk_of_the_scattered_row(be, width, k):
+    # the penalties' case: some of each row's best lowered (out of the top-k or not), some
+    # low values raised into it, ids in the short last chunk, and a row's ids padded by
+    # repeating its last one (TokenHistory.seen)
+    x = _logits(3, width, seed=k)
+    rng = np.random.default_rng(k)
+    top = torch.topk(x, 8).indices
+    idx = torch.stack([top[0], torch.from_numpy(rng.integers(0, width, 8)),
+                       torch.arange(width - 8, width)])
+    idx = torch.cat([idx, torch.from_numpy(rng.integers(0, width, (3, 56)))], 1)
+    idx = torch.cat([idx, idx[:, -1:].expand(3, 8)], 1)
+    put = torch.gather(x, 1, idx) / 1.1 - 5.0
+    put[1, :8] = 20.0 + torch.arange(8.0)                  # raised past every other value
+    put[:, -8:] = put[:, -9:-8]                            # the padding's values repeat too
+    want = torch.topk(x.scatter(-1, idx, put), k)
+    values, ids = be.scatter_topk(x, idx, put, k)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+    values, ids = chunked_topk.topk(x, k, idx, put)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+    assert torch.equal(x, _logits(3, width, seed=k))      # the row itself is not written
 
 
 def test_narrow_rows_and_large_k_take_torch_topk():

@@ -68,6 +68,41 @@ def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
     assert not again["registries"] and again["runtime_compiles"] == 0
 
 
+ANNOUNCED = textwrap.dedent("""
+    import json
+    import numpy as np
+    from diptych.backends.torch.cpu import kernel_cache
+    from diptych.backends.torch.cpu.cached_njit import cached_njit
+
+    @cached_njit()
+    def twice(x):
+        return 2 * x
+
+    heard = []
+    kernel_cache.set_compile_listener(heard.append)
+    out = [kernel_cache.call_announced(twice, (np.arange(3.0),), "doubling kernel").tolist()
+           for _ in range(2)]
+    print(json.dumps({"heard": heard, "out": out}))
+""")
+
+
+def test_a_kernel_compiled_on_its_first_call_is_announced_once_per_machine(tmp_path):
+    """call_announced (the decode attention and the sampler's top-k): the listener hears
+    of the compile in the first process, of nothing on the second call or in a later
+    process that loads the kernel from numba's cache."""
+    (tmp_path / "announced_probe.py").write_text(ANNOUNCED)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, str(tmp_path / "announced_probe.py")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0] == {"heard": ["compiling the doubling kernel for this CPU", None],
+                       "out": [[0.0, 2.0, 4.0]] * 2}
+    assert runs[1] == {"heard": [], "out": [[0.0, 2.0, 4.0]] * 2}
+
+
 @pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
 def test_a_damaged_copy_of_the_runtime_is_compiled_again(tmp_path, damage):
