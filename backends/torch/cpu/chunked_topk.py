@@ -46,9 +46,12 @@ def topk(x: torch.Tensor, k: int, idx: torch.Tensor | None = None,
     else:   # C-contiguous: one compiled version of the kernel
         at = np.ascontiguousarray(idx.numpy(), np.int64)
         put = np.ascontiguousarray(values.numpy(), np.float32)
+        if at.shape != (rows, at.shape[1]) or put.shape != at.shape:
+            raise ValueError(f"ids {tuple(at.shape)} and values {tuple(put.shape)} for "
+                             f"{rows} rows")
     out_v, out_i = np.empty((rows, k), np.float32), np.empty((rows, k), np.int64)
     if not call_announced(_topk_rows, (a, maxima, at, put, k, out_v, out_i),
-                          "sampler's top-k kernel"):  # a NaN: torch orders it
+                          "sampler's top-k kernel"):  # NaN (torch orders it), or a bad id
         return torch.topk(x if idx is None else x.scatter(-1, idx, values), k)
     return torch.from_numpy(out_v), torch.from_numpy(out_i)
 
@@ -57,7 +60,7 @@ def topk(x: torch.Tensor, k: int, idx: torch.Tensor | None = None,
 def _topk_rows(x, whole, idx, put, k, out_v, out_i):
     """out_v, out_i = the k best of each row of x with put[r] at idx[r], largest first (the
     lower id first among equals), given the maxima of its whole chunks as they are in x;
-    False, with the outputs unfinished, if a row holds NaN."""
+    False, with the outputs unfinished, if a row holds NaN or an id is out of range."""
     rows, width = x.shape
     n = (width + CHUNK - 1) // CHUNK
     maxima = np.empty(n, np.float32)
@@ -65,6 +68,8 @@ def _topk_rows(x, whole, idx, put, k, out_v, out_i):
     for r in range(rows):
         order = np.argsort(idx[r])
         at, val = idx[r][order], put[r][order]
+        if at.size and (at[0] < 0 or at[-1] >= width):
+            return False   # torch's scatter says what is wrong
         # 1. each chunk's maximum: read again where a value is replaced, and for the tail
         maxima[:whole.shape[1]] = whole[r]
         if n > whole.shape[1]:

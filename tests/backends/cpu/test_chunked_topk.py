@@ -117,3 +117,13 @@ def test_narrow_rows_and_large_k_take_torch_topk():
     assert not chunked_topk.takes(49152, 97)
     assert not chunked_topk.takes(512, 1)
     assert chunked_topk.takes(151936, 40) and chunked_topk.takes(262144, 512)
+
+
+def test_ids_outside_the_row_are_refused(be):
+    x = _logits(1, 262144)
+    for bad in (262144, -1):
+        with pytest.raises((IndexError, RuntimeError)):
+            be.scatter_topk(x, torch.tensor([[5, bad]]), torch.tensor([[1.0, 2.0]]), 40)
+    with pytest.raises(ValueError, match="for 1 rows"):
+        chunked_topk.topk(x, 40, torch.tensor([[5], [6]]), torch.tensor([[1.0], [2.0]]))
+
