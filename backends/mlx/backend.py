@@ -77,7 +77,7 @@ class MLXKV(KVStorage):
             self.k[i][:, :, :n] = k
             if v is not None:
                 self.v[i][:, :, :n] = v
-        mx.eval([a for i, _, v in copy for a in (self.k[i], self.v[i]) if a is not None])
+        mx.eval([a for i, _, _ in copy for a in (self.k[i], self.v[i]) if a is not None])
 
 
 class MLXRng:

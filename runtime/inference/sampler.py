@@ -35,9 +35,9 @@ class Sampled:
     `finite`: whether the row's best candidate was finite. A NaN or +inf logit anywhere
     sorts first, and a row with no finite logit has a best of -inf, so this flags every
     row without a distribution (which drew an arbitrary token); -inf logits beside finite
-    ones are tokens of probability 0, not a fault. `probs`: on request, the (R, V) device array each token was drawn from
-    (the filters applied and renormalised; one-hot when greedy), the p and q of speculative
-    rejection sampling. `logprob`, `top_ids`, `top_logprobs`: on request, under the model's
+    ones are tokens of probability 0, not a fault. `probs`: on request, the (R, V) device
+    array each token was drawn from (the filters applied and renormalised; one-hot when
+    greedy), the p and q of speculative rejection sampling. `logprob`, `top_ids`, `top_logprobs`: on request, under the model's
     own distribution (the log-softmax of the raw logits).
     """
 
@@ -168,13 +168,13 @@ class Sampler:
             pen = self._penalties(x, *history.seen(rows))
         if p.greedy:
             best, tokens = self._topk(x, pen, 1)
-            finite = be.finite_rows(best)
+            finite = be.finite_rows(best).reshape(rows, 1)
             dist = (be.scatter_add(be.zeros((rows, vocab)), tokens, be.zeros((rows, 1)) + 1.0)
                     if probs else None)
         else:
             tokens, dist, finite = self._draw(x, pen, probs)
 
-        parts = [be.float32(tokens), be.float32(finite.reshape(rows, 1))]
+        parts = [be.float32(tokens), be.float32(finite)]
         if logprobs is not None:
             lp = be.log_softmax(raw)
             parts.append(be.gather(lp, tokens))

@@ -46,7 +46,7 @@ def topk(x: torch.Tensor, k: int, idx: torch.Tensor | None = None,
     else:   # C-contiguous: one compiled version of the kernel
         at = np.ascontiguousarray(idx.numpy(), np.int64)
         put = np.ascontiguousarray(values.numpy(), np.float32)
-        if at.shape != (rows, at.shape[1]) or put.shape != at.shape:
+        if at.ndim != 2 or at.shape[0] != rows or put.shape != at.shape:
             raise ValueError(f"ids {tuple(at.shape)} and values {tuple(put.shape)} for "
                              f"{rows} rows")
     out_v, out_i = np.empty((rows, k), np.float32), np.empty((rows, k), np.int64)

@@ -23,7 +23,6 @@ An MLA layer's values are the first `v_from_k` channels of its keys.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from llvmlite import ir
