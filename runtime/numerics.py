@@ -4,7 +4,8 @@
 activations at their own precision. "fast": each backend's fastest products; on a CPU with
 AVX-512 VNNI the torch backend rounds each inference step's activations to 8 bits per 32
 values before a quantized weight and multiplies in integers
-(backends/torch/cpu/int8_activations.py), as llama.cpp does; elsewhere it is "exact". Not
+(backends/torch/cpu/int8_activations.py), as llama.cpp does, and where the CPU multiplies
+bf16 natively its widest prompt steps multiply bf16 copies instead; elsewhere it is "exact". Not
 the default because rounding makes outputs depend on fp32-level differences: two runs
 whose prompts were cut or batched differently (a reused prompt prefix, a server's batch,
 prompt chunks) differ by about the rounding's error instead of a few ulps, so their greedy

@@ -17,11 +17,13 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
   "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
                  calling thread) and multiply with torch.mm (MKL).
   "gemm_i8"      for weights prepared for numerics "fast" (`int8`, CpuBackend.prepare, on
-                 CPUs with AVX-512 VNNI), in inference steps, where DISPATCH says gemm_s:
-                 x as int8 codes per 32 values (int8_activations.py), integer dot products
-                 against the weights' codes, scaled per unit (kernel_source.py, _I8_CODE).
-                 Where DISPATCH says tiles, the same steps multiply the tiles by x rounded
-                 the same way ("tiles_i8"): every width of an inference step rounds x.
+                 CPUs with AVX-512 VNNI), in inference steps: x as int8 codes per 32 values
+                 (int8_activations.py), integer dot products against the weights' codes,
+                 scaled per unit (kernel_source.py, _I8_CODE).
+  "tiles_bf16"   the same weights and steps, from _I8_BF16_TILES_FROM rows where the CPU
+                 multiplies bf16 natively: bf16 copies of x and of each tile (torch.mm on
+                 oneDNN), each product rounded to bf16. Every width of an inference step
+                 thus rounds x to 8 significant bits.
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
   Within `bf16_products()` (training with compute_dtype "bf16"), the tile path and the input
   gradient multiply bf16 copies of x (or grad y) and of each tile, accumulating in fp32,
@@ -80,8 +82,14 @@ DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
     QT.IQ4_NL: ((1, "gemv1"), (2, "gemm_s"), (16, "tiles")),
 }
 PATHS = ("gemv1", "gemm_s", "tiles")
-# the paths that take x rounded to int8 in their place (QuantLinear._path)
-_ROUNDED_X = {"gemm_s": "gemm_i8", "tiles": "tiles_i8"}
+# the paths whose place numerics "fast" gives gemm_i8 or tiles_bf16 (QuantLinear._path)
+_ROUNDED_X = ("gemm_s", "tiles")
+# Numerics "fast": the rows of x from which the tiles, multiplied in bf16 where that is
+# native, outrun gemm_i8 (`python benchmarks/bench_qlinear.py --crossover --int8 --threads
+# 2`, BENCHMARKS.md); Q4_0's gemm_i8 stayed the faster to 256 rows, and fp32 tiles never
+# caught up with gemm_i8 to 384 rows on any type: without native bf16 every width takes it.
+_I8_BF16_TILES_FROM = {QT.Q4_1: 256, QT.Q5_0: 192, QT.Q5_1: 192, QT.Q8_0: 192, QT.Q2_K: 192,
+                       QT.Q3_K: 160, QT.Q4_K: 256, QT.Q5_K: 160, QT.Q6_K: 160}
 
 
 def path_for(ggml_type: QT, m: int) -> str:
@@ -273,8 +281,8 @@ class QuantLinear:
         """y = xn @ W.T through one of PATHS (xn: C-contiguous float32, at least one row)."""
         if path == "tiles":
             return self._tiled(torch.from_numpy(xn))
-        if path == "tiles_i8":
-            return self._tiled(torch.from_numpy(int8_activations.rounded(xn)))
+        if path == "tiles_bf16":
+            return self._tiled(torch.from_numpy(xn), bf16=True)
         return torch.from_numpy(self._kernel_rows(path, xn))
 
     def small_rows(self, xn: np.ndarray) -> np.ndarray | None:
@@ -294,12 +302,13 @@ class QuantLinear:
 
     def _path(self, m: int) -> str:
         """DISPATCH's path for m rows of x. In inference steps where the CPU has gemm_i8,
-        every width rounds x to 8 bits: gemm_s is taken by gemm_i8, and the tiles multiply
-        the rounded x ("tiles_i8"), so that a product does not depend on how a prompt was
-        cut into steps (training keeps fp32 in all its passes)."""
+        every width rounds x to 8 bits: gemm_i8 takes the place of gemm_s and of the fp32
+        tiles, and where bf16 is native the widest steps multiply bf16 copies of x and of
+        the tiles ("tiles_bf16"; training keeps fp32 in all its passes)."""
         path = path_for(self.ggml_type, m)
-        if self.int8 and torch.is_inference_mode_enabled():
-            return _ROUNDED_X.get(path, path)
+        if self.int8 and torch.is_inference_mode_enabled() and path in _ROUNDED_X:
+            start = _I8_BF16_TILES_FROM.get(self.ggml_type) if BF16_NATIVE else None
+            return "tiles_bf16" if start is not None and m >= start else "gemm_i8"
         return path
 
     def _kernel_rows(self, path: str, xn: np.ndarray) -> np.ndarray:
@@ -351,9 +360,9 @@ class QuantLinear:
         finally:
             set_numba_threads(prev)
 
-    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         y = torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32)
-        if _bf16():
+        if bf16 or _bf16():
             xb = x.to(torch.bfloat16)
             for row0, row1, wt in self._bf16_tiles():
                 y[:, row0:row1] = torch.mm(xb, wt)

@@ -5,7 +5,8 @@ and kernel_source.py's gemm_i8 (AVX-512 VNNI), against gguf-py's dequantized wei
 - Each gemm_i8 type's product is within test_qlinear's fp32 bound of x8 @ W.T, x8 the
   rounded x: the integer sums are exact, so only each unit's float work rounds.
 - A row's output has the same bits whatever M (a verify step gives what decode gives).
-- Wider steps, on the fp32 tiles, multiply the same rounded x.
+- Wider steps take gemm_i8 too, or where bf16 is native multiply bf16 copies of x and
+  of the tiles.
 - Only weights prepared for numerics "fast" take it (not "exact", the default, nor
   "llama.cpp"), and only in inference steps, not under autograd.
 - DIPTYCH_CPU_INT8=0 turns it off, and a CPU without VNNI never compiles it (both: the
@@ -26,6 +27,7 @@ from gguf import GGMLQuantizationType as T
 
 from diptych.backends.torch.cpu import int8_activations as i8
 from diptych.backends.torch.cpu import kernel_cache
+from diptych.backends.torch.cpu import qlinear as qlm
 from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cpu.kernel_source import I8_TYPES
 from diptych.quant import QuantTensor
@@ -94,18 +96,33 @@ def test_product_of_the_rounded_x(t, n, wide):
 
 @vnni
 @pytest.mark.parametrize("t", [T.Q4_1, T.Q6_K], ids=lambda t: t.name)
-def test_wide_steps_multiply_the_rounded_x(t):
-    """Widths DISPATCH sends to the fp32 tiles multiply them by the same rounded x, so a
-    prompt's products do not depend on how it is cut into steps."""
-    k, m = k_for(t), 130
+def test_wide_steps_take_gemm_i8_or_bf16_tiles(t, monkeypatch):
+    """Without native bf16 the widest steps take gemm_i8 too (each row's bits as at one
+    row); with it, they multiply bf16 copies of x and of the tiles, as torch's bf16 product
+    of the two does, where the rounded x's products are ~3e-3 away."""
+    k, m = k_for(t), 300
     ql, w = make8(t, 70, k, seed=10)
     x = np.random.default_rng(11).standard_normal((m, k), dtype=np.float32)
+    monkeypatch.setattr(qlm, "BF16_NATIVE", False)
     with torch.inference_mode():
-        assert ql._path(m) == "tiles_i8"
+        assert ql._path(m) == "gemm_i8"
         y = ql.forward(torch.from_numpy(x))
         rows = ql.forward(torch.from_numpy(x[:3]))
     assert_close(y, x8(x), w)
-    assert torch.allclose(y[:3], rows, rtol=0, atol=1e-5 * float(y.abs().max()))
+    assert torch.equal(y[:3], rows)
+
+    monkeypatch.setattr(qlm, "BF16_NATIVE", True)
+    with torch.inference_mode():
+        assert ql._path(m) == "tiles_bf16" and ql._path(m // 2) == "gemm_i8"
+        yb = ql.forward(torch.from_numpy(x))
+    want = (torch.from_numpy(x).to(torch.bfloat16)
+            @ torch.from_numpy(w).to(torch.bfloat16).T).float()
+
+    def rel(got, ref):
+        return float((got - ref).norm() / ref.norm())
+
+    assert yb.dtype == torch.float32
+    assert rel(yb, want) <= 1e-5 and rel(y, want) > 1e-3
 
 
 @vnni
