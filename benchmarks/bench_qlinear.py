@@ -139,7 +139,6 @@ def bench_crossover(args) -> None:
     ms = args.m if args.m != [1, 256] else CROSSOVER_M_I8 if args.int8 else CROSSOVER_M
     shapes = args.shapes if args.shapes_given else CROSSOVER_SHAPES
     paths = ("gemm_i8", "tiles_bf16" if qlm.BF16_NATIVE else "tiles") if args.int8 else qlm.PATHS
-        torch.inference_mode().__enter__()
     print(f"{'type':7s} {'N x K':>13s} {'M':>3s} " + " ".join(f"{p + ' us':>19s}" for p in paths)
           + "  best   (min [median] over alternating rounds)")
     summary = {}

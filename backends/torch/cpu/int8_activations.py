@@ -7,9 +7,8 @@ exactly in int32 (VNNI's vpdpbusd) and scale once per unit of 16 or 32 weights; 
 q per 16 values carry the weights' offsets and minimums.
 
 The error this adds is that of rounding x to 8 bits, well inside the real-model agreement
-bars (tests/real). Wider steps, whose products go to fp32 tiles and torch.mm, multiply the
-tiles by the rounded values (`rounded`), so that every step of a prompt, however it is cut,
-sees the same x. It is used only where it pays and cannot hurt: CPUs with AVX-512 VNNI,
+bars (tests/real). Every width of a step takes it, except the widest on a CPU that
+multiplies bf16 natively (qlinear's "tiles_bf16"). It is used only where it pays and cannot hurt: CPUs with AVX-512 VNNI,
 inference steps (`torch.is_inference_mode_enabled()`: training keeps fp32 in every pass),
 and not when DIPTYCH_CPU_INT8=0.
 """
@@ -68,13 +67,6 @@ def _quantize(x, q, d, s):
                     qm[j] = v
                     t += v
                 s[m, base // SUM_SPAN + h] = t
-
-
-def rounded(x: np.ndarray) -> np.ndarray:
-    """x (M, K) float32 as its int8 rounding's values (codes times scales), float32."""
-    q, d, _ = quantize_rows(x)
-    m, k = x.shape
-    return (q.reshape(m, k // BLOCK, BLOCK) * d[:, :, None]).reshape(m, k)
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

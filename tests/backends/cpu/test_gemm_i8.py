@@ -32,7 +32,7 @@ from diptych.backends.torch.cpu.backend import CpuBackend
 from diptych.backends.torch.cpu.kernel_source import I8_TYPES
 from diptych.quant import QuantTensor
 
-from .test_qlinear import assert_close, k_for, make, random_data
+from .test_qlinear import assert_close, k_for, make, random_data, relative_error
 
 vnni = pytest.mark.skipif(not i8.SUPPORTED, reason="the CPU has no AVX-512 VNNI")
 ROOT = Path(__file__).resolve().parents[3]
@@ -117,12 +117,8 @@ def test_wide_steps_take_gemm_i8_or_bf16_tiles(t, monkeypatch):
         yb = ql.forward(torch.from_numpy(x))
     want = (torch.from_numpy(x).to(torch.bfloat16)
             @ torch.from_numpy(w).to(torch.bfloat16).T).float()
-
-    def rel(got, ref):
-        return float((got - ref).norm() / ref.norm())
-
     assert yb.dtype == torch.float32
-    assert rel(yb, want) <= 1e-5 and rel(y, want) > 1e-3
+    assert relative_error(yb, want) <= 1e-5 and relative_error(y, want) > 1e-3
 
 
 @vnni

@@ -112,6 +112,11 @@ def assert_close(y: torch.Tensor, x: np.ndarray, w: np.ndarray) -> None:
     assert err.max() <= bound, f"relative error {err.max():.3g} > bound {bound:.3g}"
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| over the whole tensor (Frobenius norms)."""
+    return float((got - want).norm() / want.norm())
+
+
 # -- forward --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
@@ -287,14 +292,12 @@ def test_bf16_products_round_as_torch_bf16_products(t):
     want_gx = sum((g[:, r:r + 64].to(torch.bfloat16) @ wb[r:r + 64]).float()
                   for r in range(0, n, 64))
 
-    def rel(got, want):
-        return float((got - want).norm() / want.norm())
-
     with qlm.bf16_products():
         y, gx = ql.forward(x), ql.grad_input(g)
     assert y.dtype == gx.dtype == torch.float32
-    assert rel(y, want_y) <= 1e-5 and rel(gx, want_gx) <= 1e-5
-    assert rel(ql.forward(x), want_y) > 1e-3 and rel(ql.grad_input(g), want_gx) > 1e-3
+    assert relative_error(y, want_y) <= 1e-5 and relative_error(gx, want_gx) <= 1e-5
+    assert relative_error(ql.forward(x), want_y) > 1e-3
+    assert relative_error(ql.grad_input(g), want_gx) > 1e-3
 
 
 # -- dequantize / embed_rows / memory ---------------------------------------------------------
