@@ -162,7 +162,7 @@ def _warm(kind: str, t: int) -> None:
 
 # Kinds from the longest to compile to the shortest (the int8 kernels of the K-quants take
 # the longest of all), the order in which precompile hands them out.
-_COMPILE_ORDER = ("gemm_i8", "gemm_s", "gemv1", "deq_t", "deq_rows")
+_COMPILE_ORDER = ("gemm_i8", "gemm_s", "gemv1", "deq_t", "deq_tb", "deq_rows")
 
 
 def is_cached(kind: str, ggml_type) -> bool:

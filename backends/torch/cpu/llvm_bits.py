@@ -33,7 +33,7 @@ from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["bits", "bits2", "i8", "f16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at", "vzero",
+__all__ = ["bits", "bits2", "i8", "f16", "bf16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at", "vzero",
            "fma", "lane", "quad", "qfield", "qspread", "qor", "qflip", "dot4", "izero",
            "tofloat"]
 
@@ -312,6 +312,25 @@ def rint(typingctx, a):
         return builder.call(fn, list(args))
 
     return a(a), codegen
+
+
+@intrinsic
+def bf16(typingctx, a):
+    """A float32's bfloat16 bits as uint16: rounded to nearest, ties to even, a NaN as
+    0x7FC0 (torch's float -> bfloat16 conversion, so that tiles written here multiply as a
+    torch-converted copy would)."""
+    if a != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        u = builder.bitcast(args[0], _I32)
+        odd = builder.and_(builder.lshr(u, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        rounded = builder.add(u, builder.add(odd, ir.Constant(_I32, 0x7FFF)))
+        high = builder.trunc(builder.lshr(rounded, ir.Constant(_I32, 16)), ir.IntType(16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(nan, ir.Constant(ir.IntType(16), 0x7FC0), high)
+
+    return types.uint16(a), codegen
 
 
 # --- integer dot products (AVX-512 VNNI) ---------------------------------------------------

@@ -14,21 +14,22 @@ Paths (M = rows of x; kernels in kernel_source.py), chosen per (type, M) by DISP
                  block of up to 4 rows of x and multiplied into accumulators held in
                  registers (blocks of 4, then 2 or 1). At M = 1 it is a GEMV on the exact
                  weights, faster than gemv1 for every type but IQ4_NL (BENCHMARKS.md).
-  "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer, on the
-                 calling thread) and multiply with torch.mm (MKL).
+  "tiles"        dequantize ~4 MB fp32 tiles of W.T (deq_t, bit-exact, reused buffer) and
+                 multiply with torch.mm (MKL).
   "gemm_i8"      for weights prepared for numerics "fast" (`int8`, CpuBackend.prepare, on
                  CPUs with AVX-512 VNNI), in inference steps: x as int8 codes per 32 values
                  (int8_activations.py), integer dot products against the weights' codes,
                  scaled per unit (kernel_source.py, _I8_CODE).
-  "tiles_bf16"   the same weights and steps, from _I8_BF16_TILES_FROM rows where the CPU
-                 multiplies bf16 natively: bf16 copies of x and of each tile (torch.mm on
-                 oneDNN), each product rounded to bf16. Every width of an inference step
-                 thus rounds x to 8 significant bits.
+  "tiles_bf16"   the same weights and steps, from _I8_BF16_TILES_FROM rows on CPUs with
+                 AMX (AMX_BF16): a bf16 copy of x times ~8 MB bf16 tiles
+                 dequantized straight to bf16 (deq_tb; torch.mm on oneDNN), each product
+                 rounded to bf16. Every width of an inference step thus rounds x to 8
+                 significant bits.
   F32 weights: torch.mm. F16/BF16: converted to fp32 in row tiles, then torch.mm.
   Within `bf16_products()` (training with compute_dtype "bf16"), the tile path and the input
-  gradient multiply bf16 copies of x (or grad y) and of each tile, accumulating in fp32,
+  gradient multiply bf16 copies of x (or grad y) by the bf16 tiles, accumulating in fp32,
   and round each product to bf16 before it lands in the fp32 output: oneDNN's bf16 GEMM
-  (AMX or AVX-512 BF16) runs several times faster than fp32 sgemm where the CPU has it.
+  runs several times faster than fp32 sgemm on AMX (AVX-512 BF16 alone: BENCHMARKS.md).
 Exactness: outside gemm_i8 activations stay fp32 and outputs are within a few fp32 ulps of
 x @ dequant(W).T (test bound (8 + K/16) eps32 * sum|x||w|); gemm_i8 is within the same bound
 of x8 @ dequant(W).T, x8 the 8-bit rounding of x (llama.cpp's way, the error that of
@@ -38,8 +39,8 @@ embed_rows() are bit-exact with gguf.quants.dequantize.
 Threads: numba runs the kernels on its own OpenMP pool (a second libgomp next to torch's).
 Numba's thread count is per calling thread; every call sets it to torch.get_num_threads(),
 or to one while threads.GOVERNOR sees the cores contended. Idle workers spin briefly, then
-sleep (threads.bounded_spin). The tile path
-dequantizes on the calling thread only and leaves the cores to MKL.
+sleep (threads.bounded_spin); the tile paths' dequantizing takes the same threads, in turn
+with torch's pool.
 Compile: numba compiles each kernel a type uses on first use and caches them on disk
 (kernel_cache.py; kernel_cache.precompile() compiles them in parallel processes).
 """
@@ -63,7 +64,7 @@ from .kernel_cache import kernel
 from .kernel_source import KERNEL_TYPES as QUANT_TYPES
 from .repack import R, n_groups, repack
 from .switches import switched_on
-from .threads import numba_threads, set_numba_threads, sync_numba_threads
+from .threads import sync_numba_threads
 
 # The path for M rows of x, per type: (first M, path) steps in increasing M; the last step
 # at or below M applies. The fastest path on the real models' FFN shapes, one thread, by the
@@ -84,12 +85,14 @@ DISPATCH: dict[QT, tuple[tuple[int, str], ...]] = {
 PATHS = ("gemv1", "gemm_s", "tiles")
 # the paths whose place numerics "fast" gives gemm_i8 or tiles_bf16 (QuantLinear._path)
 _ROUNDED_X = ("gemm_s", "tiles")
-# Numerics "fast": the rows of x from which the tiles, multiplied in bf16 where that is
-# native, outrun gemm_i8 (`python benchmarks/bench_qlinear.py --crossover --int8 --threads
-# 2`, BENCHMARKS.md); Q4_0's gemm_i8 stayed the faster to 256 rows, and fp32 tiles never
-# caught up with gemm_i8 to 384 rows on any type: without native bf16 every width takes it.
-_I8_BF16_TILES_FROM = {QT.Q4_1: 256, QT.Q5_0: 192, QT.Q5_1: 192, QT.Q8_0: 192, QT.Q2_K: 192,
-                       QT.Q3_K: 160, QT.Q4_K: 256, QT.Q5_K: 160, QT.Q6_K: 160}
+# Numerics "fast" on a CPU with AMX: the rows of x from which bf16 tiles (AMX's tile
+# products, through oneDNN) outrun gemm_i8 (`python benchmarks/bench_qlinear.py --crossover
+# --int8 --threads 2`, BENCHMARKS.md). Elsewhere every width takes gemm_i8: fp32 tiles never
+# caught up with it to 384 rows on any type, nor did bf16 tiles on AVX-512 BF16's dot
+# products (oneDNN kept off AMX), which multiply half as many pairs per instruction as
+# gemm_i8's VNNI dot products.
+_I8_BF16_TILES_FROM = {QT.Q4_0: 64, QT.Q4_1: 64, QT.Q5_0: 48, QT.Q5_1: 64, QT.Q8_0: 48,
+                       QT.Q2_K: 48, QT.Q3_K: 48, QT.Q4_K: 64, QT.Q5_K: 48, QT.Q6_K: 48}
 
 
 def path_for(ggml_type: QT, m: int) -> str:
@@ -99,10 +102,11 @@ def path_for(ggml_type: QT, m: int) -> str:
     while steps[i][0] > m:
         i -= 1
     return steps[i][1]
-# fp32 bytes of one dequantized tile on the torch.mm path (stays in the 32 MB L3)
+# Bytes of one dequantized tile of W.T on the torch.mm paths: fp32 tiles, and bf16 tiles
+# (which oneDNN multiplies fast enough that fewer, larger calls pay; `python
+# benchmarks/bench_qlinear.py --crossover --int8 --threads 2`, BENCHMARKS.md)
 TILE_BYTES = 4 << 20
-# numba threads dequantizing tiles for torch.mm (0: torch's thread count)
-TILE_DEQ_THREADS = 1
+BF16_TILE_BYTES = 8 << 20
 
 # per thread: whether the tile path multiplies in bf16 (`bf16_products`); autograd runs a
 # CPU backward pass on the thread that called backward(), so a training step sees its own
@@ -125,17 +129,20 @@ def _bf16() -> bool:
     return getattr(_products, "bf16", False)
 
 
-def _host_multiplies_bf16() -> bool:
+def _host_has(*features: str) -> bool:
     from llvmlite import binding
 
     host = binding.get_host_cpu_features()
-    return bool(host.get("amx-bf16")) or bool(host.get("avx512bf16"))
+    return any(host.get(f) for f in features)
 
 
 #: Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16), where oneDNN's bf16
 #: GEMM outruns fp32 sgemm; DIPTYCH_CPU_BF16=0 says it does not (training's "auto" then
-#: keeps fp32 products).
-BF16_NATIVE = _host_multiplies_bf16() and switched_on("DIPTYCH_CPU_BF16")
+#: keeps fp32 products, and numerics "fast" no bf16 tiles).
+BF16_NATIVE = _host_has("amx-bf16", "avx512bf16") and switched_on("DIPTYCH_CPU_BF16")
+#: Whether it has AMX's bf16 tile products: numerics "fast" then multiplies its wide steps
+#: in bf16 tiles (_I8_BF16_TILES_FROM).
+AMX_BF16 = BF16_NATIVE and _host_has("amx-bf16")
 
 
 class QuantLinear:
@@ -165,9 +172,13 @@ class QuantLinear:
         self._small_paths: dict[tuple[int, bool, bool], str | None] = {}  # small_rows' paths
         # gemm_i8 in inference steps: set for numerics "fast" (CpuBackend.prepare)
         self.int8 = False
+        self._rows_per_tile = self._tile_rows(TILE_BYTES // 4)
+        self._rows_per_bf16_tile = self._tile_rows(BF16_TILE_BYTES // 2)
+
+    def _tile_rows(self, weights: int) -> int:
+        """Rows of W in a tile of about `weights` values: whole row groups, at most all."""
         n, k = self.shape
-        rows = max(R, (TILE_BYTES // (4 * max(k, 1))) // R * R)
-        self._rows_per_tile = min(rows, -(-n // R) * R)
+        return min(max(R, weights // max(k, 1) // R * R), -(-n // R) * R)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -303,11 +314,11 @@ class QuantLinear:
     def _path(self, m: int) -> str:
         """DISPATCH's path for m rows of x. In inference steps where the CPU has gemm_i8,
         every width rounds x to 8 bits: gemm_i8 takes the place of gemm_s and of the fp32
-        tiles, and where bf16 is native the widest steps multiply bf16 copies of x and of
-        the tiles ("tiles_bf16"; training keeps fp32 in all its passes)."""
+        tiles, and with AMX the steps from _I8_BF16_TILES_FROM rows multiply a bf16 copy
+        of x by bf16 tiles ("tiles_bf16"; training keeps fp32 in all its passes)."""
         path = path_for(self.ggml_type, m)
         if self.int8 and torch.is_inference_mode_enabled() and path in _ROUNDED_X:
-            start = _I8_BF16_TILES_FROM.get(self.ggml_type) if BF16_NATIVE else None
+            start = _I8_BF16_TILES_FROM.get(self.ggml_type) if AMX_BF16 else None
             return "tiles_bf16" if start is not None and m >= start else "gemm_i8"
         return path
 
@@ -332,10 +343,8 @@ class QuantLinear:
     def _tiles(self):
         """Yield (row0, row1, fp32 tensor (K, row1-row0) = W[row0:row1].T), one reused buffer.
 
-        numba dequantizes on the calling thread only (TILE_DEQ_THREADS): the consumer of the
-        tiles is torch's BLAS on torch's OpenMP pool, and handing the cores back and forth
-        between torch's and numba's pools costs about a millisecond per switch on 2 cores
-        (their idle workers spin), more than the dequantization itself."""
+        numba dequantizes each tile on as many threads as torch then multiplies it on (the
+        two pools take turns; their idle workers spin only briefly: threads.bounded_spin)."""
         n, k = self.shape
         step = self._rows_per_tile
         if not self.quantized:  # F16/BF16: convert row tiles (contiguous), hand out their .T
@@ -346,19 +355,23 @@ class QuantLinear:
                 tile.copy_(self._w[row0:row1])
                 yield row0, row1, tile.T
             return
-        buf = np.empty((k, step), np.float32)
+        yield from self._deq_tiles("deq_t", np.float32, step)
+
+    def _deq_tiles(self, kind: str, dtype, step: int):
+        """Tiles of W.T (K, up to `step` rows) from numba's `kind` (deq_t: fp32, deq_tb:
+        bfloat16 bits) in one reused buffer, as torch tensors."""
+        n, k = self.shape
+        buf = np.empty((k, step), dtype)
         tbuf = torch.from_numpy(buf)
-        deq_t = kernel("deq_t", self.ggml_type)
-        prev = numba_threads()
-        set_numba_threads(TILE_DEQ_THREADS or torch.get_num_threads())
-        try:
-            for row0 in range(0, n, step):
-                row1 = min(n, row0 + step)
-                g0 = row0 // R  # buf[:, :row1 - row0] = W[row0:row1].T
-                deq_t(np.arange(g0, -(-row1 // R), dtype=np.int64), g0, self._P, self._Pt, buf)
-                yield row0, row1, tbuf[:, :row1 - row0]
-        finally:
-            set_numba_threads(prev)
+        if dtype == np.uint16:
+            tbuf = tbuf.view(torch.bfloat16)
+        deq = kernel(kind, self.ggml_type)
+        for row0 in range(0, n, step):
+            row1 = min(n, row0 + step)
+            g0 = row0 // R  # buf[:, :row1 - row0] = W[row0:row1].T
+            sync_numba_threads(torch.get_num_threads())
+            deq(np.arange(g0, -(-row1 // R), dtype=np.int64), g0, self._P, self._Pt, buf)
+            yield row0, row1, tbuf[:, :row1 - row0]
 
     def _tiled(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         y = torch.empty((x.shape[0], self.shape[0]), dtype=torch.float32)
@@ -372,7 +385,11 @@ class QuantLinear:
         return y
 
     def _bf16_tiles(self):
-        """`_tiles` with each tile copied into one reused bf16 buffer."""
+        """Tiles of W.T in bfloat16 (each value rounded as torch rounds fp32 to bf16):
+        dequantized straight to bf16 (deq_tb), for F16/BF16 weights `_tiles` copied."""
+        if self.quantized:
+            yield from self._deq_tiles("deq_tb", np.uint16, self._rows_per_bf16_tile)
+            return
         buf = None
         for row0, row1, wt in self._tiles():
             if buf is None:

@@ -97,13 +97,13 @@ def test_product_of_the_rounded_x(t, n, wide):
 @vnni
 @pytest.mark.parametrize("t", [T.Q4_1, T.Q6_K], ids=lambda t: t.name)
 def test_wide_steps_take_gemm_i8_or_bf16_tiles(t, monkeypatch):
-    """Without native bf16 the widest steps take gemm_i8 too (each row's bits as at one
-    row); with it, they multiply bf16 copies of x and of the tiles, as torch's bf16 product
-    of the two does, where the rounded x's products are ~3e-3 away."""
+    """Without AMX the widest steps take gemm_i8 too (each row's bits as at one row); with
+    it, they multiply bf16 copies of x and of the tiles, as torch's bf16 product of the two
+    does, where the rounded x's products are ~3e-3 away."""
     k, m = k_for(t), 300
     ql, w = make8(t, 70, k, seed=10)
     x = np.random.default_rng(11).standard_normal((m, k), dtype=np.float32)
-    monkeypatch.setattr(qlm, "BF16_NATIVE", False)
+    monkeypatch.setattr(qlm, "AMX_BF16", False)
     with torch.inference_mode():
         assert ql._path(m) == "gemm_i8"
         y = ql.forward(torch.from_numpy(x))
@@ -111,9 +111,9 @@ def test_wide_steps_take_gemm_i8_or_bf16_tiles(t, monkeypatch):
     assert_close(y, x8(x), w)
     assert torch.equal(y[:3], rows)
 
-    monkeypatch.setattr(qlm, "BF16_NATIVE", True)
+    monkeypatch.setattr(qlm, "AMX_BF16", True)
     with torch.inference_mode():
-        assert ql._path(m) == "tiles_bf16" and ql._path(m // 2) == "gemm_i8"
+        assert ql._path(m) == "tiles_bf16" and ql._path(32) == "gemm_i8"
         yb = ql.forward(torch.from_numpy(x))
     want = (torch.from_numpy(x).to(torch.bfloat16)
             @ torch.from_numpy(w).to(torch.bfloat16).T).float()

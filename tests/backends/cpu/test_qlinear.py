@@ -285,7 +285,7 @@ def test_bf16_products_round_as_torch_bf16_products(t):
     the tiles' rounded products in fp32, as ours does), where the fp32 path is ~3e-3 away."""
     k, n = k_for(t), 200
     ql, w = make(t, n, k, seed=3)
-    ql._rows_per_tile = 64   # four tiles, the last partial
+    ql._rows_per_tile = ql._rows_per_bf16_tile = 64   # four tiles, the last partial
     x, g = torch.randn(300, k), torch.randn(300, n)   # 300 rows: DISPATCH's tile path
     wb = torch.from_numpy(w).to(torch.bfloat16)
     want_y = (x.to(torch.bfloat16) @ wb.T).float()
@@ -310,6 +310,51 @@ def test_dequantize_is_bit_exact(t):
         d = ql.dequantize()
         assert d.dtype == torch.float32 and d.shape == (n, k)
         assert np.array_equal(d.numpy().view(np.uint32), w.view(np.uint32))  # -0.0 included
+
+
+@pytest.mark.parametrize("t", QUANT + FLOAT, ids=lambda t: t.name)
+def test_bf16_tiles_are_torchs_bf16_of_the_exact_weights(t):
+    """The bf16 tiles (dequantized straight to bf16 by deq_tb for the quantized types) hold
+    bit for bit what torch's fp32 -> bf16 conversion makes of the exact weights: several
+    tiles, the last one partial, over two row groups and a tail."""
+    k = k_for(t)
+    ql, w = make(t, 165, k, seed=21, wide=True)
+    ql._rows_per_bf16_tile = 128
+    want = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16)
+    seen = 0
+    for row0, row1, wt in ql._bf16_tiles():
+        assert wt.dtype == torch.bfloat16 and wt.shape == (k, row1 - row0) and row0 == seen
+        assert torch.equal(wt.T.contiguous().view(torch.int16), want[row0:row1])
+        seen = row1
+    assert seen == 165
+
+
+def test_bf16_bits_round_as_torch():
+    """llvm_bits.bf16 (deq_tb's rounding) against torch's fp32 -> bf16 on the cases that
+    tell rounding rules apart: ties to even both ways, carries into the exponent, overflow
+    to infinity, subnormals, signed zeros; NaN stays NaN."""
+    from numba import njit
+
+    from diptych.backends.torch.cpu.llvm_bits import bf16
+
+    @njit
+    def convert(x, out):
+        for i in range(x.size):
+            out[i] = bf16(x[i])
+
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x3FFF8000, 0x7F7FFFFF,
+                     0x7F7F7FFF, 0x00000001, 0x00018000, 0x80000000, 0xBF808000, 0x7F800000,
+                     0xFF800000], np.uint32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([bits.view(np.float32), rng.standard_normal(4096, dtype=np.float32)
+                        * np.float32(1e3)])
+    out = np.empty(x.size, np.uint16)
+    convert(x, out)
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, want)
+    nan = np.full(1, np.nan, np.float32)
+    convert(nan, out[:1])
+    assert torch.from_numpy(out[:1].view(np.int16)).view(torch.bfloat16).isnan().all()
 
 
 @pytest.mark.parametrize("table", ["linear", "embedding table"])
