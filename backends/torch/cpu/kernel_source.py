@@ -284,8 +284,17 @@ def {kind}_{name}(gi, P, Pt, {xargs}, Y):
     # Y[:, rows of group gi] = X @ W[rows].T (see the comment above _{KIND}).
 """ + _VECTOR_GROUP + """    M = Y.shape[0]
     row0 = gi * {R}
+    # The first slice streams the group from memory; while the other three run from the
+    # caches, each fetches a third of the next group's byte planes (prefetch) into L2.
+    Bn = P[gi + 1] if gi + 1 < G else B
+    TS = B.shape[1]
+    pt0 = 0
+    pt1 = 0
 {whole}    for r in range(0, Rg, 16):
         n = min(16, Rg - r)
+        if gi + 1 < G and r > 0:
+            pt0 = (r // 16 - 1) * TS // 3
+            pt1 = (r // 16) * TS // 3
         m0 = 0
         while m0 < M:
             left = M - m0
@@ -314,6 +323,9 @@ _ROWS = """{xrows}
 {zeros}
 for b in range(nb):
     blk = B[b]
+    if m0 == 0:
+        for t in range(pt0, pt1):
+            prefetch(Bn[b], t)
     for u in range({NU}):
         base = (b * {NU} + u) * {U}
 {pre}
@@ -358,6 +370,9 @@ _SHARED_ROWS = """{xrows}
 {zeros}
 for b in range(nb):
     blk = B[b]
+    if m0 == 0:
+        for t in range(pt0, pt1):
+            prefetch(Bn[b], t)
     for h in range({groups}):
 {units}
 {chains}
@@ -569,7 +584,8 @@ def _i8_blocks(t: QT, unit: list[str]) -> str:
     f = FORMATS[t]
     n, order = _SHARED_UNITS.get(t, (1, "h"))
     body = "\n".join(_unit_start(f, order, c) + "\n" + "\n".join(unit) for c in range(n))
-    return (f"for b in range(nb):\n    blk = B[b]\n    for h in range({f.units_per_block // n}):\n"
+    return (f"for b in range(nb):\n    blk = B[b]\n    if m0 == 0:\n        for t in range(pt0, pt1):\n"
+            f"            prefetch(Bn[b], t)\n    for h in range({f.units_per_block // n}):\n"
             + _indent(body, 8))
 
 
@@ -659,7 +675,8 @@ _HEADER = (
     "import numpy as np\n"
     "from numba import njit, prange\n"
     "from diptych.backends.torch.cpu.llvm_bits import (bits, bits2, i8, f16, bf16, rint, at,\n"
-    "    fma, lane, ld, vzero, quad, qfield, qspread, qor, qflip, dot4, izero, tofloat)\n"
+    "    fma, lane, ld, prefetch, vzero, quad, qfield, qspread, qor, qflip, dot4, izero,\n"
+    "    tofloat)\n"
     "C0, C1, C2, C3, C4 = (np.float32(c) for c in {0!r})\n"
 ).format(tuple(_IQ4_POLY))
 

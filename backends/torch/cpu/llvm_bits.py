@@ -33,7 +33,8 @@ from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global, signature
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["bits", "bits2", "i8", "f16", "bf16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at", "vzero",
+__all__ = ["bits", "bits2", "i8", "f16", "bf16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at",
+           "prefetch", "vzero",
            "fma", "lane", "quad", "qfield", "qspread", "qor", "qflip", "dot4", "izero",
            "tofloat"]
 
@@ -186,6 +187,27 @@ def ld(typingctx, arr, row, col):
         return builder.load(builder.bitcast(p, U8X16.llvm_type.as_pointer()), align=1)
 
     return U8X16(arr, row, col), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, row):
+    """Fetch the cache line at arr[row, 0] of a 2-D uint8 array into L2 (prefetcht1);
+    nothing else happens."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 2):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        stride0 = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+        off = builder.mul(context.cast(builder, args[1], sig.args[1], types.intp), stride0)
+        p = builder.gep(a.data, [off])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [p.type, _I32, _I32, _I32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, row), codegen
 
 
 @intrinsic
