@@ -103,8 +103,8 @@ def path_for(ggml_type: QT, m: int) -> str:
         i -= 1
     return steps[i][1]
 # Bytes of one dequantized tile of W.T on the torch.mm paths: fp32 tiles, and bf16 tiles
-# (which oneDNN multiplies fast enough that fewer, larger calls pay; `python
-# benchmarks/bench_qlinear.py --crossover --int8 --threads 2`, BENCHMARKS.md)
+# (which oneDNN multiplies fast enough that fewer, larger calls pay: 8 MB against 2 and 32
+# MB ones, BENCHMARKS.md)
 TILE_BYTES = 4 << 20
 BF16_TILE_BYTES = 8 << 20
 
