@@ -607,8 +607,10 @@ def _i8_rows(t: QT, mb: int) -> str:
 # cache line of the weight used up as it arrives. Slice by slice (the loop over r), the
 # first slice streams the weight from memory with only a quarter of the work to hide the
 # wait under, and the other three run from the caches (BENCHMARKS.md, issue 14's int8
-# section).
-_I8_DECODE = """    if M == 1 and Rg == {R}:  # one row of x, a whole group: all its rows in one pass
+# section). gemm_i8 takes it for every type; gemm_s for the K-quants and Q8_0, where it
+# measured faster than the slices with their prefetch (for Q4_1 it was slower).
+_WHOLE_GROUP_GEMM_S = (*_SHARED_UNITS, QT.Q8_0)
+_WHOLE_GROUP = """    if M == 1 and Rg == {R}:  # one row of x, a whole group: all its rows in one pass
         m0 = 0
         left = 1
 {body}
@@ -622,7 +624,27 @@ def _i8_decode(t: QT) -> str:
                         for s in range(R // 16))
     body = (_i8_x_rows(range(1), [f"y0{sfx}" for sfx, _ in cols]) + "\n"
             + _i8_blocks(t, _i8_unit(t, range(1), cols)) + "\n" + stores)
-    return _I8_DECODE.format(R=R, body=_indent(body, 8))
+    return _WHOLE_GROUP.format(R=R, body=_indent(body, 8))
+
+
+def _gemm_decode(t: QT) -> str:
+    """gemm_s at one row of x over a whole group in one pass (_WHOLE_GROUP): the statements
+    of each unit of _gemm_rows(t, 1) for the four 16-row slices in turn, each slice summing
+    as the slice-by-slice loop does (the same bits), each cache line used up as it
+    arrives."""
+    lines = [line[16:] for line in _gemm_rows(t, 1).splitlines()]
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("    for ") and i > lines.index("for b in range(nb):"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("        "))
+    body = "\n".join(lines[start + 1:end])
+    slices = [re.sub(r"\by0\b", f"y0_{s}", re.sub(r", r\)", f", {16 * s})", body))
+              for s in range(R // 16)]
+    stores = "\n".join(f"for l in range(16):\n    Y[0, row0 + {16 * s} + l] = lane(y0_{s}, l)"
+                       for s in range(R // 16))
+    code = "\n".join(["x0 = X[0]"] + [f"y0_{s} = vzero()" for s in range(R // 16)]
+                     + ["for b in range(nb):", "    blk = B[b]", lines[start]] + slices
+                     + [stores])
+    return _WHOLE_GROUP.format(R=R, body=_indent(code, 8))
 
 
 _P4 = "uint8[:, :, :, ::1]"
@@ -702,7 +724,8 @@ def kernel_source(ggml_type) -> str:
         val=val, dot=_dot([f"{_q_at(t, j)} * xb[{j}]" for j in range(f.unit)]),
         pre12=_indent(pre, 12),
         scale12=_indent(_SCALE_CODE[t], 12)) + _ROW_BLOCKS.format(
-        kind="gemm_s", KIND="ROWS", xargs="X", whole="",
+        kind="gemm_s", KIND="ROWS", xargs="X",
+        whole=_gemm_decode(t) if t in _WHOLE_GROUP_GEMM_S else "",
         name=t.name, R=R, rows4=_gemm_rows(t, 4), rows2=_gemm_rows(t, 2), rows1=_gemm_rows(t, 1)) + (
         _ROW_BLOCKS.format(kind="gemm_i8", KIND="I8_CODE", xargs="XQ, DX, XS",
                            whole=_i8_decode(t), name=t.name, R=R,
