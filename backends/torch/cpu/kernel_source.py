@@ -608,7 +608,7 @@ def _i8_rows(t: QT, mb: int) -> str:
 # first slice streams the weight from memory with only a quarter of the work to hide the
 # wait under, and the other three run from the caches (BENCHMARKS.md, issue 14's int8
 # section). gemm_i8 takes it for every type; gemm_s for the K-quants and Q8_0, where it
-# measured faster than the slices with their prefetch (for Q4_1 it was slower).
+# measured faster than the slices with their prefetch (on Q4_1 it was slower).
 _WHOLE_GROUP_GEMM_S = (*_SHARED_UNITS, QT.Q8_0)
 _WHOLE_GROUP = """    if M == 1 and Rg == {R}:  # one row of x, a whole group: all its rows in one pass
         m0 = 0
