@@ -15,6 +15,9 @@ reference does. `fma` multiplies and adds with one rounding; `at` reads one floa
 stays vectorized whatever LLVM's loop vectorizer decides (it declined the multi-row loops: too
 many runtime alias checks between the accumulators, x and the weight bytes).
 
+`bf16` gives a float32's bfloat16 bits, rounded as torch rounds (the bf16 tiles of deq_tb);
+`prefetch` asks for a cache line of a weight's bytes into L2 ahead of its use.
+
 Integer dot products (the int8-activation kernel, AVX-512 VNNI only): `quad` reads four
 consecutive byte planes for 16 rows as an I32X16 whose lane holds one row's 4 bytes;
 `qfield`, `qspread`, `qor` and `qflip` decode the codes of all 64 bytes at once (bit fields that stay
@@ -34,9 +37,8 @@ from numba.core.typing.templates import AbstractTemplate, infer_global, signatur
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["bits", "bits2", "i8", "f16", "bf16", "rint", "F32X16", "U8X16", "I32X16", "ld", "at",
-           "prefetch", "vzero",
-           "fma", "lane", "quad", "qfield", "qspread", "qor", "qflip", "dot4", "izero",
-           "tofloat"]
+           "prefetch", "vzero", "fma", "lane", "quad", "qfield", "qspread", "qor", "qflip",
+           "dot4", "izero", "tofloat"]
 
 LANES = 16
 _I32 = ir.IntType(32)
