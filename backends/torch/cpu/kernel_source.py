@@ -278,6 +278,16 @@ _VECTOR_GROUP = """    G = P.shape[0]
                     B[b, t, l] = T[b, t, l]
 """
 
+# The loop over a group's blocks in gemm_s's and gemm_i8's row blocks; the first block of
+# rows of x in each slice but the first fetches its share of the next group ([pt0, pt1),
+# set by _ROW_BLOCKS) into L2.
+_BLOCKS = """for b in range(nb):
+    blk = B[b]
+    if m0 == 0:
+        for t in range(pt0, pt1):
+            prefetch(Bn[b], t)
+"""
+
 # gemm_s and gemm_i8: 16 rows of W at a time, the rows of x in blocks of 4, 2 or 1.
 _ROW_BLOCKS = """
 def {kind}_{name}(gi, P, Pt, {xargs}, Y):
@@ -321,12 +331,7 @@ def {kind}_{name}(gi, P, Pt, {xargs}, Y):
 # the bound tests/backends/cpu/test_qlinear.py holds.
 _ROWS = """{xrows}
 {zeros}
-for b in range(nb):
-    blk = B[b]
-    if m0 == 0:
-        for t in range(pt0, pt1):
-            prefetch(Bn[b], t)
-    for u in range({NU}):
+""" + _BLOCKS + """    for u in range({NU}):
         base = (b * {NU} + u) * {U}
 {pre}
 {scale}
@@ -368,12 +373,7 @@ def _unit_names(code: str, c: int) -> str:
 # for K >= 256.
 _SHARED_ROWS = """{xrows}
 {zeros}
-for b in range(nb):
-    blk = B[b]
-    if m0 == 0:
-        for t in range(pt0, pt1):
-            prefetch(Bn[b], t)
-    for h in range({groups}):
+""" + _BLOCKS + """    for h in range({groups}):
 {units}
 {chains}
         for j in range(0, {U}, {step}):
@@ -584,8 +584,7 @@ def _i8_blocks(t: QT, unit: list[str]) -> str:
     f = FORMATS[t]
     n, order = _SHARED_UNITS.get(t, (1, "h"))
     body = "\n".join(_unit_start(f, order, c) + "\n" + "\n".join(unit) for c in range(n))
-    return (f"for b in range(nb):\n    blk = B[b]\n    if m0 == 0:\n        for t in range(pt0, pt1):\n"
-            f"            prefetch(Bn[b], t)\n    for h in range({f.units_per_block // n}):\n"
+    return (_BLOCKS + f"    for h in range({f.units_per_block // n}):\n"
             + _indent(body, 8))
 
 
