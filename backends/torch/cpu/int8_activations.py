@@ -7,10 +7,10 @@ exactly in int32 (VNNI's vpdpbusd) and scale once per unit of 16 or 32 weights; 
 q per 16 values carry the weights' offsets and minimums.
 
 The error this adds is that of rounding x to 8 bits, well inside the real-model agreement
-bars (tests/real). Every width of a step takes it, except the widest on a CPU that
-multiplies bf16 natively (qlinear's "tiles_bf16"). It is used only where it pays and cannot hurt: CPUs with AVX-512 VNNI,
-inference steps (`torch.is_inference_mode_enabled()`: training keeps fp32 in every pass),
-and not when DIPTYCH_CPU_INT8=0.
+bars (tests/real). Every width of a step takes it, except on a CPU with AMX the steps from
+qlinear._I8_BF16_TILES_FROM rows ("tiles_bf16"). It is used only where it pays and cannot
+hurt: CPUs with AVX-512 VNNI, inference steps (`torch.is_inference_mode_enabled()`:
+training keeps fp32 in every pass), and not when DIPTYCH_CPU_INT8=0.
 """
 
 from __future__ import annotations
