@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,3 +32,23 @@ def write_cached(path: Path, write) -> None:
         write_atomically(path, write)
     except (OSError, ModelFileError):
         pass
+
+
+def write_checked(path: Path, body: bytes) -> None:
+    """Keep `body` at `path` behind a blake2b digest of it, for read_checked."""
+    digest = hashlib.blake2b(body, digest_size=32).digest()
+    write_cached(path, lambda tmp: tmp.write_bytes(digest + body))
+
+
+def read_checked(path: Path) -> bytes | None:
+    """What write_checked kept at `path`, or None when it is missing, short or damaged: a
+    cache that is loaded as code (object code, Python bytecode) could crash the process
+    rather than raise, so it is checked whole first."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    body = data[32:]
+    if len(data) < 32 or hashlib.blake2b(body, digest_size=32).digest() != data[:32]:
+        return None
+    return body

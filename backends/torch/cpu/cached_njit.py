@@ -30,9 +30,9 @@ from numba.core.caching import FunctionCache
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.runtime import nrtdynmod, rtsys
 
-from diptych.paths import cache_dir, write_cached
+from diptych.paths import cache_dir, read_checked, write_checked
 
-_NRT_HEADER = struct.Struct("<32sQ")   # blake2b of the rest, length of the object code
+_NRT_HEADER = struct.Struct("<Q")   # the length of the object code, before it
 
 
 def _nrt_file(codegen):
@@ -41,19 +41,13 @@ def _nrt_file(codegen):
 
 
 def _read_nrt(path):
-    """(object code, bitcode) of the runtime's functions, or None: a missing, short or
-    damaged file (loading damaged object code could crash the process, not raise)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
+    """(object code, bitcode) of the runtime's functions, or None (read_checked)."""
+    body = read_checked(path)
+    if body is None or len(body) < _NRT_HEADER.size:
         return None
-    if len(data) < _NRT_HEADER.size:
-        return None
-    digest, n_object = _NRT_HEADER.unpack_from(data)
-    body = data[_NRT_HEADER.size:]
-    if hashlib.blake2b(body, digest_size=32).digest() != digest or n_object > len(body):
-        return None
-    return body[:n_object], body[n_object:]
+    (n_object,) = _NRT_HEADER.unpack_from(body)
+    body = body[_NRT_HEADER.size:]
+    return (body[:n_object], body[n_object:]) if n_object <= len(body) else None
 
 
 def _nrt_functions(ctx):
@@ -69,9 +63,7 @@ def _nrt_functions(ctx):
     library.add_ir_module(ir_module)
     library.finalize()
     object_code, bitcode = library.serialize_using_object_code()[2]
-    body = object_code + bitcode
-    header = _NRT_HEADER.pack(hashlib.blake2b(body, digest_size=32).digest(), len(object_code))
-    write_cached(path, lambda tmp: tmp.write_bytes(header + body))
+    write_checked(path, _NRT_HEADER.pack(len(object_code)) + object_code + bitcode)
     return library
 
 

@@ -4,7 +4,8 @@ Each type's generated source (kernel_source.py) is written to a file named by th
 a hash of that source and of llvm_bits.py (numba's cache=True needs a file, and keys its
 cache on that file: a change to either makes a new file, so stale compiled code is never
 loaded, and a change to one type recompiles only that type). numba caches the compiled
-launchers (kernel_source.py) next to it, in diptych's cache folder (kernels/).
+launchers (kernel_source.py) next to it, in diptych's cache folder (kernels/), and the
+module's Python bytecode is kept there too (_module_code).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import marshal
 import os
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 import numba
 from gguf import GGMLQuantizationType as QT
 
+from diptych.paths import read_checked, write_checked
 from diptych.quant.formats import FORMATS
 
 from . import int8_activations, llvm_bits
@@ -72,16 +75,35 @@ def _load_kernel_module(t: QT):
             continue
     if path is None:  # pragma: no cover
         raise OSError("diptych: no writable folder for the generated numba kernels")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
+    code = _module_code(path, src)
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
     sys.modules[name] = mod  # numba's cache refers to the kernels' module by name
     try:
-        spec.loader.exec_module(mod)
+        exec(code, mod.__dict__)
     except BaseException:
         del sys.modules[name]
         raise
     return mod
 
+
+def _module_code(path: Path, src: str):
+    """A kernel module's compiled code, kept beside its source. Python's own bytecode cache
+    is off wherever PYTHONDONTWRITEBYTECODE is set (containers, CI images), and compiling a
+    type's module is a visible part of a process's first token (BENCHMARKS.md)."""
+    kept = path.parent / "__pycache__" / f"{path.stem}.{_CODE_TAG}.code"
+    body = read_checked(kept)
+    if body is not None:
+        try:
+            return marshal.loads(body)
+        except (EOFError, ValueError, TypeError):
+            pass
+    code = compile(src, str(path), "exec")
+    write_checked(kept, marshal.dumps(code))
+    return code
+
+
+# marshal's format is the interpreter's: the magic number changes with it
+_CODE_TAG = f"{sys.implementation.cache_tag}-{importlib.util.MAGIC_NUMBER.hex()}"
 
 _KERNELS: dict[tuple[str, QT], object] = {}
 _LOCK = threading.Lock()

@@ -1,6 +1,7 @@
 """kernel_cache: kernels compile once per machine and load from numba's on-disk cache in
 every later process, whole (the launcher included: nothing is rebuilt per process) and
-without numba's compiler registries or compiling its runtime's functions (cached_njit), and
+without numba's compiler registries, compiling its runtime's functions (cached_njit) or
+compiling the kernel module's Python source, and
 then compute what gguf-py does; the
 compile listener hears of a compile and of nothing else; precompile survives a script that
 spawns its workers without a __main__ guard."""
@@ -22,7 +23,10 @@ PROBE = textwrap.dedent("""
     import numpy as np, torch
     from gguf import GGMLQuantizationType as QT, quants
     from numba.core.runtime import nrtdynmod
+    import builtins
     from diptych.backends.torch.cpu import kernel_cache
+    module_compiles = []   # the kernel module's Python source compiled to bytecode
+    kernel_cache.compile = lambda *a: (module_compiles.append(1), builtins.compile(*a))[1]
     runtime_compiles = []
     create_nrt_module = nrtdynmod.create_nrt_module
     nrtdynmod.create_nrt_module = lambda ctx: (runtime_compiles.append(1),
@@ -43,12 +47,14 @@ PROBE = textwrap.dedent("""
                       "exact": bool(np.array_equal(rows.numpy(),
                                                    quants.dequantize(blocks, QT.Q8_0)[ids])),
                       "registries": "numba.np.linalg" in sys.modules,
-                      "runtime_compiles": len(runtime_compiles)}))
+                      "runtime_compiles": len(runtime_compiles),
+                      "module_compiles": len(module_compiles)}))
 """)
 
 
 def _probe(cache_dir) -> dict:
-    env = {**os.environ, "DIPTYCH_CACHE": str(cache_dir)}
+    # Python's own bytecode cache off, as in many containers: the kernel module's is diptych's
+    env = {**os.environ, "DIPTYCH_CACHE": str(cache_dir), "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -61,11 +67,12 @@ def test_a_kernel_compiles_once_then_loads_whole_from_the_cache(tmp_path):
     assert first["heard"] == ["compiling the Q8_0 deq_rows kernel for this CPU", None]
     assert first["misses"] == 1 and first["cached"] and first["exact"]
     assert first["registries"]  # what the second process is spared: compiling loads them
-    assert first["runtime_compiles"] == 1
+    assert first["runtime_compiles"] == 1 and first["module_compiles"] == 1
     again = _probe(tmp_path)
     assert again["heard"] == []
     assert again["hits"] == 1 and again["misses"] == 0 and again["exact"]
     assert not again["registries"] and again["runtime_compiles"] == 0
+    assert again["module_compiles"] == 0
 
 
 ANNOUNCED = textwrap.dedent("""
@@ -104,19 +111,22 @@ def test_a_kernel_compiled_on_its_first_call_is_announced_once_per_machine(tmp_p
 
 
 @pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
+@pytest.mark.parametrize("kept_file", ["nrt-*.bin", "__pycache__/diptych_qk_Q8_0_*.code"])
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
-def test_a_damaged_copy_of_the_runtime_is_compiled_again(tmp_path, damage):
-    """The runtime's kept object code is checked before LLVM loads it: a damaged file is
-    compiled again and rewritten, and the kernel still computes what gguf-py does."""
+def test_a_damaged_kept_file_is_compiled_again(tmp_path, kept_file, damage):
+    """The runtime's kept object code and a kernel module's kept bytecode are checked
+    before they are loaded: a damaged file is compiled again and rewritten, and the kernel
+    still computes what gguf-py does."""
     _probe(tmp_path)
-    (kept,) = (tmp_path / "kernels").glob("nrt-*.bin")
+    (kept,) = (tmp_path / "kernels").glob(kept_file)
     data = kept.read_bytes()
     kept.write_bytes({"truncated": data[:len(data) // 2],
                       "flipped": data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:]}[damage])
     again = _probe(tmp_path)
-    assert again["exact"] and again["hits"] == 1 and again["runtime_compiles"] == 1
+    compiles = "runtime_compiles" if kept_file.startswith("nrt") else "module_compiles"
+    assert again["exact"] and again["hits"] == 1 and again[compiles] == 1
     assert kept.read_bytes() == data
-    assert _probe(tmp_path)["runtime_compiles"] == 0
+    assert _probe(tmp_path)[compiles] == 0
 
 
 UNGUARDED = textwrap.dedent("""
