@@ -173,6 +173,9 @@ def bench_crossover(args) -> None:
                 print(f"{tname:7s} {n:>6d} x {k:<5d} {m:>3d} " + " ".join(cells) + f"  {best}",
                       flush=True)
             del ql
+        if not rel[ms[0]][paths[0]]:   # every shape's K is off the type's block size
+            print(f"# {tname}: no shape with K a multiple of {GGML_QUANT_SIZES[t][0]}")
+            continue
         summary[tname] = {m: {p: float(np.mean(v)) for p, v in rel[m].items()} for m in ms}
     print("\n# mean cost relative to the best path per shape (1.00 = always the best)")
     print(f"{'type':7s} {'M':>3s} " + " ".join(f"{p:>7s}" for p in paths) + "  choice")
