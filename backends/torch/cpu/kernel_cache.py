@@ -15,9 +15,11 @@ import importlib.util
 import inspect
 import marshal
 import os
+import re
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numba
@@ -65,10 +67,13 @@ def _load_kernel_module(t: QT):
         try:
             d.mkdir(parents=True, exist_ok=True)
             candidate = d / f"{name}.py"
-            if not candidate.exists() or candidate.read_text() != src:
+            new = not candidate.exists()
+            if new or candidate.read_text() != src:
                 tmp = d / f".{name}.{os.getpid()}.tmp"
                 tmp.write_text(src)
                 os.replace(tmp, candidate)
+            if new:
+                _remove_unused_versions(d, t, name)
             path = candidate
             break
         except OSError:
@@ -94,12 +99,42 @@ def _module_code(path: Path, src: str):
     body = read_checked(kept)
     if body is not None:
         try:
-            return marshal.loads(body)
+            code = marshal.loads(body)
         except (EOFError, ValueError, TypeError):
             pass
+        else:
+            try:
+                os.utime(kept)   # this version is in use (_remove_unused_versions)
+            except OSError:
+                pass
+            return code
     code = compile(src, str(path), "exec")
     write_checked(kept, marshal.dumps(code))
     return code
+
+
+#: A version of a type's kernels that no process has loaded for this long is removed when
+#: a new version of that type is written (an upgrade changed its source): each version's
+#: compiled kernels take megabytes, and nothing else would ever remove them. A version in
+#: use is never old: loading it stamps its kept bytecode (_module_code).
+UNUSED_FOR_S = 30 * 86400
+
+
+def _remove_unused_versions(folder: Path, t: QT, current: str) -> None:
+    """Remove the other versions of t's kernel module in `folder` (source, bytecode and
+    numba's cache files) whose newest file is older than UNUSED_FOR_S."""
+    version = re.compile(rf"diptych_qk_{t.name}_[0-9a-f]{{12}}\.py")
+    cutoff = time.time() - UNUSED_FOR_S
+    for source in folder.iterdir():
+        if not version.fullmatch(source.name) or source.stem == current:
+            continue
+        files = [source, *(folder / "__pycache__").glob(f"{source.stem}.*")]
+        try:
+            if max(f.stat().st_mtime for f in files) < cutoff:
+                for f in files:
+                    f.unlink(missing_ok=True)
+        except OSError:   # another process removed it first, or a read-only folder
+            continue
 
 
 # marshal's format is the interpreter's: the magic number changes with it

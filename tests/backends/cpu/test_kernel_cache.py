@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -127,6 +128,47 @@ def test_a_damaged_kept_file_is_compiled_again(tmp_path, kept_file, damage):
     assert again["exact"] and again["hits"] == 1 and again[compiles] == 1
     assert kept.read_bytes() == data
     assert _probe(tmp_path)[compiles] == 0
+
+
+def _version(kernels, tname: str, digest: str, mtime: float) -> list:
+    """The files of one version of a type's kernel module (source, bytecode, numba's
+    cache), all last written at `mtime`."""
+    stem = f"diptych_qk_{tname}_{digest}"
+    files = [kernels / f"{stem}.py",
+             kernels / "__pycache__" / f"{stem}.deq_rows_{tname}-9.py311.nbi",
+             kernels / "__pycache__" / f"{stem}.deq_rows_{tname}-9.py311.1.nbc"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("")
+        os.utime(f, (mtime, mtime))
+    return files
+
+
+@pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
+def test_a_new_version_of_a_type_removes_its_versions_unused_for_a_month(tmp_path):
+    """An upgrade that changes a type's kernels writes a new version of its module; the
+    versions of that type no process has loaded for UNUSED_FOR_S go, the others stay."""
+    kernels = tmp_path / "kernels"
+    old = time.time() - kernel_cache.UNUSED_FOR_S - 86400
+    unused = _version(kernels, "Q8_0", "0" * 12, old)
+    recent = _version(kernels, "Q8_0", "1" * 12, time.time() - 86400)
+    other_type = _version(kernels, "Q4_0", "2" * 12, old)
+    assert _probe(tmp_path)["exact"]
+    assert not any(f.exists() for f in unused)
+    assert all(f.exists() for f in recent + other_type)
+
+
+@pytest.mark.skipif(not kernel_cache.has_kernel("deq_rows", 8), reason="no CPU kernels")
+def test_loading_a_version_marks_it_in_use(tmp_path):
+    """A version compiled long ago but loaded since is not unused: each load stamps its
+    kept bytecode, the file _remove_unused_versions reads the age of last."""
+    _probe(tmp_path)
+    (code,) = (tmp_path / "kernels" / "__pycache__").glob("diptych_qk_Q8_0_*.code")
+    old = time.time() - kernel_cache.UNUSED_FOR_S - 86400
+    for f in code.parent.parent.rglob("diptych_qk_Q8_0_*"):
+        os.utime(f, (old, old))
+    _probe(tmp_path)
+    assert code.stat().st_mtime > time.time() - 3600
 
 
 UNGUARDED = textwrap.dedent("""
