@@ -19,39 +19,74 @@ the same run):
              transformers (bf16, static cache, torch.compile) on the same shapes.
   prefill    prompt tok/s at 512 and 2048 tokens vs transformers (bf16, eager SDPA).
   context    decode tok/s after an 8k-token prompt: full cache vs a 4096 sliding window.
+  verify     speculative decoding's verify steps: ms of a step of width w = 1..16 (a decode,
+             then drafts of w - 1 tokens), captured as a CUDA graph and eager.
+  train      LoRA fine-tuning tokens/s and peak device memory (rank 8 on all seven
+             linears, gradient checkpointing, AdamW) on the quantized base, beside
+             transformers + PEFT on the same shape in bf16 (bitsandbytes' 4-bit QLoRA is not
+             a dependency); --batch, --seq, --steps.
 
 Weights are random GGUF-typed planes made on the device (`RandomWeights`), so no model file
-has to reach the GPU machine. Needs torch with CUDA, triton, transformers.
+has to reach the GPU machine. Needs torch with CUDA, triton, transformers (and peft for
+train). `--dry-run` runs the chosen sections on the CPU under Triton's interpreter at a tiny
+shape (a check of this script, not a measurement; scripts/gpu_checks.sh runs it first).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-from gguf import GGMLQuantizationType as T
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:   # Triton reads this as its kernels are decorated: before they are imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from diptych.backends.torch.cuda.backend import CudaBackend
-from diptych.backends.torch.cuda.kernels import qmatmul as qm
-from diptych.backends.torch.cuda.kernels.layout import KERNEL_TYPES, plane_shapes
-from diptych.backends.torch.cuda.kernels.weight import QuantWeight
-from diptych.inference.engine import Engine
-from diptych.load_plan import LoadPlan
-from diptych.quant import QuantTensor
-from diptych.quant.formats import IQ4_NL_CODEBOOK
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
 
-DEV = "cuda"
+from diptych.backends.torch.cuda.backend import CudaBackend  # noqa: E402
+from diptych.backends.torch.cuda.kernels import qmatmul as qm  # noqa: E402
+from diptych.backends.torch.cuda.kernels.layout import KERNEL_TYPES, plane_shapes  # noqa: E402
+from diptych.backends.torch.cuda.kernels.weight import QuantWeight  # noqa: E402
+from diptych.inference.engine import Engine  # noqa: E402
+from diptych.load_plan import LoadPlan  # noqa: E402
+from diptych.quant import QuantTensor  # noqa: E402
+from diptych.quant.formats import IQ4_NL_CODEBOOK  # noqa: E402
+
+DEV = "cpu" if DRY_RUN else "cuda"
 
 
 def bench(fn, reps: int = 50) -> float:
-    """Median seconds of fn() (CUDA events, after warm-up)."""
+    """Median seconds of fn() (CUDA events, after warm-up); a dry run's one call."""
+    if DRY_RUN:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=reps, return_mode="median") / 1e3
+
+
+def sync() -> None:
+    if not DRY_RUN:
+        torch.cuda.synchronize()
+
+
+def peak_mib() -> float:
+    """The device's peak allocated MiB since the last reset_peak() (NaN in a dry run)."""
+    return float("nan") if DRY_RUN else torch.cuda.max_memory_allocated() / 2**20
+
+
+def reset_peak() -> None:
+    if not DRY_RUN:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def copy_bandwidth() -> float:
@@ -113,6 +148,9 @@ SHAPES = {  # the quant mixes of the real files (K-quants fall back where K % 25
                 dict(embd=T.Q4_K, out=T.Q6_K, qko=T.Q4_K, v=T.Q6_K, gate_up=T.Q4_K,
                      down=T.Q6_K)),
 }
+# --dry-run's one shape: every path of the script in seconds under the interpreter
+TINY = Shape("qwen2", 2, 256, 512, 4, 2, 512, True,
+             dict(embd=T.Q8_0, qko=T.Q4_K, v=T.Q6_K, gate_up=T.Q4_K, down=T.Q6_K))
 
 
 def _placeholder(name: str, ggml_type: T, shape: tuple) -> QuantTensor:
@@ -189,14 +227,14 @@ def decode_rate(eng: Engine, n_tokens: int, captured: bool, prompt: int = 16) ->
     _, tok, pos, slots = args[:4]
     for _ in range(3):  # warm-up (and capture)
         run(*args)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
         logits = run(*args)
         tok.copy_(logits[:, -1].argmax(-1).view(1, 1))
         pos += 1
         slots += 1
-    torch.cuda.synchronize()
+    sync()
     return n_tokens / (time.perf_counter() - t0)
 
 
@@ -323,8 +361,7 @@ def section_decode(models, n_tokens: int, copy_bw: float, with_hf: bool) -> None
     print("| model | MiB/token | graph tok/s | eager tok/s | graph/eager | floor tok/s | "
           "% floor | transformers tok/s | vs transformers |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in models:
-        s = SHAPES[name]
+    for name, s in models:
         eng = build_engine(s, 2048, 512)
         per_tok = bytes_per_token(eng)
         graph = decode_rate(eng, n_tokens, captured=True)
@@ -342,8 +379,7 @@ def section_prefill(models, with_hf: bool) -> None:
     print("\n### Prefill tok/s (one chunk)\n")
     print("| model | tokens | diptych tok/s | transformers bf16 tok/s | ratio |")
     print("|---|---|---|---|---|")
-    for name in models:
-        s = SHAPES[name]
+    for name, s in models:
         hf = _guarded(hf_model, s) if with_hf else None
         hf = None if isinstance(hf, float) else hf
         for n in (512, 2048):
@@ -378,32 +414,154 @@ def section_context(n_tokens: int) -> None:
         torch.cuda.empty_cache()
 
 
+def step_seconds(eng: Engine, width: int, captured: bool) -> float:
+    """Seconds of one step of `width` tokens after a 16-token prompt: a decode (1) or the
+    verification of width - 1 drafted tokens, as `Sequence.step` runs it."""
+    eng.reset()
+    ids = np.random.default_rng(0).integers(0, eng.cfg.vocab_size, 16 + width).tolist()
+    eng.eval(ids[:16])
+    seq = eng.main
+    run = eng.backend.compile_step(seq._run) if captured else seq._run
+    args = seq._inputs(ids[16:])
+    for _ in range(1 if DRY_RUN else 3):  # warm-up (and capture)
+        run(*args)
+    return bench(lambda: run(*args))
+
+
+def section_verify(models) -> None:
+    print("\n### Verify steps of width w (speculative decoding), ms per step\n")
+    print("| model | w | CUDA graph ms | x width 1 | eager ms | eager / graph |")
+    print("|---|---|---|---|---|---|")
+    for name, s in models:
+        eng = build_engine(s, 64 if DRY_RUN else 2048, 512)
+        first = None
+        for w in (1, 3) if DRY_RUN else (1, 2, 4, 8, 16):
+            graph = step_seconds(eng, w, captured=True)
+            eager = step_seconds(eng, w, captured=False)
+            first = first or graph
+            print(f"| {name} | {w} | {graph * 1e3:.2f} | {graph / first:.2f} | "
+                  f"{eager * 1e3:.2f} | {eager / graph:.1f}x |")
+        del eng
+        reset_peak()
+
+
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def train_rate(s: Shape, batch: int, seq: int, steps: int) -> tuple[float, float]:
+    """(training tokens/s, peak device MiB) of diptych's LoRA on the quantized base: rank 8
+    on all seven linears, gradient checkpointing, AdamW; the first update is a warm-up."""
+    from diptych.training.data import Example
+    from diptych.training.loop import Trainer
+    from diptych.training.options import TrainOptions
+
+    rng = np.random.default_rng(0)
+    data = [Example(tuple(int(i) for i in rng.integers(0, s.vocab, seq)), (True,) * seq)
+            for _ in range(batch * (steps + 1))]
+    opts = TrainOptions(rank=8, alpha=16, batch_size=batch, max_seq_len=seq,
+                        grad_checkpointing=True, steps=steps + 1)
+    reset_peak()
+    eng = build_engine(s, 16, 16)   # training runs without the KV cache
+    be = eng.backend
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(be, eng.cfg, eng.weights, data, opts, out)
+        for update in range(steps + 1):
+            if update == 1:
+                sync()
+                t0 = time.perf_counter()
+            _, grads, _ = trainer.gradients(update)
+            trainer.params, trainer.moments = be.adamw(
+                trainer.params, grads, trainer.moments, update + 1, 1e-4, (0.9, 0.999), 1e-8,
+                0.0)
+        sync()
+        rate = steps * batch * (seq - 1) / (time.perf_counter() - t0)
+    del trainer, eng
+    return rate, peak_mib()
+
+
+def peft_train_rate(s: Shape, batch: int, seq: int, steps: int) -> tuple[float, float]:
+    """The same for transformers + PEFT on the shape's bf16 dense weights."""
+    from peft import LoraConfig, get_peft_model
+
+    reset_peak()
+    model = hf_model(s).train()
+    model.gradient_checkpointing_enable()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=LORA_MODULES))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rng = np.random.default_rng(0)
+    for update in range(steps + 1):
+        if update == 1:
+            sync()
+            t0 = time.perf_counter()
+        x = torch.from_numpy(rng.integers(0, s.vocab, (batch, seq))).to(DEV)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    rate = steps * batch * (seq - 1) / (time.perf_counter() - t0)
+    del model, opt
+    return rate, peak_mib()
+
+
+def section_train(models, batch: int, seq: int, steps: int) -> None:
+    print(f"\n### LoRA fine-tuning, batch {batch} x {seq} tokens, rank 8 on all seven "
+          f"linears, gradient checkpointing, {steps} timed updates\n")
+    print("| model | diptych tok/s | peak MiB | transformers + PEFT (bf16) tok/s | peak MiB | "
+          "speed ratio | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in models:
+        ours, ours_mib = train_rate(s, batch, seq, steps)
+        peft = _guarded(peft_train_rate, s, batch, seq, steps)
+        peft, peft_mib = peft if isinstance(peft, tuple) else (peft, float("nan"))
+        print(f"| {name} | {ours:.0f} | {ours_mib:.0f} | {peft:.0f} | {peft_mib:.0f} | "
+              f"{ours / peft:.2f}x | {ours_mib / peft_mib:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sections", nargs="*",
-                    default=["gemv", "crossover", "decode", "prefill", "context"])
+                    default=["gemv", "crossover", "decode", "prefill", "context", "verify",
+                             "train"])
     ap.add_argument("--models", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sweep", action="store_true", help="GEMV: search block sizes per type")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    ap.add_argument("--batch", type=int, default=4, help="train: sequences per update")
+    ap.add_argument("--seq", type=int, default=512, help="train: tokens per sequence")
+    ap.add_argument("--steps", type=int, default=5, help="train: timed updates")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="on the CPU under Triton's interpreter, at a tiny shape")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · "
-          f"triton {__import__('triton').__version__} · {time.strftime('%Y-%m-%d')}")
-    copy_bw = copy_bandwidth()
-    print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
+    if DRY_RUN:
+        models = [("tiny", TINY)]
+        args.batch, args.seq, args.steps = 2, 32, 1
+        print("dry run: the CPU, Triton's interpreter, a tiny shape; no figure means anything")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_cuda.py needs a CUDA device")
+        models = [(name, SHAPES[name]) for name in args.models]
+        print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · "
+              f"triton {__import__('triton').__version__} · {time.strftime('%Y-%m-%d')}")
+    copy_bw = None
+    if {"gemv", "decode"} & set(args.sections):
+        copy_bw = copy_bandwidth()
+        print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
     for sec in args.sections:
         if sec == "gemv":
             section_gemv(copy_bw, args.sweep)
         elif sec == "crossover":
             section_crossover()
         elif sec == "decode":
-            section_decode(args.models, args.tokens, copy_bw, not args.no_hf)
+            section_decode(models, args.tokens, copy_bw, not args.no_hf)
         elif sec == "prefill":
-            section_prefill(args.models, not args.no_hf)
+            section_prefill(models, not args.no_hf)
         elif sec == "context":
             section_context(args.tokens)
+        elif sec == "verify":
+            section_verify(models)
+        elif sec == "train":
+            section_train(models, args.batch, args.seq, args.steps)
         else:
             raise SystemExit(f"unknown section {sec!r}")
 
