@@ -214,19 +214,26 @@ def bytes_per_token(eng: Engine) -> int:
     return total + (eng.backend.weight_bytes(w.tok_embd) if w.output is w.tok_embd else 0)
 
 
+def warmed_step(eng: Engine, prompt: int, width: int, captured: bool):
+    """(run, args): the step of `width` tokens after a `prompt`-token prefill, as
+    `Sequence.step` runs it (a decode, or the verification of width - 1 drafted tokens),
+    captured as a CUDA graph or eager, warmed up; run(*args) runs it again."""
+    eng.reset()
+    ids = np.random.default_rng(0).integers(0, eng.cfg.vocab_size, prompt + width).tolist()
+    eng.eval(ids[:prompt])
+    seq = eng.main
+    run = eng.backend.compile_step(seq._run) if captured else seq._run
+    # the step's device inputs: tokens, positions and the full cache's slots (= positions)
+    args = seq._inputs(ids[prompt:])
+    for _ in range(1 if DRY_RUN else 3):  # warm-up (and capture)
+        run(*args)
+    return run, args
+
+
 def decode_rate(eng: Engine, n_tokens: int, captured: bool, prompt: int = 16) -> float:
     """Greedy decode tok/s after a `prompt`-token prefill; tokens stay on the device."""
-    be, cfg = eng.backend, eng.cfg
-    eng.reset()
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt).tolist()
-    eng.eval(ids)
-    seq = eng.main
-    run = be.compile_step(seq._run) if captured else seq._run
-    # the step's device inputs: tokens, positions and the full cache's slots (= positions)
-    args = seq._inputs(ids[-1:])
+    run, args = warmed_step(eng, prompt, 1, captured)
     _, tok, pos, slots = args[:4]
-    for _ in range(3):  # warm-up (and capture)
-        run(*args)
     sync()
     t0 = time.perf_counter()
     for _ in range(n_tokens):
@@ -415,16 +422,8 @@ def section_context(n_tokens: int) -> None:
 
 
 def step_seconds(eng: Engine, width: int, captured: bool) -> float:
-    """Seconds of one step of `width` tokens after a 16-token prompt: a decode (1) or the
-    verification of width - 1 drafted tokens, as `Sequence.step` runs it."""
-    eng.reset()
-    ids = np.random.default_rng(0).integers(0, eng.cfg.vocab_size, 16 + width).tolist()
-    eng.eval(ids[:16])
-    seq = eng.main
-    run = eng.backend.compile_step(seq._run) if captured else seq._run
-    args = seq._inputs(ids[16:])
-    for _ in range(1 if DRY_RUN else 3):  # warm-up (and capture)
-        run(*args)
+    """Seconds of one step of `width` tokens after a 16-token prompt (warmed_step)."""
+    run, args = warmed_step(eng, 16, width, captured)
     return bench(lambda: run(*args))
 
 
