@@ -630,7 +630,8 @@ def _gemm_decode(t: QT) -> str:
     """gemm_s at one row of x over a whole group in one pass (_WHOLE_GROUP): the statements
     of each unit of _gemm_rows(t, 1) for the four 16-row slices in turn, each slice summing
     as the slice-by-slice loop does (the same bits), each cache line used up as it
-    arrives."""
+    arrives. Its block loop is not _BLOCKS: a next-group prefetch made the one pass slower
+    (BENCHMARKS.md)."""
     lines = [line[16:] for line in _gemm_rows(t, 1).splitlines()]
     start = next(i for i, line in enumerate(lines)
                  if line.startswith("    for ") and i > lines.index("for b in range(nb):"))
