@@ -469,6 +469,26 @@ def test_a_failed_chunk_of_a_threaded_repack_stops_the_rest():
     assert len(calls) < 8
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_repack_is_each_groups_rows_transposed(threads):
+    """repack.py's layout, byte for byte, against numpy's transpose of the rows: row widths
+    that are whole 16-byte tiles, end in a part of one, or are narrower than one; several
+    chunks; stacked parts; a tail group; mapped (read-only) and writable rows."""
+    from diptych.backends.torch.cpu.repack import R, repack
+
+    rng = np.random.default_rng(5)
+    for parts, row_bytes, ts in (([64], 144, 144), ([320], 210 * 6, 210), ([130], 8, 8),
+                                 ([192, 64, 37], 34 * 3, 34), ([4 * 64 + 5], 360, 20)):
+        blocks = [rng.integers(0, 256, (n, row_bytes), dtype=np.uint8) for n in parts]
+        blocks[0].flags.writeable = False
+        P, Pt = repack(blocks, row_bytes, ts, rows_per_chunk=128, threads=threads)
+        rows = np.concatenate(blocks)
+        g, nb = len(rows) // R, row_bytes // ts
+        want = rows[:g * R].reshape(g, R, nb, ts).transpose(0, 2, 3, 1)
+        assert P.shape == want.shape and np.array_equal(P, want), (parts, row_bytes)
+        assert np.array_equal(Pt[0], rows[g * R:].reshape(-1, nb, ts).transpose(1, 2, 0))
+
+
 def test_errors():
     with pytest.raises(ValueError):
         QuantLinear.from_quant_tensor(QuantTensor("w", T.Q4_0, (4, 48), np.zeros((4, 27), np.uint8)))
