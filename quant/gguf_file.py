@@ -25,6 +25,7 @@ by the bytes that remain, so a corrupt file never allocates huge buffers or loop
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -307,12 +308,18 @@ class GGUFFile:
             raise self._error("metadata has no general.architecture string")
         return arch
 
-    def release_pages(self) -> None:
-        """Let the OS take back the mapped pages this process has read (the page cache
-        keeps them; a later read maps them again). Loading calls it as tensors are
-        repacked, so the repacked copy and the mapped file are not both resident."""
-        if self._mm is not None and hasattr(self._mm, "madvise"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
+    def release_pages(self, start: int = 0, length: int | None = None) -> None:
+        """Let the OS take back the mapped pages of bytes start .. start + length (None: to
+        the end of the file) this process has read (the page cache keeps them; a later read
+        maps them again). Loading calls it as tensors are repacked, so the repacked copy and
+        the mapped file are not both resident; each tensor's `release` is this call on its
+        own bytes (the kernel walks the page tables of the whole range each time)."""
+        if self._mm is not None and hasattr(self._mm, "madvise") and start < self.file_size:
+            first = start - start % mmap.PAGESIZE
+            if length is None:
+                self._mm.madvise(mmap.MADV_DONTNEED, first)
+            elif length:
+                self._mm.madvise(mmap.MADV_DONTNEED, first, start + length - first)
 
     def close(self) -> None:
         """Release this object's mapping (views already handed out stay valid)."""
@@ -534,7 +541,8 @@ class GGUFFile:
             if nbytes:
                 spans.append((start, end, name))
             data = self._u8[start:end].reshape(n_rows, row_bytes)
-            self.tensors[name] = QuantTensor(name, ggml_type, shape, data, self.release_pages)
+            self.tensors[name] = QuantTensor(name, ggml_type, shape, data,
+                                             functools.partial(self.release_pages, start, nbytes))
             self.tensor_offsets[name] = start
         spans.sort()
         for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):

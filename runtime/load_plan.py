@@ -27,6 +27,10 @@ from .model.weights import ModelWeights, load_weights
 from .text.tokenizer import Tokenizer
 
 
+#: Mapped bytes a load may have read before it lets their pages go (LoadPlan.weights).
+RELEASE_BYTES = 64 << 20
+
+
 def read_config(source) -> ModelConfig:
     """The ModelConfig of an opened source (anything with GGUF `.metadata` and `.tensors`)."""
     return config_from_gguf(source.metadata, {n: t.shape for n, t in source.tensors.items()})
@@ -108,14 +112,18 @@ class LoadPlan:
     def weights(self, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """Every tensor the graph needs, prepared on the backend; `progress(done, total)`
         receives bytes."""
-        total, done = self.weight_bytes, 0
+        total, done, kept = self.weight_bytes, 0, 0
         release = getattr(self.source, "release_pages", None)  # a GGUFFile's mapped pages
 
         def step(n):
-            nonlocal done
+            nonlocal done, kept
             done += n
-            if release:
+            kept += n
+            # the pages of the tensors prepared so far go every RELEASE_BYTES, not after
+            # each tensor: each call walks the page tables of the whole file
+            if release and kept >= RELEASE_BYTES:
                 release()
+                kept = 0
             if progress:
                 progress(done, total)
 
@@ -124,7 +132,10 @@ class LoadPlan:
         keep = (self.backend.keep_prepared(self.path) if self.path is not None
                 and self.path.is_file() else nullcontext())
         with keep:
-            return load_weights(self.source.tensors, self.config, self.backend, step)
+            weights = load_weights(self.source.tensors, self.config, self.backend, step)
+        if release:
+            release()
+        return weights
 
     def engine(self, progress: Callable[[int, int], None] | None = None) -> Engine:
         """Check the memory estimate, prepare the weights, allocate the cache."""

@@ -245,28 +245,51 @@ def test_close_keeps_views_valid_and_rejects_late_array_reads(tmp_path):
     f.close()  # idempotent
 
 
-@pytest.mark.skipif(not hasattr(mmap.mmap, "madvise"), reason="no madvise on this platform")
-def test_release_pages_drops_the_mapping_from_memory_and_keeps_the_data(tmp_path):
-    path = tmp_path / "big.gguf"
-    values = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
+def _write_f32(path, tensors: dict[str, np.ndarray]):
     w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_tensor("big.w", values)
+    for name, values in tensors.items():
+        w.add_tensor(name, values)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
 
-    def mapped_rss() -> int:
-        return sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
 
+def _mapped_rss(path) -> int:
+    return sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
+
+
+@pytest.mark.skipif(not hasattr(mmap.mmap, "madvise"), reason="no madvise on this platform")
+def test_release_pages_drops_the_mapping_from_memory_and_keeps_the_data(tmp_path):
+    values = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
+    path = _write_f32(tmp_path / "big.gguf", {"big.w": values})
     with GGUFFile(path) as f:
         data = f.tensors["big.w"].data
         assert data.view(np.float32).sum() == values.sum()  # every page read
-        assert mapped_rss() >= values.nbytes
+        assert _mapped_rss(path) >= values.nbytes
         f.release_pages()
-        assert mapped_rss() < values.nbytes // 8
+        assert _mapped_rss(path) < values.nbytes // 8
         assert np.array_equal(data.view(np.float32).reshape(values.shape), values)
     f.release_pages()  # closed: nothing to release
+
+
+@pytest.mark.skipif(not hasattr(mmap.mmap, "madvise"), reason="no madvise on this platform")
+def test_a_tensors_release_lets_its_own_pages_go_and_no_others(tmp_path):
+    """A tensor's `release` drops the mapped pages of its own bytes only: a load calls it
+    after each chunk it repacks, and a whole-file release there would walk the page tables
+    of every tensor each time."""
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(2))  # 4 MiB
+    path = _write_f32(tmp_path / "two.gguf", {"a.w": a, "b.w": b})
+    with GGUFFile(path) as f:
+        ta, tb = f.tensors["a.w"], f.tensors["b.w"]
+        assert ta.data.view(np.float32).sum() == a.sum() and tb.data.view(np.float32).sum() == b.sum()
+        ta.release()
+        assert b.nbytes <= _mapped_rss(path) < b.nbytes + a.nbytes // 8
+        tb.release()
+        assert _mapped_rss(path) < a.nbytes // 8
+        assert np.array_equal(ta.data.view(np.float32).reshape(a.shape), a)
 
 
 # -- hand-built files for targeted corruptions -------------------------------------------

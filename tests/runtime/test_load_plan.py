@@ -57,6 +57,27 @@ def test_a_plan_that_does_not_fit_is_refused_before_any_weight(gemma3, monkeypat
         plan.engine()
 
 
+def test_a_load_lets_the_files_pages_go_every_so_many_bytes_and_at_its_end(tmp_path,
+                                                                          monkeypatch):
+    """LoadPlan.weights lets the mapped file's pages go every RELEASE_BYTES read (a
+    whole-file release walks every page table of the file, so not after each tensor) and
+    once more when the weights are prepared: nothing of the file stays resident."""
+    import psutil
+
+    from diptych import load_plan
+
+    path = write_gguf(tiny_hf_model("llama", seed=6), "llama", tmp_path / "m.gguf", "Q8_0")
+    plan = LoadPlan.open(path, "torch", device="cpu", n_ctx=32)   # no other mapping of it
+    calls = []
+    whole_file = plan.source.release_pages
+    monkeypatch.setattr(plan.source, "release_pages", lambda: calls.append(whole_file()))
+    monkeypatch.setattr(load_plan, "RELEASE_BYTES", plan.weight_bytes // 3)
+    plan.engine()
+    assert 3 <= len(calls) <= 4 < len(plan.source.tensors)
+    resident = sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
+    assert resident < path.stat().st_size // 8
+
+
 def test_a_source_opened_elsewhere(gemma3):
     f = GGUFFile(gemma3)
     plan = LoadPlan.from_source(SimpleNamespace(metadata=f.metadata, tensors=f.tensors),

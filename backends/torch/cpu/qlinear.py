@@ -221,7 +221,8 @@ class QuantLinear:
                              f"columns, got {k}")
         row_bytes = fmt.row_bytes(k)
         blocks = [np.asarray(p.data).reshape(p.shape[0], row_bytes) for p in parts]
-        release = next((p.release for p in parts if p.release is not None), None)
+        releases = [p.release for p in parts if p.release is not None]
+        release = (lambda: [r() for r in releases]) if releases else None
         return cls(name, t, (n, k), packed=prepared_cache.kept(
             name, t.name, (n, k), blocks,
             lambda: repack(blocks, row_bytes, fmt.type_size, release=release,

@@ -449,6 +449,34 @@ def test_repacking_a_mapped_tensor_lets_its_read_pages_go(tmp_path):
     assert torch.equal(ql.dequantize(), torch.from_numpy(expected))
 
 
+@pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="no madvise")
+def test_a_stacked_weight_from_a_file_lets_every_parts_pages_go(tmp_path):
+    """A fused QKV repacked from three mapped tensors lets each part's read pages go, not
+    only the first part's."""
+    import psutil
+
+    from diptych.quant.gguf_file import GGUFFile
+
+    path = tmp_path / "qkv.gguf"
+    n, k = 4096, 512                         # Q8_0: 2.1 MiB a part
+    rng = np.random.default_rng(2)
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for name in "qkv":
+        values = rng.standard_normal((n, k)).astype(np.float32)
+        w.add_tensor(f"{name}.w", gguf.quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(path) as f:
+        parts = [f.tensors[f"{name}.w"] for name in "qkv"]
+        ql = QuantLinear.from_parts("qkv", parts)
+        resident = sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
+        assert resident < parts[0].data.nbytes // 2
+        want = np.concatenate([oracle(np.asarray(p.data), T.Q8_0, n, k) for p in parts])
+    assert torch.equal(ql.dequantize(), torch.from_numpy(want))
+
+
 def test_a_failed_chunk_of_a_threaded_repack_stops_the_rest():
     """The repack's chunks run on a pool: the first failure reaches the caller and the
     chunks still queued are cancelled, not copied on after load has given up."""
