@@ -87,6 +87,8 @@ _STRING_MIN = 8       # u64 length, empty string
 # String arrays at least this long (vocabularies, merges) are decoded in one piece: their
 # string ends are noted while opening walks them anyway.
 _BULK_STRINGS = 4096
+_CHAIN_WINDOW = 1 << 20   # bytes of a string array _chained_ends looks at in one go
+_ALONE = 1024             # strings _chained_ends steps over one by one before it gives up
 _ARRAY_MIN = 12       # u32 element type + u64 count, empty array
 
 
@@ -107,10 +109,58 @@ class _LazyArray:
         self.elem_type = elem_type
         self.count = count
         self.offset = offset  # first element (after the element type and count)
-        self.string_ends: array | None = None   # a string array's: where each string ends
+        # a long string array's: where each string ends (int64s: a numpy or an array("q"))
+        self.string_ends: np.ndarray | array | None = None
 
 
-def _decode_strings(mm: mmap.mmap, start: int, ends: array) -> list[str] | None:
+def _chained_ends(mm: mmap.mmap, pos: int, count: int, file_size: int) -> np.ndarray | None:
+    """Where each of the `count` strings from `pos` ends, found mostly without a loop per
+    string, or None (opening then walks them one by one, which also reports a bad length).
+
+    A string of 1-255 bytes starts with its length byte and seven zero bytes; in a
+    vocabulary, zero runs of exactly seven are such length fields and next to nothing else.
+    The runs are found with numpy a window at a time and chained: a run counts only where
+    the string before it ends, and bytes 1-7 of such a field are zero, so its first byte
+    is the whole length: every end found is the end the loop would find. Where the chain
+    breaks (a longer or empty string, a text starting with a NUL), that one string is
+    stepped over alone; more than _ALONE of those and the loop is left to do it all."""
+    u8 = np.frombuffer(mm, dtype=np.uint8)
+    pieces, done, alone = [], 0, 0
+    while done < count:
+        b = u8[pos:min(file_size, pos + _CHAIN_WINDOW)]
+        edges = np.diff((b == 0).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+        starts = np.flatnonzero(edges == 1)
+        runs = starts[np.flatnonzero(edges == -1) - starts == 7] - 1   # length fields
+        ends = runs + 8 + b[runs]                        # where each one's string ends
+        breaks = np.flatnonzero(ends[:-1] != runs[1:])   # run i + 1 does not follow run i
+        at = 0                                           # the next string, from pos
+        while done < count:
+            j = int(np.searchsorted(runs, at))
+            if j < len(runs) and runs[j] == at:          # a chain of fields from here
+                k = int(np.searchsorted(breaks, j))
+                last = min(int(breaks[k]) if k < len(breaks) else len(runs) - 1,
+                           j + count - done - 1)
+                pieces.append(ends[j:last + 1] + pos)
+                done += last + 1 - j
+                at = int(ends[last])
+                if last == len(runs) - 1:
+                    break
+            else:                                        # a string of another kind, alone
+                alone += 1
+                if alone > _ALONE or at + 8 > len(b):
+                    break
+                at += 8 + int.from_bytes(b[at:at + 8].tobytes(), "little")
+                pieces.append(np.array([pos + at]))
+                done += 1
+                if at > len(b):
+                    break
+        if at == 0 or alone > _ALONE or pos + at > file_size:
+            return None
+        pos += at
+    return np.concatenate(pieces)
+
+
+def _decode_strings(mm: mmap.mmap, start: int, ends) -> list[str] | None:
     """The strings of an array that starts at `start` and whose strings end at `ends`, decoded
     at once: each 8-byte length becomes one NUL, the whole decodes as one UTF-8 text and splits
     at the NULs (a string that is not valid UTF-8 escapes the same bytes as alone: a NUL ends
@@ -443,6 +493,10 @@ class GGUFFile:
         count = self._count(f"length of metadata array {key!r}", _min_size(elem_type))
         lazy = _LazyArray(elem_type, count, self._pos)
         if elem_type == GGUFValueType.STRING and count >= _BULK_STRINGS:
+            lazy.string_ends = _chained_ends(self._mm, self._pos, count, self.file_size)
+            if lazy.string_ends is not None:
+                self._pos = int(lazy.string_ends[-1])
+                return lazy
             lazy.string_ends = array("q")
         self._skip_array(elem_type, count, key, 1, lazy.string_ends)
         return lazy

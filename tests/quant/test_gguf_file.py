@@ -232,6 +232,62 @@ def test_long_string_arrays_decode_in_one_piece_as_string_by_string(tmp_path):
         assert f.metadata["with.nul"] == want[:5000] + ["a\x00b"]
 
 
+def _string_array_file(path, strings):
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_array("tokenizer.ggml.tokens", strings)
+    w.add_uint32("after.it", 7)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("odd", ["none", "rare", "many"])
+def test_a_vocabularys_string_ends_are_found_as_the_loop_finds_them(tmp_path, monkeypatch,
+                                                                    odd):
+    """Opening a file finds where a long string array's strings end without a loop per
+    string (_chained_ends) wherever they are short; strings of another kind (256 bytes or
+    more, empty, a text that starts with a NUL or holds seven zero bytes) are stepped over
+    alone, and past _ALONE of them the loop does it all. Either way the ends, the strings
+    and what follows the array are the loop's, across windows of _CHAIN_WINDOW bytes."""
+    from diptych.quant import gguf_file
+
+    monkeypatch.setattr(gguf_file, "_CHAIN_WINDOW", 1 << 14)    # many windows, few strings
+    rng = np.random.default_rng(7)
+    strings = [bytes(rng.integers(1, 256, rng.integers(1, 24), dtype=np.uint8))
+               for _ in range(6000)]
+    kinds = [b"x" * 256, b"y" * 300, b"", b"\x00lead", b"a" + bytes(7) + b"b", b"c" * 255]
+    spots = {"none": 0, "rare": 40, "many": 2 * gguf_file._ALONE}[odd]
+    for i, at in enumerate(rng.integers(0, len(strings), spots)):
+        strings[at] = kinds[i % len(kinds)]
+    strings[-1] = kinds[0] if odd != "none" else strings[-1]
+    path = _string_array_file(tmp_path / "v.gguf", strings)
+    with GGUFFile(path) as f:
+        chained = f.metadata._values["tokenizer.ggml.tokens"].string_ends
+        assert isinstance(chained, np.ndarray) == (odd != "many")
+        got = f.metadata["tokenizer.ggml.tokens"], f.metadata["after.it"]
+    monkeypatch.setattr(gguf_file, "_chained_ends", lambda *args: None)
+    with GGUFFile(path) as f:
+        looped = f.metadata._values["tokenizer.ggml.tokens"].string_ends
+        assert np.array_equal(np.asarray(chained), np.asarray(looped))
+        assert got == (f.metadata["tokenizer.ggml.tokens"], 7)
+    assert got[0] == [b.decode("utf-8", "surrogateescape") for b in strings]
+
+
+def test_a_vocabulary_cut_short_is_the_same_error_either_way(tmp_path, monkeypatch):
+    from diptych.quant import gguf_file
+
+    path = _string_array_file(tmp_path / "v.gguf", [b"tok%d" % i for i in range(5000)])
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 2000])   # the array runs past the end
+    with pytest.raises(ModelFileError, match="extends past the end of the file"):
+        GGUFFile(path)
+    monkeypatch.setattr(gguf_file, "_chained_ends", lambda *args: None)
+    with pytest.raises(ModelFileError, match="extends past the end of the file"):
+        GGUFFile(path)
+
+
 def test_close_keeps_views_valid_and_rejects_late_array_reads(tmp_path):
     path = tmp_path / "s.gguf"
     tensors = write_synthetic(path)
