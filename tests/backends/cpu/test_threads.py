@@ -25,7 +25,9 @@ from diptych.backends import select
 from diptych.quant import QuantTensor
 from diptych.quant.quantize import quantize_rows
 
-torch.ones(2) + 1  # the caller's own torch work before the backend starts its pools
+# the caller's own torch work before the backend starts its pools, large enough to run
+# in torch's parallel region (its OpenMP pool starts; a tiny op runs inline)
+torch.ones(1 << 20) + 1
 be = select("torch", "cpu")
 w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
 lin = be.prepare(QuantTensor("w", T.Q8_0, (64, 64), quantize_rows(w, T.Q8_0)))
