@@ -146,8 +146,10 @@ def _chained_ends(mm: mmap.mmap, pos: int, count: int, file_size: int) -> np.nda
                 if last == len(runs) - 1:
                     break
             else:                                        # a string of another kind, alone
+                if at + 8 > len(b):                      # its length field: next window
+                    break
                 alone += 1
-                if alone > _ALONE or at + 8 > len(b):
+                if alone > _ALONE:
                     break
                 at += 8 + int.from_bytes(b[at:at + 8].tobytes(), "little")
                 pieces.append(np.array([pos + at]))

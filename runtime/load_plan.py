@@ -112,18 +112,18 @@ class LoadPlan:
     def weights(self, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
         """Every tensor the graph needs, prepared on the backend; `progress(done, total)`
         receives bytes."""
-        total, done, kept = self.weight_bytes, 0, 0
+        total, done, unreleased = self.weight_bytes, 0, 0
         release = getattr(self.source, "release_pages", None)  # a GGUFFile's mapped pages
 
         def step(n):
-            nonlocal done, kept
+            nonlocal done, unreleased
             done += n
-            kept += n
+            unreleased += n
             # the pages of the tensors prepared so far go every RELEASE_BYTES, not after
             # each tensor: each call walks the page tables of the whole file
-            if release and kept >= RELEASE_BYTES:
+            if release and unreleased >= RELEASE_BYTES:
                 release()
-                kept = 0
+                unreleased = 0
             if progress:
                 progress(done, total)
 

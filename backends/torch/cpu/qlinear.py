@@ -222,7 +222,11 @@ class QuantLinear:
         row_bytes = fmt.row_bytes(k)
         blocks = [np.asarray(p.data).reshape(p.shape[0], row_bytes) for p in parts]
         releases = [p.release for p in parts if p.release is not None]
-        release = (lambda: [r() for r in releases]) if releases else None
+
+        def release():   # every part's mapped pages (each part's release covers its bytes)
+            for r in releases:
+                r()
+
         return cls(name, t, (n, k), packed=prepared_cache.kept(
             name, t.name, (n, k), blocks,
             lambda: repack(blocks, row_bytes, fmt.type_size, release=release,
