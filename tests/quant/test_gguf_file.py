@@ -207,6 +207,23 @@ def test_arrays_decode_lazily_once(tmp_path, monkeypatch):
     f.close()
 
 
+def _write(path, arrays=(), uints=(), tensors=()):
+    """A GGUF file of (key, list) arrays, (key, int) uint32 values and (name, ndarray) tensors,
+    in that order."""
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for key, values in arrays:
+        w.add_array(key, values)
+    for key, value in uints:
+        w.add_uint32(key, value)
+    for name, values in tensors:
+        w.add_tensor(name, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_long_string_arrays_decode_in_one_piece_as_string_by_string(tmp_path):
     """A vocabulary-sized string array is decoded at once: every string as its own decode
     gives it, across empty strings, lengths past 255, bytes that are not UTF-8 (a character
@@ -216,31 +233,14 @@ def test_long_string_arrays_decode_in_one_piece_as_string_by_string(tmp_path):
     pool = [b"", b"a", "é✓".encode(), b"\xe4\xb8", b"\xad\xe6", b"\xff", b"x" * 300,
             "▁the".encode(), b"<0x00>"]
     strings = [pool[i] for i in rng.integers(0, len(pool), 6000)]
-    path = tmp_path / "s.gguf"
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_array("tokenizer.ggml.tokens", strings)
-    w.add_array("with.nul", strings[:5000] + [b"a\x00b"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _write(tmp_path / "s.gguf", arrays=[("tokenizer.ggml.tokens", strings),
+                                              ("with.nul", strings[:5000] + [b"a\x00b"])])
     with GGUFFile(path) as f:
         want = [b.decode("utf-8", "surrogateescape") for b in strings]
         lazy = f.metadata._values["tokenizer.ggml.tokens"]
         assert _decode_strings(f.metadata._mm, lazy.offset, lazy.string_ends) == want
         assert f.metadata["tokenizer.ggml.tokens"] == want
         assert f.metadata["with.nul"] == want[:5000] + ["a\x00b"]
-
-
-def _string_array_file(path, strings):
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_array("tokenizer.ggml.tokens", strings)
-    w.add_uint32("after.it", 7)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.mark.parametrize("odd", ["none", "rare", "many"])
@@ -262,7 +262,7 @@ def test_a_vocabularys_string_ends_are_found_as_the_loop_finds_them(tmp_path, mo
     for i, at in enumerate(rng.integers(0, len(strings), spots)):
         strings[at] = kinds[i % len(kinds)]
     strings[-1] = kinds[0] if odd != "none" else strings[-1]
-    path = _string_array_file(tmp_path / "v.gguf", strings)
+    path = _write(tmp_path / "v.gguf", [("tokenizer.ggml.tokens", strings)], [("after.it", 7)])
     with GGUFFile(path) as f:
         chained = f.metadata._values["tokenizer.ggml.tokens"].string_ends
         assert isinstance(chained, np.ndarray) == (odd != "many")
@@ -278,7 +278,8 @@ def test_a_vocabularys_string_ends_are_found_as_the_loop_finds_them(tmp_path, mo
 def test_a_vocabulary_cut_short_is_the_same_error_either_way(tmp_path, monkeypatch):
     from diptych.quant import gguf_file
 
-    path = _string_array_file(tmp_path / "v.gguf", [b"tok%d" % i for i in range(5000)])
+    tokens = [b"tok%d" % i for i in range(5000)]
+    path = _write(tmp_path / "v.gguf", [("tokenizer.ggml.tokens", tokens)], [("after.it", 7)])
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - 2000])   # the array runs past the end
     with pytest.raises(ModelFileError, match="extends past the end of the file"):
@@ -301,17 +302,6 @@ def test_close_keeps_views_valid_and_rejects_late_array_reads(tmp_path):
     f.close()  # idempotent
 
 
-def _write_f32(path, tensors: dict[str, np.ndarray]):
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    for name, values in tensors.items():
-        w.add_tensor(name, values)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def _mapped_rss(path) -> int:
     return sum(m.rss for m in psutil.Process().memory_maps() if m.path == str(path))
 
@@ -319,7 +309,7 @@ def _mapped_rss(path) -> int:
 @pytest.mark.skipif(not hasattr(mmap.mmap, "madvise"), reason="no madvise on this platform")
 def test_release_pages_drops_the_mapping_from_memory_and_keeps_the_data(tmp_path):
     values = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
-    path = _write_f32(tmp_path / "big.gguf", {"big.w": values})
+    path = _write(tmp_path / "big.gguf", tensors=[("big.w", values)])
     with GGUFFile(path) as f:
         data = f.tensors["big.w"].data
         assert data.view(np.float32).sum() == values.sum()  # every page read
@@ -337,10 +327,11 @@ def test_a_tensors_release_lets_its_own_pages_go_and_no_others(tmp_path):
     of every tensor each time."""
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(2))  # 4 MiB
-    path = _write_f32(tmp_path / "two.gguf", {"a.w": a, "b.w": b})
+    path = _write(tmp_path / "two.gguf", tensors=[("a.w", a), ("b.w", b)])
     with GGUFFile(path) as f:
         ta, tb = f.tensors["a.w"], f.tensors["b.w"]
-        assert ta.data.view(np.float32).sum() == a.sum() and tb.data.view(np.float32).sum() == b.sum()
+        assert ta.data.view(np.float32).sum() == a.sum()
+        assert tb.data.view(np.float32).sum() == b.sum()
         ta.release()
         assert b.nbytes <= _mapped_rss(path) < b.nbytes + a.nbytes // 8
         tb.release()

@@ -410,6 +410,18 @@ def test_from_memory_map(tmp_path):
     assert torch.equal(ql.dequantize(), torch.from_numpy(oracle(data, T.Q6_K, 70, 256)))
 
 
+def _q8_0_file(path, tensors: dict[str, np.ndarray]):
+    """A GGUF file of the tensors quantized to Q8_0 by gguf-py."""
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for name, values in tensors.items():
+        w.add_tensor(name, gguf.quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.mark.skipif(not hasattr(__import__("mmap").mmap, "madvise"), reason="no madvise")
 def test_repacking_a_mapped_tensor_lets_its_read_pages_go(tmp_path):
     """A weight repacked from a GGUF file never has all its mapped pages resident at once
@@ -419,15 +431,9 @@ def test_repacking_a_mapped_tensor_lets_its_read_pages_go(tmp_path):
 
     from diptych.quant.gguf_file import GGUFFile
 
-    path = tmp_path / "big.gguf"
     n, k = 32768, 512                       # Q8_0: 17 MiB, eight chunks of 4096 rows
     values = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_tensor("big.w", gguf.quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _q8_0_file(tmp_path / "big.gguf", {"big.w": values})
     resident = []
     with GGUFFile(path) as f:
         qt = f.tensors["big.w"]
@@ -457,17 +463,10 @@ def test_a_stacked_weight_from_a_file_lets_every_parts_pages_go(tmp_path):
 
     from diptych.quant.gguf_file import GGUFFile
 
-    path = tmp_path / "qkv.gguf"
     n, k = 4096, 512                         # Q8_0: 2.1 MiB a part
     rng = np.random.default_rng(2)
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    for name in "qkv":
-        values = rng.standard_normal((n, k)).astype(np.float32)
-        w.add_tensor(f"{name}.w", gguf.quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _q8_0_file(tmp_path / "qkv.gguf", {f"{name}.w": rng.standard_normal((n, k)).astype(
+        np.float32) for name in "qkv"})
     with GGUFFile(path) as f:
         parts = [f.tensors[f"{name}.w"] for name in "qkv"]
         ql = QuantLinear.from_parts("qkv", parts)
